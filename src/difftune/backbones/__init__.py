@@ -1,0 +1,25 @@
+"""Backbone adapters over diffusers models, and loading from the hub or a local directory."""
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.codec import LatentCodec
+from difftune.backbones.dit import DiTBackbone
+from difftune.backbones.loading import (
+    BACKBONES,
+    LoadedModel,
+    load_pretrained,
+    model_fingerprint,
+    save_model,
+)
+from difftune.backbones.unet import UNetBackbone
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "DiTBackbone",
+    "LatentCodec",
+    "LoadedModel",
+    "UNetBackbone",
+    "load_pretrained",
+    "model_fingerprint",
+    "save_model",
+]

@@ -1,0 +1,57 @@
+"""Moves data between pixel space and the space the diffusion runs in (VAE latents or pixels)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+
+
+class LatentCodec:
+    """Encode images to the diffusion space and decode back; the identity for pixel-space models.
+
+    Latents are ``(z - shift) * scaling_factor`` as in the diffusers pipelines. Encoding returns the
+    posterior's mean and standard deviation, so a cache of them can be sampled afresh every step,
+    as DiT's training does with ``latent_dist.sample()``, without re-running the encoder.
+
+    Args:
+        vae: a frozen ``AutoencoderKL``, or ``None`` for pixel space.
+    """
+
+    def __init__(self, vae: AutoencoderKL | None = None) -> None:
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+            self.scaling = float(vae.config.scaling_factor)
+            self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def is_latent(self) -> bool:
+        """True when a VAE is used."""
+        return self.vae is not None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentCodec:
+        """Move the VAE (if any) to ``device``."""
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1], (N, 3, H, W) -> (mean, std), each (N, C, h, w), in scaled latent units.
+
+        For pixel space, mean is the image and std is zero.
+        """
+        if self.vae is None:
+            return images, torch.zeros_like(images)
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        mean = (dist.mean.float() - self.shift) * self.scaling
+        std = dist.std.float() * self.scaling
+        return mean, std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion-space samples (N, C, h, w) -> images in [-1, 1], (N, C_img, H, W)."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        z = latents / self.scaling + self.shift
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)

@@ -1,0 +1,185 @@
+"""Load a pre-trained class-conditional model (hub id or local directory) and save trained ones.
+
+A "model directory" is either a diffusers pipeline (``model_index.json`` with a ``transformer``
+or ``unet`` component, optionally ``vae`` and ``scheduler``), a directory with those sub-folders
+(what difftune writes), or a single model directory (``config.json`` + weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.codec import LatentCodec
+from difftune.backbones.dit import DiTBackbone
+from difftune.backbones.unet import UNetBackbone
+
+# diffusers class name in config.json -> (diffusers class, adapter)
+BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
+    "DiTTransformer2DModel": (DiTTransformer2DModel, DiTBackbone),
+    "Transformer2DModel": (DiTTransformer2DModel, DiTBackbone),  # original DiT checkpoints
+    "UNet2DModel": (UNet2DModel, UNetBackbone),
+}
+SOURCE_FILE = "difftune_source.json"
+
+
+@dataclass
+class LoadedModel:
+    """A pre-trained model ready for Diff-Tuning.
+
+    Attributes:
+        backbone: the adapter around the diffusers model.
+        codec: VAE codec (latent space) or identity (pixel space).
+        scheduler_config: the noise schedule's config (used to build training and sampling
+            schedulers).
+        source: where it came from (hub id or path), recorded in banks and checkpoints.
+        vae_source: where the VAE came from, or ``None``.
+        vae_subfolder: the VAE's sub-folder inside ``vae_source``, or ``None``.
+    """
+
+    backbone: Backbone
+    codec: LatentCodec
+    scheduler_config: dict[str, Any]
+    source: str
+    vae_source: str | None
+    vae_subfolder: str | None = None
+
+
+def _pipeline_components(pretrained: str, revision: str | None) -> dict[str, Any]:
+    """Component names of a pipeline (local or hub), or {} when it is not a pipeline."""
+    local = Path(pretrained)
+    if local.is_dir():
+        if (local / "model_index.json").is_file():
+            return json.loads((local / "model_index.json").read_text())
+        return {name: None for name in ("transformer", "unet", "vae", "scheduler") if (local / name).is_dir()}
+    try:
+        return DiffusionPipeline.load_config(pretrained, revision=revision)
+    except Exception:  # not a pipeline repo: a single-model repo
+        return {}
+
+
+def _resolve_subfolder(pretrained: str, subfolder: str | None, components: dict[str, Any]) -> str | None:
+    if subfolder is not None:
+        return subfolder or None
+    for name in ("transformer", "unet"):
+        if name in components:
+            return name
+    local = Path(pretrained)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusers model in {pretrained!r}: expected config.json, or a transformer/ or unet/ sub-folder"
+        )
+    return None
+
+
+def _source_record(pretrained: str) -> dict[str, Any]:
+    path = Path(pretrained) / SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_pretrained(
+    pretrained: str,
+    subfolder: str | None = None,
+    vae: str | None = None,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a class-conditional DiT or UNet2DModel with its VAE (if any) and noise schedule.
+
+    Args:
+        pretrained: hub id or local directory.
+        subfolder: model sub-folder; ``None`` finds ``transformer`` or ``unet``; ``""`` = root.
+        vae: hub id / directory of an ``AutoencoderKL``; ``None`` uses the pipeline's own VAE (or,
+            for a difftune checkpoint, the VAE it was trained with).
+        revision: hub revision.
+
+    Raises:
+        FileNotFoundError: the path holds no diffusers model.
+        ValueError: the model class is not supported (the message lists supported classes).
+    """
+    if not Path(pretrained).exists() and os.sep in pretrained and pretrained.count("/") > 1:
+        raise FileNotFoundError(f"model path {pretrained!r} does not exist")
+    components = _pipeline_components(pretrained, revision)
+    sub = _resolve_subfolder(pretrained, subfolder, components)
+    try:
+        config = DiTTransformer2DModel.load_config(pretrained, subfolder=sub, revision=revision)
+    except (OSError, EnvironmentError) as err:
+        raise FileNotFoundError(f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}") from None
+    class_name = config.get("_class_name", "")
+    if class_name not in BACKBONES:
+        raise ValueError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
+    model_cls, adapter_cls = BACKBONES[class_name]
+    model = model_cls.from_pretrained(pretrained, subfolder=sub, revision=revision)
+    backbone = adapter_cls(model)
+
+    record = _source_record(pretrained)
+    vae_source = vae
+    vae_sub: str | None = None
+    if vae_source is None and "vae" in components:
+        vae_source, vae_sub = pretrained, "vae"
+    elif vae_source is None and record.get("vae"):
+        vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
+    vae_model = (
+        AutoencoderKL.from_pretrained(vae_source, subfolder=vae_sub, revision=revision) if vae_source else None
+    )
+
+    if "scheduler" in components:
+        scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+    else:
+        scheduler_config = dict(DDPMScheduler().config)
+    return LoadedModel(
+        backbone=backbone,
+        codec=LatentCodec(vae_model),
+        scheduler_config=scheduler_config,
+        source=record.get("source", pretrained),
+        vae_source=vae_source,
+        vae_subfolder=vae_sub,
+    )
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a model's state dict: names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def save_model(
+    backbone: Backbone,
+    scheduler_config: dict[str, Any],
+    directory: str | os.PathLike,
+    source: str,
+    vae_source: str | None,
+    vae_subfolder: str | None = None,
+    ema_model: torch.nn.Module | None = None,
+) -> None:
+    """Write a directory that stock diffusers and :func:`load_pretrained` both load.
+
+    Layout: ``<transformer|unet>/`` (trained weights), ``ema/<transformer|unet>/`` (EMA weights, if
+    any), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
+    Written into a temporary sibling and renamed, so a crash never leaves a half-written directory.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    backbone.inner.save_pretrained(tmp / backbone.subfolder)
+    if ema_model is not None:
+        ema_model.save_pretrained(tmp / "ema" / backbone.subfolder)
+    DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+    record = {"source": source, "vae": vae_source, "vae_subfolder": vae_subfolder}
+    (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)

@@ -1,0 +1,310 @@
+"""Typed experiment configuration: dataclasses validated on construction, YAML load/dump, overrides.
+
+Every section validates itself in ``__post_init__`` and raises :class:`ConfigError` with a one-line,
+actionable message. The resolved configuration is saved inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and how to fix it."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Which pre-trained model to transfer.
+
+    Attributes:
+        pretrained: hub id or local directory of a diffusers pipeline (``model_index.json``) or of a
+            single model (``config.json`` of a ``DiTTransformer2DModel`` or ``UNet2DModel``).
+        subfolder: model subfolder inside a pipeline directory; ``None`` picks ``transformer`` or
+            ``unet`` automatically.
+        vae: optional hub id / directory of an ``AutoencoderKL`` for latent-space models; ``None``
+            uses the pipeline's ``vae`` if there is one, else the model works in pixel space.
+        revision: optional hub revision.
+    """
+
+    pretrained: str = ""
+    subfolder: str | None = None
+    vae: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.pretrained), "model.pretrained is empty: set it to a hub id or a local diffusers directory")
+
+
+@dataclass
+class DataConfig:
+    """The target dataset.
+
+    Attributes:
+        source: ``"folder"`` (an image-folder tree: one sub-directory per class) or ``"digits"``
+            (scikit-learn's handwritten digits, used by the demo).
+        path: root of the image folder (``source: folder``).
+        classes: digit classes to keep (``source: digits``); labels are re-indexed 0..K-1.
+        per_class: keep at most this many images per class (few-shot); ``None`` keeps all.
+        resolution: images are resized and centre-cropped to this size; ``None`` = model's size.
+        cache_dir: where encoded latents are cached; default ``<output_dir>/target_cache``.
+        seed: seed of the few-shot subset selection.
+    """
+
+    source: str = "folder"
+    path: str | None = None
+    classes: list[int] | None = None
+    per_class: int | None = None
+    resolution: int | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("folder", "digits"), f"data.source={self.source!r} is unknown: use 'folder' or 'digits'")
+        _check(
+            self.source != "folder" or bool(self.path),
+            "data.path is empty: set it to an image folder with one sub-directory per class",
+        )
+        _check(self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The Diff-Tuning objective (paper-notes §2).
+
+    ``loss = mean(target terms) + bank_weight * mean(bank terms)``; target timesteps follow
+    ``target_schedule``, bank timesteps ``bank_schedule``. Plain fine-tuning is
+    ``target_schedule: uniform, bank_share: 0``.
+
+    Attributes:
+        target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
+            (psi(t) grows with t), ``"uniform"``.
+        bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"``.
+        target_exponent: exponent s of the target power schedule (paper default 1).
+        bank_exponent: exponent s of the bank power schedule (paper default 1).
+        realisation: ``"sample"`` (importance-sample t, the authors' code) or ``"weight"`` (uniform
+            t, loss multiplied by the schedule weight).
+        bank_share: fraction r of the global batch taken from the bank; bank count = int(r * B).
+        bank_weight: lambda, the weight of the retention loss (paper default 0.1).
+        cfg_dropout: probability of replacing a target label by the null label (classifier-free
+            guidance training), applied once per target sample.
+        learn_variance: train the variance channels with the variational-bound term when the model
+            predicts them (DiT); ``False`` leaves them out of the loss.
+    """
+
+    target_schedule: str = "power_up"
+    bank_schedule: str = "power_down"
+    target_exponent: float = 1.0
+    bank_exponent: float = 1.0
+    realisation: str = "sample"
+    bank_share: float = 0.2
+    bank_weight: float = 0.1
+    cfg_dropout: float = 0.1
+    learn_variance: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.realisation in ("sample", "weight"), f"objective.realisation={self.realisation!r}: use 'sample' or 'weight'")
+        _check(0.0 <= self.bank_share < 1.0, f"objective.bank_share={self.bank_share} must be in [0, 1)")
+        _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
+        _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
+        _check(self.target_exponent >= 0 and self.bank_exponent >= 0, "objective exponents must be >= 0")
+
+
+@dataclass
+class BankConfig:
+    """The knowledge bank: samples of the frozen pre-trained model (paper-notes §2).
+
+    Attributes:
+        path: directory of the bank (shards + ``manifest.json``); empty = no bank.
+        num_samples: number of samples to generate.
+        guidance_scale: classifier-free guidance scale used to generate (1 = no guidance).
+        scheduler: diffusers scheduler class name used to generate.
+        num_inference_steps: sampling steps.
+        seed: base seed; sample i uses seed ``seed + i``.
+        shard_size: samples per shard file.
+        batch_size: generation batch size (does not change the result).
+    """
+
+    path: str = ""
+    num_samples: int = 1000
+    guidance_scale: float = 1.5
+    scheduler: str = "DPMSolverMultistepScheduler"
+    num_inference_steps: int = 25
+    seed: int = 0
+    shard_size: int = 256
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples > 0, f"bank.num_samples={self.num_samples} must be > 0")
+        _check(self.shard_size > 0 and self.batch_size > 0, "bank.shard_size and bank.batch_size must be > 0")
+        _check(self.num_inference_steps > 0, "bank.num_inference_steps must be > 0")
+        _check(self.guidance_scale >= 1.0, f"bank.guidance_scale={self.guidance_scale} must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (defaults follow the paper's DiT recipe, paper-notes §2).
+
+    Attributes:
+        output_dir: run directory (checkpoints, logs, samples).
+        batch_size: global batch per optimiser step (target + bank), across processes and
+            accumulation steps.
+        gradient_accumulation: micro-steps per optimiser step.
+        max_steps: optimiser steps.
+        learning_rate, weight_decay, adam_beta1, adam_beta2, adam_eps, max_grad_norm: AdamW.
+        ema_decay: constant EMA decay (0 disables EMA).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate).
+        seed: seed of everything random in training (data order, t, noise, label dropout).
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        keep_checkpoints: most recent checkpoints kept (older ones are deleted).
+        log_every: steps between scalar logs.
+        sample_every: steps between sample grids (0 = never).
+        sample_steps: sampling steps of the grids.
+        resume: ``"latest"``, a checkpoint directory, or ``None``.
+    """
+
+    output_dir: str = "runs/difftune"
+    batch_size: int = 32
+    gradient_accumulation: int = 1
+    max_steps: int = 24000
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_every: int = 0
+    sample_steps: int = 25
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
+        _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
+        _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")
+        _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
+        _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
+        _check(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
+        _check(self.log_every > 0, "train.log_every must be > 0")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole Diff-Tuning experiment: model, target data, bank, objective and training loop."""
+
+    model: ModelConfig
+    data: DataConfig
+    bank: BankConfig = field(default_factory=BankConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.objective.bank_share == 0.0 or bool(self.bank.path),
+            "objective.bank_share > 0 but bank.path is empty: set bank.path or objective.bank_share=0",
+        )
+        bank_count = int(self.objective.bank_share * self.train.batch_size)
+        _check(
+            self.train.batch_size - bank_count > 0,
+            f"train.batch_size={self.train.batch_size} leaves no target sample after the bank share",
+        )
+
+    @property
+    def bank_count(self) -> int:
+        """Bank samples per global batch, int(r * B) as in the authors' code."""
+        return int(self.objective.bank_share * self.train.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "bank": BankConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+}
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a ``--set`` value with YAML rules (numbers, booleans, null, lists)."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict (returns a new dict)."""
+    out = {name: dict(raw.get(name) or {}) for name in _SECTIONS}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(f"override key {key!r} must be section.key with section in {sorted(_SECTIONS)}")
+        section, name = parts
+        valid = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        if name not in valid:
+            raise ConfigError(f"unknown key {key!r}; valid keys of {section!r}: {sorted(valid)}")
+        out[section][name] = _parse_value(value)
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from a nested dict."""
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = raw.get(name) or {}
+        valid = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - valid
+        if bad:
+            raise ConfigError(f"unknown key(s) {sorted(bad)} in section {name!r}; valid: {sorted(valid)}")
+        try:
+            sections[name] = cls(**values)
+        except TypeError as err:
+            raise ConfigError(f"section {name!r}: {err}") from None
+    return ExperimentConfig(**sections)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config file (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides or []))

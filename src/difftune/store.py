@@ -1,0 +1,124 @@
+"""A directory of safetensors shards with a JSON manifest: the knowledge bank and the target cache.
+
+Layout::
+
+    manifest.json                 what the samples are (source model, settings, shape, dtype, ...)
+    shard-00000.safetensors       tensors with a common first dimension: samples, labels, seeds, ...
+    shard-00001.safetensors
+
+Every file is written to a temporary name and renamed, so an interrupted writer never leaves a
+half-written shard: a shard that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to ``path`` via a temporary file and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class LatentStore:
+    """Sharded tensors + manifest in one directory.
+
+    Args:
+        root: the directory (created by :meth:`create`).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, manifest: dict[str, Any]) -> LatentStore:
+        """Create the store, or reopen it if its manifest equals ``manifest`` (to resume).
+
+        Raises:
+            ValueError: the directory holds a store made with a different manifest.
+        """
+        store = cls(root)
+        store.root.mkdir(parents=True, exist_ok=True)
+        path = store.root / MANIFEST
+        if path.is_file():
+            old = store.manifest
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            if diff:
+                key = diff[0]
+                raise ValueError(
+                    f"{store.root} already holds samples made with other settings ({key}: "
+                    f"{old.get(key)!r} there vs {manifest.get(key)!r} now); use another path or delete it"
+                )
+        else:
+            write_json_atomic(path, manifest)
+        return store
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest dict.
+
+        Raises:
+            FileNotFoundError: no manifest (not a store).
+        """
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} is not a difftune store: {MANIFEST} is missing")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is corrupt ({err}); delete the directory and regenerate it") from None
+
+    def shard_path(self, index: int) -> Path:
+        """Path of shard ``index``."""
+        return self.root / f"shard-{index:05d}.safetensors"
+
+    def has_shard(self, index: int) -> bool:
+        """True when shard ``index`` was completely written."""
+        return self.shard_path(index).is_file()
+
+    def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one shard atomically; all tensors share their first dimension."""
+        sizes = {t.shape[0] for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"shard tensors must share their first dimension, got {sizes}")
+        path = self.shard_path(index)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+    def missing_shards(self) -> list[int]:
+        """Indices of shards named by the manifest's ``num_shards`` that are not written yet."""
+        return [i for i in range(int(self.manifest["num_shards"])) if not self.has_shard(i)]
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """All shards concatenated, in shard order.
+
+        Raises:
+            ValueError: shards are missing or unreadable (the message says how to fix it).
+        """
+        missing = self.missing_shards()
+        if missing:
+            raise ValueError(
+                f"{self.root} is incomplete: {len(missing)} of {self.manifest['num_shards']} shards missing "
+                f"(first: {missing[0]}); run the same generation command again to finish it"
+            )
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(int(self.manifest["num_shards"])):
+            try:
+                shard = load_file(str(self.shard_path(i)))
+            except (SafetensorsError, OSError) as err:
+                raise ValueError(f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation") from None
+            for key, value in shard.items():
+                parts.setdefault(key, []).append(value)
+        return {key: torch.cat(values) for key, values in parts.items()}
