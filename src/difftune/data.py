@@ -46,11 +46,10 @@ class TargetImages:
 
 def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn digits as (images (N, 1, 8, 8) in [-1, 1], original digit labels (N,))."""
-    from sklearn.datasets import load_digits
+    from difftune.metrics.digits import load_sklearn_digits
 
-    digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
+    images, labels = load_sklearn_digits()
+    images = images * 2.0 - 1.0
     if classes is not None:
         keep = torch.isin(labels, torch.tensor(classes))
         images, labels = images[keep], labels[keep]

@@ -8,14 +8,19 @@ was generated in, nor on the number of processes (design.md, invariant 6).
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
 from diffusers import SchedulerMixin
+from tqdm.auto import tqdm
 
 from difftune.backbones.base import Backbone
+from difftune.backbones.loading import LoadedModel
+from difftune.images import save_grid, save_png
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,3 +120,43 @@ def _accepts_generator(scheduler: SchedulerMixin) -> bool:
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> [0, 1]."""
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def sample_to_folder(
+    loaded: LoadedModel,
+    labels: Sequence[int],
+    per_label: int,
+    out: str | os.PathLike,
+    scheduler_name: str = "DPMSolverMultistepScheduler",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 1.5,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> Path:
+    """Generate ``per_label`` images for each label into ``out`` (one PNG each, plus ``grid.png``).
+
+    Image i (in label-major order) uses seed ``seed + i``. Returns the grid's path.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = loaded.backbone.to(device).eval()
+    codec = loaded.codec.to(device)
+    scheduler = build_scheduler(scheduler_name, loaded.scheduler_config)
+    all_labels = torch.tensor(labels).repeat_interleave(per_label)
+    out = Path(out)
+    images = []
+    for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
+        chunk = all_labels[start : start + batch_size]
+        seeds = list(range(seed + start, seed + start + chunk.numel()))
+        x = generate(
+            backbone, scheduler, chunk, seeds, backbone.sample_shape, backbone.null_label,
+            guidance_scale, num_inference_steps, device,
+        )
+        batch = to_unit_range(codec.decode(x)).cpu()
+        for offset, image in enumerate(batch):
+            i = start + offset
+            save_png(image, out / f"{i:05d}_label{int(all_labels[i])}_seed{seed + i}.png")
+        images.append(batch)
+    grid = out / "grid.png"
+    save_grid(torch.cat(images), grid, nrow=per_label, upscale=max(1, 64 // images[0].shape[-1]))
+    return grid

@@ -60,6 +60,8 @@ class TimestepSchedule:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` timesteps t ~ p(t); returns a LongTensor of shape (n,) on the CPU."""
+        if n == 0:
+            return torch.empty(0, dtype=torch.long)
         return torch.multinomial(self._probs, n, replacement=True, generator=generator)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:

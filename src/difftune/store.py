@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
@@ -117,7 +117,7 @@ class LatentStore:
         for i in range(int(self.manifest["num_shards"])):
             try:
                 shard = load_file(str(self.shard_path(i)))
-            except (SafetensorsError, OSError) as err:
+            except (SafetensorError, OSError) as err:
                 raise ValueError(f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation") from None
             for key, value in shard.items():
                 parts.setdefault(key, []).append(value)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,12 +163,12 @@ def save_model(
     source: str,
     vae_source: str | None,
     vae_subfolder: str | None = None,
-    ema_model: torch.nn.Module | None = None,
+    ema_parameters: Iterable[torch.Tensor] | None = None,
 ) -> None:
     """Write a directory that stock diffusers and :func:`load_pretrained` both load.
 
-    Layout: ``<transformer|unet>/`` (trained weights), ``ema/<transformer|unet>/`` (EMA weights, if
-    any), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
+    Layout: ``<transformer|unet>/`` (trained weights), ``ema/<transformer|unet>/`` (the weights in
+    ``ema_parameters``, in the order of ``backbone.inner.parameters()``, if given), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
     Written into a temporary sibling and renamed, so a crash never leaves a half-written directory.
     """
     directory = Path(directory)
@@ -175,8 +176,15 @@ def save_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     backbone.inner.save_pretrained(tmp / backbone.subfolder)
-    if ema_model is not None:
-        ema_model.save_pretrained(tmp / "ema" / backbone.subfolder)
+    if ema_parameters is not None:
+        params = list(backbone.inner.parameters())
+        trained = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, ema_parameters, strict=True):
+                p.copy_(e)
+            backbone.inner.save_pretrained(tmp / "ema" / backbone.subfolder)
+            for p, t in zip(params, trained, strict=True):
+                p.copy_(t)
     DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
     record = {"source": source, "vae": vae_source, "vae_subfolder": vae_subfolder}
     (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))

@@ -1,0 +1,66 @@
+"""Deterministic, resumable sources of randomness for training.
+
+Every random choice of a training step is drawn from a generator seeded by (run seed, step) for
+the *global* batch, and each process takes its slice. So a run is the same on one process or on
+several, and resuming at step k needs nothing but k and the index streams' positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def step_generator(seed: int, step: int, stream: str = "train") -> torch.Generator:
+    """A CPU generator seeded by a hash of (seed, step, stream): independent per step and stream."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+class IndexStream:
+    """An endless stream of dataset indices: a fresh seeded permutation every epoch.
+
+    Its position (epoch, offset) is its whole state, saved in checkpoints to resume exactly.
+
+    Args:
+        size: dataset size (> 0).
+        seed: seed of the permutations.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size <= 0:
+            raise ValueError("cannot stream indices of an empty dataset")
+        self.size, self.seed = size, seed
+        self.epoch, self.offset = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.size, generator=step_generator(self.seed, epoch, "epoch"))
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` indices (LongTensor (n,)), crossing epoch boundaries as needed."""
+        out = []
+        while n > 0:
+            if self.offset == self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            k = min(n, self.size - self.offset)
+            out.append(self._perm[self.offset : self.offset + k])
+            self.offset += k
+            n -= k
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position and identity of the stream."""
+        return {"size": self.size, "seed": self.seed, "epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore a position saved by :meth:`state_dict` (the dataset must be the same size)."""
+        if state["size"] != self.size:
+            raise ValueError(
+                f"checkpoint was made with a dataset of {state['size']} samples, this one has {self.size}; "
+                "resume with the same data"
+            )
+        self.seed, self.epoch, self.offset = state["seed"], state["epoch"], state["offset"]
+        self._perm = self._permutation(self.epoch)

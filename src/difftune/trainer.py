@@ -1,0 +1,352 @@
+"""The accelerate training loop: one forward pass over target + bank samples per micro-batch.
+
+The loop knows nothing of a specific model or of the weighting: the backbone adapter, the
+:class:`~difftune.losses.DiffTuningLoss` and the data tensors are given to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from difftune.backbones.loading import LoadedModel, load_pretrained, save_model
+from difftune.bank import load_bank
+from difftune.config import ExperimentConfig
+from difftune.data import encode_and_cache, load_target_images
+from difftune.images import save_grid
+from difftune.losses import DiffTuningLoss, LossTerms
+from difftune.sampling import build_scheduler, generate, to_unit_range
+from difftune.schedules import build_schedule
+from difftune.streams import IndexStream, step_generator
+
+logger = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class LoopState:
+    """What the loop itself must resume: the step and the positions of the data streams."""
+
+    step: int = 0
+    target: IndexStream | None = None
+    bank: IndexStream | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "target": self.target.state_dict() if self.target else None,
+            "bank": self.bank.state_dict() if self.bank else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        for name in ("target", "bank"):
+            stream = getattr(self, name)
+            if (stream is None) != (state[name] is None):
+                raise ValueError(f"checkpoint and config disagree on whether a {name} stream exists")
+            if stream is not None:
+                stream.load_state_dict(state[name])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Completed checkpoints of a run, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``"latest"`` (None if there is none yet), a path, or None."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state").is_dir():
+        raise ValueError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
+    return path
+
+
+class Trainer:
+    """Diff-Tuning (or plain fine-tuning, by configuration) of a class-conditional model.
+
+    Args:
+        cfg: the experiment configuration.
+        loaded: a pre-loaded model (else loaded from ``cfg.model``).
+        accelerator: an existing accelerator (else one is created from ``cfg.train``).
+    """
+
+    def __init__(
+        self, cfg: ExperimentConfig, loaded: LoadedModel | None = None, accelerator: Accelerator | None = None
+    ) -> None:
+        self.cfg = cfg
+        tc = cfg.train
+        self.out = Path(tc.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(self.out)
+        )
+        acc = self.accelerator
+        chunks = acc.num_processes * tc.gradient_accumulation
+        if tc.batch_size < chunks:
+            raise ValueError(
+                f"train.batch_size={tc.batch_size} is smaller than processes x gradient_accumulation = {chunks}"
+            )
+        set_seed(tc.seed)
+        self.loaded = loaded or load_pretrained(
+            cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision
+        )
+        self.backbone = self.loaded.backbone
+        self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
+        T = self.noise_scheduler.config.num_train_timesteps
+        oc = cfg.objective
+        self.loss_fn = DiffTuningLoss(
+            self.noise_scheduler,
+            build_schedule(oc.target_schedule, T, oc.target_exponent),
+            build_schedule(oc.bank_schedule, T, oc.bank_exponent),
+            realisation=oc.realisation,
+            bank_weight=oc.bank_weight,
+            cfg_dropout=oc.cfg_dropout,
+            learn_variance=oc.learn_variance,
+        )
+        self._load_data()
+        self.n_bank = cfg.bank_count
+        self.n_target = tc.batch_size - self.n_bank
+        self.state = LoopState(
+            target=IndexStream(self.target["labels"].shape[0], tc.seed),
+            bank=IndexStream(self.bank.shape[0], tc.seed + 1) if self.n_bank else None,
+        )
+
+    def _load_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        C, H, _ = self.backbone.sample_shape
+        codec = self.loaded.codec
+        resolution = cfg.data.resolution or (H * 8 if codec.is_latent else H)
+        channels = 3 if codec.is_latent else C
+        cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
+        with acc.main_process_first():
+            images = load_target_images(cfg.data, resolution, channels)
+            self.backbone.check_target_classes(len(images.class_names))
+            codec_id = f"{self.loaded.vae_source}:{resolution}" if codec.is_latent else "pixel"
+            self.target = encode_and_cache(images, codec, cache_dir, codec_id, device=acc.device)
+        if tuple(self.target["samples"].shape[1:]) != self.backbone.sample_shape:
+            raise ValueError(
+                f"target data encodes to {tuple(self.target['samples'].shape[1:])} but the model expects "
+                f"{self.backbone.sample_shape}; set data.resolution to match the model"
+            )
+        self.class_names = images.class_names
+        self.bank = torch.empty(0)
+        if cfg.bank_count:
+            self.bank = load_bank(cfg.bank.path, self.loaded)["samples"]
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The global batch of ``step``: x0 (B, C, H, W), labels (B,), is_bank (B,), draw."""
+        g = step_generator(self.cfg.train.seed, step)
+        idx = self.state.target.take(self.n_target)
+        mean, std = self.target["samples"][idx], self.target["std"][idx]
+        x_target = mean + std * torch.randn(mean.shape, generator=g)  # a fresh VAE posterior sample
+        parts = [x_target]
+        if self.n_bank:
+            parts.append(self.bank[self.state.bank.take(self.n_bank)])
+        x0 = torch.cat(parts)
+        labels = torch.cat([self.target["labels"][idx], torch.full((self.n_bank,), self.backbone.null_label)])
+        is_bank = torch.arange(x0.shape[0]) >= self.n_target
+        draw = self.loss_fn.draw(self.n_target, self.n_bank, tuple(mean.shape[1:]), g)
+        return x0, labels, is_bank, draw
+
+    def train(self) -> Path:
+        """Run the loop to ``train.max_steps``; returns the directory of the final model."""
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
+            weight_decay=tc.weight_decay,
+        )
+        self.ema = None
+        if tc.ema_decay > 0:
+            # constant decay from the first step, as DiT: min_decay = decay, update_after_step = -1
+            self.ema = EMAModel(params, decay=tc.ema_decay, min_decay=tc.ema_decay, update_after_step=-1)
+            acc.register_for_checkpointing(self.ema)
+        acc.register_for_checkpointing(self.state)
+        model, optimizer = acc.prepare(self.backbone, optimizer)
+        self.model, self.optimizer = model, optimizer
+        resume = resolve_resume(self.out, tc.resume)
+        if resume is not None:
+            acc.load_state(str(resume / "state"))
+            logger.info("resumed from %s at step %d", resume, self.state.step)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+            if resume is None:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        acc.init_trackers("difftune", config=_flat_config(cfg))
+        log = _LogAccumulator(self.noise_scheduler.config.num_train_timesteps)
+        bar = tqdm(
+            total=tc.max_steps, initial=self.state.step, desc="train", disable=not acc.is_local_main_process
+        )
+        chunks = acc.num_processes * tc.gradient_accumulation
+        model.train()
+        while self.state.step < tc.max_steps:
+            x0, labels, is_bank, draw = self._batch(self.state.step)
+            for micro in range(tc.gradient_accumulation):
+                sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
+                last = micro == tc.gradient_accumulation - 1
+                with contextlib.nullcontext() if last else acc.no_sync(model):
+                    terms = self.loss_fn(
+                        model, x0[sel].to(acc.device), labels[sel].to(acc.device), is_bank[sel].to(acc.device),
+                        draw[sel], self.backbone.null_label,
+                    )
+                    # global-count normalisation x processes: DDP's gradient mean becomes the global mean
+                    loss = self.loss_fn.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
+                    acc.backward(loss)
+                log.add(terms)
+            log.steps += 1
+            if tc.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(params)
+            self.state.step += 1
+            bar.update(1)
+            step = self.state.step
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                scalars = log.flush(acc, self.n_target, self.n_bank, self.loss_fn.bank_weight)
+                acc.log(scalars, step=step)
+                self._append_history(step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
+            if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
+                self.save_sample_grid(self.out / "samples" / f"step-{step:07d}.png")
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        acc.end_training()
+        final = self.out / "final"
+        if acc.is_main_process:
+            last = list_checkpoints(self.out)[-1]
+            if final.exists():
+                shutil.rmtree(final)
+            shutil.copytree(last / "model", final)
+            cfg.save(final / "config.yaml")
+        acc.wait_for_everyone()
+        return final
+
+    def _append_history(self, step: int, scalars: dict[str, float]) -> None:
+        """Append the logged scalars to ``<output_dir>/metrics.jsonl`` (one JSON object per log)."""
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def _ema_parameters(self) -> list[torch.Tensor] | None:
+        return list(self.ema.shadow_params) if self.ema is not None else None
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/checkpoint-<step>`` (model, EMA, resume state, config) and rotate old ones."""
+        acc, step = self.accelerator, self.state.step
+        root = self.out / CHECKPOINTS
+        final = root / f"checkpoint-{step:07d}"
+        tmp = root / f"checkpoint-{step:07d}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        if acc.is_main_process:
+            backbone = acc.unwrap_model(self.model)
+            save_model(
+                backbone, self.loaded.scheduler_config, tmp / "model", self.loaded.source,
+                self.loaded.vae_source, self.loaded.vae_subfolder, self._ema_parameters(),
+            )
+            self.cfg.save(tmp / "config.yaml")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in list_checkpoints(self.out)[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    @torch.no_grad()
+    def save_sample_grid(self, path: Path, per_class: int = 8) -> None:
+        """A grid of samples (one row per target class, fixed seeds) from the current weights."""
+        backbone = self.accelerator.unwrap_model(self.model)
+        was_training = backbone.training
+        backbone.eval()
+        k = len(self.class_names)
+        labels = torch.arange(k).repeat_interleave(per_class)
+        scheduler = build_scheduler(self.cfg.bank.scheduler, self.loaded.scheduler_config)
+        x = generate(
+            backbone, scheduler, labels, list(range(labels.numel())), backbone.sample_shape,
+            backbone.null_label, self.cfg.bank.guidance_scale, self.cfg.train.sample_steps, self.accelerator.device,
+        )
+        images = to_unit_range(self.loaded.codec.decode(x))
+        save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
+        backbone.train(was_training)
+
+
+class _LogAccumulator:
+    """Sums of losses since the last log: weighted totals, and raw loss per stream and quarter of t."""
+
+    def __init__(self, num_timesteps: int) -> None:
+        self.T = num_timesteps
+        self.weighted = torch.zeros(2, dtype=torch.float64)  # target, bank
+        self.quarters = torch.zeros(2, 4, 2, dtype=torch.float64)  # stream, quarter, (sum, count)
+        self.steps = 0
+
+    def add(self, terms: LossTerms) -> None:
+        bank = terms.is_bank.cpu()
+        loss, raw = terms.loss.detach().double().cpu(), terms.raw.double().cpu()
+        quarter = (terms.t.cpu() * 4 // self.T).clamp(max=3)
+        for stream in (0, 1):
+            mask = bank == bool(stream)
+            self.weighted[stream] += loss[mask].sum()
+            self.quarters[stream, :, 0].index_add_(0, quarter[mask], raw[mask])
+            self.quarters[stream, :, 1].index_add_(0, quarter[mask], torch.ones_like(raw[mask]))
+
+    def flush(self, acc: Accelerator, n_target: int, n_bank: int, bank_weight: float) -> dict[str, float]:
+        local = torch.cat([self.weighted, self.quarters.flatten()]).to(acc.device)
+        total = acc.reduce(local, reduction="sum").cpu() if acc.num_processes > 1 else local.cpu()
+        weighted, quarters = total[:2], total[2:].view(2, 4, 2)
+        steps = max(self.steps, 1)
+        target = float(weighted[0]) / (n_target * steps)
+        bank = float(weighted[1]) / (n_bank * steps) if n_bank else 0.0
+        out = {"loss/total": target + bank_weight * bank, "loss/target": target}
+        if n_bank:
+            out["loss/bank"] = bank
+        for s, name in enumerate(("target", "bank")):
+            for q in range(4):
+                if quarters[s, q, 1] > 0:
+                    out[f"loss_by_t/{name}_q{q + 1}"] = float(quarters[s, q, 0] / quarters[s, q, 1])
+        self.weighted.zero_()
+        self.quarters.zero_()
+        self.steps = 0
+        return out
+
+
+def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Config flattened to scalars for TensorBoard's hyper-parameter table."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def train_model(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> Path:
+    """Fine-tune per ``cfg``; returns the final model directory."""
+    return Trainer(cfg, loaded).train()
+
+
