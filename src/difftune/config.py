@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,14 +253,26 @@ _SECTIONS = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 and Python do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def _parse_value(text: str) -> Any:
     """Parse a ``--set`` value with YAML rules (numbers, booleans, null, lists)."""
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_Loader)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides to a raw config dict (returns a new dict)."""
-    out = {name: dict(raw.get(name) or {}) for name in _SECTIONS}
+    for name in _SECTIONS:
+        if not isinstance(raw.get(name) or {}, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of key: value")
+    out = {**raw, **{name: dict(raw.get(name) or {}) for name in _SECTIONS}}  # unknown sections kept for the check
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -302,7 +315,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):

@@ -233,7 +233,6 @@ class Trainer:
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
                 self.save_checkpoint()
         bar.close()
-        acc.end_training()
         final = self.out / "final"
         if acc.is_main_process:
             last = list_checkpoints(self.out)[-1]
@@ -242,6 +241,7 @@ class Trainer:
             shutil.copytree(last / "model", final)
             cfg.save(final / "config.yaml")
         acc.wait_for_everyone()
+        acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
 
     def _append_history(self, step: int, scalars: dict[str, float]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from difftune.backbones.loading import LoadedModel, model_fingerprint
@@ -64,7 +65,9 @@ def generate_bank(
     """
     if not cfg.path:
         raise ValueError("bank.path is empty: set it to the directory the bank should be written to")
-    state = PartialState()
+    # PartialState alone ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without this a
+    # CPU `torchrun` launch runs every rank as a lone process that writes every shard
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = device or state.device
     manifest = bank_manifest(loaded, cfg)
     if state.is_main_process:

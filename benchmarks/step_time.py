@@ -1,0 +1,300 @@
+"""Step-time overhead of Diff-Tuning over plain fine-tuning, through the real training loop.
+
+Diff-Tuning mixes target samples (t drawn toward high noise) and knowledge-bank samples (t drawn
+toward low noise) in ONE forward pass, so at equal global batch a step should cost about as much
+as a plain fine-tuning step. This script measures that claim with :class:`difftune.trainer.Trainer`
+itself, nothing re-implemented:
+
+* one random-init class-conditional DiT is built from a config and saved to a temporary directory
+  (``--size``); its knowledge bank is generated once (few samples, few sampling steps);
+* the target is scikit-learn's digits 5-9 (``data.source=digits``), encoded once into a shared cache;
+* the two methods use configs that differ only in the ``objective`` section: Diff-Tuning defaults
+  (``power_up`` / ``power_down``, ``bank_share=0.2``, ``bank_weight=0.1``) and plain fine-tuning
+  (``target_schedule=uniform``, ``bank_share=0``); same model, data, seed, global batch, EMA;
+* the trainer is not instrumented. Each measurement times ``Trainer.train()`` end to end (fresh
+  trainer, ``checkpoint_every=0`` so it checkpoints once, at the end) for ``warmup`` steps and for
+  ``warmup + steps`` steps; the difference divided by ``steps`` is the per-step time. Everything paid
+  once per run (optimizer and EMA set-up, accelerate ``prepare``, trackers, the final checkpoint,
+  the final log line) cancels in the difference;
+* repeats interleave the methods, in alternating order (plain, diff-tuning, diff-tuning, plain, ...),
+  so slow drift of the machine hits both alike; one discarded short run of each comes first;
+* on the CPU, torch runs one intra-op thread by default (``--threads``): with several threads on a
+  machine shared with other work, OpenMP barriers waiting on a descheduled thread make whole runs
+  many times slower at random, which swamps a few-percent effect.
+
+Printed: a table (median ms/step and IQR over repeats per method), the per-repeat ratios, and on the
+LAST line ``ratio <value>``: median Diff-Tuning step time / median plain step time. 1.000 means
+no overhead; the target is at most 1.05 (the bank stream costs nothing but a few index and mask
+operations; the forward/backward work is the same at equal batch).
+
+Usage (from the repository root, with the project's venv active)::
+
+    python benchmarks/step_time.py                          # small DiT, about 1 min on a 2-core CPU
+    python benchmarks/step_time.py --size tiny --repeats 9  # loop-overhead dominated
+    python benchmarks/step_time.py --size dit-s --device cuda --steps 50 --batch-size 64
+
+Options: ``--size {tiny,small,dit-s}``, ``--device {auto,cpu,cuda}``, ``--steps``, ``--warmup``,
+``--batch-size``, ``--repeats``, ``--threads``, ``--keep`` (keep the temporary directory), ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# the random-init source model, patch size 2: "tiny" is the test suite's DiT; "small" (default) a
+# hidden-128, 4-layer DiT on the digits' native 8x8 pixels; "dit-s" DiT-S/2 (hidden 384, depth 12)
+# on 4x16x16 latents of a tiny random VAE (128 px images), which exercises the latent path (meant
+# for a GPU: seconds per step on a small CPU)
+SIZES: dict[str, dict[str, int | bool]] = {
+    "tiny": {"heads": 2, "head_dim": 8, "layers": 2, "sample": 8, "channels": 1, "latent": False},
+    "small": {"heads": 4, "head_dim": 32, "layers": 4, "sample": 8, "channels": 1, "latent": False},
+    "dit-s": {"heads": 6, "head_dim": 64, "layers": 12, "sample": 16, "channels": 4, "latent": True},
+}
+METHODS: dict[str, dict[str, object]] = {
+    "plain": {"target_schedule": "uniform", "bank_share": 0.0},
+    "diff-tuning": {},  # the ObjectiveConfig defaults are Diff-Tuning's
+}
+TARGET_CLASSES = [5, 6, 7, 8, 9]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="source DiT size (default small)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--steps", type=int, default=24, help="timed optimiser steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="steps of the short run subtracted from the long one")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (target + bank), equal for both")
+    p.add_argument("--repeats", type=int, default=9, help="measurements per method (interleaved)")
+    p.add_argument("--bank-samples", type=int, default=64, help="knowledge-bank size")
+    p.add_argument("--bank-steps", type=int, default=4, help="sampling steps used to generate the bank")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op CPU threads (default 1: robust to other load on the machine; 0 = torch's default)",
+    )
+    p.add_argument(
+        "--clock", choices=["auto", "wall", "cpu"], default="auto",
+        help="clock of the reported ratio: wall, or process CPU time (auto: cpu on a 1-thread CPU run, else wall)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
+    p.add_argument("--verbose", action="store_true", help="let library warnings and progress bars through")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1 or args.repeats < 1 or args.batch_size < 2:
+        p.error("--steps, --warmup and --repeats must be >= 1 and --batch-size >= 2")
+    return args
+
+
+def quiet_environment(args: argparse.Namespace) -> None:
+    """Set before torch, diffusers or tqdm are imported (tqdm reads TQDM_* when it is imported)."""
+    if not args.verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tensorboard's writer may import TensorFlow
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # so that accelerate (inside Trainer) picks the CPU too
+
+
+@dataclass
+class Setup:
+    source: Path
+    bank: Path
+    cache: Path
+    description: str
+    device: str
+
+
+def build_source(root: Path, size: str, seed: int) -> tuple[Path, str]:
+    """A random-init class-conditional DiT (+ tiny VAE for latents) saved as a pipeline-like directory."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+    s = SIZES[size]
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], in_channels=s["channels"],
+        out_channels=2 * s["channels"], num_layers=s["layers"], sample_size=s["sample"], patch_size=2,
+        num_embeds_ada_norm=len(TARGET_CLASSES), norm_num_groups=1,
+    )
+    model.save_pretrained(root / "transformer")
+    DDPMScheduler().save_pretrained(root / "scheduler")
+    space = f"{s['channels']}x{s['sample']}x{s['sample']} pixels"
+    if s["latent"]:
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=s["channels"], block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=4, layers_per_block=1, sample_size=8 * s["sample"],
+        )
+        vae.save_pretrained(root / "vae")
+        space = f"{s['channels']}x{s['sample']}x{s['sample']} latents of {8 * s['sample']} px images"
+    params = sum(p.numel() for p in model.parameters())
+    hidden = s["heads"] * s["head_dim"]
+    tokens = (s["sample"] // 2) ** 2
+    return root, f"DiT hidden {hidden}, {s['layers']} layers, {tokens} tokens, {space}, {params / 1e6:.2f}M params"
+
+
+def prepare(args: argparse.Namespace, work: Path) -> Setup:
+    import torch
+
+    from difftune.backbones import load_pretrained
+    from difftune.bank import generate_bank
+    from difftune.config import BankConfig
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("step_time.py: --device cuda but CUDA is not available")
+    source, description = build_source(work / "source", args.size, args.seed)
+    bank = work / "bank"
+    bank_cfg = BankConfig(
+        path=str(bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps,
+        shard_size=args.bank_samples, batch_size=args.bank_samples, seed=args.seed,
+    )
+    generate_bank(load_pretrained(str(source)), bank_cfg, device=device, progress=args.verbose)
+    return Setup(source, bank, work / "target_cache", description, device)
+
+
+def make_config(setup: Setup, method: str, args: argparse.Namespace, out: Path, max_steps: int):
+    """The experiment config of one run; the two methods differ only in ``objective``."""
+    from difftune.config import (
+        BankConfig,
+        DataConfig,
+        ExperimentConfig,
+        ModelConfig,
+        ObjectiveConfig,
+        TrainConfig,
+    )
+
+    return ExperimentConfig(
+        model=ModelConfig(pretrained=str(setup.source)),
+        data=DataConfig(source="digits", classes=TARGET_CLASSES, cache_dir=str(setup.cache), seed=args.seed),
+        bank=BankConfig(path=str(setup.bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps),
+        objective=ObjectiveConfig(**METHODS[method]),
+        train=TrainConfig(
+            output_dir=str(out), batch_size=args.batch_size, max_steps=max_steps, seed=args.seed,
+            checkpoint_every=0, keep_checkpoints=1, log_every=10**9,  # one checkpoint, one log: at the end
+        ),
+    )
+
+
+CLOCKS = ("wall", "cpu")  # time.perf_counter, time.process_time
+
+
+def timed_train(
+    setup: Setup, method: str, args: argparse.Namespace, out: Path, max_steps: int
+) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one ``Trainer.train()`` call; construction and clean-up excluded."""
+    import torch
+
+    from difftune.trainer import Trainer
+
+    cuda = setup.device == "cuda"
+    # the trainer's bars (and the target encoder's) pass disable= explicitly, so TQDM_DISABLE cannot
+    # silence them; their output goes to a buffer instead (formatting it costs both methods alike)
+    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
+        trainer = Trainer(make_config(setup, method, args, out, max_steps))
+        if cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    del trainer
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, cpu
+
+
+def step_seconds(setup: Setup, method: str, args: argparse.Namespace, work: Path, tag: str) -> dict[str, float]:
+    """Per-step seconds on each clock: (train(warmup + steps) - train(warmup)) / steps, fresh trainers."""
+    short = timed_train(setup, method, args, work / f"run-{tag}-short", args.warmup)
+    long = timed_train(setup, method, args, work / f"run-{tag}-long", args.warmup + args.steps)
+    return {clock: (b - a) / args.steps for clock, a, b in zip(CLOCKS, short, long, strict=True)}
+
+
+def iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_environment(args)
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # as the difftune CLI does
+    wall = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="difftune-step-time-"))
+    try:
+        setup = prepare(args, work)
+        names = list(METHODS)
+        for name in names:  # one discarded run of each: imports, allocator, caches, target encoding
+            timed_train(setup, name, args, work / f"run-discard-{name}", args.warmup)
+        times: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for r in range(args.repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                times[name].append(step_seconds(setup, name, args, work, f"{r}-{name}"))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    threads = torch.get_num_threads()
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if setup.device == "cpu" and threads == 1 else "wall"
+    other = "wall" if clock == "cpu" else "cpu"
+    clock_names = {"wall": "wall clock", "cpu": "process CPU time"}
+    n_bank = int(0.2 * args.batch_size)
+    steps = f"(train({args.warmup + args.steps}) - train({args.warmup})) / {args.steps}"
+    print("difftune step time, Diff-Tuning vs plain fine-tuning (real Trainer.train loop)")
+    print(f"model    {args.size}: {setup.description}")
+    cpu_threads = f" ({threads} thread{'s' if threads > 1 else ''})" if setup.device == "cpu" else ""
+    print(
+        f"device   {setup.device}{cpu_threads}; "
+        f"global batch {args.batch_size} (diff-tuning: {args.batch_size - n_bank} target + {n_bank} bank; "
+        f"plain: {args.batch_size} target)"
+    )
+    print(f"timing   {clock_names[clock]}; {args.repeats} interleaved repeats of {steps} steps")
+    print()
+    print(f"{'method':<13}{'median ms/step':>16}{'IQR ms':>10}   per-repeat ms/step")
+    medians: dict[str, dict[str, float]] = {c: {} for c in CLOCKS}
+    for name in names:
+        for c in CLOCKS:
+            medians[c][name] = statistics.median(1000 * t[c] for t in times[name])
+        ms = [1000 * t[clock] for t in times[name]]
+        print(f"{name:<13}{medians[clock][name]:>16.2f}{iqr(ms):>10.2f}   " + " ".join(f"{v:.1f}" for v in ms))
+    per_repeat = [d[clock] / p[clock] for d, p in zip(times["diff-tuning"], times["plain"], strict=True)]
+    print()
+    print("per-repeat ratios  " + " ".join(f"{x:.3f}" for x in per_repeat))
+    print(f"median of per-repeat ratios {statistics.median(per_repeat):.3f} (IQR {iqr(per_repeat):.3f}); target <= 1.05")
+    m = medians[other]
+    print(
+        f"{clock_names[other]} (cross-check): plain {m['plain']:.2f}, diff-tuning {m['diff-tuning']:.2f} ms/step, "
+        f"ratio {m['diff-tuning'] / m['plain']:.3f}"
+    )
+    print(f"wall time {time.perf_counter() - wall:.0f} s")
+    print(f"ratio {medians[clock]['diff-tuning'] / medians[clock]['plain']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""One rank of the CPU DDP test (tests/test_training.py), started by torchrun.
+
+Usage::
+
+    ACCELERATE_USE_CPU=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        tests/ddp_worker.py RESULT_DIR section.key=value ...
+
+Builds the config from the overrides, generates the knowledge bank (shards split between the
+ranks), trains, and writes ``RESULT_DIR/rank-<process_index>.json`` with what this rank saw:
+process index, number of processes, the bank shards it wrote, and the final directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from difftune.backbones import load_pretrained
+from difftune.bank import generate_bank
+from difftune.config import load_config
+from difftune.store import LatentStore
+from difftune.trainer import Trainer
+
+
+def main(argv: list[str]) -> None:
+    result_dir, overrides = Path(argv[0]), argv[1:]
+    cfg = load_config(None, overrides)
+
+    written: list[int] = []
+    original_write = LatentStore.write_shard
+
+    def recording_write(self: LatentStore, index: int, tensors: dict) -> None:
+        written.append(index)
+        original_write(self, index, tensors)
+
+    LatentStore.write_shard = recording_write  # type: ignore[method-assign]
+    generate_bank(load_pretrained(cfg.model.pretrained), cfg.bank, progress=False)
+    LatentStore.write_shard = original_write  # type: ignore[method-assign]
+
+    trainer = Trainer(cfg)
+    final = trainer.train()
+    acc = trainer.accelerator
+    record = {
+        "process_index": acc.process_index,
+        "num_processes": acc.num_processes,
+        "distributed_type": str(acc.distributed_type),
+        "bank_shards": written,
+        "final": str(final),
+    }
+    result_dir.mkdir(parents=True, exist_ok=True)
+    (result_dir / f"rank-{acc.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

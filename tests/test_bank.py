@@ -1,0 +1,316 @@
+"""Tests for the knowledge bank (difftune.bank, difftune.store) and per-sample seeded generation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import PartialState
+
+import difftune.bank.generate as bank_generate
+from conftest import save_pipeline_dir, tiny_dit
+from difftune.backbones import LoadedModel, load_pretrained, model_fingerprint
+from difftune.bank import generate_bank, load_bank
+from difftune.config import BankConfig, load_config
+from difftune.sampling import build_scheduler, generate
+from difftune.store import LatentStore
+from difftune.trainer import Trainer
+
+NUM, SHARD, STEPS, SEED = 20, 8, 3, 7  # 3 shards: 8 + 8 + 4 samples
+
+
+def bank_cfg(path: Path, **kwargs) -> BankConfig:
+    settings = {"num_samples": NUM, "shard_size": SHARD, "num_inference_steps": STEPS, "seed": SEED, "batch_size": 8}
+    settings.update(kwargs)
+    return BankConfig(path=str(path), **settings)
+
+
+def assert_banks_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    """Labels and seeds always equal; samples bit-identical, or to float32 rounding when not ``exact``."""
+    assert a.keys() == b.keys() == {"samples", "labels", "seeds"}
+    for key in ("labels", "seeds"):
+        assert torch.equal(a[key], b[key]), key
+    if exact:
+        assert torch.equal(a["samples"], b["samples"])
+    else:
+        torch.testing.assert_close(a["samples"], b["samples"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def loaded(dit_dir: Path) -> LoadedModel:
+    return load_pretrained(str(dit_dir))
+
+
+@pytest.fixture
+def bank_a(loaded: LoadedModel, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """A complete reference bank (batch size 8) and its path."""
+    generate_bank(loaded, bank_cfg(tmp_path / "bank_a"), progress=False)
+    return load_bank(tmp_path / "bank_a", loaded)
+
+
+def count_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the shard indices written from now on."""
+    written: list[int] = []
+    original = LatentStore.write_shard
+
+    def recording(self: LatentStore, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        written.append(index)
+        original(self, index, tensors)
+
+    monkeypatch.setattr(LatentStore, "write_shard", recording)
+    return written
+
+
+def test_bank_is_independent_of_batch_size(loaded: LoadedModel, tmp_path: Path) -> None:
+    store3 = generate_bank(loaded, bank_cfg(tmp_path / "b3", batch_size=3), progress=False)
+    store8 = generate_bank(loaded, bank_cfg(tmp_path / "b8", batch_size=8), progress=False)
+    b3, b8 = load_bank(tmp_path / "b3", loaded), load_bank(tmp_path / "b8", loaded)
+    # every sample has its own generator and the model treats rows independently; CPU matmul
+    # kernels still round differently by batch size (measured: a few float32 ulps on values ~70)
+    assert_banks_equal(b3, b8, exact=False)
+    assert b3["samples"].shape == (NUM, 1, 8, 8) and b3["samples"].dtype == torch.float32
+    assert torch.equal(b3["labels"], torch.arange(NUM) % 5)
+    assert torch.equal(b3["seeds"], SEED + torch.arange(NUM))
+    assert torch.isfinite(b3["samples"]).all()
+    assert not torch.allclose(b3["samples"][0], b3["samples"][5])  # same label, other seed
+
+    manifest = store3.manifest
+    assert manifest == store8.manifest  # the batch size is not part of what the bank is
+    assert manifest["source_fingerprint"] == model_fingerprint(loaded.backbone.inner)
+    assert manifest["shape"] == [1, 8, 8]
+    assert manifest["space"] == "pixel"
+    assert manifest["scheduler"] == "DPMSolverMultistepScheduler"
+    assert manifest["num_inference_steps"] == STEPS
+    assert manifest["guidance_scale"] == 1.5
+    assert manifest["num_shards"] == 3
+    assert manifest["num_classes"] == 5
+    assert sorted(p.name for p in (tmp_path / "b3").glob("shard-*")) == [
+        f"shard-0000{i}.safetensors" for i in range(3)
+    ]
+
+    # sample i is a pure function of (label i mod K, seed + i)
+    scheduler = build_scheduler("DPMSolverMultistepScheduler", loaded.scheduler_config)
+    alone = generate(loaded.backbone, scheduler, torch.tensor([13 % 5]), [SEED + 13], (1, 8, 8), 5, 1.5, STEPS)
+    torch.testing.assert_close(alone[0], b3["samples"][13], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_crash(
+    loaded: LoadedModel, bank_a: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bank_b"
+    original = LatentStore.write_shard
+    calls = []
+
+    def crash_after_one(self: LatentStore, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        if calls:
+            raise RuntimeError("simulated crash")
+        calls.append(index)
+        original(self, index, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr(LatentStore, "write_shard", crash_after_one)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            generate_bank(loaded, bank_cfg(path), progress=False)
+    store = LatentStore(path)
+    assert store.missing_shards() == [1, 2]
+    with pytest.raises(ValueError, match="incomplete"):
+        load_bank(path, loaded)
+    # a writer killed mid-write leaves a temporary file: it is not a shard
+    (path / "shard-00001.safetensors.tmp999999").write_bytes(os.urandom(64))
+    assert store.missing_shards() == [1, 2]
+    done = store.shard_path(0).stat().st_mtime_ns
+
+    written = count_writes(monkeypatch)
+    generate_bank(loaded, bank_cfg(path), progress=False)
+    assert written == [1, 2]  # the finished shard is not regenerated
+    assert store.shard_path(0).stat().st_mtime_ns == done
+    assert_banks_equal(load_bank(path, loaded), bank_a)
+
+    # running it once more is a no-op
+    generate_bank(loaded, bank_cfg(path), progress=False)
+    assert written == [1, 2]
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("num_inference_steps", 4, "num_inference_steps"),
+    ("guidance_scale", 2.0, "guidance_scale"),
+    ("seed", 8, "seed"),
+    ("scheduler", "DDIMScheduler", "scheduler"),
+    ("num_samples", 24, "num_samples"),
+    ("shard_size", 4, "num_shards"),  # the first differing key in sorted order: num_shards follows from it
+])
+def test_other_settings_into_existing_bank_refused(
+    key: str, value: object, named: str, loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bank"
+    LatentStore.create(path, bank_generate.bank_manifest(loaded, bank_cfg(path)))  # as a first run would
+    written = count_writes(monkeypatch)
+    with pytest.raises(ValueError, match=rf"other settings \({named}: .* there vs .* now\); use another path"):
+        generate_bank(loaded, bank_cfg(path, **{key: value}), progress=False)
+    assert written == []
+
+
+def test_other_model_into_existing_bank_refused(loaded: LoadedModel, tmp_path: Path) -> None:
+    path = tmp_path / "bank"
+    LatentStore.create(path, bank_generate.bank_manifest(loaded, bank_cfg(path)))
+    other = load_pretrained(str(save_pipeline_dir(tmp_path / "other", tiny_dit(seed=1), "transformer")))
+    with pytest.raises(ValueError, match=r"other settings \(source"):
+        generate_bank(other, bank_cfg(path), progress=False)
+    # same path, other weights: the fingerprint alone tells them apart
+    other.source = loaded.source
+    with pytest.raises(ValueError, match=r"other settings \(source_fingerprint"):
+        generate_bank(other, bank_cfg(path), progress=False)
+
+
+def test_batch_size_change_resumes_same_bank(
+    loaded: LoadedModel, bank_a: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = count_writes(monkeypatch)
+    generate_bank(loaded, bank_cfg(tmp_path / "bank_a", batch_size=5), progress=False)
+    assert written == []
+    assert_banks_equal(load_bank(tmp_path / "bank_a", loaded), bank_a)
+
+
+def test_load_bank_refuses_other_model(bank_a: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    other = load_pretrained(str(save_pipeline_dir(tmp_path / "other", tiny_dit(seed=1), "transformer")))
+    with pytest.raises(ValueError, match=r"generated by another model.*regenerate the bank"):
+        load_bank(tmp_path / "bank_a", other)
+
+
+def test_load_bank_refuses_other_shape(bank_a: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    small = load_pretrained(str(save_pipeline_dir(tmp_path / "small", tiny_dit(sample_size=4), "transformer")))
+    with pytest.raises(ValueError, match=r"shape \[1, 8, 8\].*works on \[1, 4, 4\].*regenerate"):
+        load_bank(tmp_path / "bank_a", small)
+
+
+def test_load_bank_refuses_edited_manifest(
+    loaded: LoadedModel, bank_a: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    manifest_path = tmp_path / "bank_a" / "manifest.json"
+    original = json.loads(manifest_path.read_text())
+    for edit, message in [
+        ({"shape": [1, 16, 16]}, r"shape \[1, 16, 16\].*regenerate"),
+        ({"space": "latent"}, r"latent space but the model works in pixel space"),
+        ({"kind": "target"}, r"not a knowledge bank"),
+    ]:
+        manifest_path.write_text(json.dumps({**original, **edit}))
+        with pytest.raises(ValueError, match=message):
+            load_bank(tmp_path / "bank_a", loaded)
+    manifest_path.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt.*regenerate"):
+        load_bank(tmp_path / "bank_a", loaded)
+
+
+def test_load_bank_refuses_missing_dir(loaded: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"does not exist: generate it"):
+        load_bank(tmp_path / "nowhere", loaded)
+
+
+def test_load_bank_refuses_incomplete_or_corrupt(
+    loaded: LoadedModel, bank_a: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    store = LatentStore(tmp_path / "bank_a")
+    store.shard_path(1).unlink()
+    with pytest.raises(ValueError, match=r"incomplete: 1 of 3 shards missing \(first: 1\).*run the same generation"):
+        load_bank(tmp_path / "bank_a", loaded)
+    store.shard_path(1).write_bytes(os.urandom(100))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors is corrupt.*rerun generation"):
+        load_bank(tmp_path / "bank_a", loaded)
+
+
+def test_training_with_mismatched_bank_fails(dit_dir: Path, tmp_path: Path) -> None:
+    other = load_pretrained(str(save_pipeline_dir(tmp_path / "other", tiny_dit(seed=1), "transformer")))
+    generate_bank(other, bank_cfg(tmp_path / "other_bank"), progress=False)
+    cfg = load_config(None, [
+        f"model.pretrained={dit_dir}", "data.source=digits", "data.classes=[5,6,7,8,9]", "data.per_class=4",
+        f"bank.path={tmp_path / 'other_bank'}", f"train.output_dir={tmp_path / 'run'}", "train.batch_size=10",
+    ])
+    with pytest.raises(ValueError, match=r"generated by another model.*regenerate the bank"):
+        Trainer(cfg)
+
+
+class _FakeState:
+    """What generate_bank uses of accelerate's PartialState, for rank ``index`` of ``count``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, index: int, count: int) -> None:
+        self.process_index, self.num_processes = index, count
+        self.is_main_process = self.is_local_main_process = index == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_single_process_generates_every_shard(
+    loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert PartialState().num_processes == 1
+    written = count_writes(monkeypatch)
+    generate_bank(loaded, bank_cfg(tmp_path / "bank"), progress=False)
+    assert written == [0, 1, 2]
+    assert LatentStore(tmp_path / "bank").missing_shards() == []
+
+
+def test_shards_split_by_process_index(
+    loaded: LoadedModel, bank_a: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank k of P writes shards k, k + P, ...; together the ranks write the single-process bank."""
+    written = count_writes(monkeypatch)
+    path = tmp_path / "split"
+    for rank, expected in [(0, [0, 2]), (1, [1])]:
+        monkeypatch.setattr(bank_generate, "PartialState", lambda cpu=False, r=rank: _FakeState(r, 2))
+        generate_bank(loaded, bank_cfg(path), progress=False)
+        assert written == expected
+        written.clear()
+    assert_banks_equal(load_bank(path, loaded), bank_a)
+
+
+@pytest.mark.parametrize("scheduler_name,guidance", [
+    ("DPMSolverMultistepScheduler", 1.0),
+    ("DPMSolverMultistepScheduler", 1.5),
+    ("DDPMScheduler", 1.0),
+    ("DDPMScheduler", 1.5),
+])
+def test_generate_is_per_sample_deterministic(loaded: LoadedModel, scheduler_name: str, guidance: float) -> None:
+    backbone = loaded.backbone.eval()
+    scheduler = build_scheduler(scheduler_name, loaded.scheduler_config)
+    labels, seeds = torch.tensor([0, 1, 2, 4, 5]), [10, 11, 12, 13, 14]  # 5 = the null label
+
+    def run(lab: torch.Tensor, sd: list[int], global_seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(global_seed)  # the global generator must play no part
+        return generate(backbone, scheduler, lab, sd, (1, 8, 8), 5, guidance, 4)
+
+    batch = run(labels, seeds)
+    assert batch.shape == (5, 1, 8, 8)
+    for i in (0, 2, 4):
+        alone = run(labels[i : i + 1], seeds[i : i + 1], global_seed=123)
+        torch.testing.assert_close(alone[0], batch[i], rtol=1e-5, atol=1e-5)
+    # permuting the batch permutes the samples
+    perm = torch.tensor([3, 1, 4, 0, 2])
+    torch.testing.assert_close(run(labels[perm], [seeds[i] for i in perm]), batch[perm], rtol=1e-5, atol=1e-5)
+    # and the seed matters (for DDPM also through the noise added at every step)
+    other = run(labels[:1], [99])
+    assert (other[0] - batch[0]).abs().max() > 1e-2
+
+
+def test_ddpm_step_noise_comes_from_the_sample_generator(loaded: LoadedModel) -> None:
+    """Two rows with the same seed stay equal through every stochastic DDPM step."""
+    backbone = loaded.backbone.eval()
+    ddpm = build_scheduler("DDPMScheduler", loaded.scheduler_config)
+    a = generate(backbone, ddpm, torch.tensor([1, 1]), [5, 5], (1, 8, 8), 5, 1.0, 3)
+    assert torch.equal(a[0], a[1])  # shared step noise would make the rows differ
+    with pytest.raises(ValueError, match="one seed per sample"):
+        generate(backbone, ddpm, torch.tensor([1, 1]), [1], (1, 8, 8), 5, 1.0, 3)

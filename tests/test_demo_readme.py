@@ -1,0 +1,69 @@
+"""The demo end to end (tiny settings) and the README/CI contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from difftune.demo import DemoSettings, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_settings(tmp_path: Path) -> DemoSettings:
+    return DemoSettings(
+        out=tmp_path / "out", cache_dir=tmp_path / "cache", per_class=4, model_width=8, model_layers=1,
+        pretrain_steps=6, pretrain_batch=16, bank_samples=12, finetune_steps=4, finetune_batch=10,
+        eval_every=2, eval_per_class=4, sample_steps=3,
+    )
+
+
+def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
+    settings = _tiny_settings(tmp_path)
+    results = run_demo(settings)
+    on_disk = json.loads((settings.out / "results.json").read_text())
+    assert set(on_disk) == {"pre-trained (no tuning)", "plain", "diff-tuning"}
+    for name in ("plain", "diff-tuning"):
+        assert on_disk[name]["fid"] == pytest.approx(results[name]["fid"])
+        assert on_disk[name]["fid"] >= 0
+        assert [p["step"] for p in on_disk[name]["fid_curve"]] == [2, 4]
+        assert (settings.out / f"samples_{name}.png").is_file()
+    assert (settings.out / "curves.png").is_file()
+    report = (settings.out / "report.md").read_text()
+    assert "| plain |" in report and "| diff-tuning |" in report
+    # the two methods start from the same cached source model and differ in their objective only
+    plain = (settings.out / "runs" / "plain" / "config.yaml").read_text()
+    difft = (settings.out / "runs" / "diff-tuning" / "config.yaml").read_text()
+    assert "bank_share: 0.0" in plain and "bank_share: 0.2" in difft
+
+
+def test_demo_reuses_cached_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _tiny_settings(tmp_path)
+    run_demo(settings)
+    import difftune.demo as demo
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the source model should come from the cache")
+
+    monkeypatch.setattr(demo.DiTTransformer2DModel, "save_pretrained", fail)
+    run_demo(settings)
+
+
+def _readme_block_after(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(marker) :]
+    return re.search(r"```bash\n(.*?)\n```", after, re.S).group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme_command = _readme_block_after("Run the tests")
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert readme_command in ci_lines
+
+
+def test_readme_demo_command_runs_the_demo() -> None:
+    command = _readme_block_after("Run the built-in demo")
+    assert "pip install torch==2.13.0" in command and command.endswith("difftune demo --out demo_out")

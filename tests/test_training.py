@@ -1,0 +1,386 @@
+"""End-to-end tests of difftune.trainer.Trainer on tiny random-init models (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from difftune.backbones import LatentCodec, load_pretrained
+from difftune.bank import generate_bank, load_bank
+from difftune.config import ExperimentConfig, load_config
+from difftune.data import load_target_images
+from difftune.store import LatentStore
+from difftune.trainer import Trainer
+
+TESTS = Path(__file__).resolve().parent
+LR = 1e-4  # the default learning rate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def overrides(pretrained: Path, out: Path, bank: Path | None, *extra: str) -> list[str]:
+    """The test recipe: 5 digit classes x 4 images, batch 10 (2 from the bank when ``bank`` is given)."""
+    items = [
+        f"model.pretrained={pretrained}", "data.source=digits", "data.classes=[5,6,7,8,9]", "data.per_class=4",
+        f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=10", "train.checkpoint_every=2",
+        "train.log_every=1",
+    ]
+    if bank is None:
+        items.append("objective.bank_share=0")
+    else:
+        items += [
+            f"bank.path={bank}", "bank.num_samples=20", "bank.shard_size=8", "bank.num_inference_steps=3",
+            "objective.bank_share=0.2",
+        ]
+    return items + list(extra)
+
+
+def make_cfg(pretrained: Path, out: Path, bank: Path | None, *extra: str) -> ExperimentConfig:
+    return load_config(None, overrides(pretrained, out, bank, *extra))
+
+
+def weights(model_dir: Path, sub: str = "transformer") -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / sub / "diffusion_pytorch_model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_all_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float, steps: int) -> None:
+    """Weights of two runs that differ only in float summation order.
+
+    Attention key biases are the exception: softmax is invariant to them, so their true gradient is
+    zero and what remains is rounding noise, which Adam rescales into steps of up to ~lr. They can
+    only be held to Adam's bound on the distance travelled.
+    """
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith("attn1.to_k.bias"):
+            assert (a[key] - b[key]).abs().max() <= 2 * 2 * LR * steps, key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture
+def dit_bank(dit_dir: Path, tmp_path: Path) -> Path:
+    """The knowledge bank of the tiny DiT, generated with the recipe's settings."""
+    cfg = make_cfg(dit_dir, tmp_path / "unused", tmp_path / "bank")
+    generate_bank(load_pretrained(str(dit_dir)), cfg.bank, progress=False)
+    return tmp_path / "bank"
+
+
+def loop_state(checkpoint: Path) -> dict:
+    """The loop's saved state (step + stream positions) among accelerate's custom checkpoint files."""
+    for pkl in sorted((checkpoint / "state").glob("custom_checkpoint_*.pkl")):
+        state = torch.load(pkl, map_location="cpu", weights_only=False)
+        if "step" in state and "target" in state:
+            return state
+    raise AssertionError(f"no loop state in {checkpoint}")
+
+
+def test_exact_resume(dit_dir: Path, dit_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    final_a = Trainer(make_cfg(dit_dir, run_a, dit_bank, "train.max_steps=6", "train.checkpoint_every=3")).train()
+
+    Trainer(make_cfg(dit_dir, run_b, dit_bank, "train.max_steps=3", "train.checkpoint_every=3")).train()
+    steps_run: list[int] = []
+    original = Trainer._batch
+
+    def recording(self: Trainer, step: int):
+        steps_run.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "_batch", recording)
+    resumed = Trainer(
+        make_cfg(dit_dir, run_b, dit_bank, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest")
+    )
+    final_b = resumed.train()
+    assert steps_run == [3, 4, 5]  # it continued from the checkpoint, it did not start again
+
+    assert_all_equal(weights(final_a), weights(final_b))
+    assert_all_equal(weights(final_a, "ema/transformer"), weights(final_b, "ema/transformer"))
+    assert changed(weights(final_a), weights(dit_dir)) > 0
+    # the logged history is the same too: resuming appends steps 4-6 with the same losses
+    assert metrics(run_a) == metrics(run_b)
+    assert [m["step"] for m in metrics(run_b)] == [1, 2, 3, 4, 5, 6]
+
+    # 20 target images, 8 per step; 20 bank samples, 2 per step (streams seeded train.seed and +1)
+    ckpt = run_b / "checkpoints"
+    assert loop_state(ckpt / "checkpoint-0000003") == {
+        "step": 3,
+        "target": {"size": 20, "seed": 0, "epoch": 1, "offset": 4},
+        "bank": {"size": 20, "seed": 1, "epoch": 0, "offset": 6},
+    }
+    expected_6 = {
+        "step": 6,
+        "target": {"size": 20, "seed": 0, "epoch": 2, "offset": 8},
+        "bank": {"size": 20, "seed": 1, "epoch": 0, "offset": 12},
+    }
+    assert loop_state(ckpt / "checkpoint-0000006") == expected_6
+    assert loop_state(run_a / "checkpoints" / "checkpoint-0000006") == expected_6
+    assert resumed.state.step == 6
+
+
+def test_checkpoints_rotate_and_load_in_diffusers(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = make_cfg(
+        dit_dir, run, None, "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.ema_decay=0.5"
+    )
+    final = Trainer(cfg).train()
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-0000003", "checkpoint-0000004"]
+    for ckpt in ckpts.iterdir():
+        for sub in ("model/transformer", "model/ema/transformer", "model/scheduler", "state"):
+            assert (ckpt / sub).is_dir(), ckpt / sub
+        assert load_config(ckpt / "config.yaml").to_dict() == cfg.to_dict()
+    assert final == run / "final"
+    assert load_config(final / "config.yaml").to_dict() == cfg.to_dict()
+
+    stock = DiTTransformer2DModel.from_pretrained(final, subfolder="transformer")
+    last = weights(ckpts / "checkpoint-0000004" / "model")
+    assert_all_equal(stock.state_dict(), last)
+    assert changed(last, weights(dit_dir)) > 0
+    stock_ema = DiTTransformer2DModel.from_pretrained(final, subfolder="ema/transformer")
+    # constant-decay EMA from the first step: ema_4 = d * ema_3 + (1 - d) * w_4, d = 0.5
+    ema_3 = weights(ckpts / "checkpoint-0000003" / "model", "ema/transformer")
+    for key, value in stock_ema.state_dict().items():
+        torch.testing.assert_close(value, 0.5 * ema_3[key] + 0.5 * last[key], rtol=0, atol=1e-7, msg=key)
+    assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())
+
+
+def test_gradient_accumulation_matches_one_big_batch(dit_dir: Path, dit_bank: Path, tmp_path: Path) -> None:
+    # 7 target + 3 bank samples: the two micro-batches hold 4 + 1 and 3 + 2, so normalising by the
+    # micro-batch's own counts would weight samples differently (a uniform factor Adam would hide)
+    common = ("train.max_steps=2", "train.checkpoint_every=0", "objective.bank_share=0.3")
+    one = Trainer(make_cfg(dit_dir, tmp_path / "acc1", dit_bank, *common)).train()
+    two = Trainer(make_cfg(dit_dir, tmp_path / "acc2", dit_bank, *common, "train.gradient_accumulation=2")).train()
+    assert_same_training(weights(one), weights(two), atol=1e-6, steps=2)
+    torch.testing.assert_close(
+        weights(one, "ema/transformer"), weights(two, "ema/transformer"), rtol=0, atol=1e-6
+    )
+    assert changed(weights(one), weights(dit_dir)) > 0
+    # the logged losses are global means whatever the number of micro-steps
+    for m1, m2 in zip(metrics(tmp_path / "acc1"), metrics(tmp_path / "acc2"), strict=True):
+        assert m1.keys() == m2.keys()
+        for key in m1:
+            assert m1[key] == pytest.approx(m2[key], rel=1e-6), key
+
+
+def test_plain_fine_tuning_without_bank(dit_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = make_cfg(dit_dir, run, None, "objective.target_schedule=uniform", "train.max_steps=3")
+    assert cfg.bank.path == ""
+    trainer = Trainer(cfg)
+    assert trainer.n_bank == 0 and trainer.n_target == 10
+    final = trainer.train()
+    assert changed(weights(final), weights(dit_dir)) > 0
+
+    history = metrics(run)
+    assert [m["step"] for m in history] == [1, 2, 3]
+    for m in history:
+        assert "loss/bank" not in m
+        assert m["loss/total"] == m["loss/target"] > 0
+        quarters = [k for k in m if k.startswith("loss_by_t/")]
+        assert quarters and all(k.startswith("loss_by_t/target_q") for k in quarters)
+        assert all(np.isfinite(v) for v in m.values())
+
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events
+    scalars = {}
+    for event in events:
+        acc = EventAccumulator(str(event))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    assert [s for s, _ in scalars["loss/total"]] == [1, 2, 3]
+    assert [v for _, v in scalars["loss/total"]] == pytest.approx([m["loss/total"] for m in history], rel=1e-6)
+
+
+def test_latent_space_run_caches_target_latents(
+    latent_dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    cfg = make_cfg(latent_dit_dir, run, None, "data.resolution=16", "train.max_steps=2")
+    final = Trainer(cfg).train()
+    assert changed(weights(final), weights(latent_dit_dir)) > 0
+    again = load_pretrained(str(final))
+    assert again.codec.is_latent and again.vae_source == str(latent_dit_dir)
+
+    cache = LatentStore(run / "target_cache").load()
+    assert cache.keys() == {"samples", "std", "labels"}
+    assert cache["samples"].shape == cache["std"].shape == (20, 4, 2, 2)
+    assert (cache["std"] > 0).all()
+    assert torch.equal(cache["labels"].bincount(), torch.full((5,), 4))  # 4 per class, re-indexed 0..4
+    # the cache holds the VAE posterior of the digits resized to 16x16 and made RGB
+    images = load_target_images(cfg.data, 16, 3).images
+    assert images.shape == (20, 3, 16, 16)
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    mean, std = load_pretrained(str(latent_dit_dir)).codec.encode(images)
+    torch.testing.assert_close(cache["samples"], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache["std"], std, rtol=1e-5, atol=1e-6)
+
+    # a second run with the same data reuses the cache: the encoder is never called
+    def no_encode(self, images):
+        raise AssertionError("the target cache should have been reused")
+
+    with monkeypatch.context() as m:
+        m.setattr(LatentCodec, "encode", no_encode)
+        reused = Trainer(load_config(None, overrides(latent_dit_dir, run, None, "data.resolution=16")))
+    assert_all_equal(reused.target, cache)
+
+    # other data: the stale cache is replaced
+    calls = []
+    original = LatentCodec.encode
+
+    def counting(self, images):
+        calls.append(images.shape[0])
+        return original(self, images)
+
+    monkeypatch.setattr(LatentCodec, "encode", counting)
+    fewer = Trainer(load_config(None, overrides(latent_dit_dir, run, None, "data.resolution=16", "data.per_class=3")))
+    assert sum(calls) == 15
+    assert fewer.target["samples"].shape == (15, 4, 2, 2)
+
+
+def test_unet_backbone_trains_with_bank(unet_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(unet_dir, tmp_path / "run", tmp_path / "bank", "train.max_steps=2")
+    generate_bank(load_pretrained(str(unet_dir)), cfg.bank, progress=False)
+    final = Trainer(cfg).train()
+    stock = UNet2DModel.from_pretrained(final, subfolder="unet")
+    trained = stock.state_dict()
+    assert_all_equal(trained, weights(final, "unet"))
+    assert changed(trained, weights(unet_dir, "unet")) > 0
+    history = metrics(tmp_path / "run")
+    assert [m["step"] for m in history] == [1, 2]
+    assert all(m["loss/total"] == pytest.approx(m["loss/target"] + 0.1 * m["loss/bank"]) for m in history)
+
+
+def test_more_target_classes_than_source_refused(dit_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(dit_dir, tmp_path / "run", None, "data.classes=[0,1,2,3,4,5,6,7,8,9]")
+    with pytest.raises(ValueError, match=r"10 classes but the source model has only 5"):
+        Trainer(cfg)
+
+
+def _image_folder(root: Path) -> dict[str, int]:
+    """Two classes x three constant-grey 8x8 PNGs; returns file -> grey value."""
+    values = {"a/0.png": 0, "a/1.png": 64, "a/2.png": 128, "b/0.png": 191, "b/1.png": 255, "b/2.png": 100}
+    for name, value in values.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint8), mode="L").save(root / name)
+    return values
+
+
+def test_image_folder_source(dit_dir: Path, tmp_path: Path) -> None:
+    values = _image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    cfg = make_cfg(
+        dit_dir, run, None, "data.source=folder", f"data.path={tmp_path / 'images'}", "data.classes=null",
+        "data.per_class=null", "train.max_steps=1",
+    )
+    final = Trainer(cfg).train()
+    assert changed(weights(final), weights(dit_dir)) > 0
+    cache = LatentStore(run / "target_cache").load()
+    assert torch.equal(cache["labels"], torch.tensor([0, 0, 0, 1, 1, 1]))
+    expected = torch.tensor([v / 127.5 - 1.0 for v in values.values()]).view(6, 1, 1, 1).expand(6, 1, 8, 8)
+    torch.testing.assert_close(cache["samples"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(cache["std"], torch.zeros(6, 1, 8, 8))
+
+
+@pytest.mark.parametrize("corruption", ["random", "truncated"])
+def test_corrupt_image_named_in_error(corruption: str, dit_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    _image_folder(root)
+    bad = root / "b" / "bad.png"
+    if corruption == "random":
+        bad.write_bytes(os.urandom(200))
+    else:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:120])
+    cfg = make_cfg(
+        dit_dir, tmp_path / "run", None, "data.source=folder", f"data.path={root}", "data.classes=null",
+        "data.per_class=null",
+    )
+    with pytest.raises(ValueError, match=r"cannot read image .*bad\.png"):
+        Trainer(cfg)
+
+
+def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
+    """Real gloo DDP with two processes: same bank, same weights as one process (design.md, known traps)."""
+    # 7 target + 3 bank samples: rank 0 gets 4 + 1, rank 1 gets 3 + 2 (see the accumulation test)
+    extra = ("train.checkpoint_every=0", "objective.bank_share=0.3")
+    ddp_args = overrides(dit_dir, tmp_path / "ddp_run", tmp_path / "ddp_bank", *extra)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result_dir = tmp_path / "ranks"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(TESTS / "ddp_worker.py"), str(result_dir), *ddp_args,
+    ]
+    # own session, so that a hang is ended with torchrun's workers, not just torchrun
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=300)  # a safety net, not a speed assertion
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{output[-5000:]}")
+    assert proc.returncode == 0, output[-5000:]
+
+    ranks = [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert [r["process_index"] for r in ranks] == [0, 1]
+    assert all(r["num_processes"] == 2 for r in ranks)
+    assert all(r["distributed_type"].endswith("MULTI_CPU") for r in ranks)
+    # shard k is generated by rank k mod 2
+    assert [r["bank_shards"] for r in ranks] == [[0, 2], [1]]
+
+    single_cfg = make_cfg(dit_dir, tmp_path / "single_run", tmp_path / "single_bank", *extra)
+    loaded = load_pretrained(str(dit_dir))
+    generate_bank(loaded, single_cfg.bank, progress=False)
+    ddp_bank, single_bank = load_bank(tmp_path / "ddp_bank", loaded), load_bank(tmp_path / "single_bank", loaded)
+    assert_all_equal(ddp_bank, single_bank)  # same shards, same batches: bit-identical
+
+    single = Trainer(single_cfg).train()
+    ddp = tmp_path / "ddp_run" / "final"
+    assert_same_training(weights(single), weights(ddp), atol=1e-5, steps=4)
+    torch.testing.assert_close(weights(single, "ema/transformer"), weights(ddp, "ema/transformer"), rtol=0, atol=1e-5)
+    assert changed(weights(ddp), weights(dit_dir)) > 0
+    # logged losses are reduced over both processes: the global means of the single run
+    ddp_history, single_history = metrics(tmp_path / "ddp_run"), metrics(tmp_path / "single_run")
+    assert [m["step"] for m in ddp_history] == [1, 2, 3, 4]
+    for m_ddp, m_one in zip(ddp_history, single_history, strict=True):
+        assert m_ddp.keys() == m_one.keys()
+        for key in m_ddp:
+            assert m_ddp[key] == pytest.approx(m_one[key], rel=1e-5), key
