@@ -20,21 +20,28 @@ itself, nothing re-implemented:
   so slow drift of the machine hits both alike; one discarded short run of each comes first;
 * on the CPU, torch runs one intra-op thread by default (``--threads``): with several threads on a
   machine shared with other work, OpenMP barriers waiting on a descheduled thread make whole runs
-  many times slower at random, which swamps a few-percent effect.
+  many times slower at random, which swamps a few-percent effect. A one-thread CPU run reports
+  process CPU time (``--clock auto``), which does not count the time the process waits for a core
+  while other work runs; wall-clock figures are printed beside it. GPU runs use the wall clock,
+  with CUDA synchronised before and after each timed ``train()``.
 
-Printed: a table (median ms/step and IQR over repeats per method), the per-repeat ratios, and on the
-LAST line ``ratio <value>``: median Diff-Tuning step time / median plain step time. 1.000 means
+Printed: a table (median ms/step and IQR over repeats per method), the per-repeat ratios, the
+other clock's medians and ratio, the wall time, and on the LAST line ``ratio <value>``: median Diff-Tuning step time / median plain step time. 1.000 means
 no overhead; the target is at most 1.05 (the bank stream costs nothing but a few index and mask
 operations; the forward/backward work is the same at equal batch).
 
 Usage (from the repository root, with the project's venv active)::
 
-    python benchmarks/step_time.py                          # small DiT, about 1 min on a 2-core CPU
-    python benchmarks/step_time.py --size tiny --repeats 9  # loop-overhead dominated
+    python benchmarks/step_time.py                          # small DiT, 1-1.5 min on a 2-core CPU
+    python benchmarks/step_time.py --size tiny --repeats 15  # loop-overhead dominated
     python benchmarks/step_time.py --size dit-s --device cuda --steps 50 --batch-size 64
 
 Options: ``--size {tiny,small,dit-s}``, ``--device {auto,cpu,cuda}``, ``--steps``, ``--warmup``,
-``--batch-size``, ``--repeats``, ``--threads``, ``--keep`` (keep the temporary directory), ``--verbose``.
+``--batch-size``, ``--repeats``, ``--threads``, ``--clock {auto,wall,cpu}``, ``--bank-samples``,
+``--bank-steps``, ``--seed``, ``--keep`` (keep the temporary directory), ``--verbose``.
+
+Reading it: a single run's ratio moves by a few percent on a busy machine (see the per-repeat
+ratios); run it again, or raise ``--repeats`` / ``--steps``, before calling a small change real.
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="source DiT size (default small)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    p.add_argument("--steps", type=int, default=24, help="timed optimiser steps per measurement")
+    p.add_argument("--steps", type=int, default=40, help="timed optimiser steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="steps of the short run subtracted from the long one")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (target + bank), equal for both")
     p.add_argument("--repeats", type=int, default=9, help="measurements per method (interleaved)")

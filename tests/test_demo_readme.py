@@ -17,7 +17,7 @@ def _tiny_settings(tmp_path: Path) -> DemoSettings:
     return DemoSettings(
         out=tmp_path / "out", cache_dir=tmp_path / "cache", per_class=4, model_width=8, model_layers=1,
         pretrain_steps=6, pretrain_batch=16, bank_samples=12, finetune_steps=4, finetune_batch=10,
-        eval_every=2, eval_per_class=4, sample_steps=3,
+        eval_every=2, eval_per_class=4, sample_steps=3, classifier_steps=50,
     )
 
 
@@ -40,16 +40,18 @@ def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
     assert "bank_share: 0.0" in plain and "bank_share: 0.2" in difft
 
 
-def test_demo_reuses_cached_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_reuses_cached_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = _tiny_settings(tmp_path)
-    run_demo(settings)
-    import difftune.demo as demo
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the source model should come from the cache")
-
-    monkeypatch.setattr(demo.DiTTransformer2DModel, "save_pretrained", fail)
-    run_demo(settings)
+    first = run_demo(settings)
+    assert "pre-training" in capsys.readouterr().out
+    weights = next(settings.cache_dir.glob("demo-source-*/run/final/ema/transformer/*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    second = run_demo(settings)
+    assert "pre-training" not in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == stamp
+    # same seed, same cached source and bank: the whole demo is reproducible
+    for name in ("plain", "diff-tuning"):
+        assert second[name]["fid"] == pytest.approx(first[name]["fid"], rel=1e-4)
 
 
 def _readme_block_after(marker: str) -> str:

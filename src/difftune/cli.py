@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from difftune.config import ConfigError, ExperimentConfig, load_config
-from difftune.sampling import scheduler_names
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)
 
@@ -78,6 +77,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
     _check_model_readable(cfg.model.pretrained)
     if not cfg.bank.path:
         raise ConfigError("bank.path is empty: set it to the directory the bank should be written to")
+    from difftune.sampling import scheduler_names
+
     if cfg.bank.scheduler not in scheduler_names():
         raise ConfigError(f"bank.scheduler={cfg.bank.scheduler!r} is unknown; valid: {', '.join(scheduler_names())}")
     if args.dry_run:
@@ -99,12 +100,17 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 def _parse_labels(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        labels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+        labels = []
+    if not labels:
+        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
+    return labels
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from difftune.sampling import scheduler_names
+
     labels = _parse_labels(args.labels)
     if args.per_label < 1 or args.steps < 1:
         raise ValueError("--per-label and --steps must be >= 1")

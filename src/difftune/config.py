@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from difftune.schedules import SCHEDULES
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and how to fix it."""
@@ -120,6 +122,12 @@ class ObjectiveConfig:
         _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
         _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
         _check(self.target_exponent >= 0 and self.bank_exponent >= 0, "objective exponents must be >= 0")
+        for key in ("target_schedule", "bank_schedule"):
+            name = getattr(self, key)
+            _check(
+                name in SCHEDULES or ":" in name,
+                f"objective.{key}={name!r} is unknown; valid: {sorted(SCHEDULES)} or 'package.module:function'",
+            )
 
 
 @dataclass
@@ -220,11 +228,6 @@ class ExperimentConfig:
         _check(
             self.objective.bank_share == 0.0 or bool(self.bank.path),
             "objective.bank_share > 0 but bank.path is empty: set bank.path or objective.bank_share=0",
-        )
-        bank_count = int(self.objective.bank_share * self.train.batch_size)
-        _check(
-            self.train.batch_size - bank_count > 0,
-            f"train.batch_size={self.train.batch_size} leaves no target sample after the bank share",
         )
 
     @property

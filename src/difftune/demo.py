@@ -26,10 +26,22 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from difftune.backbones import load_pretrained
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
-from difftune.config import BankConfig, DataConfig, ExperimentConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from difftune.config import (
+    BankConfig,
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    TrainConfig,
+)
 from difftune.data import few_shot_indices, load_digits_split
 from difftune.images import save_grid
-from difftune.metrics import DigitFeatureExtractor, compute_feature_stats, fid_from_stats, train_digit_classifier
+from difftune.metrics import (
+    DigitFeatureExtractor,
+    compute_feature_stats,
+    fid_from_stats,
+    train_digit_classifier,
+)
 from difftune.metrics.fid import FeatureStats
 from difftune.sampling import build_scheduler, generate, to_unit_range
 from difftune.trainer import Trainer, list_checkpoints
@@ -60,6 +72,7 @@ class DemoSettings:
     eval_per_class: int = 100
     sample_steps: int = 25
     guidance_scale: float = 1.5
+    classifier_steps: int = 1500
     methods: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "plain": {"target_schedule": "uniform", "bank_share": 0.0},
@@ -143,7 +156,9 @@ class _Evaluator:
         held_out = held_out[torch.randperm(held_out.numel(), generator=torch.Generator().manual_seed(s.seed))]
         reference_idx, classifier_target_idx = held_out[: held_out.numel() // 2], held_out[held_out.numel() // 2 :]
         classifier_idx = torch.cat([(~is_target).nonzero().flatten(), classifier_target_idx])
-        classifier = train_digit_classifier(images[classifier_idx], digits[classifier_idx], seed=s.seed)
+        classifier = train_digit_classifier(
+            images[classifier_idx], digits[classifier_idx], steps=s.classifier_steps, seed=s.seed
+        )
         extractor = DigitFeatureExtractor(classifier)
         return cls(extractor, compute_feature_stats(images[reference_idx], extractor), s)
 
@@ -247,7 +262,9 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             curve.append({"step": int(ckpt.name.split("-")[1]), "fid": evaluator.fid(evaluator.samples(model))})
         final = load_pretrained(str(run / "final"), subfolder="ema/transformer")
         images = evaluator.samples(final)
-        save_grid(images[:: s.eval_per_class // 10], s.out / f"samples_{name}.png", nrow=10, upscale=4)
+        per_row = min(10, s.eval_per_class)
+        grid = images.view(len(TARGET_CLASSES), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(0, 1)
+        save_grid(grid, s.out / f"samples_{name}.png", nrow=per_row, upscale=4)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         results[name] = {
             "fid": evaluator.fid(images),

@@ -42,8 +42,12 @@ class LatentStore:
         self.root = Path(root)
 
     @classmethod
-    def create(cls, root: str | os.PathLike, manifest: dict[str, Any]) -> LatentStore:
+    def create(
+        cls, root: str | os.PathLike, manifest: dict[str, Any], informational: tuple[str, ...] = ()
+    ) -> LatentStore:
         """Create the store, or reopen it if its manifest equals ``manifest`` (to resume).
+
+        Keys in ``informational`` (e.g. where the model was loaded from) may differ on reopening.
 
         Raises:
             ValueError: the directory holds a store made with a different manifest.
@@ -53,7 +57,8 @@ class LatentStore:
         path = store.root / MANIFEST
         if path.is_file():
             old = store.manifest
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            keys = (set(old) | set(manifest)) - set(informational)
+            diff = sorted(k for k in keys if old.get(k) != manifest.get(k))
             if diff:
                 key = diff[0]
                 raise ValueError(

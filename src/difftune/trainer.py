@@ -190,8 +190,7 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
-            if resume is None:
-                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            self._truncate_history(after_step=self.state.step)
         acc.init_trackers("difftune", config=_flat_config(cfg))
         log = _LogAccumulator(self.noise_scheduler.config.num_train_timesteps)
         bar = tqdm(
@@ -243,6 +242,13 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
+
+    def _truncate_history(self, after_step: int) -> None:
+        """Drop logged lines past ``after_step`` (all of them for a fresh run): a resumed run re-logs them."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _append_history(self, step: int, scalars: dict[str, float]) -> None:
         """Append the logged scalars to ``<output_dir>/metrics.jsonl`` (one JSON object per log)."""

@@ -32,7 +32,7 @@ class LatentCodec:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentCodec:
         """Move the VAE (if any) to ``device``."""
         if self.vae is not None:
-            self.vae.to(device=device, dtype=dtype)
+            self.vae.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
         return self
 
     @torch.no_grad()

@@ -112,7 +112,7 @@ def load_pretrained(
     sub = _resolve_subfolder(pretrained, subfolder, components)
     try:
         config = DiTTransformer2DModel.load_config(pretrained, subfolder=sub, revision=revision)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         raise FileNotFoundError(f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}") from None
     class_name = config.get("_class_name", "")
     if class_name not in BACKBONES:

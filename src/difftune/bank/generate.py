@@ -71,7 +71,8 @@ def generate_bank(
     device = device or state.device
     manifest = bank_manifest(loaded, cfg)
     if state.is_main_process:
-        LatentStore.create(cfg.path, manifest)
+        # the weights' fingerprint identifies the model; its path may change between runs
+        LatentStore.create(cfg.path, manifest, informational=("source", "vae"))
     state.wait_for_everyone()
     store = LatentStore(cfg.path)
     backbone = loaded.backbone.to(device).eval()
