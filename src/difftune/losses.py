@@ -144,7 +144,9 @@ class DiffTuningLoss:
             target = x0
         raw = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (N,)
         if out.shape[1] == 2 * C and self.learn_variance:
-            abar = self.abar.to(device)[t].view(-1, *([1] * (x0.ndim - 1)))
+            if self.abar.device != device:
+                self.abar = self.abar.to(device)
+            abar = self.abar[t].view(-1, *([1] * (x0.ndim - 1)))
             pred_x0 = self._x0_from_output(pred.detach().float(), x_t.float(), abar)
             raw = raw + self.vb(x0, x_t, t, pred_x0, out[:, C:])
         loss = raw
@@ -159,8 +161,9 @@ class DiffTuningLoss:
         ``n_target`` and ``n_bank`` are the global counts, so that sums over processes and
         accumulation micro-steps add up to the global means exactly.
         """
-        target_sum = terms.loss[~terms.is_bank].sum()
-        total = target_sum / max(n_target, 1)
+        zero = torch.zeros_like(terms.loss)
+        # torch.where, not boolean indexing: no host synchronisation between forward and backward
+        total = torch.where(terms.is_bank, zero, terms.loss).sum() / max(n_target, 1)
         if n_bank > 0:
-            total = total + self.bank_weight * terms.loss[terms.is_bank].sum() / n_bank
+            total = total + self.bank_weight * torch.where(terms.is_bank, terms.loss, zero).sum() / n_bank
         return total

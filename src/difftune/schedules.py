@@ -49,6 +49,7 @@ class TimestepSchedule:
         self.name = name
         self.num_timesteps = num_timesteps
         self._probs = raw / raw.sum()  # (T,) float64
+        self._weights_on: dict[torch.device, torch.Tensor] = {}  # float32 weight tables per device
 
     def probs(self) -> torch.Tensor:
         """p(t), shape (T,), float64, sums to 1."""
@@ -66,7 +67,10 @@ class TimestepSchedule:
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """``T * p(t)`` for each timestep in ``t`` (any shape), float32, on ``t``'s device."""
-        return self.weights().to(device=t.device, dtype=torch.float32)[t.long()]
+        table = self._weights_on.get(t.device)
+        if table is None:
+            table = self._weights_on[t.device] = self.weights().to(device=t.device, dtype=torch.float32)
+        return table[t.long()]
 
     def __repr__(self) -> str:
         return f"TimestepSchedule({self.name!r}, T={self.num_timesteps})"

@@ -178,7 +178,9 @@ class Trainer:
         self.ema = None
         if tc.ema_decay > 0:
             # constant decay from the first step, as DiT: min_decay = decay, update_after_step = -1
-            self.ema = EMAModel(params, decay=tc.ema_decay, min_decay=tc.ema_decay, update_after_step=-1)
+            self.ema = EMAModel(
+                params, decay=tc.ema_decay, min_decay=tc.ema_decay, update_after_step=-1, foreach=True
+            )
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.state)
         model, optimizer = acc.prepare(self.backbone, optimizer)
@@ -193,9 +195,9 @@ class Trainer:
             self._truncate_history(after_step=self.state.step)
         acc.init_trackers("difftune", config=_flat_config(cfg))
         log = _LogAccumulator(self.noise_scheduler.config.num_train_timesteps)
-        bar = tqdm(
-            total=tc.max_steps, initial=self.state.step, desc="train", disable=not acc.is_local_main_process
-        )
+        # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
+        quiet = {} if acc.is_local_main_process else {"disable": True}
+        bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
         chunks = acc.num_processes * tc.gradient_accumulation
         model.train()
         while self.state.step < tc.max_steps:
@@ -304,27 +306,29 @@ class Trainer:
 
 
 class _LogAccumulator:
-    """Sums of losses since the last log: weighted totals, and raw loss per stream and quarter of t."""
+    """Sums of losses since the last log: weighted totals, and raw loss per stream and quarter of t.
+
+    The sums stay on the loss's device and reach the host only in :meth:`flush`, so logging adds
+    no host synchronisation to a training step.
+    """
 
     def __init__(self, num_timesteps: int) -> None:
         self.T = num_timesteps
-        self.weighted = torch.zeros(2, dtype=torch.float64)  # target, bank
-        self.quarters = torch.zeros(2, 4, 2, dtype=torch.float64)  # stream, quarter, (sum, count)
+        self.sums = torch.zeros(2 + 2 * 4 * 2, dtype=torch.float64)  # weighted (2), then (stream, quarter, sum|count)
         self.steps = 0
 
     def add(self, terms: LossTerms) -> None:
-        bank = terms.is_bank.cpu()
-        loss, raw = terms.loss.detach().double().cpu(), terms.raw.double().cpu()
-        quarter = (terms.t.cpu() * 4 // self.T).clamp(max=3)
-        for stream in (0, 1):
-            mask = bank == bool(stream)
-            self.weighted[stream] += loss[mask].sum()
-            self.quarters[stream, :, 0].index_add_(0, quarter[mask], raw[mask])
-            self.quarters[stream, :, 1].index_add_(0, quarter[mask], torch.ones_like(raw[mask]))
+        self.sums = self.sums.to(terms.loss.device)
+        stream = terms.is_bank.long()  # 0 target, 1 bank
+        quarter = (terms.t * 4 // self.T).clamp(max=3)
+        cell = 2 + (stream * 4 + quarter) * 2
+        self.sums.index_add_(0, stream, terms.loss.detach().double())
+        self.sums.index_add_(0, cell, terms.raw.double())
+        self.sums.index_add_(0, cell + 1, torch.ones_like(terms.raw, dtype=torch.float64))
 
     def flush(self, acc: Accelerator, n_target: int, n_bank: int, bank_weight: float) -> dict[str, float]:
-        local = torch.cat([self.weighted, self.quarters.flatten()]).to(acc.device)
-        total = acc.reduce(local, reduction="sum").cpu() if acc.num_processes > 1 else local.cpu()
+        total = acc.reduce(self.sums, reduction="sum") if acc.num_processes > 1 else self.sums
+        total = total.cpu()
         weighted, quarters = total[:2], total[2:].view(2, 4, 2)
         steps = max(self.steps, 1)
         target = float(weighted[0]) / (n_target * steps)
@@ -336,8 +340,7 @@ class _LogAccumulator:
             for q in range(4):
                 if quarters[s, q, 1] > 0:
                     out[f"loss_by_t/{name}_q{q + 1}"] = float(quarters[s, q, 0] / quarters[s, q, 1])
-        self.weighted.zero_()
-        self.quarters.zero_()
+        self.sums = torch.zeros_like(self.sums)
         self.steps = 0
         return out
 

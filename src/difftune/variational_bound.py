@@ -16,7 +16,7 @@ import torch
 
 def _gather(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """table[t] reshaped to (N, 1, ..., 1) for broadcasting against an ndim tensor."""
-    return table.to(t.device)[t].view(-1, *([1] * (ndim - 1)))
+    return table[t].view(-1, *([1] * (ndim - 1)))
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
@@ -60,6 +60,12 @@ class VariationalBound:
         self.coef_x0 = (betas * abar_prev.sqrt() / (1.0 - abar)).float()
         self.coef_xt = ((1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)).float()
 
+    def to(self, device: torch.device | str) -> VariationalBound:
+        """Move the tables to ``device`` (once, rather than at every call)."""
+        for name in ("posterior_logvar", "log_betas", "coef_x0", "coef_xt"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def __call__(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor, var_values: torch.Tensor
     ) -> torch.Tensor:
@@ -73,6 +79,8 @@ class VariationalBound:
             var_values: the model's variance channels in [-1, 1] (N, C, H, W).
         """
         nd = x0.ndim
+        if self.log_betas.device != t.device:
+            self.to(t.device)
         coef_x0, coef_xt = _gather(self.coef_x0, t, nd), _gather(self.coef_xt, t, nd)
         min_log = _gather(self.posterior_logvar, t, nd)
         max_log = _gather(self.log_betas, t, nd)
