@@ -9,6 +9,15 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_dit(in_channels: int = 1, sample_size: int = 8, num_classes: int = 5, learn_sigma: bool = True, seed: int = 0):
     """A 2-layer DiT with patch size 2 (a few thousand parameters)."""
     torch.manual_seed(seed)

@@ -14,15 +14,6 @@ from conftest import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 from difftune.backbones import LatentCodec, load_pretrained, model_fingerprint, save_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def assert_state_equal(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
     """Same keys and bit-identical tensors."""
     sa = a if isinstance(a, dict) else a.state_dict()

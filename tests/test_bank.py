@@ -39,15 +39,6 @@ def assert_banks_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], e
         torch.testing.assert_close(a["samples"], b["samples"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def loaded(dit_dir: Path) -> LoadedModel:
     return load_pretrained(str(dit_dir))

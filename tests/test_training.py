@@ -27,15 +27,6 @@ TESTS = Path(__file__).resolve().parent
 LR = 1e-4  # the default learning rate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def overrides(pretrained: Path, out: Path, bank: Path | None, *extra: str) -> list[str]:
     """The test recipe: 5 digit classes x 4 images, batch 10 (2 from the bank when ``bank`` is given)."""
     items = [

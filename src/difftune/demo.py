@@ -237,8 +237,11 @@ def _report(results: dict[str, dict[str, Any]], s: DemoSettings, seconds: float)
     for name, r in results.items():
         best = min((p["fid"] for p in r.get("fid_curve", [])), default=r["fid"])
         lines.append(f"| {name} | {r['fid']:.2f} | {best:.2f} |")
+    if "plain" in results and "diff-tuning" in results:
+        change = 100.0 * (results["diff-tuning"]["fid"] - results["plain"]["fid"]) / results["plain"]["fid"]
+        lines += ["", f"Diff-Tuning vs plain fine-tuning: {change:+.1f}% FID (negative = Diff-Tuning better)."]
     lines += ["", f"Total time: {seconds:.0f} s. Lower FID is better.", "", "![curves](curves.png)", ""]
-    lines += [f"![{name}](samples_{name}.png)" for name in results]
+    lines += [f"![{name}](samples_{name}.png)" for name, r in results.items() if "fid_curve" in r]
     return "\n".join(lines) + "\n"
 
 
