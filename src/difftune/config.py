@@ -62,6 +62,7 @@ class DataConfig:
         per_class: keep at most this many images per class (few-shot); ``None`` keeps all.
         resolution: images are resized and centre-cropped to this size; ``None`` = model's size.
         cache_dir: where encoded latents are cached; default ``<output_dir>/target_cache``.
+        hflip: also cache every image mirrored (DiT's random horizontal flip augmentation).
         seed: seed of the few-shot subset selection.
     """
 
@@ -71,6 +72,7 @@ class DataConfig:
     per_class: int | None = None
     resolution: int | None = None
     cache_dir: str | None = None
+    hflip: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -11,6 +11,9 @@ draws ``mean + std * noise`` afresh, as DiT's training does with ``latent_dist.s
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +32,31 @@ CACHE_FORMAT = 1
 
 @dataclass
 class TargetImages:
-    """A labelled image set in [-1, 1].
+    """A labelled image set, loaded lazily in chunks (a real dataset does not fit in memory as floats).
 
     Attributes:
-        images: (N, C, H, W) float32 in [-1, 1].
         labels: (N,) int64 in 0..K-1.
         class_names: K names.
         identity: a string that changes when the data changes (for the cache).
+        loader: ``indices (n,) -> images (n, C, H, W)`` float32 in [-1, 1].
     """
 
-    images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     identity: str
+    loader: Callable[[torch.Tensor], torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def load(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] for ``indices``."""
+        return self.loader(indices)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images at once (N, C, H, W); for small sets."""
+        return self.load(torch.arange(len(self)))
 
 
 def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +110,7 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
             images = torch.nn.functional.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
             images = images.expand(-1, channels, -1, -1).contiguous()
         identity = f"digits:{classes}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
-        return TargetImages(images, labels, [str(c) for c in classes], identity)
+        return TargetImages(labels, [str(c) for c in classes], identity, lambda idx: images[idx])
 
     root = Path(cfg.path or "")
     if not root.is_dir():
@@ -117,9 +132,14 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
     for f in files:
         stat = f.stat()
         digest.update(f"{f.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    images = torch.stack([_load_image(f, resolution, channels) for f in tqdm(files, desc="loading images", leave=False)])
     identity = f"folder:{root.resolve()}:{digest.hexdigest()[:16]}:{resolution}:{channels}"
-    return TargetImages(images, label_tensor[keep], [p.name for p in class_dirs], identity)
+
+    def load(indices: torch.Tensor) -> torch.Tensor:
+        # PIL decodes outside the GIL for the most part: threads give a real speed-up
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return torch.stack(list(pool.map(lambda i: _load_image(files[i], resolution, channels), indices.tolist())))
+
+    return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
 
 
 def encode_and_cache(
@@ -127,36 +147,51 @@ def encode_and_cache(
     codec: LatentCodec,
     cache_dir: str | Path,
     codec_identity: str,
+    hflip: bool = False,
     batch_size: int = 32,
+    shard_size: int = 4096,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Encode target images once into the diffusion space and cache them; reuse a matching cache.
 
+    Images are loaded and encoded one chunk at a time and written in shards, so an interrupted
+    encoding resumes where it stopped. With ``hflip`` every image is cached a second time, mirrored
+    (DiT's random horizontal flip, done once instead of at every step).
+
     Returns:
-        ``{"samples": posterior mean (N, C, h, w), "std": posterior std (N, C, h, w), "labels": (N,)}``.
+        ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w), "labels": (M,)}``
+        with M = N, or 2N with ``hflip``.
     """
+    n = len(target)
     manifest = {
         "kind": "target",
         "format": CACHE_FORMAT,
         "data": target.identity,
         "codec": codec_identity,
-        "num_samples": int(target.images.shape[0]),
-        "num_shards": 1,
+        "hflip": hflip,
+        "num_samples": n,
+        "shard_size": shard_size,
+        "num_shards": -(-n // shard_size),
     }
     cache_dir = Path(cache_dir)
     store = LatentStore(cache_dir)
-    if cache_dir.joinpath("manifest.json").is_file() and store.manifest == manifest and not store.missing_shards():
-        return store.load()
-    if cache_dir.exists():
+    if cache_dir.joinpath("manifest.json").is_file() and store.manifest != manifest:
         for old in cache_dir.glob("*"):
-            old.unlink()
+            old.unlink()  # a stale cache of other data or another encoder
     store = LatentStore.create(cache_dir, manifest)
-    codec.to(device)
-    means, stds = [], []
-    for chunk in tqdm(target.images.split(batch_size), desc="encoding target", leave=False, disable=not codec.is_latent):
-        mean, std = codec.encode(chunk.to(device))
-        means.append(mean.cpu())
-        stds.append(std.cpu())
-    tensors = {"samples": torch.cat(means), "std": torch.cat(stds), "labels": target.labels}
-    store.write_shard(0, tensors)
-    return tensors
+    missing = store.missing_shards()
+    if missing:
+        codec.to(device)
+    for shard in tqdm(missing, desc="encoding target", leave=False, disable=not missing):
+        indices = torch.arange(shard * shard_size, min((shard + 1) * shard_size, n))
+        parts: dict[str, list[torch.Tensor]] = {"samples": [], "std": [], "labels": []}
+        variants = (False, True) if hflip else (False,)
+        for chunk in indices.split(batch_size):
+            images = target.load(chunk)
+            for flipped in variants:
+                mean, std = codec.encode((images.flip(-1) if flipped else images).to(device))
+                parts["samples"].append(mean.cpu())
+                parts["std"].append(std.cpu())
+                parts["labels"].append(target.labels[chunk])
+        store.write_shard(shard, {key: torch.cat(values) for key, values in parts.items()})
+    return store.load()

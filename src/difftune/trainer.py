@@ -141,7 +141,7 @@ class Trainer:
             images = load_target_images(cfg.data, resolution, channels)
             self.backbone.check_target_classes(len(images.class_names))
             codec_id = f"{self.loaded.vae_source}:{resolution}" if codec.is_latent else "pixel"
-            self.target = encode_and_cache(images, codec, cache_dir, codec_id, device=acc.device)
+            self.target = encode_and_cache(images, codec, cache_dir, codec_id, cfg.data.hflip, device=acc.device)
         if tuple(self.target["samples"].shape[1:]) != self.backbone.sample_shape:
             raise ValueError(
                 f"target data encodes to {tuple(self.target['samples'].shape[1:])} but the model expects "
