@@ -346,3 +346,13 @@ def test_console_script_help() -> None:
     assert result.stdout.startswith("usage: difftune")
     for command in ("train", "bank", "sample", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bank").mkdir()
+    (tmp_path / "bank" / "manifest.json").write_text("{}")
+    sets = ["--set", f"data.path={tmp_path}", "--set", f"bank.path={tmp_path / 'bank'}"]
+    assert main(["train", "--config", str(config), "--dry-run", *sets]) == 0
+    assert "target" in capsys.readouterr().out
+    assert main(["bank", "--config", str(config), "--dry-run", *sets]) == 0
