@@ -57,6 +57,9 @@ class DemoSettings:
     out: Path = Path("demo_out")
     cache_dir: Path | None = None
     seed: int = 0
+    source_seed: int | None = None  # seed of the source model's pre-training; None = ``seed``
+    source_classes: list[int] = field(default_factory=lambda: list(SOURCE_CLASSES))
+    target_classes: list[int] = field(default_factory=lambda: list(TARGET_CLASSES))
     per_class: int = 20
     model_width: int = 32  # attention head dim (4 heads)
     model_layers: int = 4
@@ -82,8 +85,13 @@ class DemoSettings:
 
     def source_key(self) -> str:
         """Cache key of the pre-trained source model (changes with anything that changes it)."""
-        fields = (self.seed, self.model_width, self.model_layers, self.pretrain_steps, self.pretrain_batch, self.pretrain_lr)
-        return hashlib.sha256(repr(("v1", fields)).encode()).hexdigest()[:12]
+        fields = (self.pretrain_seed, tuple(self.source_classes), self.model_width, self.model_layers, self.pretrain_steps, self.pretrain_batch, self.pretrain_lr)
+        return hashlib.sha256(repr(("v2", fields)).encode()).hexdigest()[:12]
+
+    @property
+    def pretrain_seed(self) -> int:
+        """Seed of the source model's pre-training."""
+        return self.seed if self.source_seed is None else self.source_seed
 
     def resolved_cache(self) -> Path:
         """The cache directory (default ``$XDG_CACHE_HOME/difftune`` or ``~/.cache/difftune``)."""
@@ -94,10 +102,10 @@ class DemoSettings:
     def describe(self) -> str:
         """A human-readable plan."""
         return (
-            f"pre-train a DiT (4 heads x {self.model_width}, {self.model_layers} layers) on digits {SOURCE_CLASSES} "
+            f"pre-train a DiT (4 heads x {self.model_width}, {self.model_layers} layers) on digits {self.source_classes} "
             f"for {self.pretrain_steps} steps (cached in {self.resolved_cache() / ('demo-source-' + self.source_key())}); "
             f"bank of {self.bank_samples} samples; fine-tune on {self.per_class} images per class of digits "
-            f"{TARGET_CLASSES} for {self.finetune_steps} steps, batch {self.finetune_batch}, with methods "
+            f"{self.target_classes} for {self.finetune_steps} steps, batch {self.finetune_batch}, with methods "
             f"{list(self.methods)}; FID every {self.eval_every} steps on {self.eval_per_class} samples per class; "
             f"outputs in {self.out}"
         )
@@ -114,25 +122,25 @@ def _pretrain_source(s: DemoSettings) -> Path:
     if (final / "ema" / "transformer" / "config.json").is_file():
         return final
     init = root / "init"
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.pretrain_seed)
     model = DiTTransformer2DModel(
         num_attention_heads=4, attention_head_dim=s.model_width, in_channels=1, out_channels=2,
-        num_layers=s.model_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=len(SOURCE_CLASSES),
+        num_layers=s.model_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=len(s.source_classes),
         norm_num_groups=1,
     )
     model.save_pretrained(init / "transformer")
     DDPMScheduler().save_pretrained(init / "scheduler")
     cfg = ExperimentConfig(
         model=ModelConfig(pretrained=str(init)),
-        data=DataConfig(source="digits", classes=SOURCE_CLASSES, seed=s.seed),
+        data=DataConfig(source="digits", classes=s.source_classes, seed=s.pretrain_seed),
         objective=_objective({"target_schedule": "uniform", "bank_share": 0.0}),
         train=TrainConfig(
             output_dir=str(root / "run"), batch_size=s.pretrain_batch, max_steps=s.pretrain_steps,
             learning_rate=s.pretrain_lr, ema_decay=0.999, checkpoint_every=0, keep_checkpoints=1,
-            log_every=100, seed=s.seed,
+            log_every=100, seed=s.pretrain_seed,
         ),
     )
-    print(f"[demo] pre-training the source model on digits {SOURCE_CLASSES} (cached for next time)")
+    print(f"[demo] pre-training the source model on digits {s.source_classes} (cached for next time)")
     return Trainer(cfg).train()
 
 
@@ -148,10 +156,12 @@ class _Evaluator:
     def build(cls, s: DemoSettings) -> _Evaluator:
         images, digits = load_digits_split()
         images = (images + 1) / 2  # [0, 1]
-        is_target = torch.isin(digits, torch.tensor(TARGET_CLASSES))
+        target_classes = torch.tensor(sorted(s.target_classes))
+        is_target = torch.isin(digits, target_classes)
         target_idx = is_target.nonzero().flatten()
-        # the same few-shot selection as training (labels re-indexed 0..4, same seed)
-        train_idx = target_idx[few_shot_indices(digits[target_idx] - TARGET_CLASSES[0], s.per_class, s.seed)]
+        # the same few-shot selection as training (labels re-indexed 0..K-1, same seed)
+        reindexed = torch.searchsorted(target_classes, digits[target_idx])
+        train_idx = target_idx[few_shot_indices(reindexed, s.per_class, s.seed)]
         held_out = target_idx[~torch.isin(target_idx, train_idx)]
         held_out = held_out[torch.randperm(held_out.numel(), generator=torch.Generator().manual_seed(s.seed))]
         reference_idx, classifier_target_idx = held_out[: held_out.numel() // 2], held_out[held_out.numel() // 2 :]
@@ -165,7 +175,7 @@ class _Evaluator:
     def samples(self, loaded: LoadedModel) -> torch.Tensor:
         """``eval_per_class`` samples per target class in [0, 1], fixed seeds."""
         s, backbone = self.settings, loaded.backbone.eval()
-        labels = torch.arange(len(TARGET_CLASSES)).repeat_interleave(s.eval_per_class)
+        labels = torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class)
         scheduler = build_scheduler("DPMSolverMultistepScheduler", loaded.scheduler_config)
         x = generate(
             backbone, scheduler, labels, list(range(10_000, 10_000 + labels.numel())), backbone.sample_shape,
@@ -180,7 +190,7 @@ class _Evaluator:
 def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
     cfg = ExperimentConfig(
         model=ModelConfig(pretrained=str(source), subfolder="ema/transformer"),
-        data=DataConfig(source="digits", classes=TARGET_CLASSES, per_class=s.per_class, seed=s.seed),
+        data=DataConfig(source="digits", classes=s.target_classes, per_class=s.per_class, seed=s.seed),
         bank=BankConfig(path=str(bank), num_samples=s.bank_samples),
         objective=_objective(s.methods[name]),
         train=TrainConfig(
@@ -251,7 +261,7 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     s.out.mkdir(parents=True, exist_ok=True)
     source = _pretrain_source(s)
     source_model = load_pretrained(str(source), subfolder="ema/transformer")
-    bank = s.resolved_cache() / f"demo-source-{s.source_key()}" / f"bank-{s.bank_samples}"
+    bank = s.resolved_cache() / f"demo-source-{s.source_key()}" / f"bank-{s.bank_samples}-seed{s.seed}"
     print(f"[demo] knowledge bank: {s.bank_samples} samples of the source model")
     generate_bank(source_model, BankConfig(path=str(bank), num_samples=s.bank_samples, seed=s.seed))
     print("[demo] training the evaluation classifier on held-out digits")
@@ -264,7 +274,7 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             images = evaluator.samples(load_pretrained(str(ckpt / "model"), subfolder="ema/transformer"))
             curve.append({"step": int(ckpt.name.split("-")[1]), "fid": evaluator.fid(images)})
         per_row = min(10, s.eval_per_class)
-        grid = images.view(len(TARGET_CLASSES), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(0, 1)
+        grid = images.view(len(s.target_classes), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(0, 1)
         save_grid(grid, s.out / f"samples_{name}.png", nrow=per_row, upscale=4)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         results[name] = {

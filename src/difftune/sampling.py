@@ -84,7 +84,9 @@ def generate(
         guidance_scale: classifier-free guidance scale on the epsilon-like channels (1 = off).
         num_inference_steps: sampling steps.
         device: where to run.
-        handover: optional second denoiser used for the last ``handover_fraction`` of the steps.
+        handover: optional second denoiser used for the last ``handover_fraction`` of the steps (the
+            chain-of-forgetting probe). It gets the null label, without guidance: a pre-trained model
+            does not know the target's classes.
         handover_fraction: fraction of the steps, at the low-noise end, given to ``handover``.
 
     Returns:
@@ -99,18 +101,21 @@ def generate(
     x = x * scheduler.init_noise_sigma
     C, n = sample_shape[0], labels.shape[0]
     use_cfg = guidance_scale != 1.0
-    cond_labels = torch.cat([labels, torch.full_like(labels, null_label)]) if use_cfg else labels
+    null_labels = torch.full_like(labels, null_label)
+    cond_labels = torch.cat([labels, null_labels])
     switch_at = round((1.0 - handover_fraction) * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
-        model = handover if (handover is not None and i >= switch_at) else denoiser
         x_in = scheduler.scale_model_input(x, t)
-        x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
-        out = model(x_in, _model_input_timestep(t, x_in.shape[0], x.device), cond_labels)[:, :C].float()
-        if use_cfg:
-            cond, uncond = out.chunk(2)
+        if handover is not None and i >= switch_at:
+            out = handover(x_in, _model_input_timestep(t, n, x.device), null_labels)[:, :C].float()
+        elif use_cfg:
+            out = denoiser(torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), cond_labels)
+            cond, uncond = out[:, :C].float().chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
+        else:
+            out = denoiser(x_in, _model_input_timestep(t, n, x.device), labels)[:, :C].float()
         x = scheduler.step(out, t, x, generator=generators if _accepts_generator(scheduler) else None).prev_sample
-    return x[:n]
+    return x
 
 
 def _accepts_generator(scheduler: SchedulerMixin) -> bool:
