@@ -69,3 +69,21 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_readme_demo_command_runs_the_demo() -> None:
     command = _readme_block_after("Run the built-in demo")
     assert "pip install torch==2.13.0" in command and command.endswith("difftune demo --out demo_out")
+
+
+def test_demo_forgetting_probes(tmp_path: Path) -> None:
+    settings = _tiny_settings(tmp_path)
+    settings.methods = {"plain": {"target_schedule": "uniform", "bank_share": 0.0}}
+    settings.forgetting_method = "plain"
+    settings.forgetting_fractions = [0.0, 0.5, 1.0]
+    results = run_demo(settings)
+    swap = json.loads((settings.out / "forgetting_swap.json").read_text())
+    assert [r["fraction"] for r in swap["rows"]] == [0.0, 0.5, 1.0]
+    # f = 0 never hands over: the same samples as the plain model's final evaluation
+    assert swap["rows"][0]["fid"] == pytest.approx(results["plain"]["fid"], rel=1e-6)
+    assert -1.0 <= swap["spearman_fid"] <= 1.0
+    gap = json.loads((settings.out / "forgetting_gap.json").read_text())
+    assert len(gap["rows"]) == 10 and gap["rows"][0]["t_low"] == 0 and gap["rows"][-1]["t_high"] == 999
+    for row in gap["rows"]:
+        assert row["gap"] == pytest.approx(row["pretrained"] - row["finetuned"])
+    assert (settings.out / "forgetting_swap.png").is_file() and (settings.out / "forgetting_gap.png").is_file()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
+from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
 from difftune.backbones import load_pretrained
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
@@ -76,6 +77,8 @@ class DemoSettings:
     sample_steps: int = 25
     guidance_scale: float = 1.5
     classifier_steps: int = 1500
+    forgetting_method: str | None = None  # run the chain-of-forgetting probes on this method's model
+    forgetting_fractions: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     methods: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "plain": {"target_schedule": "uniform", "bank_share": 0.0},
@@ -151,6 +154,8 @@ class _Evaluator:
     extractor: DigitFeatureExtractor
     reference: FeatureStats
     settings: DemoSettings
+    reference_images: torch.Tensor  # (M, 1, 8, 8) in [0, 1], held-out target digits
+    reference_labels: torch.Tensor  # (M,) target labels 0..K-1
 
     @classmethod
     def build(cls, s: DemoSettings) -> _Evaluator:
@@ -170,7 +175,9 @@ class _Evaluator:
             images[classifier_idx], digits[classifier_idx], steps=s.classifier_steps, seed=s.seed
         )
         extractor = DigitFeatureExtractor(classifier)
-        return cls(extractor, compute_feature_stats(images[reference_idx], extractor), s)
+        reference = images[reference_idx]
+        labels = torch.searchsorted(target_classes, digits[reference_idx])
+        return cls(extractor, compute_feature_stats(reference, extractor), s, reference, labels)
 
     def samples(self, loaded: LoadedModel) -> torch.Tensor:
         """``eval_per_class`` samples per target class in [0, 1], fixed seeds."""
@@ -235,6 +242,29 @@ def _plot(results: dict[str, dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def _forgetting_probes(s: DemoSettings, evaluator: _Evaluator, final: LoadedModel, source: LoadedModel) -> None:
+    """Swap probe (FID per hand-over fraction) and transfer-gap curve; JSON + PNG in ``s.out``."""
+    print(f"[demo] chain-of-forgetting probes on the {s.forgetting_method} model")
+    labels = torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class)
+    swap = swap_probe(
+        final.backbone.eval(), source.backbone.eval(), build_scheduler("DPMSolverMultistepScheduler", final.scheduler_config),
+        labels, list(range(10_000, 10_000 + labels.numel())), lambda x: evaluator.fid(to_unit_range(x)),
+        s.forgetting_fractions, s.guidance_scale, s.sample_steps,
+    )
+    save_probe(
+        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap], "fraction", ["fid"],
+        s.out / "forgetting_swap.json", "pre-trained model takes the last fraction f", "hand-over fraction f",
+    )
+    gap = transfer_gap(
+        final.backbone, source.backbone, final.scheduler_config, evaluator.reference_images * 2 - 1,
+        evaluator.reference_labels, num_bins=10, draws_per_bin=4, seed=s.seed,
+    )
+    save_probe(
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap"],
+        s.out / "forgetting_gap.json", "denoising loss on held-out target data", "t",
+    )
+
+
 def _report(results: dict[str, dict[str, Any]], s: DemoSettings, seconds: float) -> str:
     lines = [
         "# difftune demo: plain fine-tuning vs Diff-Tuning on handwritten digits",
@@ -282,6 +312,9 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             "fid_curve": curve,
             "loss_curve": [{"step": h["step"], "loss": _uniform_t_loss(h)} for h in history],
         }
+    if s.forgetting_method is not None:
+        final = load_pretrained(str(s.out / "runs" / s.forgetting_method / "final"), subfolder="ema/transformer")
+        _forgetting_probes(s, evaluator, final, source_model)
     seconds = time.time() - start
     _plot(results, s.out)
     meta = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "seconds": seconds}
