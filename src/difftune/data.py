@@ -182,7 +182,8 @@ def encode_and_cache(
     missing = store.missing_shards()
     if missing:
         codec.to(device)
-    for shard in tqdm(missing, desc="encoding target", leave=False, disable=not missing):
+    quiet = {} if missing else {"disable": True}  # explicit disable only when idle: TQDM_DISABLE still works
+    for shard in tqdm(missing, desc="encoding target", leave=False, **quiet):
         indices = torch.arange(shard * shard_size, min((shard + 1) * shard_size, n))
         parts: dict[str, list[torch.Tensor]] = {"samples": [], "std": [], "labels": []}
         variants = (False, True) if hflip else (False,)
