@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the whole demo")
     p.add_argument("--dry-run", action="store_true", help="print the demo's plan, do nothing")
     p.set_defaults(func=cmd_demo)
+
+    from difftune.evaluation import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -31,3 +31,8 @@ __all__ = [
     "torchmetrics_fid",
     "train_digit_classifier",
 ]
+
+# the FID Inception-v3 extractor (torchmetrics / torch-fidelity), with a local weights path for offline use
+from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor  # noqa: E402
+
+__all__ += ["InceptionFeatureExtractor", "inception_extractor"]

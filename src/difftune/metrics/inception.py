@@ -94,8 +94,8 @@ def inception_extractor(weights_path: str | os.PathLike[str] | None = None, anti
             )
     try:
         import torch_fidelity  # noqa: F401
-    except ImportError:
-        raise ValueError(_INSTALL_HINT) from None
+    except ImportError as err:  # torch-fidelity itself, or one of its imports (torchvision)
+        raise ValueError(f"{_INSTALL_HINT} ({err})") from None
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     where = str(path) if path is not None else "the torch-fidelity download"
