@@ -341,7 +341,7 @@ def test_inception_wrapper_feeds_rounded_uint8_rgb() -> None:
         ("sampling_with_fake", ValueError, "--steps only apply with --checkpoint"),
         ("bad_features", ValueError, "valid: inception, digits:PATH, module:function"),
         ("missing_classifier", FileNotFoundError, "digit classifier"),
-        ("missing_checkpoint", FileNotFoundError, "checkpoint"),
+        ("missing_checkpoint", FileNotFoundError, "does not exist"),
         ("kid_with_stats", ValueError, "need reference images"),
     ],
 )

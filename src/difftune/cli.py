@@ -98,48 +98,32 @@ def cmd_bank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_labels(text: str) -> list[int]:
-    try:
-        labels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        labels = []
-    if not labels:
-        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
-    return labels
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difftune.sampling import scheduler_names
+    from difftune.sampling import parse_labels, scheduler_names
 
-    labels = _parse_labels(args.labels)
+    labels = parse_labels(args.labels)
     if args.per_label < 1 or args.steps < 1:
         raise ValueError("--per-label and --steps must be >= 1")
     if args.scheduler not in scheduler_names():
         raise ValueError(f"--scheduler {args.scheduler!r} is unknown; valid: {', '.join(scheduler_names())}")
     _check_model_readable(args.model)
-    from difftune.backbones import load_pretrained
-
-    subfolder = args.subfolder
-    ema_dir = Path(args.model) / "ema"
-    if subfolder is None and not args.no_ema and ema_dir.is_dir():
-        subfolder = next(f"ema/{p.name}" for p in ema_dir.iterdir() if p.is_dir())
     if args.dry_run:
         total = len(labels) * args.per_label
+        from difftune.backbones.loading import inference_subfolder
+
+        subfolder = inference_subfolder(args.model, args.subfolder, not args.no_ema)
         print(
             f"would sample {total} images (labels {labels} x {args.per_label}) from {args.model}"
-            f"{' [' + subfolder + ']' if subfolder else ''} with {args.scheduler}, {args.steps} steps, "
-            f"guidance {args.guidance_scale:g}, seeds {args.seed}..{args.seed + total - 1} into {args.out}"
+            f"{' [' + subfolder + ']' if subfolder else ''} "
+            f"with {args.scheduler}, {args.steps} steps, guidance {args.guidance_scale:g}, "
+            f"seeds {args.seed}..{args.seed + total - 1} into {args.out}"
         )
         return 0
+    from difftune.backbones import load_trained
     from difftune.sampling import sample_to_folder
 
-    loaded = load_pretrained(args.model, subfolder, args.vae)
-    for label in labels:
-        if not 0 <= label <= loaded.backbone.num_classes:
-            raise ValueError(
-                f"label {label} is out of range: the model has labels 0..{loaded.backbone.num_classes - 1} "
-                f"(and {loaded.backbone.num_classes} = unconditional)"
-            )
+    loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
+    labels = parse_labels(args.labels, loaded.backbone.num_classes)
     path = sample_to_folder(
         loaded, labels, args.per_label, args.out, args.scheduler, args.steps, args.guidance_scale, args.seed,
         args.batch_size,

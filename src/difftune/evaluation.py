@@ -380,32 +380,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any]:
     """The model of ``--checkpoint`` (EMA weights by default), the label of every item, and the scheduler."""
-    from difftune.backbones import load_pretrained
-    from difftune.sampling import build_scheduler
+    from difftune.backbones import load_trained
+    from difftune.sampling import build_scheduler, parse_labels
 
-    path = Path(args.checkpoint)
-    if not path.exists() and (args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.count("/") != 1):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist (give a model directory or hub id)")
-    subfolder = args.subfolder
-    if subfolder is None and not args.no_ema and (path / "ema").is_dir():
-        subfolder = next((f"ema/{p.name}" for p in sorted((path / "ema").iterdir()) if p.is_dir()), None)
-    loaded = load_pretrained(args.checkpoint, subfolder, args.vae)
+    loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
     num_classes = loaded.backbone.num_classes
-    if args.labels is None:
-        labels = list(range(num_classes))
-    else:
-        try:
-            labels = [int(x) for x in args.labels.split(",") if x.strip()]
-        except ValueError:
-            labels = []
-        if not labels:
-            raise ValueError(f"--labels {args.labels!r} must be comma-separated integers, e.g. 0,1,2")
-    for label in labels:
-        if not 0 <= label <= num_classes:
-            raise ValueError(
-                f"label {label} is out of range: the model has labels 0..{num_classes - 1} "
-                f"(and {num_classes} = unconditional)"
-            )
+    labels = list(range(num_classes)) if args.labels is None else parse_labels(args.labels, num_classes)
     scheduler = build_scheduler(args.scheduler, loaded.scheduler_config)
     return loaded, torch.tensor(labels).repeat_interleave(args.num_per_class), scheduler
 

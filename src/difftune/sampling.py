@@ -122,6 +122,28 @@ def _accepts_generator(scheduler: SchedulerMixin) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
+def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
+    """Comma-separated labels -> list; with ``num_classes``, each checked against 0..num_classes
+    (``num_classes`` itself is the unconditional label).
+
+    Raises:
+        ValueError: not integers, empty, or out of range.
+    """
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        labels = []
+    if not labels:
+        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
+    for label in labels:
+        if num_classes is not None and not 0 <= label <= num_classes:
+            raise ValueError(
+                f"label {label} is out of range: the model has labels 0..{num_classes - 1} "
+                f"(and {num_classes} = unconditional)"
+            )
+    return labels
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> [0, 1]."""
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)

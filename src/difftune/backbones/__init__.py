@@ -7,6 +7,7 @@ from difftune.backbones.loading import (
     BACKBONES,
     LoadedModel,
     load_pretrained,
+    load_trained,
     model_fingerprint,
     save_model,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "LoadedModel",
     "UNetBackbone",
     "load_pretrained",
+    "load_trained",
     "model_fingerprint",
     "save_model",
 ]

@@ -146,6 +146,26 @@ def load_pretrained(
     )
 
 
+def load_trained(path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None) -> LoadedModel:
+    """Load a model for inference: EMA weights (``ema/<name>``) when a difftune directory has them.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist.
+    """
+    local = Path(path)
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
+    return load_pretrained(path, inference_subfolder(path, subfolder, use_ema), vae)
+
+
+def inference_subfolder(path: str, subfolder: str | None = None, use_ema: bool = True) -> str | None:
+    """``subfolder`` if given, else ``ema/<name>`` when ``path`` has EMA weights and ``use_ema``, else None."""
+    ema = Path(path) / "ema"
+    if subfolder is None and use_ema and ema.is_dir():
+        subfolder = next((f"ema/{p.name}" for p in sorted(ema.iterdir()) if p.is_dir()), None)
+    return subfolder
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of a model's state dict: names, shapes, dtypes and values."""
     digest = hashlib.sha256()
