@@ -1,4 +1,4 @@
-"""Command-line interface: ``difftune {train,bank,sample,demo}``.
+"""Command-line interface: ``difftune {train,bank,sample,demo,eval,forgetting}``.
 
 Every subcommand takes ``--dry-run``: it validates its inputs, prints what it would do, and exits.
 Errors a user can fix are printed as one line (``difftune: error: ...``) with exit code 2.
@@ -180,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the demo's plan, do nothing")
     p.set_defaults(func=cmd_demo)
 
+    from difftune.analysis.forgetting_cli import add_forgetting_parser
     from difftune.evaluation import add_eval_parser
 
     add_eval_parser(sub)
+    add_forgetting_parser(sub)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""``difftune forgetting``: the chain-of-forgetting probes on any fine-tuned / pre-trained pair.
+
+    difftune forgetting --finetuned runs/x/final --pretrained facebook/DiT-XL-2-256 \\
+        --heldout data/food-101/test --features inception --inception-weights pt_inception.pth --out probes/
+
+``--heldout`` is an image folder with one sub-directory per target class (sorted names give the
+labels, as in training). It is the FID reference of the swap probe and the data of the
+transfer-gap curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"--fractions {text!r} must be comma-separated numbers in [0, 1], e.g. 0,0.5,1")
+    return values
+
+
+def cmd_forgetting(args: argparse.Namespace) -> int:
+    """Run both probes; write ``forgetting_swap.{json,png}`` and ``forgetting_gap.{json,png}``."""
+    from difftune.backbones import load_trained
+    from difftune.config import DataConfig
+    from difftune.data import load_target_images
+    from difftune.evaluation import build_extractor
+    from difftune.metrics import compute_feature_stats, fid_from_stats
+    from difftune.sampling import build_scheduler, to_unit_range
+
+    fractions = _fractions(args.fractions)
+    if not Path(args.heldout).is_dir():
+        raise FileNotFoundError(f"--heldout {args.heldout!r} is not a directory of class sub-folders")
+    if args.dry_run:
+        print(
+            f"would probe {args.finetuned} against {args.pretrained} at fractions {fractions} "
+            f"({args.num_per_class} samples per class, {args.steps} steps) and the transfer gap over "
+            f"{args.gap_bins} bins of t on {args.heldout}; outputs in {args.out}"
+        )
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    finetuned = load_trained(args.finetuned, args.subfolder, not args.no_ema, args.vae)
+    pretrained = load_trained(args.pretrained, args.pretrained_subfolder, True, args.vae)
+    backbone, codec = finetuned.backbone.to(device).eval(), finetuned.codec.to(device)
+    C, H, _ = backbone.sample_shape
+    resolution = args.resolution or (H * 8 if codec.is_latent else H)
+    heldout = load_target_images(
+        DataConfig(source="folder", path=args.heldout), resolution, 3 if codec.is_latent else C
+    )
+    backbone.check_target_classes(len(heldout.class_names))
+    extractor = build_extractor(args.features, args.inception_weights)
+    reference = compute_feature_stats(to_unit_range(heldout.images), extractor, device=device, progress=True)
+
+    def score(x: torch.Tensor) -> float:
+        images = torch.cat([to_unit_range(codec.decode(chunk)) for chunk in x.split(args.batch_size)])
+        return fid_from_stats(reference, compute_feature_stats(images, extractor, device=device))
+
+    labels = torch.arange(len(heldout.class_names)).repeat_interleave(args.num_per_class)
+    seeds = list(range(args.seed, args.seed + labels.numel()))
+    swap = swap_probe(
+        backbone, pretrained.backbone.to(device).eval(), build_scheduler(args.scheduler, finetuned.scheduler_config),
+        labels, seeds, score, fractions, args.guidance_scale, args.steps, device,
+    )
+    out = Path(args.out)
+    save_probe(
+        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap], "fraction", ["fid"],
+        out / "forgetting_swap.json", "pre-trained model takes the last fraction f", "hand-over fraction f",
+    )
+    x0 = torch.cat([codec.encode(chunk.to(device))[0].cpu() for chunk in heldout.images.split(args.batch_size)])
+    gap = transfer_gap(
+        backbone, pretrained.backbone, finetuned.scheduler_config, x0, heldout.labels, args.gap_bins,
+        args.gap_draws, args.seed, args.batch_size, device,
+    )
+    save_probe(
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap"],
+        out / "forgetting_gap.json", "denoising loss on held-out target data", "t",
+    )
+    for r in swap:
+        print(f"f={r['fraction']:.2f}  fid {r['score']:.3f}")
+    print(f"wrote {out / 'forgetting_swap.json'} and {out / 'forgetting_gap.json'} (+ PNGs)")
+    return 0
+
+
+def add_forgetting_parser(subparsers: Any) -> None:
+    """Register ``difftune forgetting``."""
+    p = subparsers.add_parser("forgetting", help="chain-of-forgetting probes: swap FID per hand-over fraction, transfer gap")
+    p.add_argument("--finetuned", required=True, help="fine-tuned model (difftune final/checkpoint dir, EMA by default)")
+    p.add_argument("--pretrained", required=True, help="the pre-trained source model (hub id or directory)")
+    p.add_argument("--heldout", required=True, help="held-out target images, one sub-directory per class")
+    p.add_argument("--subfolder", help="sub-folder of the fine-tuned model (default: EMA weights if present)")
+    p.add_argument("--no-ema", action="store_true", help="use the fine-tuned model's trained weights")
+    p.add_argument("--pretrained-subfolder", help="sub-folder of the pre-trained model")
+    p.add_argument("--vae", help="VAE for latent models (default: the models' own)")
+    p.add_argument("--features", default="inception", help="inception | digits:PATH | module:function")
+    p.add_argument("--inception-weights", help="local FID Inception weights (offline)")
+    p.add_argument("--fractions", default=",".join(str(f) for f in DEFAULT_FRACTIONS), help="hand-over fractions")
+    p.add_argument("--num-per-class", type=int, default=50, help="samples per class for each fraction")
+    p.add_argument("--scheduler", default="DPMSolverMultistepScheduler", help="diffusers scheduler class name")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="guidance of the fine-tuned model")
+    p.add_argument("--gap-bins", type=int, default=10, help="bins of t for the transfer gap")
+    p.add_argument("--gap-draws", type=int, default=4, help="noise draws per sample and bin")
+    p.add_argument("--resolution", type=int, help="image size (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64, help="decode / encode batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; the same for every fraction")
+    p.add_argument("--out", default="forgetting", help="output folder")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
+    p.set_defaults(func=cmd_forgetting)
