@@ -38,7 +38,13 @@ def run_experiment(config: Path, out: Path, cache: Path | None, summarise_only: 
             run_demo(settings)
         if done.is_file():
             per_seed[seed] = json.loads(done.read_text())
-    return {"name": name, "description": spec.get("description", ""), "runs": per_seed, "methods": list(spec["methods"])}
+    return {
+        "name": name,
+        "description": spec.get("description", ""),
+        "runs": per_seed,
+        "methods": list(spec["methods"]),
+        "baseline_from": spec.get("baseline_from"),
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,13 +53,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
     lines = ["# Reproduction study: results", ""]
+    by_name = {exp["name"]: exp for exp in experiments}
     for exp in experiments:
         runs = exp["runs"]
         lines += [f"## {exp['name']}", "", exp["description"], "", f"Seeds finished: {sorted(runs)}", ""]
         if not runs:
             continue
         lines += ["| method | FID mean ± std | per seed | vs plain |", "|---|---|---|---|"]
-        plain = [r["plain"]["fid"] for r in runs.values() if "plain" in r]
+        # the plain baseline: this experiment's, or that of the experiment named by baseline_from
+        base = runs if any("plain" in r for r in runs.values()) else by_name.get(exp["baseline_from"], {}).get("runs", {})
+        plain = [r["plain"]["fid"] for r in base.values() if "plain" in r]
         for method in exp["methods"]:
             fids = [r[method]["fid"] for r in runs.values() if method in r]
             mean, std = _mean_std(fids)
