@@ -348,7 +348,7 @@ def test_console_script_help() -> None:
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bank").mkdir()
     (tmp_path / "bank" / "manifest.json").write_text("{}")
@@ -356,3 +356,26 @@ def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.C
     assert main(["train", "--config", str(config), "--dry-run", *sets]) == 0
     assert "target" in capsys.readouterr().out
     assert main(["bank", "--config", str(config), "--dry-run", *sets]) == 0
+
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+
+@pytest.mark.parametrize("config", sorted(PAPER.glob("dit_xl2_*.yaml")), ids=lambda p: p.name)
+def test_paper_recipes_hold_the_papers_hyper_parameters(config: Path) -> None:
+    cfg = load_config(config)
+    assert cfg.model.pretrained == "facebook/DiT-XL-2-256" and cfg.data.resolution == 256
+    tc = cfg.train
+    assert (tc.batch_size, tc.max_steps, tc.learning_rate, tc.weight_decay, tc.ema_decay) == (32, 24000, 1e-4, 0.0, 0.9999)
+    if config.stem.endswith("_plain"):
+        assert cfg.objective.target_schedule == "uniform" and cfg.bank_count == 0
+    else:
+        oc = cfg.objective
+        assert (oc.target_schedule, oc.bank_schedule, oc.target_exponent, oc.bank_exponent) == ("power_up", "power_down", 1.0, 1.0)
+        assert cfg.bank_count == 6 and oc.bank_weight == 0.1 and oc.realisation == "sample"
+
+
+def test_eight_datasets_each_with_a_baseline() -> None:
+    names = {p.stem for p in PAPER.glob("dit_xl2_*.yaml")}
+    datasets = {n for n in names if not n.endswith("_plain")}
+    assert len(datasets) == 8 and {f"{n}_plain" for n in datasets} == names - datasets
