@@ -260,7 +260,7 @@ def _forgetting_probes(s: DemoSettings, evaluator: _Evaluator, final: LoadedMode
         evaluator.reference_labels, num_bins=10, draws_per_bin=4, seed=s.seed,
     )
     save_probe(
-        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap"],
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap", "ratio"],
         s.out / "forgetting_gap.json", "denoising loss on held-out target data", "t",
     )
 

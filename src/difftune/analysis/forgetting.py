@@ -92,8 +92,9 @@ def transfer_gap(
         labels: their target labels (N,).
 
     Returns:
-        ``[{"t_low", "t_high", "pretrained", "finetuned", "gap"}, ...]`` per bin, gap = pre-trained
-        loss minus fine-tuned loss.
+        ``[{"t_low", "t_high", "pretrained", "finetuned", "gap", "ratio"}, ...]`` per bin: gap = pre-trained
+        loss minus fine-tuned loss, ratio = pre-trained loss / fine-tuned loss. The epsilon-MSE of any
+        model shrinks as t grows, so the absolute gap shrinks too; the ratio is the scale-free view.
     """
     scheduler = DDPMScheduler.from_config(scheduler_config)
     T = scheduler.config.num_train_timesteps
@@ -119,7 +120,8 @@ def transfer_gap(
                     sums[k] += (pred - noise.float()).pow(2).flatten(1).mean(1).double().sum().cpu()
                 count += idx.numel()
         pre, fine = (sums / count).tolist()
-        rows.append({"t_low": lo, "t_high": hi - 1, "pretrained": pre, "finetuned": fine, "gap": pre - fine})
+        ratio = pre / fine if fine > 0 else float("inf")
+        rows.append({"t_low": lo, "t_high": hi - 1, "pretrained": pre, "finetuned": fine, "gap": pre - fine, "ratio": ratio})
     return rows
 
 

@@ -82,7 +82,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         args.gap_draws, args.seed, args.batch_size, device,
     )
     save_probe(
-        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap"],
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap", "ratio"],
         out / "forgetting_gap.json", "denoising loss on held-out target data", "t",
     )
     for r in swap:
