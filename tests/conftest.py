@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,21 @@ def unet_dir(tmp_path: Path) -> Path:
 def latent_dit_dir(tmp_path: Path) -> Path:
     """A latent-space tiny DiT (4 channels, 2x2 latents) with a tiny VAE for 16x16 images."""
     return save_pipeline_dir(tmp_path / "ldit", tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae())
+
+
+def run_torchrun(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 300) -> str:
+    """Run a torchrun command in its own session (a hang is ended with its workers); returns its output.
+
+    The timeout is a safety net, not a speed assertion. Fails the test on a non-zero exit.
+    """
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{output[-5000:]}")
+    assert proc.returncode == 0, output[-5000:]
+    return output

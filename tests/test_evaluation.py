@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import run_torchrun
 from difftune.cli import USER_ERRORS
 from difftune.evaluation import (
     add_eval_parser,
@@ -416,15 +415,7 @@ def test_two_processes_match_one(dit_dir, folders, classifier_path, tmp_path) ->
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            *common, "--out-json", str(tmp_path / "ddp.json"), "--export-npz", str(tmp_path / "ddp.npz")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)  # a safety net, not a speed assertion
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s:\n{output[-5000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    run_torchrun(cmd, env)
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["num_processes"] == 2
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import run_torchrun
 from difftune.backbones import LatentCodec, load_pretrained
 from difftune.bank import generate_bank, load_bank
 from difftune.config import ExperimentConfig, load_config
@@ -337,18 +336,7 @@ def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(TESTS / "ddp_worker.py"), str(result_dir), *ddp_args,
     ]
-    # own session, so that a hang is ended with torchrun's workers, not just torchrun
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)  # a safety net, not a speed assertion
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s:\n{output[-5000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    run_torchrun(cmd, env, cwd=TESTS.parent)
 
     ranks = [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
     assert [r["process_index"] for r in ranks] == [0, 1]
