@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from difftune.backbones.loading import check_model_path
 from difftune.config import ConfigError, ExperimentConfig, load_config
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)
@@ -27,13 +28,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override a config value (repeatable), e.g. --set train.max_steps=100",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
-
-
-def _check_model_readable(pretrained: str) -> None:
-    path = Path(pretrained)
-    looks_local = path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
-    if looks_local and not path.exists():
-        raise FileNotFoundError(f"model.pretrained {pretrained!r} does not exist (give a hub id or a local directory)")
 
 
 def _plan(cfg: ExperimentConfig) -> str:
@@ -53,7 +47,7 @@ def _plan(cfg: ExperimentConfig) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    _check_model_readable(cfg.model.pretrained)
+    check_model_path(cfg.model.pretrained)
     if cfg.data.source == "folder" and not Path(cfg.data.path or "").is_dir():
         raise FileNotFoundError(f"data.path {cfg.data.path!r} is not a directory")
     if cfg.bank_count and not (Path(cfg.bank.path) / "manifest.json").is_file():
@@ -74,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_bank(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    _check_model_readable(cfg.model.pretrained)
+    check_model_path(cfg.model.pretrained)
     if not cfg.bank.path:
         raise ConfigError("bank.path is empty: set it to the directory the bank should be written to")
     from difftune.sampling import scheduler_names
@@ -106,7 +100,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError("--per-label and --steps must be >= 1")
     if args.scheduler not in scheduler_names():
         raise ValueError(f"--scheduler {args.scheduler!r} is unknown; valid: {', '.join(scheduler_names())}")
-    _check_model_readable(args.model)
+    check_model_path(args.model)
     if args.dry_run:
         total = len(labels) * args.per_label
         from difftune.backbones.loading import inference_subfolder

@@ -114,10 +114,6 @@ class DemoSettings:
         )
 
 
-def _objective(overrides: dict[str, Any]) -> ObjectiveConfig:
-    return ObjectiveConfig(**overrides)
-
-
 def _pretrain_source(s: DemoSettings) -> Path:
     """Train the source model on digits 0-4 (or reuse the cached one); returns its directory."""
     root = s.resolved_cache() / f"demo-source-{s.source_key()}"
@@ -136,7 +132,7 @@ def _pretrain_source(s: DemoSettings) -> Path:
     cfg = ExperimentConfig(
         model=ModelConfig(pretrained=str(init)),
         data=DataConfig(source="digits", classes=s.source_classes, seed=s.pretrain_seed),
-        objective=_objective({"target_schedule": "uniform", "bank_share": 0.0}),
+        objective=ObjectiveConfig(target_schedule="uniform", bank_share=0.0),
         train=TrainConfig(
             output_dir=str(root / "run"), batch_size=s.pretrain_batch, max_steps=s.pretrain_steps,
             learning_rate=s.pretrain_lr, ema_decay=0.999, checkpoint_every=0, keep_checkpoints=1,
@@ -199,7 +195,7 @@ def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
         model=ModelConfig(pretrained=str(source), subfolder="ema/transformer"),
         data=DataConfig(source="digits", classes=s.target_classes, per_class=s.per_class, seed=s.seed),
         bank=BankConfig(path=str(bank), num_samples=s.bank_samples),
-        objective=_objective(s.methods[name]),
+        objective=ObjectiveConfig(**s.methods[name]),
         train=TrainConfig(
             output_dir=str(s.out / "runs" / name), batch_size=s.finetune_batch, max_steps=s.finetune_steps,
             learning_rate=s.finetune_lr, ema_decay=s.ema_decay, checkpoint_every=s.eval_every,

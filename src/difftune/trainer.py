@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class LoopState:
     step: int = 0
     target: IndexStream | None = None
     bank: IndexStream | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -106,8 +106,7 @@ def load_pretrained(
         FileNotFoundError: the path holds no diffusers model.
         ValueError: the model class is not supported (the message lists supported classes).
     """
-    if not Path(pretrained).exists() and os.sep in pretrained and pretrained.count("/") > 1:
-        raise FileNotFoundError(f"model path {pretrained!r} does not exist")
+    check_model_path(pretrained)
     components = _pipeline_components(pretrained, revision)
     sub = _resolve_subfolder(pretrained, subfolder, components)
     try:
@@ -146,15 +145,22 @@ def load_pretrained(
     )
 
 
+def check_model_path(path: str) -> None:
+    """Refuse a missing local path; anything of the form ``owner/name`` may be a hub id.
+
+    Raises:
+        FileNotFoundError: ``path`` looks local (absolute, relative, or not ``owner/name``) but does not exist.
+    """
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
+
+
 def load_trained(path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None) -> LoadedModel:
     """Load a model for inference: EMA weights (``ema/<name>``) when a difftune directory has them.
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
     """
-    local = Path(path)
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
     return load_pretrained(path, inference_subfolder(path, subfolder, use_ema), vae)
 
 
