@@ -6,9 +6,11 @@
 
 An experiment config holds ``settings`` (fields of :class:`difftune.demo.DemoSettings`), ``methods``
 (method name -> objective overrides) and ``seeds``. Runs go to ``<out>/<experiment>/seed<k>``;
-a finished run (its results.json exists) is not run again. ``<out>/summary.md`` gets one table per
-experiment: FID mean and standard deviation over seeds per method and the change relative to plain
-fine-tuning.
+a finished run (its results.json exists) is not run again. ``<out>/summary.md`` covers every
+experiment with finished runs: per method the final FID (mean and standard deviation over seeds,
+change relative to plain fine-tuning, seeds on which it beats plain) and FID over fine-tuning steps,
+with a convergence plot in ``<out>/<experiment>/convergence.png``. An experiment without a plain
+method takes plain fine-tuning from the experiment named by ``baseline_from`` (same seeds).
 """
 
 from __future__ import annotations
@@ -26,22 +28,24 @@ from difftune.demo import DemoSettings, run_demo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_experiment(config: Path, out: Path, cache: Path | None, summarise_only: bool) -> dict[str, Any]:
+def run_experiment(config: Path, out: Path, cache: Path | None) -> None:
+    """Run every seed of one experiment that has no ``results.json`` yet."""
+    spec = yaml.safe_load(config.read_text())
+    for seed in spec["seeds"]:
+        run_dir = out / config.stem / f"seed{seed}"
+        if not (run_dir / "results.json").is_file():
+            run_demo(DemoSettings(out=run_dir, cache_dir=cache, seed=seed, methods=spec["methods"], **spec.get("settings", {})))
+
+
+def collect(config: Path, out: Path) -> dict[str, Any]:
+    """The finished runs of one experiment (seed -> results.json) and its description."""
     spec = yaml.safe_load(config.read_text())
     name = config.stem
-    per_seed: dict[int, dict[str, Any]] = {}
-    for seed in spec["seeds"]:
-        run_dir = out / name / f"seed{seed}"
-        done = run_dir / "results.json"
-        if not done.is_file() and not summarise_only:
-            settings = DemoSettings(out=run_dir, cache_dir=cache, seed=seed, methods=spec["methods"], **spec.get("settings", {}))
-            run_demo(settings)
-        if done.is_file():
-            per_seed[seed] = json.loads(done.read_text())
+    done = {seed: out / name / f"seed{seed}" / "results.json" for seed in spec["seeds"]}
     return {
         "name": name,
         "description": spec.get("description", ""),
-        "runs": per_seed,
+        "runs": {seed: json.loads(path.read_text()) for seed, path in done.items() if path.is_file()},
         "methods": list(spec["methods"]),
         "baseline_from": spec.get("baseline_from"),
     }
@@ -51,24 +55,90 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _with_baseline(exp: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> tuple[list[str], dict[int, dict[str, Any]]]:
+    """The experiment's methods and runs, with plain fine-tuning (its own or ``baseline_from``'s) first."""
+    runs = {seed: dict(r) for seed, r in exp["runs"].items()}
+    methods = list(exp["methods"])
+    if "plain" not in methods:
+        base = by_name.get(exp["baseline_from"], {}).get("runs", {})
+        for seed, r in runs.items():
+            if "plain" in base.get(seed, {}):
+                r["plain"] = base[seed]["plain"]
+        if any("plain" in r for r in runs.values()):
+            methods.insert(0, "plain")
+    return methods, runs
+
+
+def _fid_table(methods: list[str], runs: dict[int, dict[str, Any]]) -> list[str]:
+    """Final FID per method: mean ± std over seeds, per seed, change vs plain, seeds that beat plain."""
+    lines = ["| method | FID mean ± std | per seed | vs plain | seeds better than plain |", "|---|---|---|---|---|"]
+    plain = [r["plain"]["fid"] for r in runs.values() if "plain" in r]
+    for method in methods:
+        fids = [r[method]["fid"] for r in runs.values() if method in r]
+        mean, std = _mean_std(fids)
+        rel = f"{100 * (mean - statistics.fmean(plain)) / statistics.fmean(plain):+.1f}%" if plain else "n/a"
+        paired = [r[method]["fid"] < r["plain"]["fid"] for r in runs.values() if method in r and "plain" in r]
+        wins = f"{sum(paired)}/{len(paired)}" if paired and method != "plain" else "–"
+        lines.append(f"| {method} | {mean:.2f} ± {std:.2f} | {', '.join(f'{f:.2f}' for f in fids)} | {rel} | {wins} |")
+    return lines
+
+
+def _convergence(methods: list[str], runs: dict[int, dict[str, Any]]) -> dict[str, dict[int, list[float]]]:
+    """method -> step -> FID of every seed at that step."""
+    curves: dict[str, dict[int, list[float]]] = {}
+    for method in methods:
+        for r in runs.values():
+            for point in r.get(method, {}).get("fid_curve", []):
+                curves.setdefault(method, {}).setdefault(point["step"], []).append(point["fid"])
+    return curves
+
+
+def _convergence_table(curves: dict[str, dict[int, list[float]]]) -> list[str]:
+    steps = sorted({step for by_step in curves.values() for step in by_step})
+    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for method, by_step in curves.items():
+        cells = ["{:.1f} ± {:.1f}".format(*_mean_std(by_step[s])) if s in by_step else "–" for s in steps]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot_convergence(curves: dict[str, dict[int, list[float]]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_step in curves.items():
+        steps = sorted(by_step)
+        mean_std = [_mean_std(by_step[s]) for s in steps]
+        means = [m for m, _ in mean_std]
+        ax.plot(steps, means, marker="o", label=method)
+        ax.fill_between(steps, [m - s for m, s in mean_std], [m + s for m, s in mean_std], alpha=0.15)
+    ax.set(xlabel="fine-tuning step", ylabel="FID (mean ± std over seeds)", title=title, yscale="log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
+    """Write ``summary.md`` (final-FID and convergence tables per experiment), ``summary.json`` and the plots."""
     lines = ["# Reproduction study: results", ""]
     by_name = {exp["name"]: exp for exp in experiments}
     for exp in experiments:
-        runs = exp["runs"]
-        lines += [f"## {exp['name']}", "", exp["description"], "", f"Seeds finished: {sorted(runs)}", ""]
-        if not runs:
+        lines += [f"## {exp['name']}", "", exp["description"], "", f"Seeds finished: {sorted(exp['runs'])}", ""]
+        if not exp["runs"]:
             continue
-        lines += ["| method | FID mean ± std | per seed | vs plain |", "|---|---|---|---|"]
-        # the plain baseline: this experiment's, or that of the experiment named by baseline_from
-        base = runs if any("plain" in r for r in runs.values()) else by_name.get(exp["baseline_from"], {}).get("runs", {})
-        plain = [r["plain"]["fid"] for r in base.values() if "plain" in r]
-        for method in exp["methods"]:
-            fids = [r[method]["fid"] for r in runs.values() if method in r]
-            mean, std = _mean_std(fids)
-            rel = f"{100 * (mean - statistics.fmean(plain)) / statistics.fmean(plain):+.1f}%" if plain else "n/a"
-            lines.append(f"| {method} | {mean:.2f} ± {std:.2f} | {', '.join(f'{f:.2f}' for f in fids)} | {rel} |")
-        lines.append("")
+        methods, runs = _with_baseline(exp, by_name)
+        curves = _convergence(methods, runs)
+        lines += _fid_table(methods, runs) + ["", "FID over fine-tuning steps (mean ± std over seeds):", ""]
+        lines += _convergence_table(curves) + [""]
+        plot = out / exp["name"] / "convergence.png"
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        _plot_convergence(curves, exp["name"], plot)
+        lines += [f"![convergence]({plot.relative_to(out).as_posix()})", ""]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(experiments, indent=2))
@@ -82,10 +152,13 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="source-model cache (default ~/.cache/difftune)")
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild the tables")
     args = parser.parse_args()
-    configs = args.configs or sorted((ROOT / "configs" / "reproduction").glob("*.yaml"))
-    experiments = [run_experiment(c, args.out, args.cache_dir, args.summarise_only) for c in configs]
-    print(summarise(experiments, args.out))
-
+    every = sorted((ROOT / "configs" / "reproduction").glob("*.yaml"))
+    if not args.summarise_only:
+        for config in args.configs or every:
+            run_experiment(config, args.out, args.cache_dir)
+    # the summary always covers every experiment with finished runs, not only the ones just run
+    every += [c for c in args.configs if c.resolve() not in {e.resolve() for e in every}]
+    print(summarise([collect(c, args.out) for c in every], args.out))
 
 if __name__ == "__main__":
     main()

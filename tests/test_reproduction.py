@@ -1,0 +1,66 @@
+"""The reproduction study's experiment configs and the summary tables of scripts/reproduce.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from difftune.config import ObjectiveConfig
+from difftune.demo import DemoSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "configs" / "reproduction").glob("*.yaml"))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiments_exist():
+    assert len(EXPERIMENTS) >= 4
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_config_is_valid(path: Path):
+    spec = yaml.safe_load(path.read_text())
+    assert set(spec) <= {"description", "seeds", "settings", "methods", "baseline_from"}
+    assert len(spec["seeds"]) >= 3 and all(isinstance(s, int) for s in spec["seeds"])
+    settings = DemoSettings(seed=spec["seeds"][0], methods=spec["methods"], **spec.get("settings", {}))
+    for overrides in settings.methods.values():
+        ObjectiveConfig(**overrides)  # raises on an unknown field or an invalid value
+    if "plain" not in spec["methods"]:
+        base = yaml.safe_load((path.parent / f"{spec['baseline_from']}.yaml").read_text())
+        assert "plain" in base["methods"]
+        assert base["seeds"] == spec["seeds"]
+        # the shared baseline is only comparable if the source model is the same
+        assert DemoSettings(**base.get("settings", {})).source_key() == DemoSettings(**spec.get("settings", {})).source_key()
+
+
+def _run(fid: float, curve: list[float]) -> dict:
+    return {"fid": fid, "fid_curve": [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(curve)]}
+
+
+def test_summary_tables_with_a_shared_baseline(tmp_path: Path):
+    reproduce = _load_script()
+    base = {"name": "main", "description": "", "methods": ["plain"], "baseline_from": None}
+    base["runs"] = {0: {"plain": _run(10.0, [30.0, 10.0])}, 1: {"plain": _run(20.0, [50.0, 20.0])}}
+    sweep = {"name": "sweep", "description": "", "methods": ["a"], "baseline_from": "main"}
+    sweep["runs"] = {0: {"a": _run(9.0, [40.0, 9.0])}, 1: {"a": _run(21.0, [60.0, 21.0])}}
+
+    text = reproduce.summarise([base, sweep], tmp_path)
+
+    section = text[text.index("## sweep") :]
+    # plain comes from the baseline experiment: mean 15, std of (10, 20) = 7.07
+    assert "| plain | 15.00 ± 7.07 | 10.00, 20.00 | +0.0% | – |" in section
+    # a: mean 15 as well; it beats plain on seed 0 only
+    assert "| a | 15.00 ± 8.49 | 9.00, 21.00 | +0.0% | 1/2 |" in section
+    assert "| a | 50.0 ± 14.1 | 15.0 ± 8.5 |" in section
+    assert (tmp_path / "sweep" / "convergence.png").stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text())[1]["name"] == "sweep"
