@@ -153,6 +153,7 @@ def test_checkpoints_rotate_and_load_in_diffusers(dit_dir: Path, tmp_path: Path)
             assert (ckpt / sub).is_dir(), ckpt / sub
         assert load_config(ckpt / "config.yaml").to_dict() == cfg.to_dict()
     assert final == run / "final"
+    assert not (run / "final.tmp").exists()
     assert load_config(final / "config.yaml").to_dict() == cfg.to_dict()
 
     stock = DiTTransformer2DModel.from_pretrained(final, subfolder="transformer")

@@ -235,11 +235,13 @@ class Trainer:
         bar.close()
         final = self.out / "final"
         if acc.is_main_process:
-            last = list_checkpoints(self.out)[-1]
-            if final.exists():
-                shutil.rmtree(final)
-            shutil.copytree(last / "model", final)
-            cfg.save(final / "config.yaml")
+            # copy under a temporary name first, so a crash never leaves a half-written final/
+            staging = self.out / "final.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(list_checkpoints(self.out)[-1] / "model", staging)
+            cfg.save(staging / "config.yaml")
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
