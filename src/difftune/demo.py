@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from difftune.metrics import (
 )
 from difftune.metrics.fid import FeatureStats
 from difftune.sampling import build_scheduler, generate, to_unit_range
+from difftune.store import user_cache_dir
 from difftune.trainer import Trainer, list_checkpoints
 
 SOURCE_CLASSES = [0, 1, 2, 3, 4]
@@ -100,7 +100,7 @@ class DemoSettings:
         """The cache directory (default ``$XDG_CACHE_HOME/difftune`` or ``~/.cache/difftune``)."""
         if self.cache_dir is not None:
             return Path(self.cache_dir)
-        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difftune"
+        return user_cache_dir()
 
     def describe(self) -> str:
         """A human-readable plan."""

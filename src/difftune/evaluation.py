@@ -1,7 +1,9 @@
 """``difftune eval fid``: FID (and optionally KID, precision/recall) of generated images against a reference.
 
 Generated images come from a folder (``--fake``) or are sampled from a model (``--checkpoint``); the
-reference is a folder or cached :class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). All
+reference is a folder or cached :class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). A
+folder's statistics are also cached automatically (``--stats-cache``, see
+:mod:`difftune.metrics.reference_cache`), so a second evaluation against it skips encoding it. All
 images travel as 8-bit RGB, the form FID is defined on: sampled images are rounded to ``0..255`` exactly
 as ``difftune sample`` rounds them into PNGs, so scoring a checkpoint equals scoring its sample folder.
 
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +37,8 @@ from tqdm.auto import tqdm
 
 from difftune.metrics.fid import FeatureStats, fid_from_stats
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
+from difftune.metrics.reference_cache import load_cached_stats, reference_stats_key
+from difftune.store import user_cache_dir
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -284,6 +289,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.resize is not None and args.resize < 1:
         raise ValueError(f"--resize must be >= 1, got {args.resize}")
+    if args.stats_cache and args.no_stats_cache:
+        raise ValueError("--stats-cache and --no-stats-cache contradict each other: give one of them")
     if args.kid_subset_size < 2:
         raise ValueError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
     given = [k for k in SAMPLING_DEFAULTS if getattr(args, k) is not None] + (["no_ema"] if args.no_ema else [])
@@ -318,6 +325,8 @@ class _Inputs:
     real_paths: list[Path] | None
     fake_paths: list[Path] | None
     model: tuple[Any, Tensor, Any] | None  # (loaded model, label of each item (N,), scheduler)
+    real_cache: Path | None = None  # where the reference folder's statistics are (or will be) cached
+    cache_hit: bool = False
 
     @property
     def n_real(self) -> int:
@@ -341,13 +350,38 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
         real_stats = FeatureStats.load(args.real)
     else:
         real_paths = list_images(args.real)
+    real_cache = _reference_cache_file(args, real_paths) if real_paths is not None else None
+    cached = load_cached_stats(real_cache, len(real_paths or [])) if real_cache is not None else None
+    # KID and precision/recall need the reference features themselves, which the cache does not hold
+    hit = cached is not None and not (args.kid or args.precision_recall)
+    if hit:
+        real_stats, real_paths = cached, None
     fake_paths = list_images(args.fake) if args.fake is not None else None
-    inputs = _Inputs(real_stats, real_paths, fake_paths, _load_model(args) if args.checkpoint else None)
+    model = _load_model(args) if args.checkpoint else None
+    inputs = _Inputs(real_stats, real_paths, fake_paths, model, real_cache, hit)
     if min(inputs.n_real, inputs.n_fake) < 2:
         raise ValueError(
             f"FID needs at least 2 images per set, got {inputs.n_real} reference and {inputs.n_fake} generated"
         )
     return inputs
+
+
+def _reference_cache_file(args: argparse.Namespace, paths: list[Path]) -> Path | None:
+    """The automatic cache entry for the reference folder's statistics, or ``None`` when not cached."""
+    if args.no_stats_cache:
+        return None
+    key = reference_stats_key(args.real, paths, args.features, args.inception_weights, args.resize)
+    if key is None:
+        return None
+    return Path(args.stats_cache or user_cache_dir() / "fid_stats") / f"{key}.npz"
+
+
+def _write_cache(stats: FeatureStats, path: Path) -> None:
+    """Cache the reference statistics; a cache that cannot be written only costs time, so it only warns."""
+    try:
+        stats.save(path)
+    except OSError as err:
+        print(f"difftune: warning: could not cache the reference statistics in {path}: {err}", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace, inputs: _Inputs) -> str:
@@ -358,9 +392,10 @@ def _plan(args: argparse.Namespace, inputs: _Inputs) -> str:
             f"{args.checkpoint} ({args.scheduler}, {args.steps} steps, guidance {args.guidance_scale:g}, "
             f"seeds {args.seed}..{args.seed + inputs.n_fake - 1})"
         )
+    cache = f"; reference statistics cached in {inputs.real_cache}" if inputs.cache_hit else ""
     return (
         f"would score {inputs.n_fake} generated images from {source} against {inputs.n_real} reference images "
-        f"({args.real}) with --features {args.features}"
+        f"({args.real}) with --features {args.features}{cache}"
     )
 
 
@@ -404,6 +439,8 @@ def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, s
     """Features of this process's share of the items, gathered on the main process, which reports."""
     rank, world, main, device = state.process_index, state.num_processes, state.is_main_process, state.device
     real_stats, real_feats = inputs.real_stats, None
+    if inputs.cache_hit and main:
+        print(f"reference statistics from the cache: {inputs.real_cache}", file=sys.stderr)
     if inputs.real_paths is not None:
         n = len(inputs.real_paths)
         mine = list(range(rank, n, world))
@@ -415,8 +452,10 @@ def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, s
         if gathered is not None:
             real_feats = gathered[0]
             real_stats = stats_from_features(real_feats)
-            if args.save_real_stats:
-                real_stats.save(args.save_real_stats)
+            if inputs.real_cache is not None:
+                _write_cache(real_stats, inputs.real_cache)
+    if main and real_stats is not None and args.save_real_stats:
+        real_stats.save(args.save_real_stats)
 
     mine = list(range(rank, inputs.n_fake, world))
     if inputs.fake_paths is not None:
@@ -499,6 +538,11 @@ def add_eval_parser(subparsers: Any) -> None:
     g.add_argument("--features", default="inception", help="inception (default), digits:PATH or module:function")
     g.add_argument("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05-*.pth)")
     g.add_argument("--save-real-stats", metavar="PATH.npz", help="write the reference statistics here for reuse")
+    g.add_argument(
+        "--stats-cache", metavar="DIR",
+        help="where reference-folder statistics are cached (default $XDG_CACHE_HOME/difftune/fid_stats)",
+    )
+    g.add_argument("--no-stats-cache", action="store_true", help="neither read nor write the statistics cache")
     g.add_argument("--kid", action="store_true", help="also KID (polynomial-kernel MMD over random subsets)")
     g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     g.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped at the set sizes")

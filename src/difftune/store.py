@@ -1,5 +1,7 @@
 """A directory of safetensors shards with a JSON manifest: the knowledge bank and the target cache.
 
+Also where difftune caches things between runs: :func:`user_cache_dir`.
+
 Layout::
 
     manifest.json                 what the samples are (source model, settings, shape, dtype, ...)
@@ -22,6 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+
+
+def user_cache_dir() -> Path:
+    """difftune's cache directory: ``$XDG_CACHE_HOME/difftune``, else ``~/.cache/difftune``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difftune"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,86 @@
+"""Automatic cache of reference-set feature statistics for ``difftune eval fid``.
+
+Encoding a large reference folder is the slow part of repeated FID evaluations, so its
+:class:`~difftune.metrics.FeatureStats` are stored under a key that covers everything they depend on:
+
+- every reference file's path relative to the folder, its size and its modification time;
+- the feature extractor: ``inception`` with the identity (resolved path, size, modification time) of
+  its weights file, or ``digits:PATH`` with the classifier file's identity;
+- the ``--resize`` setting.
+
+An added, removed, replaced or touched image, or other weights, gives a new key, so a stale entry is
+never used. ``module:function`` extractors are not cached: their code can change without a trace on
+disk (save the statistics explicitly with ``--save-real-stats`` instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from difftune.metrics.fid import FeatureStats
+
+CACHE_VERSION = 1
+
+
+def _file_identity(path: Path) -> list[str | int]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _extractor_identity(features: str, inception_weights: str | None) -> list | None:
+    """What identifies the extractor's weights, or ``None`` for extractors that are not cached."""
+    kind, _, rest = features.partition(":")
+    if kind == "inception" and not rest:
+        weights = inception_weights
+    elif kind == "digits":
+        weights = rest
+    else:
+        return None
+    if weights is None:
+        return [kind, "torch-fidelity"]  # torch-fidelity's own download of the standard weights
+    # a missing file is not cached here: building the extractor reports it
+    return [kind, _file_identity(Path(weights))] if Path(weights).is_file() else None
+
+
+def reference_stats_key(
+    root: str | os.PathLike[str],
+    paths: Sequence[Path],
+    features: str,
+    inception_weights: str | None = None,
+    resize: int | None = None,
+) -> str | None:
+    """The cache key of the statistics of ``paths`` (images under ``root``), or ``None`` if not cacheable.
+
+    Args:
+        root: the reference folder.
+        paths: its image files, as :func:`difftune.evaluation.list_images` returns them.
+        features: the ``--features`` spec.
+        inception_weights: the local Inception weights file, if any.
+        resize: the ``--resize`` setting.
+    """
+    extractor = _extractor_identity(features, inception_weights)
+    if extractor is None:
+        return None
+    root = Path(root)
+    files = []
+    for path in paths:
+        stat = path.stat()
+        files.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+    payload = {"version": CACHE_VERSION, "extractor": extractor, "resize": resize, "files": files}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
+
+
+def load_cached_stats(path: Path, count: int) -> FeatureStats | None:
+    """The statistics cached at ``path`` if it holds a readable entry for ``count`` images, else ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        stats = FeatureStats.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None  # a damaged entry is recomputed and overwritten
+    return stats if stats.count == count else None
