@@ -40,7 +40,7 @@ from difftune.metrics import (
     train_digit_classifier,
 )
 from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor
-from difftune.metrics.reference_cache import reference_stats_key
+from difftune.metrics.reference_cache import folder_identity, reference_stats_key
 
 TESTS = Path(__file__).parent
 
@@ -189,12 +189,34 @@ def test_statistics_cache_can_be_off_and_skips_custom_extractors(folders, classi
                      "--no-stats-cache"]) == 2
     assert run_eval([*common, "--features", f"digits:{classifier_path}", "--no-stats-cache"]) == 0
     assert not (tmp_path / "xdg").exists()
-    paths = list_images(real)
-    assert reference_stats_key(real, paths, "my_features:extractor") is None
-    assert reference_stats_key(real, paths, f"digits:{tmp_path / 'missing.safetensors'}") is None
-    key = reference_stats_key(real, paths, f"digits:{classifier_path}")
-    assert key is not None and key != reference_stats_key(real, paths, f"digits:{classifier_path}", resize=16)
-    assert key != reference_stats_key(real, paths, "inception")
+    files = folder_identity(real, list_images(real))
+    assert len(files) == 40 and files[0][0] == "000.png" and files[-1][0] == "sub/039.png"
+    assert reference_stats_key(files, "my_features:extractor") is None
+    assert reference_stats_key(files, f"digits:{tmp_path / 'missing.safetensors'}") is None
+    key = reference_stats_key(files, f"digits:{classifier_path}")
+    assert key is not None and key != reference_stats_key(files, f"digits:{classifier_path}", resize=16)
+    assert key != reference_stats_key(files, "inception")
+    assert key != reference_stats_key(files[1:], f"digits:{classifier_path}")
+
+
+def test_builtin_dataset_as_reference(folders, classifier_path, private_cache, capsys) -> None:
+    _, fake = folders
+    assert run_eval(["fid", "--real", "digits:9,5,6,7,8", "--fake", str(fake), "--features", f"digits:{classifier_path}"]) == 0
+    printed = parse_metrics(capsys.readouterr().out)["fid"]
+    images, labels = load_sklearn_digits()
+    reference = ((images[labels >= 5] * 255).round() / 255).expand(-1, 3, -1, -1)  # as 8-bit RGB files hold them
+    extractor = DigitFeatureExtractor(load_classifier(classifier_path))
+    assert printed == pytest.approx(fid_from_images(reference, read_folder(fake), extractor), rel=1e-6)
+    (entry,) = private_cache.iterdir()
+    assert FeatureStats.load(entry).count == int((labels >= 5).sum())
+    # the class order does not matter: the same cache entry
+    assert run_eval(["fid", "--real", "digits:5,6,7,8,9", "--fake", str(fake), "--features", f"digits:{classifier_path}"]) == 0
+    assert parse_metrics(capsys.readouterr().out)["fid"] == printed
+    assert list(private_cache.iterdir()) == [entry]
+    for bad in ("digits:5,x", "digits:12", "digits:"):
+        assert run_eval(["fid", "--real", bad, "--fake", str(fake), "--features", f"digits:{classifier_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "digit classes 0-9" in err, err
 
 
 def test_checkpoint_samples_equal_difftune_sample_folder(dit_dir, classifier_path, folders, tmp_path, capsys) -> None:

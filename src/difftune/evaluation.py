@@ -1,8 +1,8 @@
 """``difftune eval fid``: FID (and optionally KID, precision/recall) of generated images against a reference.
 
 Generated images come from a folder (``--fake``) or are sampled from a model (``--checkpoint``); the
-reference is a folder or cached :class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). A
-folder's statistics are also cached automatically (``--stats-cache``, see
+reference is a folder, a built-in dataset (``--real digits:5,6,7,8,9``) or cached
+:class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). A reference set's statistics are also cached automatically (``--stats-cache``, see
 :mod:`difftune.metrics.reference_cache`), so a second evaluation against it skips encoding it. All
 images travel as 8-bit RGB, the form FID is defined on: sampled images are rounded to ``0..255`` exactly
 as ``difftune sample`` rounds them into PNGs, so scoring a checkpoint equals scoring its sample folder.
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from difftune.metrics.fid import FeatureStats, fid_from_stats
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
-from difftune.metrics.reference_cache import load_cached_stats, reference_stats_key
+from difftune.metrics.reference_cache import folder_identity, load_cached_stats, reference_stats_key
 from difftune.store import user_cache_dir
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "list_images",
     "load_image",
     "precision_recall",
+    "reference_dataset",
     "stats_from_features",
 ]
 
@@ -93,6 +94,32 @@ def load_image(path: str | os.PathLike[str], resize: int | None = None) -> Tenso
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def reference_dataset(spec: str) -> tuple[str, Tensor] | None:
+    """The built-in dataset that ``--real`` names, as (canonical name, uint8 RGB images ``(N, 3, H, W)``).
+
+    ``digits`` is scikit-learn's handwritten digits (1797 images of 8x8, shipped with scikit-learn);
+    ``digits:5,6,7,8,9`` keeps those classes. Returns ``None`` when ``spec`` names no dataset or is an
+    existing path (a folder called ``digits`` is a folder).
+
+    Raises:
+        ValueError: the class list is not digits 0-9.
+    """
+    name, colon, classes_text = spec.partition(":")
+    if name != "digits" or Path(spec).exists():
+        return None
+    from difftune.metrics.digits import load_sklearn_digits
+
+    images, labels = load_sklearn_digits()
+    if colon:
+        parts = [c.strip() for c in classes_text.split(",")]
+        if not all(c.isdigit() and len(c) == 1 for c in parts):
+            raise ValueError(f"--real {spec!r}: give digit classes 0-9, comma-separated, e.g. digits:5,6,7,8,9")
+        classes = sorted({int(c) for c in parts})
+        images = images[torch.isin(labels, torch.tensor(classes))]
+        name = "digits:" + ",".join(map(str, classes))
+    return name, _quantize(images, None)
+
+
 def _quantize(images: Tensor, resize: int | None) -> Tensor:
     """Float images ``(B, C, H, W)`` in ``[0, 1]`` -> uint8 RGB ``(B, 3, H', W')``, as a PNG round trip does."""
     x = (images.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8)
@@ -121,6 +148,14 @@ def _folder_batches(
                         f"{expected[1]}x{expected[0]}: give --resize N to score images of different sizes"
                     )
             yield idx, torch.stack(images)
+
+
+def _tensor_batches(images: Tensor, indices: Sequence[int], batch_size: int, resize: int | None) -> Batches:
+    """In-memory uint8 images ``images[i]`` for ``i`` in ``indices``, in batches, resized as files would be."""
+    for start in range(0, len(indices), batch_size):
+        idx = np.asarray(indices[start : start + batch_size], dtype=np.int64)
+        batch = images[torch.from_numpy(idx)]
+        yield idx, batch if resize is None else _quantize(batch.float() / 255, resize)
 
 
 def export_npz(images: np.ndarray, path: str | os.PathLike[str]) -> None:
@@ -323,14 +358,19 @@ class _Inputs:
 
     real_stats: FeatureStats | None
     real_paths: list[Path] | None
+    real_images: Tensor | None  # a built-in dataset, uint8 RGB (N, 3, H, W)
     fake_paths: list[Path] | None
     model: tuple[Any, Tensor, Any] | None  # (loaded model, label of each item (N,), scheduler)
-    real_cache: Path | None = None  # where the reference folder's statistics are (or will be) cached
+    real_cache: Path | None = None  # where the reference set's statistics are (or will be) cached
     cache_hit: bool = False
 
     @property
     def n_real(self) -> int:
-        return self.real_stats.count if self.real_stats is not None else len(self.real_paths or [])
+        if self.real_stats is not None:
+            return self.real_stats.count
+        if self.real_paths is not None:
+            return len(self.real_paths)
+        return len(self.real_images) if self.real_images is not None else 0
 
     @property
     def n_fake(self) -> int:
@@ -339,26 +379,29 @@ class _Inputs:
 
 def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
     """Check every input before any heavy work (all processes do the same, so they fail alike)."""
-    real_stats, real_paths = None, None
+    real_stats, real_paths, real_images, identity = None, None, None, None
     if Path(args.real).suffix.lower() == ".npz":
         if not Path(args.real).is_file():
             raise FileNotFoundError(f"reference statistics {args.real!r} do not exist")
         if args.save_real_stats:
-            raise ValueError("--save-real-stats needs --real to be an image folder, not statistics")
+            raise ValueError("--save-real-stats needs --real to be images (a folder or a dataset), not statistics")
         if args.kid or args.precision_recall:
-            raise ValueError("--kid and --precision-recall need reference images: give --real as an image folder")
+            raise ValueError("--kid and --precision-recall need reference images: give --real as an image folder or a dataset")
         real_stats = FeatureStats.load(args.real)
+    elif (dataset := reference_dataset(args.real)) is not None:
+        identity, real_images = dataset
     else:
         real_paths = list_images(args.real)
-    real_cache = _reference_cache_file(args, real_paths) if real_paths is not None else None
-    cached = load_cached_stats(real_cache, len(real_paths or [])) if real_cache is not None else None
-    # KID and precision/recall need the reference features themselves, which the cache does not hold
-    hit = cached is not None and not (args.kid or args.precision_recall)
-    if hit:
-        real_stats, real_paths = cached, None
+        identity = folder_identity(args.real, real_paths)
     fake_paths = list_images(args.fake) if args.fake is not None else None
     model = _load_model(args) if args.checkpoint else None
-    inputs = _Inputs(real_stats, real_paths, fake_paths, model, real_cache, hit)
+    inputs = _Inputs(real_stats, real_paths, real_images, fake_paths, model)
+    if identity is not None:
+        inputs.real_cache = _reference_cache_file(args, identity)
+        cached = load_cached_stats(inputs.real_cache, inputs.n_real) if inputs.real_cache is not None else None
+        # KID and precision/recall need the reference features themselves, which the cache does not hold
+        if cached is not None and not (args.kid or args.precision_recall):
+            inputs.real_stats, inputs.real_paths, inputs.real_images, inputs.cache_hit = cached, None, None, True
     if min(inputs.n_real, inputs.n_fake) < 2:
         raise ValueError(
             f"FID needs at least 2 images per set, got {inputs.n_real} reference and {inputs.n_fake} generated"
@@ -366,11 +409,11 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
     return inputs
 
 
-def _reference_cache_file(args: argparse.Namespace, paths: list[Path]) -> Path | None:
-    """The automatic cache entry for the reference folder's statistics, or ``None`` when not cached."""
+def _reference_cache_file(args: argparse.Namespace, identity: Any) -> Path | None:
+    """The automatic cache entry for the reference set's statistics, or ``None`` when not cached."""
     if args.no_stats_cache:
         return None
-    key = reference_stats_key(args.real, paths, args.features, args.inception_weights, args.resize)
+    key = reference_stats_key(identity, args.features, args.inception_weights, args.resize)
     if key is None:
         return None
     return Path(args.stats_cache or user_cache_dir() / "fid_stats") / f"{key}.npz"
@@ -441,10 +484,13 @@ def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, s
     real_stats, real_feats = inputs.real_stats, None
     if inputs.cache_hit and main:
         print(f"reference statistics from the cache: {inputs.real_cache}", file=sys.stderr)
-    if inputs.real_paths is not None:
-        n = len(inputs.real_paths)
+    if inputs.real_paths is not None or inputs.real_images is not None:
+        n = inputs.n_real
         mine = list(range(rank, n, world))
-        batches = _folder_batches(inputs.real_paths, mine, args.batch_size, args.resize, args.workers)
+        if inputs.real_paths is not None:
+            batches = _folder_batches(inputs.real_paths, mine, args.batch_size, args.resize, args.workers)
+        else:
+            batches = _tensor_batches(inputs.real_images, mine, args.batch_size, args.resize)  # type: ignore[arg-type]
         idx, feats, _ = _run_extractor(
             _progress(batches, len(mine), args.batch_size, "reference features", main), extractor, device, False
         )
@@ -520,7 +566,11 @@ def add_eval_parser(subparsers: Any) -> None:
         description="FID of generated images against reference images or cached statistics. Multi-process with "
         "`accelerate launch -m difftune eval fid ...` (sampling and features are split over the processes).",
     )
-    f.add_argument("--real", required=True, help="reference image folder (PNG/JPEG, recursive) or statistics .npz")
+    f.add_argument(
+        "--real", required=True,
+        help="reference: image folder (PNG/JPEG, recursive), built-in dataset (digits or digits:5,6,7,8,9) "
+        "or statistics .npz",
+    )
     src = f.add_mutually_exclusive_group(required=True)
     src.add_argument("--fake", help="folder of generated images (PNG/JPEG, recursive)")
     src.add_argument("--checkpoint", help="model directory (or hub id) to sample from, as `difftune sample --model`")

@@ -3,7 +3,8 @@
 Encoding a large reference folder is the slow part of repeated FID evaluations, so its
 :class:`~difftune.metrics.FeatureStats` are stored under a key that covers everything they depend on:
 
-- every reference file's path relative to the folder, its size and its modification time;
+- the reference set: every file's path relative to the folder, its size and its modification time
+  (:func:`folder_identity`), or the name of a built-in dataset;
 - the feature extractor: ``inception`` with the identity (resolved path, size, modification time) of
   its weights file, or ``digits:PATH`` with the classifier file's identity;
 - the ``--resize`` setting.
@@ -21,6 +22,7 @@ import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from difftune.metrics.fid import FeatureStats
 
@@ -47,18 +49,23 @@ def _extractor_identity(features: str, inception_weights: str | None) -> list | 
     return [kind, _file_identity(Path(weights))] if Path(weights).is_file() else None
 
 
+def folder_identity(root: str | os.PathLike[str], paths: Sequence[Path]) -> list[list[str | int]]:
+    """``[relative path, size, modification time]`` of every image file ``paths`` under ``root``."""
+    files = []
+    for path in paths:
+        stat = path.stat()
+        files.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return files
+
+
 def reference_stats_key(
-    root: str | os.PathLike[str],
-    paths: Sequence[Path],
-    features: str,
-    inception_weights: str | None = None,
-    resize: int | None = None,
+    reference: Any, features: str, inception_weights: str | None = None, resize: int | None = None
 ) -> str | None:
-    """The cache key of the statistics of ``paths`` (images under ``root``), or ``None`` if not cacheable.
+    """The cache key of a reference set's statistics, or ``None`` if they are not cacheable.
 
     Args:
-        root: the reference folder.
-        paths: its image files, as :func:`difftune.evaluation.list_images` returns them.
+        reference: JSON-serialisable identity of the reference images: :func:`folder_identity` of a
+            folder, or the spec of a built-in dataset (e.g. ``"digits:5,6,7,8,9"``).
         features: the ``--features`` spec.
         inception_weights: the local Inception weights file, if any.
         resize: the ``--resize`` setting.
@@ -66,12 +73,7 @@ def reference_stats_key(
     extractor = _extractor_identity(features, inception_weights)
     if extractor is None:
         return None
-    root = Path(root)
-    files = []
-    for path in paths:
-        stat = path.stat()
-        files.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-    payload = {"version": CACHE_VERSION, "extractor": extractor, "resize": resize, "files": files}
+    payload = {"version": CACHE_VERSION, "extractor": extractor, "resize": resize, "reference": reference}
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
 
 
