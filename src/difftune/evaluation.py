@@ -2,8 +2,9 @@
 
 Generated images come from a folder (``--fake``) or are sampled from a model (``--checkpoint``); the
 reference is a folder, a built-in dataset (``--real digits:5,6,7,8,9``) or cached
-:class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). A reference set's statistics are also cached automatically (``--stats-cache``, see
-:mod:`difftune.metrics.reference_cache`), so a second evaluation against it skips encoding it. All
+:class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). A reference set's statistics are also
+cached automatically (``--stats-cache``, see :mod:`difftune.metrics.reference_cache`), so a second
+evaluation against it skips encoding it. All
 images travel as 8-bit RGB, the form FID is defined on: sampled images are rounded to ``0..255`` exactly
 as ``difftune sample`` rounds them into PNGs, so scoring a checkpoint equals scoring its sample folder.
 
@@ -590,7 +591,7 @@ def add_eval_parser(subparsers: Any) -> None:
     g.add_argument("--save-real-stats", metavar="PATH.npz", help="write the reference statistics here for reuse")
     g.add_argument(
         "--stats-cache", metavar="DIR",
-        help="where reference-folder statistics are cached (default $XDG_CACHE_HOME/difftune/fid_stats)",
+        help="where reference-set statistics are cached (default $XDG_CACHE_HOME/difftune/fid_stats)",
     )
     g.add_argument("--no-stats-cache", action="store_true", help="neither read nor write the statistics cache")
     g.add_argument("--kid", action="store_true", help="also KID (polynomial-kernel MMD over random subsets)")
