@@ -379,3 +379,13 @@ def test_eight_datasets_each_with_a_baseline() -> None:
     names = {p.stem for p in PAPER.glob("dit_xl2_*.yaml")}
     datasets = {n for n in names if not n.endswith("_plain")}
     assert len(datasets) == 8 and {f"{n}_plain" for n in datasets} == names - datasets
+
+
+def test_help_does_not_import_diffusers() -> None:
+    # `difftune --help` and every parser are built without diffusers (seconds of imports); commands load it
+    code = (
+        "import sys, difftune.cli as cli; cli.build_parser(); "
+        "print(sorted(m for m in ('diffusers', 'accelerate', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from difftune.backbones.loading import check_model_path
-from difftune.config import ConfigError, ExperimentConfig, load_config
+from difftune.config import ConfigError, ExperimentConfig, check_model_path, load_config
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)
 

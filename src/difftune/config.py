@@ -27,6 +27,15 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_model_path(path: str) -> None:
+    """Refuse a missing local path; anything of the form ``owner/name`` may be a hub id.
+
+    Raises:
+        FileNotFoundError: ``path`` looks local (absolute, relative, or not ``owner/name``) but does not exist.
+    """
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
+
 @dataclass
 class ModelConfig:
     """Which pre-trained model to transfer.

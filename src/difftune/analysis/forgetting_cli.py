@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
-
 
 def _fractions(text: str) -> list[float]:
     try:
@@ -31,6 +29,7 @@ def _fractions(text: str) -> list[float]:
 
 def cmd_forgetting(args: argparse.Namespace) -> int:
     """Run both probes; write ``forgetting_swap.{json,png}`` and ``forgetting_gap.{json,png}``."""
+    from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
     from difftune.backbones import load_trained
     from difftune.config import DataConfig
     from difftune.data import load_target_images
@@ -38,7 +37,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     from difftune.metrics import compute_feature_stats, fid_from_stats
     from difftune.sampling import build_scheduler, to_unit_range
 
-    fractions = _fractions(args.fractions)
+    fractions = _fractions(args.fractions) if args.fractions is not None else list(DEFAULT_FRACTIONS)
     if not Path(args.heldout).is_dir():
         raise FileNotFoundError(f"--heldout {args.heldout!r} is not a directory of class sub-folders")
     if args.dry_run:
@@ -103,7 +102,7 @@ def add_forgetting_parser(subparsers: Any) -> None:
     p.add_argument("--vae", help="VAE for latent models (default: the models' own)")
     p.add_argument("--features", default="inception", help="inception | digits:PATH | module:function")
     p.add_argument("--inception-weights", help="local FID Inception weights (offline)")
-    p.add_argument("--fractions", default=",".join(str(f) for f in DEFAULT_FRACTIONS), help="hand-over fractions")
+    p.add_argument("--fractions", help="hand-over fractions (default 0,0.1,...,1)")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class for each fraction")
     p.add_argument("--scheduler", default="DPMSolverMultistepScheduler", help="diffusers scheduler class name")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")

@@ -23,6 +23,7 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.unet import UNetBackbone
+from difftune.config import check_model_path
 
 # diffusers class name in config.json -> (diffusers class, adapter)
 BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
@@ -143,16 +144,6 @@ def load_pretrained(
         vae_source=vae_source,
         vae_subfolder=vae_sub,
     )
-
-
-def check_model_path(path: str) -> None:
-    """Refuse a missing local path; anything of the form ``owner/name`` may be a hub id.
-
-    Raises:
-        FileNotFoundError: ``path`` looks local (absolute, relative, or not ``owner/name``) but does not exist.
-    """
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
 
 
 def load_trained(path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None) -> LoadedModel:
