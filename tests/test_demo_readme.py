@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from difftune.demo import DemoSettings, run_demo
 
@@ -32,6 +33,9 @@ def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
         assert [p["step"] for p in on_disk[name]["fid_curve"]] == [2, 4]
         assert (settings.out / f"samples_{name}.png").is_file()
     assert (settings.out / "curves.png").is_file()
+    env = json.loads((settings.out / "run_info.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert {"python", "cpu", "diffusers", "accelerate", "numpy", "scikit-learn"} <= set(env)
     report = (settings.out / "report.md").read_text()
     assert "| plain |" in report and "| diff-tuning |" in report
     # the two methods start from the same cached source model and differ in their objective only

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from difftune.metrics import (
 )
 from difftune.metrics.fid import FeatureStats
 from difftune.sampling import build_scheduler, generate, to_unit_range
-from difftune.store import user_cache_dir
+from difftune.store import user_cache_dir, write_json_atomic
 from difftune.trainer import Trainer, list_checkpoints
 
 SOURCE_CLASSES = [0, 1, 2, 3, 4]
@@ -261,6 +263,20 @@ def _forgetting_probes(s: DemoSettings, evaluator: _Evaluator, final: LoadedMode
     )
 
 
+def _environment() -> dict[str, Any]:
+    """Package versions and machine of this run: float results of CPU training are only bit-identical
+    for the same versions and processor."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    env: dict[str, Any] = {"python": platform.python_version(), "cpu": cpu or "unknown", "threads": torch.get_num_threads()}
+    for package in ("torch", "diffusers", "accelerate", "numpy", "scikit-learn"):
+        env[package] = metadata.version(package)
+    return env
+
+
 def _report(results: dict[str, dict[str, Any]], s: DemoSettings, seconds: float) -> str:
     lines = [
         "# difftune demo: plain fine-tuning vs Diff-Tuning on handwritten digits",
@@ -313,10 +329,11 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
         _forgetting_probes(s, evaluator, final, source_model)
     seconds = time.time() - start
     _plot(results, s.out)
-    meta = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "seconds": seconds}
-    (s.out / "results.json").write_text(json.dumps(results, indent=2))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
+    meta = {"settings": settings, "seconds": seconds, "environment": _environment()}
     (s.out / "run_info.json").write_text(json.dumps(meta, indent=2))
     (s.out / "report.md").write_text(_report(results, s, seconds))
+    write_json_atomic(s.out / "results.json", results)  # last: its presence marks a finished run
     print(f"\n{'method':<26}{'FID':>10}")
     for name, r in results.items():
         print(f"{name:<26}{r['fid']:>10.2f}")
