@@ -50,17 +50,18 @@ def _run(fid: float, curve: list[float]) -> dict:
 def test_summary_tables_with_a_shared_baseline(tmp_path: Path):
     reproduce = _load_script()
     base = {"name": "main", "description": "", "methods": ["plain"], "baseline_from": None}
-    base["runs"] = {0: {"plain": _run(10.0, [30.0, 10.0])}, 1: {"plain": _run(20.0, [50.0, 20.0])}}
+    base["runs"] = {0: {"plain": _run(10.0, [30.0, 12.0, 10.0])}, 1: {"plain": _run(20.0, [50.0, 24.0, 20.0])}}
     sweep = {"name": "sweep", "description": "", "methods": ["a"], "baseline_from": "main"}
-    sweep["runs"] = {0: {"a": _run(9.0, [40.0, 9.0])}, 1: {"a": _run(21.0, [60.0, 21.0])}}
+    sweep["runs"] = {0: {"a": _run(9.0, [40.0, 11.0, 9.0])}, 1: {"a": _run(21.0, [60.0, 19.0, 21.0])}}
 
     text = reproduce.summarise([base, sweep], tmp_path)
 
     section = text[text.index("## sweep") :]
     # plain comes from the baseline experiment: mean 15, std of (10, 20) = 7.07
-    assert "| plain | 15.00 ± 7.07 | 10.00, 20.00 | +0.0% | – |" in section
-    # a: mean 15 as well; it beats plain on seed 0 only
-    assert "| a | 15.00 ± 8.49 | 9.00, 21.00 | +0.0% | 1/2 |" in section
-    assert "| a | 50.0 ± 14.1 | 15.0 ± 8.5 |" in section
+    # second half = steps 200 and 300 of 300: plain (12 + 10) / 2 = 11 and (24 + 20) / 2 = 22
+    assert "| plain | 15.00 ± 7.07 | 10.00, 20.00 | +0.0% | – | 16.50 ± 7.78 |" in section
+    # a: mean 15 as well; it beats plain on seed 0 only; second-half means 10 and 20
+    assert "| a | 15.00 ± 8.49 | 9.00, 21.00 | +0.0% | 1/2 | 15.00 ± 7.07 |" in section
+    assert "| a | 50.0 ± 14.1 | 15.0 ± 5.7 | 15.0 ± 8.5 |" in section
     assert (tmp_path / "sweep" / "convergence.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())[1]["name"] == "sweep"
