@@ -40,7 +40,8 @@ from difftune.metrics import (
     train_digit_classifier,
 )
 from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor
-from difftune.metrics.reference_cache import folder_identity, reference_stats_key
+from difftune.metrics.reference_cache import reference_stats_key
+from difftune.store import folder_identity
 
 TESTS = Path(__file__).parent
 

@@ -11,6 +11,7 @@ draws ``mean + std * noise`` afresh, as DiT's training does with ``latent_dist.s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from difftune.backbones.codec import LatentCodec
 from difftune.config import DataConfig
-from difftune.store import LatentStore
+from difftune.store import LatentStore, folder_identity
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CACHE_FORMAT = 1
@@ -128,11 +129,8 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
     label_tensor = torch.tensor(labels)
     keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
     files = [files[i] for i in keep.tolist()]
-    digest = hashlib.sha256()
-    for f in files:
-        stat = f.stat()
-        digest.update(f"{f.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    identity = f"folder:{root.resolve()}:{digest.hexdigest()[:16]}:{resolution}:{channels}"
+    digest = hashlib.sha256(json.dumps(folder_identity(root, files)).encode()).hexdigest()[:16]
+    identity = f"folder:{root.resolve()}:{digest}:{resolution}:{channels}"
 
     def load(indices: torch.Tensor) -> torch.Tensor:
         # PIL decodes outside the GIL for the most part: threads give a real speed-up

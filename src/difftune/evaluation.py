@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from difftune.metrics.fid import FeatureStats, fid_from_stats
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
-from difftune.metrics.reference_cache import folder_identity, load_cached_stats, reference_stats_key
-from difftune.store import user_cache_dir
+from difftune.metrics.reference_cache import load_cached_stats, reference_stats_key
+from difftune.store import folder_identity, user_cache_dir
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,6 +1,7 @@
 """A directory of safetensors shards with a JSON manifest: the knowledge bank and the target cache.
 
-Also where difftune caches things between runs: :func:`user_cache_dir`.
+Also where difftune caches things between runs (:func:`user_cache_dir`) and what identifies a folder of
+files in a cache key (:func:`folder_identity`).
 
 Layout::
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,16 @@ MANIFEST = "manifest.json"
 def user_cache_dir() -> Path:
     """difftune's cache directory: ``$XDG_CACHE_HOME/difftune``, else ``~/.cache/difftune``."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difftune"
+
+
+def folder_identity(root: str | os.PathLike[str], paths: Sequence[Path]) -> list[list[str | int]]:
+    """``[relative path, size, modification time]`` of each file in ``paths`` under ``root``: a cache key
+    part that changes when a file is added, removed, replaced or touched."""
+    files = []
+    for path in paths:
+        stat = path.stat()
+        files.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return files
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ Encoding a large reference folder is the slow part of repeated FID evaluations, 
 :class:`~difftune.metrics.FeatureStats` are stored under a key that covers everything they depend on:
 
 - the reference set: every file's path relative to the folder, its size and its modification time
-  (:func:`folder_identity`), or the name of a built-in dataset;
+  (:func:`difftune.store.folder_identity`), or the name of a built-in dataset;
 - the feature extractor: ``inception`` with the identity (resolved path, size, modification time) of
   its weights file, or ``digits:PATH`` with the classifier file's identity;
 - the ``--resize`` setting.
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +45,6 @@ def _extractor_identity(features: str, inception_weights: str | None) -> list | 
         return [kind, "torch-fidelity"]  # torch-fidelity's own download of the standard weights
     # a missing file is not cached here: building the extractor reports it
     return [kind, _file_identity(Path(weights))] if Path(weights).is_file() else None
-
-
-def folder_identity(root: str | os.PathLike[str], paths: Sequence[Path]) -> list[list[str | int]]:
-    """``[relative path, size, modification time]`` of every image file ``paths`` under ``root``."""
-    files = []
-    for path in paths:
-        stat = path.stat()
-        files.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-    return files
 
 
 def reference_stats_key(
