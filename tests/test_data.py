@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,22 @@ def test_stale_cache_of_other_data_is_replaced(digits, tmp_path: Path) -> None:
     other = load_target_images(DataConfig(source="digits", classes=[0, 1], per_class=3), 8, 1)
     cache = encode_and_cache(other, LatentCodec(None), tmp_path / "c", "pixel")
     assert torch.equal(cache["samples"], other.images)
+
+
+def test_folder_identity_follows_the_files(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    cfg = DataConfig(source="folder", path=str(tmp_path))
+    first = load_target_images(cfg, 8, 3).identity
+    assert load_target_images(cfg, 8, 3).identity == first
+    assert load_target_images(cfg, 4, 3).identity != first  # another resolution is other data
+    image = tmp_path / "a" / "0.png"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    touched = load_target_images(cfg, 8, 3).identity
+    assert touched != first
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "2.png")
+    assert load_target_images(cfg, 8, 3).identity not in (first, touched)
