@@ -53,7 +53,7 @@ def reference_stats_key(
     """The cache key of a reference set's statistics, or ``None`` if they are not cacheable.
 
     Args:
-        reference: JSON-serialisable identity of the reference images: :func:`folder_identity` of a
+        reference: JSON-serialisable identity of the reference images: :func:`difftune.store.folder_identity` of a
             folder, or the spec of a built-in dataset (e.g. ``"digits:5,6,7,8,9"``).
         features: the ``--features`` spec.
         inception_weights: the local Inception weights file, if any.
