@@ -55,7 +55,7 @@ TARGET_CLASSES = [5, 6, 7, 8, 9]
 
 @dataclass
 class DemoSettings:
-    """Every knob of the demo; the defaults finish in a few minutes on a 2-core CPU."""
+    """Every knob of the demo; the defaults take about 11 minutes on a 2-core CPU (the source model is cached after the first run)."""
 
     out: Path = Path("demo_out")
     cache_dir: Path | None = None
