@@ -1,0 +1,93 @@
+"""One description of how to sample: scheduler, steps, guidance scale and first seed.
+
+Every place that generates (the knowledge bank, ``difftune sample``, ``difftune eval fid``,
+``difftune forgetting``, the training sample grid and the demo) takes a :class:`SamplingSpec`, so the
+defaults are written once, here, and the command-line flags come from one helper,
+:func:`add_sampling_args`. Nothing here imports diffusers, so building the CLI parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 1.5
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How samples are drawn. Sample ``i`` of a run uses seed ``seed + i``.
+
+    Attributes:
+        scheduler: a diffusers scheduler class name (e.g. ``"DPMSolverMultistepScheduler"``).
+        steps: number of inference steps (>= 1).
+        guidance_scale: classifier-free guidance scale; 1 = no guidance.
+        seed: seed of the first sample.
+    """
+
+    scheduler: str = DEFAULT_SCHEDULER
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampling steps must be a positive integer, got {self.steps!r}")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+
+    def seeds(self, start: int, count: int) -> list[int]:
+        """Seeds of samples ``start .. start + count - 1``."""
+        return list(range(self.seed + start, self.seed + start + count))
+
+    def describe(self) -> str:
+        """One line for plans and logs, e.g. ``DPMSolverMultistepScheduler, 25 steps, guidance 1.5``."""
+        return f"{self.scheduler}, {self.steps} steps, guidance {self.guidance_scale:g}"
+
+
+_FLAGS = {"scheduler": "--scheduler", "steps": "--steps", "guidance_scale": "--guidance-scale", "seed": "--seed"}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser | Any, with_defaults: bool = True, **defaults: Any) -> None:
+    """Add ``--scheduler``, ``--steps``, ``--guidance-scale`` and ``--seed`` to a parser or argument group.
+
+    Args:
+        parser: an ``argparse`` parser or argument group.
+        with_defaults: when False every flag defaults to ``None``, so a command can tell which were
+            given (:func:`sampling_spec_from_args` fills in the rest).
+        defaults: per-command defaults that differ from :class:`SamplingSpec`'s (e.g. ``guidance_scale=1.0``).
+    """
+    base = {f.name: defaults.get(f.name, f.default) for f in fields(SamplingSpec)}
+    shown = {name: (value if with_defaults else None) for name, value in base.items()}
+    parser.add_argument(
+        "--scheduler", default=shown["scheduler"], help=f"diffusers scheduler class name (default {base['scheduler']})"
+    )
+    parser.add_argument("--steps", type=int, default=shown["steps"], help=f"sampling steps (default {base['steps']})")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=shown["guidance_scale"],
+        help=f"classifier-free guidance scale, 1 = off (default {base['guidance_scale']:g})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=shown["seed"], help=f"image i uses seed + i (default {base['seed']})"
+    )
+
+
+def given_sampling_flags(args: argparse.Namespace) -> list[str]:
+    """The sampling flags given on the command line (for parsers built with ``with_defaults=False``)."""
+    return [flag for name, flag in _FLAGS.items() if getattr(args, name, None) is not None]
+
+
+def sampling_spec_from_args(args: argparse.Namespace, **defaults: Any) -> SamplingSpec:
+    """The :class:`SamplingSpec` of parsed arguments; flags left at ``None`` take ``defaults`` or the spec's own.
+
+    Raises:
+        ValueError: an invalid value (the message names the flag's value).
+    """
+    values = {}
+    for f in fields(SamplingSpec):
+        value = getattr(args, f.name, None)
+        values[f.name] = defaults.get(f.name, f.default) if value is None else value
+    return SamplingSpec(**values)
