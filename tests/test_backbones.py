@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
+from diffusers.training_utils import EMAModel
 
 from conftest import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 from difftune.backbones import LatentCodec, load_pretrained, model_fingerprint, save_model
+from difftune.tuning import trainable_parameters
 
 
 def assert_state_equal(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
@@ -52,7 +55,7 @@ def test_load_pipeline_like_dir(fixture: str, request: pytest.FixtureRequest) ->
         assert loaded.vae_source is None
     # the adapter's output has the advertised channels
     x = torch.randn(2, *shape)
-    out = bb(x, torch.tensor([3, 999]), torch.tensor([0, bb.null_label]))
+    out = bb(x, torch.tensor([3, 999]), bb.condition([0, bb.null_label]))
     assert out.shape == (2, shape[0] * (2 if learns_variance else 1), *shape[1:])
 
 
@@ -125,7 +128,8 @@ def test_dit_label_dropout_disabled(dit_dir: Path) -> None:
     torch.manual_seed(0)
     x, t, y = torch.randn(32, 1, 8, 8), torch.randint(0, 1000, (32,)), torch.randint(0, 5, (32,))
     with torch.no_grad():
-        first, second = backbone(x, t, y), backbone(x, t, y)
+        cond = backbone.condition(y)
+        first, second = backbone(x, t, cond), backbone(x, t, cond)
         # control: stock diffusers in train mode drops labels at random, so the check is sensitive
         stock.train()
         stock_a = stock(x, timestep=t, class_labels=y).sample
@@ -134,7 +138,7 @@ def test_dit_label_dropout_disabled(dit_dir: Path) -> None:
     assert not torch.equal(stock_a, stock_b)
     # and the adapter in eval mode computes what stock diffusers computes in eval mode
     with torch.no_grad():
-        assert torch.equal(backbone.eval()(x, t, y), stock.eval()(x, timestep=t, class_labels=y).sample)
+        assert torch.equal(backbone.eval()(x, t, cond), stock.eval()(x, timestep=t, class_labels=y).sample)
 
 
 @pytest.mark.parametrize("fixture", ["dit_dir", "unet_dir"])
@@ -167,8 +171,11 @@ def test_missing_model_raises_file_not_found(tmp_path: Path) -> None:
         load_pretrained(str(tmp_path / "nowhere" / "model"))
 
 
-def _shifted_parameters(model: torch.nn.Module, shift: float) -> list[torch.Tensor]:
-    return [p.detach() + shift for p in model.parameters()]
+def _shifted_ema(model: torch.nn.Module, shift: float) -> EMAModel:
+    """An EMA of the model's trainable parameters whose averages are the parameters + ``shift``."""
+    ema = EMAModel(trainable_parameters(model), decay=0.9)
+    ema.shadow_params = [p.detach() + shift for p in trainable_parameters(model)]
+    return ema
 
 
 @pytest.mark.parametrize("fixture,model_cls,subfolder", [
@@ -184,16 +191,16 @@ def test_save_model_loads_in_stock_diffusers(
         for p in backbone.inner.parameters():
             p.mul_(0.5)
     before = {k: v.clone() for k, v in backbone.inner.state_dict().items()}
-    ema = _shifted_parameters(backbone.inner, 1.0)
+    ema = _shifted_ema(backbone.inner, 1.0)
     out = tmp_path / "saved"
-    save_model(backbone, loaded.scheduler_config, out, "the-source", None, None, ema)
+    save_model(dataclasses.replace(loaded, source="the-source"), out, ema)
 
     assert not (tmp_path / "saved.tmp").exists()
     assert_state_equal(backbone.inner, before)  # saving EMA weights must not touch the live ones
     stock = model_cls.from_pretrained(out, subfolder=subfolder)
     assert_state_equal(stock, before)
     stock_ema = model_cls.from_pretrained(out, subfolder=f"ema/{subfolder}")
-    for saved, given in zip(stock_ema.parameters(), ema, strict=True):
+    for saved, given in zip(stock_ema.parameters(), ema.shadow_params, strict=True):
         assert torch.equal(saved, given)
     assert DDPMScheduler.from_pretrained(out, subfolder="scheduler").config == DDPMScheduler.from_config(
         loaded.scheduler_config
@@ -210,7 +217,7 @@ def test_save_model_overwrites_and_keeps_vae_provenance(latent_dit_dir: Path, tm
     out = tmp_path / "saved"
     out.mkdir()
     (out / "stale.txt").write_text("from an older save")
-    save_model(loaded.backbone, loaded.scheduler_config, out, loaded.source, loaded.vae_source, loaded.vae_subfolder)
+    save_model(loaded, out)
     assert not (out / "stale.txt").exists()
     assert not (out / "ema").exists()  # no EMA given, none written
     again = load_pretrained(str(out))

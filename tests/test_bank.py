@@ -93,7 +93,7 @@ def test_bank_is_independent_of_batch_size(loaded: LoadedModel, tmp_path: Path) 
 
     # sample i is a pure function of (label i mod K, seed + i)
     scheduler = build_scheduler("DPMSolverMultistepScheduler", loaded.scheduler_config)
-    alone = generate(loaded.backbone, scheduler, torch.tensor([13 % 5]), [SEED + 13], (1, 8, 8), 5, 1.5, STEPS)
+    alone = generate(loaded.backbone, scheduler, loaded.backbone.condition([13 % 5]), [SEED + 13], 1.5, STEPS)
     torch.testing.assert_close(alone[0], b3["samples"][13], rtol=1e-5, atol=1e-5)
 
 
@@ -282,7 +282,7 @@ def test_generate_is_per_sample_deterministic(loaded: LoadedModel, scheduler_nam
 
     def run(lab: torch.Tensor, sd: list[int], global_seed: int = 0) -> torch.Tensor:
         torch.manual_seed(global_seed)  # the global generator must play no part
-        return generate(backbone, scheduler, lab, sd, (1, 8, 8), 5, guidance, 4)
+        return generate(backbone, scheduler, backbone.condition(lab), sd, guidance, 4)
 
     batch = run(labels, seeds)
     assert batch.shape == (5, 1, 8, 8)
@@ -301,7 +301,7 @@ def test_ddpm_step_noise_comes_from_the_sample_generator(loaded: LoadedModel) ->
     """Two rows with the same seed stay equal through every stochastic DDPM step."""
     backbone = loaded.backbone.eval()
     ddpm = build_scheduler("DDPMScheduler", loaded.scheduler_config)
-    a = generate(backbone, ddpm, torch.tensor([1, 1]), [5, 5], (1, 8, 8), 5, 1.0, 3)
+    a = generate(backbone, ddpm, backbone.condition([1, 1]), [5, 5], 1.0, 3)
     assert torch.equal(a[0], a[1])  # shared step noise would make the rows differ
     with pytest.raises(ValueError, match="one seed per sample"):
-        generate(backbone, ddpm, torch.tensor([1, 1]), [1], (1, 8, 8), 5, 1.0, 3)
+        generate(backbone, ddpm, backbone.condition([1, 1]), [1], 1.0, 3)

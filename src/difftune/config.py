@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from difftune.sampling_spec import SamplingSpec
 from difftune.schedules import SCHEDULES
+from difftune.tuning import TUNING_METHODS
 
 
 class ConfigError(ValueError):
@@ -48,15 +50,22 @@ class ModelConfig:
         vae: optional hub id / directory of an ``AutoencoderKL`` for latent-space models; ``None``
             uses the pipeline's ``vae`` if there is one, else the model works in pixel space.
         revision: optional hub revision.
+        tuning: which parameters train (a name in :data:`difftune.tuning.TUNING_METHODS`; ``full``
+            trains every parameter).
     """
 
     pretrained: str = ""
     subfolder: str | None = None
     vae: str | None = None
     revision: str | None = None
+    tuning: str = "full"
 
     def __post_init__(self) -> None:
         _check(bool(self.pretrained), "model.pretrained is empty: set it to a hub id or a local diffusers directory")
+        _check(
+            self.tuning in TUNING_METHODS,
+            f"model.tuning={self.tuning!r} is unknown; valid: {sorted(TUNING_METHODS)}",
+        )
 
 
 @dataclass
@@ -95,13 +104,14 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The Diff-Tuning objective (paper-notes §2).
+    """The Diff-Tuning objective (docs/method.md §2).
 
     ``loss = mean(target terms) + bank_weight * mean(bank terms)``; target timesteps follow
     ``target_schedule``, bank timesteps ``bank_schedule``. Plain fine-tuning is
     ``target_schedule: uniform, bank_share: 0``.
 
     Attributes:
+        kind: the objective (a name in :data:`difftune.objectives.OBJECTIVES`).
         target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
             (psi(t) grows with t), ``"uniform"``.
         bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"``.
@@ -117,6 +127,7 @@ class ObjectiveConfig:
             predicts them (DiT); ``False`` leaves them out of the loss.
     """
 
+    kind: str = "diff_tuning"
     target_schedule: str = "power_up"
     bank_schedule: str = "power_down"
     target_exponent: float = 1.0
@@ -128,6 +139,9 @@ class ObjectiveConfig:
     learn_variance: bool = True
 
     def __post_init__(self) -> None:
+        from difftune.objectives import OBJECTIVES
+
+        _check(self.kind in OBJECTIVES, f"objective.kind={self.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
         _check(self.realisation in ("sample", "weight"), f"objective.realisation={self.realisation!r}: use 'sample' or 'weight'")
         _check(0.0 <= self.bank_share < 1.0, f"objective.bank_share={self.bank_share} must be in [0, 1)")
         _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
@@ -143,7 +157,7 @@ class ObjectiveConfig:
 
 @dataclass
 class BankConfig:
-    """The knowledge bank: samples of the frozen pre-trained model (paper-notes §2).
+    """The knowledge bank: samples of the frozen pre-trained model (docs/method.md §2).
 
     Attributes:
         path: directory of the bank (shards + ``manifest.json``); empty = no bank.
@@ -158,9 +172,9 @@ class BankConfig:
 
     path: str = ""
     num_samples: int = 1000
-    guidance_scale: float = 1.5
-    scheduler: str = "DPMSolverMultistepScheduler"
-    num_inference_steps: int = 25
+    guidance_scale: float = SamplingSpec.guidance_scale
+    scheduler: str = SamplingSpec.scheduler
+    num_inference_steps: int = SamplingSpec.steps
     seed: int = 0
     shard_size: int = 256
     batch_size: int = 64
@@ -171,10 +185,15 @@ class BankConfig:
         _check(self.num_inference_steps > 0, "bank.num_inference_steps must be > 0")
         _check(self.guidance_scale >= 1.0, f"bank.guidance_scale={self.guidance_scale} must be >= 1")
 
+    @property
+    def sampling(self) -> SamplingSpec:
+        """How the bank is sampled (sample i has seed ``seed + i``)."""
+        return SamplingSpec(self.scheduler, self.num_inference_steps, self.guidance_scale, self.seed)
+
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop (defaults follow the paper's DiT recipe, paper-notes §2).
+    """The optimisation loop (defaults follow the paper's DiT recipe, docs/method.md §2).
 
     Attributes:
         output_dir: run directory (checkpoints, logs, samples).
@@ -190,7 +209,7 @@ class TrainConfig:
         keep_checkpoints: most recent checkpoints kept (older ones are deleted).
         log_every: steps between scalar logs.
         sample_every: steps between sample grids (0 = never).
-        sample_steps: sampling steps of the grids.
+        sample_steps, sample_scheduler, sample_guidance_scale: how the grids are sampled.
         resume: ``"latest"``, a checkpoint directory, or ``None``.
     """
 
@@ -211,7 +230,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     sample_every: int = 0
-    sample_steps: int = 25
+    sample_steps: int = SamplingSpec.steps
+    sample_scheduler: str = SamplingSpec.scheduler
+    sample_guidance_scale: float = SamplingSpec.guidance_scale
     resume: str | None = None
 
     def __post_init__(self) -> None:
@@ -223,6 +244,11 @@ class TrainConfig:
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
         _check(self.log_every > 0, "train.log_every must be > 0")
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """How the training sample grids are drawn (fixed seeds from 0)."""
+        return SamplingSpec(self.sample_scheduler, self.sample_steps, self.sample_guidance_scale)
 
 
 @dataclass

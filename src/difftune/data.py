@@ -24,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from difftune.backbones.codec import LatentCodec
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.loading import LoadedModel
 from difftune.config import DataConfig
 from difftune.store import LatentStore, folder_identity
 
@@ -58,6 +60,30 @@ class TargetImages:
     def images(self) -> torch.Tensor:
         """All images at once (N, C, H, W); for small sets."""
         return self.load(torch.arange(len(self)))
+
+    def conditioning(self) -> Conditioning:
+        """The images' conditions: their class labels, ``{"labels": (N,)}``."""
+        return Conditioning({"labels": self.labels})
+
+
+@dataclass
+class TargetData:
+    """The target set in the diffusion space, ready for training.
+
+    Attributes:
+        samples: posterior means (M, C, h, w) (the samples themselves in pixel space).
+        std: posterior standard deviations (M, C, h, w) (zeros in pixel space).
+        cond: the samples' conditions (M).
+        class_names: names of the target classes.
+    """
+
+    samples: torch.Tensor
+    std: torch.Tensor
+    cond: Conditioning
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[0])
 
 
 def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,3 +220,25 @@ def encode_and_cache(
                 parts["labels"].append(target.labels[chunk])
         store.write_shard(shard, {key: torch.cat(values) for key, values in parts.items()})
     return store.load()
+
+
+def prepare_target(
+    cfg: DataConfig, loaded: LoadedModel, cache_dir: str | Path, device: torch.device | str = "cpu"
+) -> TargetData:
+    """Load the target set of ``cfg`` at the size the model's codec needs, encode it once and cache it.
+
+    Raises:
+        ValueError: the data does not fit the model (its conditions, or the encoded shape).
+    """
+    backbone, codec = loaded.backbone, loaded.codec
+    resolution = cfg.resolution or codec.image_size(backbone.sample_shape)
+    images = load_target_images(cfg, resolution, codec.image_channels(backbone.sample_shape))
+    backbone.check_condition(images.conditioning())
+    cached = encode_and_cache(images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device)
+    if tuple(cached["samples"].shape[1:]) != backbone.sample_shape:
+        raise ValueError(
+            f"target data encodes to {tuple(cached['samples'].shape[1:])} but the model expects "
+            f"{backbone.sample_shape}; set data.resolution to match the model"
+        )
+    cond = Conditioning({key: value for key, value in cached.items() if key not in ("samples", "std")})
+    return TargetData(cached["samples"], cached["std"], cond, images.class_names)

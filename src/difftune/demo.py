@@ -45,7 +45,8 @@ from difftune.metrics import (
     train_digit_classifier,
 )
 from difftune.metrics.fid import FeatureStats
-from difftune.sampling import build_scheduler, generate, to_unit_range
+from difftune.sampling import build_scheduler, generate_with_spec, to_unit_range
+from difftune.sampling_spec import SamplingSpec
 from difftune.store import user_cache_dir, write_json_atomic
 from difftune.trainer import Trainer, list_checkpoints
 
@@ -76,8 +77,8 @@ class DemoSettings:
     ema_decay: float = 0.99
     eval_every: int = 200
     eval_per_class: int = 60
-    sample_steps: int = 25
-    guidance_scale: float = 1.5
+    sample_steps: int = SamplingSpec.steps
+    guidance_scale: float = SamplingSpec.guidance_scale
     classifier_steps: int = 1500
     forgetting_method: str | None = None  # run the chain-of-forgetting probes on this method's model
     forgetting_fractions: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
@@ -97,6 +98,11 @@ class DemoSettings:
     def pretrain_seed(self) -> int:
         """Seed of the source model's pre-training."""
         return self.seed if self.source_seed is None else self.source_seed
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """How evaluation samples are drawn: the same seeds (from 10000) for every model."""
+        return SamplingSpec(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=10_000)
 
     def resolved_cache(self) -> Path:
         """The cache directory (default ``$XDG_CACHE_HOME/difftune`` or ``~/.cache/difftune``)."""
@@ -180,13 +186,8 @@ class _Evaluator:
     def samples(self, loaded: LoadedModel) -> torch.Tensor:
         """``eval_per_class`` samples per target class in [0, 1], fixed seeds."""
         s, backbone = self.settings, loaded.backbone.eval()
-        labels = torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class)
-        scheduler = build_scheduler("DPMSolverMultistepScheduler", loaded.scheduler_config)
-        x = generate(
-            backbone, scheduler, labels, list(range(10_000, 10_000 + labels.numel())), backbone.sample_shape,
-            backbone.null_label, s.guidance_scale, s.sample_steps,
-        )
-        return to_unit_range(x)
+        cond = backbone.condition(torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class))
+        return to_unit_range(generate_with_spec(backbone, loaded.scheduler_config, s.sampling, cond))
 
     def fid(self, images: torch.Tensor) -> float:
         return fid_from_stats(self.reference, compute_feature_stats(images, self.extractor))
@@ -243,11 +244,12 @@ def _plot(results: dict[str, dict[str, Any]], out: Path) -> None:
 def _forgetting_probes(s: DemoSettings, evaluator: _Evaluator, final: LoadedModel, source: LoadedModel) -> None:
     """Swap probe (FID per hand-over fraction) and transfer-gap curve; JSON + PNG in ``s.out``."""
     print(f"[demo] chain-of-forgetting probes on the {s.forgetting_method} model")
-    labels = torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class)
+    spec, backbone = s.sampling, final.backbone.eval()
+    cond = backbone.condition(torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class))
     swap = swap_probe(
-        final.backbone.eval(), source.backbone.eval(), build_scheduler("DPMSolverMultistepScheduler", final.scheduler_config),
-        labels, list(range(10_000, 10_000 + labels.numel())), lambda x: evaluator.fid(to_unit_range(x)),
-        s.forgetting_fractions, s.guidance_scale, s.sample_steps,
+        backbone, source.backbone.eval(), build_scheduler(spec.scheduler, final.scheduler_config),
+        cond, spec.seeds(0, cond.batch_size), lambda x: evaluator.fid(to_unit_range(x)),
+        s.forgetting_fractions, spec.guidance_scale, spec.steps,
     )
     save_probe(
         [{"fraction": r["fraction"], "fid": r["score"]} for r in swap], "fraction", ["fid"],
@@ -255,7 +257,7 @@ def _forgetting_probes(s: DemoSettings, evaluator: _Evaluator, final: LoadedMode
     )
     gap = transfer_gap(
         final.backbone, source.backbone, final.scheduler_config, evaluator.reference_images * 2 - 1,
-        evaluator.reference_labels, num_bins=10, draws_per_bin=4, seed=s.seed,
+        backbone.condition(evaluator.reference_labels), num_bins=10, draws_per_bin=4, seed=s.seed,
     )
     save_probe(
         [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap", "ratio"],

@@ -1,15 +1,16 @@
-"""Class-conditional generation with any diffusers scheduler, classifier-free guidance and per-sample seeds.
+"""Generation with any diffusers scheduler, classifier-free guidance and per-sample seeds.
 
 Each sample owns a generator seeded with its own seed, for its initial noise and for any noise a
-stochastic scheduler adds, so a sample depends on its seed and label only: not on the batch it
-was generated in, nor on the number of processes (design.md, invariant 6).
+stochastic scheduler adds, so a sample depends on its seed and condition only: not on the batch it
+was generated in, nor on the number of processes (docs/architecture.md, "Invariants"). The
+conditions pass through untouched: the backbone says what "unconditional" is.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
 from difftune.backbones.base import Backbone
+from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.images import save_grid, save_png
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from difftune.sampling_spec import SamplingSpec
 
 
 def scheduler_names() -> list[str]:
@@ -60,62 +61,77 @@ def _model_input_timestep(t: torch.Tensor | float, n: int, device: torch.device)
 
 @torch.no_grad()
 def generate(
-    denoiser: Denoiser | Backbone,
+    backbone: Backbone,
     scheduler: SchedulerMixin,
-    labels: torch.Tensor,
+    cond: Conditioning,
     seeds: Sequence[int],
-    sample_shape: Sequence[int],
-    null_label: int,
     guidance_scale: float = 1.0,
     num_inference_steps: int = 25,
     device: torch.device | str = "cpu",
-    handover: Denoiser | None = None,
+    handover: Backbone | None = None,
     handover_fraction: float = 0.0,
 ) -> torch.Tensor:
-    """Generate one sample per (label, seed) in the diffusion space.
+    """Generate one sample per (condition, seed) in the diffusion space.
 
     Args:
-        denoiser: ``f(x_t, t, labels) -> output`` (a backbone); output may carry variance channels.
+        backbone: the denoiser; its output may carry variance channels (dropped here).
         scheduler: any diffusers scheduler (its timesteps are set here).
-        labels: class labels (N,); the null label gives unconditional samples.
+        cond: the conditions of the N samples (``backbone.unconditional(N)`` for unconditional ones).
         seeds: one integer seed per sample (N).
-        sample_shape: (C, H, W).
-        null_label: the unconditional label id (for guidance).
-        guidance_scale: classifier-free guidance scale on the epsilon-like channels (1 = off).
+        guidance_scale: classifier-free guidance scale on the epsilon-like channels (1 = off); the
+            unconditional branch is ``backbone.drop`` of every condition.
         num_inference_steps: sampling steps.
         device: where to run.
         handover: optional second denoiser used for the last ``handover_fraction`` of the steps (the
-            chain-of-forgetting probe). It gets the null label, without guidance: a pre-trained model
-            does not know the target's classes.
+            chain-of-forgetting probe). It gets its own unconditional form, without guidance: a
+            pre-trained model does not know the target's conditions.
         handover_fraction: fraction of the steps, at the low-noise end, given to ``handover``.
 
     Returns:
         Samples (N, C, H, W), float32, on ``device``.
     """
-    labels = labels.to(device).long()
-    if len(seeds) != labels.shape[0]:
-        raise ValueError(f"got {len(seeds)} seeds for {labels.shape[0]} labels; give one seed per sample")
+    n = cond.batch_size
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} conditions; give one seed per sample")
+    cond = cond.to(device)
+    sample_shape = tuple(backbone.sample_shape)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    x = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in generators]).to(device)
+    x = torch.stack([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     x = x * scheduler.init_noise_sigma
-    C, n = sample_shape[0], labels.shape[0]
+    C = sample_shape[0]
     use_cfg = guidance_scale != 1.0
-    null_labels = torch.full_like(labels, null_label)
-    cond_labels = torch.cat([labels, null_labels])
+    if use_cfg:
+        both = Conditioning.cat([cond, backbone.drop(cond, torch.ones(n, dtype=torch.bool))])
+    handover_cond = handover.unconditional(n, device) if handover is not None else None
     switch_at = round((1.0 - handover_fraction) * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
         if handover is not None and i >= switch_at:
-            out = handover(x_in, _model_input_timestep(t, n, x.device), null_labels)[:, :C].float()
+            out = handover(x_in, _model_input_timestep(t, n, x.device), handover_cond)[:, :C].float()
         elif use_cfg:
-            out = denoiser(torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), cond_labels)
-            cond, uncond = out[:, :C].float().chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            out = backbone(torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), both)
+            cond_out, uncond_out = out[:, :C].float().chunk(2)
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
         else:
-            out = denoiser(x_in, _model_input_timestep(t, n, x.device), labels)[:, :C].float()
+            out = backbone(x_in, _model_input_timestep(t, n, x.device), cond)[:, :C].float()
         x = scheduler.step(out, t, x, generator=generators if _accepts_generator(scheduler) else None).prev_sample
     return x
+
+
+def generate_with_spec(
+    backbone: Backbone,
+    scheduler_config: dict[str, Any],
+    spec: SamplingSpec,
+    cond: Conditioning,
+    first_index: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """:func:`generate` as ``spec`` says: samples ``first_index ..`` get seeds ``spec.seed + first_index ..``."""
+    return generate(
+        backbone, build_scheduler(spec.scheduler, scheduler_config), cond, spec.seeds(first_index, cond.batch_size),
+        spec.guidance_scale, spec.steps, device,
+    )
 
 
 def _accepts_generator(scheduler: SchedulerMixin) -> bool:
@@ -154,35 +170,29 @@ def sample_to_folder(
     labels: Sequence[int],
     per_label: int,
     out: str | os.PathLike,
-    scheduler_name: str = "DPMSolverMultistepScheduler",
-    num_inference_steps: int = 25,
-    guidance_scale: float = 1.5,
-    seed: int = 0,
+    spec: SamplingSpec | None = None,
     batch_size: int = 64,
     device: torch.device | str | None = None,
 ) -> Path:
-    """Generate ``per_label`` images for each label into ``out`` (one PNG each, plus ``grid.png``).
+    """Generate ``per_label`` images for each class label into ``out`` (one PNG each, plus ``grid.png``).
 
-    Image i (in label-major order) uses seed ``seed + i``. Returns the grid's path.
+    Image i (in label-major order) uses seed ``spec.seed + i`` (default spec: :class:`SamplingSpec`'s
+    defaults). Returns the grid's path.
     """
+    spec = spec or SamplingSpec()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = loaded.backbone.to(device).eval()
     codec = loaded.codec.to(device)
-    scheduler = build_scheduler(scheduler_name, loaded.scheduler_config)
     all_labels = torch.tensor(labels).repeat_interleave(per_label)
     out = Path(out)
     images = []
     for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
         chunk = all_labels[start : start + batch_size]
-        seeds = list(range(seed + start, seed + start + chunk.numel()))
-        x = generate(
-            backbone, scheduler, chunk, seeds, backbone.sample_shape, backbone.null_label,
-            guidance_scale, num_inference_steps, device,
-        )
+        x = generate_with_spec(backbone, loaded.scheduler_config, spec, backbone.condition(chunk), start, device)
         batch = to_unit_range(codec.decode(x)).cpu()
         for offset, image in enumerate(batch):
             i = start + offset
-            save_png(image, out / f"{i:05d}_label{int(all_labels[i])}_seed{seed + i}.png")
+            save_png(image, out / f"{i:05d}_label{int(all_labels[i])}_seed{spec.seed + i}.png")
         images.append(batch)
     grid = out / "grid.png"
     save_grid(torch.cat(images), grid, nrow=per_label, upscale=max(1, 64 // images[0].shape[-1]))

@@ -1,7 +1,8 @@
 """The accelerate training loop: one forward pass over target + bank samples per micro-batch.
 
-The loop knows nothing of a specific model or of the weighting: the backbone adapter, the
-:class:`~difftune.losses.DiffTuningLoss` and the data tensors are given to it.
+The loop knows nothing of a specific model, space, tuning method or weighting: the backbone adapter
+(and its conditioning), the codec's prepared target data, the tuning method's trainable parameters
+and the objective (:mod:`difftune.objectives`) are given to it (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained, save_model
 from difftune.bank import load_bank
 from difftune.config import ExperimentConfig
-from difftune.data import encode_and_cache, load_target_images
+from difftune.data import prepare_target
 from difftune.images import save_grid
-from difftune.losses import DiffTuningLoss, LossTerms
-from difftune.sampling import build_scheduler, generate, to_unit_range
-from difftune.schedules import build_schedule
+from difftune.objectives import Draw, build_objective
+from difftune.objectives.term_log import TermLog
+from difftune.sampling import generate_with_spec, to_unit_range
 from difftune.streams import IndexStream, step_generator
+from difftune.tuning import prepare_tuning
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -109,67 +112,43 @@ class Trainer:
             cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision
         )
         self.backbone = self.loaded.backbone
+        self.trainable = prepare_tuning(self.backbone, cfg.model.tuning)
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
-        T = self.noise_scheduler.config.num_train_timesteps
-        oc = cfg.objective
-        self.loss_fn = DiffTuningLoss(
-            self.noise_scheduler,
-            build_schedule(oc.target_schedule, T, oc.target_exponent),
-            build_schedule(oc.bank_schedule, T, oc.bank_exponent),
-            realisation=oc.realisation,
-            bank_weight=oc.bank_weight,
-            cfg_dropout=oc.cfg_dropout,
-            learn_variance=oc.learn_variance,
-        )
-        self._load_data()
+        self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
+        with self.accelerator.main_process_first():
+            cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
+            self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)
+        self.bank = load_bank(cfg.bank.path, self.loaded)["samples"] if cfg.bank_count else torch.empty(0)
         self.n_bank = cfg.bank_count
         self.n_target = tc.batch_size - self.n_bank
         self.state = LoopState(
-            target=IndexStream(self.target["labels"].shape[0], tc.seed),
+            target=IndexStream(len(self.target), tc.seed),
             bank=IndexStream(self.bank.shape[0], tc.seed + 1) if self.n_bank else None,
         )
 
-    def _load_data(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        C, H, _ = self.backbone.sample_shape
-        codec = self.loaded.codec
-        resolution = cfg.data.resolution or (H * 8 if codec.is_latent else H)
-        channels = 3 if codec.is_latent else C
-        cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
-        with acc.main_process_first():
-            images = load_target_images(cfg.data, resolution, channels)
-            self.backbone.check_target_classes(len(images.class_names))
-            codec_id = f"{self.loaded.vae_source}:{resolution}" if codec.is_latent else "pixel"
-            self.target = encode_and_cache(images, codec, cache_dir, codec_id, cfg.data.hflip, device=acc.device)
-        if tuple(self.target["samples"].shape[1:]) != self.backbone.sample_shape:
-            raise ValueError(
-                f"target data encodes to {tuple(self.target['samples'].shape[1:])} but the model expects "
-                f"{self.backbone.sample_shape}; set data.resolution to match the model"
-            )
-        self.class_names = images.class_names
-        self.bank = torch.empty(0)
-        if cfg.bank_count:
-            self.bank = load_bank(cfg.bank.path, self.loaded)["samples"]
+    def _batch(self, step: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Draw]:
+        """The global batch of ``step``: x0 (B, C, H, W), conditions (guidance drop applied), is_bank (B,), draw.
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        """The global batch of ``step``: x0 (B, C, H, W), labels (B,), is_bank (B,), draw."""
+        Bank samples train the unconditional branch (docs/method.md §2): their condition is the
+        backbone's unconditional form.
+        """
         g = step_generator(self.cfg.train.seed, step)
         idx = self.state.target.take(self.n_target)
-        mean, std = self.target["samples"][idx], self.target["std"][idx]
+        mean, std = self.target.samples[idx], self.target.std[idx]
         x_target = mean + std * torch.randn(mean.shape, generator=g)  # a fresh VAE posterior sample
         parts = [x_target]
         if self.n_bank:
             parts.append(self.bank[self.state.bank.take(self.n_bank)])
         x0 = torch.cat(parts)
-        labels = torch.cat([self.target["labels"][idx], torch.full((self.n_bank,), self.backbone.null_label)])
+        cond = Conditioning.cat([self.target.cond.select(idx), self.backbone.unconditional(self.n_bank)])
         is_bank = torch.arange(x0.shape[0]) >= self.n_target
-        draw = self.loss_fn.draw(self.n_target, self.n_bank, tuple(mean.shape[1:]), g)
-        return x0, labels, is_bank, draw
+        draw = self.objective.draw(self.n_target, self.n_bank, tuple(mean.shape[1:]), g)
+        return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
 
     def train(self) -> Path:
         """Run the loop to ``train.max_steps``; returns the directory of the final model."""
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        params = self.trainable
         optimizer = torch.optim.AdamW(
             params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
             weight_decay=tc.weight_decay,
@@ -193,24 +172,24 @@ class Trainer:
             cfg.save(self.out / "config.yaml")
             self._truncate_history(after_step=self.state.step)
         acc.init_trackers("difftune", config=_flat_config(cfg))
-        log = _LogAccumulator(self.noise_scheduler.config.num_train_timesteps)
+        log = TermLog(self.noise_scheduler.config.num_train_timesteps)
         # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
         quiet = {} if acc.is_local_main_process else {"disable": True}
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
         chunks = acc.num_processes * tc.gradient_accumulation
         model.train()
         while self.state.step < tc.max_steps:
-            x0, labels, is_bank, draw = self._batch(self.state.step)
+            x0, cond, is_bank, draw = self._batch(self.state.step)
             for micro in range(tc.gradient_accumulation):
                 sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
                 last = micro == tc.gradient_accumulation - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
-                    terms = self.loss_fn(
-                        model, x0[sel].to(acc.device), labels[sel].to(acc.device), is_bank[sel].to(acc.device),
-                        draw[sel], self.backbone.null_label,
+                    terms = self.objective(
+                        model, x0[sel].to(acc.device), cond.select(sel).to(acc.device), is_bank[sel].to(acc.device),
+                        draw[sel],
                     )
                     # global-count normalisation x processes: DDP's gradient mean becomes the global mean
-                    loss = self.loss_fn.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
+                    loss = self.objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
                     acc.backward(loss)
                 log.add(terms)
             log.steps += 1
@@ -224,7 +203,7 @@ class Trainer:
             bar.update(1)
             step = self.state.step
             if step % tc.log_every == 0 or step == tc.max_steps:
-                scalars = log.flush(acc, self.n_target, self.n_bank, self.loss_fn.bank_weight)
+                scalars = log.flush(acc, self.n_target, self.n_bank, self.objective.bank_weight)
                 acc.log(scalars, step=step)
                 self._append_history(step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
@@ -259,9 +238,6 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
-    def _ema_parameters(self) -> list[torch.Tensor] | None:
-        return list(self.ema.shadow_params) if self.ema is not None else None
-
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/checkpoint-<step>`` (model, EMA, resume state, config) and rotate old ones."""
         acc, step = self.accelerator, self.state.step
@@ -274,11 +250,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
-            backbone = acc.unwrap_model(self.model)
-            save_model(
-                backbone, self.loaded.scheduler_config, tmp / "model", self.loaded.source,
-                self.loaded.vae_source, self.loaded.vae_subfolder, self._ema_parameters(),
-            )
+            save_model(self.loaded, tmp / "model", self.ema)
             self.cfg.save(tmp / "config.yaml")
             if final.exists():
                 shutil.rmtree(final)
@@ -290,60 +262,18 @@ class Trainer:
 
     @torch.no_grad()
     def save_sample_grid(self, path: Path, per_class: int = 8) -> None:
-        """A grid of samples (one row per target class, fixed seeds) from the current weights."""
+        """A grid of samples (one row per distinct target condition, e.g. class, fixed seeds) from the current weights."""
         backbone = self.accelerator.unwrap_model(self.model)
         was_training = backbone.training
         backbone.eval()
-        k = len(self.class_names)
-        labels = torch.arange(k).repeat_interleave(per_class)
-        scheduler = build_scheduler(self.cfg.bank.scheduler, self.loaded.scheduler_config)
-        x = generate(
-            backbone, scheduler, labels, list(range(labels.numel())), backbone.sample_shape,
-            backbone.null_label, self.cfg.bank.guidance_scale, self.cfg.train.sample_steps, self.accelerator.device,
+        rows = self.target.cond.distinct()
+        cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
+        x = generate_with_spec(
+            backbone, self.loaded.scheduler_config, self.cfg.train.sampling, cond, device=self.accelerator.device
         )
         images = to_unit_range(self.loaded.codec.decode(x))
         save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
         backbone.train(was_training)
-
-
-class _LogAccumulator:
-    """Sums of losses since the last log: weighted totals, and raw loss per stream and quarter of t.
-
-    The sums stay on the loss's device and reach the host only in :meth:`flush`, so logging adds
-    no host synchronisation to a training step.
-    """
-
-    def __init__(self, num_timesteps: int) -> None:
-        self.T = num_timesteps
-        self.sums = torch.zeros(2 + 2 * 4 * 2, dtype=torch.float64)  # weighted (2), then (stream, quarter, sum|count)
-        self.steps = 0
-
-    def add(self, terms: LossTerms) -> None:
-        self.sums = self.sums.to(terms.loss.device)
-        stream = terms.is_bank.long()  # 0 target, 1 bank
-        quarter = (terms.t * 4 // self.T).clamp(max=3)
-        cell = 2 + (stream * 4 + quarter) * 2
-        self.sums.index_add_(0, stream, terms.loss.detach().double())
-        self.sums.index_add_(0, cell, terms.raw.double())
-        self.sums.index_add_(0, cell + 1, torch.ones_like(terms.raw, dtype=torch.float64))
-
-    def flush(self, acc: Accelerator, n_target: int, n_bank: int, bank_weight: float) -> dict[str, float]:
-        total = acc.reduce(self.sums, reduction="sum") if acc.num_processes > 1 else self.sums
-        total = total.cpu()
-        weighted, quarters = total[:2], total[2:].view(2, 4, 2)
-        steps = max(self.steps, 1)
-        target = float(weighted[0]) / (n_target * steps)
-        bank = float(weighted[1]) / (n_bank * steps) if n_bank else 0.0
-        out = {"loss/total": target + bank_weight * bank, "loss/target": target}
-        if n_bank:
-            out["loss/bank"] = bank
-        for s, name in enumerate(("target", "bank")):
-            for q in range(4):
-                if quarters[s, q, 1] > 0:
-                    out[f"loss_by_t/{name}_q{q + 1}"] = float(quarters[s, q, 0] / quarters[s, q, 1])
-        self.sums = torch.zeros_like(self.sums)
-        self.steps = 0
-        return out
 
 
 def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""Chain-of-forgetting probes (paper-notes §1).
+"""Chain-of-forgetting probes (docs/method.md §1).
 
 * :func:`swap_probe`: sample with the fine-tuned model and hand the last fraction f of the reverse
   chain (the low-noise end) over to the pre-trained model; score each f with the same seeds. The
   paper finds the score flat for small f and worse and worse as f grows: transferability of the
   pre-trained denoiser decreases monotonically along the reverse process.
-* :func:`transfer_gap`: the cheap probe, no sampling: the denoising loss of the pre-trained and the
-  fine-tuned model on held-out target data, binned over t, with the same noise for both.
+* :func:`transfer_gap`: the cheap probe, no sampling: the denoising loss (in the models' own
+  parameterisation: epsilon-MSE for epsilon models) of the pre-trained and the fine-tuned model on
+  held-out target data, binned over t, with the same noise for both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from difftune.backbones.base import Backbone
+from difftune.backbones.conditioning import Conditioning
+from difftune.objectives.prediction import Parameterisation
 from difftune.sampling import generate
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -31,7 +34,7 @@ def swap_probe(
     finetuned: Backbone,
     pretrained: Backbone,
     scheduler: SchedulerMixin,
-    labels: torch.Tensor,
+    cond: Conditioning,
     seeds: Sequence[int],
     score: Callable[[torch.Tensor], float],
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
@@ -44,7 +47,8 @@ def swap_probe(
     Args:
         finetuned, pretrained: the two denoisers (same sample space).
         scheduler: the sampling scheduler.
-        labels: target class labels (N,) for the fine-tuned model (the pre-trained model gets null).
+        cond: target conditions (N) for the fine-tuned model (the pre-trained model gets its
+            unconditional form).
         seeds: one seed per sample (N); the same for every fraction.
         score: diffusion-space samples (N, C, H, W) -> a number (e.g. decode + FID).
         fractions: the hand-over fractions f in [0, 1].
@@ -61,8 +65,8 @@ def swap_probe(
     out = []
     for f in tqdm(fractions, desc="swap probe"):
         x = generate(
-            finetuned, scheduler, labels, seeds, finetuned.sample_shape, finetuned.null_label, guidance_scale,
-            num_inference_steps, device, handover=pretrained, handover_fraction=f,
+            finetuned, scheduler, cond, seeds, guidance_scale, num_inference_steps, device,
+            handover=pretrained, handover_fraction=f,
         )
         out.append({"fraction": float(f), "score": float(score(x))})
     return out
@@ -74,22 +78,22 @@ def transfer_gap(
     pretrained: Backbone,
     scheduler_config: dict[str, Any],
     x0: torch.Tensor,
-    labels: torch.Tensor,
+    cond: Conditioning,
     num_bins: int = 10,
     draws_per_bin: int = 1,
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> list[dict[str, float]]:
-    """Per-bin epsilon-MSE of both models on held-out target data, with shared t and noise.
+    """Per-bin denoising MSE of both models on held-out target data, with shared t and noise.
 
     For each of ``num_bins`` equal ranges of t, every sample gets a t drawn uniformly within the
     range and fresh noise (``draws_per_bin`` times); both models see the same x_t. The fine-tuned
-    model gets the target label, the pre-trained model the null label.
+    model gets the target condition, the pre-trained model its unconditional form.
 
     Args:
         x0: held-out target samples in the diffusion space (N, C, H, W).
-        labels: their target labels (N,).
+        cond: their target conditions (N).
 
     Returns:
         ``[{"t_low", "t_high", "pretrained", "finetuned", "gap", "ratio"}, ...]`` per bin: gap = pre-trained
@@ -97,6 +101,7 @@ def transfer_gap(
         model shrinks as t grows, so the absolute gap shrinks too; the ratio is the scale-free view.
     """
     scheduler = DDPMScheduler.from_config(scheduler_config)
+    parameterisation = Parameterisation(scheduler)
     T = scheduler.config.num_train_timesteps
     edges = torch.linspace(0, T, num_bins + 1).round().long()
     g = torch.Generator().manual_seed(seed)
@@ -111,13 +116,12 @@ def transfer_gap(
             for idx in torch.arange(x0.shape[0]).split(batch_size):
                 x, t, noise = x0[idx].to(device), t_all[idx].to(device), noise_all[idx].to(device)
                 x_t = scheduler.add_noise(x, noise, t)
-                y = labels[idx].to(device)
+                target = parameterisation.target(x, noise, t).float()
+                conds = (pretrained.unconditional(idx.numel(), device), cond.select(idx).to(device))
                 C = x.shape[1]
-                for k, (model, lab) in enumerate(
-                    ((pretrained, torch.full_like(y, pretrained.null_label)), (finetuned, y))
-                ):
-                    pred = model(x_t, t, lab)[:, :C].float()
-                    sums[k] += (pred - noise.float()).pow(2).flatten(1).mean(1).double().sum().cpu()
+                for k, (model, c) in enumerate(zip((pretrained, finetuned), conds, strict=True)):
+                    pred = model(x_t, t, c)[:, :C].float()
+                    sums[k] += (pred - target).pow(2).flatten(1).mean(1).double().sum().cpu()
                 count += idx.numel()
         pre, fine = (sums / count).tolist()
         ratio = pre / fine if fine > 0 else float("inf")

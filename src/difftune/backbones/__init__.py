@@ -1,7 +1,8 @@
 """Backbone adapters over diffusers models, and loading from the hub or a local directory."""
 
-from difftune.backbones.base import Backbone
+from difftune.backbones.base import Backbone, ClassConditionalBackbone
 from difftune.backbones.codec import LatentCodec
+from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.loading import (
     BACKBONES,
@@ -16,6 +17,8 @@ from difftune.backbones.unet import UNetBackbone
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "ClassConditionalBackbone",
+    "Conditioning",
     "DiTBackbone",
     "LatentCodec",
     "LoadedModel",

@@ -1,43 +1,96 @@
-"""The one interface every backbone adapter implements (k-diffusion ``external.py`` style)."""
+"""The one interface every backbone adapter implements (k-diffusion ``external.py`` style).
+
+An adapter wraps one diffusers model class and owns its conditioning: what a condition bundle holds,
+its unconditional form and the classifier-free-guidance drop. The objective, the sampler, the bank
+and the trainer pass :class:`~difftune.backbones.conditioning.Conditioning` through untouched.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
+from difftune.backbones.conditioning import Conditioning
+
 
 class Backbone(nn.Module):
-    """A class-conditional denoiser: ``forward(x_t, t, labels) -> raw model output``.
-
-    Subclasses wrap one diffusers model class and override :meth:`forward` only. The adapter knows
-    nothing of timestep weighting or the training loop.
+    """A conditional denoiser: ``forward(x_t, t, cond) -> raw model output``.
 
     Attributes:
         inner: the wrapped diffusers model (what ``save_pretrained`` writes).
-        num_classes: number of source classes; the null (unconditional) label is ``num_classes``.
+        subfolder: the sub-folder the model is saved in (``transformer`` or ``unet``).
         learns_variance: the output has ``2 * C`` channels (epsilon-like prediction + variance
-            interpolation values in [-1, 1], as DiT / improved DDPM).
+            interpolation values in [-1, 1], as DiT / improved DDPM); the objective adds the
+            variational-bound term for them.
         sample_shape: (C, H, W) of the space the diffusion runs in (latents or pixels).
     """
 
     inner: nn.Module
-    num_classes: int
     learns_variance: bool
     sample_shape: tuple[int, int, int]
     subfolder: str
 
-    @property
-    def null_label(self) -> int:
-        """Label id of the unconditional branch (used by the bank stream and CFG dropout)."""
-        return self.num_classes
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Predict from ``x_t`` (N, C, H, W), integer timesteps ``t`` (N,) and labels (N,).
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Predict from ``x_t`` (N, C, H, W), integer timesteps ``t`` (N,) and a bundle of N conditions.
 
         Returns:
             (N, C, H, W), or (N, 2C, H, W) when :attr:`learns_variance`.
         """
         raise NotImplementedError
+
+    def unconditional(self, n: int, device: torch.device | str = "cpu") -> Conditioning:
+        """The unconditional form of the condition, for ``n`` samples (guidance's second branch)."""
+        raise NotImplementedError
+
+    def drop(self, cond: Conditioning, mask: torch.Tensor) -> Conditioning:
+        """Classifier-free-guidance drop: rows where ``mask`` (N,) is True become unconditional.
+
+        The default replaces every tensor of the bundle; a model whose condition has parts that
+        guidance keeps (a ControlNet's control image) overrides this.
+        """
+        return cond.where(mask, self.unconditional(cond.batch_size, cond.device))
+
+    def check_condition(self, cond: Conditioning) -> None:
+        """Refuse a condition bundle this model cannot consume (ValueError with the fix)."""
+
+    def bank_condition(self, indices: torch.Tensor) -> Conditioning:
+        """The condition knowledge-bank sample ``i`` is generated with, for each ``i`` in ``indices`` (N,)."""
+        raise NotImplementedError
+
+    def bank_record(self) -> dict[str, Any]:
+        """What the bank's manifest records about :meth:`bank_condition` (JSON-serialisable)."""
+        return {}
+
+
+class ClassConditionalBackbone(Backbone):
+    """A backbone conditioned on class labels: ``cond = {"labels": (N,) int64}``.
+
+    Attributes:
+        num_classes: number of source classes K; label ``K`` is the null (unconditional) label.
+    """
+
+    num_classes: int
+
+    @property
+    def null_label(self) -> int:
+        """Label id of the unconditional branch."""
+        return self.num_classes
+
+    @staticmethod
+    def condition(labels: torch.Tensor | list[int]) -> Conditioning:
+        """The condition bundle of class labels (N,)."""
+        return Conditioning({"labels": torch.as_tensor(labels, dtype=torch.long)})
+
+    def unconditional(self, n: int, device: torch.device | str = "cpu") -> Conditioning:
+        return self.condition(torch.full((n,), self.null_label, dtype=torch.long, device=device))
+
+    def check_condition(self, cond: Conditioning) -> None:
+        if "labels" not in cond:
+            raise ValueError(f"a class-conditional model needs class labels, got a condition with {list(cond)}")
+        if cond.batch_size:
+            self.check_target_classes(int(cond["labels"].max()) + 1)
 
     def check_target_classes(self, num_target_classes: int) -> None:
         """Refuse a target label set that does not fit in the source's label rows 0..K-1."""
@@ -46,3 +99,10 @@ class Backbone(nn.Module):
                 f"target dataset has {num_target_classes} classes but the source model has only "
                 f"{self.num_classes} label rows; use a source model with at least as many classes"
             )
+
+    def bank_condition(self, indices: torch.Tensor) -> Conditioning:
+        """Classes uniform over the source label set: sample ``i`` has label ``i mod K``."""
+        return self.condition(indices % self.num_classes)
+
+    def bank_record(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "label_rule": "i mod num_classes"}

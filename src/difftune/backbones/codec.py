@@ -13,21 +13,46 @@ class LatentCodec:
     posterior's mean and standard deviation, so a cache of them can be sampled afresh every step,
     as DiT's training does with ``latent_dist.sample()``, without re-running the encoder.
 
+    The codec also owns the facts that differ between latent and pixel space: the image size and
+    channels that encode to a given sample shape, and the identity string that keys caches of
+    encoded data.
+
     Args:
         vae: a frozen ``AutoencoderKL``, or ``None`` for pixel space.
+        source: where the VAE was loaded from (part of :meth:`identity`).
     """
 
-    def __init__(self, vae: AutoencoderKL | None = None) -> None:
+    def __init__(self, vae: AutoencoderKL | None = None, source: str | None = None) -> None:
         self.vae = vae
+        self.source = source
         if vae is not None:
             vae.requires_grad_(False).eval()
             self.scaling = float(vae.config.scaling_factor)
             self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+            # each VAE block but the last halves the resolution, as in the diffusers pipelines
+            self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def is_latent(self) -> bool:
         """True when a VAE is used."""
         return self.vae is not None
+
+    @property
+    def space(self) -> str:
+        """``"latent"`` or ``"pixel"``: the space the diffusion runs in."""
+        return "latent" if self.is_latent else "pixel"
+
+    def image_size(self, sample_shape: tuple[int, int, int]) -> int:
+        """Side of the (square) images that encode to samples of shape (C, H, W)."""
+        return sample_shape[1] * self.downsample if self.is_latent else sample_shape[1]
+
+    def image_channels(self, sample_shape: tuple[int, int, int]) -> int:
+        """Channels of those images: RGB for a VAE, the sample's own channels in pixel space."""
+        return int(self.vae.config.in_channels) if self.vae is not None else sample_shape[0]
+
+    def identity(self, resolution: int) -> str:
+        """A string that changes when encoding images of side ``resolution`` would give other samples."""
+        return f"{self.source}:{resolution}" if self.is_latent else "pixel"
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentCodec:
         """Move the VAE (if any) to ``device``."""

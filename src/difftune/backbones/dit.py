@@ -6,15 +6,17 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from difftune.backbones.base import Backbone
+from difftune.backbones.base import ClassConditionalBackbone
+from difftune.backbones.conditioning import Conditioning
 
 
-class DiTBackbone(Backbone):
+class DiTBackbone(ClassConditionalBackbone):
     """DiT: labels 0..num_embeds_ada_norm-1, null label = num_embeds_ada_norm.
 
-    diffusers keeps one label embedding per block, each with its own random label dropout in
-    train mode (design.md, known traps). That dropout is switched off here: classifier-free-guidance
-    dropout and null-label routing are done once per sample by the loss.
+    diffusers keeps one label embedding per block, each with its own random label dropout in train
+    mode, so a sample's label would be dropped in some blocks and kept in others. That dropout is
+    switched off here: the classifier-free-guidance drop is done once per sample, through
+    :meth:`~difftune.backbones.base.Backbone.drop` (docs/architecture.md, "Known traps").
     """
 
     subfolder = "transformer"
@@ -33,5 +35,5 @@ class DiTBackbone(Backbone):
         self.learns_variance = out_channels == 2 * cfg.in_channels
         self.sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.inner(x_t, timestep=t, class_labels=labels).sample
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.inner(x_t, timestep=t, class_labels=cond["labels"]).sample

@@ -11,19 +11,20 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers.training_utils import EMAModel
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.unet import UNetBackbone
 from difftune.config import check_model_path
+from difftune.tuning import trainable_parameters
 
 # diffusers class name in config.json -> (diffusers class, adapter)
 BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
@@ -138,7 +139,7 @@ def load_pretrained(
         scheduler_config = dict(DDPMScheduler().config)
     return LoadedModel(
         backbone=backbone,
-        codec=LatentCodec(vae_model),
+        codec=LatentCodec(vae_model, vae_source),
         scheduler_config=scheduler_config,
         source=record.get("source", pretrained),
         vae_source=vae_source,
@@ -173,37 +174,44 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_model(
-    backbone: Backbone,
-    scheduler_config: dict[str, Any],
-    directory: str | os.PathLike,
-    source: str,
-    vae_source: str | None,
-    vae_subfolder: str | None = None,
-    ema_parameters: Iterable[torch.Tensor] | None = None,
-) -> None:
+def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel | None = None) -> None:
     """Write a directory that stock diffusers and :func:`load_pretrained` both load.
 
-    Layout: ``<transformer|unet>/`` (trained weights), ``ema/<transformer|unet>/`` (the weights in
-    ``ema_parameters``, in the order of ``backbone.inner.parameters()``, if given), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
+    Layout: ``<transformer|unet>/`` (the trained weights), ``ema/<transformer|unet>/`` (with ``ema``:
+    the model with the EMA's averages in place of its trainable parameters; frozen ones as they
+    are), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
     Written into a temporary sibling and renamed, so a crash never leaves a half-written directory.
+
+    Args:
+        loaded: the model, whole (backbone, schedule, provenance).
+        directory: where to write.
+        ema: the EMA of the backbone's trainable parameters
+            (:func:`~difftune.tuning.trainable_parameters`, in that order), or ``None``.
+
+    Raises:
+        ValueError: ``ema`` does not hold one average per trainable parameter.
     """
+    backbone = loaded.backbone
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     backbone.inner.save_pretrained(tmp / backbone.subfolder)
-    if ema_parameters is not None:
-        params = list(backbone.inner.parameters())
-        trained = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, ema_parameters, strict=True):
-                p.copy_(e)
+    if ema is not None:
+        params = trainable_parameters(backbone.inner)
+        if len(params) != len(ema.shadow_params):
+            raise ValueError(
+                f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
+                "parameters; build the EMA from difftune.tuning.trainable_parameters(model)"
+            )
+        ema.store(params)
+        ema.copy_to(params)
+        try:
             backbone.inner.save_pretrained(tmp / "ema" / backbone.subfolder)
-            for p, t in zip(params, trained, strict=True):
-                p.copy_(t)
-    DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-    record = {"source": source, "vae": vae_source, "vae_subfolder": vae_subfolder}
+        finally:
+            ema.restore(params)
+    DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
+    record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
     (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
     if directory.exists():
         shutil.rmtree(directory)

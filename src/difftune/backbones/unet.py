@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from difftune.backbones.base import Backbone
+from difftune.backbones.base import ClassConditionalBackbone
+from difftune.backbones.conditioning import Conditioning
 
 
-class UNetBackbone(Backbone):
+class UNetBackbone(ClassConditionalBackbone):
     """Class-conditional UNet2DModel (``num_class_embeds`` set, ``class_embed_type`` None).
 
     Convention: the last embedding row is the null label, so a UNet with ``num_class_embeds = K + 1``
@@ -31,5 +32,5 @@ class UNetBackbone(Backbone):
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         self.sample_shape = (cfg.in_channels, size, size)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.inner(x_t, t, class_labels=labels).sample
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.inner(x_t, t, class_labels=cond["labels"]).sample

@@ -1,4 +1,4 @@
-"""Tests for difftune.losses and difftune.variational_bound on fixed inputs with a known fake model."""
+"""Tests for difftune.objectives (Diff-Tuning loss, prediction targets, variational bound, term log) on fixed inputs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from difftune.losses import DiffTuningLoss, Draw, LossTerms
+from difftune.backbones.conditioning import Conditioning
+from difftune.objectives import DiffTuningLoss, Draw, LossTerms
+from difftune.objectives.variational_bound import VariationalBound
 from difftune.schedules import power_down, power_up
-from difftune.variational_bound import VariationalBound
 
 T = 1000
 NUM_CLASSES = 5
@@ -30,7 +31,8 @@ class FakeModel(nn.Module):
         self.offsets = torch.linspace(-1.0, 1.0, NUM_CLASSES + 1)
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        labels = cond["labels"]
         self.seen.append(labels.clone())
         mean = self.scale * x_t + self.offsets[labels].view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1).float() / T
         if self.learn_sigma:
@@ -45,13 +47,14 @@ class LeafModel(nn.Module):
         super().__init__()
         self.out = nn.Parameter(out.clone())
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.out
 
 
 def _loss(prediction_type: str = "epsilon", **kwargs) -> DiffTuningLoss:
     kwargs.setdefault("bank_weight", 0.1)
     kwargs.setdefault("cfg_dropout", 0.1)
+    kwargs.setdefault("learn_variance", False)
     return DiffTuningLoss(
         DDPMScheduler(prediction_type=prediction_type), power_up(T, 1.0), power_down(T, 1.0), **kwargs
     )
@@ -63,11 +66,14 @@ def _abar64() -> torch.Tensor:
 
 @pytest.fixture
 def batch():
-    """Fixed inputs: 4 target rows (row 1 dropped to the null label) then 2 bank rows."""
+    """Fixed inputs: 4 target rows (row 1 dropped to the null label) then 2 bank rows (null label).
+
+    The conditions are given as the trainer hands them over: guidance drop and bank routing applied.
+    """
     g = torch.Generator().manual_seed(0)
     n = 6
     x0 = torch.rand((n, C, H, W), generator=g) * 2 - 1
-    labels = torch.tensor([0, 1, 2, 3, 4, 1])
+    labels = Conditioning({"labels": torch.tensor([0, NULL, 2, 3, NULL, NULL])})
     is_bank = torch.tensor([False, False, False, False, True, True])
     t = torch.tensor([0, 17, 500, 999, 3, 250])
     noise = torch.randn((n, C, H, W), generator=g)
@@ -91,7 +97,7 @@ def _hand_mean(x_t: torch.Tensor, t: torch.Tensor, routed: torch.Tensor, scale: 
 def test_epsilon_loss_equals_hand_computation(batch) -> None:
     x0, labels, is_bank, draw = batch
     loss_fn = _loss()
-    terms = loss_fn(FakeModel(), x0, labels, is_bank, draw, NULL)
+    terms = loss_fn(FakeModel(), x0, labels, is_bank, draw)
     routed = torch.tensor([0, NULL, 2, 3, NULL, NULL])
     pred = _hand_mean(_hand_xt(x0, draw.noise, draw.t), draw.t, routed)
     expected = ((pred - draw.noise.double()) ** 2).flatten(1).mean(1)
@@ -102,19 +108,20 @@ def test_epsilon_loss_equals_hand_computation(batch) -> None:
     assert torch.equal(terms.t, draw.t) and torch.equal(terms.is_bank, is_bank)
 
 
-def test_labels_routed_to_null_for_bank_and_dropped_rows(batch) -> None:
+def test_conditions_pass_through_in_one_forward_pass(batch) -> None:
     x0, labels, is_bank, draw = batch
     model = FakeModel()
-    _loss()(model, x0, labels, is_bank, draw, NULL)
+    terms = _loss()(model, x0, labels, is_bank, draw)
     assert len(model.seen) == 1  # one forward pass for target and bank together
-    assert model.seen[0].tolist() == [0, NULL, 2, 3, NULL, NULL]
-    assert labels.tolist() == [0, 1, 2, 3, 4, 1]  # input not modified in place
+    assert model.seen[0].tolist() == [0, NULL, 2, 3, NULL, NULL]  # untouched: routing is the backbone's
+    assert set(terms.terms) == {"mse"}
+    assert torch.equal(terms.terms["mse"], terms.raw)
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_v_and_sample_prediction_targets(batch, prediction_type: str) -> None:
     x0, labels, is_bank, draw = batch
-    terms = _loss(prediction_type)(FakeModel(), x0, labels, is_bank, draw, NULL)
+    terms = _loss(prediction_type)(FakeModel(), x0, labels, is_bank, draw)
     ab = _abar64()[draw.t].view(-1, 1, 1, 1)
     if prediction_type == "v_prediction":
         target = ab.sqrt() * draw.noise.double() - (1 - ab).sqrt() * x0.double()
@@ -135,7 +142,7 @@ def test_perfect_prediction_gives_zero_loss_for_every_parameterisation(batch) ->
         "sample": x0.double(),
     }
     for prediction_type, target in targets.items():
-        terms = _loss(prediction_type)(LeafModel(target.float()), x0, labels, is_bank, draw, NULL)
+        terms = _loss(prediction_type)(LeafModel(target.float()), x0, labels, is_bank, draw)
         assert torch.allclose(terms.loss, torch.zeros(6), atol=1e-10), prediction_type
 
 
@@ -146,11 +153,11 @@ def test_reduce_equals_target_mean_plus_lambda_bank_mean() -> None:
     loss_fn = _loss(bank_weight=0.3)
     loss = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], dtype=torch.float64)
     is_bank = torch.tensor([False, True, False, False, True, False, True])
-    terms = LossTerms(loss=loss, raw=loss, t=torch.zeros(7, dtype=torch.long), is_bank=is_bank)
+    terms = LossTerms(loss=loss, t=torch.zeros(7, dtype=torch.long), is_bank=is_bank, terms={"mse": loss})
     expected = (1 + 4 + 8 + 32) / 4 + 0.3 * (2 + 16 + 64) / 3
     assert math.isclose(float(loss_fn.reduce(terms, 4, 3)), expected, rel_tol=1e-12)
     # no bank: the bank rows are not counted
-    only_target = LossTerms(loss=loss[~is_bank], raw=loss[~is_bank], t=terms.t[:4], is_bank=is_bank[~is_bank])
+    only_target = LossTerms(loss=loss[~is_bank], t=terms.t[:4], is_bank=is_bank[~is_bank])
     assert math.isclose(float(loss_fn.reduce(only_target, 4, 0)), 45 / 4, rel_tol=1e-12)
 
 
@@ -159,14 +166,14 @@ def test_reduce_of_split_batch_sums_to_whole(batch) -> None:
     loss_fn = _loss(bank_weight=0.25)
     model = FakeModel()
     n_target, n_bank = int((~is_bank).sum()), int(is_bank.sum())
-    whole = loss_fn.reduce(loss_fn(model, x0, labels, is_bank, draw, NULL), n_target, n_bank)
-    terms = loss_fn(model, x0, labels, is_bank, draw, NULL)
+    whole = loss_fn.reduce(loss_fn(model, x0, labels, is_bank, draw), n_target, n_bank)
+    terms = loss_fn(model, x0, labels, is_bank, draw)
     by_hand = terms.loss[~is_bank].mean() + 0.25 * terms.loss[is_bank].mean()
     assert torch.allclose(whole, by_hand, rtol=1e-6)
     # uneven halves, as two processes (or two accumulation micro-steps) would see them
     total = torch.zeros(())
     for part in (slice(0, 2), slice(2, 6)):
-        part_terms = loss_fn(model, x0[part], labels[part], is_bank[part], draw[part], NULL)
+        part_terms = loss_fn(model, x0[part], labels.select(part), is_bank[part], draw[part])
         total = total + loss_fn.reduce(part_terms, n_target, n_bank)
     assert torch.allclose(total, whole, rtol=1e-6)
 
@@ -184,8 +191,8 @@ def test_draw_slicing() -> None:
 
 def test_weight_realisation_multiplies_by_stream_weight(batch) -> None:
     x0, labels, is_bank, draw = batch
-    sampled = _loss("epsilon", realisation="sample")(FakeModel(), x0, labels, is_bank, draw, NULL)
-    weighted = _loss("epsilon", realisation="weight")(FakeModel(), x0, labels, is_bank, draw, NULL)
+    sampled = _loss("epsilon", realisation="sample")(FakeModel(), x0, labels, is_bank, draw)
+    weighted = _loss("epsilon", realisation="weight")(FakeModel(), x0, labels, is_bank, draw)
     t = draw.t.double()
     psi = 2 * (t + 1) / (T + 1)  # power_up, s = 1
     xi = 2 * (T - t) / (T + 1)  # power_down, s = 1
@@ -361,7 +368,7 @@ def test_vb_term_added_for_2C_output_with_detached_mean(batch) -> None:
 
     def run(learn_variance: bool):
         model = LeafModel(out)
-        terms = _loss(learn_variance=learn_variance)(model, x0, labels, is_bank, draw, NULL)
+        terms = _loss(learn_variance=learn_variance)(model, x0, labels, is_bank, draw)
         terms.loss.sum().backward()
         return terms, model.out.grad
 
@@ -378,6 +385,8 @@ def test_vb_term_added_for_2C_output_with_detached_mean(batch) -> None:
                               draw.t.numpy(), pred_x0.numpy(), out[:, C:].double().numpy())
     added = (with_vb.raw - without_vb.raw).double().numpy()
     np.testing.assert_allclose(added, vb_ref, rtol=1e-5, atol=VB_ATOL)
+    assert set(with_vb.terms) == {"mse", "vb"} and set(without_vb.terms) == {"mse"}
+    assert torch.equal(with_vb.raw, with_vb.terms["mse"] + with_vb.terms["vb"])
     assert np.all(added[draw.t.numpy() < 900] > 1e-3)
 
     # gradient: the VB part does not reach the mean channels, it does reach the variance channels
@@ -386,13 +395,39 @@ def test_vb_term_added_for_2C_output_with_detached_mean(batch) -> None:
     assert torch.count_nonzero(grad_with[:, C:][draw.t < 900]) == grad_with[:, C:][draw.t < 900].numel()
 
 
-def test_learn_variance_off_or_C_output_has_no_vb(batch) -> None:
+def test_learn_variance_off_has_no_vb(batch) -> None:
     x0, labels, is_bank, draw = batch
-    plain = _loss()(FakeModel(learn_sigma=False), x0, labels, is_bank, draw, NULL)
-    no_vb = _loss(learn_variance=False)(FakeModel(learn_sigma=True), x0, labels, is_bank, draw, NULL)
-    with_vb = _loss(learn_variance=True)(FakeModel(learn_sigma=True), x0, labels, is_bank, draw, NULL)
+    plain = _loss()(FakeModel(learn_sigma=False), x0, labels, is_bank, draw)
+    no_vb = _loss(learn_variance=False)(FakeModel(learn_sigma=True), x0, labels, is_bank, draw)
+    with_vb = _loss(learn_variance=True)(FakeModel(learn_sigma=True), x0, labels, is_bank, draw)
     assert torch.allclose(no_vb.loss, plain.loss, rtol=1e-6, atol=0)
     assert (with_vb.loss > plain.loss).all()
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("wanted", [True, False])
+def test_variance_term_follows_the_backbone_declaration(learn_sigma: bool, wanted: bool) -> None:
+    from conftest import tiny_dit
+    from difftune.backbones import DiTBackbone
+    from difftune.config import ObjectiveConfig
+    from difftune.objectives import build_objective
+
+    backbone = DiTBackbone(tiny_dit(learn_sigma=learn_sigma))
+    assert backbone.learns_variance is learn_sigma
+    objective = build_objective(ObjectiveConfig(learn_variance=wanted), DDPMScheduler(), backbone)
+    assert objective.learn_variance is (wanted and learn_sigma)
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    draw = objective.draw(2, 1, (1, 8, 8), torch.Generator().manual_seed(0))
+    cond = backbone.drop(backbone.condition([0, 1, 0]), torch.tensor([False, False, True]))
+    terms = objective(backbone, x0, cond, torch.tensor([False, False, True]), draw)
+    assert set(terms.terms) == ({"mse", "vb"} if wanted and learn_sigma else {"mse"})
+
+
+def test_unknown_objective_kind_lists_the_valid_ones() -> None:
+    from difftune.config import ConfigError, ObjectiveConfig
+
+    with pytest.raises(ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning'\]"):
+        ObjectiveConfig(kind="distil")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -407,7 +442,7 @@ def test_vb_with_perfect_mean_equals_variance_only_bound(batch, prediction_type:
     }[prediction_type]
     v = torch.rand((6, C, H, W), generator=torch.Generator().manual_seed(4)) * 2 - 1
     out = torch.cat([mean_target.float(), v], 1)
-    terms = _loss(prediction_type)(LeafModel(out), x0, labels, is_bank, draw, NULL)
+    terms = _loss(prediction_type, learn_variance=True)(LeafModel(out), x0, labels, is_bank, draw)
     x_t = _hand_xt(x0, draw.noise, draw.t)
     ref = _np_reference_vb(DDPMScheduler().betas.double().numpy(), x0.double().numpy(), x_t.numpy(),
                            draw.t.numpy(), x0.double().numpy(), v.double().numpy())

@@ -1,55 +1,29 @@
-"""The Diff-Tuning objective (paper-notes §2): per-sample terms, one forward pass, reduced by the caller.
+"""The Diff-Tuning objective (docs/method.md §2): per-sample terms of one forward pass, reduced by the caller.
 
     loss = mean_{target} l(x, t ~ psi) + lambda * mean_{bank} l(x, t ~ xi)
 
-Plain fine-tuning (uniform psi, no bank), retention only (uniform psi + bank) and reconsolidation
-only (psi, no bank) are configurations of this one loss, not separate code.
+with l = epsilon-MSE (in the model's parameterisation) + the variational-bound term for models that
+learn their variance. Plain fine-tuning (uniform psi, no bank), retention only (uniform psi + bank)
+and reconsolidation only (psi, no bank) are configurations of this one objective, not separate code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDPMScheduler
 
+from difftune.objectives.base import Draw, LossTerms
+from difftune.objectives.prediction import Parameterisation
+from difftune.objectives.variational_bound import VariationalBound
 from difftune.schedules import TimestepSchedule
-from difftune.variational_bound import VariationalBound
 
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
-@dataclass
-class Draw:
-    """Everything random about one batch, drawn once for the global batch and sliced per process.
+    from difftune.backbones.conditioning import Conditioning
 
-    Attributes:
-        t: integer timesteps (N,).
-        noise: Gaussian noise (N, C, H, W).
-        drop: True where a target label is replaced by the null label (N,) (always False for bank).
-    """
-
-    t: torch.Tensor
-    noise: torch.Tensor
-    drop: torch.Tensor
-
-    def __getitem__(self, index: torch.Tensor | slice) -> Draw:
-        return Draw(self.t[index], self.noise[index], self.drop[index])
-
-
-@dataclass
-class LossTerms:
-    """Unreduced result of :class:`DiffTuningLoss`. All tensors have shape (N,).
-
-    Attributes:
-        loss: per-sample loss, including the schedule weight under the ``weight`` realisation.
-        raw: per-sample loss without that weight (for logging per range of t).
-        t: the timesteps used.
-        is_bank: True for bank (retention) samples, False for target (reconsolidation) samples.
-    """
-
-    loss: torch.Tensor
-    raw: torch.Tensor
-    t: torch.Tensor
-    is_bank: torch.Tensor
+REALISATIONS = ("sample", "weight")
 
 
 class DiffTuningLoss:
@@ -62,8 +36,9 @@ class DiffTuningLoss:
         realisation: ``"sample"`` (t ~ schedule, unit weight) or ``"weight"`` (uniform t, loss times
             ``T * p(t)``).
         bank_weight: lambda.
-        cfg_dropout: probability of routing a target sample to the null label.
-        learn_variance: add the variational-bound term for models that predict variance.
+        cfg_dropout: probability of dropping a target sample's condition (classifier-free guidance).
+        learn_variance: add the variational-bound term ``vb``; give it only for a model that
+            predicts its variance (``Backbone.learns_variance``): its output then has 2C channels.
     """
 
     def __init__(
@@ -76,7 +51,7 @@ class DiffTuningLoss:
         cfg_dropout: float = 0.1,
         learn_variance: bool = True,
     ) -> None:
-        if realisation not in ("sample", "weight"):
+        if realisation not in REALISATIONS:
             raise ValueError(f"realisation={realisation!r}: use 'sample' or 'weight'")
         T = scheduler.config.num_train_timesteps
         if target_schedule.num_timesteps != T or bank_schedule.num_timesteps != T:
@@ -87,13 +62,12 @@ class DiffTuningLoss:
         self.bank_weight = bank_weight
         self.cfg_dropout = cfg_dropout
         self.learn_variance = learn_variance
-        self.prediction_type = scheduler.config.prediction_type
+        self.parameterisation = Parameterisation(scheduler)
         self.vb = VariationalBound(scheduler.betas)
-        self.abar = scheduler.alphas_cumprod.float()
         self.num_timesteps = T
 
     def draw(self, n_target: int, n_bank: int, shape: tuple[int, ...], generator: torch.Generator) -> Draw:
-        """Draw t, noise and label dropout for ``n_target`` target then ``n_bank`` bank samples."""
+        """Draw t, noise and the guidance drop for ``n_target`` target then ``n_bank`` bank samples."""
         sampled = self.realisation == "sample"
         uniform = lambda n: torch.randint(0, self.num_timesteps, (n,), generator=generator)  # noqa: E731
         t_target = self.schedules[0].sample(n_target, generator) if sampled else uniform(n_target)
@@ -103,57 +77,36 @@ class DiffTuningLoss:
         drop[n_target:] = False
         return Draw(torch.cat([t_target, t_bank]), noise, drop)
 
-    def _x0_from_output(self, out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
-        if self.prediction_type == "v_prediction":
-            return abar.sqrt() * x_t - (1 - abar).sqrt() * out
-        return out
-
     def __call__(
-        self,
-        model: torch.nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        is_bank: torch.Tensor,
-        draw: Draw,
-        null_label: int,
+        self, model: torch.nn.Module, x0: torch.Tensor, cond: Conditioning, is_bank: torch.Tensor, draw: Draw
     ) -> LossTerms:
-        """Per-sample loss terms for one forward pass over target and bank samples together.
+        """Per-sample terms for one forward pass over target and bank samples together.
 
         Args:
             model: a :class:`~difftune.backbones.Backbone` (possibly wrapped by DDP).
             x0: clean samples (N, C, H, W).
-            labels: class labels (N,); ignored for bank samples, which go to ``null_label``.
+            cond: their conditions, guidance drop already applied (N).
             is_bank: (N,) bool.
             draw: this batch's random draws (see :meth:`draw`).
-            null_label: the model's unconditional label id.
         """
         device = x0.device
         t, noise = draw.t.to(device), draw.noise.to(device=device, dtype=x0.dtype)
-        routed = torch.where(is_bank | draw.drop.to(device), torch.full_like(labels, null_label), labels)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        out = model(x_t, t, routed)  # (N, C or 2C, H, W)
+        out = model(x_t, t, cond)  # (N, C or 2C, H, W)
         C = x0.shape[1]
         pred = out[:, :C]
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, noise, t)
-        else:
-            target = x0
-        raw = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (N,)
-        if out.shape[1] == 2 * C and self.learn_variance:
-            if self.abar.device != device:
-                self.abar = self.abar.to(device)
-            abar = self.abar[t].view(-1, *([1] * (x0.ndim - 1)))
-            pred_x0 = self._x0_from_output(pred.detach().float(), x_t.float(), abar)
-            raw = raw + self.vb(x0, x_t, t, pred_x0, out[:, C:])
+        target = self.parameterisation.target(x0, noise, t)
+        terms = {"mse": (pred.float() - target.float()).pow(2).flatten(1).mean(1)}  # (N,)
+        raw = terms["mse"]
+        if self.learn_variance:
+            pred_x0 = self.parameterisation.x0(pred.detach().float(), x_t.float(), t)
+            terms["vb"] = self.vb(x0, x_t, t, pred_x0, out[:, C:])  # trains the variance channels only
+            raw = raw + terms["vb"]
         loss = raw
         if self.realisation == "weight":
             weight = torch.where(is_bank, self.schedules[1].loss_weight(t), self.schedules[0].loss_weight(t))
             loss = raw * weight
-        return LossTerms(loss=loss, raw=raw.detach(), t=t, is_bank=is_bank)
+        return LossTerms(loss=loss, t=t, is_bank=is_bank, terms={k: v.detach() for k, v in terms.items()})
 
     def reduce(self, terms: LossTerms, n_target: int, n_bank: int) -> torch.Tensor:
         """sum(target losses) / n_target + lambda * sum(bank losses) / n_bank.
