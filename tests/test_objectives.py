@@ -447,3 +447,33 @@ def test_vb_with_perfect_mean_equals_variance_only_bound(batch, prediction_type:
     ref = _np_reference_vb(DDPMScheduler().betas.double().numpy(), x0.double().numpy(), x_t.numpy(),
                            draw.t.numpy(), x0.double().numpy(), v.double().numpy())
     np.testing.assert_allclose(terms.loss.detach().double().numpy(), ref, rtol=1e-5, atol=VB_ATOL)
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+class _OneProcess:
+    num_processes = 1
+
+
+def test_term_log_logs_whatever_terms_appear_per_stream_and_quarter() -> None:
+    from difftune.objectives.term_log import TermLog
+
+    log = TermLog(T)
+    t = torch.tensor([10, 260, 990, 5, 600])
+    is_bank = torch.tensor([False, False, False, True, True])
+    mse = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    extra = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5])
+    for _ in range(2):  # two micro-steps of the same terms
+        log.add(LossTerms(loss=mse * 2, t=t, is_bank=is_bank, terms={"mse": mse, "distill": extra}))
+    log.steps = 1
+    out = log.flush(_OneProcess(), n_target=3, n_bank=2, bank_weight=0.1)
+    assert out["loss/target"] == pytest.approx(2 * (2 + 4 + 6) / 3)
+    assert out["loss/bank"] == pytest.approx(2 * (8 + 10) / 2)
+    assert out["loss/total"] == pytest.approx(out["loss/target"] + 0.1 * out["loss/bank"])
+    assert out["mse_by_t/target_q1"] == 1.0 and out["mse_by_t/target_q2"] == 2.0
+    assert out["mse_by_t/target_q4"] == 3.0 and out["mse_by_t/bank_q1"] == 4.0 and out["mse_by_t/bank_q3"] == 5.0
+    assert out["distill_by_t/bank_q3"] == 0.5
+    assert out["loss_by_t/target_q4"] == 3.5  # the sum of the terms
+    assert "mse_by_t/target_q3" not in out  # no sample there
+    assert log.flush(_OneProcess(), 3, 2, 0.1)["loss/total"] == 0.0  # reset after a flush
