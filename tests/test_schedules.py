@@ -70,7 +70,7 @@ def test_exponent_zero_is_uniform(factory) -> None:
 
 
 def test_linear_weights_match_paper_psi_and_xi() -> None:
-    # s = 1: psi(t) = 2 (t + 1) / (T + 1), xi(t) = 2 (T - t) / (T + 1)  (paper-notes §2)
+    # s = 1: psi(t) = 2 (t + 1) / (T + 1), xi(t) = 2 (T - t) / (T + 1)  (docs/method.md §2)
     assert torch.allclose(power_up(T, 1.0).weights(), 2 * (t64 + 1) / (T + 1), rtol=1e-12, atol=0)
     assert torch.allclose(power_down(T, 1.0).weights(), 2 * (T - t64) / (T + 1), rtol=1e-12, atol=0)
 

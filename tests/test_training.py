@@ -328,7 +328,7 @@ def test_corrupt_image_named_in_error(corruption: str, dit_dir: Path, tmp_path: 
 
 
 def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
-    """Real gloo DDP with two processes: same bank, same weights as one process (design.md, known traps)."""
+    """Real gloo DDP with two processes: same bank, same weights as one process (docs/architecture.md, "Known traps")."""
     # 7 target + 3 bank samples: rank 0 gets 4 + 1, rank 1 gets 3 + 2 (see the accumulation test)
     extra = ("train.checkpoint_every=0", "objective.bank_share=0.3")
     ddp_args = overrides(dit_dir, tmp_path / "ddp_run", tmp_path / "ddp_bank", *extra)

@@ -1,6 +1,6 @@
 """Timestep schedules: one object gives the weight table, samples t and returns loss weights.
 
-A schedule is a non-negative function over normalised time (paper-notes §4), tabulated over the
+A schedule is a non-negative function over normalised time (docs/method.md §4), tabulated over the
 T discrete timesteps and normalised to a probability p(t). Both realisations of Diff-Tuning's
 weighting come from the same table:
 
@@ -82,12 +82,12 @@ def uniform(num_timesteps: int, exponent: float = 0.0) -> TimestepSchedule:
 
 
 def power_up(num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
-    """Reconsolidation psi: p(t) proportional to (t + 1)^s, mass toward high noise (paper-notes §2)."""
+    """Reconsolidation psi: p(t) proportional to (t + 1)^s, mass toward high noise (docs/method.md §2)."""
     return TimestepSchedule(lambda u: u**exponent, num_timesteps, name=f"power_up(s={exponent:g})")
 
 
 def power_down(num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
-    """Retention xi: p(t) proportional to (T - t)^s, mass toward low noise (paper-notes §2)."""
+    """Retention xi: p(t) proportional to (T - t)^s, mass toward low noise (docs/method.md §2)."""
     return TimestepSchedule(
         lambda u: u**exponent, num_timesteps, reverse_time=True, name=f"power_down(s={exponent:g})"
     )

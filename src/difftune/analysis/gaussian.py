@@ -1,4 +1,4 @@
-"""Analytic check of the chain of forgetting on Gaussian mixtures (paper-notes §1).
+"""Analytic check of the chain of forgetting on Gaussian mixtures (docs/method.md §1).
 
 For Gaussian-mixture data the MMSE-optimal DDPM denoiser has a closed form, so the gap between the
 source-optimal and the target-optimal denoiser can be measured exactly (up to Monte-Carlo over x_t)
@@ -14,7 +14,7 @@ The eps form is evaluated directly (not by subtraction) so that it stays exact a
 
 Which gap the paper's argument is about
 ---------------------------------------
-The argument (paper-notes §1) is about the denoiser D_t(x_t) = E[x0 | x_t]: as t -> 0 it tends to
+The argument (docs/method.md §1) is about the denoiser D_t(x_t) = E[x0 | x_t]: as t -> 0 it tends to
 the identity x_t / sqrt(abar) for any smooth distribution (domain-agnostic), as t -> T it tends to
 the data mean E[x0] (a global statistic of the domain). So the quantity is the x0-space gap
 
