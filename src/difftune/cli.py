@@ -1,7 +1,8 @@
 """Command-line interface: ``difftune {train,bank,sample,demo,eval,forgetting}``.
 
 Every subcommand takes ``--dry-run``: it validates its inputs, prints what it would do, and exits.
-Errors a user can fix are printed as one line (``difftune: error: ...``) with exit code 2.
+Errors a user can fix (:data:`USER_ERRORS`) are printed as one line (``difftune: error: ...``) with exit
+code 2, or as a full traceback with ``-v``. Any other exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +18,10 @@ import torch
 import yaml
 
 from difftune.config import ConfigError, ExperimentConfig, check_model_path, load_config
+from difftune.errors import UserError
 
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)
+# bad input: UserError, and the built-in types the library raises for bad values and missing paths
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +143,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``difftune`` argument parser."""
     parser = argparse.ArgumentParser(prog="difftune", description="Diff-Tuning for diffusion models (NeurIPS 2024).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="verbose logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="verbose logging, and a full traceback on errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)")
@@ -190,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
+        if args.verbose:
+            traceback.print_exc()
+            return 2
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"difftune: error: {message}", file=sys.stderr)
         return 2

@@ -15,11 +15,15 @@ from typing import Any
 
 import yaml
 
+from difftune.errors import UserError
 from difftune.schedules import SCHEDULES
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the key and how to fix it."""
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value; the message names the key and how to fix it.
+
+    A :class:`~difftune.errors.UserError`, and a ``ValueError`` so that ``except ValueError`` catches it too.
+    """
 
 
 def _check(condition: bool, message: str) -> None:
