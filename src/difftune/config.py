@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from difftune.atomic import atomic_write_text
 from difftune.errors import UserError
 from difftune.schedules import SCHEDULES
 
@@ -256,10 +257,7 @@ class ExperimentConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _SECTIONS = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from difftune.atomic import atomic_open, atomic_path, atomic_write_json
 from difftune.metrics.fid import FeatureStats, fid_from_stats
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
 from difftune.metrics.reference_cache import load_cached_stats, reference_stats_key
@@ -163,16 +163,8 @@ def export_npz(images: np.ndarray, path: str | os.PathLike[str]) -> None:
     """Write uint8 images ``(N, H, W, 3)`` as guided-diffusion's evaluator reads them (key ``arr_0``), atomically."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=images)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, arr_0=images)
 
 
 # -------------------------------------------------------------------------------------------- features
@@ -243,10 +235,8 @@ class _WorkDir:
     ) -> tuple[Tensor, Tensor | None] | None:
         """All processes' features ``(total, D)`` (and uint8 images) in item order, on the main process only."""
         rank, world = self.state.process_index, self.state.num_processes
-        part = self.path / f"{tag}-rank{rank:04d}.pt"
-        tmp = part.with_name(part.name + ".tmp")
-        torch.save({"index": torch.from_numpy(indices), "features": feats, "images": images}, tmp)
-        os.replace(tmp, part)
+        with atomic_path(self.path / f"{tag}-rank{rank:04d}.pt") as tmp:
+            torch.save({"index": torch.from_numpy(indices), "features": feats, "images": images}, tmp)
         self.state.wait_for_everyone()
         if not self.state.is_main_process:
             return None
@@ -553,9 +543,7 @@ def _report(
     )
     if args.out_json:
         settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-        out = Path(args.out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
+        atomic_write_json(args.out_json, {**results, "settings": settings})
 
 
 def add_eval_parser(subparsers: Any) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from difftune.atomic import atomic_path
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
@@ -35,12 +36,9 @@ def to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike, upscale: int = 1) -> None:
-    """Save one image (C, H, W) in [0, 1] as PNG via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    to_pil(image, upscale).save(tmp)
-    os.replace(tmp, path)
+    """Save one image (C, H, W) in [0, 1] as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        to_pil(image, upscale).save(tmp, format="PNG")
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from difftune.atomic import atomic_path
 
 __all__ = [
     "DigitClassifier",
@@ -186,24 +186,13 @@ class DigitFeatureExtractor(nn.Module):
 
 
 def save_classifier(model: DigitClassifier, path: str | os.PathLike[str]) -> None:
-    """Save a classifier's weights and hyper-parameters to a safetensors file, atomically.
-
-    Writes to a temporary file in the target directory, then ``os.replace``-s it into place.
-    """
+    """Save a classifier's weights and hyper-parameters to a safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {"width": model.width, "num_features": model.num_features, "num_classes": model.num_classes}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"difftune_digit_classifier": json.dumps(config)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"difftune_digit_classifier": json.dumps(config)})
 
 
 def load_classifier(path: str | os.PathLike[str]) -> DigitClassifier:
