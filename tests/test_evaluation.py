@@ -21,6 +21,7 @@ from torch import nn
 
 from conftest import run_torchrun
 from difftune.cli import USER_ERRORS
+from difftune.datasets import load_sklearn_digits
 from difftune.evaluation import (
     add_eval_parser,
     kernel_inception_distance,
@@ -35,7 +36,6 @@ from difftune.metrics import (
     compute_feature_stats,
     fid_from_images,
     load_classifier,
-    load_sklearn_digits,
     save_classifier,
     train_digit_classifier,
 )

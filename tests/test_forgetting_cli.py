@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import save_pipeline_dir, tiny_dit
 from difftune.cli import main
+from difftune.datasets import load_sklearn_digits
 from difftune.metrics import save_classifier, train_digit_classifier
-from difftune.metrics.digits import load_sklearn_digits
 
 
 @pytest.fixture

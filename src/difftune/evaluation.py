@@ -108,7 +108,7 @@ def reference_dataset(spec: str) -> tuple[str, Tensor] | None:
     name, colon, classes_text = spec.partition(":")
     if name != "digits" or Path(spec).exists():
         return None
-    from difftune.metrics.digits import load_sklearn_digits
+    from difftune.datasets import load_sklearn_digits
 
     images, labels = load_sklearn_digits()
     if colon:

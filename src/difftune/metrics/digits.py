@@ -19,7 +19,6 @@ __all__ = [
     "DigitClassifier",
     "DigitFeatureExtractor",
     "load_classifier",
-    "load_sklearn_digits",
     "save_classifier",
     "train_digit_classifier",
 ]
@@ -62,20 +61,6 @@ class DigitClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits: images ``(N, 1, 8, 8)`` -> logits ``(N, num_classes)``."""
         return self.head(self.features(x))
-
-
-def load_sklearn_digits() -> tuple[Tensor, Tensor]:
-    """Load scikit-learn's bundled digits data set (1797 images, no download).
-
-    Returns:
-        ``images`` float32 ``(1797, 1, 8, 8)`` in ``[0, 1]`` and ``labels`` int64 ``(1797,)`` in ``0..9``.
-    """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.as_tensor(data.target, dtype=torch.long)
-    return images, labels
 
 
 def train_digit_classifier(
