@@ -308,6 +308,7 @@ def test_config_commands_user_errors(case: str, dit_dir: Path, tmp_path: Path, c
         (["--labels", "0,cat"], "--labels"),
         (["--per-label", "0"], "--per-label"),
         (["--steps", "0"], "--steps"),
+        (["--guidance-scale", "0.5"], "--guidance-scale"),
     ],
 )
 def test_sample_user_errors(extra: list[str], expect: str, dit_dir: Path, capsys) -> None:

@@ -21,25 +21,20 @@ from torch import nn
 
 from conftest import run_torchrun
 from difftune.cli import USER_ERRORS
-from difftune.evaluation import (
-    add_eval_parser,
-    kernel_inception_distance,
-    list_images,
-    precision_recall,
-    stats_from_features,
-)
-from difftune.images import save_png
+from difftune.commands.eval_fid import add_parser as add_eval_parser
+from difftune.datasets import load_sklearn_digits
+from difftune.images import list_images, save_png
 from difftune.metrics import (
     DigitFeatureExtractor,
     FeatureStats,
     compute_feature_stats,
     fid_from_images,
     load_classifier,
-    load_sklearn_digits,
     save_classifier,
     train_digit_classifier,
 )
 from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor
+from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
 from difftune.metrics.reference_cache import reference_stats_key
 from difftune.store import folder_identity
 
@@ -427,7 +422,7 @@ def test_inception_wrapper_feeds_rounded_uint8_rgb() -> None:
     ("case", "error", "match"),
     [
         ("missing_real", FileNotFoundError, "does not exist"),
-        ("empty_fake", ValueError, "no PNG/JPEG images"),
+        ("empty_fake", ValueError, r"no images \(\.png, \.jpg, .*\.webp.*\) in"),
         ("corrupt", ValueError, r"cannot read image .*broken\.png"),
         ("stats_dim", ValueError, r"feature dimension mismatch, file has 5.*gives 64"),
         ("missing_stats", FileNotFoundError, "do not exist"),
@@ -467,6 +462,20 @@ def test_bad_inputs(case, error, match, folders, classifier_path, tmp_path) -> N
     assert "\n" not in str(info.value)
 
 
+def test_webp_folder_is_scored_like_png(folders, classifier_path, tmp_path, capsys) -> None:
+    """Every format training accepts is accepted here too: lossless WebP gives the PNGs' FID exactly."""
+    real, fake = folders
+    webp = tmp_path / "webp"
+    webp.mkdir()
+    for path in list_images(fake):
+        Image.open(path).save(webp / f"{path.stem}.webp", lossless=True)
+    feats = ["--features", f"digits:{classifier_path}"]
+    assert run_eval(["fid", "--real", str(real), "--fake", str(fake), *feats]) == 0
+    from_png = parse_metrics(capsys.readouterr().out)["fid"]
+    assert run_eval(["fid", "--real", str(real), "--fake", str(webp), *feats]) == 0
+    assert parse_metrics(capsys.readouterr().out)["fid"] == from_png
+
+
 def test_resize_makes_mixed_sizes_comparable(folders, classifier_path, tmp_path, capsys) -> None:
     real, _ = folders
     mixed = write_folder(tmp_path / "mixed", torch.rand(4, 1, 8, 8))
@@ -488,7 +497,7 @@ def test_dry_run_validates_and_prints_plan(folders, tmp_path, capsys) -> None:
 
 WORKER = """
 import argparse, sys
-from difftune.evaluation import add_eval_parser
+from difftune.commands.eval_fid import add_parser as add_eval_parser
 parser = argparse.ArgumentParser()
 add_eval_parser(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])

@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import save_pipeline_dir, tiny_dit
 from difftune.cli import main
+from difftune.datasets import load_sklearn_digits
 from difftune.metrics import save_classifier, train_digit_classifier
-from difftune.metrics.digits import load_sklearn_digits
 
 
 @pytest.fixture
@@ -73,3 +73,7 @@ def test_forgetting_dry_run_and_bad_input(setup: dict[str, Path], capsys: pytest
     args = _args(setup)
     args[args.index("--heldout") + 1] = str(setup["out"] / "missing")
     assert main(args) == 2
+    for bad, flag in (["--scheduler", "NoSuchScheduler"], "--scheduler"), (["--steps", "0"], "--steps"):
+        capsys.readouterr()
+        assert main(_args(setup, *bad, "--dry-run")) == 2
+        assert flag in capsys.readouterr().err

@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from difftune.datasets import load_sklearn_digits
 from difftune.metrics import (
     DigitClassifier,
     DigitFeatureExtractor,
@@ -19,7 +20,6 @@ from difftune.metrics import (
     fid_from_stats,
     frechet_distance,
     load_classifier,
-    load_sklearn_digits,
     save_classifier,
     torchmetrics_fid,
     train_digit_classifier,

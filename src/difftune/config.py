@@ -15,13 +15,18 @@ from typing import Any
 
 import yaml
 
+from difftune.atomic import atomic_write_text
+from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec
 from difftune.schedules import SCHEDULES
 from difftune.tuning import TUNING_METHODS
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the key and how to fix it."""
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value; the message names the key and how to fix it.
+
+    A :class:`~difftune.errors.UserError`, and a ``ValueError`` so that ``except ValueError`` catches it too.
+    """
 
 
 def _check(condition: bool, message: str) -> None:
@@ -278,10 +283,7 @@ class ExperimentConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _SECTIONS = {

@@ -20,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.config import DataConfig
+from difftune.datasets import load_sklearn_digits
+from difftune.images import IMAGE_EXTENSIONS, image_files, open_image
 from difftune.store import LatentStore, folder_identity
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CACHE_FORMAT = 1
 
 
@@ -88,8 +89,6 @@ class TargetData:
 
 def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn digits as (images (N, 1, 8, 8) in [-1, 1], original digit labels (N,))."""
-    from difftune.metrics.digits import load_sklearn_digits
-
     images, labels = load_sklearn_digits()
     images = images * 2.0 - 1.0
     if classes is not None:
@@ -111,16 +110,17 @@ def few_shot_indices(labels: torch.Tensor, per_class: int | None, seed: int) -> 
 
 
 def _load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
-            scale = resolution / min(img.size)
-            img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC)
-            left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
-            array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path} ({err}); remove or replace the file") from None
+    """One image file, resized (shorter side) and centre-cropped to ``resolution``: ``(channels, r, r)`` in [-1, 1].
+
+    Raises:
+        ValueError: the file cannot be decoded (the message names it).
+    """
+    img = open_image(path, "RGB" if channels == 3 else "L")
+    scale = resolution / min(img.size)
+    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
 
@@ -147,11 +147,11 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
         raise ValueError(f"data.path {root} has no class sub-directories; put each class's images in its own folder")
     files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = image_files(class_dir)
         files += found
         labels += [label] * len(found)
     if not files:
-        raise ValueError(f"data.path {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise ValueError(f"data.path {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     label_tensor = torch.tensor(labels)
     keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
     files = [files[i] for i in keep.tolist()]

@@ -1,4 +1,10 @@
-"""Image files: grids and per-sample PNGs written atomically."""
+"""Image files, read and written in one place.
+
+Reading: the accepted formats (:data:`IMAGE_EXTENSIONS`, the same for training data and evaluation),
+listing them under a folder (:func:`image_files`, :func:`list_images`) and decoding one file
+(:func:`open_image`; a corrupt file is a one-line ``ValueError`` naming it). Writing: grids and
+per-sample PNGs, and image arrays as ``.npz``, all atomically (:mod:`difftune.atomic`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,78 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from difftune.atomic import atomic_open, atomic_path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
+# ---------------------------------------------------------------------------------------------- reading
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files (by :data:`IMAGE_EXTENSIONS`, any case) under ``folder``, recursively, sorted by path."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """:func:`image_files` of ``folder``, which must exist and hold at least one image.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        ValueError: ``folder`` is not a directory or holds no image.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a directory")
+    paths = image_files(root)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r} (searched recursively)")
+    return paths
+
+
+def open_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
+    """Decode one image file completely, converted to PIL ``mode`` (``"RGB"`` or ``"L"``).
+
+    Raises:
+        ValueError: the file cannot be decoded; one line naming the file.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot read image {str(path)!r} ({reason}); remove or replace the file") from None
+
+
+def load_image(path: str | os.PathLike[str], resize: int | None = None) -> torch.Tensor:
+    """One image file as uint8 RGB ``(3, H, W)``, optionally resized to ``resize x resize`` (PIL bicubic).
+
+    Raises:
+        ValueError: the file cannot be decoded (the message names it).
+    """
+    rgb = open_image(path, "RGB")
+    if resize is not None and rgb.size != (resize, resize):
+        rgb = rgb.resize((resize, resize), Image.BICUBIC)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def to_uint8_rgb(images: torch.Tensor, resize: int | None = None) -> torch.Tensor:
+    """Float images ``(B, C, H, W)`` in ``[0, 1]`` -> uint8 RGB ``(B, 3, H', W')``, as a PNG round trip does.
+
+    Grey images are repeated over three channels; ``resize`` resizes as :func:`load_image` does.
+    """
+    x = (images.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if resize is not None and tuple(x.shape[-2:]) != (resize, resize):
+        pils = [Image.fromarray(im.permute(1, 2, 0).numpy()).resize((resize, resize), Image.BICUBIC) for im in x]
+        x = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pils])
+    return x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- writing
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
     """Tile images (N, C, H, W) in [0, 1] into one (C, H', W') image, ``nrow`` images per row."""
     n, c, h, w = images.shape
@@ -35,14 +110,19 @@ def to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike, upscale: int = 1) -> None:
-    """Save one image (C, H, W) in [0, 1] as PNG via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    to_pil(image, upscale).save(tmp)
-    os.replace(tmp, path)
+    """Save one image (C, H, W) in [0, 1] as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        to_pil(image, upscale).save(tmp, format="PNG")
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> None:
     """Save images (N, C, H, W) in [0, 1] as one grid PNG."""
     save_png(make_grid(images, nrow), path, upscale)
+
+
+def export_npz(images: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write uint8 images ``(N, H, W, 3)`` as guided-diffusion's evaluator reads them (key ``arr_0``), atomically."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    with atomic_open(path) as f:
+        np.savez(f, arr_0=images)

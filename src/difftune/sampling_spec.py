@@ -16,6 +16,12 @@ DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 1.5
 
+# field -> (test, rule): checked by SamplingSpec, and by sampling_spec_from_args naming the flag
+_RULES = {
+    "steps": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+    "guidance_scale": (lambda v: v >= 1.0, "must be >= 1 (1 = no guidance)"),
+}
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -34,10 +40,10 @@ class SamplingSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"sampling steps must be a positive integer, got {self.steps!r}")
-        if self.guidance_scale < 1.0:
-            raise ValueError(f"guidance scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+        for name, (ok, rule) in _RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"sampling {name.replace('_', ' ')} {rule}, got {value!r}")
 
     def seeds(self, start: int, count: int) -> list[int]:
         """Seeds of samples ``start .. start + count - 1``."""
@@ -84,10 +90,13 @@ def sampling_spec_from_args(args: argparse.Namespace, **defaults: Any) -> Sampli
     """The :class:`SamplingSpec` of parsed arguments; flags left at ``None`` take ``defaults`` or the spec's own.
 
     Raises:
-        ValueError: an invalid value (the message names the flag's value).
+        ValueError: an invalid value (the message names the flag and its value).
     """
     values = {}
     for f in fields(SamplingSpec):
         value = getattr(args, f.name, None)
         values[f.name] = defaults.get(f.name, f.default) if value is None else value
+    for name, (ok, rule) in _RULES.items():
+        if not ok(values[name]):
+            raise ValueError(f"{_FLAGS[name]} {rule}, got {values[name]!r}")
     return SamplingSpec(**values)

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from difftune.atomic import atomic_path, atomic_write_json
+
 MANIFEST = "manifest.json"
 
 
@@ -44,10 +46,8 @@ def folder_identity(root: str | os.PathLike[str], paths: Sequence[Path]) -> list
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a temporary file and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """Write JSON (sorted keys) to ``path`` atomically (:func:`difftune.atomic.atomic_write_json`)."""
+    atomic_write_json(path, data, sort_keys=True)
 
 
 class LatentStore:
@@ -116,10 +116,8 @@ class LatentStore:
         sizes = {t.shape[0] for t in tensors.values()}
         if len(sizes) != 1:
             raise ValueError(f"shard tensors must share their first dimension, got {sizes}")
-        path = self.shard_path(index)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(self.shard_path(index)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
     def missing_shards(self) -> list[int]:
         """Indices of shards named by the manifest's ``num_shards`` that are not written yet."""

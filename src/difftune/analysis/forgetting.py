@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from diffusers import DDPMScheduler, SchedulerMixin
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from difftune.atomic import atomic_path, atomic_write_json
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.objectives.prediction import Parameterisation
@@ -147,9 +147,7 @@ def save_probe(
     path.parent.mkdir(parents=True, exist_ok=True)
     xs = [r[x_key] for r in rows]
     summary = {f"spearman_{k}": monotonicity(xs, [r[k] for r in rows]) for k in y_keys}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"rows": rows, **summary}, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, {"rows": rows, **summary})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key in y_keys:
         ax.plot(xs, [r[key] for r in rows], marker="o", label=key)
@@ -157,5 +155,6 @@ def save_probe(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=100)
+    with atomic_path(path.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -4,7 +4,6 @@ from difftune.metrics.digits import (
     DigitClassifier,
     DigitFeatureExtractor,
     load_classifier,
-    load_sklearn_digits,
     save_classifier,
     train_digit_classifier,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "fid_from_stats",
     "frechet_distance",
     "load_classifier",
-    "load_sklearn_digits",
     "save_classifier",
     "torchmetrics_fid",
     "train_digit_classifier",

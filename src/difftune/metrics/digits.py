@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difftune.atomic import atomic_path
+
 __all__ = [
     "DigitClassifier",
     "DigitFeatureExtractor",
     "load_classifier",
-    "load_sklearn_digits",
     "save_classifier",
     "train_digit_classifier",
 ]
@@ -62,20 +61,6 @@ class DigitClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits: images ``(N, 1, 8, 8)`` -> logits ``(N, num_classes)``."""
         return self.head(self.features(x))
-
-
-def load_sklearn_digits() -> tuple[Tensor, Tensor]:
-    """Load scikit-learn's bundled digits data set (1797 images, no download).
-
-    Returns:
-        ``images`` float32 ``(1797, 1, 8, 8)`` in ``[0, 1]`` and ``labels`` int64 ``(1797,)`` in ``0..9``.
-    """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.as_tensor(data.target, dtype=torch.long)
-    return images, labels
 
 
 def train_digit_classifier(
@@ -186,24 +171,13 @@ class DigitFeatureExtractor(nn.Module):
 
 
 def save_classifier(model: DigitClassifier, path: str | os.PathLike[str]) -> None:
-    """Save a classifier's weights and hyper-parameters to a safetensors file, atomically.
-
-    Writes to a temporary file in the target directory, then ``os.replace``-s it into place.
-    """
+    """Save a classifier's weights and hyper-parameters to a safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {"width": model.width, "num_features": model.num_features, "num_classes": model.num_classes}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"difftune_digit_classifier": json.dumps(config)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"difftune_digit_classifier": json.dumps(config)})
 
 
 def load_classifier(path: str | os.PathLike[str]) -> DigitClassifier:

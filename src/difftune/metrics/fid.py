@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from difftune.atomic import atomic_open
 
 __all__ = [
     "FeatureStats",
@@ -132,18 +133,8 @@ class FeatureStats:
         The data is written to a temporary file in the same directory and moved into place with
         ``os.replace``, so an interrupted save never leaves a truncated file at ``path``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path) as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], num_features: int | None = None) -> FeatureStats:

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from difftune.commands import check_scheduler
+from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
+
 
 def _fractions(text: str) -> list[float]:
     try:
@@ -33,17 +36,19 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     from difftune.backbones import load_trained
     from difftune.config import DataConfig
     from difftune.data import load_target_images
-    from difftune.evaluation import build_extractor
     from difftune.metrics import compute_feature_stats, fid_from_stats
+    from difftune.metrics.extractors import build_extractor
     from difftune.sampling import build_scheduler, to_unit_range
 
     fractions = _fractions(args.fractions) if args.fractions is not None else list(DEFAULT_FRACTIONS)
+    spec = sampling_spec_from_args(args)
+    check_scheduler(spec.scheduler)
     if not Path(args.heldout).is_dir():
         raise FileNotFoundError(f"--heldout {args.heldout!r} is not a directory of class sub-folders")
     if args.dry_run:
         print(
             f"would probe {args.finetuned} against {args.pretrained} at fractions {fractions} "
-            f"({args.num_per_class} samples per class, {args.steps} steps) and the transfer gap over "
+            f"({args.num_per_class} samples per class; {spec.describe()}) and the transfer gap over "
             f"{args.gap_bins} bins of t on {args.heldout}; outputs in {args.out}"
         )
         return 0
@@ -65,10 +70,9 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         return fid_from_stats(reference, compute_feature_stats(images, extractor, device=device))
 
     labels = torch.arange(len(heldout.class_names)).repeat_interleave(args.num_per_class)
-    seeds = list(range(args.seed, args.seed + labels.numel()))
     swap = swap_probe(
-        backbone, pretrained.backbone.to(device).eval(), build_scheduler(args.scheduler, finetuned.scheduler_config),
-        labels, seeds, score, fractions, args.guidance_scale, args.steps, device,
+        backbone, pretrained.backbone.to(device).eval(), build_scheduler(spec.scheduler, finetuned.scheduler_config),
+        labels, spec.seeds(0, labels.numel()), score, fractions, spec.guidance_scale, spec.steps, device,
     )
     out = Path(args.out)
     save_probe(
@@ -78,7 +82,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     x0 = torch.cat([codec.encode(chunk.to(device))[0].cpu() for chunk in heldout.images.split(args.batch_size)])
     gap = transfer_gap(
         backbone, pretrained.backbone, finetuned.scheduler_config, x0, heldout.labels, args.gap_bins,
-        args.gap_draws, args.seed, args.batch_size, device,
+        args.gap_draws, spec.seed, args.batch_size, device,
     )
     save_probe(
         [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap", "ratio"],
@@ -90,7 +94,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_forgetting_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Register ``difftune forgetting``."""
     p = subparsers.add_parser("forgetting", help="chain-of-forgetting probes: swap FID per hand-over fraction, transfer gap")
     p.add_argument("--finetuned", required=True, help="fine-tuned model (difftune final/checkpoint dir, EMA by default)")
@@ -104,14 +108,11 @@ def add_forgetting_parser(subparsers: Any) -> None:
     p.add_argument("--inception-weights", help="local FID Inception weights (offline)")
     p.add_argument("--fractions", help="hand-over fractions (default 0,0.1,...,1)")
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class for each fraction")
-    p.add_argument("--scheduler", default="DPMSolverMultistepScheduler", help="diffusers scheduler class name")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--guidance-scale", type=float, default=1.5, help="guidance of the fine-tuned model")
+    add_sampling_args(p)  # the guidance applies to the fine-tuned model; every fraction uses the same seeds
     p.add_argument("--gap-bins", type=int, default=10, help="bins of t for the transfer gap")
     p.add_argument("--gap-draws", type=int, default=4, help="noise draws per sample and bin")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="decode / encode batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; the same for every fraction")
     p.add_argument("--out", default="forgetting", help="output folder")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
     p.set_defaults(func=cmd_forgetting)

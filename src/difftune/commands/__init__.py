@@ -1,0 +1,39 @@
+"""The ``difftune`` subcommands, one module each; every module has ``add_parser(subparsers)``.
+
+Modules import only light things at the top, so building the parser (``difftune --help``) does not
+import diffusers; each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set`` and ``--dry-run``: the flags of the commands driven by a YAML experiment config."""
+    parser.add_argument("--config", help="YAML experiment config (sections: model, data, bank, objective, train)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set train.max_steps=100",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
+
+
+def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
+    """``--subfolder``, ``--no-ema`` and ``--vae``: which weights of a trained model to load."""
+    parser.add_argument("--subfolder", help="model sub-folder (default: EMA weights if present, else transformer/unet)")
+    parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA weights")
+    parser.add_argument("--vae", help="VAE hub id or directory for latent models (default: the model's own)")
+
+
+def check_scheduler(name: str, what: str = "--scheduler", error: type[ValueError] = ValueError) -> None:
+    """Refuse a scheduler class name that diffusers does not have (imports diffusers).
+
+    Raises:
+        ValueError (or ``error``): the message names ``what`` and lists the valid names.
+    """
+    from difftune.sampling import scheduler_names
+
+    if name not in scheduler_names():
+        raise error(f"{what} {name!r} is unknown; valid: {', '.join(scheduler_names())}")

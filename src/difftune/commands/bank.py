@@ -1,0 +1,40 @@
+"""``difftune bank``: generate (or resume) the knowledge bank from the frozen pre-trained model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from difftune.commands import add_config_args, check_scheduler
+from difftune.config import ConfigError, check_model_path, load_config
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    """Check the config and the model; generate the bank (or print the plan); return the exit code."""
+    cfg = load_config(args.config, args.overrides)
+    check_model_path(cfg.model.pretrained)
+    if not cfg.bank.path:
+        raise ConfigError("bank.path is empty: set it to the directory the bank should be written to")
+    check_scheduler(cfg.bank.scheduler, "bank.scheduler", ConfigError)
+    if args.dry_run:
+        b = cfg.bank
+        print(
+            f"would generate {b.num_samples} samples from {cfg.model.pretrained} into {b.path} "
+            f"({-(-b.num_samples // b.shard_size)} shards; {b.scheduler}, {b.num_inference_steps} steps, "
+            f"guidance {b.guidance_scale:g}, seeds {b.seed}..{b.seed + b.num_samples - 1})"
+        )
+        return 0
+    from difftune.backbones import load_pretrained
+    from difftune.bank import generate_bank
+
+    loaded = load_pretrained(cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision)
+    store = generate_bank(loaded, cfg.bank)
+    print(f"bank complete: {store.root} ({cfg.bank.num_samples} samples)")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``difftune bank``."""
+    p = subparsers.add_parser("bank", help="generate (or resume) the knowledge bank from the frozen pre-trained model")
+    add_config_args(p)
+    p.set_defaults(func=cmd_bank)

@@ -1,0 +1,355 @@
+"""``difftune eval fid``: FID (and optionally KID, precision/recall) of generated images against a reference.
+
+Generated images come from a folder (``--fake``) or are sampled from a model (``--checkpoint``); the
+reference is a folder, a built-in dataset (``--real digits:5,6,7,8,9``, :mod:`difftune.metrics.reference`)
+or cached :class:`~difftune.metrics.FeatureStats` (``--real stats.npz``). A reference set's statistics are
+also cached automatically (``--stats-cache``, see :mod:`difftune.metrics.reference_cache`), so a second
+evaluation against it skips encoding it. All images travel as 8-bit RGB, the form FID is defined on:
+sampled images are rounded to ``0..255`` exactly as ``difftune sample`` rounds them into PNGs, so scoring
+a checkpoint equals scoring its sample folder. The work is split over the processes of an accelerate
+launch (:mod:`difftune.metrics.distributed`), so the numbers do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from difftune.atomic import atomic_write_json
+from difftune.commands import add_model_args, check_scheduler
+from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images, to_uint8_rgb
+from difftune.metrics.distributed import (
+    Batches,
+    WorkDir,
+    folder_batches,
+    progress,
+    run_extractor,
+    tensor_batches,
+)
+from difftune.metrics.extractors import build_extractor
+from difftune.metrics.fid import FeatureStats, fid_from_stats
+from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
+from difftune.metrics.reference import reference_dataset
+from difftune.metrics.reference_cache import load_cached_stats, reference_stats_key
+from difftune.sampling_spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
+from difftune.store import folder_identity, user_cache_dir
+
+CHECKPOINT_ONLY = ("num_per_class", "labels", "subfolder", "vae")  # with the sampling flags and --no-ema
+DEFAULT_NUM_PER_CLASS = 50
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Range checks, and sampling options only with ``--checkpoint``; fills in the sampling defaults."""
+    for name in ("batch_size", "workers", "kid_subsets", "pr_k"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.resize is not None and args.resize < 1:
+        raise ValueError(f"--resize must be >= 1, got {args.resize}")
+    if args.stats_cache and args.no_stats_cache:
+        raise ValueError("--stats-cache and --no-stats-cache contradict each other: give one of them")
+    if args.kid_subset_size < 2:
+        raise ValueError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
+    given = ["--" + k.replace("_", "-") for k in CHECKPOINT_ONLY if getattr(args, k) is not None]
+    given += given_sampling_flags(args) + (["--no-ema"] if args.no_ema else [])
+    if args.fake is not None and given:
+        raise ValueError(f"{', '.join(given)} only apply with --checkpoint, not with --fake")
+    if args.checkpoint is not None:
+        if args.num_per_class is None:
+            args.num_per_class = DEFAULT_NUM_PER_CLASS
+        if args.num_per_class < 1:
+            raise ValueError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+        spec = sampling_spec_from_args(args)
+        check_scheduler(spec.scheduler)
+        vars(args).update(asdict(spec))  # the values used, also in the --out-json settings
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any]:
+    """The model of ``--checkpoint`` (EMA weights by default), the label of every item, and the scheduler."""
+    from difftune.backbones import load_trained
+    from difftune.sampling import build_scheduler, parse_labels
+
+    loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
+    num_classes = loaded.backbone.num_classes
+    labels = list(range(num_classes)) if args.labels is None else parse_labels(args.labels, num_classes)
+    scheduler = build_scheduler(args.scheduler, loaded.scheduler_config)
+    return loaded, torch.tensor(labels).repeat_interleave(args.num_per_class), scheduler
+
+
+@dataclass
+class _Inputs:
+    """The validated sources: reference stats or image paths, generated image paths or a model to sample."""
+
+    real_stats: FeatureStats | None
+    real_paths: list[Path] | None
+    real_images: Tensor | None  # a built-in dataset, uint8 RGB (N, 3, H, W)
+    fake_paths: list[Path] | None
+    model: tuple[Any, Tensor, Any] | None  # (loaded model, label of each item (N,), scheduler)
+    real_cache: Path | None = None  # where the reference set's statistics are (or will be) cached
+    cache_hit: bool = False
+
+    @property
+    def n_real(self) -> int:
+        if self.real_stats is not None:
+            return self.real_stats.count
+        if self.real_paths is not None:
+            return len(self.real_paths)
+        return len(self.real_images) if self.real_images is not None else 0
+
+    @property
+    def n_fake(self) -> int:
+        return len(self.fake_paths) if self.fake_paths is not None else len(self.model[1]) if self.model else 0
+
+
+def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
+    """Check every input before any heavy work (all processes do the same, so they fail alike)."""
+    real_stats, real_paths, real_images, identity = None, None, None, None
+    if Path(args.real).suffix.lower() == ".npz":
+        if not Path(args.real).is_file():
+            raise FileNotFoundError(f"reference statistics {args.real!r} do not exist")
+        if args.save_real_stats:
+            raise ValueError("--save-real-stats needs --real to be images (a folder or a dataset), not statistics")
+        if args.kid or args.precision_recall:
+            raise ValueError("--kid and --precision-recall need reference images: give --real as an image folder or a dataset")
+        real_stats = FeatureStats.load(args.real)
+    elif (dataset := reference_dataset(args.real)) is not None:
+        identity, real_images = dataset
+    else:
+        real_paths = list_images(args.real)
+        identity = folder_identity(args.real, real_paths)
+    fake_paths = list_images(args.fake) if args.fake is not None else None
+    model = _load_model(args) if args.checkpoint else None
+    inputs = _Inputs(real_stats, real_paths, real_images, fake_paths, model)
+    if identity is not None:
+        inputs.real_cache = _reference_cache_file(args, identity)
+        cached = load_cached_stats(inputs.real_cache, inputs.n_real) if inputs.real_cache is not None else None
+        # KID and precision/recall need the reference features themselves, which the cache does not hold
+        if cached is not None and not (args.kid or args.precision_recall):
+            inputs.real_stats, inputs.real_paths, inputs.real_images, inputs.cache_hit = cached, None, None, True
+    if min(inputs.n_real, inputs.n_fake) < 2:
+        raise ValueError(
+            f"FID needs at least 2 images per set, got {inputs.n_real} reference and {inputs.n_fake} generated"
+        )
+    return inputs
+
+
+def _reference_cache_file(args: argparse.Namespace, identity: Any) -> Path | None:
+    """The automatic cache entry for the reference set's statistics, or ``None`` when not cached."""
+    if args.no_stats_cache:
+        return None
+    key = reference_stats_key(identity, args.features, args.inception_weights, args.resize)
+    if key is None:
+        return None
+    return Path(args.stats_cache or user_cache_dir() / "fid_stats") / f"{key}.npz"
+
+
+def _write_cache(stats: FeatureStats, path: Path) -> None:
+    """Cache the reference statistics; a cache that cannot be written only costs time, so it only warns."""
+    try:
+        stats.save(path)
+    except OSError as err:
+        print(f"difftune: warning: could not cache the reference statistics in {path}: {err}", file=sys.stderr)
+
+
+def _plan(args: argparse.Namespace, inputs: _Inputs) -> str:
+    if args.fake is not None:
+        source = args.fake
+    else:
+        spec = sampling_spec_from_args(args)
+        source = f"{args.checkpoint} ({spec.describe()}, seeds {spec.seed}..{spec.seed + inputs.n_fake - 1})"
+    cache = f"; reference statistics cached in {inputs.real_cache}" if inputs.cache_hit else ""
+    return (
+        f"would score {inputs.n_fake} generated images from {source} against {inputs.n_real} reference images "
+        f"({args.real}) with --features {args.features}{cache}"
+    )
+
+
+def cmd_eval_fid(args: argparse.Namespace) -> int:
+    """``difftune eval fid``: print ``fid <value>`` (and KID, precision/recall); return the exit code."""
+    _check_args(args)
+    inputs = _resolve_inputs(args)
+    if args.dry_run:
+        print(_plan(args, inputs))
+        return 0
+    extractor = build_extractor(args.features, args.inception_weights)
+    dim = getattr(extractor, "num_features", None)
+    if inputs.real_stats is not None and isinstance(dim, int) and dim != inputs.real_stats.num_features:
+        raise ValueError(
+            f"{args.real}: feature dimension mismatch, file has {inputs.real_stats.num_features}, "
+            f"--features {args.features} gives {dim}"
+        )
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # as Accelerator does: without cpu=True a CPU-only torchrun launch is not seen as distributed
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise ValueError(
+            f"launched {launched} processes but accelerate sees {state.num_processes}; "
+            "on CPU set ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
+        )
+    work = WorkDir(state, args.work_dir)
+    try:
+        _evaluate(args, inputs, extractor.to(state.device).eval(), state, work)
+    except BaseException:
+        work.close(wait=False)
+        raise
+    work.close()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, state: Any, work: WorkDir) -> None:
+    """Features of this process's share of the items, gathered on the main process, which reports."""
+    rank, world, main, device = state.process_index, state.num_processes, state.is_main_process, state.device
+    real_stats, real_feats = inputs.real_stats, None
+    if inputs.cache_hit and main:
+        print(f"reference statistics from the cache: {inputs.real_cache}", file=sys.stderr)
+    if inputs.real_paths is not None or inputs.real_images is not None:
+        n = inputs.n_real
+        mine = list(range(rank, n, world))
+        if inputs.real_paths is not None:
+            batches = folder_batches(inputs.real_paths, mine, args.batch_size, args.resize, args.workers)
+        else:
+            batches = tensor_batches(inputs.real_images, mine, args.batch_size, args.resize)  # type: ignore[arg-type]
+        idx, feats, _ = run_extractor(
+            progress(batches, len(mine), args.batch_size, "reference features", main), extractor, device, False
+        )
+        gathered = work.gather("real", n, idx, feats, None, False)
+        if gathered is not None:
+            real_feats = gathered[0]
+            real_stats = stats_from_features(real_feats)
+            if inputs.real_cache is not None:
+                _write_cache(real_stats, inputs.real_cache)
+    if main and real_stats is not None and args.save_real_stats:
+        real_stats.save(args.save_real_stats)
+
+    mine = list(range(rank, inputs.n_fake, world))
+    if inputs.fake_paths is not None:
+        batches = folder_batches(inputs.fake_paths, mine, args.batch_size, args.resize, args.workers)
+        desc = "generated features"
+    else:
+        loaded, labels, scheduler = inputs.model  # type: ignore[misc]
+        batches = _sample_batches(loaded, labels, mine, args, scheduler, device)
+        desc = "sampling + features"
+    keep = bool(args.export_npz)
+    idx, feats, images = run_extractor(
+        progress(batches, len(mine), args.batch_size, desc, main), extractor, device, keep
+    )
+    gathered = work.gather("fake", inputs.n_fake, idx, feats, images, keep)
+    if gathered is not None:
+        assert real_stats is not None
+        _report(args, real_stats, real_feats, *gathered, world, device)
+
+
+def _sample_batches(
+    loaded: Any, labels: Tensor, indices: Sequence[int], args: argparse.Namespace, scheduler: Any,
+    device: torch.device | str,
+) -> Batches:
+    """Sample items ``indices``: item ``i`` has label ``labels[i]`` and seed ``args.seed + i``."""
+    from difftune.sampling import generate, to_unit_range
+
+    backbone = loaded.backbone.to(device).eval()
+    codec = loaded.codec.to(device)
+    for start in range(0, len(indices), args.batch_size):
+        idx = np.asarray(indices[start : start + args.batch_size], dtype=np.int64)
+        x = generate(
+            backbone, scheduler, labels[idx], [args.seed + int(i) for i in idx], backbone.sample_shape,
+            backbone.null_label, guidance_scale=args.guidance_scale, num_inference_steps=args.steps, device=device,
+        )
+        yield idx, to_uint8_rgb(to_unit_range(codec.decode(x)), args.resize)
+
+
+def _report(
+    args: argparse.Namespace, real_stats: FeatureStats, real_feats: Tensor | None, fake_feats: Tensor,
+    fake_images: Tensor | None, world: int, device: torch.device | str,
+) -> None:
+    """Main process: compute, print and save the metrics; export the generated images."""
+    if fake_feats.shape[1] != real_stats.num_features:
+        raise ValueError(
+            f"{args.real}: feature dimension mismatch, reference has {real_stats.num_features}, "
+            f"--features {args.features} gives {fake_feats.shape[1]}"
+        )
+    if fake_images is not None:
+        export_npz(fake_images.permute(0, 2, 3, 1).numpy(), args.export_npz)  # (N, H, W, 3)
+    results: dict[str, Any] = {"fid": fid_from_stats(real_stats, stats_from_features(fake_feats))}
+    if args.kid:
+        assert real_feats is not None
+        kid, kid_std, size = kernel_inception_distance(
+            real_feats, fake_feats, args.kid_subsets, args.kid_subset_size, seed=0
+        )
+        results.update(kid=kid, kid_std=kid_std, kid_subset_size=size)
+    if args.precision_recall:
+        assert real_feats is not None
+        results["precision"], results["recall"] = precision_recall(real_feats, fake_feats, args.pr_k, device=device)
+    for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        if key in results:
+            print(f"{key} {results[key]:.10g}")
+    results.update(
+        num_real=real_stats.count, num_fake=int(fake_feats.shape[0]), feature_dim=real_stats.num_features,
+        num_processes=world,
+    )
+    if args.out_json:
+        settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        atomic_write_json(args.out_json, {**results, "settings": settings})
+
+
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``eval`` (with its ``fid`` sub-command) on the ``difftune`` sub-parsers."""
+    p = subparsers.add_parser("eval", help="evaluate generated images (FID, KID, precision/recall)")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="{fid}")
+    f = sub.add_parser(
+        "fid", help="FID of generated images (a folder, or sampled from a checkpoint) against reference images",
+        description="FID of generated images against reference images or cached statistics. Multi-process with "
+        "`accelerate launch -m difftune eval fid ...` (sampling and features are split over the processes).",
+    )
+    formats = "/".join(ext[1:] for ext in IMAGE_EXTENSIONS)
+    f.add_argument(
+        "--real", required=True,
+        help=f"reference: image folder ({formats}, recursive), built-in dataset (digits or digits:5,6,7,8,9) "
+        "or statistics .npz",
+    )
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fake", help=f"folder of generated images ({formats}, recursive)")
+    src.add_argument("--checkpoint", help="model directory (or hub id) to sample from, as `difftune sample --model`")
+    g = f.add_argument_group("sampling (with --checkpoint; image i, in label-major order, uses seed + i)")
+    add_model_args(g)
+    g.add_argument(
+        "--num-per-class", type=int, help=f"images per label (default {DEFAULT_NUM_PER_CLASS}: 50K for 1000 classes)"
+    )
+    g.add_argument("--labels", help="comma-separated class labels (default: all classes)")
+    add_sampling_args(g, with_defaults=False)
+    g = f.add_argument_group("features and metrics")
+    g.add_argument("--features", default="inception", help="inception (default), digits:PATH or module:function")
+    g.add_argument("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05-*.pth)")
+    g.add_argument("--save-real-stats", metavar="PATH.npz", help="write the reference statistics here for reuse")
+    g.add_argument(
+        "--stats-cache", metavar="DIR",
+        help="where reference-set statistics are cached (default $XDG_CACHE_HOME/difftune/fid_stats)",
+    )
+    g.add_argument("--no-stats-cache", action="store_true", help="neither read nor write the statistics cache")
+    g.add_argument("--kid", action="store_true", help="also KID (polynomial-kernel MMD over random subsets)")
+    g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    g.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped at the set sizes")
+    g.add_argument("--precision-recall", action="store_true", help="also k-NN precision/recall (O(N^2) distances)")
+    g.add_argument("--pr-k", type=int, default=3, help="neighbourhood size k for precision/recall (default 3)")
+    g = f.add_argument_group("input and output")
+    g.add_argument("--resize", type=int, metavar="N", help="resize every image to NxN (PIL bicubic) before features")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (does not change results)")
+    g.add_argument("--workers", type=int, default=4, help="threads decoding image files")
+    g.add_argument("--export-npz", metavar="PATH.npz", help="save the generated images as uint8 (N, H, W, 3) 'arr_0'")
+    g.add_argument("--out-json", metavar="PATH", help="write the metrics and settings as JSON")
+    g.add_argument("--work-dir", help="folder shared by the processes for partial results (default: a temp folder)")
+    g.add_argument("--dry-run", action="store_true", help="validate the inputs and print the plan, do nothing")
+    f.set_defaults(func=cmd_eval_fid)

@@ -1,0 +1,56 @@
+"""``difftune train``: fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difftune.commands import add_config_args
+from difftune.config import ExperimentConfig, check_model_path, load_config
+
+
+def _plan(cfg: ExperimentConfig) -> str:
+    oc, tc = cfg.objective, cfg.train
+    lines = [
+        f"model      {cfg.model.pretrained}",
+        f"batch      {tc.batch_size} = {tc.batch_size - cfg.bank_count} target + {cfg.bank_count} bank "
+        f"(x{tc.gradient_accumulation} accumulation)",
+        f"schedules  target {oc.target_schedule}(s={oc.target_exponent:g}), bank {oc.bank_schedule}(s={oc.bank_exponent:g}), "
+        f"realisation {oc.realisation}",
+        f"loss       mean(target) + {oc.bank_weight:g} * mean(bank); cfg dropout {oc.cfg_dropout:g}",
+        f"steps      {tc.max_steps}, lr {tc.learning_rate:g}, EMA {tc.ema_decay:g}, precision {tc.mixed_precision}",
+        f"output     {tc.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Check the config, the model, the data and the bank; train (or print the plan); return the exit code."""
+    cfg = load_config(args.config, args.overrides)
+    check_model_path(cfg.model.pretrained)
+    if cfg.data.source == "folder" and not Path(cfg.data.path or "").is_dir():
+        raise FileNotFoundError(f"data.path {cfg.data.path!r} is not a directory")
+    if cfg.bank_count and not (Path(cfg.bank.path) / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"bank {cfg.bank.path!r} does not exist: run `difftune bank` with this config first, "
+            "or set objective.bank_share=0 for plain fine-tuning"
+        )
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(_plan(cfg))
+        return 0
+    from difftune.trainer import train_model
+
+    final = train_model(cfg)
+    print(f"final model: {final}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``difftune train``."""
+    p = subparsers.add_parser("train", help="fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,41 @@
+"""How ``difftune`` reports errors: bad input as one line (a traceback with -v), bugs as tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import difftune.demo
+from difftune.cli import USER_ERRORS, main
+from difftune.config import ConfigError
+from difftune.errors import UserError
+
+
+def test_config_error_is_a_user_error_and_a_value_error() -> None:
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+    assert all(issubclass(t, USER_ERRORS) for t in (UserError, ConfigError, ValueError, FileNotFoundError))
+
+
+def test_user_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sample", "--dry-run", "--model", str(tmp_path / "no-model")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("difftune: error:") and "no-model" in lines[0]
+
+
+def test_verbose_user_error_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-v", "sample", "--dry-run", "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err and "no-model" in err
+
+
+def test_bug_is_not_reported_as_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(difftune.demo, "DemoSettings", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["demo", "--dry-run", "--out", str(tmp_path / "demo")])
+    assert "difftune: error" not in capsys.readouterr().err
