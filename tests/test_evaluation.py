@@ -217,7 +217,8 @@ def test_builtin_dataset_as_reference(folders, classifier_path, private_cache, c
 
 def test_checkpoint_samples_equal_difftune_sample_folder(dit_dir, classifier_path, folders, tmp_path, capsys) -> None:
     from difftune.backbones import load_pretrained
-    from difftune.sampling import sample_to_folder
+    from difftune.commands.sample import sample_to_folder
+    from difftune.sampling_spec import SamplingSpec
 
     real, _ = folders
     npz = tmp_path / "samples.npz"
@@ -237,7 +238,8 @@ def test_checkpoint_samples_equal_difftune_sample_folder(dit_dir, classifier_pat
 
     # the same images as `difftune sample` writes: same labels, seeds, scheduler and rounding
     folder = tmp_path / "sampled"
-    sample_to_folder(load_pretrained(str(dit_dir)), [0, 1, 3], 2, folder, "DDIMScheduler", 3, 2.0, 5, batch_size=4)
+    spec = SamplingSpec("DDIMScheduler", steps=3, guidance_scale=2.0, seed=5)
+    sample_to_folder(load_pretrained(str(dit_dir)), [0, 1, 3], 2, folder, spec, batch_size=4)
     (folder / "grid.png").unlink()
     np.testing.assert_array_equal(arr, (read_folder(folder).permute(0, 2, 3, 1).numpy() * 255).round())
     assert run_eval(["fid", "--real", str(real), "--fake", str(folder), "--features", f"digits:{classifier_path}"]) == 0
@@ -258,15 +260,18 @@ def test_checkpoint_uses_all_classes_by_default(dit_dir, classifier_path, folder
 
 def test_checkpoint_prefers_ema_weights(classifier_path, folders, tmp_path) -> None:
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     from conftest import tiny_dit
+    from difftune.backbones import LatentCodec, LoadedModel
     from difftune.backbones.dit import DiTBackbone
     from difftune.backbones.loading import save_model
 
     backbone = DiTBackbone(tiny_dit())
-    ema = [p.detach() + 0.5 * torch.randn_like(p) for p in backbone.inner.parameters()]
+    ema = EMAModel(list(backbone.inner.parameters()))
+    ema.shadow_params = [p.detach() + 0.5 * torch.randn_like(p) for p in backbone.inner.parameters()]
     ckpt = tmp_path / "ckpt"
-    save_model(backbone, dict(DDPMScheduler().config), ckpt, "tiny", None, ema_parameters=ema)
+    save_model(LoadedModel(backbone, LatentCodec(), dict(DDPMScheduler().config), "tiny", None), ckpt, ema)
     real, _ = folders
 
     def samples(*extra: str) -> np.ndarray:

@@ -9,20 +9,15 @@ conditions pass through untouched: the backbone says what "unconditional" is.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
 from diffusers import SchedulerMixin
-from tqdm.auto import tqdm
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
-from difftune.backbones.loading import LoadedModel
-from difftune.images import save_grid, save_png
 from difftune.sampling_spec import SamplingSpec
 
 
@@ -138,62 +133,6 @@ def _accepts_generator(scheduler: SchedulerMixin) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
-def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
-    """Comma-separated labels -> list; with ``num_classes``, each checked against 0..num_classes
-    (``num_classes`` itself is the unconditional label).
-
-    Raises:
-        ValueError: not integers, empty, or out of range.
-    """
-    try:
-        labels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        labels = []
-    if not labels:
-        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
-    for label in labels:
-        if num_classes is not None and not 0 <= label <= num_classes:
-            raise ValueError(
-                f"label {label} is out of range: the model has labels 0..{num_classes - 1} "
-                f"(and {num_classes} = unconditional)"
-            )
-    return labels
-
-
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> [0, 1]."""
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def sample_to_folder(
-    loaded: LoadedModel,
-    labels: Sequence[int],
-    per_label: int,
-    out: str | os.PathLike,
-    spec: SamplingSpec | None = None,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-) -> Path:
-    """Generate ``per_label`` images for each class label into ``out`` (one PNG each, plus ``grid.png``).
-
-    Image i (in label-major order) uses seed ``spec.seed + i`` (default spec: :class:`SamplingSpec`'s
-    defaults). Returns the grid's path.
-    """
-    spec = spec or SamplingSpec()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = loaded.backbone.to(device).eval()
-    codec = loaded.codec.to(device)
-    all_labels = torch.tensor(labels).repeat_interleave(per_label)
-    out = Path(out)
-    images = []
-    for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
-        chunk = all_labels[start : start + batch_size]
-        x = generate_with_spec(backbone, loaded.scheduler_config, spec, backbone.condition(chunk), start, device)
-        batch = to_unit_range(codec.decode(x)).cpu()
-        for offset, image in enumerate(batch):
-            i = start + offset
-            save_png(image, out / f"{i:05d}_label{int(all_labels[i])}_seed{spec.seed + i}.png")
-        images.append(batch)
-    grid = out / "grid.png"
-    save_grid(torch.cat(images), grid, nrow=per_label, upscale=max(1, 64 // images[0].shape[-1]))
-    return grid

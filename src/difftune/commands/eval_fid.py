@@ -75,7 +75,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any]:
     """The model of ``--checkpoint`` (EMA weights by default), the label of every item, and the scheduler."""
     from difftune.backbones import load_trained
-    from difftune.sampling import build_scheduler, parse_labels
+    from difftune.commands.sample import parse_labels
+    from difftune.sampling import build_scheduler
 
     loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
     num_classes = loaded.backbone.num_classes
@@ -263,8 +264,8 @@ def _sample_batches(
     for start in range(0, len(indices), args.batch_size):
         idx = np.asarray(indices[start : start + args.batch_size], dtype=np.int64)
         x = generate(
-            backbone, scheduler, labels[idx], [args.seed + int(i) for i in idx], backbone.sample_shape,
-            backbone.null_label, guidance_scale=args.guidance_scale, num_inference_steps=args.steps, device=device,
+            backbone, scheduler, backbone.condition(labels[idx]), [args.seed + int(i) for i in idx],
+            guidance_scale=args.guidance_scale, num_inference_steps=args.steps, device=device,
         )
         yield idx, to_uint8_rgb(to_unit_range(codec.decode(x)), args.resize)
 

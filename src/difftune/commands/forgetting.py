@@ -56,12 +56,11 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     finetuned = load_trained(args.finetuned, args.subfolder, not args.no_ema, args.vae)
     pretrained = load_trained(args.pretrained, args.pretrained_subfolder, True, args.vae)
     backbone, codec = finetuned.backbone.to(device).eval(), finetuned.codec.to(device)
-    C, H, _ = backbone.sample_shape
-    resolution = args.resolution or (H * 8 if codec.is_latent else H)
+    resolution = args.resolution or codec.image_size(backbone.sample_shape)
     heldout = load_target_images(
-        DataConfig(source="folder", path=args.heldout), resolution, 3 if codec.is_latent else C
+        DataConfig(source="folder", path=args.heldout), resolution, codec.image_channels(backbone.sample_shape)
     )
-    backbone.check_target_classes(len(heldout.class_names))
+    backbone.check_condition(heldout.conditioning())
     extractor = build_extractor(args.features, args.inception_weights)
     reference = compute_feature_stats(to_unit_range(heldout.images), extractor, device=device, progress=True)
 
@@ -69,10 +68,10 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         images = torch.cat([to_unit_range(codec.decode(chunk)) for chunk in x.split(args.batch_size)])
         return fid_from_stats(reference, compute_feature_stats(images, extractor, device=device))
 
-    labels = torch.arange(len(heldout.class_names)).repeat_interleave(args.num_per_class)
+    cond = backbone.condition(torch.arange(len(heldout.class_names)).repeat_interleave(args.num_per_class))
     swap = swap_probe(
         backbone, pretrained.backbone.to(device).eval(), build_scheduler(spec.scheduler, finetuned.scheduler_config),
-        labels, spec.seeds(0, labels.numel()), score, fractions, spec.guidance_scale, spec.steps, device,
+        cond, spec.seeds(0, cond.batch_size), score, fractions, spec.guidance_scale, spec.steps, device,
     )
     out = Path(args.out)
     save_probe(
@@ -81,7 +80,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     )
     x0 = torch.cat([codec.encode(chunk.to(device))[0].cpu() for chunk in heldout.images.split(args.batch_size)])
     gap = transfer_gap(
-        backbone, pretrained.backbone, finetuned.scheduler_config, x0, heldout.labels, args.gap_bins,
+        backbone, pretrained.backbone, finetuned.scheduler_config, x0, heldout.conditioning(), args.gap_bins,
         args.gap_draws, spec.seed, args.batch_size, device,
     )
     save_probe(

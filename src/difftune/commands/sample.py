@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from difftune.commands import add_model_args, check_scheduler
 from difftune.config import check_model_path
-from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
+from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
+
+if TYPE_CHECKING:
+    from difftune.backbones.loading import LoadedModel
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Check the flags and the model; write the images and a grid (or print the plan); return the exit code."""
-    from difftune.sampling import parse_labels
-
     labels = parse_labels(args.labels)
     if args.per_label < 1:
         raise ValueError(f"--per-label must be >= 1, got {args.per_label}")
@@ -32,16 +36,74 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         return 0
     from difftune.backbones import load_trained
-    from difftune.sampling import sample_to_folder
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     labels = parse_labels(args.labels, loaded.backbone.num_classes)
-    path = sample_to_folder(
-        loaded, labels, args.per_label, args.out, spec.scheduler, spec.steps, spec.guidance_scale, spec.seed,
-        args.batch_size,
-    )
+    path = sample_to_folder(loaded, labels, args.per_label, args.out, spec, args.batch_size)
     print(f"wrote {len(labels) * args.per_label} images and {path}")
     return 0
+
+
+def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
+    """Comma-separated labels -> list; with ``num_classes``, each checked against 0..num_classes
+    (``num_classes`` itself is the unconditional label).
+
+    Raises:
+        ValueError: not integers, empty, or out of range.
+    """
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        labels = []
+    if not labels:
+        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
+    for label in labels:
+        if num_classes is not None and not 0 <= label <= num_classes:
+            raise ValueError(
+                f"label {label} is out of range: the model has labels 0..{num_classes - 1} "
+                f"(and {num_classes} = unconditional)"
+            )
+    return labels
+
+
+def sample_to_folder(
+    loaded: LoadedModel,
+    labels: Sequence[int],
+    per_label: int,
+    out: str | os.PathLike,
+    spec: SamplingSpec | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> Path:
+    """Generate ``per_label`` images for each class label into ``out`` (one PNG each, plus ``grid.png``).
+
+    Image i (in label-major order) uses seed ``spec.seed + i`` (default spec: :class:`SamplingSpec`'s
+    defaults). Returns the grid's path.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from difftune.images import save_grid, save_png
+    from difftune.sampling import generate_with_spec, to_unit_range
+
+    spec = spec or SamplingSpec()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = loaded.backbone.to(device).eval()
+    codec = loaded.codec.to(device)
+    all_labels = torch.tensor(labels).repeat_interleave(per_label)
+    out = Path(out)
+    images = []
+    for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
+        chunk = all_labels[start : start + batch_size]
+        x = generate_with_spec(backbone, loaded.scheduler_config, spec, backbone.condition(chunk), start, device)
+        batch = to_unit_range(codec.decode(x)).cpu()
+        for offset, image in enumerate(batch):
+            i = start + offset
+            save_png(image, out / f"{i:05d}_label{int(all_labels[i])}_seed{spec.seed + i}.png")
+        images.append(batch)
+    grid = out / "grid.png"
+    save_grid(torch.cat(images), grid, nrow=per_label, upscale=max(1, 64 // images[0].shape[-1]))
+    return grid
 
 
 def add_parser(subparsers: Any) -> None:
