@@ -14,7 +14,19 @@ from difftune.errors import UserError
 
 def test_config_error_is_a_user_error_and_a_value_error() -> None:
     assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
-    assert all(issubclass(t, USER_ERRORS) for t in (UserError, ConfigError, ValueError, FileNotFoundError))
+    assert all(issubclass(t, USER_ERRORS) for t in (UserError, ConfigError, FileNotFoundError))
+    assert not issubclass(ValueError, USER_ERRORS)  # a ValueError from a bug is not bad input
+
+
+def test_value_error_from_a_bug_shows_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("math domain error, deep inside")
+
+    monkeypatch.setattr(difftune.demo, "DemoSettings", broken)
+    with pytest.raises(ValueError, match="math domain error"):
+        main(["demo", "--dry-run", "--out", str(tmp_path / "demo")])
 
 
 def test_user_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,6 +28,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.config import DataConfig
 from difftune.datasets import load_sklearn_digits
+from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, image_files, open_image
 from difftune.store import LatentStore, folder_identity
 
@@ -141,17 +142,17 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
 
     root = Path(cfg.path or "")
     if not root.is_dir():
-        raise ValueError(f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)")
+        raise UserError(f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
-        raise ValueError(f"data.path {root} has no class sub-directories; put each class's images in its own folder")
+        raise UserError(f"data.path {root} has no class sub-directories; put each class's images in its own folder")
     files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         found = image_files(class_dir)
         files += found
         labels += [label] * len(found)
     if not files:
-        raise ValueError(f"data.path {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"data.path {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     label_tensor = torch.tensor(labels)
     keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
     files = [files[i] for i in keep.tolist()]
@@ -236,7 +237,7 @@ def prepare_target(
     backbone.check_condition(images.conditioning())
     cached = encode_and_cache(images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device)
     if tuple(cached["samples"].shape[1:]) != backbone.sample_shape:
-        raise ValueError(
+        raise UserError(
             f"target data encodes to {tuple(cached['samples'].shape[1:])} but the model expects "
             f"{backbone.sample_shape}; set data.resolution to match the model"
         )

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from difftune.atomic import atomic_open, atomic_path
+from difftune.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -38,10 +39,10 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not root.exists():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
     if not root.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a directory")
+        raise UserError(f"{str(folder)!r} is not a directory")
     paths = image_files(root)
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r} (searched recursively)")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r} (searched recursively)")
     return paths
 
 
@@ -56,7 +57,7 @@ def open_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
             return img.convert(mode)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot read image {str(path)!r} ({reason}); remove or replace the file") from None
+        raise UserError(f"cannot read image {str(path)!r} ({reason}); remove or replace the file") from None
 
 
 def load_image(path: str | os.PathLike[str], resize: int | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from diffusers import SchedulerMixin
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
+from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec
 
 
@@ -42,7 +43,7 @@ def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMix
     """
     cls = getattr(diffusers, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}")
+        raise UserError(f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}")
     overrides: dict[str, Any] = {}
     if "variance_type" in inspect.signature(cls.__init__).parameters:
         overrides["variance_type"] = "fixed_small" if name == "DDPMScheduler" else None

@@ -12,6 +12,8 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
+from difftune.errors import UserError
+
 DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 1.5
@@ -43,7 +45,7 @@ class SamplingSpec:
         for name, (ok, rule) in _RULES.items():
             value = getattr(self, name)
             if not ok(value):
-                raise ValueError(f"sampling {name.replace('_', ' ')} {rule}, got {value!r}")
+                raise UserError(f"sampling {name.replace('_', ' ')} {rule}, got {value!r}")
 
     def seeds(self, start: int, count: int) -> list[int]:
         """Seeds of samples ``start .. start + count - 1``."""
@@ -98,5 +100,5 @@ def sampling_spec_from_args(args: argparse.Namespace, **defaults: Any) -> Sampli
         values[f.name] = defaults.get(f.name, f.default) if value is None else value
     for name, (ok, rule) in _RULES.items():
         if not ok(values[name]):
-            raise ValueError(f"{_FLAGS[name]} {rule}, got {values[name]!r}")
+            raise UserError(f"{_FLAGS[name]} {rule}, got {values[name]!r}")
     return SamplingSpec(**values)

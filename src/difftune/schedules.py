@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from difftune.errors import UserError
+
 
 class TimestepSchedule:
     """A probability table over integer timesteps 0..T-1 (t = 0 is the least noisy step).
@@ -43,9 +45,9 @@ class TimestepSchedule:
         u = (num_timesteps - t) / num_timesteps if reverse_time else (t + 1) / num_timesteps
         raw = torch.as_tensor(density(u), dtype=torch.float64)
         if raw.shape != (num_timesteps,):
-            raise ValueError(f"schedule {name!r}: density returned shape {tuple(raw.shape)}, expected ({num_timesteps},)")
+            raise UserError(f"schedule {name!r}: density returned shape {tuple(raw.shape)}, expected ({num_timesteps},)")
         if not torch.isfinite(raw).all() or (raw < 0).any() or raw.sum() <= 0:
-            raise ValueError(f"schedule {name!r}: density must be finite, non-negative and not all zero")
+            raise UserError(f"schedule {name!r}: density must be finite, non-negative and not all zero")
         self.name = name
         self.num_timesteps = num_timesteps
         self._probs = raw / raw.sum()  # (T,) float64
@@ -105,7 +107,7 @@ def _import_density(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"schedule {spec!r}: cannot import {attr!r} from {module_name!r} ({err})") from None
+        raise UserError(f"schedule {spec!r}: cannot import {attr!r} from {module_name!r} ({err})") from None
 
 
 def build_schedule(name: str, num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
@@ -117,7 +119,7 @@ def build_schedule(name: str, num_timesteps: int, exponent: float = 1.0) -> Time
     if ":" in name:
         return TimestepSchedule(_import_density(name), num_timesteps, name=name)
     if name not in SCHEDULES:
-        raise ValueError(
+        raise UserError(
             f"unknown schedule {name!r}; valid names: {sorted(SCHEDULES)} or 'package.module:function'"
         )
     return SCHEDULES[name](num_timesteps, exponent)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from difftune.atomic import atomic_path, atomic_write_json
+from difftune.errors import UserError
 
 MANIFEST = "manifest.json"
 
@@ -80,7 +81,7 @@ class LatentStore:
             diff = sorted(k for k in keys if old.get(k) != manifest.get(k))
             if diff:
                 key = diff[0]
-                raise ValueError(
+                raise UserError(
                     f"{store.root} already holds samples made with other settings ({key}: "
                     f"{old.get(key)!r} there vs {manifest.get(key)!r} now); use another path or delete it"
                 )
@@ -101,7 +102,7 @@ class LatentStore:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is corrupt ({err}); delete the directory and regenerate it") from None
+            raise UserError(f"{path} is corrupt ({err}); delete the directory and regenerate it") from None
 
     def shard_path(self, index: int) -> Path:
         """Path of shard ``index``."""
@@ -131,7 +132,7 @@ class LatentStore:
         """
         missing = self.missing_shards()
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{self.root} is incomplete: {len(missing)} of {self.manifest['num_shards']} shards missing "
                 f"(first: {missing[0]}); run the same generation command again to finish it"
             )
@@ -140,7 +141,7 @@ class LatentStore:
             try:
                 shard = load_file(str(self.shard_path(i)))
             except (SafetensorError, OSError) as err:
-                raise ValueError(f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation") from None
+                raise UserError(f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation") from None
             for key, value in shard.items():
                 parts.setdefault(key, []).append(value)
         return {key: torch.cat(values) for key, values in parts.items()}

@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from difftune.errors import UserError
+
 
 def step_generator(seed: int, step: int, stream: str = "train") -> torch.Generator:
     """A CPU generator seeded by a hash of (seed, step, stream): independent per step and stream."""
@@ -58,7 +60,7 @@ class IndexStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore a position saved by :meth:`state_dict` (the dataset must be the same size)."""
         if state["size"] != self.size:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint was made with a dataset of {state['size']} samples, this one has {self.size}; "
                 "resume with the same data"
             )

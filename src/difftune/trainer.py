@@ -27,6 +27,7 @@ from difftune.backbones.loading import LoadedModel, load_pretrained, save_model
 from difftune.bank import load_bank
 from difftune.config import ExperimentConfig
 from difftune.data import prepare_target
+from difftune.errors import UserError
 from difftune.images import save_grid
 from difftune.objectives import Draw, build_objective
 from difftune.objectives.term_log import TermLog
@@ -58,7 +59,7 @@ class LoopState:
         for name in ("target", "bank"):
             stream = getattr(self, name)
             if (stream is None) != (state[name] is None):
-                raise ValueError(f"checkpoint and config disagree on whether a {name} stream exists")
+                raise UserError(f"checkpoint and config disagree on whether a {name} stream exists")
             if stream is not None:
                 stream.load_state_dict(state[name])
 
@@ -79,7 +80,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "state").is_dir():
-        raise ValueError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
+        raise UserError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
     return path
 
 
@@ -104,7 +105,7 @@ class Trainer:
         acc = self.accelerator
         chunks = acc.num_processes * tc.gradient_accumulation
         if tc.batch_size < chunks:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size={tc.batch_size} is smaller than processes x gradient_accumulation = {chunks}"
             )
         set_seed(tc.seed)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from difftune.atomic import atomic_path, atomic_write_json
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
+from difftune.errors import UserError
 from difftune.objectives.prediction import Parameterisation
 from difftune.sampling import generate
 
@@ -57,11 +58,11 @@ def swap_probe(
         ``[{"fraction": f, "score": s}, ...]`` in the order of ``fractions``.
     """
     if finetuned.sample_shape != pretrained.sample_shape:
-        raise ValueError(
+        raise UserError(
             f"the models work on different shapes ({finetuned.sample_shape} vs {pretrained.sample_shape})"
         )
     if any(not 0.0 <= f <= 1.0 for f in fractions):
-        raise ValueError(f"hand-over fractions must be in [0, 1], got {list(fractions)}")
+        raise UserError(f"hand-over fractions must be in [0, 1], got {list(fractions)}")
     out = []
     for f in tqdm(fractions, desc="swap probe"):
         x = generate(

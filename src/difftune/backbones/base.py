@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from difftune.backbones.conditioning import Conditioning
+from difftune.errors import UserError
 
 
 class Backbone(nn.Module):
@@ -88,14 +89,14 @@ class ClassConditionalBackbone(Backbone):
 
     def check_condition(self, cond: Conditioning) -> None:
         if "labels" not in cond:
-            raise ValueError(f"a class-conditional model needs class labels, got a condition with {list(cond)}")
+            raise UserError(f"a class-conditional model needs class labels, got a condition with {list(cond)}")
         if cond.batch_size:
             self.check_target_classes(int(cond["labels"].max()) + 1)
 
     def check_target_classes(self, num_target_classes: int) -> None:
         """Refuse a target label set that does not fit in the source's label rows 0..K-1."""
         if num_target_classes > self.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"target dataset has {num_target_classes} classes but the source model has only "
                 f"{self.num_classes} label rows; use a source model with at least as many classes"
             )

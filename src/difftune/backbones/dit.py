@@ -8,6 +8,7 @@ from diffusers.models.embeddings import LabelEmbedding
 
 from difftune.backbones.base import ClassConditionalBackbone
 from difftune.backbones.conditioning import Conditioning
+from difftune.errors import UserError
 
 
 class DiTBackbone(ClassConditionalBackbone):
@@ -27,7 +28,7 @@ class DiTBackbone(ClassConditionalBackbone):
         for module in model.modules():
             if isinstance(module, LabelEmbedding):
                 if module.embedding_table.num_embeddings <= module.num_classes:
-                    raise ValueError("DiT label embedding has no null row; it cannot be used for guidance-free training")
+                    raise UserError("DiT label embedding has no null row; it cannot be used for guidance-free training")
                 module.dropout_prob = 0.0
         cfg = model.config
         self.num_classes = int(cfg.num_embeds_ada_norm)

@@ -24,6 +24,7 @@ from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.unet import UNetBackbone
 from difftune.config import check_model_path
+from difftune.errors import UserError
 from difftune.tuning import trainable_parameters
 
 # diffusers class name in config.json -> (diffusers class, adapter)
@@ -117,7 +118,7 @@ def load_pretrained(
         raise FileNotFoundError(f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}") from None
     class_name = config.get("_class_name", "")
     if class_name not in BACKBONES:
-        raise ValueError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
+        raise UserError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
     model_cls, adapter_cls = BACKBONES[class_name]
     model = model_cls.from_pretrained(pretrained, subfolder=sub, revision=revision)
     backbone = adapter_cls(model)
@@ -200,7 +201,7 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
     if ema is not None:
         params = trainable_parameters(backbone.inner)
         if len(params) != len(ema.shadow_params):
-            raise ValueError(
+            raise UserError(
                 f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
                 "parameters; build the EMA from difftune.tuning.trainable_parameters(model)"
             )

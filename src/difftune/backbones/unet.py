@@ -7,6 +7,7 @@ from diffusers import UNet2DModel
 
 from difftune.backbones.base import ClassConditionalBackbone
 from difftune.backbones.conditioning import Conditioning
+from difftune.errors import UserError
 
 
 class UNetBackbone(ClassConditionalBackbone):
@@ -22,7 +23,7 @@ class UNetBackbone(ClassConditionalBackbone):
         super().__init__()
         cfg = model.config
         if cfg.num_class_embeds is None or cfg.class_embed_type is not None:
-            raise ValueError(
+            raise UserError(
                 "UNet2DModel is not class-conditional: set num_class_embeds (classes + 1 null row) "
                 "and leave class_embed_type unset"
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from difftune.errors import UserError
+
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config``, ``--set`` and ``--dry-run``: the flags of the commands driven by a YAML experiment config."""
@@ -27,11 +29,11 @@ def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--vae", help="VAE hub id or directory for latent models (default: the model's own)")
 
 
-def check_scheduler(name: str, what: str = "--scheduler", error: type[ValueError] = ValueError) -> None:
+def check_scheduler(name: str, what: str = "--scheduler", error: type[UserError] = UserError) -> None:
     """Refuse a scheduler class name that diffusers does not have (imports diffusers).
 
     Raises:
-        ValueError (or ``error``): the message names ``what`` and lists the valid names.
+        UserError (or ``error``): the message names ``what`` and lists the valid names.
     """
     from difftune.sampling import scheduler_names
 

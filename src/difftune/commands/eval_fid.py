@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from difftune.atomic import atomic_write_json
 from difftune.commands import add_model_args, check_scheduler
+from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images, to_uint8_rgb
 from difftune.metrics.distributed import (
     Batches,
@@ -51,22 +52,22 @@ def _check_args(args: argparse.Namespace) -> None:
     """Range checks, and sampling options only with ``--checkpoint``; fills in the sampling defaults."""
     for name in ("batch_size", "workers", "kid_subsets", "pr_k"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.resize is not None and args.resize < 1:
-        raise ValueError(f"--resize must be >= 1, got {args.resize}")
+        raise UserError(f"--resize must be >= 1, got {args.resize}")
     if args.stats_cache and args.no_stats_cache:
-        raise ValueError("--stats-cache and --no-stats-cache contradict each other: give one of them")
+        raise UserError("--stats-cache and --no-stats-cache contradict each other: give one of them")
     if args.kid_subset_size < 2:
-        raise ValueError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
+        raise UserError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
     given = ["--" + k.replace("_", "-") for k in CHECKPOINT_ONLY if getattr(args, k) is not None]
     given += given_sampling_flags(args) + (["--no-ema"] if args.no_ema else [])
     if args.fake is not None and given:
-        raise ValueError(f"{', '.join(given)} only apply with --checkpoint, not with --fake")
+        raise UserError(f"{', '.join(given)} only apply with --checkpoint, not with --fake")
     if args.checkpoint is not None:
         if args.num_per_class is None:
             args.num_per_class = DEFAULT_NUM_PER_CLASS
         if args.num_per_class < 1:
-            raise ValueError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+            raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
         spec = sampling_spec_from_args(args)
         check_scheduler(spec.scheduler)
         vars(args).update(asdict(spec))  # the values used, also in the --out-json settings
@@ -117,9 +118,9 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
         if not Path(args.real).is_file():
             raise FileNotFoundError(f"reference statistics {args.real!r} do not exist")
         if args.save_real_stats:
-            raise ValueError("--save-real-stats needs --real to be images (a folder or a dataset), not statistics")
+            raise UserError("--save-real-stats needs --real to be images (a folder or a dataset), not statistics")
         if args.kid or args.precision_recall:
-            raise ValueError("--kid and --precision-recall need reference images: give --real as an image folder or a dataset")
+            raise UserError("--kid and --precision-recall need reference images: give --real as an image folder or a dataset")
         real_stats = FeatureStats.load(args.real)
     elif (dataset := reference_dataset(args.real)) is not None:
         identity, real_images = dataset
@@ -136,7 +137,7 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
         if cached is not None and not (args.kid or args.precision_recall):
             inputs.real_stats, inputs.real_paths, inputs.real_images, inputs.cache_hit = cached, None, None, True
     if min(inputs.n_real, inputs.n_fake) < 2:
-        raise ValueError(
+        raise UserError(
             f"FID needs at least 2 images per set, got {inputs.n_real} reference and {inputs.n_fake} generated"
         )
     return inputs
@@ -183,7 +184,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     extractor = build_extractor(args.features, args.inception_weights)
     dim = getattr(extractor, "num_features", None)
     if inputs.real_stats is not None and isinstance(dim, int) and dim != inputs.real_stats.num_features:
-        raise ValueError(
+        raise UserError(
             f"{args.real}: feature dimension mismatch, file has {inputs.real_stats.num_features}, "
             f"--features {args.features} gives {dim}"
         )
@@ -195,7 +196,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:
-        raise ValueError(
+        raise UserError(
             f"launched {launched} processes but accelerate sees {state.num_processes}; "
             "on CPU set ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
         )
@@ -276,7 +277,7 @@ def _report(
 ) -> None:
     """Main process: compute, print and save the metrics; export the generated images."""
     if fake_feats.shape[1] != real_stats.num_features:
-        raise ValueError(
+        raise UserError(
             f"{args.real}: feature dimension mismatch, reference has {real_stats.num_features}, "
             f"--features {args.features} gives {fake_feats.shape[1]}"
         )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from difftune.commands import check_scheduler
+from difftune.errors import UserError
 from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
 
 
@@ -26,7 +27,7 @@ def _fractions(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"--fractions {text!r} must be comma-separated numbers in [0, 1], e.g. 0,0.5,1")
+        raise UserError(f"--fractions {text!r} must be comma-separated numbers in [0, 1], e.g. 0,0.5,1")
     return values
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.commands import add_model_args, check_scheduler
 from difftune.config import check_model_path
+from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Check the flags and the model; write the images and a grid (or print the plan); return the exit code."""
     labels = parse_labels(args.labels)
     if args.per_label < 1:
-        raise ValueError(f"--per-label must be >= 1, got {args.per_label}")
+        raise UserError(f"--per-label must be >= 1, got {args.per_label}")
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
     check_model_path(args.model)
@@ -56,10 +57,10 @@ def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
     except ValueError:
         labels = []
     if not labels:
-        raise ValueError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
+        raise UserError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
     for label in labels:
         if num_classes is not None and not 0 <= label <= num_classes:
-            raise ValueError(
+            raise UserError(
                 f"label {label} is out of range: the model has labels 0..{num_classes - 1} "
                 f"(and {num_classes} = unconditional)"
             )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difftune.atomic import atomic_path
+from difftune.errors import UserError
 
 __all__ = [
     "DigitClassifier",
@@ -192,10 +193,10 @@ def load_classifier(path: str | os.PathLike[str]) -> DigitClassifier:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "difftune_digit_classifier" not in meta:
-        raise ValueError(f"{path}: not a DigitClassifier file (missing metadata)")
+        raise UserError(f"{path}: not a DigitClassifier file (missing metadata)")
     model = DigitClassifier(**json.loads(meta["difftune_digit_classifier"]))
     try:
         model.load_state_dict(load_file(str(path)))
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match DigitClassifier: {err}") from None
+        raise UserError(f"{path}: weights do not match DigitClassifier: {err}") from None
     return model.eval()

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from difftune.atomic import atomic_path
+from difftune.errors import UserError
 from difftune.images import load_image, to_uint8_rgb
 
 __all__ = ["Batches", "WorkDir", "folder_batches", "progress", "run_extractor", "tensor_batches"]
@@ -41,7 +42,7 @@ def folder_batches(
             images = list(pool.map(lambda i: load_image(paths[i], resize), idx))
             for i, im in zip(idx, images, strict=True):
                 if tuple(im.shape[-2:]) != expected:
-                    raise ValueError(
+                    raise UserError(
                         f"image {str(paths[i])!r} is {im.shape[-1]}x{im.shape[-2]} but {str(paths[0])!r} is "
                         f"{expected[1]}x{expected[0]}: give --resize N to score images of different sizes"
                     )
@@ -119,7 +120,7 @@ def run_extractor(
         out = extractor(images.to(device).float() / 255.0)  # (B, D)
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the feature extractor must return (B, D) features with B={images.shape[0]}, got {shape}")
+            raise UserError(f"the feature extractor must return (B, D) features with B={images.shape[0]}, got {shape}")
         indices.append(idx)
         feats.append(out.detach().to("cpu", torch.float64))
         if keep_images:

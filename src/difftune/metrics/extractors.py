@@ -7,6 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
+from difftune.errors import UserError
+
 __all__ = ["FEATURE_SPECS", "build_extractor"]
 
 FEATURE_SPECS = ("inception", "digits:PATH", "module:function")
@@ -27,10 +29,10 @@ def build_extractor(spec: str, inception_weights: str | None = None) -> nn.Modul
 
         return inception_extractor(inception_weights)
     if inception_weights is not None:
-        raise ValueError(f"--inception-weights only applies to --features inception, not {spec!r}")
+        raise UserError(f"--inception-weights only applies to --features inception, not {spec!r}")
     kind, _, rest = spec.partition(":")
     if not kind or not rest:
-        raise ValueError(f"--features {spec!r} is not understood; valid: {', '.join(FEATURE_SPECS)}")
+        raise UserError(f"--features {spec!r} is not understood; valid: {', '.join(FEATURE_SPECS)}")
     if kind == "digits":
         from difftune.metrics.digits import DigitFeatureExtractor, load_classifier
 
@@ -41,15 +43,15 @@ def build_extractor(spec: str, inception_weights: str | None = None) -> nn.Modul
         except ValueError:
             raise
         except Exception as err:  # safetensors raises its own error type on a file that is not safetensors
-            raise ValueError(f"{rest}: not a DigitClassifier file ({type(err).__name__}: {err})") from None
+            raise UserError(f"{rest}: not a DigitClassifier file ({type(err).__name__}: {err})") from None
     try:
         module = importlib.import_module(kind)
     except ImportError as err:
-        raise ValueError(f"--features {spec!r}: cannot import module {kind!r} ({err})") from None
+        raise UserError(f"--features {spec!r}: cannot import module {kind!r} ({err})") from None
     factory = getattr(module, rest, None)
     if not callable(factory):
-        raise ValueError(f"--features {spec!r}: module {kind!r} has no callable {rest!r}")
+        raise UserError(f"--features {spec!r}: module {kind!r} has no callable {rest!r}")
     extractor = factory()
     if not isinstance(extractor, nn.Module):
-        raise ValueError(f"--features {spec!r} returned {type(extractor).__name__}, expected a torch.nn.Module")
+        raise UserError(f"--features {spec!r} returned {type(extractor).__name__}, expected a torch.nn.Module")
     return extractor

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from difftune.atomic import atomic_open
+from difftune.errors import UserError
 
 __all__ = [
     "FeatureStats",
@@ -150,14 +151,14 @@ class FeatureStats:
         with np.load(Path(path), allow_pickle=False) as data:
             missing = {"mu", "sigma", "count"} - set(data.files)
             if missing:
-                raise ValueError(f"{path}: not a FeatureStats file, missing keys {sorted(missing)}")
+                raise UserError(f"{path}: not a FeatureStats file, missing keys {sorted(missing)}")
             mu, sigma, count = data["mu"], data["sigma"], int(data["count"])
         try:
             stats = cls(mu=mu, sigma=sigma, count=count)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise UserError(f"{path}: {err}") from None
         if num_features is not None and stats.num_features != num_features:
-            raise ValueError(
+            raise UserError(
                 f"{path}: feature dimension mismatch, file has {stats.num_features}, expected {num_features}"
             )
         return stats

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from difftune.errors import UserError
+
 __all__ = ["INCEPTION_FEATURES", "InceptionFeatureExtractor", "inception_extractor"]
 
 INCEPTION_FEATURES = 2048
@@ -95,7 +97,7 @@ def inception_extractor(weights_path: str | os.PathLike[str] | None = None, anti
     try:
         import torch_fidelity  # noqa: F401
     except ImportError as err:  # torch-fidelity itself, or one of its imports (torchvision)
-        raise ValueError(f"{_INSTALL_HINT} ({err})") from None
+        raise UserError(f"{_INSTALL_HINT} ({err})") from None
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     where = str(path) if path is not None else "the torch-fidelity download"
@@ -107,9 +109,9 @@ def inception_extractor(weights_path: str | os.PathLike[str] | None = None, anti
             antialias=antialias,
         )
     except ModuleNotFoundError:  # torchmetrics was imported before torch-fidelity became importable
-        raise ValueError(_INSTALL_HINT) from None
+        raise UserError(_INSTALL_HINT) from None
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if path is not None else " (offline? pass --inception-weights PATH)"
-        raise ValueError(f"cannot load Inception weights from {where}{hint}: {first}") from None
+        raise UserError(f"cannot load Inception weights from {where}{hint}: {first}") from None
     return InceptionFeatureExtractor(net)

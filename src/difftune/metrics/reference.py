@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from difftune.datasets import load_sklearn_digits
+from difftune.errors import UserError
 from difftune.images import to_uint8_rgb
 
 __all__ = ["reference_dataset"]
@@ -29,7 +30,7 @@ def reference_dataset(spec: str) -> tuple[str, torch.Tensor] | None:
     if colon:
         parts = [c.strip() for c in classes_text.split(",")]
         if not all(c.isdigit() and len(c) == 1 for c in parts):
-            raise ValueError(f"--real {spec!r}: give digit classes 0-9, comma-separated, e.g. digits:5,6,7,8,9")
+            raise UserError(f"--real {spec!r}: give digit classes 0-9, comma-separated, e.g. digits:5,6,7,8,9")
         classes = sorted({int(c) for c in parts})
         images = images[torch.isin(labels, torch.tensor(classes))]
         name = "digits:" + ",".join(map(str, classes))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from difftune.errors import UserError
 from difftune.objectives.base import Draw, LossTerms, Objective
 from difftune.objectives.diff_tuning import DiffTuningLoss
 from difftune.schedules import build_schedule
@@ -48,7 +49,7 @@ def build_objective(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Ba
         ValueError: unknown kind; the message lists the valid ones.
     """
     if cfg.kind not in OBJECTIVES:
-        raise ValueError(f"objective.kind={cfg.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
+        raise UserError(f"objective.kind={cfg.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
     return OBJECTIVES[cfg.kind](cfg, scheduler, backbone)
 
 

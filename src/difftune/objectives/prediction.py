@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from difftune.errors import UserError
+
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
 
@@ -46,7 +48,7 @@ class Parameterisation:
     def __init__(self, scheduler: DDPMScheduler) -> None:
         kind = scheduler.config.prediction_type
         if kind not in _RULES:
-            raise ValueError(f"prediction_type {kind!r} is not supported; valid: {sorted(_RULES)}")
+            raise UserError(f"prediction_type {kind!r} is not supported; valid: {sorted(_RULES)}")
         self.kind = kind
         self.scheduler = scheduler
         self._rule = _RULES[kind]

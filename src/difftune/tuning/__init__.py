@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from difftune.errors import UserError
 from difftune.tuning.base import TuningMethod, trainable_parameters
 from difftune.tuning.full import FullTuning
 
@@ -27,7 +28,7 @@ def build_tuning(name: str) -> TuningMethod:
         ValueError: unknown name; the message lists the valid ones.
     """
     if name not in TUNING_METHODS:
-        raise ValueError(f"unknown tuning method {name!r}; valid: {sorted(TUNING_METHODS)}")
+        raise UserError(f"unknown tuning method {name!r}; valid: {sorted(TUNING_METHODS)}")
     return TUNING_METHODS[name]()
 
 
