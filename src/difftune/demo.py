@@ -25,6 +25,7 @@ import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
+from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
@@ -47,7 +48,7 @@ from difftune.metrics import (
 from difftune.metrics.fid import FeatureStats
 from difftune.sampling import build_scheduler, generate_with_spec, to_unit_range
 from difftune.sampling_spec import SamplingSpec
-from difftune.store import user_cache_dir, write_json_atomic
+from difftune.store import user_cache_dir
 from difftune.trainer import Trainer, list_checkpoints
 
 SOURCE_CLASSES = [0, 1, 2, 3, 4]
@@ -333,9 +334,9 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     _plot(results, s.out)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
     meta = {"settings": settings, "seconds": seconds, "environment": _environment()}
-    (s.out / "run_info.json").write_text(json.dumps(meta, indent=2))
-    (s.out / "report.md").write_text(_report(results, s, seconds))
-    write_json_atomic(s.out / "results.json", results)  # last: its presence marks a finished run
+    atomic_write_json(s.out / "run_info.json", meta)
+    atomic_write_text(s.out / "report.md", _report(results, s, seconds))
+    atomic_write_json(s.out / "results.json", results)  # last: its presence marks a finished run
     print(f"\n{'method':<26}{'FID':>10}")
     for name, r in results.items():
         print(f"{name:<26}{r['fid']:>10.2f}")

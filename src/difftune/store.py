@@ -46,11 +46,6 @@ def folder_identity(root: str | os.PathLike[str], paths: Sequence[Path]) -> list
     return files
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON (sorted keys) to ``path`` atomically (:func:`difftune.atomic.atomic_write_json`)."""
-    atomic_write_json(path, data, sort_keys=True)
-
-
 class LatentStore:
     """Sharded tensors + manifest in one directory.
 
@@ -86,7 +81,7 @@ class LatentStore:
                     f"{old.get(key)!r} there vs {manifest.get(key)!r} now); use another path or delete it"
                 )
         else:
-            write_json_atomic(path, manifest)
+            atomic_write_json(path, manifest, sort_keys=True)
         return store
 
     @property

@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from difftune.atomic import atomic_directory
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained, save_model
 from difftune.bank import load_bank
@@ -215,13 +216,9 @@ class Trainer:
         bar.close()
         final = self.out / "final"
         if acc.is_main_process:
-            # copy under a temporary name first, so a crash never leaves a half-written final/
-            staging = self.out / "final.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(list_checkpoints(self.out)[-1] / "model", staging)
-            cfg.save(staging / "config.yaml")
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
+            with atomic_directory(final) as staging:  # a crash never leaves a half-written final/
+                shutil.copytree(list_checkpoints(self.out)[-1] / "model", staging, dirs_exist_ok=True)
+                cfg.save(staging / "config.yaml")
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
@@ -244,6 +241,7 @@ class Trainer:
         acc, step = self.accelerator, self.state.step
         root = self.out / CHECKPOINTS
         final = root / f"checkpoint-{step:07d}"
+        # a name every process knows (accelerate's save_state writes from all of them), so not atomic_directory
         tmp = root / f"checkpoint-{step:07d}.tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 from diffusers.training_utils import EMAModel
 
+from difftune.atomic import atomic_directory
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
@@ -193,27 +193,21 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
         ValueError: ``ema`` does not hold one average per trainable parameter.
     """
     backbone = loaded.backbone
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    backbone.inner.save_pretrained(tmp / backbone.subfolder)
-    if ema is not None:
-        params = trainable_parameters(backbone.inner)
-        if len(params) != len(ema.shadow_params):
-            raise UserError(
-                f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
-                "parameters; build the EMA from difftune.tuning.trainable_parameters(model)"
-            )
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            backbone.inner.save_pretrained(tmp / "ema" / backbone.subfolder)
-        finally:
-            ema.restore(params)
-    DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
-    record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
-    (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with atomic_directory(directory) as tmp:
+        backbone.inner.save_pretrained(tmp / backbone.subfolder)
+        if ema is not None:
+            params = trainable_parameters(backbone.inner)
+            if len(params) != len(ema.shadow_params):
+                raise ValueError(
+                    f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
+                    "parameters; build the EMA from difftune.tuning.trainable_parameters(model)"
+                )
+            ema.store(params)
+            ema.copy_to(params)
+            try:
+                backbone.inner.save_pretrained(tmp / "ema" / backbone.subfolder)
+            finally:
+                ema.restore(params)
+        DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
+        record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
