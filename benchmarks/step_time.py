@@ -77,21 +77,31 @@ TARGET_CLASSES = [5, 6, 7, 8, 9]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="source DiT size (default small)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"
+    )
     p.add_argument("--steps", type=int, default=40, help="timed optimiser steps per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="steps of the short run subtracted from the long one")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="steps of the short run subtracted from the long one"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="global batch (target + bank), equal for both")
     p.add_argument("--repeats", type=int, default=9, help="measurements per method (interleaved)")
     p.add_argument("--bank-samples", type=int, default=64, help="knowledge-bank size")
     p.add_argument("--bank-steps", type=int, default=4, help="sampling steps used to generate the bank")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op CPU threads (default 1: robust to other load on the machine; 0 = torch's default)",
     )
     p.add_argument(
-        "--clock", choices=["auto", "wall", "cpu"], default="auto",
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
         help="clock of the reported ratio: wall, or process CPU time (auto: cpu on a 1-thread CPU run, else wall)",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -131,25 +141,40 @@ def build_source(root: Path, size: str, seed: int) -> tuple[Path, str]:
     s = SIZES[size]
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], in_channels=s["channels"],
-        out_channels=2 * s["channels"], num_layers=s["layers"], sample_size=s["sample"], patch_size=2,
-        num_embeds_ada_norm=len(TARGET_CLASSES), norm_num_groups=1,
+        num_attention_heads=s["heads"],
+        attention_head_dim=s["head_dim"],
+        in_channels=s["channels"],
+        out_channels=2 * s["channels"],
+        num_layers=s["layers"],
+        sample_size=s["sample"],
+        patch_size=2,
+        num_embeds_ada_norm=len(TARGET_CLASSES),
+        norm_num_groups=1,
     )
     model.save_pretrained(root / "transformer")
     DDPMScheduler().save_pretrained(root / "scheduler")
     space = f"{s['channels']}x{s['sample']}x{s['sample']} pixels"
     if s["latent"]:
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=s["channels"], block_out_channels=(8, 8, 8, 8),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=4, layers_per_block=1, sample_size=8 * s["sample"],
+            in_channels=3,
+            out_channels=3,
+            latent_channels=s["channels"],
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=8 * s["sample"],
         )
         vae.save_pretrained(root / "vae")
         space = f"{s['channels']}x{s['sample']}x{s['sample']} latents of {8 * s['sample']} px images"
     params = sum(p.numel() for p in model.parameters())
     hidden = s["heads"] * s["head_dim"]
     tokens = (s["sample"] // 2) ** 2
-    return root, f"DiT hidden {hidden}, {s['layers']} layers, {tokens} tokens, {space}, {params / 1e6:.2f}M params"
+    return (
+        root,
+        f"DiT hidden {hidden}, {s['layers']} layers, {tokens} tokens, {space}, {params / 1e6:.2f}M params",
+    )
 
 
 def prepare(args: argparse.Namespace, work: Path) -> Setup:
@@ -167,8 +192,12 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
     source, description = build_source(work / "source", args.size, args.seed)
     bank = work / "bank"
     bank_cfg = BankConfig(
-        path=str(bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps,
-        shard_size=args.bank_samples, batch_size=args.bank_samples, seed=args.seed,
+        path=str(bank),
+        num_samples=args.bank_samples,
+        num_inference_steps=args.bank_steps,
+        shard_size=args.bank_samples,
+        batch_size=args.bank_samples,
+        seed=args.seed,
     )
     generate_bank(load_pretrained(str(source)), bank_cfg, device=device, progress=args.verbose)
     return Setup(source, bank, work / "target_cache", description, device)
@@ -188,11 +217,18 @@ def make_config(setup: Setup, method: str, args: argparse.Namespace, out: Path, 
     return ExperimentConfig(
         model=ModelConfig(pretrained=str(setup.source)),
         data=DataConfig(source="digits", classes=TARGET_CLASSES, cache_dir=str(setup.cache), seed=args.seed),
-        bank=BankConfig(path=str(setup.bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps),
+        bank=BankConfig(
+            path=str(setup.bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps
+        ),
         objective=ObjectiveConfig(**METHODS[method]),
         train=TrainConfig(
-            output_dir=str(out), batch_size=args.batch_size, max_steps=max_steps, seed=args.seed,
-            checkpoint_every=0, keep_checkpoints=1, log_every=10**9,  # one checkpoint, one log: at the end
+            output_dir=str(out),
+            batch_size=args.batch_size,
+            max_steps=max_steps,
+            seed=args.seed,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            log_every=10**9,  # one checkpoint, one log: at the end
         ),
     )
 
@@ -225,7 +261,9 @@ def timed_train(
     return wall, cpu
 
 
-def step_seconds(setup: Setup, method: str, args: argparse.Namespace, work: Path, tag: str) -> dict[str, float]:
+def step_seconds(
+    setup: Setup, method: str, args: argparse.Namespace, work: Path, tag: str
+) -> dict[str, float]:
     """Per-step seconds on each clock: (train(warmup + steps) - train(warmup)) / steps, fresh trainers."""
     short = timed_train(setup, method, args, work / f"run-{tag}-short", args.warmup)
     long = timed_train(setup, method, args, work / f"run-{tag}-long", args.warmup + args.steps)
@@ -288,11 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         for c in CLOCKS:
             medians[c][name] = statistics.median(1000 * t[c] for t in times[name])
         ms = [1000 * t[clock] for t in times[name]]
-        print(f"{name:<13}{medians[clock][name]:>16.2f}{iqr(ms):>10.2f}   " + " ".join(f"{v:.1f}" for v in ms))
+        print(
+            f"{name:<13}{medians[clock][name]:>16.2f}{iqr(ms):>10.2f}   " + " ".join(f"{v:.1f}" for v in ms)
+        )
     per_repeat = [d[clock] / p[clock] for d, p in zip(times["diff-tuning"], times["plain"], strict=True)]
     print()
     print("per-repeat ratios  " + " ".join(f"{x:.3f}" for x in per_repeat))
-    print(f"median of per-repeat ratios {statistics.median(per_repeat):.3f} (IQR {iqr(per_repeat):.3f}); target <= 1.05")
+    print(
+        f"median of per-repeat ratios {statistics.median(per_repeat):.3f} (IQR {iqr(per_repeat):.3f}); target <= 1.05"
+    )
     m = medians[other]
     print(
         f"{clock_names[other]} (cross-check): plain {m['plain']:.2f}, diff-tuning {m['diff-tuning']:.2f} ms/step, "

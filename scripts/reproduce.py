@@ -36,7 +36,15 @@ def run_experiment(config: Path, out: Path, cache: Path | None) -> None:
     for seed in spec["seeds"]:
         run_dir = out / config.stem / f"seed{seed}"
         if not (run_dir / "results.json").is_file():
-            run_demo(DemoSettings(out=run_dir, cache_dir=cache, seed=seed, methods=spec["methods"], **spec.get("settings", {})))
+            run_demo(
+                DemoSettings(
+                    out=run_dir,
+                    cache_dir=cache,
+                    seed=seed,
+                    methods=spec["methods"],
+                    **spec.get("settings", {}),
+                )
+            )
 
 
 def collect(config: Path, out: Path) -> dict[str, Any]:
@@ -57,7 +65,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _with_baseline(exp: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> tuple[list[str], dict[int, dict[str, Any]]]:
+def _with_baseline(
+    exp: dict[str, Any], by_name: dict[str, dict[str, Any]]
+) -> tuple[list[str], dict[int, dict[str, Any]]]:
     """The experiment's methods and runs, with plain fine-tuning (its own or ``baseline_from``'s) first."""
     runs = {seed: dict(r) for seed, r in exp["runs"].items()}
     methods = list(exp["methods"])
@@ -92,7 +102,9 @@ def _fid_table(methods: list[str], runs: dict[int, dict[str, Any]]) -> list[str]
         rel = f"{100 * (mean - statistics.fmean(plain)) / statistics.fmean(plain):+.1f}%" if plain else "n/a"
         paired = [r[method]["fid"] < r["plain"]["fid"] for r in runs.values() if method in r and "plain" in r]
         wins = f"{sum(paired)}/{len(paired)}" if paired and method != "plain" else "–"
-        late = "{:.2f} ± {:.2f}".format(*_mean_std([_late_mean(r[method]) for r in runs.values() if method in r]))
+        late = "{:.2f} ± {:.2f}".format(
+            *_mean_std([_late_mean(r[method]) for r in runs.values() if method in r])
+        )
         lines.append(
             f"| {method} | {mean:.2f} ± {std:.2f} | {', '.join(f'{f:.2f}' for f in fids)} | {rel} | {wins} | {late} |"
         )
@@ -144,7 +156,14 @@ def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
     lines = ["# Reproduction study: results", ""]
     by_name = {exp["name"]: exp for exp in experiments}
     for exp in experiments:
-        lines += [f"## {exp['name']}", "", exp["description"], "", f"Seeds finished: {sorted(exp['runs'])}", ""]
+        lines += [
+            f"## {exp['name']}",
+            "",
+            exp["description"],
+            "",
+            f"Seeds finished: {sorted(exp['runs'])}",
+            "",
+        ]
         if not exp["runs"]:
             continue
         methods, runs = _with_baseline(exp, by_name)
@@ -175,6 +194,7 @@ def main() -> None:
     # the summary always covers every experiment with finished runs, not only the ones just run
     every += [c for c in args.configs if c.resolve() not in {e.resolve() for e in every}]
     print(summarise([collect(c, args.out) for c in every], args.out))
+
 
 if __name__ == "__main__":
     main()

@@ -21,13 +21,21 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_dit(in_channels: int = 1, sample_size: int = 8, num_classes: int = 5, learn_sigma: bool = True, seed: int = 0):
+def tiny_dit(
+    in_channels: int = 1, sample_size: int = 8, num_classes: int = 5, learn_sigma: bool = True, seed: int = 0
+):
     """A 2-layer DiT with patch size 2 (a few thousand parameters)."""
     torch.manual_seed(seed)
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=in_channels,
-        out_channels=2 * in_channels if learn_sigma else in_channels, num_layers=2, sample_size=sample_size,
-        patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=in_channels,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
+        num_layers=2,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_num_groups=1,
     )
 
 
@@ -35,9 +43,15 @@ def tiny_unet(in_channels: int = 1, sample_size: int = 8, num_classes: int = 5, 
     """A class-conditional UNet2DModel with a null label row (num_class_embeds = classes + 1)."""
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=num_classes + 1,
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_classes + 1,
     )
 
 
@@ -45,9 +59,15 @@ def tiny_vae(seed: int = 0):
     """An AutoencoderKL with 4 latent channels and an 8x downsampling (16x16 images -> 2x2)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4, layers_per_block=1, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
     )
 
 
@@ -75,7 +95,9 @@ def unet_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def latent_dit_dir(tmp_path: Path) -> Path:
     """A latent-space tiny DiT (4 channels, 2x2 latents) with a tiny VAE for 16x16 images."""
-    return save_pipeline_dir(tmp_path / "ldit", tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae())
+    return save_pipeline_dir(
+        tmp_path / "ldit", tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae()
+    )
 
 
 def run_torchrun(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 300) -> str:
@@ -84,7 +106,13 @@ def run_torchrun(cmd: list[str], env: dict[str, str], cwd: Path | None = None, t
     The timeout is a safety net, not a speed assertion. Fails the test on a non-zero exit.
     """
     proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=timeout)

@@ -74,7 +74,9 @@ def test_atomic_directory_swaps_in_a_complete_directory(tmp_path: Path) -> None:
         (tmp / "nested").mkdir()
         (tmp / "nested" / "config.json").write_text("{}")
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
-        "nested", "nested/config.json", "weights.bin",
+        "nested",
+        "nested/config.json",
+        "weights.bin",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 

@@ -75,15 +75,21 @@ def test_load_dir_with_model_index(tmp_path: Path) -> None:
     dit, vae = tiny_dit(in_channels=4, sample_size=2), tiny_vae()
     dit.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
-    DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2").save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "DiTPipeline",
-        "_diffusers_version": "0.42.1",
-        "id2label": {"0": "a"},
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "transformer": ["diffusers", "DiTTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }))
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2").save_pretrained(
+        root / "scheduler"
+    )
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DiTPipeline",
+                "_diffusers_version": "0.42.1",
+                "id2label": {"0": "a"},
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "transformer": ["diffusers", "DiTTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }
+        )
+    )
     loaded = load_pretrained(str(root))
     assert loaded.backbone.sample_shape == (4, 2, 2)
     assert loaded.backbone.learns_variance
@@ -103,8 +109,11 @@ def test_load_original_dit_class_name(tmp_path: Path) -> None:
     config_path = tmp_path / "orig" / "config.json"
     config = json.loads(config_path.read_text())
     config.update(
-        _class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None,
-        only_cross_attention=False, use_linear_projection=False,
+        _class_name="Transformer2DModel",
+        cross_attention_dim=None,
+        num_vector_embeds=None,
+        only_cross_attention=False,
+        use_linear_projection=False,
     )
     config_path.write_text(json.dumps(config))
     loaded = load_pretrained(str(tmp_path / "orig"))
@@ -153,9 +162,15 @@ def test_check_target_classes(fixture: str, request: pytest.FixtureRequest) -> N
 @pytest.mark.parametrize("kwargs", [{"num_class_embeds": None}, {"class_embed_type": "timestep"}])
 def test_unet_without_class_embeddings_is_refused(kwargs: dict, tmp_path: Path) -> None:
     model = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, **kwargs,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        **kwargs,
     )
     save_pipeline_dir(tmp_path / "uncond", model, "unet")
     with pytest.raises(ValueError, match="not class-conditional.*num_class_embeds"):
@@ -178,10 +193,13 @@ def _shifted_ema(model: torch.nn.Module, shift: float) -> EMAModel:
     return ema
 
 
-@pytest.mark.parametrize("fixture,model_cls,subfolder", [
-    ("dit_dir", DiTTransformer2DModel, "transformer"),
-    ("unet_dir", UNet2DModel, "unet"),
-])
+@pytest.mark.parametrize(
+    "fixture,model_cls,subfolder",
+    [
+        ("dit_dir", DiTTransformer2DModel, "transformer"),
+        ("unet_dir", UNet2DModel, "unet"),
+    ],
+)
 def test_save_model_loads_in_stock_diffusers(
     fixture: str, model_cls: type, subfolder: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -202,9 +220,10 @@ def test_save_model_loads_in_stock_diffusers(
     stock_ema = model_cls.from_pretrained(out, subfolder=f"ema/{subfolder}")
     for saved, given in zip(stock_ema.parameters(), ema.shadow_params, strict=True):
         assert torch.equal(saved, given)
-    assert DDPMScheduler.from_pretrained(out, subfolder="scheduler").config == DDPMScheduler.from_config(
-        loaded.scheduler_config
-    ).config
+    assert (
+        DDPMScheduler.from_pretrained(out, subfolder="scheduler").config
+        == DDPMScheduler.from_config(loaded.scheduler_config).config
+    )
 
     again = load_pretrained(str(out))
     assert_state_equal(again.backbone.inner, before)

@@ -18,9 +18,7 @@ def test_config_error_is_a_user_error_and_a_value_error() -> None:
     assert not issubclass(ValueError, USER_ERRORS)  # a ValueError from a bug is not bad input
 
 
-def test_value_error_from_a_bug_shows_its_traceback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_value_error_from_a_bug_shows_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("math domain error, deep inside")
 

@@ -81,7 +81,9 @@ def test_overrides_are_parsed_with_yaml_rules(cfg_file: Path, tmp_path: Path) ->
 
 
 def test_bank_count_is_int_of_share_times_batch() -> None:
-    cfg = load_config(None, ["model.pretrained=x/y", "data.source=digits", "bank.path=b", "objective.bank_share=0.2"])
+    cfg = load_config(
+        None, ["model.pretrained=x/y", "data.source=digits", "bank.path=b", "objective.bank_share=0.2"]
+    )
     assert cfg.train.batch_size == 32 and cfg.bank_count == 6  # 26 target + 6 bank, as in the authors' code
 
 
@@ -149,7 +151,9 @@ def test_exponent_floats_without_a_dot(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.yaml", _raw())
     path.write_text(path.read_text() + "  learning_rate: 2e-4\n")  # the last section is train
     cfg = load_config(path, ["train.adam_eps=1E-6", "objective.bank_weight=5e-2"])
-    assert cfg.train.learning_rate == 2e-4 and cfg.train.adam_eps == 1e-6 and cfg.objective.bank_weight == 0.05
+    assert (
+        cfg.train.learning_rate == 2e-4 and cfg.train.adam_eps == 1e-6 and cfg.objective.bank_weight == 0.05
+    )
 
 
 def test_section_that_is_not_a_mapping(tmp_path: Path) -> None:
@@ -222,15 +226,21 @@ def test_train_dry_run_with_existing_bank(dit_dir: Path, tmp_path: Path, capsys)
     bank = tmp_path / "bank"
     bank.mkdir()
     (bank / "manifest.json").write_text("{}")
-    cfg = _write(tmp_path / "c.yaml", _raw(str(dit_dir), objective={"bank_share": 0.2}, bank={"path": str(bank)},
-                                           train={"batch_size": 32}))
+    cfg = _write(
+        tmp_path / "c.yaml",
+        _raw(str(dit_dir), objective={"bank_share": 0.2}, bank={"path": str(bank)}, train={"batch_size": 32}),
+    )
     assert main(["train", "--config", str(cfg), "--dry-run"]) == 0
     assert "batch      32 = 26 target + 6 bank" in capsys.readouterr().out
 
 
 def test_bank_dry_run(dit_dir: Path, tmp_path: Path, capsys) -> None:
-    cfg = _write(tmp_path / "c.yaml", _raw(str(dit_dir), bank={"path": str(tmp_path / "bank"), "num_samples": 10,
-                                                                "shard_size": 4, "seed": 5}))
+    cfg = _write(
+        tmp_path / "c.yaml",
+        _raw(
+            str(dit_dir), bank={"path": str(tmp_path / "bank"), "num_samples": 10, "shard_size": 4, "seed": 5}
+        ),
+    )
     assert main(["bank", "--config", str(cfg), "--dry-run"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
@@ -242,8 +252,22 @@ def test_bank_dry_run(dit_dir: Path, tmp_path: Path, capsys) -> None:
 
 def test_sample_dry_run(dit_dir: Path, tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / "samples"
-    argv = ["sample", "--dry-run", "--model", str(dit_dir), "--labels", "0,3", "--per-label", "2",
-            "--steps", "5", "--seed", "10", "--out", str(out_dir)]
+    argv = [
+        "sample",
+        "--dry-run",
+        "--model",
+        str(dit_dir),
+        "--labels",
+        "0,3",
+        "--per-label",
+        "2",
+        "--steps",
+        "5",
+        "--seed",
+        "10",
+        "--out",
+        str(out_dir),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "would sample 4 images (labels [0, 3] x 2)" in out
@@ -261,14 +285,23 @@ def test_demo_dry_run(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--dry-run", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     text = capsys.readouterr().out
-    assert "pre-train" in text and "fine-tune" in text and str(out) in text and str(tmp_path / "cache") in text
+    assert (
+        "pre-train" in text and "fine-tune" in text and str(out) in text and str(tmp_path / "cache") in text
+    )
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_config", "bad_override", "missing_model", "missing_bank", "missing_data_folder", "bank_no_path",
-     "bank_bad_scheduler"],
+    [
+        "missing_config",
+        "bad_override",
+        "missing_model",
+        "missing_bank",
+        "missing_data_folder",
+        "bank_no_path",
+        "bank_bad_scheduler",
+    ],
 )
 def test_config_commands_user_errors(case: str, dit_dir: Path, tmp_path: Path, capsys) -> None:
     raw = _raw(str(dit_dir))
@@ -349,7 +382,11 @@ def test_console_script_help() -> None:
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config",
+    sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bank").mkdir()
     (tmp_path / "bank" / "manifest.json").write_text("{}")
@@ -367,12 +404,23 @@ def test_paper_recipes_hold_the_papers_hyper_parameters(config: Path) -> None:
     cfg = load_config(config)
     assert cfg.model.pretrained == "facebook/DiT-XL-2-256" and cfg.data.resolution == 256
     tc = cfg.train
-    assert (tc.batch_size, tc.max_steps, tc.learning_rate, tc.weight_decay, tc.ema_decay) == (32, 24000, 1e-4, 0.0, 0.9999)
+    assert (tc.batch_size, tc.max_steps, tc.learning_rate, tc.weight_decay, tc.ema_decay) == (
+        32,
+        24000,
+        1e-4,
+        0.0,
+        0.9999,
+    )
     if config.stem.endswith("_plain"):
         assert cfg.objective.target_schedule == "uniform" and cfg.bank_count == 0
     else:
         oc = cfg.objective
-        assert (oc.target_schedule, oc.bank_schedule, oc.target_exponent, oc.bank_exponent) == ("power_up", "power_down", 1.0, 1.0)
+        assert (oc.target_schedule, oc.bank_schedule, oc.target_exponent, oc.bank_exponent) == (
+            "power_up",
+            "power_down",
+            1.0,
+            1.0,
+        )
         assert cfg.bank_count == 6 and oc.bank_weight == 0.1 and oc.realisation == "sample"
 
 

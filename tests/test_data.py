@@ -46,8 +46,12 @@ def test_encoding_resumes_after_a_crash_and_equals_a_full_run(digits, tmp_path: 
     monkeypatch.setattr(LatentStore, "write_shard", original)
     assert LatentStore(tmp_path / "resumed").missing_shards() == [1, 2]
     encoded = []
-    monkeypatch.setattr(digits, "loader", lambda idx, load=digits.loader: encoded.append(len(idx)) or load(idx))
-    resumed = encode_and_cache(digits, LatentCodec(None), tmp_path / "resumed", "pixel", batch_size=3, shard_size=8)
+    monkeypatch.setattr(
+        digits, "loader", lambda idx, load=digits.loader: encoded.append(len(idx)) or load(idx)
+    )
+    resumed = encode_and_cache(
+        digits, LatentCodec(None), tmp_path / "resumed", "pixel", batch_size=3, shard_size=8
+    )
     assert sum(encoded) == 12  # only shards 1 and 2 (samples 8..19) were encoded again
     for key in full:
         assert torch.equal(full[key], resumed[key]), key

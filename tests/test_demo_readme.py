@@ -16,9 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_settings(tmp_path: Path) -> DemoSettings:
     return DemoSettings(
-        out=tmp_path / "out", cache_dir=tmp_path / "cache", per_class=4, model_width=8, model_layers=1,
-        pretrain_steps=6, pretrain_batch=16, bank_samples=12, finetune_steps=4, finetune_batch=10,
-        eval_every=2, eval_per_class=4, sample_steps=3, classifier_steps=50,
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        per_class=4,
+        model_width=8,
+        model_layers=1,
+        pretrain_steps=6,
+        pretrain_batch=16,
+        bank_samples=12,
+        finetune_steps=4,
+        finetune_batch=10,
+        eval_every=2,
+        eval_per_class=4,
+        sample_steps=3,
+        classifier_steps=50,
     )
 
 
@@ -90,4 +101,6 @@ def test_demo_forgetting_probes(tmp_path: Path) -> None:
     assert len(gap["rows"]) == 10 and gap["rows"][0]["t_low"] == 0 and gap["rows"][-1]["t_high"] == 999
     for row in gap["rows"]:
         assert row["gap"] == pytest.approx(row["pretrained"] - row["finetuned"])
-    assert (settings.out / "forgetting_swap.png").is_file() and (settings.out / "forgetting_gap.png").is_file()
+    assert (settings.out / "forgetting_swap.png").is_file() and (
+        settings.out / "forgetting_gap.png"
+    ).is_file()

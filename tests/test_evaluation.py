@@ -54,7 +54,9 @@ def run_eval(argv: list[str]) -> int:
 
 
 def parse_metrics(out: str) -> dict[str, float]:
-    return {line.split()[0]: float(line.split()[1]) for line in out.strip().splitlines() if len(line.split()) == 2}
+    return {
+        line.split()[0]: float(line.split()[1]) for line in out.strip().splitlines() if len(line.split()) == 2
+    }
 
 
 def write_folder(root: Path, images: torch.Tensor, nested: bool = False) -> Path:
@@ -105,8 +107,23 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_fid_between_folders_equals_fid_from_images(folders, classifier_path, tmp_path, capsys) -> None:
     real, fake = folders
     out_json = tmp_path / "res" / "fid.json"
-    rc = run_eval(["fid", "--real", str(real), "--fake", str(fake), "--features", f"digits:{classifier_path}",
-                   "--batch-size", "7", "--out-json", str(out_json), "--work-dir", str(tmp_path / "work")])
+    rc = run_eval(
+        [
+            "fid",
+            "--real",
+            str(real),
+            "--fake",
+            str(fake),
+            "--features",
+            f"digits:{classifier_path}",
+            "--batch-size",
+            "7",
+            "--out-json",
+            str(out_json),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     assert rc == 0
     assert list((tmp_path / "work").iterdir()) == []  # the partial results are removed
     printed = parse_metrics(capsys.readouterr().out)
@@ -116,7 +133,12 @@ def test_fid_between_folders_equals_fid_from_images(folders, classifier_path, tm
     assert printed["fid"] == pytest.approx(expected, rel=1e-6)
     record = json.loads(out_json.read_text())
     assert record["fid"] == pytest.approx(expected, rel=1e-6)
-    assert (record["num_real"], record["num_fake"], record["feature_dim"], record["num_processes"]) == (40, 30, 64, 1)
+    assert (record["num_real"], record["num_fake"], record["feature_dim"], record["num_processes"]) == (
+        40,
+        30,
+        64,
+        1,
+    )
     assert record["settings"]["features"] == f"digits:{classifier_path}"
 
 
@@ -132,7 +154,9 @@ def test_cached_reference_stats_give_identical_fid(folders, classifier_path, tmp
     assert capsys.readouterr().out == first
 
 
-def test_reference_statistics_are_cached_and_invalidated(folders, classifier_path, private_cache, tmp_path, capsys) -> None:
+def test_reference_statistics_are_cached_and_invalidated(
+    folders, classifier_path, private_cache, tmp_path, capsys
+) -> None:
     real_src, fake = folders
     real = tmp_path / "real"
     shutil.copytree(real_src, real)  # this test changes the folder
@@ -181,8 +205,19 @@ def test_statistics_cache_can_be_off_and_skips_custom_extractors(folders, classi
     real, fake = folders
     common = ["fid", "--real", str(real), "--fake", str(fake)]
     cache = tmp_path / "c"
-    assert run_eval([*common, "--features", f"digits:{classifier_path}", "--stats-cache", str(cache),
-                     "--no-stats-cache"]) == 2
+    assert (
+        run_eval(
+            [
+                *common,
+                "--features",
+                f"digits:{classifier_path}",
+                "--stats-cache",
+                str(cache),
+                "--no-stats-cache",
+            ]
+        )
+        == 2
+    )
     assert run_eval([*common, "--features", f"digits:{classifier_path}", "--no-stats-cache"]) == 0
     assert not (tmp_path / "xdg").exists()
     files = folder_identity(real, list_images(real))
@@ -197,35 +232,94 @@ def test_statistics_cache_can_be_off_and_skips_custom_extractors(folders, classi
 
 def test_builtin_dataset_as_reference(folders, classifier_path, private_cache, capsys) -> None:
     _, fake = folders
-    assert run_eval(["fid", "--real", "digits:9,5,6,7,8", "--fake", str(fake), "--features", f"digits:{classifier_path}"]) == 0
+    assert (
+        run_eval(
+            [
+                "fid",
+                "--real",
+                "digits:9,5,6,7,8",
+                "--fake",
+                str(fake),
+                "--features",
+                f"digits:{classifier_path}",
+            ]
+        )
+        == 0
+    )
     printed = parse_metrics(capsys.readouterr().out)["fid"]
     images, labels = load_sklearn_digits()
-    reference = ((images[labels >= 5] * 255).round() / 255).expand(-1, 3, -1, -1)  # as 8-bit RGB files hold them
+    reference = ((images[labels >= 5] * 255).round() / 255).expand(
+        -1, 3, -1, -1
+    )  # as 8-bit RGB files hold them
     extractor = DigitFeatureExtractor(load_classifier(classifier_path))
     assert printed == pytest.approx(fid_from_images(reference, read_folder(fake), extractor), rel=1e-6)
     (entry,) = private_cache.iterdir()
     assert FeatureStats.load(entry).count == int((labels >= 5).sum())
     # the class order does not matter: the same cache entry
-    assert run_eval(["fid", "--real", "digits:5,6,7,8,9", "--fake", str(fake), "--features", f"digits:{classifier_path}"]) == 0
+    assert (
+        run_eval(
+            [
+                "fid",
+                "--real",
+                "digits:5,6,7,8,9",
+                "--fake",
+                str(fake),
+                "--features",
+                f"digits:{classifier_path}",
+            ]
+        )
+        == 0
+    )
     assert parse_metrics(capsys.readouterr().out)["fid"] == printed
     assert list(private_cache.iterdir()) == [entry]
     for bad in ("digits:5,x", "digits:12", "digits:"):
-        assert run_eval(["fid", "--real", bad, "--fake", str(fake), "--features", f"digits:{classifier_path}"]) == 2
+        assert (
+            run_eval(["fid", "--real", bad, "--fake", str(fake), "--features", f"digits:{classifier_path}"])
+            == 2
+        )
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "digit classes 0-9" in err, err
 
 
-def test_checkpoint_samples_equal_difftune_sample_folder(dit_dir, classifier_path, folders, tmp_path, capsys) -> None:
+def test_checkpoint_samples_equal_difftune_sample_folder(
+    dit_dir, classifier_path, folders, tmp_path, capsys
+) -> None:
     from difftune.backbones import load_pretrained
     from difftune.commands.sample import sample_to_folder
     from difftune.sampling_spec import SamplingSpec
 
     real, _ = folders
     npz = tmp_path / "samples.npz"
-    sampling = ["--num-per-class", "2", "--labels", "0,1,3", "--scheduler", "DDIMScheduler", "--steps", "3",
-                "--guidance-scale", "2.0", "--seed", "5"]
-    rc = run_eval(["fid", "--real", str(real), "--checkpoint", str(dit_dir), *sampling,
-                   "--features", f"digits:{classifier_path}", "--export-npz", str(npz), "--batch-size", "4"])
+    sampling = [
+        "--num-per-class",
+        "2",
+        "--labels",
+        "0,1,3",
+        "--scheduler",
+        "DDIMScheduler",
+        "--steps",
+        "3",
+        "--guidance-scale",
+        "2.0",
+        "--seed",
+        "5",
+    ]
+    rc = run_eval(
+        [
+            "fid",
+            "--real",
+            str(real),
+            "--checkpoint",
+            str(dit_dir),
+            *sampling,
+            "--features",
+            f"digits:{classifier_path}",
+            "--export-npz",
+            str(npz),
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     from_checkpoint = parse_metrics(capsys.readouterr().out)["fid"]
     assert np.isfinite(from_checkpoint) and from_checkpoint > 0
@@ -242,20 +336,44 @@ def test_checkpoint_samples_equal_difftune_sample_folder(dit_dir, classifier_pat
     sample_to_folder(load_pretrained(str(dit_dir)), [0, 1, 3], 2, folder, spec, batch_size=4)
     (folder / "grid.png").unlink()
     np.testing.assert_array_equal(arr, (read_folder(folder).permute(0, 2, 3, 1).numpy() * 255).round())
-    assert run_eval(["fid", "--real", str(real), "--fake", str(folder), "--features", f"digits:{classifier_path}"]) == 0
+    assert (
+        run_eval(
+            ["fid", "--real", str(real), "--fake", str(folder), "--features", f"digits:{classifier_path}"]
+        )
+        == 0
+    )
     assert parse_metrics(capsys.readouterr().out)["fid"] == pytest.approx(from_checkpoint, rel=1e-6)
 
 
 def test_checkpoint_uses_all_classes_by_default(dit_dir, classifier_path, folders, tmp_path, capsys) -> None:
     real, _ = folders
     npz = tmp_path / "all.npz"
-    rc = run_eval(["fid", "--real", str(real), "--checkpoint", str(dit_dir), "--num-per-class", "1", "--steps", "2",
-                   "--features", f"digits:{classifier_path}", "--export-npz", str(npz), "--out-json",
-                   str(tmp_path / "r.json")])
+    rc = run_eval(
+        [
+            "fid",
+            "--real",
+            str(real),
+            "--checkpoint",
+            str(dit_dir),
+            "--num-per-class",
+            "1",
+            "--steps",
+            "2",
+            "--features",
+            f"digits:{classifier_path}",
+            "--export-npz",
+            str(npz),
+            "--out-json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 0
     with np.load(npz) as data:
         assert data["arr_0"].shape == (5, 8, 8, 3)  # the tiny DiT has 5 classes
-    assert json.loads((tmp_path / "r.json").read_text())["settings"]["scheduler"] == "DPMSolverMultistepScheduler"
+    assert (
+        json.loads((tmp_path / "r.json").read_text())["settings"]["scheduler"]
+        == "DPMSolverMultistepScheduler"
+    )
 
 
 def test_checkpoint_prefers_ema_weights(classifier_path, folders, tmp_path) -> None:
@@ -276,8 +394,27 @@ def test_checkpoint_prefers_ema_weights(classifier_path, folders, tmp_path) -> N
 
     def samples(*extra: str) -> np.ndarray:
         npz = tmp_path / "s.npz"
-        assert run_eval(["fid", "--real", str(real), "--checkpoint", str(ckpt), "--num-per-class", "1", "--steps",
-                         "2", "--features", f"digits:{classifier_path}", "--export-npz", str(npz), *extra]) == 0
+        assert (
+            run_eval(
+                [
+                    "fid",
+                    "--real",
+                    str(real),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--num-per-class",
+                    "1",
+                    "--steps",
+                    "2",
+                    "--features",
+                    f"digits:{classifier_path}",
+                    "--export-npz",
+                    str(npz),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         with np.load(npz) as data:
             return data["arr_0"]
 
@@ -288,8 +425,21 @@ def test_checkpoint_prefers_ema_weights(classifier_path, folders, tmp_path) -> N
 
 def test_kid_and_precision_recall_on_the_command_line(folders, classifier_path, tmp_path, capsys) -> None:
     real, fake = folders
-    base = ["fid", "--real", str(real), "--features", f"digits:{classifier_path}", "--kid", "--kid-subsets", "20",
-            "--kid-subset-size", "25", "--precision-recall", "--seed", "3"]
+    base = [
+        "fid",
+        "--real",
+        str(real),
+        "--features",
+        f"digits:{classifier_path}",
+        "--kid",
+        "--kid-subsets",
+        "20",
+        "--kid-subset-size",
+        "25",
+        "--precision-recall",
+        "--seed",
+        "3",
+    ]
     with pytest.raises(ValueError, match="--seed only apply with --checkpoint"):
         _raw([*base, "--fake", str(fake)])
     base = base[:-2]
@@ -305,7 +455,10 @@ def test_kid_and_precision_recall_on_the_command_line(folders, classifier_path, 
         f_real, f_fake = extractor(read_folder(real)), extractor(read_folder(fake))
     kid, kid_std, size = kernel_inception_distance(f_real, f_fake, subsets=20, subset_size=25, seed=0)
     assert (other["kid"], other["kid_std"], other["kid_subset_size"]) == (
-        pytest.approx(kid, rel=1e-6), pytest.approx(kid_std, rel=1e-6), 25)
+        pytest.approx(kid, rel=1e-6),
+        pytest.approx(kid_std, rel=1e-6),
+        25,
+    )
     assert kid > 0
     assert (other["precision"], other["recall"]) == pytest.approx(precision_recall(f_real, f_fake, k=3))
 
@@ -322,7 +475,9 @@ def test_kid_matches_unbiased_mmd_and_grows_with_shift() -> None:
     xs, ys = x[:50].numpy(), y.numpy()
     m = 50
     kxx, kyy = k(xs, xs), k(ys, ys)
-    expected = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * k(xs, ys).mean()
+    expected = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * k(
+        xs, ys
+    ).mean()
     kid, std, size = kernel_inception_distance(x[:50], y, subsets=3, subset_size=1000)
     assert size == 50 and kid == pytest.approx(expected, rel=1e-10) and std == pytest.approx(0.0, abs=1e-12)
 
@@ -361,7 +516,10 @@ def test_custom_extractor_module_function(folders, tmp_path, monkeypatch, capsys
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     real, fake = folders
-    assert run_eval(["fid", "--real", str(real), "--fake", str(fake), "--features", "my_features:extractor"]) == 0
+    assert (
+        run_eval(["fid", "--real", str(real), "--fake", str(fake), "--features", "my_features:extractor"])
+        == 0
+    )
     printed = parse_metrics(capsys.readouterr().out)["fid"]
     torch.manual_seed(0)
     ext = nn.Sequential(nn.Flatten(), nn.Linear(192, 6))
@@ -390,7 +548,9 @@ def test_inception_with_missing_weights_is_one_line_error(folders, tmp_path, cap
     rc = run_eval(["fid", "--real", str(real), "--fake", str(fake), "--inception-weights", str(missing)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.count("\n") == 1 and err.startswith("difftune: error: Inception weights") and str(missing) in err
+    assert (
+        err.count("\n") == 1 and err.startswith("difftune: error: Inception weights") and str(missing) in err
+    )
 
 
 def test_inception_without_torch_fidelity_says_how_to_install(tmp_path, monkeypatch) -> None:
@@ -458,7 +618,14 @@ def test_bad_inputs(case, error, match, folders, classifier_path, tmp_path) -> N
         "sizes": ["--real", str(sizes), "--fake", str(fake), *feats],
         "sampling_with_fake": ["--real", str(real), "--fake", str(fake), "--steps", "3", *feats],
         "bad_features": ["--real", str(real), "--fake", str(fake), "--features", "dinov2"],
-        "missing_classifier": ["--real", str(real), "--fake", str(fake), "--features", "digits:/no/such.safetensors"],
+        "missing_classifier": [
+            "--real",
+            str(real),
+            "--fake",
+            str(fake),
+            "--features",
+            "digits:/no/such.safetensors",
+        ],
         "missing_checkpoint": ["--real", str(real), "--checkpoint", str(tmp_path / "no_model"), *feats],
         "kid_with_stats": ["--real", str(stats), "--fake", str(fake), "--kid", *feats],
     }[case]
@@ -485,8 +652,21 @@ def test_resize_makes_mixed_sizes_comparable(folders, classifier_path, tmp_path,
     real, _ = folders
     mixed = write_folder(tmp_path / "mixed", torch.rand(4, 1, 8, 8))
     save_png(torch.rand(1, 16, 16), mixed / "big.png")
-    rc = run_eval(["fid", "--real", str(real), "--fake", str(mixed), "--resize", "8", "--features",
-                   f"digits:{classifier_path}", "--export-npz", str(tmp_path / "m.npz")])
+    rc = run_eval(
+        [
+            "fid",
+            "--real",
+            str(real),
+            "--fake",
+            str(mixed),
+            "--resize",
+            "8",
+            "--features",
+            f"digits:{classifier_path}",
+            "--export-npz",
+            str(tmp_path / "m.npz"),
+        ]
+    )
     assert rc == 0 and np.isfinite(parse_metrics(capsys.readouterr().out)["fid"])
     with np.load(tmp_path / "m.npz") as data:
         assert data["arr_0"].shape == (5, 8, 8, 3)
@@ -518,17 +698,52 @@ def test_two_processes_match_one(dit_dir, folders, classifier_path, tmp_path) ->
     real, _ = folders
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    common = ["eval", "fid", "--real", str(real), "--checkpoint", str(dit_dir), "--num-per-class", "3",
-              "--steps", "2", "--features", f"digits:{classifier_path}", "--kid", "--kid-subsets", "5",
-              "--kid-subset-size", "10", "--batch-size", "4"]
+    common = [
+        "eval",
+        "fid",
+        "--real",
+        str(real),
+        "--checkpoint",
+        str(dit_dir),
+        "--num-per-class",
+        "3",
+        "--steps",
+        "2",
+        "--features",
+        f"digits:{classifier_path}",
+        "--kid",
+        "--kid-subsets",
+        "5",
+        "--kid-subset-size",
+        "10",
+        "--batch-size",
+        "4",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           *common, "--out-json", str(tmp_path / "ddp.json"), "--export-npz", str(tmp_path / "ddp.npz")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+        *common,
+        "--out-json",
+        str(tmp_path / "ddp.json"),
+        "--export-npz",
+        str(tmp_path / "ddp.npz"),
+    ]
     run_torchrun(cmd, env)
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["num_processes"] == 2
 
-    assert run_eval([*common[1:], "--out-json", str(tmp_path / "one.json"), "--export-npz", str(tmp_path / "one.npz")]) == 0
+    assert (
+        run_eval(
+            [*common[1:], "--out-json", str(tmp_path / "one.json"), "--export-npz", str(tmp_path / "one.npz")]
+        )
+        == 0
+    )
     one = json.loads((tmp_path / "one.json").read_text())
     assert one["num_processes"] == 1
     for key in ("fid", "kid", "kid_std"):

@@ -22,7 +22,9 @@ def setup(tmp_path: Path) -> dict[str, Path]:
     for k in (0, 1):
         (heldout / f"class{k}").mkdir(parents=True)
         for i, image in enumerate(images[labels == k][:6]):
-            Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(heldout / f"class{k}" / f"{i}.png")
+            Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(
+                heldout / f"class{k}" / f"{i}.png"
+            )
     classifier = tmp_path / "clf.safetensors"
     save_classifier(train_digit_classifier(images, labels, steps=30), classifier)
     return {
@@ -36,9 +38,26 @@ def setup(tmp_path: Path) -> dict[str, Path]:
 
 def _args(s: dict[str, Path], *extra: str) -> list[str]:
     return [
-        "forgetting", "--finetuned", str(s["finetuned"]), "--pretrained", str(s["pretrained"]),
-        "--heldout", str(s["heldout"]), "--features", f"digits:{s['classifier']}", "--num-per-class", "3",
-        "--steps", "3", "--gap-bins", "4", "--gap-draws", "1", "--out", str(s["out"]), *extra,
+        "forgetting",
+        "--finetuned",
+        str(s["finetuned"]),
+        "--pretrained",
+        str(s["pretrained"]),
+        "--heldout",
+        str(s["heldout"]),
+        "--features",
+        f"digits:{s['classifier']}",
+        "--num-per-class",
+        "3",
+        "--steps",
+        "3",
+        "--gap-bins",
+        "4",
+        "--gap-draws",
+        "1",
+        "--out",
+        str(s["out"]),
+        *extra,
     ]
 
 
@@ -51,7 +70,9 @@ def test_forgetting_probes_write_json_and_plots(setup: dict[str, Path]) -> None:
     assert [(r["t_low"], r["t_high"]) for r in gap["rows"]] == [(0, 249), (250, 499), (500, 749), (750, 999)]
     for r in gap["rows"]:
         assert r["gap"] == pytest.approx(r["pretrained"] - r["finetuned"])
-    assert (setup["out"] / "forgetting_swap.png").is_file() and (setup["out"] / "forgetting_gap.png").is_file()
+    assert (setup["out"] / "forgetting_swap.png").is_file() and (
+        setup["out"] / "forgetting_gap.png"
+    ).is_file()
 
 
 def test_same_model_has_no_gap(setup: dict[str, Path]) -> None:

@@ -21,10 +21,18 @@ def test_bf16_diff_tuning_on_gpu(dit_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(
         None,
         [
-            f"model.pretrained={dit_dir}", "data.source=digits", "data.classes=[5,6,7,8,9]", "data.per_class=4",
-            f"bank.path={tmp_path / 'bank'}", "bank.num_samples=16", "bank.num_inference_steps=3",
-            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4", "train.batch_size=10",
-            "train.log_every=1", "train.mixed_precision=bf16",
+            f"model.pretrained={dit_dir}",
+            "data.source=digits",
+            "data.classes=[5,6,7,8,9]",
+            "data.per_class=4",
+            f"bank.path={tmp_path / 'bank'}",
+            "bank.num_samples=16",
+            "bank.num_inference_steps=3",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            "train.batch_size=10",
+            "train.log_every=1",
+            "train.mixed_precision=bf16",
         ],
     )
     generate_bank(load_pretrained(str(dit_dir)), cfg.bank, device="cuda")

@@ -289,7 +289,10 @@ def _np_reference_vb(betas, x0, x_t, t, pred_x0, v) -> np.ndarray:
         model_logvar = frac * np.log(betas[ti]) + (1.0 - frac) * post_logvar_clipped[ti]
         if ti > 0:
             kl = 0.5 * (
-                -1.0 + model_logvar - true_logvar + np.exp(true_logvar - model_logvar)
+                -1.0
+                + model_logvar
+                - true_logvar
+                + np.exp(true_logvar - model_logvar)
                 + (true_mean - model_mean) ** 2 * np.exp(-model_logvar)
             )
             out.append(kl.mean() / np.log(2.0))
@@ -337,8 +340,13 @@ def test_variational_bound_matches_reference() -> None:
     x0, x_t, t, pred_x0, v = _vb_inputs(t_values)
     betas = DDPMScheduler().betas
     got = VariationalBound(betas)(x0, x_t, t, pred_x0, v)
-    ref = _np_reference_vb(betas.double().numpy(), *(a.double().numpy() for a in (x0, x_t)), t.numpy(),
-                           pred_x0.double().numpy(), v.double().numpy())
+    ref = _np_reference_vb(
+        betas.double().numpy(),
+        *(a.double().numpy() for a in (x0, x_t)),
+        t.numpy(),
+        pred_x0.double().numpy(),
+        v.double().numpy(),
+    )
     assert got.shape == (len(t_values),)
     assert np.all(ref >= 0)
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-5, atol=VB_ATOL)
@@ -354,8 +362,14 @@ def test_variational_bound_edge_bins_at_t0() -> None:
     t = torch.zeros(1, dtype=torch.long)
     betas = DDPMScheduler().betas
     got = VariationalBound(betas)(x0, x0, t, pred, v)
-    ref = _np_reference_vb(betas.double().numpy(), x0.double().numpy(), x0.double().numpy(), [0],
-                           pred.double().numpy(), v.double().numpy())
+    ref = _np_reference_vb(
+        betas.double().numpy(),
+        x0.double().numpy(),
+        x0.double().numpy(),
+        [0],
+        pred.double().numpy(),
+        v.double().numpy(),
+    )
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-5)
     # last element: x0 = 1 predicted at -1 is impossible -> clamped at log(1e-12)
     assert float(got) > -math.log(1e-12) / 4 / math.log(2) - 1e-3
@@ -364,7 +378,9 @@ def test_variational_bound_edge_bins_at_t0() -> None:
 def test_vb_term_added_for_2C_output_with_detached_mean(batch) -> None:
     x0, labels, is_bank, draw = batch
     g = torch.Generator().manual_seed(3)
-    out = torch.cat([torch.randn((6, C, H, W), generator=g), torch.rand((6, C, H, W), generator=g) * 2 - 1], 1)
+    out = torch.cat(
+        [torch.randn((6, C, H, W), generator=g), torch.rand((6, C, H, W), generator=g) * 2 - 1], 1
+    )
 
     def run(learn_variance: bool):
         model = LeafModel(out)
@@ -381,8 +397,14 @@ def test_vb_term_added_for_2C_output_with_detached_mean(batch) -> None:
     ab = _abar64()[draw.t].view(-1, 1, 1, 1)
     x_t = _hand_xt(x0, draw.noise, draw.t)
     pred_x0 = (x_t - (1 - ab).sqrt() * out[:, :C].double()) / ab.sqrt()
-    vb_ref = _np_reference_vb(DDPMScheduler().betas.double().numpy(), x0.double().numpy(), x_t.numpy(),
-                              draw.t.numpy(), pred_x0.numpy(), out[:, C:].double().numpy())
+    vb_ref = _np_reference_vb(
+        DDPMScheduler().betas.double().numpy(),
+        x0.double().numpy(),
+        x_t.numpy(),
+        draw.t.numpy(),
+        pred_x0.numpy(),
+        out[:, C:].double().numpy(),
+    )
     added = (with_vb.raw - without_vb.raw).double().numpy()
     np.testing.assert_allclose(added, vb_ref, rtol=1e-5, atol=VB_ATOL)
     assert set(with_vb.terms) == {"mse", "vb"} and set(without_vb.terms) == {"mse"}
@@ -444,8 +466,14 @@ def test_vb_with_perfect_mean_equals_variance_only_bound(batch, prediction_type:
     out = torch.cat([mean_target.float(), v], 1)
     terms = _loss(prediction_type, learn_variance=True)(LeafModel(out), x0, labels, is_bank, draw)
     x_t = _hand_xt(x0, draw.noise, draw.t)
-    ref = _np_reference_vb(DDPMScheduler().betas.double().numpy(), x0.double().numpy(), x_t.numpy(),
-                           draw.t.numpy(), x0.double().numpy(), v.double().numpy())
+    ref = _np_reference_vb(
+        DDPMScheduler().betas.double().numpy(),
+        x0.double().numpy(),
+        x_t.numpy(),
+        draw.t.numpy(),
+        x0.double().numpy(),
+        v.double().numpy(),
+    )
     np.testing.assert_allclose(terms.loss.detach().double().numpy(), ref, rtol=1e-5, atol=VB_ATOL)
 
 
@@ -472,7 +500,9 @@ def test_term_log_logs_whatever_terms_appear_per_stream_and_quarter() -> None:
     assert out["loss/bank"] == pytest.approx(2 * (8 + 10) / 2)
     assert out["loss/total"] == pytest.approx(out["loss/target"] + 0.1 * out["loss/bank"])
     assert out["mse_by_t/target_q1"] == 1.0 and out["mse_by_t/target_q2"] == 2.0
-    assert out["mse_by_t/target_q4"] == 3.0 and out["mse_by_t/bank_q1"] == 4.0 and out["mse_by_t/bank_q3"] == 5.0
+    assert (
+        out["mse_by_t/target_q4"] == 3.0 and out["mse_by_t/bank_q1"] == 4.0 and out["mse_by_t/bank_q3"] == 5.0
+    )
     assert out["distill_by_t/bank_q3"] == 0.5
     assert out["loss_by_t/target_q4"] == 3.5  # the sum of the terms
     assert "mse_by_t/target_q3" not in out  # no sample there

@@ -40,7 +40,10 @@ def test_experiment_config_is_valid(path: Path):
         assert "plain" in base["methods"]
         assert base["seeds"] == spec["seeds"]
         # the shared baseline is only comparable if the source model is the same
-        assert DemoSettings(**base.get("settings", {})).source_key() == DemoSettings(**spec.get("settings", {})).source_key()
+        assert (
+            DemoSettings(**base.get("settings", {})).source_key()
+            == DemoSettings(**spec.get("settings", {})).source_key()
+        )
 
 
 def _run(fid: float, curve: list[float]) -> dict:
@@ -50,7 +53,10 @@ def _run(fid: float, curve: list[float]) -> dict:
 def test_summary_tables_with_a_shared_baseline(tmp_path: Path):
     reproduce = _load_script()
     base = {"name": "main", "description": "", "methods": ["plain"], "baseline_from": None}
-    base["runs"] = {0: {"plain": _run(10.0, [30.0, 12.0, 10.0])}, 1: {"plain": _run(20.0, [50.0, 24.0, 20.0])}}
+    base["runs"] = {
+        0: {"plain": _run(10.0, [30.0, 12.0, 10.0])},
+        1: {"plain": _run(20.0, [50.0, 24.0, 20.0])},
+    }
     sweep = {"name": "sweep", "description": "", "methods": ["a"], "baseline_from": "main"}
     sweep["runs"] = {0: {"a": _run(9.0, [40.0, 11.0, 9.0])}, 1: {"a": _run(21.0, [60.0, 19.0, 21.0])}}
 

@@ -19,7 +19,12 @@ def test_defaults_live_in_one_place() -> None:
     from difftune.config import BankConfig, TrainConfig
 
     spec = SamplingSpec()
-    assert (spec.scheduler, spec.steps, spec.guidance_scale, spec.seed) == ("DPMSolverMultistepScheduler", 25, 1.5, 0)
+    assert (spec.scheduler, spec.steps, spec.guidance_scale, spec.seed) == (
+        "DPMSolverMultistepScheduler",
+        25,
+        1.5,
+        0,
+    )
     assert BankConfig().sampling == spec
     assert TrainConfig().sampling == spec
     assert BankConfig(seed=7, num_inference_steps=3).sampling == SamplingSpec(steps=3, seed=7)

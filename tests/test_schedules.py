@@ -176,23 +176,27 @@ def test_custom_callable_schedule() -> None:
 
 
 def test_build_schedule_by_name() -> None:
-    assert torch.allclose(build_schedule("power_up", T, 1.5).probs(), power_up(T, 1.5).probs(), rtol=0, atol=0)
-    assert torch.allclose(build_schedule("power_down", T, 0.5).probs(), power_down(T, 0.5).probs(), rtol=0, atol=0)
+    assert torch.allclose(
+        build_schedule("power_up", T, 1.5).probs(), power_up(T, 1.5).probs(), rtol=0, atol=0
+    )
+    assert torch.allclose(
+        build_schedule("power_down", T, 0.5).probs(), power_down(T, 0.5).probs(), rtol=0, atol=0
+    )
     assert torch.equal(build_schedule("uniform", T, 1.0).probs(), uniform(T).probs())
     assert build_schedule("power_up", 10).num_timesteps == 10
 
 
 def test_build_schedule_from_module_function(tmp_path, monkeypatch) -> None:
-    (tmp_path / "difftune_test_densities.py").write_text(
-        "def cubic_plus(u):\n    return u**3 + 0.5\n"
-    )
+    (tmp_path / "difftune_test_densities.py").write_text("def cubic_plus(u):\n    return u**3 + 0.5\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     sched = build_schedule("difftune_test_densities:cubic_plus", T)
     u = (t64 + 1) / T
     expected = (u**3 + 0.5) / (u**3 + 0.5).sum()
     assert torch.allclose(sched.probs(), expected, rtol=1e-12, atol=0)
     # a library function works too
-    assert torch.allclose(build_schedule("torch:exp", T).probs(), torch.exp(u) / torch.exp(u).sum(), rtol=1e-12)
+    assert torch.allclose(
+        build_schedule("torch:exp", T).probs(), torch.exp(u) / torch.exp(u).sum(), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("spec", ["difftune_no_such_module_xyz:f", "math:no_such_function_xyz"])

@@ -29,15 +29,24 @@ LR = 1e-4  # the default learning rate
 def overrides(pretrained: Path, out: Path, bank: Path | None, *extra: str) -> list[str]:
     """The test recipe: 5 digit classes x 4 images, batch 10 (2 from the bank when ``bank`` is given)."""
     items = [
-        f"model.pretrained={pretrained}", "data.source=digits", "data.classes=[5,6,7,8,9]", "data.per_class=4",
-        f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=10", "train.checkpoint_every=2",
+        f"model.pretrained={pretrained}",
+        "data.source=digits",
+        "data.classes=[5,6,7,8,9]",
+        "data.per_class=4",
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "train.batch_size=10",
+        "train.checkpoint_every=2",
         "train.log_every=1",
     ]
     if bank is None:
         items.append("objective.bank_share=0")
     else:
         items += [
-            f"bank.path={bank}", "bank.num_samples=20", "bank.shard_size=8", "bank.num_inference_steps=3",
+            f"bank.path={bank}",
+            "bank.num_samples=20",
+            "bank.shard_size=8",
+            "bank.num_inference_steps=3",
             "objective.bank_share=0.2",
         ]
     return items + list(extra)
@@ -61,7 +70,9 @@ def assert_all_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[key], b[key]), key
 
 
-def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float, steps: int) -> None:
+def assert_same_training(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float, steps: int
+) -> None:
     """Weights of two runs that differ only in float summation order.
 
     Attention key biases are the exception: softmax is invariant to them, so their true gradient is
@@ -99,7 +110,9 @@ def loop_state(checkpoint: Path) -> dict:
 
 def test_exact_resume(dit_dir: Path, dit_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    final_a = Trainer(make_cfg(dit_dir, run_a, dit_bank, "train.max_steps=6", "train.checkpoint_every=3")).train()
+    final_a = Trainer(
+        make_cfg(dit_dir, run_a, dit_bank, "train.max_steps=6", "train.checkpoint_every=3")
+    ).train()
 
     Trainer(make_cfg(dit_dir, run_b, dit_bank, "train.max_steps=3", "train.checkpoint_every=3")).train()
     steps_run: list[int] = []
@@ -111,7 +124,9 @@ def test_exact_resume(dit_dir: Path, dit_bank: Path, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(Trainer, "_batch", recording)
     resumed = Trainer(
-        make_cfg(dit_dir, run_b, dit_bank, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest")
+        make_cfg(
+            dit_dir, run_b, dit_bank, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest"
+        )
     )
     final_b = resumed.train()
     assert steps_run == [3, 4, 5]  # it continued from the checkpoint, it did not start again
@@ -173,7 +188,9 @@ def test_gradient_accumulation_matches_one_big_batch(dit_dir: Path, dit_bank: Pa
     # micro-batch's own counts would weight samples differently (a uniform factor Adam would hide)
     common = ("train.max_steps=2", "train.checkpoint_every=0", "objective.bank_share=0.3")
     one = Trainer(make_cfg(dit_dir, tmp_path / "acc1", dit_bank, *common)).train()
-    two = Trainer(make_cfg(dit_dir, tmp_path / "acc2", dit_bank, *common, "train.gradient_accumulation=2")).train()
+    two = Trainer(
+        make_cfg(dit_dir, tmp_path / "acc2", dit_bank, *common, "train.gradient_accumulation=2")
+    ).train()
     assert_same_training(weights(one), weights(two), atol=1e-6, steps=2)
     torch.testing.assert_close(
         weights(one, "ema/transformer"), weights(two, "ema/transformer"), rtol=0, atol=1e-6
@@ -215,7 +232,9 @@ def test_plain_fine_tuning_without_bank(dit_dir: Path, tmp_path: Path) -> None:
         for tag in acc.Tags()["scalars"]:
             scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
     assert [s for s, _ in scalars["loss/total"]] == [1, 2, 3]
-    assert [v for _, v in scalars["loss/total"]] == pytest.approx([m["loss/total"] for m in history], rel=1e-6)
+    assert [v for _, v in scalars["loss/total"]] == pytest.approx(
+        [m["loss/total"] for m in history], rel=1e-6
+    )
 
 
 def test_latent_space_run_caches_target_latents(
@@ -260,7 +279,9 @@ def test_latent_space_run_caches_target_latents(
         return original(self, images)
 
     monkeypatch.setattr(LatentCodec, "encode", counting)
-    fewer = Trainer(load_config(None, overrides(latent_dit_dir, run, None, "data.resolution=16", "data.per_class=3")))
+    fewer = Trainer(
+        load_config(None, overrides(latent_dit_dir, run, None, "data.resolution=16", "data.per_class=3"))
+    )
     assert sum(calls) == 15
     assert fewer.target.samples.shape == (15, 4, 2, 2)
 
@@ -297,8 +318,14 @@ def test_image_folder_source(dit_dir: Path, tmp_path: Path) -> None:
     values = _image_folder(tmp_path / "images")
     run = tmp_path / "run"
     cfg = make_cfg(
-        dit_dir, run, None, "data.source=folder", f"data.path={tmp_path / 'images'}", "data.classes=null",
-        "data.per_class=null", "train.max_steps=1",
+        dit_dir,
+        run,
+        None,
+        "data.source=folder",
+        f"data.path={tmp_path / 'images'}",
+        "data.classes=null",
+        "data.per_class=null",
+        "train.max_steps=1",
     )
     final = Trainer(cfg).train()
     assert changed(weights(final), weights(dit_dir)) > 0
@@ -320,7 +347,12 @@ def test_corrupt_image_named_in_error(corruption: str, dit_dir: Path, tmp_path: 
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(bad)
         bad.write_bytes(bad.read_bytes()[:120])
     cfg = make_cfg(
-        dit_dir, tmp_path / "run", None, "data.source=folder", f"data.path={root}", "data.classes=null",
+        dit_dir,
+        tmp_path / "run",
+        None,
+        "data.source=folder",
+        f"data.path={root}",
+        "data.classes=null",
         "data.per_class=null",
     )
     with pytest.raises(ValueError, match=r"cannot read image .*bad\.png"):
@@ -335,8 +367,15 @@ def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result_dir = tmp_path / "ranks"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(TESTS / "ddp_worker.py"), str(result_dir), *ddp_args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(TESTS / "ddp_worker.py"),
+        str(result_dir),
+        *ddp_args,
     ]
     run_torchrun(cmd, env, cwd=TESTS.parent)
 
@@ -350,13 +389,18 @@ def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
     single_cfg = make_cfg(dit_dir, tmp_path / "single_run", tmp_path / "single_bank", *extra)
     loaded = load_pretrained(str(dit_dir))
     generate_bank(loaded, single_cfg.bank, progress=False)
-    ddp_bank, single_bank = load_bank(tmp_path / "ddp_bank", loaded), load_bank(tmp_path / "single_bank", loaded)
+    ddp_bank, single_bank = (
+        load_bank(tmp_path / "ddp_bank", loaded),
+        load_bank(tmp_path / "single_bank", loaded),
+    )
     assert_all_equal(ddp_bank, single_bank)  # same shards, same batches: bit-identical
 
     single = Trainer(single_cfg).train()
     ddp = tmp_path / "ddp_run" / "final"
     assert_same_training(weights(single), weights(ddp), atol=1e-5, steps=4)
-    torch.testing.assert_close(weights(single, "ema/transformer"), weights(ddp, "ema/transformer"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        weights(single, "ema/transformer"), weights(ddp, "ema/transformer"), rtol=0, atol=1e-5
+    )
     assert changed(weights(ddp), weights(dit_dir)) > 0
     # logged losses are reduced over both processes: the global means of the single run
     ddp_history, single_history = metrics(tmp_path / "ddp_run"), metrics(tmp_path / "single_run")

@@ -54,7 +54,9 @@ def test_save_model_pairs_the_ema_with_trainable_parameters_only(dit_dir: Path, 
     live = {k: v.clone() for k, v in loaded.backbone.inner.state_dict().items()}
     save_model(loaded, tmp_path / "saved", _ema_with_shift(params, 1.0))
 
-    ema_weights = load_file(str(tmp_path / "saved" / "ema" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    ema_weights = load_file(
+        str(tmp_path / "saved" / "ema" / "transformer" / "diffusion_pytorch_model.safetensors")
+    )
     names = [n for n, p in loaded.backbone.inner.named_parameters() if p.requires_grad]
     assert FROZEN not in names and len(names) == len(live) - 1
     assert torch.equal(ema_weights[FROZEN], frozen)  # a frozen parameter is saved as it is
@@ -75,11 +77,23 @@ def test_save_model_refuses_an_ema_of_other_parameters(dit_dir: Path, tmp_path: 
 
 def test_trainer_trains_only_what_the_method_names(dit_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(TUNING_METHODS, "freeze_one", FreezeOne)
-    cfg = load_config(None, [
-        f"model.pretrained={dit_dir}", "model.tuning=freeze_one", "data.source=digits", "data.classes=[5,6]",
-        "data.per_class=4", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.batch_size=4",
-        "train.checkpoint_every=0", "train.ema_decay=0.5", "objective.bank_share=0", "train.learning_rate=1e-2",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.pretrained={dit_dir}",
+            "model.tuning=freeze_one",
+            "data.source=digits",
+            "data.classes=[5,6]",
+            "data.per_class=4",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "train.checkpoint_every=0",
+            "train.ema_decay=0.5",
+            "objective.bank_share=0",
+            "train.learning_rate=1e-2",
+        ],
+    )
     before = load_pretrained(str(dit_dir)).backbone.inner.state_dict()
     final = Trainer(cfg).train()
     for sub in ("transformer", "ema/transformer"):

@@ -84,7 +84,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     atomic_write_bytes(path, text.encode(encoding))
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2, sort_keys: bool = False) -> None:
+def atomic_write_json(
+    path: str | os.PathLike[str], obj: Any, indent: int = 2, sort_keys: bool = False
+) -> None:
     """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 

@@ -28,7 +28,9 @@ COMMANDS = (train, bank, sample, demo, eval_fid, forgetting)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``difftune`` argument parser (builds without importing diffusers)."""
-    parser = argparse.ArgumentParser(prog="difftune", description="Diff-Tuning for diffusion models (NeurIPS 2024).")
+    parser = argparse.ArgumentParser(
+        prog="difftune", description="Diff-Tuning for diffusion models (NeurIPS 2024)."
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="verbose logging, and a full traceback on errors"
     )
@@ -42,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``difftune`` console script: run the command, report errors; the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     torch.set_float32_matmul_precision("high")
     try:
         return args.func(args)

@@ -43,6 +43,7 @@ def check_model_path(path: str) -> None:
     if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
 
+
 @dataclass
 class ModelConfig:
     """Which pre-trained model to transfer.
@@ -66,7 +67,10 @@ class ModelConfig:
     tuning: str = "full"
 
     def __post_init__(self) -> None:
-        _check(bool(self.pretrained), "model.pretrained is empty: set it to a hub id or a local diffusers directory")
+        _check(
+            bool(self.pretrained),
+            "model.pretrained is empty: set it to a hub id or a local diffusers directory",
+        )
         _check(
             self.tuning in TUNING_METHODS,
             f"model.tuning={self.tuning!r} is unknown; valid: {sorted(TUNING_METHODS)}",
@@ -99,12 +103,17 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.source in ("folder", "digits"), f"data.source={self.source!r} is unknown: use 'folder' or 'digits'")
+        _check(
+            self.source in ("folder", "digits"),
+            f"data.source={self.source!r} is unknown: use 'folder' or 'digits'",
+        )
         _check(
             self.source != "folder" or bool(self.path),
             "data.path is empty: set it to an image folder with one sub-directory per class",
         )
-        _check(self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null")
+        _check(
+            self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null"
+        )
 
 
 @dataclass
@@ -146,8 +155,13 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         from difftune.objectives import OBJECTIVES
 
-        _check(self.kind in OBJECTIVES, f"objective.kind={self.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
-        _check(self.realisation in ("sample", "weight"), f"objective.realisation={self.realisation!r}: use 'sample' or 'weight'")
+        _check(
+            self.kind in OBJECTIVES, f"objective.kind={self.kind!r} is unknown; valid: {sorted(OBJECTIVES)}"
+        )
+        _check(
+            self.realisation in ("sample", "weight"),
+            f"objective.realisation={self.realisation!r}: use 'sample' or 'weight'",
+        )
         _check(0.0 <= self.bank_share < 1.0, f"objective.bank_share={self.bank_share} must be in [0, 1)")
         _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
         _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
@@ -246,7 +260,10 @@ class TrainConfig:
         _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")
         _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
         _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
-        _check(self.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
+        _check(
+            self.mixed_precision in ("no", "fp16", "bf16"),
+            f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16",
+        )
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
         _check(self.log_every > 0, "train.log_every must be > 0")
 
@@ -300,7 +317,9 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
 )
 
 
@@ -314,7 +333,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for name in _SECTIONS:
         if not isinstance(raw.get(name) or {}, dict):
             raise ConfigError(f"config section {name!r} must be a mapping of key: value")
-    out = {**raw, **{name: dict(raw.get(name) or {}) for name in _SECTIONS}}  # unknown sections kept for the check
+    out = {
+        **raw,
+        **{name: dict(raw.get(name) or {}) for name in _SECTIONS},
+    }  # unknown sections kept for the check
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -359,7 +381,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         try:
             raw = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     return config_from_dict(apply_overrides(raw, overrides or []))

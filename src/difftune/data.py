@@ -118,7 +118,9 @@ def _load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     """
     img = open_image(path, "RGB" if channels == 3 else "L")
     scale = resolution / min(img.size)
-    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC)
+    img = img.resize(
+        (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC
+    )
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -135,17 +137,23 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
         keep = few_shot_indices(labels, cfg.per_class, cfg.seed)
         images, labels = images[keep], labels[keep]
         if images.shape[-1] != resolution or channels != 1:
-            images = torch.nn.functional.interpolate(images, size=resolution, mode="bilinear", align_corners=False)
+            images = torch.nn.functional.interpolate(
+                images, size=resolution, mode="bilinear", align_corners=False
+            )
             images = images.expand(-1, channels, -1, -1).contiguous()
         identity = f"digits:{classes}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
         return TargetImages(labels, [str(c) for c in classes], identity, lambda idx: images[idx])
 
     root = Path(cfg.path or "")
     if not root.is_dir():
-        raise UserError(f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)")
+        raise UserError(
+            f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)"
+        )
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
-        raise UserError(f"data.path {root} has no class sub-directories; put each class's images in its own folder")
+        raise UserError(
+            f"data.path {root} has no class sub-directories; put each class's images in its own folder"
+        )
     files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         found = image_files(class_dir)
@@ -162,7 +170,9 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
     def load(indices: torch.Tensor) -> torch.Tensor:
         # PIL decodes outside the GIL for the most part: threads give a real speed-up
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            return torch.stack(list(pool.map(lambda i: _load_image(files[i], resolution, channels), indices.tolist())))
+            return torch.stack(
+                list(pool.map(lambda i: _load_image(files[i], resolution, channels), indices.tolist()))
+            )
 
     return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
 

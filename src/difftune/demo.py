@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from difftune.config import (
     TrainConfig,
 )
 from difftune.data import few_shot_indices, load_digits_split
+from difftune.demo_report import environment, plot_curves, report_markdown, uniform_t_loss
 from difftune.images import save_grid
 from difftune.metrics import (
     DigitFeatureExtractor,
@@ -92,7 +91,15 @@ class DemoSettings:
 
     def source_key(self) -> str:
         """Cache key of the pre-trained source model (changes with anything that changes it)."""
-        fields = (self.pretrain_seed, tuple(self.source_classes), self.model_width, self.model_layers, self.pretrain_steps, self.pretrain_batch, self.pretrain_lr)
+        fields = (
+            self.pretrain_seed,
+            tuple(self.source_classes),
+            self.model_width,
+            self.model_layers,
+            self.pretrain_steps,
+            self.pretrain_batch,
+            self.pretrain_lr,
+        )
         return hashlib.sha256(repr(("v2", fields)).encode()).hexdigest()[:12]
 
     @property
@@ -132,8 +139,14 @@ def _pretrain_source(s: DemoSettings) -> Path:
     init = root / "init"
     torch.manual_seed(s.pretrain_seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=s.model_width, in_channels=1, out_channels=2,
-        num_layers=s.model_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=len(s.source_classes),
+        num_attention_heads=4,
+        attention_head_dim=s.model_width,
+        in_channels=1,
+        out_channels=2,
+        num_layers=s.model_layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=len(s.source_classes),
         norm_num_groups=1,
     )
     model.save_pretrained(init / "transformer")
@@ -143,9 +156,15 @@ def _pretrain_source(s: DemoSettings) -> Path:
         data=DataConfig(source="digits", classes=s.source_classes, seed=s.pretrain_seed),
         objective=ObjectiveConfig(target_schedule="uniform", bank_share=0.0),
         train=TrainConfig(
-            output_dir=str(root / "run"), batch_size=s.pretrain_batch, max_steps=s.pretrain_steps,
-            learning_rate=s.pretrain_lr, ema_decay=0.999, checkpoint_every=0, keep_checkpoints=1,
-            log_every=100, seed=s.pretrain_seed,
+            output_dir=str(root / "run"),
+            batch_size=s.pretrain_batch,
+            max_steps=s.pretrain_steps,
+            learning_rate=s.pretrain_lr,
+            ema_decay=0.999,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            log_every=100,
+            seed=s.pretrain_seed,
         ),
     )
     print(f"[demo] pre-training the source model on digits {s.source_classes} (cached for next time)")
@@ -174,7 +193,10 @@ class _Evaluator:
         train_idx = target_idx[few_shot_indices(reindexed, s.per_class, s.seed)]
         held_out = target_idx[~torch.isin(target_idx, train_idx)]
         held_out = held_out[torch.randperm(held_out.numel(), generator=torch.Generator().manual_seed(s.seed))]
-        reference_idx, classifier_target_idx = held_out[: held_out.numel() // 2], held_out[held_out.numel() // 2 :]
+        reference_idx, classifier_target_idx = (
+            held_out[: held_out.numel() // 2],
+            held_out[held_out.numel() // 2 :],
+        )
         classifier_idx = torch.cat([(~is_target).nonzero().flatten(), classifier_target_idx])
         classifier = train_digit_classifier(
             images[classifier_idx], digits[classifier_idx], steps=s.classifier_steps, seed=s.seed
@@ -201,9 +223,15 @@ def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
         bank=BankConfig(path=str(bank), num_samples=s.bank_samples),
         objective=ObjectiveConfig(**s.methods[name]),
         train=TrainConfig(
-            output_dir=str(s.out / "runs" / name), batch_size=s.finetune_batch, max_steps=s.finetune_steps,
-            learning_rate=s.finetune_lr, ema_decay=s.ema_decay, checkpoint_every=s.eval_every,
-            keep_checkpoints=s.finetune_steps // s.eval_every + 1, log_every=25, seed=s.seed,
+            output_dir=str(s.out / "runs" / name),
+            batch_size=s.finetune_batch,
+            max_steps=s.finetune_steps,
+            learning_rate=s.finetune_lr,
+            ema_decay=s.ema_decay,
+            checkpoint_every=s.eval_every,
+            keep_checkpoints=s.finetune_steps // s.eval_every + 1,
+            log_every=25,
+            seed=s.seed,
         ),
     )
     print(f"[demo] fine-tuning with {name}")
@@ -211,93 +239,50 @@ def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
     return Path(cfg.train.output_dir)
 
 
-def _uniform_t_loss(logged: dict[str, float]) -> float:
-    """Target loss as uniform t would weight it: the mean of the four per-quarter losses.
-
-    Comparable across methods, unlike ``loss/target``, whose t distribution depends on psi.
-    """
-    quarters = [logged[f"loss_by_t/target_q{q}"] for q in range(1, 5) if f"loss_by_t/target_q{q}" in logged]
-    return sum(quarters) / len(quarters)
-
-
-def _plot(results: dict[str, dict[str, Any]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_fid, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in results.items():
-        if "fid_curve" not in r:
-            continue
-        ax_fid.plot([p["step"] for p in r["fid_curve"]], [p["fid"] for p in r["fid_curve"]], marker="o", label=name)
-        ax_loss.plot([p["step"] for p in r["loss_curve"]], [p["loss"] for p in r["loss_curve"]], label=name)
-    ax_fid.set(xlabel="step", ylabel="FID (digit-classifier features)", title="FID on held-out target digits")
-    ax_loss.set(xlabel="step", ylabel="target loss (mean over quarters of t)", title="training loss, target stream")
-    for ax in (ax_fid, ax_loss):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-
-
-def _forgetting_probes(s: DemoSettings, evaluator: _Evaluator, final: LoadedModel, source: LoadedModel) -> None:
+def _forgetting_probes(
+    s: DemoSettings, evaluator: _Evaluator, final: LoadedModel, source: LoadedModel
+) -> None:
     """Swap probe (FID per hand-over fraction) and transfer-gap curve; JSON + PNG in ``s.out``."""
     print(f"[demo] chain-of-forgetting probes on the {s.forgetting_method} model")
     spec, backbone = s.sampling, final.backbone.eval()
     cond = backbone.condition(torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class))
     swap = swap_probe(
-        backbone, source.backbone.eval(), build_scheduler(spec.scheduler, final.scheduler_config),
-        cond, spec.seeds(0, cond.batch_size), lambda x: evaluator.fid(to_unit_range(x)),
-        s.forgetting_fractions, spec.guidance_scale, spec.steps,
+        backbone,
+        source.backbone.eval(),
+        build_scheduler(spec.scheduler, final.scheduler_config),
+        cond,
+        spec.seeds(0, cond.batch_size),
+        lambda x: evaluator.fid(to_unit_range(x)),
+        s.forgetting_fractions,
+        spec.guidance_scale,
+        spec.steps,
     )
     save_probe(
-        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap], "fraction", ["fid"],
-        s.out / "forgetting_swap.json", "pre-trained model takes the last fraction f", "hand-over fraction f",
+        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap],
+        "fraction",
+        ["fid"],
+        s.out / "forgetting_swap.json",
+        "pre-trained model takes the last fraction f",
+        "hand-over fraction f",
     )
     gap = transfer_gap(
-        final.backbone, source.backbone, final.scheduler_config, evaluator.reference_images * 2 - 1,
-        backbone.condition(evaluator.reference_labels), num_bins=10, draws_per_bin=4, seed=s.seed,
+        final.backbone,
+        source.backbone,
+        final.scheduler_config,
+        evaluator.reference_images * 2 - 1,
+        backbone.condition(evaluator.reference_labels),
+        num_bins=10,
+        draws_per_bin=4,
+        seed=s.seed,
     )
     save_probe(
-        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap", "ratio"],
-        s.out / "forgetting_gap.json", "denoising loss on held-out target data", "t",
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap],
+        "t_mid",
+        ["pretrained", "finetuned", "gap", "ratio"],
+        s.out / "forgetting_gap.json",
+        "denoising loss on held-out target data",
+        "t",
     )
-
-
-def _environment() -> dict[str, Any]:
-    """Package versions and machine of this run: float results of CPU training are only bit-identical
-    for the same versions and processor."""
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    env: dict[str, Any] = {"python": platform.python_version(), "cpu": cpu or "unknown", "threads": torch.get_num_threads()}
-    for package in ("torch", "diffusers", "accelerate", "numpy", "scikit-learn"):
-        env[package] = metadata.version(package)
-    return env
-
-
-def _report(results: dict[str, dict[str, Any]], s: DemoSettings, seconds: float) -> str:
-    lines = [
-        "# difftune demo: plain fine-tuning vs Diff-Tuning on handwritten digits",
-        "",
-        s.describe() + ".",
-        "",
-        "| method | FID (final, EMA) | best FID over checkpoints |",
-        "|---|---|---|",
-    ]
-    for name, r in results.items():
-        best = min((p["fid"] for p in r.get("fid_curve", [])), default=r["fid"])
-        lines.append(f"| {name} | {r['fid']:.2f} | {best:.2f} |")
-    if "plain" in results and "diff-tuning" in results:
-        change = 100.0 * (results["diff-tuning"]["fid"] - results["plain"]["fid"]) / results["plain"]["fid"]
-        lines += ["", f"Diff-Tuning vs plain fine-tuning: {change:+.1f}% FID (negative = Diff-Tuning better)."]
-    lines += ["", f"Total time: {seconds:.0f} s. Lower FID is better.", "", "![curves](curves.png)", ""]
-    lines += [f"![{name}](samples_{name}.png)" for name, r in results.items() if "fid_curve" in r]
-    return "\n".join(lines) + "\n"
 
 
 def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
@@ -311,7 +296,9 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     generate_bank(source_model, BankConfig(path=str(bank), num_samples=s.bank_samples, seed=s.seed))
     print("[demo] training the evaluation classifier on held-out digits")
     evaluator = _Evaluator.build(s)
-    results: dict[str, dict[str, Any]] = {"pre-trained (no tuning)": {"fid": evaluator.fid(evaluator.samples(source_model))}}
+    results: dict[str, dict[str, Any]] = {
+        "pre-trained (no tuning)": {"fid": evaluator.fid(evaluator.samples(source_model))}
+    }
     for name in s.methods:
         run = _finetune(s, name, source, bank)
         curve = []
@@ -319,26 +306,32 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             images = evaluator.samples(load_pretrained(str(ckpt / "model"), subfolder="ema/transformer"))
             curve.append({"step": int(ckpt.name.split("-")[1]), "fid": evaluator.fid(images)})
         per_row = min(10, s.eval_per_class)
-        grid = images.view(len(s.target_classes), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(0, 1)
+        grid = images.view(len(s.target_classes), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(
+            0, 1
+        )
         save_grid(grid, s.out / f"samples_{name}.png", nrow=per_row, upscale=4)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         results[name] = {
             "fid": curve[-1]["fid"],
             "fid_curve": curve,
-            "loss_curve": [{"step": h["step"], "loss": _uniform_t_loss(h)} for h in history],
+            "loss_curve": [{"step": h["step"], "loss": uniform_t_loss(h)} for h in history],
         }
     if s.forgetting_method is not None:
-        final = load_pretrained(str(s.out / "runs" / s.forgetting_method / "final"), subfolder="ema/transformer")
+        final = load_pretrained(
+            str(s.out / "runs" / s.forgetting_method / "final"), subfolder="ema/transformer"
+        )
         _forgetting_probes(s, evaluator, final, source_model)
     seconds = time.time() - start
-    _plot(results, s.out)
+    plot_curves(results, s.out)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
-    meta = {"settings": settings, "seconds": seconds, "environment": _environment()}
+    meta = {"settings": settings, "seconds": seconds, "environment": environment()}
     atomic_write_json(s.out / "run_info.json", meta)
-    atomic_write_text(s.out / "report.md", _report(results, s, seconds))
+    atomic_write_text(s.out / "report.md", report_markdown(results, s.describe(), seconds))
     atomic_write_json(s.out / "results.json", results)  # last: its presence marks a finished run
     print(f"\n{'method':<26}{'FID':>10}")
     for name, r in results.items():
         print(f"{name:<26}{r['fid']:>10.2f}")
-    print(f"\nwrote {s.out / 'results.json'}, {s.out / 'report.md'}, {s.out / 'curves.png'} ({seconds:.0f} s)")
+    print(
+        f"\nwrote {s.out / 'results.json'}, {s.out / 'report.md'}, {s.out / 'curves.png'} ({seconds:.0f} s)"
+    )
     return results

@@ -42,7 +42,9 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
         raise UserError(f"{str(folder)!r} is not a directory")
     paths = image_files(root)
     if not paths:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r} (searched recursively)")
+        raise UserError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r} (searched recursively)"
+        )
     return paths
 
 
@@ -81,7 +83,9 @@ def to_uint8_rgb(images: torch.Tensor, resize: int | None = None) -> torch.Tenso
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if resize is not None and tuple(x.shape[-2:]) != (resize, resize):
-        pils = [Image.fromarray(im.permute(1, 2, 0).numpy()).resize((resize, resize), Image.BICUBIC) for im in x]
+        pils = [
+            Image.fromarray(im.permute(1, 2, 0).numpy()).resize((resize, resize), Image.BICUBIC) for im in x
+        ]
         x = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pils])
     return x.contiguous()
 
@@ -116,7 +120,9 @@ def save_png(image: torch.Tensor, path: str | os.PathLike, upscale: int = 1) -> 
         to_pil(image, upscale).save(tmp, format="PNG")
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> None:
+def save_grid(
+    images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1
+) -> None:
     """Save images (N, C, H, W) in [0, 1] as one grid PNG."""
     save_png(make_grid(images, nrow), path, upscale)
 

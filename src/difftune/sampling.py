@@ -27,7 +27,8 @@ def scheduler_names() -> list[str]:
     return sorted(
         name
         for name in dir(diffusers)
-        if name.endswith("Scheduler") and inspect.isclass(getattr(diffusers, name, None))
+        if name.endswith("Scheduler")
+        and inspect.isclass(getattr(diffusers, name, None))
         and issubclass(getattr(diffusers, name), SchedulerMixin)
     )
 
@@ -111,7 +112,9 @@ def generate(
             out = uncond_out + guidance_scale * (cond_out - uncond_out)
         else:
             out = backbone(x_in, _model_input_timestep(t, n, x.device), cond)[:, :C].float()
-        x = scheduler.step(out, t, x, generator=generators if _accepts_generator(scheduler) else None).prev_sample
+        x = scheduler.step(
+            out, t, x, generator=generators if _accepts_generator(scheduler) else None
+        ).prev_sample
     return x
 
 
@@ -125,8 +128,13 @@ def generate_with_spec(
 ) -> torch.Tensor:
     """:func:`generate` as ``spec`` says: samples ``first_index ..`` get seeds ``spec.seed + first_index ..``."""
     return generate(
-        backbone, build_scheduler(spec.scheduler, scheduler_config), cond, spec.seeds(first_index, cond.batch_size),
-        spec.guidance_scale, spec.steps, device,
+        backbone,
+        build_scheduler(spec.scheduler, scheduler_config),
+        cond,
+        spec.seeds(first_index, cond.batch_size),
+        spec.guidance_scale,
+        spec.steps,
+        device,
     )
 
 

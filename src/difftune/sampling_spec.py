@@ -56,10 +56,17 @@ class SamplingSpec:
         return f"{self.scheduler}, {self.steps} steps, guidance {self.guidance_scale:g}"
 
 
-_FLAGS = {"scheduler": "--scheduler", "steps": "--steps", "guidance_scale": "--guidance-scale", "seed": "--seed"}
+_FLAGS = {
+    "scheduler": "--scheduler",
+    "steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "seed": "--seed",
+}
 
 
-def add_sampling_args(parser: argparse.ArgumentParser | Any, with_defaults: bool = True, **defaults: Any) -> None:
+def add_sampling_args(
+    parser: argparse.ArgumentParser | Any, with_defaults: bool = True, **defaults: Any
+) -> None:
     """Add ``--scheduler``, ``--steps``, ``--guidance-scale`` and ``--seed`` to a parser or argument group.
 
     Args:
@@ -71,11 +78,17 @@ def add_sampling_args(parser: argparse.ArgumentParser | Any, with_defaults: bool
     base = {f.name: defaults.get(f.name, f.default) for f in fields(SamplingSpec)}
     shown = {name: (value if with_defaults else None) for name, value in base.items()}
     parser.add_argument(
-        "--scheduler", default=shown["scheduler"], help=f"diffusers scheduler class name (default {base['scheduler']})"
+        "--scheduler",
+        default=shown["scheduler"],
+        help=f"diffusers scheduler class name (default {base['scheduler']})",
     )
-    parser.add_argument("--steps", type=int, default=shown["steps"], help=f"sampling steps (default {base['steps']})")
     parser.add_argument(
-        "--guidance-scale", type=float, default=shown["guidance_scale"],
+        "--steps", type=int, default=shown["steps"], help=f"sampling steps (default {base['steps']})"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=shown["guidance_scale"],
         help=f"classifier-free guidance scale, 1 = off (default {base['guidance_scale']:g})",
     )
     parser.add_argument(

@@ -45,7 +45,9 @@ class TimestepSchedule:
         u = (num_timesteps - t) / num_timesteps if reverse_time else (t + 1) / num_timesteps
         raw = torch.as_tensor(density(u), dtype=torch.float64)
         if raw.shape != (num_timesteps,):
-            raise UserError(f"schedule {name!r}: density returned shape {tuple(raw.shape)}, expected ({num_timesteps},)")
+            raise UserError(
+                f"schedule {name!r}: density returned shape {tuple(raw.shape)}, expected ({num_timesteps},)"
+            )
         if not torch.isfinite(raw).all() or (raw < 0).any() or raw.sum() <= 0:
             raise UserError(f"schedule {name!r}: density must be finite, non-negative and not all zero")
         self.name = name

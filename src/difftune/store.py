@@ -136,7 +136,9 @@ class LatentStore:
             try:
                 shard = load_file(str(self.shard_path(i)))
             except (SafetensorError, OSError) as err:
-                raise UserError(f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation") from None
+                raise UserError(
+                    f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation"
+                ) from None
             for key, value in shard.items():
                 parts.setdefault(key, []).append(value)
         return {key: torch.cat(values) for key, values in parts.items()}

@@ -152,7 +152,10 @@ class Trainer:
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         params = self.trainable
         optimizer = torch.optim.AdamW(
-            params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
+            params,
+            lr=tc.learning_rate,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_eps,
             weight_decay=tc.weight_decay,
         )
         self.ema = None
@@ -187,7 +190,10 @@ class Trainer:
                 last = micro == tc.gradient_accumulation - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
                     terms = self.objective(
-                        model, x0[sel].to(acc.device), cond.select(sel).to(acc.device), is_bank[sel].to(acc.device),
+                        model,
+                        x0[sel].to(acc.device),
+                        cond.select(sel).to(acc.device),
+                        is_bank[sel].to(acc.device),
                         draw[sel],
                     )
                     # global-count normalisation x processes: DDP's gradient mean becomes the global mean
@@ -268,7 +274,11 @@ class Trainer:
         rows = self.target.cond.distinct()
         cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
         x = generate_with_spec(
-            backbone, self.loaded.scheduler_config, self.cfg.train.sampling, cond, device=self.accelerator.device
+            backbone,
+            self.loaded.scheduler_config,
+            self.cfg.train.sampling,
+            cond,
+            device=self.accelerator.device,
         )
         images = to_unit_range(self.loaded.codec.decode(x))
         save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
@@ -287,5 +297,3 @@ def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
 def train_model(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> Path:
     """Fine-tune per ``cfg``; returns the final model directory."""
     return Trainer(cfg, loaded).train()
-
-

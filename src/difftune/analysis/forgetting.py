@@ -66,8 +66,15 @@ def swap_probe(
     out = []
     for f in tqdm(fractions, desc="swap probe"):
         x = generate(
-            finetuned, scheduler, cond, seeds, guidance_scale, num_inference_steps, device,
-            handover=pretrained, handover_fraction=f,
+            finetuned,
+            scheduler,
+            cond,
+            seeds,
+            guidance_scale,
+            num_inference_steps,
+            device,
+            handover=pretrained,
+            handover_fraction=f,
         )
         out.append({"fraction": float(f), "score": float(score(x))})
     return out
@@ -126,7 +133,16 @@ def transfer_gap(
                 count += idx.numel()
         pre, fine = (sums / count).tolist()
         ratio = pre / fine if fine > 0 else float("inf")
-        rows.append({"t_low": lo, "t_high": hi - 1, "pretrained": pre, "finetuned": fine, "gap": pre - fine, "ratio": ratio})
+        rows.append(
+            {
+                "t_low": lo,
+                "t_high": hi - 1,
+                "pretrained": pre,
+                "finetuned": fine,
+                "gap": pre - fine,
+                "ratio": ratio,
+            }
+        )
     return rows
 
 
@@ -136,7 +152,12 @@ def monotonicity(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 def save_probe(
-    rows: list[dict[str, float]], x_key: str, y_keys: Sequence[str], path: str | os.PathLike, title: str, xlabel: str
+    rows: list[dict[str, float]],
+    x_key: str,
+    y_keys: Sequence[str],
+    path: str | os.PathLike,
+    title: str,
+    xlabel: str,
 ) -> None:
     """Write ``path`` (.json, with the Spearman correlation of each y with x) and a PNG plot beside it."""
     import matplotlib

@@ -89,7 +89,9 @@ class ClassConditionalBackbone(Backbone):
 
     def check_condition(self, cond: Conditioning) -> None:
         if "labels" not in cond:
-            raise UserError(f"a class-conditional model needs class labels, got a condition with {list(cond)}")
+            raise UserError(
+                f"a class-conditional model needs class labels, got a condition with {list(cond)}"
+            )
         if cond.batch_size:
             self.check_target_classes(int(cond["labels"].max()) + 1)
 

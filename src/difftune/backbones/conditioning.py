@@ -82,7 +82,9 @@ class Conditioning(Mapping[str, torch.Tensor]):
         """Concatenate bundles with the same names along the batch dimension."""
         names = list(parts[0])
         if any(list(p) != names for p in parts):
-            raise ValueError(f"cannot concatenate conditioning with different names: {[list(p) for p in parts]}")
+            raise ValueError(
+                f"cannot concatenate conditioning with different names: {[list(p) for p in parts]}"
+            )
         return Conditioning({name: torch.cat([p[name] for p in parts]) for name in names})
 
     def __repr__(self) -> str:

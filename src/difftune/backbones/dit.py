@@ -28,7 +28,9 @@ class DiTBackbone(ClassConditionalBackbone):
         for module in model.modules():
             if isinstance(module, LabelEmbedding):
                 if module.embedding_table.num_embeddings <= module.num_classes:
-                    raise UserError("DiT label embedding has no null row; it cannot be used for guidance-free training")
+                    raise UserError(
+                        "DiT label embedding has no null row; it cannot be used for guidance-free training"
+                    )
                 module.dropout_prob = 0.0
         cfg = model.config
         self.num_classes = int(cfg.num_embeds_ada_norm)

@@ -115,7 +115,9 @@ def load_pretrained(
     try:
         config = DiTTransformer2DModel.load_config(pretrained, subfolder=sub, revision=revision)
     except OSError as err:
-        raise FileNotFoundError(f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}") from None
+        raise FileNotFoundError(
+            f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}"
+        ) from None
     class_name = config.get("_class_name", "")
     if class_name not in BACKBONES:
         raise UserError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
@@ -131,11 +133,15 @@ def load_pretrained(
     elif vae_source is None and record.get("vae"):
         vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
     vae_model = (
-        AutoencoderKL.from_pretrained(vae_source, subfolder=vae_sub, revision=revision) if vae_source else None
+        AutoencoderKL.from_pretrained(vae_source, subfolder=vae_sub, revision=revision)
+        if vae_source
+        else None
     )
 
     if "scheduler" in components:
-        scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+        scheduler_config = dict(
+            DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision)
+        )
     else:
         scheduler_config = dict(DDPMScheduler().config)
     return LoadedModel(
@@ -148,7 +154,9 @@ def load_pretrained(
     )
 
 
-def load_trained(path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None) -> LoadedModel:
+def load_trained(
+    path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None
+) -> LoadedModel:
     """Load a model for inference: EMA weights (``ema/<name>``) when a difftune directory has them.
 
     Raises:

@@ -87,7 +87,9 @@ def generate_bank(
         for chunk in indices.split(cfg.batch_size):
             cond = backbone.bank_condition(chunk)
             samples.append(
-                generate_with_spec(backbone, loaded.scheduler_config, cfg.sampling, cond, int(chunk[0]), device).cpu()
+                generate_with_spec(
+                    backbone, loaded.scheduler_config, cfg.sampling, cond, int(chunk[0]), device
+                ).cpu()
             )
         conditions = dict(backbone.bank_condition(indices))
         store.write_shard(shard, {"samples": torch.cat(samples), **conditions, "seeds": cfg.seed + indices})
@@ -111,7 +113,9 @@ def load_bank(path: str | os.PathLike, loaded: LoadedModel) -> dict[str, torch.T
     try:
         manifest = store.manifest
     except FileNotFoundError:
-        raise UserError(f"bank {str(path)!r} does not exist: generate it with `difftune bank --config ...`") from None
+        raise UserError(
+            f"bank {str(path)!r} does not exist: generate it with `difftune bank --config ...`"
+        ) from None
     if manifest.get("kind") != "bank":
         raise UserError(f"{path} is not a knowledge bank (kind={manifest.get('kind')!r})")
     expected_shape = list(loaded.backbone.sample_shape)

@@ -14,9 +14,15 @@ from difftune.errors import UserError
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config``, ``--set`` and ``--dry-run``: the flags of the commands driven by a YAML experiment config."""
-    parser.add_argument("--config", help="YAML experiment config (sections: model, data, bank, objective, train)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--config", help="YAML experiment config (sections: model, data, bank, objective, train)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable), e.g. --set train.max_steps=100",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
@@ -24,7 +30,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
     """``--subfolder``, ``--no-ema`` and ``--vae``: which weights of a trained model to load."""
-    parser.add_argument("--subfolder", help="model sub-folder (default: EMA weights if present, else transformer/unet)")
+    parser.add_argument(
+        "--subfolder", help="model sub-folder (default: EMA weights if present, else transformer/unet)"
+    )
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA weights")
     parser.add_argument("--vae", help="VAE hub id or directory for latent models (default: the model's own)")
 

@@ -35,6 +35,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune bank``."""
-    p = subparsers.add_parser("bank", help="generate (or resume) the knowledge bank from the frozen pre-trained model")
+    p = subparsers.add_parser(
+        "bank", help="generate (or resume) the knowledge bank from the frozen pre-trained model"
+    )
     add_config_args(p)
     p.set_defaults(func=cmd_bank)

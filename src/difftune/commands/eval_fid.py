@@ -15,34 +15,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from difftune.atomic import atomic_write_json
 from difftune.commands import add_model_args, check_scheduler
 from difftune.errors import UserError
-from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images, to_uint8_rgb
+from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images
 from difftune.metrics.distributed import (
-    Batches,
     WorkDir,
     folder_batches,
     progress,
     run_extractor,
+    sampled_batches,
     tensor_batches,
 )
 from difftune.metrics.extractors import build_extractor
 from difftune.metrics.fid import FeatureStats, fid_from_stats
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
 from difftune.metrics.reference import reference_dataset
-from difftune.metrics.reference_cache import load_cached_stats, reference_stats_key
+from difftune.metrics.reference_cache import load_cached_stats, reference_cache_file, write_cached_stats
 from difftune.sampling_spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
-from difftune.store import folder_identity, user_cache_dir
+from difftune.store import folder_identity
 
 CHECKPOINT_ONLY = ("num_per_class", "labels", "subfolder", "vae")  # with the sampling flags and --no-ema
 DEFAULT_NUM_PER_CLASS = 50
@@ -108,7 +106,9 @@ class _Inputs:
 
     @property
     def n_fake(self) -> int:
-        return len(self.fake_paths) if self.fake_paths is not None else len(self.model[1]) if self.model else 0
+        return (
+            len(self.fake_paths) if self.fake_paths is not None else len(self.model[1]) if self.model else 0
+        )
 
 
 def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
@@ -118,9 +118,13 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
         if not Path(args.real).is_file():
             raise FileNotFoundError(f"reference statistics {args.real!r} do not exist")
         if args.save_real_stats:
-            raise UserError("--save-real-stats needs --real to be images (a folder or a dataset), not statistics")
+            raise UserError(
+                "--save-real-stats needs --real to be images (a folder or a dataset), not statistics"
+            )
         if args.kid or args.precision_recall:
-            raise UserError("--kid and --precision-recall need reference images: give --real as an image folder or a dataset")
+            raise UserError(
+                "--kid and --precision-recall need reference images: give --real as an image folder or a dataset"
+            )
         real_stats = FeatureStats.load(args.real)
     elif (dataset := reference_dataset(args.real)) is not None:
         identity, real_images = dataset
@@ -131,34 +135,29 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
     model = _load_model(args) if args.checkpoint else None
     inputs = _Inputs(real_stats, real_paths, real_images, fake_paths, model)
     if identity is not None:
-        inputs.real_cache = _reference_cache_file(args, identity)
-        cached = load_cached_stats(inputs.real_cache, inputs.n_real) if inputs.real_cache is not None else None
+        inputs.real_cache = (
+            None
+            if args.no_stats_cache
+            else reference_cache_file(
+                identity, args.features, args.inception_weights, args.resize, args.stats_cache
+            )
+        )
+        cached = (
+            load_cached_stats(inputs.real_cache, inputs.n_real) if inputs.real_cache is not None else None
+        )
         # KID and precision/recall need the reference features themselves, which the cache does not hold
         if cached is not None and not (args.kid or args.precision_recall):
-            inputs.real_stats, inputs.real_paths, inputs.real_images, inputs.cache_hit = cached, None, None, True
+            inputs.real_stats, inputs.real_paths, inputs.real_images, inputs.cache_hit = (
+                cached,
+                None,
+                None,
+                True,
+            )
     if min(inputs.n_real, inputs.n_fake) < 2:
         raise UserError(
             f"FID needs at least 2 images per set, got {inputs.n_real} reference and {inputs.n_fake} generated"
         )
     return inputs
-
-
-def _reference_cache_file(args: argparse.Namespace, identity: Any) -> Path | None:
-    """The automatic cache entry for the reference set's statistics, or ``None`` when not cached."""
-    if args.no_stats_cache:
-        return None
-    key = reference_stats_key(identity, args.features, args.inception_weights, args.resize)
-    if key is None:
-        return None
-    return Path(args.stats_cache or user_cache_dir() / "fid_stats") / f"{key}.npz"
-
-
-def _write_cache(stats: FeatureStats, path: Path) -> None:
-    """Cache the reference statistics; a cache that cannot be written only costs time, so it only warns."""
-    try:
-        stats.save(path)
-    except OSError as err:
-        print(f"difftune: warning: could not cache the reference statistics in {path}: {err}", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace, inputs: _Inputs) -> str:
@@ -210,7 +209,9 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, state: Any, work: WorkDir) -> None:
+def _evaluate(
+    args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, state: Any, work: WorkDir
+) -> None:
     """Features of this process's share of the items, gathered on the main process, which reports."""
     rank, world, main, device = state.process_index, state.num_processes, state.is_main_process, state.device
     real_stats, real_feats = inputs.real_stats, None
@@ -224,14 +225,17 @@ def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, s
         else:
             batches = tensor_batches(inputs.real_images, mine, args.batch_size, args.resize)  # type: ignore[arg-type]
         idx, feats, _ = run_extractor(
-            progress(batches, len(mine), args.batch_size, "reference features", main), extractor, device, False
+            progress(batches, len(mine), args.batch_size, "reference features", main),
+            extractor,
+            device,
+            False,
         )
         gathered = work.gather("real", n, idx, feats, None, False)
         if gathered is not None:
             real_feats = gathered[0]
             real_stats = stats_from_features(real_feats)
             if inputs.real_cache is not None:
-                _write_cache(real_stats, inputs.real_cache)
+                write_cached_stats(real_stats, inputs.real_cache)
     if main and real_stats is not None and args.save_real_stats:
         real_stats.save(args.save_real_stats)
 
@@ -241,7 +245,8 @@ def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, s
         desc = "generated features"
     else:
         loaded, labels, scheduler = inputs.model  # type: ignore[misc]
-        batches = _sample_batches(loaded, labels, mine, args, scheduler, device)
+        spec = sampling_spec_from_args(args)
+        batches = sampled_batches(loaded, labels, mine, scheduler, spec, args.batch_size, args.resize, device)
         desc = "sampling + features"
     keep = bool(args.export_npz)
     idx, feats, images = run_extractor(
@@ -253,27 +258,14 @@ def _evaluate(args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, s
         _report(args, real_stats, real_feats, *gathered, world, device)
 
 
-def _sample_batches(
-    loaded: Any, labels: Tensor, indices: Sequence[int], args: argparse.Namespace, scheduler: Any,
-    device: torch.device | str,
-) -> Batches:
-    """Sample items ``indices``: item ``i`` has label ``labels[i]`` and seed ``args.seed + i``."""
-    from difftune.sampling import generate, to_unit_range
-
-    backbone = loaded.backbone.to(device).eval()
-    codec = loaded.codec.to(device)
-    for start in range(0, len(indices), args.batch_size):
-        idx = np.asarray(indices[start : start + args.batch_size], dtype=np.int64)
-        x = generate(
-            backbone, scheduler, backbone.condition(labels[idx]), [args.seed + int(i) for i in idx],
-            guidance_scale=args.guidance_scale, num_inference_steps=args.steps, device=device,
-        )
-        yield idx, to_uint8_rgb(to_unit_range(codec.decode(x)), args.resize)
-
-
 def _report(
-    args: argparse.Namespace, real_stats: FeatureStats, real_feats: Tensor | None, fake_feats: Tensor,
-    fake_images: Tensor | None, world: int, device: torch.device | str,
+    args: argparse.Namespace,
+    real_stats: FeatureStats,
+    real_feats: Tensor | None,
+    fake_feats: Tensor,
+    fake_images: Tensor | None,
+    world: int,
+    device: torch.device | str,
 ) -> None:
     """Main process: compute, print and save the metrics; export the generated images."""
     if fake_feats.shape[1] != real_stats.num_features:
@@ -292,12 +284,16 @@ def _report(
         results.update(kid=kid, kid_std=kid_std, kid_subset_size=size)
     if args.precision_recall:
         assert real_feats is not None
-        results["precision"], results["recall"] = precision_recall(real_feats, fake_feats, args.pr_k, device=device)
+        results["precision"], results["recall"] = precision_recall(
+            real_feats, fake_feats, args.pr_k, device=device
+        )
     for key in ("fid", "kid", "kid_std", "precision", "recall"):
         if key in results:
             print(f"{key} {results[key]:.10g}")
     results.update(
-        num_real=real_stats.count, num_fake=int(fake_feats.shape[0]), feature_dim=real_stats.num_features,
+        num_real=real_stats.count,
+        num_fake=int(fake_feats.shape[0]),
+        feature_dim=real_stats.num_features,
         num_processes=world,
     )
     if args.out_json:
@@ -305,53 +301,80 @@ def _report(
         atomic_write_json(args.out_json, {**results, "settings": settings})
 
 
-
-
 def add_parser(subparsers: Any) -> None:
     """Register ``eval`` (with its ``fid`` sub-command) on the ``difftune`` sub-parsers."""
     p = subparsers.add_parser("eval", help="evaluate generated images (FID, KID, precision/recall)")
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="{fid}")
     f = sub.add_parser(
-        "fid", help="FID of generated images (a folder, or sampled from a checkpoint) against reference images",
+        "fid",
+        help="FID of generated images (a folder, or sampled from a checkpoint) against reference images",
         description="FID of generated images against reference images or cached statistics. Multi-process with "
         "`accelerate launch -m difftune eval fid ...` (sampling and features are split over the processes).",
     )
     formats = "/".join(ext[1:] for ext in IMAGE_EXTENSIONS)
     f.add_argument(
-        "--real", required=True,
+        "--real",
+        required=True,
         help=f"reference: image folder ({formats}, recursive), built-in dataset (digits or digits:5,6,7,8,9) "
         "or statistics .npz",
     )
     src = f.add_mutually_exclusive_group(required=True)
     src.add_argument("--fake", help=f"folder of generated images ({formats}, recursive)")
-    src.add_argument("--checkpoint", help="model directory (or hub id) to sample from, as `difftune sample --model`")
+    src.add_argument(
+        "--checkpoint", help="model directory (or hub id) to sample from, as `difftune sample --model`"
+    )
     g = f.add_argument_group("sampling (with --checkpoint; image i, in label-major order, uses seed + i)")
     add_model_args(g)
     g.add_argument(
-        "--num-per-class", type=int, help=f"images per label (default {DEFAULT_NUM_PER_CLASS}: 50K for 1000 classes)"
+        "--num-per-class",
+        type=int,
+        help=f"images per label (default {DEFAULT_NUM_PER_CLASS}: 50K for 1000 classes)",
     )
     g.add_argument("--labels", help="comma-separated class labels (default: all classes)")
     add_sampling_args(g, with_defaults=False)
     g = f.add_argument_group("features and metrics")
-    g.add_argument("--features", default="inception", help="inception (default), digits:PATH or module:function")
-    g.add_argument("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05-*.pth)")
-    g.add_argument("--save-real-stats", metavar="PATH.npz", help="write the reference statistics here for reuse")
     g.add_argument(
-        "--stats-cache", metavar="DIR",
+        "--features", default="inception", help="inception (default), digits:PATH or module:function"
+    )
+    g.add_argument("--inception-weights", help="local FID Inception weights (pt_inception-2015-12-05-*.pth)")
+    g.add_argument(
+        "--save-real-stats", metavar="PATH.npz", help="write the reference statistics here for reuse"
+    )
+    g.add_argument(
+        "--stats-cache",
+        metavar="DIR",
         help="where reference-set statistics are cached (default $XDG_CACHE_HOME/difftune/fid_stats)",
     )
-    g.add_argument("--no-stats-cache", action="store_true", help="neither read nor write the statistics cache")
+    g.add_argument(
+        "--no-stats-cache", action="store_true", help="neither read nor write the statistics cache"
+    )
     g.add_argument("--kid", action="store_true", help="also KID (polynomial-kernel MMD over random subsets)")
     g.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
-    g.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size, capped at the set sizes")
-    g.add_argument("--precision-recall", action="store_true", help="also k-NN precision/recall (O(N^2) distances)")
-    g.add_argument("--pr-k", type=int, default=3, help="neighbourhood size k for precision/recall (default 3)")
+    g.add_argument(
+        "--kid-subset-size", type=int, default=1000, help="KID subset size, capped at the set sizes"
+    )
+    g.add_argument(
+        "--precision-recall", action="store_true", help="also k-NN precision/recall (O(N^2) distances)"
+    )
+    g.add_argument(
+        "--pr-k", type=int, default=3, help="neighbourhood size k for precision/recall (default 3)"
+    )
     g = f.add_argument_group("input and output")
-    g.add_argument("--resize", type=int, metavar="N", help="resize every image to NxN (PIL bicubic) before features")
-    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (does not change results)")
+    g.add_argument(
+        "--resize", type=int, metavar="N", help="resize every image to NxN (PIL bicubic) before features"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward pass (does not change results)"
+    )
     g.add_argument("--workers", type=int, default=4, help="threads decoding image files")
-    g.add_argument("--export-npz", metavar="PATH.npz", help="save the generated images as uint8 (N, H, W, 3) 'arr_0'")
+    g.add_argument(
+        "--export-npz", metavar="PATH.npz", help="save the generated images as uint8 (N, H, W, 3) 'arr_0'"
+    )
     g.add_argument("--out-json", metavar="PATH", help="write the metrics and settings as JSON")
-    g.add_argument("--work-dir", help="folder shared by the processes for partial results (default: a temp folder)")
-    g.add_argument("--dry-run", action="store_true", help="validate the inputs and print the plan, do nothing")
+    g.add_argument(
+        "--work-dir", help="folder shared by the processes for partial results (default: a temp folder)"
+    )
+    g.add_argument(
+        "--dry-run", action="store_true", help="validate the inputs and print the plan, do nothing"
+    )
     f.set_defaults(func=cmd_eval_fid)

@@ -59,7 +59,9 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     backbone, codec = finetuned.backbone.to(device).eval(), finetuned.codec.to(device)
     resolution = args.resolution or codec.image_size(backbone.sample_shape)
     heldout = load_target_images(
-        DataConfig(source="folder", path=args.heldout), resolution, codec.image_channels(backbone.sample_shape)
+        DataConfig(source="folder", path=args.heldout),
+        resolution,
+        codec.image_channels(backbone.sample_shape),
     )
     backbone.check_condition(heldout.conditioning())
     extractor = build_extractor(args.features, args.inception_weights)
@@ -71,22 +73,48 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
 
     cond = backbone.condition(torch.arange(len(heldout.class_names)).repeat_interleave(args.num_per_class))
     swap = swap_probe(
-        backbone, pretrained.backbone.to(device).eval(), build_scheduler(spec.scheduler, finetuned.scheduler_config),
-        cond, spec.seeds(0, cond.batch_size), score, fractions, spec.guidance_scale, spec.steps, device,
+        backbone,
+        pretrained.backbone.to(device).eval(),
+        build_scheduler(spec.scheduler, finetuned.scheduler_config),
+        cond,
+        spec.seeds(0, cond.batch_size),
+        score,
+        fractions,
+        spec.guidance_scale,
+        spec.steps,
+        device,
     )
     out = Path(args.out)
     save_probe(
-        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap], "fraction", ["fid"],
-        out / "forgetting_swap.json", "pre-trained model takes the last fraction f", "hand-over fraction f",
+        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap],
+        "fraction",
+        ["fid"],
+        out / "forgetting_swap.json",
+        "pre-trained model takes the last fraction f",
+        "hand-over fraction f",
     )
-    x0 = torch.cat([codec.encode(chunk.to(device))[0].cpu() for chunk in heldout.images.split(args.batch_size)])
+    x0 = torch.cat(
+        [codec.encode(chunk.to(device))[0].cpu() for chunk in heldout.images.split(args.batch_size)]
+    )
     gap = transfer_gap(
-        backbone, pretrained.backbone, finetuned.scheduler_config, x0, heldout.conditioning(), args.gap_bins,
-        args.gap_draws, spec.seed, args.batch_size, device,
+        backbone,
+        pretrained.backbone,
+        finetuned.scheduler_config,
+        x0,
+        heldout.conditioning(),
+        args.gap_bins,
+        args.gap_draws,
+        spec.seed,
+        args.batch_size,
+        device,
     )
     save_probe(
-        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap], "t_mid", ["pretrained", "finetuned", "gap", "ratio"],
-        out / "forgetting_gap.json", "denoising loss on held-out target data", "t",
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap],
+        "t_mid",
+        ["pretrained", "finetuned", "gap", "ratio"],
+        out / "forgetting_gap.json",
+        "denoising loss on held-out target data",
+        "t",
     )
     for r in swap:
         print(f"f={r['fraction']:.2f}  fid {r['score']:.3f}")
@@ -96,8 +124,12 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune forgetting``."""
-    p = subparsers.add_parser("forgetting", help="chain-of-forgetting probes: swap FID per hand-over fraction, transfer gap")
-    p.add_argument("--finetuned", required=True, help="fine-tuned model (difftune final/checkpoint dir, EMA by default)")
+    p = subparsers.add_parser(
+        "forgetting", help="chain-of-forgetting probes: swap FID per hand-over fraction, transfer gap"
+    )
+    p.add_argument(
+        "--finetuned", required=True, help="fine-tuned model (difftune final/checkpoint dir, EMA by default)"
+    )
     p.add_argument("--pretrained", required=True, help="the pre-trained source model (hub id or directory)")
     p.add_argument("--heldout", required=True, help="held-out target images, one sub-directory per class")
     p.add_argument("--subfolder", help="sub-folder of the fine-tuned model (default: EMA weights if present)")

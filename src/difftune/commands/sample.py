@@ -96,7 +96,9 @@ def sample_to_folder(
     images = []
     for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
         chunk = all_labels[start : start + batch_size]
-        x = generate_with_spec(backbone, loaded.scheduler_config, spec, backbone.condition(chunk), start, device)
+        x = generate_with_spec(
+            backbone, loaded.scheduler_config, spec, backbone.condition(chunk), start, device
+        )
         batch = to_unit_range(codec.decode(x)).cpu()
         for offset, image in enumerate(batch):
             i = start + offset
@@ -109,13 +111,19 @@ def sample_to_folder(
 
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune sample``."""
-    p = subparsers.add_parser("sample", help="generate images from a checkpoint or any class-conditional diffusers model")
-    p.add_argument("--model", required=True, help="checkpoint / final directory, pipeline directory or hub id")
+    p = subparsers.add_parser(
+        "sample", help="generate images from a checkpoint or any class-conditional diffusers model"
+    )
+    p.add_argument(
+        "--model", required=True, help="checkpoint / final directory, pipeline directory or hub id"
+    )
     add_model_args(p)
     p.add_argument("--labels", default="0", help="comma-separated class labels, e.g. 0,1,2")
     p.add_argument("--per-label", type=int, default=8, help="images per label")
     add_sampling_args(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (does not change results)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward pass (does not change results)"
+    )
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
     p.set_defaults(func=cmd_sample)

@@ -51,6 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune train``."""
-    p = subparsers.add_parser("train", help="fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)")
+    p = subparsers.add_parser(
+        "train", help="fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)"
+    )
     add_config_args(p)
     p.set_defaults(func=cmd_train)

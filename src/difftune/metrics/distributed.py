@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from difftune.atomic import atomic_path
 from difftune.errors import UserError
 from difftune.images import load_image, to_uint8_rgb
+from difftune.sampling_spec import SamplingSpec
 
 __all__ = ["Batches", "WorkDir", "folder_batches", "progress", "run_extractor", "tensor_batches"]
 
@@ -82,7 +83,13 @@ class WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def gather(
-        self, tag: str, total: int, indices: np.ndarray, feats: Tensor, images: Tensor | None, keep_images: bool
+        self,
+        tag: str,
+        total: int,
+        indices: np.ndarray,
+        feats: Tensor,
+        images: Tensor | None,
+        keep_images: bool,
     ) -> tuple[Tensor, Tensor | None] | None:
         """All processes' features ``(total, D)`` (and uint8 images) in item order, on the main process only."""
         rank, world = self.state.process_index, self.state.num_processes
@@ -98,7 +105,9 @@ class WorkDir:
         index = torch.cat([p["index"] for p in parts])
         order = torch.argsort(index)
         if not torch.equal(index[order], torch.arange(total)):
-            raise RuntimeError(f"{tag}: the processes returned items {index.tolist()[:10]}..., expected 0..{total - 1}")
+            raise RuntimeError(
+                f"{tag}: the processes returned items {index.tolist()[:10]}..., expected 0..{total - 1}"
+            )
         all_images = torch.cat([p["images"] for p in parts])[order] if keep_images else None
         return torch.cat([p["features"] for p in parts])[order], all_images
 
@@ -111,6 +120,39 @@ class WorkDir:
 
 
 @torch.no_grad()
+def sampled_batches(
+    loaded: Any,
+    labels: Tensor,
+    indices: Sequence[int],
+    scheduler: Any,
+    spec: SamplingSpec,
+    batch_size: int,
+    resize: int | None,
+    device: torch.device | str,
+) -> Batches:
+    """Generate items ``indices`` of a class-conditional model as uint8 RGB batches.
+
+    Item ``i`` has label ``labels[i]`` and seed ``spec.seed + i`` (guidance and steps from ``spec``),
+    optionally resized; the images are rounded to 8 bits as PNG files are.
+    """
+    from difftune.sampling import generate, to_unit_range
+
+    backbone = loaded.backbone.to(device).eval()
+    codec = loaded.codec.to(device)
+    for start in range(0, len(indices), batch_size):
+        idx = np.asarray(indices[start : start + batch_size], dtype=np.int64)
+        x = generate(
+            backbone,
+            scheduler,
+            backbone.condition(labels[idx]),
+            [spec.seed + int(i) for i in idx],
+            guidance_scale=spec.guidance_scale,
+            num_inference_steps=spec.steps,
+            device=device,
+        )
+        yield idx, to_uint8_rgb(to_unit_range(codec.decode(x)), resize)
+
+
 def run_extractor(
     batches: Batches, extractor: nn.Module, device: torch.device | str, keep_images: bool
 ) -> tuple[np.ndarray, Tensor, Tensor | None]:
@@ -120,7 +162,9 @@ def run_extractor(
         out = extractor(images.to(device).float() / 255.0)  # (B, D)
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise UserError(f"the feature extractor must return (B, D) features with B={images.shape[0]}, got {shape}")
+            raise UserError(
+                f"the feature extractor must return (B, D) features with B={images.shape[0]}, got {shape}"
+            )
         indices.append(idx)
         feats.append(out.detach().to("cpu", torch.float64))
         if keep_images:

@@ -53,5 +53,7 @@ def build_extractor(spec: str, inception_weights: str | None = None) -> nn.Modul
         raise UserError(f"--features {spec!r}: module {kind!r} has no callable {rest!r}")
     extractor = factory()
     if not isinstance(extractor, nn.Module):
-        raise UserError(f"--features {spec!r} returned {type(extractor).__name__}, expected a torch.nn.Module")
+        raise UserError(
+            f"--features {spec!r} returned {type(extractor).__name__}, expected a torch.nn.Module"
+        )
     return extractor

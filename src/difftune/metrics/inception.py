@@ -59,7 +59,9 @@ class InceptionFeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Images ``(N, 1|3, H, W)`` in ``[0, 1]`` -> features ``(N, 2048)`` float32."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (N, 1, H, W) or (N, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError(
+                f"expected images of shape (N, 1, H, W) or (N, 3, H, W), got {tuple(images.shape)}"
+            )
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         device = next(self.net.parameters()).device
@@ -67,7 +69,9 @@ class InceptionFeatureExtractor(nn.Module):
         return self.net(x).float()
 
 
-def inception_extractor(weights_path: str | os.PathLike[str] | None = None, antialias: bool = False) -> nn.Module:
+def inception_extractor(
+    weights_path: str | os.PathLike[str] | None = None, antialias: bool = False
+) -> nn.Module:
     """Build the FID Inception-v3 extractor: float images ``(N, C, H, W)`` in ``[0, 1]`` -> ``(N, 2048)``.
 
     Args:

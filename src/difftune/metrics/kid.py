@@ -53,16 +53,24 @@ def kernel_inception_distance(
     if m < 2 or subsets < 1:
         raise ValueError(f"KID needs subsets >= 1 and at least 2 images per set, got {subsets} and {m}")
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.stack([
-        poly_mmd(r[torch.randperm(r.shape[0], generator=gen)[:m]], f[torch.randperm(f.shape[0], generator=gen)[:m]])
-        for _ in range(subsets)
-    ])
+    scores = torch.stack(
+        [
+            poly_mmd(
+                r[torch.randperm(r.shape[0], generator=gen)[:m]],
+                f[torch.randperm(f.shape[0], generator=gen)[:m]],
+            )
+            for _ in range(subsets)
+        ]
+    )
     return float(scores.mean()), float(scores.std(unbiased=False)), m
 
 
 @torch.no_grad()
 def precision_recall(
-    real: np.ndarray | Tensor, fake: np.ndarray | Tensor, k: int = 3, batch_size: int = 1024,
+    real: np.ndarray | Tensor,
+    fake: np.ndarray | Tensor,
+    k: int = 3,
+    batch_size: int = 1024,
     device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019) with ``k``-NN feature manifolds.

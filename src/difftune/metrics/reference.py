@@ -30,7 +30,9 @@ def reference_dataset(spec: str) -> tuple[str, torch.Tensor] | None:
     if colon:
         parts = [c.strip() for c in classes_text.split(",")]
         if not all(c.isdigit() and len(c) == 1 for c in parts):
-            raise UserError(f"--real {spec!r}: give digit classes 0-9, comma-separated, e.g. digits:5,6,7,8,9")
+            raise UserError(
+                f"--real {spec!r}: give digit classes 0-9, comma-separated, e.g. digits:5,6,7,8,9"
+            )
         classes = sorted({int(c) for c in parts})
         images = images[torch.isin(labels, torch.tensor(classes))]
         name = "digits:" + ",".join(map(str, classes))

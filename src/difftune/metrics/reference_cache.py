@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from difftune.metrics.fid import FeatureStats
+from difftune.store import user_cache_dir
 
 CACHE_VERSION = 1
 
@@ -75,3 +77,29 @@ def load_cached_stats(path: Path, count: int) -> FeatureStats | None:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None  # a damaged entry is recomputed and overwritten
     return stats if stats.count == count else None
+
+
+def reference_cache_file(
+    reference: Any,
+    features: str,
+    inception_weights: str | None = None,
+    resize: int | None = None,
+    cache_dir: str | None = None,
+) -> Path | None:
+    """Where the statistics of ``reference`` are cached (``cache_dir``, default
+    ``$XDG_CACHE_HOME/difftune/fid_stats``), or ``None`` when they are not cacheable (see
+    :func:`reference_stats_key`)."""
+    key = reference_stats_key(reference, features, inception_weights, resize)
+    if key is None:
+        return None
+    return Path(cache_dir or user_cache_dir() / "fid_stats") / f"{key}.npz"
+
+
+def write_cached_stats(stats: FeatureStats, path: Path) -> None:
+    """Cache the reference statistics; a cache that cannot be written only costs time, so it only warns."""
+    try:
+        stats.save(path)
+    except OSError as err:
+        print(
+            f"difftune: warning: could not cache the reference statistics in {path}: {err}", file=sys.stderr
+        )

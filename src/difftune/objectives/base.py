@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from difftune.backbones.conditioning import Conditioning
 
 
-
 @dataclass
 class Draw:
     """Everything random about one batch, drawn once for the global batch and sliced per process.

@@ -28,7 +28,9 @@ class TermLog:
 
     def __init__(self, num_timesteps: int) -> None:
         self.T = num_timesteps
-        self.names: list[str] | None = None  # "loss" (sum of the terms) then the terms, fixed at the first add
+        self.names: list[str] | None = (
+            None  # "loss" (sum of the terms) then the terms, fixed at the first add
+        )
         self.weighted = torch.zeros(2, dtype=torch.float64)  # (stream,)
         self.cells = torch.zeros(0, dtype=torch.float64)  # (names, stream, quarter, sum|count), flattened
         self.steps = 0

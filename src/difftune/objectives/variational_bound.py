@@ -19,9 +19,13 @@ def _gather(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return table[t].view(-1, *([1] * (ndim - 1)))
 
 
-def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +33,9 @@ def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
     """Elementwise log-likelihood of data in [-1, 1] quantised to 256 bins under N(mean, exp(log_scale)^2)."""
     centered = x - mean
     inv_std = torch.exp(-log_scale)
@@ -67,7 +73,12 @@ class VariationalBound:
         return self
 
     def __call__(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor, var_values: torch.Tensor
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        pred_x0: torch.Tensor,
+        var_values: torch.Tensor,
     ) -> torch.Tensor:
         """L_vb per sample, bits/dim, shape (N,).
 

@@ -37,4 +37,11 @@ def prepare_tuning(model: nn.Module, name: str) -> list[nn.Parameter]:
     return build_tuning(name).prepare(model)
 
 
-__all__ = ["TUNING_METHODS", "FullTuning", "TuningMethod", "build_tuning", "prepare_tuning", "trainable_parameters"]
+__all__ = [
+    "TUNING_METHODS",
+    "FullTuning",
+    "TuningMethod",
+    "build_tuning",
+    "prepare_tuning",
+    "trainable_parameters",
+]
