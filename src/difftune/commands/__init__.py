@@ -28,6 +28,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
 
 
+def add_config_command(subparsers: Any, name: str, help: str, func: Any) -> None:
+    """Register a subcommand driven by a YAML experiment config (:func:`add_config_args`) that runs ``func``."""
+    parser = subparsers.add_parser(name, help=help)
+    add_config_args(parser)
+    parser.set_defaults(func=func)
+
+
 def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
     """``--subfolder``, ``--no-ema`` and ``--vae``: which weights of a trained model to load."""
     parser.add_argument(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from difftune.commands import add_config_args, check_scheduler
+from difftune.commands import add_config_command, check_scheduler
 from difftune.config import ConfigError, check_model_path, load_config
+
+HELP = "generate (or resume) the knowledge bank from the frozen pre-trained model"
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
@@ -35,8 +37,4 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune bank``."""
-    p = subparsers.add_parser(
-        "bank", help="generate (or resume) the knowledge bank from the frozen pre-trained model"
-    )
-    add_config_args(p)
-    p.set_defaults(func=cmd_bank)
+    add_config_command(subparsers, "bank", HELP, cmd_bank)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from difftune.commands import add_config_args
+from difftune.commands import add_config_command
 from difftune.config import ExperimentConfig, check_model_path, load_config
 
 
@@ -25,6 +25,9 @@ def _plan(cfg: ExperimentConfig) -> str:
         f"output     {tc.output_dir}",
     ]
     return "\n".join(lines)
+
+
+HELP = "fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -51,8 +54,4 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune train``."""
-    p = subparsers.add_parser(
-        "train", help="fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)"
-    )
-    add_config_args(p)
-    p.set_defaults(func=cmd_train)
+    add_config_command(subparsers, "train", HELP, cmd_train)
