@@ -49,3 +49,42 @@ def test_bug_is_not_reported_as_bad_input(
     with pytest.raises(RuntimeError, match="an internal bug"):
         main(["demo", "--dry-run", "--out", str(tmp_path / "demo")])
     assert "difftune: error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["sample", "--dry-run", "--model", "{model}", "--batch-size", "0"],
+            "--batch-size must be >= 1, got 0",
+        ),
+        (
+            ["eval", "fid", "--dry-run", "--real", "{bad_npz}", "--fake", "{tmp}"],
+            "not a readable statistics .npz",
+        ),
+        (
+            [
+                "forgetting",
+                "--dry-run",
+                "--finetuned",
+                "a",
+                "--pretrained",
+                "b",
+                "--heldout",
+                "{tmp}",
+                "--gap-bins",
+                "0",
+            ],
+            "--gap-bins must be >= 1, got 0",
+        ),
+    ],
+)
+def test_bad_numbers_and_files_are_one_line(
+    argv: list[str], message: str, dit_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad_npz = tmp_path / "stats.npz"
+    bad_npz.write_bytes(b"not a zip file")
+    filled = [a.format(model=dit_dir, bad_npz=bad_npz, tmp=tmp_path) for a in argv]
+    assert main(filled) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

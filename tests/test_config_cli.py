@@ -222,6 +222,28 @@ def test_train_dry_run_prints_config_and_plan(dit_dir: Path, tmp_path: Path, cap
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.sample_scheduler=Nope", "train.sample_scheduler 'Nope' is unknown"),
+        ("train.sample_steps=0", "train.sample_steps=0 must be >= 1"),
+        ("train.sample_guidance_scale=0.5", "train.sample_guidance_scale=0.5 must be >= 1"),
+    ],
+)
+def test_train_dry_run_checks_the_grid_sampling(
+    dit_dir: Path, tmp_path: Path, capsys, override: str, message: str
+) -> None:
+    cfg = _write(tmp_path / "c.yaml", _raw(str(dit_dir), train={"output_dir": str(tmp_path / "run")}))
+    assert (
+        main(
+            ["train", "--config", str(cfg), "--dry-run", "--set", "train.sample_every=10", "--set", override]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_train_dry_run_with_existing_bank(dit_dir: Path, tmp_path: Path, capsys) -> None:
     bank = tmp_path / "bank"
     bank.mkdir()

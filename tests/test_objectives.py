@@ -54,7 +54,6 @@ class LeafModel(nn.Module):
 def _loss(prediction_type: str = "epsilon", **kwargs) -> DiffTuningLoss:
     kwargs.setdefault("bank_weight", 0.1)
     kwargs.setdefault("cfg_dropout", 0.1)
-    kwargs.setdefault("learn_variance", False)
     return DiffTuningLoss(
         DDPMScheduler(prediction_type=prediction_type), power_up(T, 1.0), power_down(T, 1.0), **kwargs
     )
@@ -415,6 +414,13 @@ def test_vb_term_added_for_2C_output_with_detached_mean(batch) -> None:
     assert torch.allclose(grad_with[:, :C], grad_without[:, :C], rtol=1e-6, atol=0)
     assert torch.count_nonzero(grad_without[:, C:]) == 0
     assert torch.count_nonzero(grad_with[:, C:][draw.t < 900]) == grad_with[:, C:][draw.t < 900].numel()
+
+
+def test_variance_term_refuses_an_output_without_variance_channels(batch) -> None:
+    x0, labels, is_bank, draw = batch
+    assert _loss().learn_variance is False  # off unless the model declares it
+    with pytest.raises(ValueError, match="returns 2 channels for 2-channel samples"):
+        _loss(learn_variance=True)(FakeModel(learn_sigma=False), x0, labels, is_bank, draw)
 
 
 def test_learn_variance_off_has_no_vb(batch) -> None:

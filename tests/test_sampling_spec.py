@@ -65,3 +65,13 @@ def test_codec_owns_latent_and_pixel_facts(dit_dir: Path, latent_dit_dir: Path) 
     assert latent.codec.image_size(latent.backbone.sample_shape) == 16  # 2x2 latents, 8x downsampling
     assert latent.codec.image_channels(latent.backbone.sample_shape) == 3
     assert latent.codec.identity(16) == f"{latent_dit_dir}:16"  # the target cache key of earlier versions
+
+
+def test_codec_without_a_source_is_named_by_its_weights() -> None:
+    from conftest import tiny_vae
+    from difftune.backbones import LatentCodec
+
+    a, b = LatentCodec(tiny_vae(seed=0)), LatentCodec(tiny_vae(seed=1))
+    assert a.identity(16) == LatentCodec(tiny_vae(seed=0)).identity(16)  # the same weights, the same cache
+    assert a.identity(16) != b.identity(16)  # other weights never share a target cache
+    assert a.identity(16) != a.identity(32)

@@ -266,6 +266,12 @@ class TrainConfig:
         )
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
         _check(self.log_every > 0, "train.log_every must be > 0")
+        _check(self.sample_every >= 0, f"train.sample_every={self.sample_every} must be >= 0 (0 = no grids)")
+        _check(self.sample_steps >= 1, f"train.sample_steps={self.sample_steps} must be >= 1")
+        _check(
+            self.sample_guidance_scale >= 1.0,
+            f"train.sample_guidance_scale={self.sample_guidance_scale} must be >= 1 (1 = no guidance)",
+        )
 
     @property
     def sampling(self) -> SamplingSpec:

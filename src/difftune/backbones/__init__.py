@@ -4,12 +4,12 @@ from difftune.backbones.base import Backbone, ClassConditionalBackbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.dit import DiTBackbone
+from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import (
     BACKBONES,
     LoadedModel,
     load_pretrained,
     load_trained,
-    model_fingerprint,
     save_model,
 )
 from difftune.backbones.unet import UNetBackbone

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
+from difftune.backbones.fingerprint import model_fingerprint
+
 
 class LatentCodec:
     """Encode images to the diffusion space and decode back; the identity for pixel-space models.
@@ -51,8 +53,16 @@ class LatentCodec:
         return int(self.vae.config.in_channels) if self.vae is not None else sample_shape[0]
 
     def identity(self, resolution: int) -> str:
-        """A string that changes when encoding images of side ``resolution`` would give other samples."""
-        return f"{self.source}:{resolution}" if self.is_latent else "pixel"
+        """A string that changes when encoding images of side ``resolution`` would give other samples.
+
+        A VAE is named by where it was loaded from, or, when that is unknown (built in Python), by
+        the hash of its weights.
+        """
+        if self.vae is None:
+            return "pixel"
+        if self.source is None:
+            return f"vae-weights-{model_fingerprint(self.vae)}:{resolution}"
+        return f"{self.source}:{resolution}"
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentCodec:
         """Move the VAE (if any) to ``device``."""

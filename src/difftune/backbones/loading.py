@@ -7,14 +7,12 @@ or ``unet`` component, optionally ``vae`` and ``scheduler``), a directory with t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 from diffusers.training_utils import EMAModel
 
@@ -173,16 +171,6 @@ def inference_subfolder(path: str, subfolder: str | None = None, use_ema: bool =
     return subfolder
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of a model's state dict: names, shapes, dtypes and values."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
 def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel | None = None) -> None:
     """Write a directory that stock diffusers and :func:`load_pretrained` both load.
 
@@ -204,11 +192,11 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
     with atomic_directory(directory) as tmp:
         backbone.inner.save_pretrained(tmp / backbone.subfolder)
         if ema is not None:
-            params = trainable_parameters(backbone.inner)
+            params = trainable_parameters(backbone)  # the optimizer's and the EMA's list
             if len(params) != len(ema.shadow_params):
                 raise ValueError(
                     f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
-                    "parameters; build the EMA from difftune.tuning.trainable_parameters(model)"
+                    "parameters; build the EMA from difftune.tuning.trainable_parameters(backbone)"
                 )
             ema.store(params)
             ema.copy_to(params)

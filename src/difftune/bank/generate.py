@@ -18,7 +18,8 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from difftune.backbones.loading import LoadedModel, model_fingerprint
+from difftune.backbones.fingerprint import model_fingerprint
+from difftune.backbones.loading import LoadedModel
 from difftune.config import BankConfig
 from difftune.errors import UserError
 from difftune.sampling import generate_with_spec

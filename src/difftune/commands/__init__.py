@@ -44,6 +44,18 @@ def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--vae", help="VAE hub id or directory for latent models (default: the model's own)")
 
 
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse integer flags below 1: ``names`` are argparse destinations, e.g. ``"batch_size"``.
+
+    Raises:
+        UserError: the message names the first bad flag and its value.
+    """
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def check_scheduler(name: str, what: str = "--scheduler", error: type[UserError] = UserError) -> None:
     """Refuse a scheduler class name that diffusers does not have (imports diffusers).
 

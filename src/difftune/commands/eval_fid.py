@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from difftune.atomic import atomic_write_json
-from difftune.commands import add_model_args, check_scheduler
+from difftune.commands import add_model_args, check_positive, check_scheduler
 from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images
 from difftune.metrics.distributed import (
@@ -48,11 +48,7 @@ DEFAULT_NUM_PER_CLASS = 50
 
 def _check_args(args: argparse.Namespace) -> None:
     """Range checks, and sampling options only with ``--checkpoint``; fills in the sampling defaults."""
-    for name in ("batch_size", "workers", "kid_subsets", "pr_k"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.resize is not None and args.resize < 1:
-        raise UserError(f"--resize must be >= 1, got {args.resize}")
+    check_positive(args, "batch_size", "workers", "kid_subsets", "pr_k", "resize")
     if args.stats_cache and args.no_stats_cache:
         raise UserError("--stats-cache and --no-stats-cache contradict each other: give one of them")
     if args.kid_subset_size < 2:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from difftune.commands import check_scheduler
+from difftune.commands import check_positive, check_scheduler
 from difftune.errors import UserError
 from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
 
@@ -42,6 +42,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     from difftune.sampling import build_scheduler, to_unit_range
 
     fractions = _fractions(args.fractions) if args.fractions is not None else list(DEFAULT_FRACTIONS)
+    check_positive(args, "num_per_class", "gap_bins", "gap_draws", "batch_size", "resolution")
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
     if not Path(args.heldout).is_dir():

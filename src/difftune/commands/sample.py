@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from difftune.commands import add_model_args, check_scheduler
+from difftune.commands import add_model_args, check_positive, check_scheduler
 from difftune.config import check_model_path
 from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
@@ -20,8 +20,7 @@ if TYPE_CHECKING:
 def cmd_sample(args: argparse.Namespace) -> int:
     """Check the flags and the model; write the images and a grid (or print the plan); return the exit code."""
     labels = parse_labels(args.labels)
-    if args.per_label < 1:
-        raise UserError(f"--per-label must be >= 1, got {args.per_label}")
+    check_positive(args, "per_label", "batch_size")
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
     check_model_path(args.model)

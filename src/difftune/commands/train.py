@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from difftune.commands import add_config_command
-from difftune.config import ExperimentConfig, check_model_path, load_config
+from difftune.commands import add_config_command, check_scheduler
+from difftune.config import ConfigError, ExperimentConfig, check_model_path, load_config
 
 
 def _plan(cfg: ExperimentConfig) -> str:
@@ -41,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"bank {cfg.bank.path!r} does not exist: run `difftune bank` with this config first, "
             "or set objective.bank_share=0 for plain fine-tuning"
         )
+    if cfg.train.sample_every:  # found now, not at the first grid, hours into a run
+        check_scheduler(cfg.train.sample_scheduler, "train.sample_scheduler", ConfigError)
     if args.dry_run:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(_plan(cfg))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +149,16 @@ class FeatureStats:
         Raises:
             ValueError: if keys are missing, ``mu``/``sigma`` shapes disagree, or ``D != num_features``.
         """
-        with np.load(Path(path), allow_pickle=False) as data:
-            missing = {"mu", "sigma", "count"} - set(data.files)
-            if missing:
-                raise UserError(f"{path}: not a FeatureStats file, missing keys {sorted(missing)}")
-            mu, sigma, count = data["mu"], data["sigma"], int(data["count"])
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                missing = {"mu", "sigma", "count"} - set(data.files)
+                if missing:
+                    raise UserError(f"{path}: not a FeatureStats file, missing keys {sorted(missing)}")
+                mu, sigma, count = data["mu"], data["sigma"], int(data["count"])
+        except UserError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(f"{path}: not a readable statistics .npz file ({err})") from None
         try:
             stats = cls(mu=mu, sigma=sigma, count=count)
         except ValueError as err:

@@ -37,8 +37,9 @@ class DiffTuningLoss:
             ``T * p(t)``).
         bank_weight: lambda.
         cfg_dropout: probability of dropping a target sample's condition (classifier-free guidance).
-        learn_variance: add the variational-bound term ``vb``; give it only for a model that
-            predicts its variance (``Backbone.learns_variance``): its output then has 2C channels.
+        learn_variance: add the variational-bound term ``vb``, for a model that predicts its variance
+            (``Backbone.learns_variance``: its output has 2C channels). :func:`~difftune.objectives.build_objective`
+            sets it from the backbone's declaration.
     """
 
     def __init__(
@@ -49,7 +50,7 @@ class DiffTuningLoss:
         realisation: str = "sample",
         bank_weight: float = 0.1,
         cfg_dropout: float = 0.1,
-        learn_variance: bool = True,
+        learn_variance: bool = False,
     ) -> None:
         if realisation not in REALISATIONS:
             raise ValueError(f"realisation={realisation!r}: use 'sample' or 'weight'")
@@ -99,6 +100,11 @@ class DiffTuningLoss:
         terms = {"mse": (pred.float() - target.float()).pow(2).flatten(1).mean(1)}  # (N,)
         raw = terms["mse"]
         if self.learn_variance:
+            if out.shape[1] != 2 * C:
+                raise ValueError(
+                    f"learn_variance is set but the model returns {out.shape[1]} channels for {C}-channel "
+                    "samples; the variance term needs 2C (set it from Backbone.learns_variance)"
+                )
             pred_x0 = self.parameterisation.x0(pred.detach().float(), x_t.float(), t)
             terms["vb"] = self.vb(x0, x_t, t, pred_x0, out[:, C:])  # trains the variance channels only
             raw = raw + terms["vb"]
