@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,27 @@ def test_failed_atomic_directory_keeps_the_old_one(tmp_path: Path) -> None:
         raise Boom
     assert (target / "weights.bin").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_directory_writer_removes_temporaries_of_killed_writers_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from difftune.atomic import atomic_directory
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)  # that process has exited
+    stale_tmp = tmp_path / f".final.{dead_pid}.abcd1234.tmp"
+    stale_old = tmp_path / f".final.{dead_pid}.abcd1234.old"
+    live = tmp_path / f".final.{os.getpid()}.abcd1234.tmp"  # a writer still running: left alone
+    unrelated = tmp_path / ".final.notes.txt"
+    for d in (stale_tmp, stale_old, live):
+        (d / "model").mkdir(parents=True)
+    unrelated.write_text("keep")
+    with atomic_directory(tmp_path / "final") as staging:
+        (staging / "weights.bin").write_bytes(b"new")
+    assert not stale_tmp.exists() and not stale_old.exists()
+    assert live.exists() and unrelated.read_text() == "keep"
+    assert (tmp_path / "final" / "weights.bin").read_bytes() == b"new"

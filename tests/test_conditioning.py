@@ -66,3 +66,16 @@ def test_batch_routes_bank_rows_and_dropped_rows_to_the_unconditional_form(
         assert torch.equal(labels[:8], expected)
         seen_drop |= bool(draw.drop[:8].any()) and bool((~draw.drop[:8]).any())
     assert seen_drop  # both kinds of target rows were checked
+
+
+def test_a_bundle_without_tensors_keeps_its_batch_size() -> None:
+    empty = Conditioning({}, batch_size=4)
+    assert empty.batch_size == 4 and len(empty) == 0
+    assert empty.select(torch.tensor([0, 2])).batch_size == 2 and empty.select(slice(1, 4)).batch_size == 3
+    assert Conditioning.cat([empty, Conditioning({}, batch_size=3)]).batch_size == 7
+    assert empty.where(torch.tensor([True, False, True, False]), empty).batch_size == 4
+    assert empty.distinct().batch_size == 1
+    with pytest.raises(ValueError, match="share their batch dimension"):
+        Conditioning({})  # the size cannot be known
+    with pytest.raises(ValueError, match="share their batch dimension"):
+        Conditioning({"labels": torch.zeros(3)}, batch_size=2)

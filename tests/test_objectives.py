@@ -513,3 +513,13 @@ def test_term_log_logs_whatever_terms_appear_per_stream_and_quarter() -> None:
     assert out["loss_by_t/target_q4"] == 3.5  # the sum of the terms
     assert "mse_by_t/target_q3" not in out  # no sample there
     assert log.flush(_OneProcess(), 3, 2, 0.1)["loss/total"] == 0.0  # reset after a flush
+
+
+def test_term_log_refuses_terms_that_change_between_steps() -> None:
+    from difftune.objectives.term_log import TermLog
+
+    log = TermLog(T)
+    t, is_bank, x = torch.tensor([1, 900]), torch.tensor([False, True]), torch.ones(2)
+    log.add(LossTerms(loss=x, t=t, is_bank=is_bank, terms={"mse": x, "vb": x}))
+    with pytest.raises(ValueError, match=r"terms \['vb', 'mse'\] after \['mse', 'vb'\]"):
+        log.add(LossTerms(loss=x, t=t, is_bank=is_bank, terms={"vb": x, "mse": x}))

@@ -7,6 +7,7 @@ with ``os.replace``. If the writer raises, the temporary is removed and the targ
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -23,12 +24,46 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "remove_stale_siblings",
 ]
 
 
 def _sibling(path: Path, kind: str) -> Path:
     """A fresh hidden name next to ``path`` (unique across processes and threads)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporaries of ``path`` left by writers that were killed (their process is gone).
+
+    A writer killed hard (SIGKILL, pre-emption) cannot clean up; for a model directory that can be
+    gigabytes. Only siblings named by this module whose process no longer runs are removed, so a
+    concurrent writer's temporary is never touched. Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        parts = sibling.name[len(path.name) + 2 :].split(".")  # pid, random, kind
+        if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("tmp", "old"):
+            continue
+        if _pid_alive(int(parts[0])):
+            continue
+        if sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
 
 
 def _fsync(path: Path) -> None:
@@ -101,6 +136,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = _sibling(path, "tmp")
     tmp.mkdir()
     try:

@@ -72,7 +72,8 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         images = torch.cat([to_unit_range(codec.decode(chunk)) for chunk in x.split(args.batch_size)])
         return fid_from_stats(reference, compute_feature_stats(images, extractor, device=device))
 
-    cond = backbone.condition(torch.arange(len(heldout.class_names)).repeat_interleave(args.num_per_class))
+    classes = heldout.conditioning().distinct()  # one row per class present in the held-out set
+    cond = classes.select(torch.arange(classes.batch_size).repeat_interleave(args.num_per_class))
     swap = swap_probe(
         backbone,
         pretrained.backbone.to(device).eval(),

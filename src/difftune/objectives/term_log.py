@@ -40,6 +40,9 @@ class TermLog:
         if self.names is None:
             self.names = ["loss", *terms.terms]
             self.cells = torch.zeros(len(self.names) * 2 * 4 * 2, dtype=torch.float64)
+        elif self.names[1:] != list(terms.terms):
+            # the sums are laid out by position: a different set or order of terms would mislabel them
+            raise ValueError(f"the objective returned terms {list(terms.terms)} after {self.names[1:]}")
         device = terms.loss.device
         self.weighted, self.cells = self.weighted.to(device), self.cells.to(device)
         stream = terms.is_bank.long()  # 0 target, 1 bank
