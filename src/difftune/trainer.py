@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,57 +31,19 @@ from difftune.errors import UserError
 from difftune.images import save_grid
 from difftune.objectives import Draw, build_objective
 from difftune.objectives.term_log import TermLog
+from difftune.run_state import (
+    CHECKPOINTS,
+    LoopState,
+    list_checkpoints,
+    resolve_resume,
+    restore_checkpoint,
+    save_run_state,
+)
 from difftune.sampling import generate_with_spec, to_unit_range
 from difftune.streams import IndexStream, step_generator
 from difftune.tuning import prepare_tuning
 
 logger = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
-
-
-@dataclass
-class LoopState:
-    """What the loop itself must resume: the step and the positions of the data streams."""
-
-    step: int = 0
-    target: IndexStream | None = None
-    bank: IndexStream | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "target": self.target.state_dict() if self.target else None,
-            "bank": self.bank.state_dict() if self.bank else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = state["step"]
-        for name in ("target", "bank"):
-            stream = getattr(self, name)
-            if (stream is None) != (state[name] is None):
-                raise UserError(f"checkpoint and config disagree on whether a {name} stream exists")
-            if stream is not None:
-                stream.load_state_dict(state[name])
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Completed checkpoints of a run, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``"latest"`` (None if there is none yet), a path, or None."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state").is_dir():
-        raise UserError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
-    return path
 
 
 class Trainer:
@@ -164,13 +125,11 @@ class Trainer:
             self.ema = EMAModel(
                 params, decay=tc.ema_decay, min_decay=tc.ema_decay, update_after_step=-1, foreach=True
             )
-            acc.register_for_checkpointing(self.ema)
-        acc.register_for_checkpointing(self.state)
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
         resume = resolve_resume(self.out, tc.resume)
         if resume is not None:
-            acc.load_state(str(resume / "state"))
+            restore_checkpoint(acc, resume, self.state, self.ema)
             logger.info("resumed from %s at step %d", resume, self.state.step)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +214,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
+            save_run_state(tmp / "state", self.state, self.ema)
             save_model(self.loaded, tmp / "model", self.ema)
             self.cfg.save(tmp / "config.yaml")
             if final.exists():

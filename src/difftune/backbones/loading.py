@@ -88,6 +88,25 @@ def _source_record(pretrained: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def load_safetensors_model(cls: type, source: str, subfolder: str | None, revision: str | None) -> Any:
+    """``cls.from_pretrained`` that reads safetensors weights only: a pickle (``.bin``) file can run code.
+
+    Raises:
+        UserError: only pickle weights are there; the message says how to convert them.
+    """
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, revision=revision, use_safetensors=True)
+    except OSError as err:
+        if "safetensors" not in str(err):
+            raise
+        where = f"{source}/{subfolder}" if subfolder else source
+        raise UserError(
+            f"{where} has no safetensors weights, and difftune does not load pickle (.bin) weights, which can "
+            f"run code; if you trust the file, convert it once: {cls.__name__}.from_pretrained("
+            f"{where!r}, use_safetensors=False).save_pretrained(NEW_DIR)"
+        ) from None
+
+
 def load_pretrained(
     pretrained: str,
     subfolder: str | None = None,
@@ -120,7 +139,7 @@ def load_pretrained(
     if class_name not in BACKBONES:
         raise UserError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
     model_cls, adapter_cls = BACKBONES[class_name]
-    model = model_cls.from_pretrained(pretrained, subfolder=sub, revision=revision)
+    model = load_safetensors_model(model_cls, pretrained, sub, revision)
     backbone = adapter_cls(model)
 
     record = _source_record(pretrained)
@@ -130,11 +149,7 @@ def load_pretrained(
         vae_source, vae_sub = pretrained, "vae"
     elif vae_source is None and record.get("vae"):
         vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
-    vae_model = (
-        AutoencoderKL.from_pretrained(vae_source, subfolder=vae_sub, revision=revision)
-        if vae_source
-        else None
-    )
+    vae_model = load_safetensors_model(AutoencoderKL, vae_source, vae_sub, revision) if vae_source else None
 
     if "scheduler" in components:
         scheduler_config = dict(

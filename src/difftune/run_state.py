@@ -1,0 +1,174 @@
+"""What a run directory holds for resuming, written and read without unpickling anything.
+
+A checkpoint's ``state/`` folder holds accelerate's part (model weights as safetensors, the
+optimizer and the RNG states, which accelerate reads with ``torch.load(weights_only=True)``) and
+difftune's part, written here:
+
+* ``difftune_loop.json``: the step and the positions of the data streams (:class:`LoopState`);
+* ``difftune_ema.safetensors`` + ``difftune_ema.json``: the EMA's averages and its settings.
+
+accelerate's own mechanism for such objects (``register_for_checkpointing``) pickles them and
+unpickles them with ``weights_only=False``, which runs any code planted in the file. Checkpoints
+written before this module existed hold ``custom_checkpoint_<i>.pkl`` files; they are read with
+``weights_only=True``, which accepts their tensors and numbers and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from difftune.atomic import atomic_path, atomic_write_json
+from difftune.errors import UserError
+from difftune.streams import IndexStream
+
+CHECKPOINTS = "checkpoints"
+LOOP_FILE = "difftune_loop.json"
+EMA_FILE = "difftune_ema.safetensors"
+EMA_SETTINGS_FILE = "difftune_ema.json"
+
+
+@dataclass
+class LoopState:
+    """What the loop itself must resume: the step and the positions of the data streams."""
+
+    step: int = 0
+    target: IndexStream | None = None
+    bank: IndexStream | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "target": self.target.state_dict() if self.target else None,
+            "bank": self.bank.state_dict() if self.bank else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        for name in ("target", "bank"):
+            stream = getattr(self, name)
+            if (stream is None) != (state[name] is None):
+                raise UserError(f"checkpoint and config disagree on whether a {name} stream exists")
+            if stream is not None:
+                stream.load_state_dict(state[name])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Completed checkpoints of a run, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``"latest"`` (None if there is none yet), a path, or None."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state").is_dir():
+        raise UserError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
+    return path
+
+
+def save_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> None:
+    """Write difftune's part of a checkpoint's ``state/`` folder (JSON and safetensors)."""
+    atomic_write_json(state_dir / LOOP_FILE, loop.state_dict())
+    if ema is not None:
+        settings = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        tensors = {f"{i:06d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
+        with atomic_path(state_dir / EMA_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_json(state_dir / EMA_SETTINGS_FILE, settings)
+
+
+def restore_checkpoint(accelerator: Any, checkpoint: Path, loop: LoopState, ema: EMAModel | None) -> None:
+    """Restore a whole run from ``checkpoint``: accelerate's state, then the loop's and the EMA's.
+
+    Raises:
+        UserError: a state file holds more than tensors and numbers (it could run code), or is damaged.
+    """
+    state_dir = checkpoint / "state"
+    legacy = _legacy_files(state_dir)
+    with tempfile.TemporaryDirectory(prefix="difftune-state-") as view:
+        source = state_dir
+        if legacy:  # accelerate refuses custom_checkpoint files it did not register: show it the rest only
+            source = Path(view)
+            for entry in state_dir.iterdir():
+                if entry not in legacy:
+                    (source / entry.name).symlink_to(entry.resolve())
+        try:
+            accelerator.load_state(str(source))
+        except pickle.UnpicklingError:
+            raise UserError(
+                f"{state_dir} holds a file with objects other than tensors and numbers; it was not loaded, as "
+                "unpickling it could run code; resume from a checkpoint you wrote yourself"
+            ) from None
+    load_run_state(state_dir, loop, ema)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+
+def load_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> None:
+    """Restore ``loop`` and ``ema`` from a checkpoint's ``state/`` folder, unpickling nothing.
+
+    Raises:
+        UserError: the files are missing, damaged, or (old format) hold more than tensors and numbers.
+    """
+    if (state_dir / LOOP_FILE).is_file():
+        try:
+            loop.load_state_dict(json.loads((state_dir / LOOP_FILE).read_text()))
+            if ema is not None:
+                settings = json.loads((state_dir / EMA_SETTINGS_FILE).read_text())
+                tensors = load_file(str(state_dir / EMA_FILE))
+                shadow = [tensors[k] for k in sorted(tensors)]
+                ema.load_state_dict({**settings, "shadow_params": shadow})
+        except (OSError, ValueError, KeyError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(
+                f"{state_dir} is damaged ({type(err).__name__}: {err}); resume from another checkpoint"
+            ) from None
+        return
+    legacy = _legacy_files(state_dir)
+    if not legacy:
+        raise UserError(
+            f"{state_dir} holds no difftune loop state ({LOOP_FILE}); it is not a difftune checkpoint"
+        )
+    objects = [obj for obj in (ema, loop) if obj is not None]  # the order the old code registered them in
+    if len(legacy) != len(objects):
+        raise UserError(
+            f"{state_dir} holds {len(legacy)} saved objects, this run expects {len(objects)} "
+            "(EMA on in one and off in the other?); resume with the same train.ema_decay"
+        )
+    for obj, path in zip(objects, legacy, strict=True):
+        obj.load_state_dict(_load_tensors_only(path))
+
+
+def _legacy_files(state_dir: Path) -> list[Path]:
+    """The pickled custom objects of an old-format checkpoint, in the order they were registered."""
+    found = state_dir.glob("custom_checkpoint_*.pkl")
+    return sorted(
+        found, key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1
+    )
+
+
+def _load_tensors_only(path: Path) -> dict[str, Any]:
+    """An old-format pickle, read with ``weights_only=True``: tensors, numbers and containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path} holds objects other than tensors and numbers; it was not loaded, as unpickling it could "
+            "run code; resume from a checkpoint you wrote yourself"
+        ) from None
