@@ -7,6 +7,7 @@ actionable message. The resolved configuration is saved inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,37 @@ class ConfigError(UserError, ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "list[int]": (list,),
+    "list[float]": (list,),
+}
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Each field has a value of its declared type (no 2.5 for an int, no text for a number) and
+    every number is finite; the message names the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        allowed = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
+        is_bool = isinstance(value, bool)
+        ok = isinstance(value, allowed) and (not is_bool or bool in allowed)
+        _check(ok, f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}")
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{section}.{f.name}={value!r} must be a finite number")
+        if isinstance(value, list):
+            element = int if "list[int]" in kinds else (int, float)
+            _check(
+                all(isinstance(v, element) and not isinstance(v, bool) for v in value),
+                f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}",
+            )
 
 
 def check_model_path(path: str) -> None:
@@ -67,6 +99,7 @@ class ModelConfig:
     tuning: str = "full"
 
     def __post_init__(self) -> None:
+        _check_fields(self, "model")
         _check(
             bool(self.pretrained),
             "model.pretrained is empty: set it to a hub id or a local diffusers directory",
@@ -103,6 +136,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data")
         _check(
             self.source in ("folder", "digits"),
             f"data.source={self.source!r} is unknown: use 'folder' or 'digits'",
@@ -153,6 +187,7 @@ class ObjectiveConfig:
     learn_variance: bool = True
 
     def __post_init__(self) -> None:
+        _check_fields(self, "objective")
         from difftune.objectives import OBJECTIVES
 
         _check(
@@ -199,6 +234,7 @@ class BankConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        _check_fields(self, "bank")
         _check(self.num_samples > 0, f"bank.num_samples={self.num_samples} must be > 0")
         _check(self.shard_size > 0 and self.batch_size > 0, "bank.shard_size and bank.batch_size must be > 0")
         _check(self.num_inference_steps > 0, "bank.num_inference_steps must be > 0")
@@ -230,6 +266,11 @@ class TrainConfig:
         sample_every: steps between sample grids (0 = never).
         sample_steps, sample_scheduler, sample_guidance_scale: how the grids are sampled.
         resume: ``"latest"``, a checkpoint directory, or ``None``.
+        overwrite: let a fresh run replace an earlier run's checkpoints, ``final/`` and logs in
+            ``output_dir`` (or a resumed run delete the checkpoints newer than its own); without it
+            such a run is refused.
+        accept_config_changes: resume although the checkpoint was written with another data,
+            model, objective, batch or seed setting (the differences are listed either way).
     """
 
     output_dir: str = "runs/difftune"
@@ -253,8 +294,11 @@ class TrainConfig:
     sample_scheduler: str = SamplingSpec.scheduler
     sample_guidance_scale: float = SamplingSpec.guidance_scale
     resume: str | None = None
+    overwrite: bool = False
+    accept_config_changes: bool = False
 
     def __post_init__(self) -> None:
+        _check_fields(self, "train")
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
         _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
         _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")

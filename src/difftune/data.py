@@ -211,8 +211,12 @@ def encode_and_cache(
     cache_dir = Path(cache_dir)
     store = LatentStore(cache_dir)
     if cache_dir.joinpath("manifest.json").is_file() and store.manifest != manifest:
-        for old in cache_dir.glob("*"):
-            old.unlink()  # a stale cache of other data or another encoder
+        if store.manifest.get("kind") != "target":  # someone else's store (a bank?): never delete it
+            raise UserError(
+                f"data.cache_dir {str(cache_dir)!r} holds a {store.manifest.get('kind')!r} store, not a target "
+                "cache; point data.cache_dir at an empty folder or at an earlier target cache"
+            )
+        store.clear()  # a stale cache of other data or another encoder: only its own files go
     store = LatentStore.create(cache_dir, manifest)
     missing = store.missing_shards()
     if missing:

@@ -165,6 +165,7 @@ def _pretrain_source(s: DemoSettings) -> Path:
             keep_checkpoints=1,
             log_every=100,
             seed=s.pretrain_seed,
+            resume="latest",  # a pre-training killed after its checkpoint finishes from there
         ),
     )
     print(f"[demo] pre-training the source model on digits {s.source_classes} (cached for next time)")
@@ -232,6 +233,7 @@ def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
             keep_checkpoints=s.finetune_steps // s.eval_every + 1,
             log_every=25,
             seed=s.seed,
+            overwrite=True,  # a new demo run replaces the previous one's fine-tuning runs
         ),
     )
     print(f"[demo] fine-tuning with {name}")

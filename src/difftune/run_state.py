@@ -61,11 +61,16 @@ class LoopState:
                 stream.load_state_dict(state[name])
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of ``checkpoints/checkpoint-<step>``."""
+    return int(checkpoint.name.split("-")[1])
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Completed checkpoints of a run, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:

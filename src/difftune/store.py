@@ -115,6 +115,12 @@ class LatentStore:
         with atomic_path(self.shard_path(index)) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
+    def clear(self) -> None:
+        """Delete the store's own files (manifest, shards, their temporaries); anything else stays."""
+        for path in self.root.glob("shard-*.safetensors*"):
+            path.unlink(missing_ok=True)
+        (self.root / MANIFEST).unlink(missing_ok=True)
+
     def missing_shards(self) -> list[int]:
         """Indices of shards named by the manifest's ``num_shards`` that are not written yet."""
         return [i for i in range(int(self.manifest["num_shards"])) if not self.has_shard(i)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
@@ -27,10 +28,12 @@ from difftune.backbones.loading import LoadedModel, load_pretrained, save_model
 from difftune.bank import load_bank
 from difftune.config import ExperimentConfig
 from difftune.data import prepare_target
+from difftune.divergence import NonFiniteGuard
 from difftune.errors import UserError
 from difftune.images import save_grid
 from difftune.objectives import Draw, build_objective
 from difftune.objectives.term_log import TermLog
+from difftune.run_dir import RunLock, config_changes, prepare_output_dir
 from difftune.run_state import (
     CHECKPOINTS,
     LoopState,
@@ -109,7 +112,28 @@ class Trainer:
         return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
 
     def train(self) -> Path:
-        """Run the loop to ``train.max_steps``; returns the directory of the final model."""
+        """Run the loop to ``train.max_steps``; returns the directory of the final model.
+
+        The output folder is locked for the run (:class:`~difftune.run_dir.RunLock`), and an earlier
+        run in it is refused unless resumed or ``train.overwrite`` is set.
+
+        Raises:
+            UserError: the folder is in use or holds another run; the loss became non-finite
+                (:class:`~difftune.divergence.TrainingDiverged`: no checkpoint is written from it).
+        """
+        acc = self.accelerator
+        resume = resolve_resume(self.out, self.cfg.train.resume)
+        lock = RunLock(self.out)
+        if acc.is_main_process:
+            lock.acquire()
+        try:
+            prepare_output_dir(self.out, resume, self.cfg.train.overwrite, delete=acc.is_main_process)
+            acc.wait_for_everyone()
+            return self._train(resume)
+        finally:
+            lock.release()
+
+    def _train(self, resume: Path | None) -> Path:
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         params = self.trainable
         optimizer = torch.optim.AdamW(
@@ -127,9 +151,16 @@ class Trainer:
             )
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
-        resume = resolve_resume(self.out, tc.resume)
         if resume is not None:
+            self._check_resume_config(resume)
             restore_checkpoint(acc, resume, self.state, self.ema)
+            for group in optimizer.param_groups:  # this run's optimiser settings, not the checkpoint's
+                group.update(
+                    lr=tc.learning_rate,
+                    betas=(tc.adam_beta1, tc.adam_beta2),
+                    eps=tc.adam_eps,
+                    weight_decay=tc.weight_decay,
+                )
             logger.info("resumed from %s at step %d", resume, self.state.step)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -137,48 +168,53 @@ class Trainer:
             self._truncate_history(after_step=self.state.step)
         acc.init_trackers("difftune", config=_flat_config(cfg))
         log = TermLog(self.noise_scheduler.config.num_train_timesteps)
+        self.guard = NonFiniteGuard(self.noise_scheduler.config.num_train_timesteps)
         # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
         quiet = {} if acc.is_local_main_process else {"disable": True}
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
         chunks = acc.num_processes * tc.gradient_accumulation
-        model.train()
-        while self.state.step < tc.max_steps:
-            x0, cond, is_bank, draw = self._batch(self.state.step)
-            for micro in range(tc.gradient_accumulation):
-                sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
-                last = micro == tc.gradient_accumulation - 1
-                with contextlib.nullcontext() if last else acc.no_sync(model):
-                    terms = self.objective(
-                        model,
-                        x0[sel].to(acc.device),
-                        cond.select(sel).to(acc.device),
-                        is_bank[sel].to(acc.device),
-                        draw[sel],
-                    )
-                    # global-count normalisation x processes: DDP's gradient mean becomes the global mean
-                    loss = self.objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
-                    acc.backward(loss)
-                log.add(terms)
-            log.steps += 1
-            if tc.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.step(params)
-            self.state.step += 1
-            bar.update(1)
-            step = self.state.step
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                scalars = log.flush(acc, self.n_target, self.n_bank, self.objective.bank_weight)
-                acc.log(scalars, step=step)
-                self._append_history(step, scalars)
-                bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
-            if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
-                self.save_sample_grid(self.out / "samples" / f"step-{step:07d}.png")
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            model.train()
+            while self.state.step < tc.max_steps:
+                x0, cond, is_bank, draw = self._batch(self.state.step)
+                for micro in range(tc.gradient_accumulation):
+                    sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
+                    last = micro == tc.gradient_accumulation - 1
+                    with contextlib.nullcontext() if last else acc.no_sync(model):
+                        terms = self.objective(
+                            model,
+                            x0[sel].to(acc.device),
+                            cond.select(sel).to(acc.device),
+                            is_bank[sel].to(acc.device),
+                            draw[sel],
+                        )
+                        # global-count normalisation x processes: DDP's gradient mean becomes the global mean
+                        loss = self.objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
+                        acc.backward(loss)
+                    log.add(terms)
+                    self.guard.observe(self.state.step, terms)
+                log.steps += 1
+                if tc.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.step(params)
+                self.state.step += 1
+                bar.update(1)
+                step = self.state.step
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    self.guard.check(acc, self._last_good())
+                    scalars = log.flush(acc, self.n_target, self.n_bank, self.objective.bank_weight)
+                    acc.log(scalars, step=step)
+                    self._append_history(step, scalars)
+                    bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
+                if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
+                    self.save_sample_grid(self.out / "samples" / f"step-{step:07d}.png")
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()  # also on an error, so its message starts on a line of its own
         final = self.out / "final"
         if acc.is_main_process:
             with atomic_directory(final) as staging:  # a crash never leaves a half-written final/
@@ -201,9 +237,40 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
+    def _check_resume_config(self, checkpoint: Path) -> None:
+        """List how this run's config differs from the checkpoint's; refuse a different run.
+
+        Raises:
+            UserError: data, model, objective, batch or seed changed and ``train.accept_config_changes``
+                is not set (the message lists the first changes).
+        """
+        path = checkpoint / "config.yaml"
+        if not path.is_file():
+            return
+        saved = yaml.safe_load(path.read_text()) or {}
+        allowed, other = config_changes(saved, self.cfg.to_dict())
+        for line in allowed + other:
+            logger.warning("resuming %s with a changed setting: %s", checkpoint.name, line)
+        if other and not self.cfg.train.accept_config_changes:
+            raise UserError(
+                f"{checkpoint} was written with other settings ({'; '.join(other[:3])}"
+                f"{'; ...' if len(other) > 3 else ''}); resume with the same config, or set "
+                "train.accept_config_changes=true"
+            )
+
+    def _last_good(self) -> str:
+        found = list_checkpoints(self.out)
+        return str(found[-1]) if found else f"those of {self.cfg.model.pretrained} (no checkpoint yet)"
+
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/checkpoint-<step>`` (model, EMA, resume state, config) and rotate old ones."""
+        """Write ``checkpoints/checkpoint-<step>`` (model, EMA, resume state, config) and rotate old ones.
+
+        Raises:
+            TrainingDiverged: a loss since the last check was not finite; nothing is written.
+        """
         acc, step = self.accelerator, self.state.step
+        if getattr(self, "guard", None) is not None:
+            self.guard.check(acc, self._last_good())
         root = self.out / CHECKPOINTS
         final = root / f"checkpoint-{step:07d}"
         # a name every process knows (accelerate's save_state writes from all of them), so not atomic_directory

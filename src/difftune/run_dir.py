@@ -1,0 +1,189 @@
+"""One run per output folder, and no run silently mixed with, or destroying, an earlier one.
+
+* :class:`RunLock`: ``<output_dir>/difftune.lock`` (host and process id) is taken for the length
+  of a run; a second run into the same folder is refused. A lock whose process is gone (a killed
+  run on this host) is taken over with a warning.
+* :func:`prepare_output_dir`: a fresh run into a folder that holds checkpoints or ``final/`` of an
+  earlier run is refused unless ``train.overwrite`` is set (or the run resumes); resuming from a
+  checkpoint older than the folder's newest is refused too, as rotation would delete the new
+  checkpoints and ``resume=latest`` would later pick the abandoned ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from difftune.errors import UserError
+from difftune.run_state import CHECKPOINTS, checkpoint_step, list_checkpoints
+
+logger = logging.getLogger(__name__)
+LOCK_FILE = "difftune.lock"
+RUN_FILES = ("metrics.jsonl", "config.yaml")  # written by a run; replaced by an overwriting run
+RUN_DIRS = (CHECKPOINTS, "final", "samples", "difftune")  # the last is TensorBoard's
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on an output folder for one run (a context manager).
+
+    Args:
+        output_dir: the run's folder (created if missing).
+
+    Raises:
+        UserError: another live run holds the folder (the message names it and the lock file).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, or take over one left by a run that was killed on this host."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                    logger.warning(
+                        "taking over %s, left by process %s that no longer runs", self.path, holder["pid"]
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise UserError(
+                    f"{self.path.parent} is in use by another run (process {holder.get('pid')} on "
+                    f"{holder.get('host')}); use another train.output_dir, or delete {self.path} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise UserError(f"could not take the lock {self.path}; delete it if no run uses the folder")
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # a lock being written, or torn by a kill: treated as held by an unknown process
+
+    def release(self) -> None:
+        """Give the lock back (only if this object holds it)."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def prepare_output_dir(
+    output_dir: str | os.PathLike[str], resume: Path | None, overwrite: bool, delete: bool = True
+) -> None:
+    """Refuse (or, with ``overwrite``, clear) what an earlier run left in ``output_dir``.
+
+    Args:
+        output_dir: the run's folder.
+        resume: the checkpoint this run resumes from, or ``None`` for a fresh run.
+        overwrite: delete the earlier run's checkpoints, ``final/``, samples and logs first (fresh
+            run), or the checkpoints newer than ``resume`` (resumed run).
+        delete: do the deleting (the main process); the others only check, so all refuse alike.
+
+    Raises:
+        UserError: the folder holds an earlier run and ``overwrite`` is not set.
+    """
+    out = Path(output_dir)
+    found = list_checkpoints(out)
+    if resume is None:
+        if not found and not (out / "final").exists():
+            return
+        if not overwrite:
+            raise UserError(
+                f"{out} holds an earlier run ({len(found)} checkpoints"
+                f"{', final/' if (out / 'final').exists() else ''}); resume it with --set train.resume=latest, "
+                "replace it with --set train.overwrite=true, or choose another train.output_dir"
+            )
+        if delete:
+            for name in RUN_DIRS:
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        return
+    later = [c for c in found if checkpoint_step(c) > checkpoint_step(resume)]
+    if later and not overwrite:
+        raise UserError(
+            f"resuming from {resume.name} would abandon {len(later)} newer checkpoints in {out / CHECKPOINTS} "
+            f"(newest {later[-1].name}); resume from train.resume=latest, or set train.overwrite=true to delete them"
+        )
+    for checkpoint in later if delete else []:
+        shutil.rmtree(checkpoint)
+
+
+# keys that may change between a checkpoint and the run resuming it: where and how often things are
+# written, how long to run, and how grids are drawn; the optimiser's keys are applied to the restored
+# optimiser. Any other change (data, model, objective, batch, seed, ...) would make the resumed run a
+# different run, and needs train.accept_config_changes.
+RESUMABLE_CHANGES = {
+    "train": {
+        "output_dir",
+        "resume",
+        "overwrite",
+        "accept_config_changes",
+        "max_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "sample_every",
+        "sample_steps",
+        "sample_scheduler",
+        "sample_guidance_scale",
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_eps",
+        "max_grad_norm",
+    },
+    "data": {"cache_dir"},
+    "bank": {"batch_size"},
+}
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """The differences between a checkpoint's config and the resuming run's, as ``section.key: old -> new``.
+
+    Returns:
+        (changes that resuming allows, changes that make it another run).
+    """
+    allowed, other = [], []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if key not in old:
+                continue  # a key added to difftune after the checkpoint was written: its default applies
+            if old.get(key) != new.get(key):
+                line = f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                (allowed if key in RESUMABLE_CHANGES.get(section, set()) else other).append(line)
+    return allowed, other

@@ -1,0 +1,234 @@
+"""A run never destroys or mixes with another: output folders, locks, caches, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftune.backbones import load_pretrained
+from difftune.bank import generate_bank
+from difftune.cli import main
+from difftune.config import ConfigError, load_config
+from difftune.divergence import TrainingDiverged
+from difftune.errors import UserError
+from difftune.run_dir import LOCK_FILE, RunLock
+from difftune.trainer import Trainer
+from test_training import make_cfg, weights
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+# ------------------------------------------------------------------------------------ output folders
+
+
+def test_fresh_run_into_an_earlier_run_is_refused_and_overwrite_replaces_it(
+    dit_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    Trainer(make_cfg(dit_dir, run, None, "train.max_steps=2", "train.checkpoint_every=1")).train()
+    before = _files(run / "final")
+    other_seed = ("train.max_steps=2", "train.checkpoint_every=1", "train.seed=7")
+    with pytest.raises(
+        UserError, match=r"holds an earlier run \(2 checkpoints, final/\).*train.resume=latest"
+    ):
+        Trainer(make_cfg(dit_dir, run, None, *other_seed)).train()
+    assert _files(run / "final") == before  # the earlier run's weights are not published as this run's
+
+    final = Trainer(make_cfg(dit_dir, run, None, *other_seed, "train.overwrite=true")).train()
+    alone = Trainer(make_cfg(dit_dir, tmp_path / "alone", None, *other_seed)).train()
+    a, b = weights(final), weights(alone)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the new run's own weights, not a mix
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # no lines of the earlier run
+
+
+def test_resume_from_an_older_checkpoint_needs_overwrite(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(make_cfg(dit_dir, run, None, "train.max_steps=4", "train.checkpoint_every=1")).train()
+    older = run / "checkpoints" / "checkpoint-0000002"
+    cfg = make_cfg(
+        dit_dir, run, None, "train.max_steps=4", "train.checkpoint_every=1", f"train.resume={older}"
+    )
+    with pytest.raises(UserError, match="would abandon 2 newer checkpoints"):
+        Trainer(cfg).train()
+    assert (run / "checkpoints" / "checkpoint-0000004").is_dir()
+    cfg.train.overwrite = True
+    Trainer(cfg).train()  # steps 3 and 4 again, from step 2
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == [
+        "checkpoint-0000002",
+        "checkpoint-0000003",
+        "checkpoint-0000004",
+    ]
+
+
+# ------------------------------------------------------------------------------------------ the lock
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    with pytest.raises(UserError, match=f"in use by another run \\(process {os.getpid()}"):
+        Trainer(make_cfg(dit_dir, run, None, "train.max_steps=1")).train()
+    assert not (run / "checkpoints").exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_released(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    Trainer(make_cfg(dit_dir, run, None, "train.max_steps=1")).train()
+    assert not (run / LOCK_FILE).exists()  # released at the end
+    lock = RunLock(run)
+    with lock, pytest.raises(UserError, match="in use"):
+        RunLock(run).acquire()
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_a_run_fails(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged):
+        Trainer(make_cfg(dit_dir, run, None, "train.max_steps=3", "train.learning_rate=1e30")).train()
+    assert not (run / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------- target cache
+
+
+def test_cache_dir_never_deletes_another_store(dit_dir: Path, tmp_path: Path) -> None:
+    bank = tmp_path / "bank"
+    cfg = make_cfg(dit_dir, tmp_path / "run", bank)
+    generate_bank(load_pretrained(str(dit_dir)), cfg.bank, progress=False)
+    before = _files(bank)
+    with pytest.raises(UserError, match="holds a 'bank' store, not a target cache"):
+        Trainer(make_cfg(dit_dir, tmp_path / "run", bank, f"data.cache_dir={bank}"))
+    assert _files(bank) == before
+
+
+def test_rebuilding_a_stale_cache_deletes_only_its_own_files(dit_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    Trainer(make_cfg(dit_dir, tmp_path / "a", None, f"data.cache_dir={cache}"))
+    (cache / "notes.txt").write_text("mine")
+    Trainer(
+        make_cfg(dit_dir, tmp_path / "b", None, f"data.cache_dir={cache}", "data.per_class=3")
+    )  # other data
+    assert (cache / "notes.txt").read_text() == "mine"
+    assert json.loads((cache / "manifest.json").read_text())["num_samples"] == 15
+
+
+# ------------------------------------------------------------------------------------ non-finite loss
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from difftune.objectives import DiffTuningLoss
+
+    original, calls = DiffTuningLoss.__call__, []
+
+    def diverging(self, *args):  # from the 4th step on, every loss is NaN (as after a blow-up)
+        terms = original(self, *args)
+        calls.append(1)
+        if len(calls) > 3:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    run = tmp_path / "run"
+    args = ("train.max_steps=6", "train.checkpoint_every=1", "train.log_every=5")
+    with monkeypatch.context() as m:
+        m.setattr(DiffTuningLoss, "__call__", diverging)
+        with pytest.raises(TrainingDiverged, match=r"non-finite at step 4 \(target t .*checkpoint-0000003"):
+            Trainer(make_cfg(dit_dir, run, None, *args)).train()
+    found = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert found[-1] == "checkpoint-0000003"  # nothing written from non-finite weights
+    assert not (run / "final").exists()
+    saved = load_file(
+        str(
+            run
+            / "checkpoints"
+            / "checkpoint-0000003"
+            / "model"
+            / "transformer"
+            / "diffusion_pytorch_model.safetensors"
+        )
+    )
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # the surviving checkpoint resumes, to the same weights as a run that never diverged
+    final = Trainer(make_cfg(dit_dir, run, None, *args, "train.resume=latest")).train()
+    clean = Trainer(make_cfg(dit_dir, tmp_path / "clean", None, *args)).train()
+    a, b = weights(final), weights(clean)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_blow_up_is_one_line_on_the_command_line(dit_dir: Path, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    # lr 1e30: the first step is finite, its update makes the next loss non-finite
+    make_cfg(dit_dir, tmp_path / "cli", None, "train.max_steps=4", "train.learning_rate=1e30").save(cfg)
+    assert main(["train", "--config", str(cfg)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("difftune: error:")]
+    assert len(errors) == 1 and "non-finite at step 2" in errors[0]
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.batch_size=2.5", "train.batch_size=2.5 must be int"),
+        ("train.max_steps=2.5", "train.max_steps=2.5 must be int"),
+        ("train.learning_rate=.inf", "train.learning_rate=inf must be a finite number"),
+        ("train.learning_rate=.nan", "train.learning_rate=nan must be a finite number"),
+        ("train.learning_rate=fast", "train.learning_rate='fast' must be float"),
+        ("data.classes=[1,x]", "data.classes=[1, 'x'] must be list[int] or None"),
+        ("train.overwrite=3", "train.overwrite=3 must be bool"),
+        ("objective.bank_weight=yes", "objective.bank_weight=True must be float"),
+    ],
+)
+def test_wrong_types_and_non_finite_values_name_their_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.pretrained=x/y", "data.source=digits", override])
+    assert str(err.value) == message
+
+
+# ---------------------------------------------------------------------------------- resume settings
+
+
+def test_resume_applies_a_changed_learning_rate_and_refuses_another_run(
+    dit_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    Trainer(make_cfg(dit_dir, run, None, "train.max_steps=2", "train.checkpoint_every=1")).train()
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(
+            make_cfg(
+                dit_dir, run, None, "train.max_steps=3", "train.resume=latest", "train.learning_rate=3e-5"
+            )
+        )
+        trainer.train()
+    assert {g["lr"] for g in trainer.optimizer.param_groups} == {3e-5}  # not the checkpoint's 1e-4
+    assert "train.learning_rate: 0.0001 -> 3e-05" in caplog.text
+
+    changed = ("train.max_steps=4", "train.resume=latest", "train.batch_size=6", "train.seed=3")
+    with pytest.raises(UserError, match=r"other settings \(train.batch_size: 10 -> 6; train.seed: 0 -> 3\)"):
+        Trainer(make_cfg(dit_dir, run, None, *changed)).train()
+    assert (run / "final" / "config.yaml").is_file()
+    Trainer(make_cfg(dit_dir, run, None, *changed, "train.accept_config_changes=true")).train()
+    assert (run / "checkpoints" / "checkpoint-0000004").is_dir()
