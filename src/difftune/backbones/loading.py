@@ -21,7 +21,7 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.unet import UNetBackbone
-from difftune.config import check_model_path
+from difftune.config_checks import check_model_path
 from difftune.errors import UserError
 from difftune.tuning import trainable_parameters
 

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from difftune.commands import add_config_command, check_scheduler
-from difftune.config import ConfigError, check_model_path, load_config
+from difftune.config import load_config
+from difftune.config_checks import ConfigError, check_model_path
 
 HELP = "generate (or resume) the knowledge bank from the frozen pre-trained model"
 

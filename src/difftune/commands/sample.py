@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.commands import add_model_args, check_positive, check_scheduler
-from difftune.config import check_model_path
+from difftune.config_checks import check_model_path
 from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
 

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 
 from difftune.commands import add_config_command, check_scheduler
-from difftune.config import ConfigError, ExperimentConfig, check_model_path, load_config
+from difftune.config import ExperimentConfig, load_config
+from difftune.config_checks import ConfigError, check_model_path
 
 
 def _plan(cfg: ExperimentConfig) -> str:

@@ -1,0 +1,65 @@
+"""The checks every config section runs: one-line errors, declared types, finite numbers, model paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from difftune.errors import UserError
+
+__all__ = ["ConfigError", "check_model_path"]
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value; the message names the key and how to fix it.
+
+    A :class:`~difftune.errors.UserError`, and a ``ValueError`` so that ``except ValueError`` catches it too.
+    """
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "list[int]": (list,),
+    "list[float]": (list,),
+}
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Each field has a value of its declared type (no 2.5 for an int, no text for a number) and
+    every number is finite; the message names the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        allowed = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
+        is_bool = isinstance(value, bool)
+        ok = isinstance(value, allowed) and (not is_bool or bool in allowed)
+        _check(ok, f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}")
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{section}.{f.name}={value!r} must be a finite number")
+        if isinstance(value, list):
+            element = int if "list[int]" in kinds else (int, float)
+            _check(
+                all(isinstance(v, element) and not isinstance(v, bool) for v in value),
+                f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}",
+            )
+
+
+def check_model_path(path: str) -> None:
+    """Refuse a missing local path; anything of the form ``owner/name`` may be a hub id.
+
+    Raises:
+        FileNotFoundError: ``path`` looks local (absolute, relative, or not ``owner/name``) but does not exist.
+    """
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
