@@ -70,6 +70,8 @@ class DataConfig:
         cache_dir: where encoded latents are cached; default ``<output_dir>/target_cache``.
         hflip: also cache every image mirrored (DiT's random horizontal flip augmentation).
         seed: seed of the few-shot subset selection.
+        on_bad_file: ``"error"`` (default): unreadable images and empty class folders stop the run,
+            all named; ``"skip"``: they are left out, each with a warning.
     """
 
     source: str = "folder"
@@ -80,6 +82,7 @@ class DataConfig:
     cache_dir: str | None = None
     hflip: bool = False
     seed: int = 0
+    on_bad_file: str = "error"
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
@@ -93,6 +96,10 @@ class DataConfig:
         )
         _check(
             self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null"
+        )
+        _check(
+            self.on_bad_file in ("error", "skip"),
+            f"data.on_bad_file={self.on_bad_file!r}: use 'error' or 'skip'",
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +30,11 @@ from difftune.backbones.loading import LoadedModel
 from difftune.config import DataConfig
 from difftune.datasets import load_sklearn_digits
 from difftune.errors import UserError
-from difftune.images import IMAGE_EXTENSIONS, image_files, open_image
+from difftune.images import IMAGE_EXTENSIONS, check_image, image_files, open_image
 from difftune.store import LatentStore, folder_identity
 
 CACHE_FORMAT = 1
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,6 +130,44 @@ def _load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _class_folders(root: Path, on_bad_file: str) -> tuple[list[Path], list[Path], list[int]]:
+    """The class folders of ``root`` (sorted; hidden ones ignored), their usable image files and labels.
+
+    Empty class folders and unreadable files are refused, all of them named in one line, or, with
+    ``on_bad_file="skip"``, left out with a warning each (a skipped folder takes no label).
+    """
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise UserError(
+            f"data.path {root} has no class sub-directories; put each class's images in its own folder"
+        )
+    found = {d: image_files(d) for d in class_dirs}
+    bad = [(p, why) for paths in found.values() for p in paths if (why := check_image(p)) is not None]
+    empty = [d for d in class_dirs if not [p for p in found[d] if p not in dict(bad)]]
+    if (bad or empty) and on_bad_file == "error":
+        problems = [f"{p.relative_to(root)} ({why})" for p, why in bad] + [
+            f"{d.name}/ (no images)" for d in empty
+        ]
+        raise UserError(
+            f"data.path {root}: {len(problems)} unusable ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''}); "
+            "remove or fix them, or set data.on_bad_file=skip"
+        )
+    for p, why in bad:
+        logger.warning("skipping unreadable image %s (%s)", p, why)
+    for d in empty:
+        logger.warning("skipping class folder %s: no usable images", d)
+    skipped = {p for p, _ in bad}
+    class_dirs = [d for d in class_dirs if d not in empty]
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        usable = [p for p in found[class_dir] if p not in skipped]
+        files += usable
+        labels += [label] * len(usable)
+    if not files:
+        raise UserError(f"data.path {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return class_dirs, files, labels
+
+
 def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
     """Load the target dataset described by ``cfg`` at ``resolution`` with ``channels`` channels."""
     if cfg.source == "digits":
@@ -149,18 +189,7 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
         raise UserError(
             f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)"
         )
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise UserError(
-            f"data.path {root} has no class sub-directories; put each class's images in its own folder"
-        )
-    files, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        found = image_files(class_dir)
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise UserError(f"data.path {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    class_dirs, files, labels = _class_folders(root, cfg.on_bad_file)
     label_tensor = torch.tensor(labels)
     keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
     files = [files[i] for i in keep.tolist()]

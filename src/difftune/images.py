@@ -24,8 +24,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 
 # ---------------------------------------------------------------------------------------------- reading
 def image_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files (by :data:`IMAGE_EXTENSIONS`, any case) under ``folder``, recursively, sorted by path."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files (by :data:`IMAGE_EXTENSIONS`, any case) under ``folder``, recursively, sorted by path.
+
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``, ...) are not images of the set.
+    """
+    root = Path(folder)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -51,15 +61,46 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 def open_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
     """Decode one image file completely, converted to PIL ``mode`` (``"RGB"`` or ``"L"``).
 
+    Conversions that PIL's own ``convert`` gets wrong are done here: 16-bit grey is scaled to 8 bits
+    (``convert`` clips it to white), and transparent pixels (alpha, or a palette's transparent
+    entry) are composited over white (``convert`` drops the alpha and shows whatever colour lies
+    under it). CMYK and grey images convert to RGB as usual.
+
     Raises:
-        ValueError: the file cannot be decoded; one line naming the file.
+        ValueError: the file cannot be decoded, or is a decompression bomb; one line naming the file.
     """
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            img.load()
+            return _convert(img, mode)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot read image {str(path)!r} ({reason}); remove or replace the file") from None
+
+
+def check_image(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be used as an image (from its header, without decoding it), or ``None``."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    if width * height > (Image.MAX_IMAGE_PIXELS or 0) > 0:
+        return f"{width}x{height} pixels, more than the {Image.MAX_IMAGE_PIXELS} that PIL decodes safely"
+    return None
+
+
+def _convert(img: Image.Image, mode: str) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: 0..65535 to 0..255
+        array = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert(mode)
 
 
 def load_image(path: str | os.PathLike[str], resize: int | None = None) -> torch.Tensor:
