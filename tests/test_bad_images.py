@@ -130,7 +130,13 @@ def test_every_bad_file_and_empty_folder_is_named_at_once(dit_dir: Path, tmp_pat
 
 
 def _overrides(root: Path, *extra: str) -> list[str]:
-    return ["model.pretrained=x/y", "data.source=folder", f"data.path={root}", "objective.bank_share=0", *extra]
+    return [
+        "model.pretrained=x/y",
+        "data.source=folder",
+        f"data.path={root}",
+        "objective.bank_share=0",
+        *extra,
+    ]
 
 
 def test_skip_leaves_bad_files_and_empty_folders_out_without_shifting_labels(

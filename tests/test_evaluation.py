@@ -750,3 +750,57 @@ def test_two_processes_match_one(dit_dir, folders, classifier_path, tmp_path) ->
         assert ddp[key] == pytest.approx(one[key], rel=1e-6), key
     with np.load(tmp_path / "ddp.npz") as a, np.load(tmp_path / "one.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_sample_folders_compose_with_eval_fid(dit_dir, classifier_path, folders, tmp_path, capsys) -> None:
+    """``eval fid --fake`` scores exactly the images ``sample`` wrote (not the grid); ``sample`` never
+    mixes its images with earlier ones."""
+    from difftune.cli import main
+
+    real, _ = folders
+    out = tmp_path / "samples"
+    sample = [
+        "sample",
+        "--model",
+        str(dit_dir),
+        "--labels",
+        "0,1",
+        "--per-label",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(sample) == 0
+    assert (out / "grid.png").is_file()
+    result = tmp_path / "r.json"
+    assert (
+        run_eval(
+            [
+                "fid",
+                "--real",
+                str(real),
+                "--fake",
+                str(out),
+                "--features",
+                f"digits:{classifier_path}",
+                "--out-json",
+                str(result),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(result.read_text())["num_fake"] == 4  # 4 samples, the grid left out
+    capsys.readouterr()
+
+    assert main(sample) == 2  # the same folder again: refused, nothing mixed in
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*sample, "--per-label", "1", "--overwrite"]) == 0
+    assert len(list(out.glob("0*.png"))) == 2  # only the new run's images remain
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "photo.png").write_bytes((out / "grid.png").read_bytes())
+    assert main([*sample[:-1], str(foreign), "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err and (foreign / "photo.png").is_file()

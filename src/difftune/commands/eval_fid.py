@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from difftune.atomic import atomic_write_json
 from difftune.commands import add_model_args, check_positive, check_scheduler
+from difftune.commands.sample import listed_samples
 from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images
 from difftune.metrics.distributed import (
@@ -127,7 +128,9 @@ def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
     else:
         real_paths = list_images(args.real)
         identity = folder_identity(args.real, real_paths)
-    fake_paths = list_images(args.fake) if args.fake is not None else None
+    fake_paths = None
+    if args.fake is not None:  # a difftune sample folder: its images, not its grid
+        fake_paths = listed_samples(args.fake) or list_images(args.fake)
     model = _load_model(args) if args.checkpoint else None
     inputs = _Inputs(real_stats, real_paths, real_images, fake_paths, model)
     if identity is not None:

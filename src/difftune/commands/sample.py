@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from difftune.atomic import atomic_write_json
 from difftune.commands import add_model_args, check_positive, check_scheduler
 from difftune.config_checks import check_model_path
 from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
+
+MANIFEST = "difftune_samples.json"
+GRID = "grid.png"
 
 if TYPE_CHECKING:
     from difftune.backbones.loading import LoadedModel
@@ -39,7 +44,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     labels = parse_labels(args.labels, loaded.backbone.num_classes)
-    path = sample_to_folder(loaded, labels, args.per_label, args.out, spec, args.batch_size)
+    path = sample_to_folder(
+        loaded, labels, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite
+    )
     print(f"wrote {len(labels) * args.per_label} images and {path}")
     return 0
 
@@ -74,11 +81,17 @@ def sample_to_folder(
     spec: SamplingSpec | None = None,
     batch_size: int = 64,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Generate ``per_label`` images for each class label into ``out`` (one PNG each, plus ``grid.png``).
 
     Image i (in label-major order) uses seed ``spec.seed + i`` (default spec: :class:`SamplingSpec`'s
-    defaults). Returns the grid's path.
+    defaults). ``out`` must hold no images, or only those of an earlier ``difftune sample`` with
+    ``overwrite``. :data:`MANIFEST` lists the images written (``eval fid --fake`` scores exactly
+    those, not the grid). Returns the grid's path.
+
+    Raises:
+        UserError: ``out`` holds images (of an earlier run without ``overwrite``, or of someone else).
     """
     import torch
     from tqdm.auto import tqdm
@@ -92,7 +105,8 @@ def sample_to_folder(
     codec = loaded.codec.to(device)
     all_labels = torch.tensor(labels).repeat_interleave(per_label)
     out = Path(out)
-    images = []
+    _clear_sample_folder(out, overwrite)
+    images, names = [], []
     for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
         chunk = all_labels[start : start + batch_size]
         x = generate_with_spec(
@@ -101,11 +115,46 @@ def sample_to_folder(
         batch = to_unit_range(codec.decode(x)).cpu()
         for offset, image in enumerate(batch):
             i = start + offset
-            save_png(image, out / f"{i:05d}_label{int(all_labels[i])}_seed{spec.seed + i}.png")
+            names.append(f"{i:05d}_label{int(all_labels[i])}_seed{spec.seed + i}.png")
+            save_png(image, out / names[-1])
         images.append(batch)
-    grid = out / "grid.png"
+    grid = out / GRID
     save_grid(torch.cat(images), grid, nrow=per_label, upscale=max(1, 64 // images[0].shape[-1]))
+    settings = {"scheduler": spec.scheduler, "steps": spec.steps, "guidance_scale": spec.guidance_scale}
+    atomic_write_json(out / MANIFEST, {"images": names, "grid": GRID, "seed": spec.seed, **settings})
     return grid
+
+
+def listed_samples(folder: str | os.PathLike[str]) -> list[Path] | None:
+    """The images a ``difftune sample`` run wrote into ``folder`` (from its manifest), or ``None``."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    return [Path(folder) / name for name in json.loads(path.read_text())["images"]]
+
+
+def _clear_sample_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder with images in it, unless they are an earlier sample run's and ``overwrite``."""
+    from difftune.images import image_files
+
+    present = image_files(out) if out.is_dir() else []
+    if not present:
+        return
+    ours = set(listed_samples(out) or []) | {out / GRID}
+    foreign = [p for p in present if p not in ours]
+    if foreign:
+        raise UserError(
+            f"--out {str(out)!r} holds {len(foreign)} images that difftune sample did not write "
+            f"(e.g. {foreign[0].name}); choose an empty folder"
+        )
+    if not overwrite:
+        raise UserError(
+            f"--out {str(out)!r} holds {len(present)} images of an earlier difftune sample; "
+            "give --overwrite to replace them, or choose another folder"
+        )
+    for path in present:
+        path.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -123,6 +172,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--batch-size", type=int, default=64, help="images per forward pass (does not change results)"
     )
-    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--out", default="samples", help="output folder (must hold no images)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the images of an earlier sample run in --out"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
     p.set_defaults(func=cmd_sample)
