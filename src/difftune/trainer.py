@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from difftune.atomic import atomic_directory
 from difftune.backbones.conditioning import Conditioning
-from difftune.backbones.loading import LoadedModel, load_pretrained, save_model
+from difftune.backbones.loading import LoadedModel, load_pretrained, save_model, save_pipeline_index
 from difftune.bank import load_bank
 from difftune.config import ExperimentConfig
 from difftune.data import prepare_target
@@ -219,6 +219,7 @@ class Trainer:
         if acc.is_main_process:
             with atomic_directory(final) as staging:  # a crash never leaves a half-written final/
                 shutil.copytree(list_checkpoints(self.out)[-1] / "model", staging, dirs_exist_ok=True)
+                save_pipeline_index(self.loaded, staging, self.target.class_names)
                 cfg.save(staging / "config.yaml")
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs

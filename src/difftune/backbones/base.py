@@ -26,9 +26,12 @@ class Backbone(nn.Module):
             interpolation values in [-1, 1], as DiT / improved DDPM); the objective adds the
             variational-bound term for them.
         sample_shape: (C, H, W) of the space the diffusion runs in (latents or pixels).
+        pipeline_class: the stock diffusers pipeline that can run a saved model of this kind (with
+            a VAE), or ``None``.
     """
 
     inner: nn.Module
+    pipeline_class: str | None = None
     learns_variance: bool
     sample_shape: tuple[int, int, int]
     subfolder: str

@@ -21,6 +21,7 @@ class DiTBackbone(ClassConditionalBackbone):
     """
 
     subfolder = "transformer"
+    pipeline_class = "DiTPipeline"
 
     def __init__(self, model: DiTTransformer2DModel) -> None:
         super().__init__()

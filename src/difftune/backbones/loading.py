@@ -150,6 +150,9 @@ def load_pretrained(
     elif vae_source is None and record.get("vae"):
         vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
     vae_model = load_safetensors_model(AutoencoderKL, vae_source, vae_sub, revision) if vae_source else None
+    if vae is None and record.get("vae"):
+        # a difftune directory with a copy of its VAE: the copy's weights, the original's name (cache keys)
+        vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
 
     if "scheduler" in components:
         scheduler_config = dict(
@@ -222,3 +225,30 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
         DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+
+
+def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class_names: list[str]) -> None:
+    """Make a saved model directory self-describing: its class names, and (for a latent DiT) a stock pipeline.
+
+    Writes ``class_names.json`` always. For a latent-space model whose adapter names a diffusers
+    pipeline (DiT: ``DiTPipeline``), also copies the VAE into ``vae/`` and writes ``model_index.json``
+    with ``id2label``, so ``DiTPipeline.from_pretrained(directory)`` loads it (with the trained weights
+    of ``transformer/``; the EMA weights are in ``ema/transformer``).
+    """
+    directory = Path(directory)
+    (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
+    backbone, codec = loaded.backbone, loaded.codec
+    if backbone.pipeline_class is None or codec.vae is None:
+        return
+    import diffusers
+
+    codec.vae.save_pretrained(directory / "vae")
+    index = {
+        "_class_name": backbone.pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        backbone.subfolder: ["diffusers", type(backbone.inner).__name__],
+        "vae": ["diffusers", type(codec.vae).__name__],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "id2label": {str(i): name for i, name in enumerate(class_names)},
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,42 @@
+"""``final/`` describes itself: class names always, and a stock ``DiTPipeline`` for a latent DiT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiTPipeline
+
+from difftune.backbones import load_pretrained
+from difftune.trainer import Trainer
+from test_training import make_cfg
+
+
+def test_latent_dit_final_loads_as_a_stock_pipeline(latent_dit_dir: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(latent_dit_dir, tmp_path / "run", None, "data.resolution=16", "train.max_steps=1")
+    final = Trainer(cfg).train()
+    assert json.loads((final / "class_names.json").read_text()) == ["5", "6", "7", "8", "9"]
+    pipe = DiTPipeline.from_pretrained(final)
+    assert pipe.labels == {"5": 0, "6": 1, "7": 2, "8": 3, "9": 4}
+    # guidance 1: the stock pipeline's null label is ImageNet's 1000 (as in a fine-tuned DiT-XL/2),
+    # which this 5-class test model does not have
+    images = pipe(
+        class_labels=pipe.get_label_ids(["7"]), num_inference_steps=2, guidance_scale=1.0, output_type="np"
+    ).images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    # the pipeline's transformer is the trained one, and the VAE is the model's own
+    trained = load_pretrained(str(final), subfolder="transformer")
+    for a, b in zip(pipe.transformer.parameters(), trained.backbone.inner.parameters(), strict=True):
+        assert torch.equal(a, b)
+    source_vae = load_pretrained(str(latent_dit_dir)).codec.vae.state_dict()
+    assert all(torch.equal(v, source_vae[k]) for k, v in pipe.vae.state_dict().items())
+    # difftune itself still records where the VAE came from (the key of target caches)
+    assert load_pretrained(str(final)).vae_source == str(latent_dit_dir)
+
+
+def test_pixel_final_carries_class_names(dit_dir: Path, tmp_path: Path) -> None:
+    final = Trainer(make_cfg(dit_dir, tmp_path / "run", None, "train.max_steps=1")).train()
+    assert json.loads((final / "class_names.json").read_text()) == ["5", "6", "7", "8", "9"]
+    assert not (final / "model_index.json").exists()  # no stock pipeline runs a pixel-space DiT
