@@ -232,3 +232,18 @@ def test_resume_applies_a_changed_learning_rate_and_refuses_another_run(
     assert (run / "final" / "config.yaml").is_file()
     Trainer(make_cfg(dit_dir, run, None, *changed, "train.accept_config_changes=true")).train()
     assert (run / "checkpoints" / "checkpoint-0000004").is_dir()
+
+
+def test_a_run_says_what_it_trains_on(dit_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    Trainer(make_cfg(dit_dir, run, None, "train.max_steps=2", "train.checkpoint_every=1")).train()
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["classes"] == {"5": 0, "6": 1, "7": 2, "8": 3, "9": 4}
+    assert summary["target_samples"] == 20 and summary["bank_samples"] == 0
+    assert summary["batch"] == {"target": 10, "bank": 0} and summary["resume_from"] is None
+    assert summary["tuning"] == "full" and summary["trainable_share"] == 1.0
+    assert "20 target images in 5 classes (5=0, 6=1, 7=2, 8=3, 9=4)" in capsys.readouterr().out
+    Trainer(make_cfg(dit_dir, run, None, "train.max_steps=3", "train.resume=latest")).train()
+    resumed = json.loads((run / "run_summary.json").read_text())["resume_from"]
+    assert resumed["step"] == 2 and resumed["checkpoint"].endswith("checkpoint-0000002")
+    assert "resuming at step 2" in capsys.readouterr().out

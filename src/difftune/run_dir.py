@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
+from difftune.atomic import atomic_write_json
 from difftune.errors import UserError
 from difftune.run_state import CHECKPOINTS, checkpoint_step, list_checkpoints
 
@@ -187,3 +188,19 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
                 line = f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
                 (allowed if key in RESUMABLE_CHANGES.get(section, set()) else other).append(line)
     return allowed, other
+
+
+def write_run_summary(output_dir: Path, summary: dict) -> None:
+    """Save ``run_summary.json`` in the run's folder and print the summary in a few lines."""
+    atomic_write_json(output_dir / "run_summary.json", summary)
+    classes = summary["classes"]
+    table = ", ".join(f"{name}={label}" for name, label in list(classes.items())[:12])
+    resumed = summary["resume_from"]
+    print(
+        f"[difftune] {summary['target_samples']} target images in {len(classes)} classes "
+        f"({table}{', ...' if len(classes) > 12 else ''}); bank {summary['bank_samples']} samples; "
+        f"batch {summary['batch']['target']} target + {summary['batch']['bank']} bank; "
+        f"{summary['tuning']} tuning, {summary['trainable_parameters']:,} trainable parameters "
+        f"({100 * summary['trainable_share']:.1f}%); "
+        + (f"resuming at step {resumed['step']}" if resumed else "fresh run")
+    )

@@ -33,7 +33,7 @@ from difftune.errors import UserError
 from difftune.images import save_grid
 from difftune.objectives import Draw, build_objective
 from difftune.objectives.term_log import TermLog
-from difftune.run_dir import RunLock, config_changes, prepare_output_dir
+from difftune.run_dir import RunLock, config_changes, prepare_output_dir, write_run_summary
 from difftune.run_state import (
     CHECKPOINTS,
     LoopState,
@@ -165,6 +165,7 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
+            write_run_summary(self.out, self._summary(resume))
             self._truncate_history(after_step=self.state.step)
         acc.init_trackers("difftune", config=_flat_config(cfg))
         log = TermLog(self.noise_scheduler.config.num_train_timesteps)
@@ -237,6 +238,24 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def _summary(self, resume: Path | None) -> dict[str, Any]:
+        """What this run trains on and how: printed at the start and saved as ``run_summary.json``."""
+        n_trainable = sum(p.numel() for p in self.trainable)
+        n_total = sum(p.numel() for p in self.backbone.parameters())
+        return {
+            "model": self.cfg.model.pretrained,
+            "tuning": self.cfg.model.tuning,
+            "trainable_parameters": n_trainable,
+            "trainable_share": n_trainable / max(n_total, 1),
+            "target_samples": len(self.target),
+            "classes": {name: label for label, name in enumerate(self.target.class_names)},
+            "bank_samples": int(self.bank.shape[0]),
+            "batch": {"target": self.n_target, "bank": self.n_bank},
+            "resume_from": None if resume is None else {"checkpoint": str(resume), "step": self.state.step},
+            "processes": self.accelerator.num_processes,
+            "device": str(self.accelerator.device),
+        }
 
     def _check_resume_config(self, checkpoint: Path) -> None:
         """List how this run's config differs from the checkpoint's; refuse a different run.
