@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             code, _ = _run(
                 ["train", "--config", str(cfg)], out / "config.yaml", rng.uniform(0, train_seconds)
             )
-            where = "finished before the kill" if code == 0 else _where(out)
+            where = "finished before the kill" if code == 0 else f"killed during {_where(out)}"
             resumes = 0
             while not (out / "final").is_dir() or code != 0:
                 code, _ = _run(
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 resumes += 1
             same = _weights(out / "final") == expected
             train_ok += same
-            print(f"train trial {trial}: killed during {where}; {resumes} resume(s); identical: {same}")
+            print(f"train trial {trial}: {where}; {resumes} resume(s); identical: {same}")
 
         bank_ok = 0
         for trial in range(args.trials):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from difftune.cli import main
 from difftune.config import ConfigError, ExperimentConfig, load_config
@@ -244,16 +246,64 @@ def test_train_dry_run_checks_the_grid_sampling(
     assert err.count("\n") == 1 and message in err, err
 
 
+BANK_MANIFEST = {
+    "kind": "bank",
+    "shape": [1, 8, 8],
+    "num_classes": 5,
+    "label_rule": "i mod num_classes",
+    "num_samples": 12,
+    "source": "the tiny DiT",
+}
+
+
 def test_train_dry_run_with_existing_bank(dit_dir: Path, tmp_path: Path, capsys) -> None:
     bank = tmp_path / "bank"
     bank.mkdir()
-    (bank / "manifest.json").write_text("{}")
+    (bank / "manifest.json").write_text(json.dumps(BANK_MANIFEST))
     cfg = _write(
         tmp_path / "c.yaml",
         _raw(str(dit_dir), objective={"bank_share": 0.2}, bank={"path": str(bank)}, train={"batch_size": 32}),
     )
     assert main(["train", "--config", str(cfg), "--dry-run"]) == 0
-    assert "batch      32 = 26 target + 6 bank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batch      32 = 26 target + 6 bank" in out
+    assert "DiTTransformer2DModel, samples (1, 8, 8), 5 classes; the target has 3" in out
+    assert "bank       12 samples from the tiny DiT" in out and "writable" in out
+
+
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("bank shape", "holds samples of shape [4, 2, 2] but the model works on [1, 8, 8]"),
+        ("bank classes", "was made for num_classes=1000, the model has 5"),
+        ("too many classes", "target dataset has 6 classes but the source model has only 5 label rows"),
+        ("output is a file", "cannot be created"),
+    ],
+)
+def test_train_dry_run_finds_what_a_run_would_meet_later(
+    dit_dir: Path, tmp_path: Path, capsys, problem: str, message: str
+) -> None:
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    manifest = dict(BANK_MANIFEST)
+    extra = []
+    if problem == "bank shape":
+        manifest["shape"] = [4, 2, 2]
+    elif problem == "bank classes":
+        manifest["num_classes"] = 1000
+    elif problem == "too many classes":
+        extra = ["--set", "data.classes=[0,1,2,3,4,5]"]
+    else:
+        (tmp_path / "afile").write_text("x")
+        extra = ["--set", f"train.output_dir={tmp_path / 'afile' / 'run'}"]
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _write(
+        tmp_path / "c.yaml",
+        _raw(str(dit_dir), objective={"bank_share": 0.2}, bank={"path": str(bank)}, train={"batch_size": 32}),
+    )
+    assert main(["train", "--config", str(cfg), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_bank_dry_run(dit_dir: Path, tmp_path: Path, capsys) -> None:
@@ -412,7 +462,10 @@ def test_console_script_help() -> None:
 def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bank").mkdir()
     (tmp_path / "bank" / "manifest.json").write_text("{}")
-    sets = ["--set", f"data.path={tmp_path}", "--set", f"bank.path={tmp_path / 'bank'}"]
+    (tmp_path / "data" / "a_class").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a_class" / "0.png")
+    sets = ["--set", f"data.path={tmp_path / 'data'}", "--set", f"bank.path={tmp_path / 'bank'}"]
+    sets += ["--set", f"train.output_dir={tmp_path / 'run'}"]
     assert main(["train", "--config", str(config), "--dry-run", *sets]) == 0
     assert "target" in capsys.readouterr().out
     assert main(["bank", "--config", str(config), "--dry-run", *sets]) == 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 from diffusers.training_utils import EMAModel
 
@@ -56,7 +57,7 @@ class LoadedModel:
     vae_subfolder: str | None = None
 
 
-def _pipeline_components(pretrained: str, revision: str | None) -> dict[str, Any]:
+def _pipeline_components(pretrained: str, revision: str | None, local_only: bool = False) -> dict[str, Any]:
     """Component names of a pipeline (local or hub), or {} when it is not a pipeline."""
     local = Path(pretrained)
     if local.is_dir():
@@ -64,7 +65,7 @@ def _pipeline_components(pretrained: str, revision: str | None) -> dict[str, Any
             return json.loads((local / "model_index.json").read_text())
         return {name: None for name in ("transformer", "unet", "vae", "scheduler") if (local / name).is_dir()}
     try:
-        return DiffusionPipeline.load_config(pretrained, revision=revision)
+        return DiffusionPipeline.load_config(pretrained, revision=revision, local_files_only=local_only)
     except Exception:  # not a pipeline repo: a single-model repo
         return {}
 
@@ -107,6 +108,45 @@ def load_safetensors_model(cls: type, source: str, subfolder: str | None, revisi
         ) from None
 
 
+def _model_config(
+    pretrained: str, subfolder: str | None, revision: str | None, local_only: bool = False
+) -> tuple[dict[str, Any], str | None, dict[str, Any], type, type[Backbone]]:
+    """(pipeline components, model sub-folder, model config, diffusers class, adapter class).
+
+    With ``local_only`` a hub model is read from the local cache only (no network).
+    """
+    check_model_path(pretrained)
+    components = _pipeline_components(pretrained, revision, local_only)
+    sub = _resolve_subfolder(pretrained, subfolder, components)
+    try:
+        config = DiTTransformer2DModel.load_config(
+            pretrained, subfolder=sub, revision=revision, local_files_only=local_only
+        )
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}"
+        ) from None
+    class_name = config.get("_class_name", "")
+    if class_name not in BACKBONES:
+        raise UserError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
+    model_cls, adapter_cls = BACKBONES[class_name]
+    return components, sub, config, model_cls, adapter_cls
+
+
+def peek_backbone(
+    pretrained: str, subfolder: str | None = None, revision: str | None = None, local_only: bool = False
+) -> Backbone:
+    """The backbone adapter of a model built from its config alone, on the ``meta`` device: its
+    classes, sample shape and variance are known without reading (or downloading) any weights.
+
+    Raises:
+        FileNotFoundError: no model config there (with ``local_only``: not in the local hub cache either).
+    """
+    _, _, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision, local_only)
+    with torch.device("meta"):
+        return adapter_cls(model_cls.from_config(config))
+
+
 def load_pretrained(
     pretrained: str,
     subfolder: str | None = None,
@@ -126,19 +166,7 @@ def load_pretrained(
         FileNotFoundError: the path holds no diffusers model.
         ValueError: the model class is not supported (the message lists supported classes).
     """
-    check_model_path(pretrained)
-    components = _pipeline_components(pretrained, revision)
-    sub = _resolve_subfolder(pretrained, subfolder, components)
-    try:
-        config = DiTTransformer2DModel.load_config(pretrained, subfolder=sub, revision=revision)
-    except OSError as err:
-        raise FileNotFoundError(
-            f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}"
-        ) from None
-    class_name = config.get("_class_name", "")
-    if class_name not in BACKBONES:
-        raise UserError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
-    model_cls, adapter_cls = BACKBONES[class_name]
+    components, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision)
     model = load_safetensors_model(model_cls, pretrained, sub, revision)
     backbone = adapter_cls(model)
 

@@ -45,8 +45,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.sample_every:  # found now, not at the first grid, hours into a run
         check_scheduler(cfg.train.sample_scheduler, "train.sample_scheduler", ConfigError)
     if args.dry_run:
+        from difftune.preflight import preflight
+
+        checks = preflight(cfg)  # the model's config, classes, bank and output; no weights, no encoding
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(_plan(cfg))
+        print("\n".join(checks))
         return 0
     from difftune.trainer import train_model
 

@@ -1,0 +1,96 @@
+"""What ``difftune train --dry-run`` checks before anything is loaded, encoded or trained.
+
+The model's config (no weights: the network is built on the ``meta`` device), the number of target
+classes against the model's label rows, the bank's manifest against the model, and that the output
+folder can be written. Each problem is the one-line error a real run would meet later, after
+minutes of loading and encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.loading import peek_backbone
+from difftune.config import ExperimentConfig
+from difftune.errors import UserError
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be created or written (without leaving anything behind)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"train.output_dir {str(folder)!r} cannot be created: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".difftune-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(
+            f"train.output_dir {str(folder)!r} is not writable ({err.strerror}); choose another"
+        ) from None
+
+
+def _target_classes(cfg: ExperimentConfig) -> int:
+    if cfg.data.source == "digits":
+        return len(set(cfg.data.classes)) if cfg.data.classes else 10
+    from difftune.data import _class_folders
+
+    class_dirs, _, _ = _class_folders(Path(cfg.data.path or ""), cfg.data.on_bad_file)
+    return len(class_dirs)
+
+
+def preflight(cfg: ExperimentConfig) -> list[str]:
+    """Check that ``cfg`` can start training; returns the facts found, one line each, for the plan.
+
+    Raises:
+        UserError: the first problem, in the words the run itself would use.
+    """
+    classes = _target_classes(cfg)
+    local = Path(cfg.model.pretrained).exists()
+    try:  # a hub model is checked from the local cache only: a dry run does not download
+        backbone = peek_backbone(
+            cfg.model.pretrained, cfg.model.subfolder, cfg.model.revision, local_only=not local
+        )
+    except FileNotFoundError:
+        if local:
+            raise
+        return [
+            f"model      {cfg.model.pretrained}: not in the local hub cache, so not checked (a real run downloads it)",
+            f"target     {classes} classes",
+            *_output_lines(cfg),
+        ]
+    backbone.check_condition(Conditioning({"labels": torch.arange(classes)}))
+    lines = [
+        f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, "
+        f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
+    ]
+    if cfg.bank_count:
+        manifest = json.loads((Path(cfg.bank.path) / "manifest.json").read_text())
+        if manifest.get("kind") != "bank":
+            raise UserError(f"{cfg.bank.path} is not a knowledge bank (kind={manifest.get('kind')!r})")
+        if manifest.get("shape") != list(backbone.sample_shape):
+            raise UserError(
+                f"bank {cfg.bank.path} holds samples of shape {manifest.get('shape')} but the model works on "
+                f"{list(backbone.sample_shape)}; regenerate the bank with this model"
+            )
+        for key, value in backbone.bank_record().items():
+            if manifest.get(key) != value:
+                raise UserError(
+                    f"bank {cfg.bank.path} was made for {key}={manifest.get(key)!r}, the model has {value!r}; "
+                    "regenerate the bank with this model"
+                )
+        lines.append(f"bank       {manifest['num_samples']} samples from {manifest.get('source')}")
+    return lines + _output_lines(cfg)
+
+
+def _output_lines(cfg: ExperimentConfig) -> list[str]:
+    check_writable(Path(cfg.train.output_dir))
+    return [f"writable   {cfg.train.output_dir}"]
