@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -247,3 +248,83 @@ def test_a_run_says_what_it_trains_on(dit_dir: Path, tmp_path: Path, capsys) -> 
     resumed = json.loads((run / "run_summary.json").read_text())["resume_from"]
     assert resumed["step"] == 2 and resumed["checkpoint"].endswith("checkpoint-0000002")
     assert "resuming at step 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- damaged and odd inputs
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    dit_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = ("train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    clean = Trainer(make_cfg(dit_dir, tmp_path / "clean", None, *args)).train()
+    run = tmp_path / "run"
+    Trainer(make_cfg(dit_dir, run, None, *args)).train()
+    shutil.rmtree(run / "final")  # as if killed before final/, with the newest checkpoint damaged on disk
+    newest = run / "checkpoints" / "checkpoint-0000003" / "state" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss/tot')  # and a line torn by the kill
+    with caplog.at_level("WARNING"):
+        final = Trainer(make_cfg(dit_dir, run, None, *args, "train.resume=latest")).train()
+    assert "not resuming from" in caplog.text and "checkpoint-0000003" in caplog.text
+    assert (run / "checkpoints" / "damaged-checkpoint-0000003").is_dir()  # kept, out of the way
+    a, b = weights(final), weights(clean)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 3 redone from step 2: the same weights
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_model_paths_that_are_files_or_typos_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert main(["sample", "--dry-run", "--model", str(tmp_path / "model.safetensors")]) == 2
+    assert "is a file; give the model's directory" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["sample", "--dry-run", "--model", "runs/typo"]) == 2  # not tried as a hub id
+    assert "although runs/ does here" in capsys.readouterr().err
+
+
+def test_a_single_model_directory_uses_its_own_schedule(tmp_path: Path, caplog) -> None:
+    from diffusers import DDPMScheduler
+
+    from conftest import tiny_dit
+
+    tiny_dit().save_pretrained(tmp_path / "m")
+    DDPMScheduler(num_train_timesteps=500, beta_end=0.03).save_pretrained(
+        tmp_path / "m"
+    )  # scheduler_config.json
+    loaded = load_pretrained(str(tmp_path / "m"))
+    assert (
+        loaded.scheduler_config["num_train_timesteps"] == 500 and loaded.scheduler_config["beta_end"] == 0.03
+    )
+    tiny_dit().save_pretrained(tmp_path / "bare")
+    with caplog.at_level("WARNING"):
+        assert load_pretrained(str(tmp_path / "bare")).scheduler_config["num_train_timesteps"] == 1000
+    assert "using DDPMScheduler's defaults" in caplog.text  # said, not silent
+
+
+def test_a_bank_share_that_rounds_to_no_bank_sample_is_refused() -> None:
+    with pytest.raises(ConfigError, match="rounds to 0 bank samples per batch"):
+        load_config(
+            None,
+            [
+                "model.pretrained=x/y",
+                "data.source=digits",
+                "bank.path=b",
+                "objective.bank_share=0.05",
+                "train.batch_size=8",
+            ],
+        )
+
+
+def test_a_protected_path_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import difftune.demo
+
+    def protected(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(difftune.demo, "DemoSettings", protected)
+    assert main(["demo", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied" in err

@@ -20,8 +20,8 @@ import torch
 from difftune.commands import bank, demo, eval_fid, forgetting, sample, train
 from difftune.errors import UserError
 
-# bad input: UserError (ConfigError among them), and the OS's own errors for missing paths
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
+# bad input: UserError (ConfigError among them), and the OS's own errors for missing or protected paths
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 COMMANDS = (train, bank, sample, demo, eval_fid, forgetting)
 

@@ -291,6 +291,11 @@ class ExperimentConfig:
             self.objective.bank_share == 0.0 or bool(self.bank.path),
             "objective.bank_share > 0 but bank.path is empty: set bank.path or objective.bank_share=0",
         )
+        _check(
+            self.objective.bank_share == 0.0 or self.bank_count > 0,
+            f"objective.bank_share={self.objective.bank_share} of train.batch_size={self.train.batch_size} rounds "
+            "to 0 bank samples per batch; raise one of them, or set objective.bank_share=0",
+        )
 
     @property
     def bank_count(self) -> int:

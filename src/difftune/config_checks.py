@@ -59,7 +59,21 @@ def check_model_path(path: str) -> None:
     """Refuse a missing local path; anything of the form ``owner/name`` may be a hub id.
 
     Raises:
-        FileNotFoundError: ``path`` looks local (absolute, relative, or not ``owner/name``) but does not exist.
+        FileNotFoundError: ``path`` looks local (absolute, relative, not ``owner/name``, or its first
+            part is a local folder) but does not exist.
+        UserError: ``path`` is a file.
     """
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise UserError(
+            f"model {path!r} is a file; give the model's directory (with config.json) or a hub id"
+        )
+    if local.exists():
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
+    if Path(path.split("/")[0]).is_dir():  # "runs/x" with a local runs/: a typo, not a hub id
+        raise FileNotFoundError(
+            f"model {path!r} does not exist, although {path.split('/')[0]}/ does here; check the path "
+            "(to use a hub model of that name, run from another folder)"
+        )

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from difftune.atomic import atomic_write_json
 from difftune.errors import UserError
-from difftune.run_state import CHECKPOINTS, checkpoint_step, list_checkpoints
+from difftune.run_state import CHECKPOINTS, checkpoint_problem, checkpoint_step, list_checkpoints
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "difftune.lock"
@@ -133,6 +133,11 @@ def prepare_output_dir(
                 (out / name).unlink(missing_ok=True)
         return
     later = [c for c in found if checkpoint_step(c) > checkpoint_step(resume)]
+    damaged = [c for c in later if checkpoint_problem(c) is not None]
+    for checkpoint in damaged if delete else []:  # kept for inspection, out of the way of resume and rotation
+        checkpoint.rename(checkpoint.with_name(f"damaged-{checkpoint.name}"))
+        logger.warning("moved the damaged %s aside to damaged-%s", checkpoint, checkpoint.name)
+    later = [c for c in later if c not in damaged]
     if later and not overwrite:
         raise UserError(
             f"resuming from {resume.name} would abandon {len(later)} newer checkpoints in {out / CHECKPOINTS} "

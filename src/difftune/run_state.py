@@ -16,6 +16,7 @@ written before this module existed hold ``custom_checkpoint_<i>.pkl`` files; the
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from difftune.errors import UserError
 from difftune.streams import IndexStream
 
 CHECKPOINTS = "checkpoints"
+logger = logging.getLogger(__name__)
 LOOP_FILE = "difftune_loop.json"
 EMA_FILE = "difftune_ema.safetensors"
 EMA_SETTINGS_FILE = "difftune_ema.json"
@@ -69,7 +71,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Completed checkpoints of a run, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -78,12 +80,46 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for checkpoint in reversed(
+            list_checkpoints(output_dir)
+        ):  # newest first; a damaged one is passed over
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint
+            logger.warning("not resuming from %s: %s; trying the one before", checkpoint, problem)
+        return None
     path = Path(resume)
     if not (path / "state").is_dir():
         raise UserError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
     return path
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (a missing or unreadable file), or ``None``.
+
+    Reads the safetensors headers and the JSON files only, not the tensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    state = checkpoint / "state"
+    required = [state / "model.safetensors", state / "optimizer.bin"]
+    if not _legacy_files(state):
+        required.append(state / LOOP_FILE)
+    missing = [p.name for p in required if not p.is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for path in [*state.glob("*.safetensors"), *(checkpoint / "model").rglob("*.safetensors")]:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{path.relative_to(checkpoint)} is damaged ({err})"
+    for path in state.glob("*.json"):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            return f"{path.relative_to(checkpoint)} is damaged ({err})"
+    return None
 
 
 def save_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> None:

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from difftune.atomic import atomic_directory
+from difftune.atomic import atomic_directory, atomic_write_text
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained, save_model, save_pipeline_index
 from difftune.bank import load_bank
@@ -230,8 +230,8 @@ class Trainer:
         """Drop logged lines past ``after_step`` (all of them for a fresh run): a resumed run re-logs them."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _append_history(self, step: int, scalars: dict[str, float]) -> None:
         """Append the logged scalars to ``<output_dir>/metrics.jsonl`` (one JSON object per log)."""
@@ -330,6 +330,14 @@ class Trainer:
         images = to_unit_range(self.loaded.codec.decode(x))
         save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
         backbone.train(was_training)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line torn by a kill counts as after every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ or ``unet`` component, optionally ``vae`` and ``scheduler``), a directory with t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
     "UNet2DModel": (UNet2DModel, UNetBackbone),
 }
 SOURCE_FILE = "difftune_source.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -186,7 +188,10 @@ def load_pretrained(
         scheduler_config = dict(
             DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision)
         )
+    elif (Path(pretrained) / (sub or "") / "scheduler_config.json").is_file():  # beside a single model
+        scheduler_config = dict(DDPMScheduler.load_config(str(Path(pretrained) / (sub or ""))))
     else:
+        logger.warning("%s has no noise schedule (scheduler/); using DDPMScheduler's defaults", pretrained)
         scheduler_config = dict(DDPMScheduler().config)
     return LoadedModel(
         backbone=backbone,
