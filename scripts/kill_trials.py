@@ -5,14 +5,17 @@ with SIGKILL after a random delay (so the kill lands during a step, a checkpoint
 staging of ``final/``), then runs the same command with ``train.resume=latest`` until it finishes,
 and compares the final weights (trained and EMA) with those of an uninterrupted run, bit for bit.
 Each bank trial kills ``difftune bank`` the same way, checks that every shard on disk is complete,
-reruns it, and compares the bank with an uninterrupted one byte for byte.
+reruns it, and compares the bank with an uninterrupted one byte for byte. Each latent-cache trial
+kills a latent model's ``difftune train`` while it encodes the target set into its cache, reruns
+it, and compares the cache with an uninterrupted one byte for byte.
 
 Usage (from the repository root, with the project's venv active)::
 
     python scripts/kill_trials.py                  # 10 training + 10 bank trials, about 3 minutes on 2 cores
     python scripts/kill_trials.py --trials 3 --seed 1
 
-Prints one line per trial and, last, ``train N/T identical, bank M/T identical``; exits 1 unless all are.
+Prints one line per trial and, last, ``train N/T identical, bank M/T identical, latent cache K/T
+identical``; exits 1 unless all are.
 """
 
 from __future__ import annotations
@@ -51,6 +54,56 @@ def _tiny_model(root: Path) -> Path:
     return root / "model"
 
 
+def _tiny_latent_model(root: Path) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=2,
+        patch_size=2,
+        num_embeds_ada_norm=5,
+        norm_num_groups=1,
+    ).save_pretrained(root / "latent" / "transformer")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).save_pretrained(root / "latent" / "vae")
+    DDPMScheduler().save_pretrained(root / "latent" / "scheduler")
+    return root / "latent"
+
+
+def _cache_config(model: Path, out: Path, cache: Path) -> Path:
+    """One training step of a latent model on all of digits 5-9 (about 900 images, mirrored too)."""
+    cfg = {
+        "model": {"pretrained": str(model)},
+        "data": {
+            "source": "digits",
+            "classes": [5, 6, 7, 8, 9],
+            "resolution": 16,
+            "hflip": True,
+            "cache_dir": str(cache),
+        },
+        "objective": {"bank_share": 0.0},
+        "train": {"output_dir": str(out), "max_steps": 1, "batch_size": 4},
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
     cfg = {
         "model": {"pretrained": str(model)},
@@ -62,9 +115,9 @@ def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
         },
         "bank": {
             "path": str(bank),
-            "num_samples": 24,
+            "num_samples": 48,
             "shard_size": 3,
-            "num_inference_steps": 4,
+            "num_inference_steps": 8,
             "batch_size": 3,
         },
         "objective": {"bank_share": 0.2},
@@ -83,9 +136,12 @@ def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
     return path
 
 
-def _run(args: list[str], marker: Path, kill_after: float | None = None) -> tuple[int, float]:
+def _run(
+    args: list[str], marker: Path, kill_after: float | None = None, until: Path | None = None
+) -> tuple[int, float]:
     """Run ``python -m difftune ARGS``; with ``kill_after``, SIGKILL it that many seconds after ``marker``
-    appears (the file a command writes when its real work starts). Returns (exit code, seconds of work)."""
+    appears (the file a command writes when its real work starts). Returns (exit code, seconds of work:
+    until the process ends, or until ``until`` appears)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "difftune", *args],
@@ -94,11 +150,13 @@ def _run(args: list[str], marker: Path, kill_after: float | None = None) -> tupl
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    started = None
+    started = ended = None
     while proc.poll() is None:
         now = time.perf_counter()
         if started is None and marker.exists():
             started = now
+        if until is not None and ended is None and until.exists():
+            ended = now
         if kill_after is not None and started is not None and now - started >= kill_after:
             os.killpg(proc.pid, signal.SIGKILL)
             break
@@ -106,7 +164,8 @@ def _run(args: list[str], marker: Path, kill_after: float | None = None) -> tupl
     _, err = proc.communicate()
     if proc.returncode not in (0, -signal.SIGKILL):
         raise RuntimeError(f"difftune {' '.join(args)} failed:\n{err.decode()[-3000:]}")
-    return proc.returncode, time.perf_counter() - (started or time.perf_counter())
+    end = ended or time.perf_counter()
+    return proc.returncode, end - (started or end)
 
 
 def _weights(final: Path) -> dict[str, bytes]:
@@ -188,10 +247,35 @@ def main(argv: list[str] | None = None) -> int:
             }
             bank_ok += same and complete_on_disk
             print(
-                f"bank trial {trial}: killed with {partial} of 8 shards on disk, all complete; identical: {same}"
+                f"bank trial {trial}: killed with {partial} of 16 shards on disk, all complete; identical: {same}"
             )
-    print(f"train {train_ok}/{args.trials} identical, bank {bank_ok}/{args.trials} identical")
-    return 0 if train_ok == bank_ok == args.trials else 1
+        latent = _tiny_latent_model(root)
+        reference_cache = root / "cache-ref"
+        cache_cfg = _cache_config(latent, root / "cache-run", reference_cache)
+        shard = reference_cache / "shard-00000.safetensors"
+        _, cache_seconds = _run(
+            ["train", "--config", str(cache_cfg)], reference_cache / "manifest.json", until=shard
+        )
+        print(f"reference: encoding the latent cache {cache_seconds:.2f} s")
+        expected_cache = _shards(reference_cache)
+        cache_ok = 0
+        for trial in range(args.trials):
+            cache = root / f"cache-{trial}"
+            cfg = _cache_config(latent, root / f"cache-run-{trial}", cache)
+            _run(["train", "--config", str(cfg)], cache / "manifest.json", rng.uniform(0, cache_seconds))
+            shards = len(list(cache.glob("shard-*.safetensors")))
+            _shards(cache)  # whatever is on disk is complete
+            _run(["train", "--config", str(cfg), "--set", "train.overwrite=true"], cache / "manifest.json")
+            same = _shards(cache) == expected_cache
+            cache_ok += same
+            print(
+                f"cache trial {trial}: killed with {shards} of 1 shard on disk, all complete; identical: {same}"
+            )
+    print(
+        f"train {train_ok}/{args.trials} identical, bank {bank_ok}/{args.trials} identical, "
+        f"latent cache {cache_ok}/{args.trials} identical"
+    )
+    return 0 if train_ok == bank_ok == cache_ok == args.trials else 1
 
 
 if __name__ == "__main__":
