@@ -328,3 +328,36 @@ def test_a_protected_path_is_one_line(tmp_path: Path, monkeypatch, capsys) -> No
     assert main(["demo", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Permission denied" in err
+
+
+def test_a_full_disk_during_a_checkpoint_loses_nothing(dit_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import difftune.trainer
+
+    original, calls = difftune.trainer.save_model, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    args = ("train.max_steps=3", "train.checkpoint_every=1")
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(difftune.trainer, "save_model", full_disk)
+        with pytest.raises(
+            UserError,
+            match=r"could not write checkpoint-0000002 \(No space left on device\).*"
+            r"checkpoint-0000001",
+        ):
+            Trainer(make_cfg(dit_dir, run, None, *args)).train()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-0000001"
+    ]  # no half-written one
+    assert not (run / "final").exists() and not (run / LOCK_FILE).exists()
+    final = Trainer(make_cfg(dit_dir, run, None, *args, "train.resume=latest")).train()
+    clean = Trainer(make_cfg(dit_dir, tmp_path / "clean", None, *args)).train()
+    a, b = weights(final), weights(clean)
+    assert all(torch.equal(a[k], b[k]) for k in a)

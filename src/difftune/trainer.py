@@ -287,6 +287,8 @@ class Trainer:
 
         Raises:
             TrainingDiverged: a loss since the last check was not finite; nothing is written.
+            UserError: the disk is full (or another write error): the half-written checkpoint is
+                removed, the earlier ones are untouched.
         """
         acc, step = self.accelerator, self.state.step
         if getattr(self, "guard", None) is not None:
@@ -299,11 +301,19 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / "state"))
+        try:
+            acc.save_state(str(tmp / "state"))
+            if acc.is_main_process:
+                save_run_state(tmp / "state", self.state, self.ema)
+                save_model(self.loaded, tmp / "model", self.ema)
+                self.cfg.save(tmp / "config.yaml")
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(
+                f"could not write {final.name} ({err.strerror or err}); the last complete checkpoint is "
+                f"{self._last_good()}; free space or fix the folder, then resume with train.resume=latest"
+            ) from None
         if acc.is_main_process:
-            save_run_state(tmp / "state", self.state, self.ema)
-            save_model(self.loaded, tmp / "model", self.ema)
-            self.cfg.save(tmp / "config.yaml")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
