@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "process_alive",
     "remove_stale_siblings",
 ]
 
@@ -33,7 +34,8 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a process of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -56,7 +58,7 @@ def remove_stale_siblings(path: str | os.PathLike[str]) -> list[Path]:
         parts = sibling.name[len(path.name) + 2 :].split(".")  # pid, random, kind
         if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("tmp", "old"):
             continue
-        if _pid_alive(int(parts[0])):
+        if process_alive(int(parts[0])):
             continue
         if sibling.is_dir():
             shutil.rmtree(sibling, ignore_errors=True)

@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-from difftune.atomic import atomic_write_json
+from difftune.atomic import atomic_write_json, process_alive
 from difftune.errors import UserError
 from difftune.run_state import CHECKPOINTS, checkpoint_problem, checkpoint_step, list_checkpoints
 
@@ -27,16 +27,6 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = "difftune.lock"
 RUN_FILES = ("metrics.jsonl", "config.yaml")  # written by a run; replaced by an overwriting run
 RUN_DIRS = (CHECKPOINTS, "final", "samples", "difftune")  # the last is TensorBoard's
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -62,7 +52,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                if holder.get("host") == me["host"] and not process_alive(int(holder.get("pid", -1))):
                     logger.warning(
                         "taking over %s, left by process %s that no longer runs", self.path, holder["pid"]
                     )
