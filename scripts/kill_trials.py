@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         expected, expected_bank = _weights(root / "ref" / "final"), _shards(reference_bank)
         print(f"reference: bank {bank_seconds:.2f} s, train {train_seconds:.2f} s of work (after start-up)")
 
-        train_ok = 0
+        train_ok = train_killed = 0
         for trial in range(args.trials):
             out = root / f"train-{trial}"
             cfg = _config(root, model, out, reference_bank, args.steps)
@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                 resumes += 1
             same = _weights(out / "final") == expected
             train_ok += same
+            train_killed += code != 0 or resumes > 0
             print(f"train trial {trial}: {where}; {resumes} resume(s); identical: {same}")
 
-        bank_ok = 0
+        bank_ok = bank_killed = 0
         for trial in range(args.trials):
             bank = root / f"bank-{trial}"
             cfg = _config(root, model, root / f"unused-{trial}", bank, args.steps)
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 k: v for k, v in expected_bank.items() if k != "manifest.json"
             }
             bank_ok += same and complete_on_disk
+            bank_killed += partial < 16
             print(
                 f"bank trial {trial}: killed with {partial} of 16 shards on disk, all complete; identical: {same}"
             )
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"reference: encoding the latent cache {cache_seconds:.2f} s")
         expected_cache = _shards(reference_cache)
-        cache_ok = 0
+        cache_ok = cache_killed = 0
         for trial in range(args.trials):
             cache = root / f"cache-{trial}"
             cfg = _cache_config(latent, root / f"cache-run-{trial}", cache)
@@ -268,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             _run(["train", "--config", str(cfg), "--set", "train.overwrite=true"], cache / "manifest.json")
             same = _shards(cache) == expected_cache
             cache_ok += same
+            cache_killed += shards == 0
             print(
                 f"cache trial {trial}: killed with {shards} of 1 shard on disk, all complete; identical: {same}"
             )
+    print(
+        f"killed mid-work: train {train_killed}, bank {bank_killed}, latent cache {cache_killed} of {args.trials} "
+        "each (the others finished before their kill)"
+    )
     print(
         f"train {train_ok}/{args.trials} identical, bank {bank_ok}/{args.trials} identical, "
         f"latent cache {cache_ok}/{args.trials} identical"
