@@ -117,14 +117,14 @@ def cache_dir_at_the_bank(tmp: Path) -> dict:
     )
     with contextlib.redirect_stderr(io.StringIO()):
         generate_bank(load_pretrained(str(model)), cfg.bank, progress=False)
-    before = sorted(p.name for p in (tmp / "bank").iterdir())
+    before = {p.name: p.read_bytes() for p in (tmp / "bank").iterdir()}
     outcome = _train(_cfg(model, tmp / "run", "train.max_steps=1", f"data.cache_dir={tmp / 'bank'}"))
-    after = sorted(p.name for p in (tmp / "bank").iterdir())
-    return {
-        "outcome": outcome,
-        "bank files before": len(before),
-        "bank shards left": len([a for a in after if a in before]),
-    }
+    intact = [
+        name
+        for name, data in before.items()
+        if (tmp / "bank" / name).is_file() and (tmp / "bank" / name).read_bytes() == data
+    ]
+    return {"outcome": outcome, "bank files": len(before), "bank files intact": len(intact)}
 
 
 def non_finite_loss(tmp: Path) -> dict:
@@ -167,9 +167,12 @@ def resume_unpickles(tmp: Path) -> dict:
     _train(_cfg(model, run, "train.max_steps=1", "train.checkpoint_every=1"))
     state = run / "checkpoints" / "checkpoint-0000001" / "state"
     marker = tmp / "payload-ran"
-    for pkl in state.glob("custom_checkpoint_*.pkl"):
+    for pkl in state.glob("custom_checkpoint_*.pkl"):  # the files older versions unpickle on resume
         torch.save({"step": 1, "x": _Payload(marker)}, pkl)
-    torch.save({"x": _Payload(marker)}, state / "optimizer.bin")
+    if not list(state.glob("custom_checkpoint_*.pkl")):  # this version writes none: plant an old-format one
+        (state / "difftune_loop.json").unlink()
+        torch.save({"step": 1, "x": _Payload(marker)}, state / "custom_checkpoint_0.pkl")
+        torch.save({"step": 1, "x": _Payload(marker)}, state / "custom_checkpoint_1.pkl")
     outcome = _train(_cfg(model, run, "train.max_steps=2", "train.resume=latest"))
     return {"outcome": outcome, "payload ran": marker.exists()}
 
