@@ -691,7 +691,7 @@ raise SystemExit(args.func(args))
 
 
 def test_two_processes_match_one(dit_dir, folders, classifier_path, tmp_path) -> None:
-    """Real gloo processes (design.md, known traps): same FID and same samples as one process.
+    """Real gloo processes (docs/architecture.md, "Known traps"): same FID and same samples as one process.
 
     The 40 reference images and the 15 samples are split between the two ranks (item i on rank i mod 2).
     """
