@@ -34,55 +34,17 @@ import yaml
 
 
 def _tiny_model(root: Path) -> Path:
-    import torch
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
+    from difftune.tiny_models import save_pipeline_dir, tiny_dit
 
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=1,
-        out_channels=2,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=5,
-        norm_num_groups=1,
-    )
-    model.save_pretrained(root / "model" / "transformer")
-    DDPMScheduler().save_pretrained(root / "model" / "scheduler")
-    return root / "model"
+    return save_pipeline_dir(root / "model", tiny_dit(), "transformer")
 
 
 def _tiny_latent_model(root: Path) -> Path:
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+    from difftune.tiny_models import save_pipeline_dir, tiny_dit, tiny_vae
 
-    torch.manual_seed(0)
-    DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=1,
-        sample_size=2,
-        patch_size=2,
-        num_embeds_ada_norm=5,
-        norm_num_groups=1,
-    ).save_pretrained(root / "latent" / "transformer")
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).save_pretrained(root / "latent" / "vae")
-    DDPMScheduler().save_pretrained(root / "latent" / "scheduler")
-    return root / "latent"
+    return save_pipeline_dir(
+        root / "latent", tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae()
+    )
 
 
 def _cache_config(model: Path, out: Path, cache: Path) -> Path:

@@ -28,20 +28,9 @@ from PIL import Image
 
 
 def _tiny_dit(root: Path, classes: int = 5) -> Path:
-    torch.manual_seed(0)
-    DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=1,
-        out_channels=2,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=classes,
-        norm_num_groups=1,
-    ).save_pretrained(root / "transformer")
-    DDPMScheduler().save_pretrained(root / "scheduler")
-    return root
+    from difftune.tiny_models import save_pipeline_dir, tiny_dit
+
+    return save_pipeline_dir(root, tiny_dit(num_classes=classes), "transformer")
 
 
 def _cfg(model: Path, out: Path, *extra: str):

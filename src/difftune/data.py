@@ -130,7 +130,7 @@ def _load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _class_folders(root: Path, on_bad_file: str) -> tuple[list[Path], list[Path], list[int]]:
+def class_folders(root: Path, on_bad_file: str) -> tuple[list[Path], list[Path], list[int]]:
     """The class folders of ``root`` (sorted; hidden ones ignored), their usable image files and labels.
 
     Empty class folders and unreadable files are refused, all of them named in one line, or, with
@@ -189,7 +189,7 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
         raise UserError(
             f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)"
         )
-    class_dirs, files, labels = _class_folders(root, cfg.on_bad_file)
+    class_dirs, files, labels = class_folders(root, cfg.on_bad_file)
     label_tensor = torch.tensor(labels)
     keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
     files = [files[i] for i in keep.tolist()]

@@ -41,9 +41,9 @@ def check_writable(folder: Path) -> None:
 def _target_classes(cfg: ExperimentConfig) -> int:
     if cfg.data.source == "digits":
         return len(set(cfg.data.classes)) if cfg.data.classes else 10
-    from difftune.data import _class_folders
+    from difftune.data import class_folders
 
-    class_dirs, _, _ = _class_folders(Path(cfg.data.path or ""), cfg.data.on_bad_file)
+    class_dirs, _, _ = class_folders(Path(cfg.data.path or ""), cfg.data.on_bad_file)
     return len(class_dirs)
 
 

@@ -78,6 +78,7 @@ class Trainer:
             cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision
         )
         self.backbone = self.loaded.backbone
+        self.guard: NonFiniteGuard | None = None  # set by train()
         self.trainable = prepare_tuning(self.backbone, cfg.model.tuning)
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
@@ -291,7 +292,7 @@ class Trainer:
                 removed, the earlier ones are untouched.
         """
         acc, step = self.accelerator, self.state.step
-        if getattr(self, "guard", None) is not None:
+        if self.guard is not None:
             self.guard.check(acc, self._last_good())
         root = self.out / CHECKPOINTS
         final = root / f"checkpoint-{step:07d}"
