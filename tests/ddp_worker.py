@@ -8,17 +8,22 @@ Usage::
 Builds the config from the overrides, generates the knowledge bank (shards split between the
 ranks), trains, and writes ``RESULT_DIR/rank-<process_index>.json`` with what this rank saw:
 process index, number of processes, the bank shards it wrote, and the final directory.
+
+``DIFFTUNE_TEST_NAN_ON_RANK_1=2,3`` makes the loss of those (1-based) objective calls NaN on rank 1
+only, as a bad batch on one replica would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.config import load_config
+from difftune.objectives import DiffTuningLoss
 from difftune.store import LatentStore
 from difftune.trainer import Trainer
 
@@ -37,6 +42,19 @@ def main(argv: list[str]) -> None:
     LatentStore.write_shard = recording_write  # type: ignore[method-assign]
     generate_bank(load_pretrained(cfg.model.pretrained), cfg.bank, progress=False)
     LatentStore.write_shard = original_write  # type: ignore[method-assign]
+
+    bad_calls = {int(c) for c in os.environ.get("DIFFTUNE_TEST_NAN_ON_RANK_1", "").split(",") if c}
+    if bad_calls and os.environ.get("RANK") == "1":
+        original, calls = DiffTuningLoss.__call__, []
+
+        def sometimes_nan(self: DiffTuningLoss, *args):  # noqa: ANN202
+            terms = original(self, *args)
+            calls.append(1)
+            if len(calls) in bad_calls:
+                terms.loss = terms.loss * float("nan")
+            return terms
+
+        DiffTuningLoss.__call__ = sometimes_nan  # type: ignore[method-assign]
 
     trainer = Trainer(cfg)
     final = trainer.train()

@@ -500,10 +500,9 @@ def test_term_log_logs_whatever_terms_appear_per_stream_and_quarter() -> None:
     extra = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5])
     for _ in range(2):  # two micro-steps of the same terms
         log.add(LossTerms(loss=mse * 2, t=t, is_bank=is_bank, terms={"mse": mse, "distill": extra}))
-    log.steps = 1
-    out = log.flush(_OneProcess(), n_target=3, n_bank=2, bank_weight=0.1)
-    assert out["loss/target"] == pytest.approx(2 * (2 + 4 + 6) / 3)
-    assert out["loss/bank"] == pytest.approx(2 * (8 + 10) / 2)
+    out = log.flush(_OneProcess(), n_bank=2, bank_weight=0.1)
+    assert out["loss/target"] == pytest.approx((2 + 4 + 6) / 3)  # the mean weighted loss per sample
+    assert out["loss/bank"] == pytest.approx((8 + 10) / 2)
     assert out["loss/total"] == pytest.approx(out["loss/target"] + 0.1 * out["loss/bank"])
     assert out["mse_by_t/target_q1"] == 1.0 and out["mse_by_t/target_q2"] == 2.0
     assert (
@@ -512,7 +511,21 @@ def test_term_log_logs_whatever_terms_appear_per_stream_and_quarter() -> None:
     assert out["distill_by_t/bank_q3"] == 0.5
     assert out["loss_by_t/target_q4"] == 3.5  # the sum of the terms
     assert "mse_by_t/target_q3" not in out  # no sample there
-    assert log.flush(_OneProcess(), 3, 2, 0.1)["loss/total"] == 0.0  # reset after a flush
+    assert "non_finite_samples" not in out
+    assert math.isnan(log.flush(_OneProcess(), 2, 0.1)["loss/total"])  # reset: no sample since
+
+
+def test_term_log_counts_non_finite_samples_instead_of_averaging_them() -> None:
+    from difftune.objectives.term_log import TermLog
+
+    log = TermLog(T)
+    t, is_bank = torch.tensor([10, 600, 20]), torch.tensor([False, False, True])
+    mse = torch.tensor([1.0, float("nan"), 4.0])
+    log.add(LossTerms(loss=mse, t=t, is_bank=is_bank, terms={"mse": mse}))
+    out = log.flush(_OneProcess(), n_bank=1, bank_weight=1.0)
+    assert out["loss/target"] == 1.0 and out["loss/bank"] == 4.0
+    assert out["non_finite_samples"] == 1.0
+    assert "mse_by_t/target_q3" not in out  # its only sample was NaN
 
 
 def test_term_log_refuses_terms_that_change_between_steps() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ from difftune.divergence import TrainingDiverged
 from difftune.errors import UserError
 from difftune.run_dir import LOCK_FILE, RunLock
 from difftune.trainer import Trainer
-from test_training import make_cfg, weights
+from test_training import make_cfg, metrics, weights
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -176,6 +177,83 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     clean = Trainer(make_cfg(dit_dir, tmp_path / "clean", None, *args)).train()
     a, b = weights(final), weights(clean)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
+    """Make the loss of the given (1-based) objective calls NaN, as a bad batch or an overflow would."""
+    from difftune.objectives import DiffTuningLoss
+
+    original, calls = DiffTuningLoss.__call__, []
+
+    def sometimes_nan(self, *args):
+        terms = original(self, *args)
+        calls.append(1)
+        if len(calls) in bad_calls:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(DiffTuningLoss, "__call__", sometimes_nan)
+
+
+def _checkpoint_weights(run: Path, step: int, sub: str = "transformer") -> dict[str, torch.Tensor]:
+    return weights(run / "checkpoints" / f"checkpoint-{step:07d}" / "model", sub)
+
+
+def test_skip_leaves_weights_and_optimiser_untouched_at_non_finite_steps(
+    dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    run = tmp_path / "run"
+    args = (
+        "train.max_steps=6",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=10",
+        "train.log_every=2",
+        "train.on_non_finite=skip",
+        "train.max_non_finite_steps=2",
+    )
+    _nan_at(monkeypatch, {3, 4})  # steps 3 and 4
+    Trainer(make_cfg(dit_dir, run, None, *args)).train()
+    before, at3, at4, at5 = (_checkpoint_weights(run, s) for s in (2, 3, 4, 5))
+    assert all(torch.equal(before[k], at3[k]) and torch.equal(before[k], at4[k]) for k in before)
+    assert any(not torch.equal(before[k], at5[k]) for k in before)  # finite steps train again
+    optimiser = [
+        torch.load(run / "checkpoints" / f"checkpoint-{s:07d}" / "state" / "optimizer.bin", weights_only=True)
+        for s in (2, 4)
+    ]
+    moments = [[v for state in o["state"].values() for v in state.values()] for o in optimiser]
+    assert len(moments[0]) > 0 and all(torch.equal(a, b) for a, b in zip(*moments, strict=True))
+    for step in range(1, 7):
+        assert all(torch.isfinite(t).all() for t in _checkpoint_weights(run, step).values())
+    logged = {m["step"]: m for m in metrics(run)}
+    assert logged[4]["non_finite_samples"] == 20 and "non_finite_samples" not in logged[6]  # 2 steps x 10
+    assert math.isfinite(logged[2]["loss/total"]) and math.isfinite(logged[6]["loss/total"])
+    assert math.isnan(logged[4]["loss/total"])  # no finite sample in steps 3-4 to average
+    assert "skipped 2 step(s) with a non-finite loss so far (the first at step 3" in caplog.text
+
+
+def test_skip_stops_after_more_than_the_allowed_steps(
+    dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    args = (
+        "train.max_steps=8",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=10",
+        "train.log_every=1",
+        "train.on_non_finite=skip",
+        "train.max_non_finite_steps=1",
+    )
+    _nan_at(monkeypatch, set(range(4, 20)))  # from step 4 on
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"2 steps had a non-finite loss \(the first at step 4: target t .*max_non_finite_steps=1",
+    ):
+        Trainer(make_cfg(dit_dir, run, None, *args)).train()
+    found = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert found[-1] == "checkpoint-0000004"  # step 5 went bad beyond the limit: nothing written from it
+    three, four = _checkpoint_weights(run, 3), _checkpoint_weights(run, 4)
+    assert all(torch.equal(three[k], four[k]) for k in three)  # step 4 was skipped
+    assert not (run / "final").exists()
 
 
 def test_a_blow_up_is_one_line_on_the_command_line(dit_dir: Path, tmp_path: Path, capsys) -> None:

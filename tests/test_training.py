@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -357,14 +358,8 @@ def test_corrupt_image_named_in_error(corruption: str, dit_dir: Path, tmp_path: 
         Trainer(cfg)
 
 
-def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
-    """Real gloo DDP with two processes: same bank, same weights as one process (docs/architecture.md, "Known traps")."""
-    # 7 target + 3 bank samples: rank 0 gets 4 + 1, rank 1 gets 3 + 2 (see the accumulation test)
-    extra = ("train.checkpoint_every=0", "objective.bank_share=0.3")
-    ddp_args = overrides(dit_dir, tmp_path / "ddp_run", tmp_path / "ddp_bank", *extra)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result_dir = tmp_path / "ranks"
-    cmd = [
+def _torchrun(result_dir: Path, args: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -373,9 +368,18 @@ def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
         "2",
         str(TESTS / "ddp_worker.py"),
         str(result_dir),
-        *ddp_args,
+        *args,
     ]
-    run_torchrun(cmd, env, cwd=TESTS.parent)
+
+
+def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
+    """Real gloo DDP with two processes: same bank, same weights as one process (docs/architecture.md, "Known traps")."""
+    # 7 target + 3 bank samples: rank 0 gets 4 + 1, rank 1 gets 3 + 2 (see the accumulation test)
+    extra = ("train.checkpoint_every=0", "objective.bank_share=0.3")
+    ddp_args = overrides(dit_dir, tmp_path / "ddp_run", tmp_path / "ddp_bank", *extra)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result_dir = tmp_path / "ranks"
+    run_torchrun(_torchrun(result_dir, ddp_args), env, cwd=TESTS.parent)
 
     ranks = [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
     assert [r["process_index"] for r in ranks] == [0, 1]
@@ -407,3 +411,39 @@ def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
         assert m_ddp.keys() == m_one.keys()
         for key in m_ddp:
             assert m_ddp[key] == pytest.approx(m_one[key], rel=1e-5), key
+
+
+def test_ddp_a_folder_in_use_is_refused_by_every_rank_without_a_hang(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "difftune.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    args = overrides(dit_dir, run, tmp_path / "bank", "objective.bank_share=0.3")
+    output = run_torchrun(_torchrun(tmp_path / "ranks", args), env, TESTS.parent, timeout=180, succeed=False)
+    assert output.count("is in use by another run") >= 2  # both ranks stop with the message
+    assert json.loads((run / "difftune.lock").read_text())["pid"] == os.getpid()  # the holder keeps it
+    assert not (run / "checkpoints").exists()
+
+
+def test_ddp_skip_policy_skips_a_step_that_went_bad_on_one_rank(dit_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "DIFFTUNE_TEST_NAN_ON_RANK_1": "2",
+    }
+    args = overrides(
+        dit_dir,
+        run,
+        tmp_path / "bank",
+        "objective.bank_share=0.3",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=5",
+        "train.on_non_finite=skip",
+    )
+    run_torchrun(_torchrun(tmp_path / "ranks", args), env, TESTS.parent)
+    at = {s: weights(run / "checkpoints" / f"checkpoint-{s:07d}" / "model") for s in (1, 2, 3)}
+    assert_all_equal(at[1], at[2])  # both replicas skipped step 2, although only rank 1 saw the NaN
+    assert changed(at[3], at[2]) > 0
+    assert all(torch.isfinite(t).all() for t in weights(run / "final").values())

@@ -90,9 +90,7 @@ class RunLock:
         self.release()
 
 
-def prepare_output_dir(
-    output_dir: str | os.PathLike[str], resume: Path | None, overwrite: bool, delete: bool = True
-) -> None:
+def prepare_output_dir(output_dir: str | os.PathLike[str], resume: Path | None, overwrite: bool) -> None:
     """Refuse (or, with ``overwrite``, clear) what an earlier run left in ``output_dir``.
 
     Args:
@@ -100,7 +98,6 @@ def prepare_output_dir(
         resume: the checkpoint this run resumes from, or ``None`` for a fresh run.
         overwrite: delete the earlier run's checkpoints, ``final/``, samples and logs first (fresh
             run), or the checkpoints newer than ``resume`` (resumed run).
-        delete: do the deleting (the main process); the others only check, so all refuse alike.
 
     Raises:
         UserError: the folder holds an earlier run and ``overwrite`` is not set.
@@ -116,15 +113,14 @@ def prepare_output_dir(
                 f"{', final/' if (out / 'final').exists() else ''}); resume it with --set train.resume=latest, "
                 "replace it with --set train.overwrite=true, or choose another train.output_dir"
             )
-        if delete:
-            for name in RUN_DIRS:
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
         return
     later = [c for c in found if checkpoint_step(c) > checkpoint_step(resume)]
     damaged = [c for c in later if checkpoint_problem(c) is not None]
-    for checkpoint in damaged if delete else []:  # kept for inspection, out of the way of resume and rotation
+    for checkpoint in damaged:  # kept for inspection, out of the way of resume and rotation
         checkpoint.rename(checkpoint.with_name(f"damaged-{checkpoint.name}"))
         logger.warning("moved the damaged %s aside to damaged-%s", checkpoint, checkpoint.name)
     later = [c for c in later if c not in damaged]
@@ -133,7 +129,7 @@ def prepare_output_dir(
             f"resuming from {resume.name} would abandon {len(later)} newer checkpoints in {out / CHECKPOINTS} "
             f"(newest {later[-1].name}); resume from train.resume=latest, or set train.overwrite=true to delete them"
         )
-    for checkpoint in later if delete else []:
+    for checkpoint in later:
         shutil.rmtree(checkpoint)
 
 
@@ -161,6 +157,8 @@ RESUMABLE_CHANGES = {
         "adam_beta2",
         "adam_eps",
         "max_grad_norm",
+        "on_non_finite",
+        "max_non_finite_steps",
     },
     "data": {"cache_dir"},
     "bank": {"batch_size"},

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -123,14 +123,24 @@ class Trainer:
                 (:class:`~difftune.divergence.TrainingDiverged`: no checkpoint is written from it).
         """
         acc = self.accelerator
-        resume = resolve_resume(self.out, self.cfg.train.resume)
         lock = RunLock(self.out)
-        if acc.is_main_process:
-            lock.acquire()
         try:
-            prepare_output_dir(self.out, resume, self.cfg.train.overwrite, delete=acc.is_main_process)
-            acc.wait_for_everyone()
-            return self._train(resume)
+            # one process takes the folder and picks the checkpoint; the others learn both from it
+            # (a broadcast, which is also a barrier: no process waits for one that gave up)
+            outcome: list[str | None] = [None, None]  # [refusal, checkpoint to resume from]
+            if acc.is_main_process:
+                try:
+                    lock.acquire()
+                    resume = resolve_resume(self.out, self.cfg.train.resume)
+                    prepare_output_dir(self.out, resume, self.cfg.train.overwrite)
+                    outcome[1] = None if resume is None else str(resume)
+                except UserError as err:
+                    outcome[0] = str(err)
+            if acc.num_processes > 1:
+                broadcast_object_list(outcome)
+            if outcome[0] is not None:
+                raise UserError(outcome[0])
+            return self._train(None if outcome[1] is None else Path(outcome[1]))
         finally:
             lock.release()
 
@@ -143,6 +153,9 @@ class Trainer:
             betas=(tc.adam_beta1, tc.adam_beta2),
             eps=tc.adam_eps,
             weight_decay=tc.weight_decay,
+            fused=True
+            if tc.on_non_finite == "skip"
+            else None,  # fused AdamW reads the skip flag on the device
         )
         self.ema = None
         if tc.ema_decay > 0:
@@ -170,7 +183,9 @@ class Trainer:
             self._truncate_history(after_step=self.state.step)
         acc.init_trackers("difftune", config=_flat_config(cfg))
         log = TermLog(self.noise_scheduler.config.num_train_timesteps)
-        self.guard = NonFiniteGuard(self.noise_scheduler.config.num_train_timesteps)
+        self.guard = NonFiniteGuard(
+            self.noise_scheduler.config.num_train_timesteps, tc.on_non_finite, tc.max_non_finite_steps
+        )
         # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
         quiet = {} if acc.is_local_main_process else {"disable": True}
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
@@ -195,7 +210,9 @@ class Trainer:
                         acc.backward(loss)
                     log.add(terms)
                     self.guard.observe(self.state.step, terms)
-                log.steps += 1
+                skip = self.guard.skip_flag(self.state.step, params, acc)
+                if skip is not None and acc.scaler is None:  # under fp16 the grad scaler skips by itself
+                    optimizer.optimizer.found_inf = skip
                 if tc.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()
@@ -207,7 +224,7 @@ class Trainer:
                 step = self.state.step
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     self.guard.check(acc, self._last_good())
-                    scalars = log.flush(acc, self.n_target, self.n_bank, self.objective.bank_weight)
+                    scalars = log.flush(acc, self.n_bank, self.objective.bank_weight)
                     acc.log(scalars, step=step)
                     self._append_history(step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")

@@ -32,8 +32,10 @@ class TermLog:
             None  # "loss" (sum of the terms) then the terms, fixed at the first add
         )
         self.weighted = torch.zeros(2, dtype=torch.float64)  # (stream,)
+        self.counted = torch.zeros(
+            4, dtype=torch.float64
+        )  # (finite samples per stream, non-finite per stream)
         self.cells = torch.zeros(0, dtype=torch.float64)  # (names, stream, quarter, sum|count), flattened
-        self.steps = 0
 
     def add(self, terms: LossTerms) -> None:
         """Add one micro-batch's terms."""
@@ -45,40 +47,56 @@ class TermLog:
             raise ValueError(f"the objective returned terms {list(terms.terms)} after {self.names[1:]}")
         device = terms.loss.device
         self.weighted, self.cells = self.weighted.to(device), self.cells.to(device)
+        self.counted = self.counted.to(device)
         stream = terms.is_bank.long()  # 0 target, 1 bank
         quarter = (terms.t * 4 // self.T).clamp(max=3)
-        self.weighted.index_add_(0, stream, terms.loss.detach().double())
-        values = torch.stack([terms.raw, *terms.terms.values()]).double()  # (names, N)
+        # a non-finite sample (a step that train.on_non_finite=skip leaves out) is counted, not averaged
+        loss = terms.loss.detach().double()
+        finite = torch.isfinite(loss)
+        self.weighted.index_add_(0, stream, torch.where(finite, loss, 0.0))
+        self.counted.index_add_(0, stream, finite.double())
+        self.counted.index_add_(0, stream + 2, (~finite).double())
+        values = torch.stack([terms.raw, *terms.terms.values()]).detach().double()  # (names, N)
+        ok = torch.isfinite(values)
+        values = torch.where(ok, values, 0.0)
         for k in range(values.shape[0]):
             cell = ((k * 2 + stream) * 4 + quarter) * 2
             self.cells.index_add_(0, cell, values[k])
-            self.cells.index_add_(0, cell + 1, torch.ones_like(values[k]))
+            self.cells.index_add_(0, cell + 1, ok[k].double())
 
-    def flush(self, acc: Accelerator, n_target: int, n_bank: int, bank_weight: float) -> dict[str, float]:
+    def flush(self, acc: Accelerator, n_bank: int, bank_weight: float) -> dict[str, float]:
         """Means since the last flush (summed over processes), then reset.
 
         Returns:
-            ``loss/total``, ``loss/target``, ``loss/bank`` (weighted, per-step means), then
+            ``loss/total``, ``loss/target``, ``loss/bank`` (means of the weighted per-sample losses
+            over the finite samples; NaN for a stream without any), ``non_finite_samples`` (only when
+            some were not finite), then
             ``loss_by_t/<stream>_q<1-4>`` (the sum of the terms) and ``<term>_by_t/<stream>_q<1-4>``
             for each term, unweighted, for the quarters that saw samples.
         """
-        packed = torch.cat([self.weighted, self.cells])
+        packed = torch.cat([self.weighted, self.counted, self.cells])
         total = acc.reduce(packed, reduction="sum") if acc.num_processes > 1 else packed
         total = total.cpu()
-        weighted = total[:2]
-        steps = max(self.steps, 1)
-        target = float(weighted[0]) / (n_target * steps)
-        bank = float(weighted[1]) / (n_bank * steps) if n_bank else 0.0
+        weighted, counted = total[:2], total[2:6]
+        target = _mean(weighted[0], counted[0])
+        bank = _mean(weighted[1], counted[1]) if n_bank else 0.0
         out = {"loss/total": target + bank_weight * bank, "loss/target": target}
         if n_bank:
             out["loss/bank"] = bank
-        cells = total[2:].view(len(self.names or []), 2, 4, 2)
+        if counted[2:].sum() > 0:
+            out["non_finite_samples"] = float(counted[2:].sum())
+        cells = total[6:].view(len(self.names or []), 2, 4, 2)
         for k, name in enumerate(self.names or []):
             for s, stream in enumerate(STREAMS):
                 for q in range(4):
                     if cells[k, s, q, 1] > 0:
                         out[f"{name}_by_t/{stream}_q{q + 1}"] = float(cells[k, s, q, 0] / cells[k, s, q, 1])
         self.weighted.zero_()
+        self.counted.zero_()
         self.cells.zero_()
-        self.steps = 0
         return out
+
+
+def _mean(weighted_sum: torch.Tensor, samples: torch.Tensor) -> float:
+    """The mean of a stream's weighted per-sample losses (NaN when it had no finite sample)."""
+    return float(weighted_sum) / float(samples) if samples > 0 else float("nan")
