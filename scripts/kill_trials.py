@@ -7,7 +7,10 @@ and compares the final weights (trained and EMA) with those of an uninterrupted 
 Each bank trial kills ``difftune bank`` the same way, checks that every shard on disk is complete,
 reruns it, and compares the bank with an uninterrupted one byte for byte. Each latent-cache trial
 kills a latent model's ``difftune train`` while it encodes the target set into its cache, reruns
-it, and compares the cache with an uninterrupted one byte for byte.
+it, and compares the cache with an uninterrupted one byte for byte. Each rotation trial kills
+``difftune train`` in the middle of deleting an old checkpoint (at a random rotation, half of its
+files gone), checks that the folder holds at most ``keep_checkpoints`` + 1 checkpoints, resumes,
+and compares as the training trials do. Every training trial also checks that bound after its kill.
 
 Usage (from the repository root, with the project's venv active)::
 
@@ -15,7 +18,7 @@ Usage (from the repository root, with the project's venv active)::
     python scripts/kill_trials.py --trials 3 --seed 1
 
 Prints one line per trial and, last, ``train N/T identical, bank M/T identical, latent cache K/T
-identical``; exits 1 unless all are.
+identical, rotation R/T identical``; exits 1 unless all are.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+KEEP = 2  # train.keep_checkpoints of the trials
 
 
 def _tiny_model(root: Path) -> Path:
@@ -88,7 +93,7 @@ def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
             "max_steps": steps,
             "batch_size": 10,
             "checkpoint_every": 1,
-            "keep_checkpoints": 2,
+            "keep_checkpoints": KEEP,
             "log_every": 1,
             "ema_decay": 0.9,
         },
@@ -98,15 +103,46 @@ def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
     return path
 
 
+# ``difftune`` whose N-th deletion of a checkpoint (KILL_AT_ROTATION=N) stops dead half-way: half of
+# the checkpoint's files deleted, then SIGKILL, as a kill or a power cut in the middle of rotation
+_DIE_IN_ROTATION = """
+import os, re, shutil, signal, sys
+from pathlib import Path
+real_rmtree, calls = shutil.rmtree, []
+def rmtree(path, *args, **kwargs):
+    path = Path(path)
+    if re.fullmatch(r"checkpoint-[0-9]+([.]deleting)?", path.name):
+        calls.append(path)
+        if len(calls) == int(os.environ["KILL_AT_ROTATION"]):
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            for f in files[: len(files) // 2]:
+                f.unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_rmtree(path, *args, **kwargs)
+shutil.rmtree = rmtree
+from difftune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _run(
-    args: list[str], marker: Path, kill_after: float | None = None, until: Path | None = None
+    args: list[str],
+    marker: Path,
+    kill_after: float | None = None,
+    until: Path | None = None,
+    kill_at_rotation: int | None = None,
 ) -> tuple[int, float]:
     """Run ``python -m difftune ARGS``; with ``kill_after``, SIGKILL it that many seconds after ``marker``
-    appears (the file a command writes when its real work starts). Returns (exit code, seconds of work:
+    appears (the file a command writes when its real work starts); with ``kill_at_rotation``, it kills
+    itself half-way through that deletion of an old checkpoint. Returns (exit code, seconds of work:
     until the process ends, or until ``until`` appears)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    launcher = ["-m", "difftune"]
+    if kill_at_rotation is not None:
+        env["KILL_AT_ROTATION"] = str(kill_at_rotation)
+        launcher = ["-c", _DIE_IN_ROTATION]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "difftune", *args],
+        [sys.executable, *launcher, *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -146,6 +182,12 @@ def _shards(bank: Path) -> dict[str, bytes]:
     for shard in bank.glob("shard-*.safetensors"):
         load_file(str(shard))  # every shard on disk is complete (raises otherwise)
     return {p.name: p.read_bytes() for p in sorted(bank.glob("*")) if p.is_file()}
+
+
+def _checkpoint_dirs(out: Path) -> list[str]:
+    """Every checkpoint directory on disk, complete or not (what counts against the disk)."""
+    root = out / "checkpoints"
+    return sorted(p.name for p in root.glob("checkpoint-*") if p.is_dir()) if root.is_dir() else []
 
 
 def _where(out: Path) -> str:
@@ -190,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["train", "--config", str(cfg)], out / "config.yaml", rng.uniform(0, train_seconds)
             )
             where = "finished before the kill" if code == 0 else f"killed during {_where(out)}"
+            bounded = len(_checkpoint_dirs(out)) <= KEEP + 1
             resumes = 0
             while not (out / "final").is_dir() or code != 0:
                 code, _ = _run(
@@ -197,9 +240,29 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 resumes += 1
             same = _weights(out / "final") == expected
-            train_ok += same
+            train_ok += same and bounded
             train_killed += code != 0 or resumes > 0
-            print(f"train trial {trial}: {where}; {resumes} resume(s); identical: {same}")
+            print(
+                f"train trial {trial}: {where}; at most {KEEP} + 1 checkpoints: {bounded}; {resumes} "
+                f"resume(s); identical: {same}"
+            )
+
+        rotation_ok = 0
+        for trial in range(args.trials):
+            out = root / f"rotation-{trial}"
+            cfg = _config(root, model, out, reference_bank, args.steps)
+            at = rng.randint(1, args.steps - KEEP)  # the checkpoint-per-step run rotates steps - keep times
+            code, _ = _run(["train", "--config", str(cfg)], out / "config.yaml", kill_at_rotation=at)
+            left = _checkpoint_dirs(out)
+            _run(["train", "--config", str(cfg), "--set", "train.resume=latest"], out / "config.yaml")
+            same = _weights(out / "final") == expected
+            after = _checkpoint_dirs(out)
+            ok = code == -signal.SIGKILL and len(left) <= KEEP + 1 and len(after) == KEEP and same
+            rotation_ok += ok
+            print(
+                f"rotation trial {trial}: killed in rotation {at} with {left} on disk; after resuming "
+                f"{after}; identical: {same}"
+            )
 
         bank_ok = bank_killed = 0
         for trial in range(args.trials):
@@ -248,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"train {train_ok}/{args.trials} identical, bank {bank_ok}/{args.trials} identical, "
-        f"latent cache {cache_ok}/{args.trials} identical"
+        f"latent cache {cache_ok}/{args.trials} identical, rotation {rotation_ok}/{args.trials} identical"
     )
-    return 0 if train_ok == bank_ok == cache_ok == args.trials else 1
+    return 0 if train_ok == bank_ok == cache_ok == rotation_ok == args.trials else 1
 
 
 if __name__ == "__main__":

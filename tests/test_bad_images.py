@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -164,3 +165,39 @@ def test_hidden_folders_are_not_classes_or_images(tmp_path: Path) -> None:
         Image.new("L", (8, 8), 3).save(hidden / "0-checkpoint.png")
     images = load_target_images(load_config(None, _overrides(root)).data, 8, 1)
     assert images.class_names == ["a", "b"] and images.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_header_checks_are_remembered_until_a_file_changes(tmp_path: Path, monkeypatch) -> None:
+    import difftune.images as images
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(root / name / f"{i}.png")
+    memo = tmp_path / "cache" / "image_checks.json"
+    cfg = load_config(None, _overrides(root)).data
+    opened: list[Path] = []
+    real = images.check_image
+    monkeypatch.setattr(images, "check_image", lambda p: opened.append(Path(p)) or real(p))
+
+    first = load_target_images(cfg, 8, 1, memo)
+    assert len(opened) == 6 and memo.is_file()
+    opened.clear()
+    again = load_target_images(cfg, 8, 1, memo)
+    assert opened == [] and again.identity == first.identity  # nothing opened a second time
+
+    bad = root / "b" / "1.png"
+    size = bad.stat().st_size
+    before = bad.stat().st_mtime_ns
+    bad.write_bytes(b"x" * size)  # same size, new contents and time
+    os.utime(bad, ns=(before + 10**9, before + 10**9))  # a second later even where mtime is coarse
+    with pytest.raises(UserError, match=r"b/1\.png \(cannot identify"):
+        load_target_images(cfg, 8, 1, memo)
+    assert opened == [bad]  # only the changed file was read again
+
+    memo.write_text("{torn")
+    opened.clear()
+    with pytest.raises(UserError, match=r"b/1\.png"):
+        load_target_images(cfg, 8, 1, memo)
+    assert len(opened) == 6  # a damaged memo is not trusted

@@ -30,10 +30,11 @@ from difftune.backbones.loading import LoadedModel
 from difftune.config import DataConfig
 from difftune.datasets import load_sklearn_digits
 from difftune.errors import UserError
-from difftune.images import IMAGE_EXTENSIONS, check_image, image_files, open_image
+from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, open_image
 from difftune.store import LatentStore, folder_identity
 
 CACHE_FORMAT = 1
+HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of its image folder
 logger = logging.getLogger(__name__)
 
 
@@ -130,11 +131,14 @@ def _load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def class_folders(root: Path, on_bad_file: str) -> tuple[list[Path], list[Path], list[int]]:
+def class_folders(
+    root: Path, on_bad_file: str, memo: Path | None = None
+) -> tuple[list[Path], list[Path], list[int]]:
     """The class folders of ``root`` (sorted; hidden ones ignored), their usable image files and labels.
 
     Empty class folders and unreadable files are refused, all of them named in one line, or, with
-    ``on_bad_file="skip"``, left out with a warning each (a skipped folder takes no label).
+    ``on_bad_file="skip"``, left out with a warning each (a skipped folder takes no label). Files are
+    judged from their headers; ``memo`` keeps the verdicts (:func:`~difftune.images.check_images`).
     """
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -142,7 +146,7 @@ def class_folders(root: Path, on_bad_file: str) -> tuple[list[Path], list[Path],
             f"data.path {root} has no class sub-directories; put each class's images in its own folder"
         )
     found = {d: image_files(d) for d in class_dirs}
-    bad = [(p, why) for paths in found.values() for p in paths if (why := check_image(p)) is not None]
+    bad = list(check_images([p for paths in found.values() for p in paths], memo).items())
     empty = [d for d in class_dirs if not [p for p in found[d] if p not in dict(bad)]]
     if (bad or empty) and on_bad_file == "error":
         problems = [f"{p.relative_to(root)} ({why})" for p, why in bad] + [
@@ -168,8 +172,13 @@ def class_folders(root: Path, on_bad_file: str) -> tuple[list[Path], list[Path],
     return class_dirs, files, labels
 
 
-def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
-    """Load the target dataset described by ``cfg`` at ``resolution`` with ``channels`` channels."""
+def load_target_images(
+    cfg: DataConfig, resolution: int, channels: int, header_memo: Path | None = None
+) -> TargetImages:
+    """Load the target dataset described by ``cfg`` at ``resolution`` with ``channels`` channels.
+
+    ``header_memo``: where an image folder's header checks are remembered between runs.
+    """
     if cfg.source == "digits":
         images, digit_labels = load_digits_split(cfg.classes)
         classes = sorted(digit_labels.unique().tolist())
@@ -189,7 +198,7 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
         raise UserError(
             f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)"
         )
-    class_dirs, files, labels = class_folders(root, cfg.on_bad_file)
+    class_dirs, files, labels = class_folders(root, cfg.on_bad_file, header_memo)
     label_tensor = torch.tensor(labels)
     keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
     files = [files[i] for i in keep.tolist()]
@@ -204,6 +213,21 @@ def load_target_images(cfg: DataConfig, resolution: int, channels: int) -> Targe
             )
 
     return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
+
+
+def check_cache_dir(cache_dir: Path) -> LatentStore:
+    """The store in ``cache_dir``, refused if it is someone else's (a bank?), which is never touched.
+
+    Raises:
+        UserError: ``cache_dir`` holds a store that is not a target cache.
+    """
+    store = LatentStore(cache_dir)
+    if cache_dir.joinpath("manifest.json").is_file() and store.manifest.get("kind") != "target":
+        raise UserError(
+            f"data.cache_dir {str(cache_dir)!r} holds a {store.manifest.get('kind')!r} store, not a target "
+            "cache; point data.cache_dir at an empty folder or at an earlier target cache"
+        )
+    return store
 
 
 def encode_and_cache(
@@ -238,13 +262,8 @@ def encode_and_cache(
         "num_shards": -(-n // shard_size),
     }
     cache_dir = Path(cache_dir)
-    store = LatentStore(cache_dir)
+    store = check_cache_dir(cache_dir)
     if cache_dir.joinpath("manifest.json").is_file() and store.manifest != manifest:
-        if store.manifest.get("kind") != "target":  # someone else's store (a bank?): never delete it
-            raise UserError(
-                f"data.cache_dir {str(cache_dir)!r} holds a {store.manifest.get('kind')!r} store, not a target "
-                "cache; point data.cache_dir at an empty folder or at an earlier target cache"
-            )
         store.clear()  # a stale cache of other data or another encoder: only its own files go
     store = LatentStore.create(cache_dir, manifest)
     missing = store.missing_shards()
@@ -276,7 +295,10 @@ def prepare_target(
     """
     backbone, codec = loaded.backbone, loaded.codec
     resolution = cfg.resolution or codec.image_size(backbone.sample_shape)
-    images = load_target_images(cfg, resolution, codec.image_channels(backbone.sample_shape))
+    check_cache_dir(Path(cache_dir))  # before anything is written there
+    images = load_target_images(
+        cfg, resolution, codec.image_channels(backbone.sample_shape), Path(cache_dir) / HEADER_MEMO
+    )
     backbone.check_condition(images.conditioning())
     cached = encode_and_cache(images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device)
     if tuple(cached["samples"].shape[1:]) != backbone.sample_shape:

@@ -8,15 +8,17 @@ per-sample PNGs, and image arrays as ``.npz``, all atomically (:mod:`difftune.at
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from difftune.atomic import atomic_open, atomic_path
+from difftune.atomic import atomic_open, atomic_path, atomic_write_json
 from difftune.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -88,6 +90,34 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     if width * height > (Image.MAX_IMAGE_PIXELS or 0) > 0:
         return f"{width}x{height} pixels, more than the {Image.MAX_IMAGE_PIXELS} that PIL decodes safely"
     return None
+
+
+def check_images(paths: Sequence[Path], memo: Path | None = None) -> dict[Path, str]:
+    """:func:`check_image` of every file in ``paths``: ``{path: why}`` for the unusable ones.
+
+    With ``memo``, the verdicts are also saved there (JSON, keyed by absolute path, with each file's
+    size and modification time), and a file whose size and time are unchanged since the last call
+    is not opened again, so a large folder's headers are read once, not at every run's start.
+    """
+    known: dict = {}
+    if memo is not None and memo.is_file():
+        try:
+            saved = json.loads(memo.read_text())
+            known = saved["files"] if saved.get("max_pixels") == Image.MAX_IMAGE_PIXELS else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            known = {}  # a torn or foreign file: check everything again
+    verdicts: dict[str, list] = {}
+    for path in paths:
+        stat = path.stat()
+        key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        entry = known.get(key)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+            verdicts[key] = entry
+        else:
+            verdicts[key] = [*stamp, check_image(path)]
+    if memo is not None and verdicts != known:
+        atomic_write_json(memo, {"max_pixels": Image.MAX_IMAGE_PIXELS, "files": verdicts}, indent=0)
+    return {path: why for path in paths if (why := verdicts[str(path.resolve())][2]) is not None}
 
 
 def _convert(img: Image.Image, mode: str) -> Image.Image:

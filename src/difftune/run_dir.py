@@ -7,6 +7,9 @@
   earlier run is refused unless ``train.overwrite`` is set (or the run resumes); resuming from a
   checkpoint older than the folder's newest is refused too, as rotation would delete the new
   checkpoints and ``resume=latest`` would later pick the abandoned ones.
+* :func:`rotate_checkpoints` and :func:`remove_partial_checkpoints`: rotation renames before it
+  deletes, and a run's start clears what a killed run left half-written or half-deleted, so a run
+  never holds more than ``keep_checkpoints`` + 1 checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = "difftune.lock"
 RUN_FILES = ("metrics.jsonl", "config.yaml")  # written by a run; replaced by an overwriting run
 RUN_DIRS = (CHECKPOINTS, "final", "samples", "difftune")  # the last is TensorBoard's
+DELETING = ".deleting"  # suffix of a checkpoint that rotation is deleting
 
 
 class RunLock:
@@ -103,6 +107,7 @@ def prepare_output_dir(output_dir: str | os.PathLike[str], resume: Path | None, 
         UserError: the folder holds an earlier run and ``overwrite`` is not set.
     """
     out = Path(output_dir)
+    remove_partial_checkpoints(out)
     found = list_checkpoints(out)
     if resume is None:
         if not found and not (out / "final").exists():
@@ -131,6 +136,29 @@ def prepare_output_dir(output_dir: str | os.PathLike[str], resume: Path | None, 
         )
     for checkpoint in later:
         shutil.rmtree(checkpoint)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints.
+
+    Each is renamed ``checkpoint-N.deleting`` first (one atomic step), then deleted, so a kill during
+    the deletion leaves no half-deleted directory that would pass for a checkpoint, and the next
+    run's start (:func:`remove_partial_checkpoints`) finishes the job. The newest checkpoint is
+    never deleted.
+    """
+    for old in list_checkpoints(output_dir)[:-keep]:
+        doomed = old.with_name(old.name + DELETING)
+        old.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> None:
+    """Delete what a killed run left half-done: checkpoints being written (``.tmp``) or deleted."""
+    root = Path(output_dir) / CHECKPOINTS
+    for leftover in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
+        if leftover.is_dir() and leftover.name.endswith((".tmp", DELETING)):
+            logger.info("removing %s, left by a run that was stopped", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # keys that may change between a checkpoint and the run resuming it: where and how often things are

@@ -33,7 +33,13 @@ from difftune.errors import UserError
 from difftune.images import save_grid
 from difftune.objectives import Draw, build_objective
 from difftune.objectives.term_log import TermLog
-from difftune.run_dir import RunLock, config_changes, prepare_output_dir, write_run_summary
+from difftune.run_dir import (
+    RunLock,
+    config_changes,
+    prepare_output_dir,
+    rotate_checkpoints,
+    write_run_summary,
+)
 from difftune.run_state import (
     CHECKPOINTS,
     LoopState,
@@ -335,8 +341,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            for old in list_checkpoints(self.out)[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old)
+            rotate_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
