@@ -413,16 +413,27 @@ def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
             assert m_ddp[key] == pytest.approx(m_one[key], rel=1e-5), key
 
 
-def test_ddp_a_folder_in_use_is_refused_by_every_rank_without_a_hang(dit_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("held_by", ["a live run", "an earlier run"])
+def test_ddp_a_refused_folder_stops_every_rank_without_a_hang(
+    held_by: str, dit_dir: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "difftune.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    if held_by == "a live run":  # refused by every process before anything is written
+        (run / "difftune.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        message = "is in use by another run"
+    else:  # refused by the process that takes the folder, and told to the other
+        (run / "final").mkdir()
+        message = "holds an earlier run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     args = overrides(dit_dir, run, tmp_path / "bank", "objective.bank_share=0.3")
     output = run_torchrun(_torchrun(tmp_path / "ranks", args), env, TESTS.parent, timeout=180, succeed=False)
-    assert output.count("is in use by another run") >= 2  # both ranks stop with the message
-    assert json.loads((run / "difftune.lock").read_text())["pid"] == os.getpid()  # the holder keeps it
+    assert "[rank0]" in output and "[rank1]" in output and output.count(message) >= 2, output[-3000:]
     assert not (run / "checkpoints").exists()
+    if held_by == "a live run":
+        assert json.loads((run / "difftune.lock").read_text())["pid"] == os.getpid()  # the holder keeps it
+    else:
+        assert not (run / "difftune.lock").exists()  # released by the refusing run
 
 
 def test_ddp_skip_policy_skips_a_step_that_went_bad_on_one_rank(dit_dir: Path, tmp_path: Path) -> None:

@@ -322,12 +322,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"config file {str(p)!r} does not exist; check the path given to --config")
         try:
             raw = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(
-                f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}"
+                f"config file {str(p)!r} is not valid YAML{where} ({problem}); fix the syntax there"
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")

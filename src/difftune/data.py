@@ -265,8 +265,30 @@ def encode_and_cache(
     store = check_cache_dir(cache_dir)
     if cache_dir.joinpath("manifest.json").is_file() and store.manifest != manifest:
         store.clear()  # a stale cache of other data or another encoder: only its own files go
+    fresh = not cache_dir.joinpath("manifest.json").is_file()
     store = LatentStore.create(cache_dir, manifest)
     missing = store.missing_shards()
+    try:
+        _encode_shards(target, codec, store, missing, hflip, batch_size, shard_size, device)
+    except Exception:
+        if fresh and len(store.missing_shards()) == manifest["num_shards"]:
+            store.clear()  # nothing encoded yet: leave no cache that describes data it does not hold
+        raise
+    return store.load()
+
+
+def _encode_shards(
+    target: TargetImages,
+    codec: LatentCodec,
+    store: LatentStore,
+    missing: list[int],
+    hflip: bool,
+    batch_size: int,
+    shard_size: int,
+    device: torch.device | str,
+) -> None:
+    """Encode and write the shards numbered ``missing`` (each shard written whole, or not at all)."""
+    n = len(target)
     if missing:
         codec.to(device)
     quiet = {} if missing else {"disable": True}  # explicit disable only when idle: TQDM_DISABLE still works
@@ -282,7 +304,6 @@ def encode_and_cache(
                 parts["std"].append(std.cpu())
                 parts["labels"].append(target.labels[chunk])
         store.write_shard(shard, {key: torch.cat(values) for key, values in parts.items()})
-    return store.load()
 
 
 def prepare_target(

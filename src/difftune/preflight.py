@@ -8,7 +8,6 @@ minutes of loading and encoding.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import peek_backbone
 from difftune.config import ExperimentConfig
 from difftune.errors import UserError
+from difftune.store import LatentStore
 
 
 def check_writable(folder: Path) -> None:
@@ -27,7 +27,9 @@ def check_writable(folder: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"train.output_dir {str(folder)!r} cannot be created: {existing} is a file")
+        raise UserError(
+            f"train.output_dir {str(folder)!r} cannot be created: {existing} is a file; choose another train.output_dir"
+        )
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".difftune-write-test-")
         os.close(fd)
@@ -73,7 +75,7 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
     ]
     if cfg.bank_count:
-        manifest = json.loads((Path(cfg.bank.path) / "manifest.json").read_text())
+        manifest = LatentStore(cfg.bank.path).manifest
         if manifest.get("kind") != "bank":
             raise UserError(f"{cfg.bank.path} is not a knowledge bank (kind={manifest.get('kind')!r})")
         if manifest.get("shape") != list(backbone.sample_shape):

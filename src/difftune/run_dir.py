@@ -47,6 +47,15 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_FILE
         self.held = False
 
+    def check_free(self) -> None:
+        """Refuse early, before anything is written, if a live run holds the folder (takes nothing).
+
+        Raises:
+            UserError: another live run holds the folder.
+        """
+        if self.path.is_file() and not self._stale():
+            self._refuse()
+
     def acquire(self) -> None:
         """Take the lock, or take over one left by a run that was killed on this host."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,22 +64,32 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == me["host"] and not process_alive(int(holder.get("pid", -1))):
+                if self._stale():
                     logger.warning(
-                        "taking over %s, left by process %s that no longer runs", self.path, holder["pid"]
+                        "taking over %s, left by process %s that no longer runs",
+                        self.path,
+                        self._holder()["pid"],
                     )
                     self.path.unlink(missing_ok=True)
                     continue
-                raise UserError(
-                    f"{self.path.parent} is in use by another run (process {holder.get('pid')} on "
-                    f"{holder.get('host')}); use another train.output_dir, or delete {self.path} if that run is gone"
-                ) from None
+                self._refuse()
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
             return
         raise UserError(f"could not take the lock {self.path}; delete it if no run uses the folder")
+
+    def _stale(self) -> bool:
+        """The lock was left by a process of this host that no longer runs."""
+        holder = self._holder()
+        return holder.get("host") == socket.gethostname() and not process_alive(int(holder.get("pid", -1)))
+
+    def _refuse(self) -> None:
+        holder = self._holder()
+        raise UserError(
+            f"{self.path.parent} is in use by another run (process {holder.get('pid')} on "
+            f"{holder.get('host')}); use another train.output_dir, or delete {self.path} if that run is gone"
+        ) from None
 
     def _holder(self) -> dict:
         try:

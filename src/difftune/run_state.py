@@ -90,7 +90,10 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return None
     path = Path(resume)
     if not (path / "state").is_dir():
-        raise UserError(f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it)")
+        raise UserError(
+            f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it); give a "
+            "<output_dir>/checkpoints/checkpoint-N folder, or train.resume=latest"
+        )
     return path
 
 

@@ -79,6 +79,7 @@ class Trainer:
             raise UserError(
                 f"train.batch_size={tc.batch_size} is smaller than processes x gradient_accumulation = {chunks}"
             )
+        RunLock(self.out).check_free()  # every process, before the target cache is written into the folder
         set_seed(tc.seed)
         self.loaded = loaded or load_pretrained(
             cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision

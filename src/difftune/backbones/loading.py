@@ -7,9 +7,11 @@ or ``unet`` component, optionally ``vae`` and ``scheduler``), a directory with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,24 @@ def _source_record(pretrained: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class _DropFetchErrors(logging.Filter):
+    """diffusers logs a missing safetensors file as an error before raising it; difftune reports it itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("An error occurred while trying to fetch")
+
+
+@contextlib.contextmanager
+def _without_fetch_errors() -> Iterator[None]:
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    drop = _DropFetchErrors()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def load_safetensors_model(cls: type, source: str, subfolder: str | None, revision: str | None) -> Any:
     """``cls.from_pretrained`` that reads safetensors weights only: a pickle (``.bin``) file can run code.
 
@@ -98,7 +118,8 @@ def load_safetensors_model(cls: type, source: str, subfolder: str | None, revisi
         UserError: only pickle weights are there; the message says how to convert them.
     """
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, revision=revision, use_safetensors=True)
+        with _without_fetch_errors():
+            return cls.from_pretrained(source, subfolder=subfolder, revision=revision, use_safetensors=True)
     except OSError as err:
         if "safetensors" not in str(err):
             raise

@@ -36,7 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_model_path(cfg.model.pretrained)
     if cfg.data.source == "folder" and not Path(cfg.data.path or "").is_dir():
-        raise FileNotFoundError(f"data.path {cfg.data.path!r} is not a directory")
+        raise FileNotFoundError(
+            f"data.path {cfg.data.path!r} is not a directory; point data.path at an image folder "
+            "(one sub-directory per class)"
+        )
     if cfg.bank_count and not (Path(cfg.bank.path) / "manifest.json").is_file():
         raise FileNotFoundError(
             f"bank {cfg.bank.path!r} does not exist: run `difftune bank` with this config first, "
