@@ -383,7 +383,7 @@ def test_checkpoint_prefers_ema_weights(classifier_path, folders, tmp_path) -> N
     from conftest import tiny_dit
     from difftune.backbones import LatentCodec, LoadedModel
     from difftune.backbones.dit import DiTBackbone
-    from difftune.backbones.loading import save_model
+    from difftune.backbones.saving import save_model
 
     backbone = DiTBackbone(tiny_dit())
     ema = EMAModel(list(backbone.inner.parameters()))

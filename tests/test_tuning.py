@@ -28,10 +28,10 @@ class FreezeOne:
 
 
 def test_registry_fails_loudly_and_config_checks_the_name() -> None:
-    with pytest.raises(ValueError, match=r"unknown tuning method 'lora'; valid: \['full'\]"):
-        build_tuning("lora")
-    with pytest.raises(ConfigError, match=r"model.tuning='lora' is unknown; valid: \['full'\]"):
-        ModelConfig(pretrained="x/y", tuning="lora")
+    with pytest.raises(ValueError, match=r"unknown tuning method 'lorra'; valid: \['adaptformer', 'bitfit'"):
+        build_tuning("lorra")
+    with pytest.raises(ConfigError, match=r"model.tuning='lorra' is unknown; valid: \['adaptformer'"):
+        ModelConfig(pretrained="x/y", tuning="lorra")
     assert ModelConfig(pretrained="x/y").tuning == "full"
 
 

@@ -20,7 +20,7 @@ from difftune.config_checks import ConfigError, _check, _check_fields
 from difftune.sampling_spec import SamplingSpec
 from difftune.schedules import SCHEDULES
 from difftune.train_config import TrainConfig
-from difftune.tuning import TUNING_METHODS
+from difftune.tuning import TUNING_METHODS, TuningConfig
 
 __all__ = [
     "BankConfig",
@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "TrainConfig",
+    "TuningConfig",
     "apply_overrides",
     "config_from_dict",
     "load_config",
@@ -49,7 +50,7 @@ class ModelConfig:
             uses the pipeline's ``vae`` if there is one, else the model works in pixel space.
         revision: optional hub revision.
         tuning: which parameters train (a name in :data:`difftune.tuning.TUNING_METHODS`; ``full``
-            trains every parameter).
+            trains every parameter); the method's settings are the ``tuning`` section.
     """
 
     pretrained: str = ""
@@ -222,6 +223,7 @@ class ExperimentConfig:
     bank: BankConfig = field(default_factory=BankConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -254,6 +256,7 @@ _SECTIONS = {
     "bank": BankConfig,
     "objective": ObjectiveConfig,
     "train": TrainConfig,
+    "tuning": TuningConfig,
 }
 
 

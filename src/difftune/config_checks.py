@@ -32,6 +32,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "None": (type(None),),
     "list[int]": (list,),
     "list[float]": (list,),
+    "list[str]": (list,),
+}
+_ELEMENTS: dict[str, tuple[type, ...]] = {
+    "list[int]": (int,),
+    "list[float]": (int, float),
+    "list[str]": (str,),
 }
 
 
@@ -48,7 +54,7 @@ def _check_fields(obj: Any, section: str) -> None:
         if isinstance(value, float):
             _check(math.isfinite(value), f"{section}.{f.name}={value!r} must be a finite number")
         if isinstance(value, list):
-            element = int if "list[int]" in kinds else (int, float)
+            element = next(_ELEMENTS[k] for k in kinds if k in _ELEMENTS)
             _check(
                 all(isinstance(v, element) and not isinstance(v, bool) for v in value),
                 f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}",

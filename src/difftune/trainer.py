@@ -23,8 +23,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from difftune.atomic import atomic_directory, atomic_write_text
+from difftune.backbones.adapters import apply_tuning
 from difftune.backbones.conditioning import Conditioning
-from difftune.backbones.loading import LoadedModel, load_pretrained, save_model, save_pipeline_index
+from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.backbones.saving import save_model, save_pipeline_index
 from difftune.bank import load_bank
 from difftune.config import ExperimentConfig
 from difftune.data import prepare_target
@@ -50,7 +52,6 @@ from difftune.run_state import (
 )
 from difftune.sampling import generate_with_spec, to_unit_range
 from difftune.streams import IndexStream, step_generator
-from difftune.tuning import prepare_tuning
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Trainer:
         )
         self.backbone = self.loaded.backbone
         self.guard: NonFiniteGuard | None = None  # set by train()
-        self.trainable = prepare_tuning(self.backbone, cfg.model.tuning)
+        self.trainable = apply_tuning(self.loaded, cfg.model.tuning, cfg.tuning)
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
         with self.accelerator.main_process_first():

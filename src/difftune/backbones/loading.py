@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,14 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
-from diffusers.training_utils import EMAModel
 
-from difftune.atomic import atomic_directory
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.unet import UNetBackbone
 from difftune.config_checks import check_model_path
 from difftune.errors import UserError
-from difftune.tuning import trainable_parameters
+from difftune.tuning.record import TuningRecord
 
 # diffusers class name in config.json -> (diffusers class, adapter)
 BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
@@ -51,6 +48,8 @@ class LoadedModel:
         source: where it came from (hub id or path), recorded in banks and checkpoints.
         vae_source: where the VAE came from, or ``None``.
         vae_subfolder: the VAE's sub-folder inside ``vae_source``, or ``None``.
+        tuning: the tuning method applied to the backbone, once one is
+            (:func:`~difftune.backbones.adapters.apply_tuning`).
     """
 
     backbone: Backbone
@@ -59,6 +58,7 @@ class LoadedModel:
     source: str
     vae_source: str | None
     vae_subfolder: str | None = None
+    tuning: TuningRecord | None = None
 
 
 def _pipeline_components(pretrained: str, revision: str | None, local_only: bool = False) -> dict[str, Any]:
@@ -222,87 +222,3 @@ def load_pretrained(
         vae_source=vae_source,
         vae_subfolder=vae_sub,
     )
-
-
-def load_trained(
-    path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None
-) -> LoadedModel:
-    """Load a model for inference: EMA weights (``ema/<name>``) when a difftune directory has them.
-
-    Raises:
-        FileNotFoundError: a local-looking path that does not exist.
-    """
-    return load_pretrained(path, inference_subfolder(path, subfolder, use_ema), vae)
-
-
-def inference_subfolder(path: str, subfolder: str | None = None, use_ema: bool = True) -> str | None:
-    """``subfolder`` if given, else ``ema/<name>`` when ``path`` has EMA weights and ``use_ema``, else None."""
-    ema = Path(path) / "ema"
-    if subfolder is None and use_ema and ema.is_dir():
-        subfolder = next((f"ema/{p.name}" for p in sorted(ema.iterdir()) if p.is_dir()), None)
-    return subfolder
-
-
-def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel | None = None) -> None:
-    """Write a directory that stock diffusers and :func:`load_pretrained` both load.
-
-    Layout: ``<transformer|unet>/`` (the trained weights), ``ema/<transformer|unet>/`` (with ``ema``:
-    the model with the EMA's averages in place of its trainable parameters; frozen ones as they
-    are), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
-    Written into a temporary sibling and renamed, so a crash never leaves a half-written directory.
-
-    Args:
-        loaded: the model, whole (backbone, schedule, provenance).
-        directory: where to write.
-        ema: the EMA of the backbone's trainable parameters
-            (:func:`~difftune.tuning.trainable_parameters`, in that order), or ``None``.
-
-    Raises:
-        ValueError: ``ema`` does not hold one average per trainable parameter.
-    """
-    backbone = loaded.backbone
-    with atomic_directory(directory) as tmp:
-        backbone.inner.save_pretrained(tmp / backbone.subfolder)
-        if ema is not None:
-            params = trainable_parameters(backbone)  # the optimizer's and the EMA's list
-            if len(params) != len(ema.shadow_params):
-                raise ValueError(
-                    f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
-                    "parameters; build the EMA from difftune.tuning.trainable_parameters(backbone)"
-                )
-            ema.store(params)
-            ema.copy_to(params)
-            try:
-                backbone.inner.save_pretrained(tmp / "ema" / backbone.subfolder)
-            finally:
-                ema.restore(params)
-        DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
-        record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
-        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
-
-
-def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class_names: list[str]) -> None:
-    """Make a saved model directory self-describing: its class names, and (for a latent DiT) a stock pipeline.
-
-    Writes ``class_names.json`` always. For a latent-space model whose adapter names a diffusers
-    pipeline (DiT: ``DiTPipeline``), also copies the VAE into ``vae/`` and writes ``model_index.json``
-    with ``id2label``, so ``DiTPipeline.from_pretrained(directory)`` loads it (with the trained weights
-    of ``transformer/``; the EMA weights are in ``ema/transformer``).
-    """
-    directory = Path(directory)
-    (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
-    backbone, codec = loaded.backbone, loaded.codec
-    if backbone.pipeline_class is None or codec.vae is None:
-        return
-    import diffusers
-
-    codec.vae.save_pretrained(directory / "vae")
-    index = {
-        "_class_name": backbone.pipeline_class,
-        "_diffusers_version": diffusers.__version__,
-        backbone.subfolder: ["diffusers", type(backbone.inner).__name__],
-        "vae": ["diffusers", type(codec.vae).__name__],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "id2label": {str(i): name for i, name in enumerate(class_names)},
-    }
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

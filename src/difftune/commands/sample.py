@@ -31,7 +31,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_model_path(args.model)
     if args.dry_run:
         total = len(labels) * args.per_label
-        from difftune.backbones.loading import inference_subfolder
+        from difftune.backbones.saving import inference_subfolder
 
         subfolder = inference_subfolder(args.model, args.subfolder, not args.no_ema)
         print(

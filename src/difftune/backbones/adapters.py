@@ -1,0 +1,180 @@
+"""Parameter-efficient tuning on disk: an adapter saved alone, loaded back onto its base, merged.
+
+An adapter directory holds ``difftune_adapter.safetensors`` (the method's trainable tensors, by
+name in the diffusers model) and ``difftune_tuning.json`` (the method, its settings, and the
+base: where it came from and the fingerprint of its weights). LoRA, LoHa and LoKr adapters are
+also written in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``), which
+``peft.PeftModel.from_pretrained(base_model, directory)`` loads as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from difftune.backbones.fingerprint import model_fingerprint
+from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.errors import UserError
+from difftune.tuning import Switchable, TuningConfig, build_tuning
+from difftune.tuning.lora import ADAPTER_NAME, PeftTuning
+from difftune.tuning.record import TuningRecord
+
+ADAPTER = "adapter"  # the sub-folder of a saved model that holds an adapter
+TUNING_FILE = "difftune_tuning.json"
+ADAPTER_WEIGHTS = "difftune_adapter.safetensors"
+
+
+def apply_tuning(
+    loaded: LoadedModel, method: str, settings: TuningConfig | None = None
+) -> list[nn.Parameter]:
+    """Prepare ``loaded``'s backbone for ``method`` and record it (with the base's fingerprint).
+
+    Returns:
+        The trainable parameters, in module order.
+    """
+    settings = settings or TuningConfig()
+    tuning = build_tuning(method, settings)
+    fingerprint = model_fingerprint(loaded.backbone.inner) if method != "full" else ""
+    params = tuning.prepare(loaded.backbone)
+    source = Path(loaded.source)
+    loaded.tuning = TuningRecord(
+        method,
+        dataclasses.asdict(settings),
+        fingerprint,
+        {
+            "source": str(source.resolve()) if source.exists() else loaded.source,
+            "vae": loaded.vae_source,
+            "vae_subfolder": loaded.vae_subfolder,
+        },
+    )
+    return params
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``model`` (a diffusers model), by name: what an adapter file holds."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(loaded: LoadedModel, directory: Path) -> None:
+    """Write the adapter of ``loaded`` (its trainable tensors and its tuning record) to ``directory``."""
+    record = loaded.tuning
+    if record is None or not record.adapts:
+        raise ValueError(
+            "save_adapter needs a model prepared by apply_tuning with a parameter-efficient method"
+        )
+    inner = loaded.backbone.inner
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(inner), str(directory / ADAPTER_WEIGHTS))
+    (directory / TUNING_FILE).write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    tuning = build_tuning(record.method, TuningConfig(**record.settings))
+    if isinstance(tuning, PeftTuning):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(inner, adapter_name=ADAPTER_NAME)
+        save_file(
+            {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+            str(directory / "adapter_model.safetensors"),
+        )
+        config = tuning.peft_config(inner)
+        config.base_model_name_or_path = record.base.get("source")
+        config.save_pretrained(str(directory))
+
+
+def is_adapter(directory: str | Path) -> bool:
+    """``directory`` is a saved model whose weights are an adapter (it has ``adapter/``)."""
+    return (Path(directory) / ADAPTER / TUNING_FILE).is_file()
+
+
+def read_record(directory: Path) -> TuningRecord:
+    """The tuning record saved in an adapter ``directory``.
+
+    Raises:
+        UserError: it is missing or unreadable.
+    """
+    path = directory / TUNING_FILE
+    try:
+        return TuningRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{path} cannot be read ({err}); save the adapter again") from None
+
+
+def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> LoadedModel:
+    """The base model with the adapter in ``directory`` applied (the base it records, unless given).
+
+    Raises:
+        UserError: the base's weights are not the ones the adapter was trained on, or the adapter
+            does not fit the model its method builds.
+    """
+    directory = Path(directory)
+    record = read_record(directory)
+    if base is None:
+        source = record.base.get("source")
+        if not source:
+            raise UserError(f"{directory} does not record its base model; load the base and pass it")
+        base = load_pretrained(source, vae=record.base.get("vae"))
+    found = model_fingerprint(base.backbone.inner)
+    if found != record.base_fingerprint:
+        raise UserError(
+            f"the adapter in {directory} was trained on a base with fingerprint {record.base_fingerprint} "
+            f"({record.base.get('source')}); {base.source} has {found}; load it onto that base"
+        )
+    apply_tuning(base, record.method, TuningConfig(**record.settings))
+    state = load_file(str(directory / ADAPTER_WEIGHTS))
+    params = dict(base.backbone.inner.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    if set(state) != trainable:
+        odd = sorted(set(state) ^ trainable)[:3]
+        raise UserError(
+            f"the adapter in {directory} does not fit a {record.method} model of this base ({odd} differ); "
+            "save it again with this version of difftune"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    return base
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain copy of the diffusers ``model`` with its tuning baked into its weights.
+
+    LoRA-family layers are merged into their base layers, reparametrised weights (BitFit,
+    DiffFit, SVDiff) replaced by their values; the result has the stock class's modules and
+    weight names, so ``save_pretrained`` writes a model stock diffusers loads.
+
+    Raises:
+        UserError: the method adds modules a stock model does not have (AdaptFormer, VPT).
+    """
+    merged = copy.deepcopy(model)
+    _merge_peft_layers(merged)
+    for module in merged.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    extra = [type(m).__name__ for m in merged.modules() if isinstance(m, Switchable)]
+    if extra:
+        raise UserError(
+            f"this tuning adds {extra[0]} modules that a stock {type(model).__name__} does not have, so it "
+            "cannot be merged; use the adapter with difftune sample / eval instead"
+        )
+    return merged
+
+
+def _merge_peft_layers(model: nn.Module) -> None:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[ADAPTER_NAME])
+            parent_name, _, child = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
+            )

@@ -1,0 +1,118 @@
+"""Saved models: trained weights (or an adapter) written for stock diffusers and for difftune, and read back.
+
+A saved model directory holds ``<transformer|unet>/`` (full fine-tuning) or ``adapter/`` (a
+parameter-efficient method, :mod:`difftune.backbones.adapters`), the same under ``ema/`` for the
+EMA weights, ``scheduler/`` and ``difftune_source.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+
+from difftune.atomic import atomic_directory
+from difftune.backbones.adapters import ADAPTER, is_adapter, load_adapter, save_adapter
+from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
+from difftune.tuning import trainable_parameters
+
+
+def load_trained(
+    path: str, subfolder: str | None = None, use_ema: bool = True, vae: str | None = None
+) -> LoadedModel:
+    """Load a model for inference: EMA weights (``ema/<name>``) when a difftune directory has them.
+
+    A directory that holds an adapter (``adapter/``, ``ema/adapter/``) is loaded onto the base model
+    it records.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist.
+        UserError: an adapter whose base model has other weights.
+    """
+    if is_adapter(path):
+        ema = Path(path) / "ema" / ADAPTER
+        return load_adapter(ema if use_ema and ema.is_dir() and subfolder is None else Path(path) / ADAPTER)
+    return load_pretrained(path, inference_subfolder(path, subfolder, use_ema), vae)
+
+
+def inference_subfolder(path: str, subfolder: str | None = None, use_ema: bool = True) -> str | None:
+    """``subfolder`` if given, else ``ema/<name>`` when ``path`` has EMA weights and ``use_ema``, else None."""
+    ema = Path(path) / "ema"
+    if subfolder is None and use_ema and ema.is_dir():
+        subfolder = next((f"ema/{p.name}" for p in sorted(ema.iterdir()) if p.is_dir()), None)
+    return subfolder
+
+
+def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel | None = None) -> None:
+    """Write a directory that stock diffusers and :func:`load_pretrained` both load.
+
+    Layout: ``<transformer|unet>/`` (the trained weights; ``adapter/`` instead for a
+    parameter-efficient method), ``ema/<transformer|unet>/`` (or ``ema/adapter/``; with ``ema``:
+    the model with the EMA's averages in place of its trainable parameters; frozen ones as they
+    are), ``scheduler/``, and ``difftune_source.json`` (where the model and its VAE came from).
+    Written into a temporary sibling and renamed, so a crash never leaves a half-written directory.
+
+    Args:
+        loaded: the model, whole (backbone, schedule, provenance).
+        directory: where to write.
+        ema: the EMA of the backbone's trainable parameters
+            (:func:`~difftune.tuning.trainable_parameters`, in that order), or ``None``.
+
+    Raises:
+        ValueError: ``ema`` does not hold one average per trainable parameter.
+    """
+    backbone = loaded.backbone
+    write: Callable[[Path], None] = (
+        (lambda root: save_adapter(loaded, root / ADAPTER))
+        if loaded.tuning is not None and loaded.tuning.adapts
+        else (lambda root: backbone.inner.save_pretrained(root / backbone.subfolder))
+    )
+    with atomic_directory(directory) as tmp:
+        write(tmp)
+        if ema is not None:
+            params = trainable_parameters(backbone)  # the optimizer's and the EMA's list
+            if len(params) != len(ema.shadow_params):
+                raise ValueError(
+                    f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
+                    "parameters; build the EMA from difftune.tuning.trainable_parameters(backbone)"
+                )
+            ema.store(params)
+            ema.copy_to(params)
+            try:
+                write(tmp / "ema")
+            finally:
+                ema.restore(params)
+        DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
+        record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+
+
+def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class_names: list[str]) -> None:
+    """Make a saved model directory self-describing: its class names, and (for a latent DiT) a stock pipeline.
+
+    Writes ``class_names.json`` always. For a latent-space model whose adapter names a diffusers
+    pipeline (DiT: ``DiTPipeline``), also copies the VAE into ``vae/`` and writes ``model_index.json``
+    with ``id2label``, so ``DiTPipeline.from_pretrained(directory)`` loads it (with the trained weights
+    of ``transformer/``; the EMA weights are in ``ema/transformer``).
+    """
+    directory = Path(directory)
+    (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
+    backbone, codec = loaded.backbone, loaded.codec
+    if backbone.pipeline_class is None or codec.vae is None or (loaded.tuning and loaded.tuning.adapts):
+        return  # an adapter becomes a stock pipeline through ``difftune export --merge``
+    import diffusers
+
+    codec.vae.save_pretrained(directory / "vae")
+    index = {
+        "_class_name": backbone.pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        backbone.subfolder: ["diffusers", type(backbone.inner).__name__],
+        "vae": ["diffusers", type(codec.vae).__name__],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "id2label": {str(i): name for i, name in enumerate(class_names)},
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""LoRA and its peft relatives (LoHa, LoKr), injected with peft into any diffusers model.
+
+DiT and ``UNet2DModel`` have no ``add_adapter``; :func:`peft.inject_adapter_in_model` adds the
+layers in place, with peft's own initialisation (the update is exactly zero at the start). Only
+the adapters' parameters train.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from difftune.errors import UserError
+from difftune.tuning.base import trainable_parameters
+from difftune.tuning.settings import TuningConfig
+from difftune.tuning.targets import DEFAULT_TARGETS, default_targets
+
+ADAPTER_NAME = "default"
+
+
+class PeftTuning:
+    """One of peft's low-rank adapters (``kind``: ``lora``, ``loha`` or ``lokr``)."""
+
+    def __init__(self, settings: TuningConfig, kind: str = "lora") -> None:
+        self.settings = settings
+        self.kind = kind
+
+    def peft_config(self, model: nn.Module) -> Any:
+        """The peft config this method injects into ``model``."""
+        import peft
+
+        s = self.settings
+        targets = s.lora_targets or default_targets(model, DEFAULT_TARGETS, "lora_targets")
+        if self.kind == "lora":
+            return peft.LoraConfig(
+                r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets
+            )
+        config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[self.kind]
+        return config(r=s.lora_rank, alpha=s.lora_alpha, rank_dropout=s.lora_dropout, target_modules=targets)
+
+    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
+        """Freeze ``model`` and inject the adapters into its diffusers model."""
+        import peft
+
+        inner = model.inner
+        model.requires_grad_(False)
+        config = self.peft_config(inner)
+        try:
+            peft.inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
+        except ValueError as err:  # no module matched the targets
+            raise UserError(
+                f"model.tuning={self.kind}: {str(err).splitlines()[0]}; set tuning.lora_targets to module names "
+                f"of {type(inner).__name__}"
+            ) from None
+        return trainable_parameters(model)

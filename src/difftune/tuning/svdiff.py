@@ -1,0 +1,38 @@
+"""SVDiff: learned shifts of the singular values of chosen weight matrices (convolutions reshaped)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from difftune.errors import UserError
+from difftune.tuning.base import trainable_parameters
+from difftune.tuning.reparam import SpectralShift, reparametrize
+from difftune.tuning.settings import TuningConfig
+from difftune.tuning.targets import DEFAULT_SVDIFF_TARGETS, default_targets, matches
+
+
+class SVDiffTuning:
+    """Spectral shifts of the target layers' weights train; the model stays frozen."""
+
+    def __init__(self, settings: TuningConfig) -> None:
+        self.settings = settings
+
+    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
+        inner = model.inner
+        model.requires_grad_(False)
+        targets = self.settings.svdiff_targets or default_targets(
+            inner, DEFAULT_SVDIFF_TARGETS, "svdiff_targets"
+        )
+        layers = [
+            m
+            for name, m in inner.named_modules()
+            if matches(name, targets) and isinstance(m, (nn.Linear, nn.Conv2d))
+        ]
+        if not layers:
+            raise UserError(
+                f"model.tuning=svdiff: no linear or convolution layer of {type(inner).__name__} matches "
+                f"tuning.svdiff_targets={targets}"
+            )
+        for layer in layers:
+            reparametrize(layer, "weight", SpectralShift(layer.weight))
+        return trainable_parameters(model)
