@@ -21,6 +21,11 @@ FROZEN = "pos_embed.proj.weight"  # a DiT parameter that the frozen-parameter te
 class FreezeOne:
     """A tuning method for the tests: everything trains but one named parameter."""
 
+    adapter = False
+
+    def __init__(self, settings: object = None) -> None:
+        self.settings = settings
+
     def prepare(self, model: nn.Module) -> list[nn.Parameter]:
         inner = getattr(model, "inner", model)
         inner.get_parameter(FROZEN).requires_grad_(False)

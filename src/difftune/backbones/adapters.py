@@ -41,7 +41,7 @@ def apply_tuning(
     """
     settings = settings or TuningConfig()
     tuning = build_tuning(method, settings)
-    fingerprint = model_fingerprint(loaded.backbone.inner) if method != "full" else ""
+    fingerprint = model_fingerprint(loaded.backbone.inner) if tuning.adapter else ""
     params = tuning.prepare(loaded.backbone)
     source = Path(loaded.source)
     loaded.tuning = TuningRecord(
@@ -53,6 +53,7 @@ def apply_tuning(
             "vae": loaded.vae_source,
             "vae_subfolder": loaded.vae_subfolder,
         },
+        tuning.adapter,
     )
     return params
 
@@ -65,7 +66,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(loaded: LoadedModel, directory: Path) -> None:
     """Write the adapter of ``loaded`` (its trainable tensors and its tuning record) to ``directory``."""
     record = loaded.tuning
-    if record is None or not record.adapts:
+    if record is None or not record.adapter:
         raise ValueError(
             "save_adapter needs a model prepared by apply_tuning with a parameter-efficient method"
         )

@@ -68,7 +68,7 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
     backbone = loaded.backbone
     write: Callable[[Path], None] = (
         (lambda root: save_adapter(loaded, root / ADAPTER))
-        if loaded.tuning is not None and loaded.tuning.adapts
+        if loaded.tuning is not None and loaded.tuning.adapter
         else (lambda root: backbone.inner.save_pretrained(root / backbone.subfolder))
     )
     with atomic_directory(directory) as tmp:
@@ -102,7 +102,7 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
     directory = Path(directory)
     (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
     backbone, codec = loaded.backbone, loaded.codec
-    if backbone.pipeline_class is None or codec.vae is None or (loaded.tuning and loaded.tuning.adapts):
+    if backbone.pipeline_class is None or codec.vae is None or (loaded.tuning and loaded.tuning.adapter):
         return  # an adapter becomes a stock pipeline through ``difftune export --merge``
     import diffusers
 

@@ -46,6 +46,8 @@ def _add_parallel(host: nn.Module, args: tuple[Any, ...], output: torch.Tensor) 
 class AdaptFormerTuning:
     """A parallel adapter beside each feed-forward block trains; the model stays frozen."""
 
+    adapter = True
+
     def __init__(self, settings: TuningConfig) -> None:
         self.settings = settings
 

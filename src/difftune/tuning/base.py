@@ -17,7 +17,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class TuningMethod(Protocol):
-    """Prepares a model for training and says what trains."""
+    """Prepares a model for training and says what trains.
+
+    Attributes:
+        adapter: the method adds or reparametrises weights, which are saved alone as an adapter
+            (and can be switched off); ``False``: it trains the model's own weights, saved whole.
+    """
+
+    adapter: bool
 
     def prepare(self, model: nn.Module) -> list[nn.Parameter]:
         """Modify ``model`` in place (freeze, inject adapters, ...) and return its trainable parameters.

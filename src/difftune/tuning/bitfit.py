@@ -21,6 +21,8 @@ def add_bias_deltas(model: nn.Module) -> int:
 class BitFitTuning:
     """Every bias of the model trains; nothing else does."""
 
+    adapter = True
+
     def __init__(self, settings: TuningConfig) -> None:
         self.settings = settings
 

@@ -57,6 +57,8 @@ def add_scale_factors(model: nn.Module, blocks: list[int] | None) -> int:
 class DiffFitTuning:
     """DiffFit's parameters: biases, norms, class embeddings and scale factors (docs/method.md)."""
 
+    adapter = True
+
     def __init__(self, settings: TuningConfig) -> None:
         self.settings = settings
 

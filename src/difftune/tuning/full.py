@@ -10,6 +10,8 @@ from difftune.tuning.base import trainable_parameters
 class FullTuning:
     """All parameters with ``requires_grad`` train; nothing is frozen or added."""
 
+    adapter = False
+
     def __init__(self, settings: object = None) -> None:
         self.settings = settings
 

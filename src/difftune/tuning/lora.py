@@ -22,6 +22,8 @@ ADAPTER_NAME = "default"
 class PeftTuning:
     """One of peft's low-rank adapters (``kind``: ``lora``, ``loha`` or ``lokr``)."""
 
+    adapter = True
+
     def __init__(self, settings: TuningConfig, kind: str = "lora") -> None:
         self.settings = settings
         self.kind = kind

@@ -16,14 +16,12 @@ class TuningRecord:
         base_fingerprint: :func:`~difftune.backbones.model_fingerprint` of the pre-trained weights,
             taken before the method touched them; an adapter refuses any other base.
         base: where the base came from (``source``, ``vae``, ``vae_subfolder``).
+        adapter: the method's weights are saved as an adapter (apart from the base) rather than
+            as a whole model.
     """
 
     method: str
     settings: dict[str, Any]
     base_fingerprint: str
     base: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def adapts(self) -> bool:
-        """The method adds or reparametrises weights (everything but full fine-tuning)."""
-        return self.method != "full"
+    adapter: bool = True

@@ -14,6 +14,8 @@ from difftune.tuning.targets import DEFAULT_SVDIFF_TARGETS, default_targets, mat
 class SVDiffTuning:
     """Spectral shifts of the target layers' weights train; the model stays frozen."""
 
+    adapter = True
+
     def __init__(self, settings: TuningConfig) -> None:
         self.settings = settings
 

@@ -50,6 +50,8 @@ def _drop(block: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torc
 class VPTTuning:
     """Deep prompts per transformer block train; the model stays frozen."""
 
+    adapter = True
+
     def __init__(self, settings: TuningConfig) -> None:
         self.settings = settings
 
