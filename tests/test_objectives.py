@@ -77,7 +77,7 @@ def batch():
     t = torch.tensor([0, 17, 500, 999, 3, 250])
     noise = torch.randn((n, C, H, W), generator=g)
     drop = torch.tensor([False, True, False, False, False, False])
-    return x0, labels, is_bank, Draw(t, noise, drop)
+    return x0, labels, is_bank, Draw(t, noise, drop, is_bank)
 
 
 def _hand_xt(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -178,11 +178,15 @@ def test_reduce_of_split_batch_sums_to_whole(batch) -> None:
 
 
 def test_draw_slicing() -> None:
-    draw = Draw(torch.arange(5), torch.randn(5, 1, 2, 2), torch.tensor([True, False, True, False, False]))
-    part = draw[1:3]
-    assert part.t.tolist() == [1, 2]
-    assert torch.equal(part.noise, draw.noise[1:3])
-    assert part.drop.tolist() == [False, True]
+    bank = torch.tensor([False, False, False, True, True])
+    draw = Draw(
+        torch.arange(5), torch.randn(5, 1, 2, 2), torch.tensor([True, False, True, False, False]), bank
+    )
+    part = draw[1:4]
+    assert part.t.tolist() == [1, 2, 3]
+    assert torch.equal(part.noise, draw.noise[1:4])
+    assert part.drop.tolist() == [False, True, False]
+    assert part.bank.tolist() == [False, False, True]
 
 
 # ---------------------------------------------------------------------------------- realisation
@@ -454,7 +458,7 @@ def test_variance_term_follows_the_backbone_declaration(learn_sigma: bool, wante
 def test_unknown_objective_kind_lists_the_valid_ones() -> None:
     from difftune.config import ConfigError, ObjectiveConfig
 
-    with pytest.raises(ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning'\]"):
+    with pytest.raises(ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning', 'distillation'\]"):
         ObjectiveConfig(kind="distil")
 
 

@@ -141,6 +141,11 @@ class ObjectiveConfig:
             guidance training), applied once per target sample.
         learn_variance: train the variance channels with the variational-bound term when the model
             predicts them (DiT); ``False`` leaves them out of the loss.
+        retention_data: what the retention stream holds: ``"bank"`` (the knowledge bank) or
+            ``"target"`` (target samples, with the null condition; no bank needed).
+        teacher_dtype: ``kind: distillation`` with full fine-tuning keeps a frozen copy of the
+            pre-trained model as its teacher, in ``float32`` or ``bfloat16`` (half the memory);
+            parameter-efficient methods need no copy (their adapters are switched off instead).
     """
 
     kind: str = "diff_tuning"
@@ -153,6 +158,8 @@ class ObjectiveConfig:
     bank_weight: float = 0.1
     cfg_dropout: float = 0.1
     learn_variance: bool = True
+    retention_data: str = "bank"
+    teacher_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_fields(self, "objective")
@@ -175,6 +182,14 @@ class ObjectiveConfig:
                 name in SCHEDULES or ":" in name,
                 f"objective.{key}={name!r} is unknown; valid: {sorted(SCHEDULES)} or 'package.module:function'",
             )
+        _check(
+            self.retention_data in ("bank", "target"),
+            f"objective.retention_data={self.retention_data!r}: use 'bank' or 'target'",
+        )
+        _check(
+            self.teacher_dtype in ("float32", "bfloat16"),
+            f"objective.teacher_dtype={self.teacher_dtype!r}: use 'float32' or 'bfloat16'",
+        )
 
 
 @dataclass
@@ -227,14 +242,20 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.objective.bank_share == 0.0 or bool(self.bank.path),
-            "objective.bank_share > 0 but bank.path is empty: set bank.path or objective.bank_share=0",
+            self.objective.bank_share == 0.0 or bool(self.bank.path) or not self.uses_bank,
+            "objective.bank_share > 0 but bank.path is empty: set bank.path, objective.retention_data=target "
+            "or objective.bank_share=0",
         )
         _check(
             self.objective.bank_share == 0.0 or self.bank_count > 0,
             f"objective.bank_share={self.objective.bank_share} of train.batch_size={self.train.batch_size} rounds "
             "to 0 bank samples per batch; raise one of them, or set objective.bank_share=0",
         )
+
+    @property
+    def uses_bank(self) -> bool:
+        """The retention stream reads the knowledge bank (not the target set)."""
+        return self.bank_count > 0 and self.objective.retention_data == "bank"
 
     @property
     def bank_count(self) -> int:

@@ -90,6 +90,11 @@ class TargetData:
     def __len__(self) -> int:
         return int(self.samples.shape[0])
 
+    def draw(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Samples ``indices``, each a fresh draw from its VAE posterior (the sample itself in pixel space)."""
+        mean, std = self.samples[indices], self.std[indices]
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
 
 def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn digits as (images (N, 1, 8, 8) in [-1, 1], original digit labels (N,))."""

@@ -74,7 +74,7 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, "
         f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
     ]
-    if cfg.bank_count:
+    if cfg.uses_bank:
         manifest = LatentStore(cfg.bank.path).manifest
         if manifest.get("kind") != "bank":
             raise UserError(f"{cfg.bank.path} is not a knowledge bank (kind={manifest.get('kind')!r})")

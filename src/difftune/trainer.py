@@ -93,31 +93,32 @@ class Trainer:
         with self.accelerator.main_process_first():
             cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
             self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)
-        self.bank = load_bank(cfg.bank.path, self.loaded)["samples"] if cfg.bank_count else torch.empty(0)
-        self.n_bank = cfg.bank_count
+        self.bank = load_bank(cfg.bank.path, self.loaded)["samples"] if cfg.uses_bank else torch.empty(0)
+        self.n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
         self.n_target = tc.batch_size - self.n_bank
+        retention_pool = self.bank.shape[0] if cfg.uses_bank else len(self.target)
         self.state = LoopState(
             target=IndexStream(len(self.target), tc.seed),
-            bank=IndexStream(self.bank.shape[0], tc.seed + 1) if self.n_bank else None,
+            bank=IndexStream(retention_pool, tc.seed + 1) if self.n_bank else None,
         )
 
     def _batch(self, step: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Draw]:
         """The global batch of ``step``: x0 (B, C, H, W), conditions (guidance drop applied), is_bank (B,), draw.
 
-        Bank samples train the unconditional branch (docs/method.md §2): their condition is the
-        backbone's unconditional form.
+        Bank samples (or the target samples of the retention stream, with
+        ``objective.retention_data: target``) train the unconditional branch (docs/method.md §2):
+        their condition is the backbone's unconditional form.
         """
         g = step_generator(self.cfg.train.seed, step)
         idx = self.state.target.take(self.n_target)
-        mean, std = self.target.samples[idx], self.target.std[idx]
-        x_target = mean + std * torch.randn(mean.shape, generator=g)  # a fresh VAE posterior sample
-        parts = [x_target]
+        parts = [self.target.draw(idx, g)]
         if self.n_bank:
-            parts.append(self.bank[self.state.bank.take(self.n_bank)])
+            retained = self.state.bank.take(self.n_bank)
+            parts.append(self.bank[retained] if self.cfg.uses_bank else self.target.draw(retained, g))
         x0 = torch.cat(parts)
         cond = Conditioning.cat([self.target.cond.select(idx), self.backbone.unconditional(self.n_bank)])
         is_bank = torch.arange(x0.shape[0]) >= self.n_target
-        draw = self.objective.draw(self.n_target, self.n_bank, tuple(mean.shape[1:]), g)
+        draw = self.objective.draw(self.n_target, self.n_bank, tuple(x0.shape[1:]), g)
         return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
 
     def train(self) -> Path:
@@ -277,6 +278,7 @@ class Trainer:
             "target_samples": len(self.target),
             "classes": {name: label for label, name in enumerate(self.target.class_names)},
             "bank_samples": int(self.bank.shape[0]),
+            "retention": {"objective": self.cfg.objective.kind, "data": self.cfg.objective.retention_data},
             "batch": {"target": self.n_target, "bank": self.n_bank},
             "resume_from": None if resume is None else {"checkpoint": str(resume), "step": self.state.step},
             "processes": self.accelerator.num_processes,

@@ -9,7 +9,6 @@ also written in peft's format (``adapter_model.safetensors`` + ``adapter_config.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -17,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
@@ -25,6 +23,7 @@ from difftune.errors import UserError
 from difftune.tuning import Switchable, TuningConfig, build_tuning
 from difftune.tuning.lora import ADAPTER_NAME, PeftTuning
 from difftune.tuning.record import TuningRecord
+from difftune.tuning.reparam import AdditiveDelta, RowScale, SpectralShift
 
 ADAPTER = "adapter"  # the sub-folder of a saved model that holds an adapter
 TUNING_FILE = "difftune_tuning.json"
@@ -143,39 +142,39 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
 
 
 def merged_model(model: nn.Module) -> nn.Module:
-    """A plain copy of the diffusers ``model`` with its tuning baked into its weights.
+    """A new plain instance of the diffusers ``model``'s class with the tuning baked into its weights.
 
-    LoRA-family layers are merged into their base layers, reparametrised weights (BitFit,
-    DiffFit, SVDiff) replaced by their values; the result has the stock class's modules and
-    weight names, so ``save_pretrained`` writes a model stock diffusers loads.
+    LoRA-family updates are added to their base layers' weights, reparametrised weights (BitFit,
+    DiffFit, SVDiff) are replaced by their values; the result has the stock class's modules and
+    weight names, so ``save_pretrained`` writes a model stock diffusers loads. ``model`` is left as
+    it is.
 
     Raises:
         UserError: the method adds modules a stock model does not have (AdaptFormer, VPT).
     """
-    merged = copy.deepcopy(model)
-    _merge_peft_layers(merged)
-    for module in merged.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    extra = [type(m).__name__ for m in merged.modules() if isinstance(m, Switchable)]
+    extra = [type(m).__name__ for m in model.modules() if isinstance(m, Switchable) and not _is_reparam(m)]
     if extra:
         raise UserError(
             f"this tuning adds {extra[0]} modules that a stock {type(model).__name__} does not have, so it "
             "cannot be merged; use the adapter with difftune sample / eval instead"
         )
-    return merged
+    plain = type(model).from_config(model.config)
+    with torch.no_grad():
+        state = {key: _merged_value(model, key) for key in plain.state_dict()}
+    plain.load_state_dict(state, strict=True)
+    return plain.to(next(model.parameters()).device)
 
 
-def _merge_peft_layers(model: nn.Module) -> None:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge(adapter_names=[ADAPTER_NAME])
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
-            )
+def _is_reparam(module: nn.Module) -> bool:
+    return isinstance(module, (AdditiveDelta, RowScale, SpectralShift))
+
+
+def _merged_value(model: nn.Module, key: str) -> torch.Tensor:
+    """The tuned value of a plain model's state-dict entry ``key``, read from the tuned ``model``."""
+    path, _, attr = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    value = getattr(base, attr).detach()  # a reparametrised weight reads as its value
+    if base is not module and attr == "weight":  # a peft layer: its update is added to the weight
+        value = value + module.get_delta_weight(ADAPTER_NAME).to(value.dtype)
+    return value.clone()

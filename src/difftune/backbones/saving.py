@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from difftune.atomic import atomic_directory
-from difftune.backbones.adapters import ADAPTER, is_adapter, load_adapter, save_adapter
+from difftune.backbones.adapters import ADAPTER, TUNING_FILE, is_adapter, load_adapter, save_adapter
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
 from difftune.tuning import trainable_parameters
 
@@ -36,6 +36,8 @@ def load_trained(
     if is_adapter(path):
         ema = Path(path) / "ema" / ADAPTER
         return load_adapter(ema if use_ema and ema.is_dir() and subfolder is None else Path(path) / ADAPTER)
+    if (Path(path) / TUNING_FILE).is_file():  # an adapter on its own (``difftune export`` without --merge)
+        return load_adapter(path)
     return load_pretrained(path, inference_subfolder(path, subfolder, use_ema), vae)
 
 

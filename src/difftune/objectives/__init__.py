@@ -1,20 +1,25 @@
 """Objectives: draw the batch's randomness, compute named per-sample terms, reduce them.
 
 ``objective.kind`` in the config picks a builder from :data:`OBJECTIVES`; :func:`build_objective`
-is the one place the trainer gets its objective from. A new objective (e.g. a distillation variant
-of retention) is a new module here implementing :class:`~difftune.objectives.base.Objective`, plus
-one registry entry; its terms are logged without further code.
+is the one place the trainer gets its objective from: ``diff_tuning`` (docs/method.md §2) or
+``distillation`` (retention by distillation from the pre-trained model, §7). A new objective is a
+new module here implementing :class:`~difftune.objectives.base.Objective`, plus one registry entry;
+its terms are logged without further code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from difftune.errors import UserError
 from difftune.objectives.base import Draw, LossTerms, Objective
 from difftune.objectives.diff_tuning import DiffTuningLoss
+from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
 from difftune.schedules import build_schedule
+from difftune.tuning import can_switch_off
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -23,9 +28,15 @@ if TYPE_CHECKING:
     from difftune.config import ObjectiveConfig
 
 
-def _diff_tuning(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone) -> DiffTuningLoss:
+def _diff_tuning(
+    cfg: ObjectiveConfig,
+    scheduler: DDPMScheduler,
+    backbone: Backbone,
+    kind: type[DiffTuningLoss] = DiffTuningLoss,
+    **extra: Any,
+) -> DiffTuningLoss:
     T = scheduler.config.num_train_timesteps
-    return DiffTuningLoss(
+    return kind(
         scheduler,
         build_schedule(cfg.target_schedule, T, cfg.target_exponent),
         build_schedule(cfg.bank_schedule, T, cfg.bank_exponent),
@@ -34,11 +45,22 @@ def _diff_tuning(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backb
         cfg_dropout=cfg.cfg_dropout,
         # the variance term follows what the backbone declares, not the shape of its output
         learn_variance=cfg.learn_variance and backbone.learns_variance,
+        **extra,
     )
+
+
+def _distillation(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone) -> DistillationLoss:
+    teacher = (
+        switched_off_teacher(backbone)
+        if can_switch_off(backbone)
+        else frozen_copy_teacher(backbone, getattr(torch, cfg.teacher_dtype))
+    )
+    return _diff_tuning(cfg, scheduler, backbone, DistillationLoss, teacher=teacher)
 
 
 OBJECTIVES: dict[str, Callable[[ObjectiveConfig, DDPMScheduler, Backbone], Objective]] = {
     "diff_tuning": _diff_tuning,
+    "distillation": _distillation,
 }
 
 
@@ -53,4 +75,12 @@ def build_objective(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Ba
     return OBJECTIVES[cfg.kind](cfg, scheduler, backbone)
 
 
-__all__ = ["OBJECTIVES", "DiffTuningLoss", "Draw", "LossTerms", "Objective", "build_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "DiffTuningLoss",
+    "DistillationLoss",
+    "Draw",
+    "LossTerms",
+    "Objective",
+    "build_objective",
+]

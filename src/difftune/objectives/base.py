@@ -26,14 +26,17 @@ class Draw:
         noise: Gaussian noise (N, C, H, W).
         drop: True where a target sample's condition is dropped for classifier-free guidance (N,)
             (always False for bank samples); the backbone's ``drop`` applies it.
+        bank: True for the bank (retention) rows (N,), on the host, so an objective can pick those
+            rows without a device synchronisation.
     """
 
     t: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
+    bank: torch.Tensor
 
     def __getitem__(self, index: torch.Tensor | slice) -> Draw:
-        return Draw(self.t[index], self.noise[index], self.drop[index])
+        return Draw(self.t[index], self.noise[index], self.drop[index], self.bank[index])
 
 
 @dataclass

@@ -76,7 +76,7 @@ class DiffTuningLoss:
         noise = torch.randn((n_target + n_bank, *shape), generator=generator)
         drop = torch.rand(n_target + n_bank, generator=generator) < self.cfg_dropout
         drop[n_target:] = False
-        return Draw(torch.cat([t_target, t_bank]), noise, drop)
+        return Draw(torch.cat([t_target, t_bank]), noise, drop, torch.arange(n_target + n_bank) >= n_target)
 
     def __call__(
         self, model: torch.nn.Module, x0: torch.Tensor, cond: Conditioning, is_bank: torch.Tensor, draw: Draw
@@ -90,15 +90,25 @@ class DiffTuningLoss:
             is_bank: (N,) bool.
             draw: this batch's random draws (see :meth:`draw`).
         """
+        x_t, t, noise = self.noised(x0, draw)
+        out = model(x_t, t, cond)  # (N, C or 2C, H, W)
+        terms = self.denoising_terms(out, x0, x_t, noise, t)
+        return self.weighted(terms, t, is_bank)
+
+    def noised(self, x0: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, t, noise)`` on ``x0``'s device: the forward process at the drawn timesteps."""
         device = x0.device
         t, noise = draw.t.to(device), draw.noise.to(device=device, dtype=x0.dtype)
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        out = model(x_t, t, cond)  # (N, C or 2C, H, W)
+        return self.scheduler.add_noise(x0, noise, t), t, noise
+
+    def denoising_terms(
+        self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample ``mse`` (in the model's parameterisation) and, for a variance-learning model, ``vb``."""
         C = x0.shape[1]
         pred = out[:, :C]
         target = self.parameterisation.target(x0, noise, t)
         terms = {"mse": (pred.float() - target.float()).pow(2).flatten(1).mean(1)}  # (N,)
-        raw = terms["mse"]
         if self.learn_variance:
             if out.shape[1] != 2 * C:
                 raise ValueError(
@@ -107,11 +117,14 @@ class DiffTuningLoss:
                 )
             pred_x0 = self.parameterisation.x0(pred.detach().float(), x_t.float(), t)
             terms["vb"] = self.vb(x0, x_t, t, pred_x0, out[:, C:])  # trains the variance channels only
-            raw = raw + terms["vb"]
-        loss = raw
+        return terms
+
+    def weighted(self, terms: dict[str, torch.Tensor], t: torch.Tensor, is_bank: torch.Tensor) -> LossTerms:
+        """The terms' sum as the per-sample loss (times the schedule weight under ``"weight"``)."""
+        loss = sum(terms.values(), torch.zeros_like(t, dtype=torch.float32))
         if self.realisation == "weight":
             weight = torch.where(is_bank, self.schedules[1].loss_weight(t), self.schedules[0].loss_weight(t))
-            loss = raw * weight
+            loss = loss * weight
         return LossTerms(loss=loss, t=t, is_bank=is_bank, terms={k: v.detach() for k, v in terms.items()})
 
     def reduce(self, terms: LossTerms, n_target: int, n_bank: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from difftune.tuning.full import FullTuning
 from difftune.tuning.lora import PeftTuning
 from difftune.tuning.settings import TuningConfig
 from difftune.tuning.svdiff import SVDiffTuning
-from difftune.tuning.switch import Switchable, adapters_off
+from difftune.tuning.switch import Switchable, adapters_off, can_switch_off
 from difftune.tuning.vpt import VPTTuning
 
 TUNING_METHODS: dict[str, Callable[[TuningConfig], TuningMethod]] = {
@@ -63,6 +63,7 @@ __all__ = [
     "TuningConfig",
     "TuningMethod",
     "adapters_off",
+    "can_switch_off",
     "build_tuning",
     "prepare_tuning",
     "trainable_parameters",

@@ -28,6 +28,11 @@ def _peft_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def can_switch_off(model: nn.Module) -> bool:
+    """``model`` holds pieces a tuning method added (so :func:`adapters_off` gives the pre-trained function)."""
+    return any(isinstance(m, Switchable) for m in model.modules()) or bool(_peft_layers(model))
+
+
 @contextmanager
 def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` computes the pre-trained function (every added piece bypassed).
