@@ -458,7 +458,9 @@ def test_variance_term_follows_the_backbone_declaration(learn_sigma: bool, wante
 def test_unknown_objective_kind_lists_the_valid_ones() -> None:
     from difftune.config import ConfigError, ObjectiveConfig
 
-    with pytest.raises(ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning', 'distillation'\]"):
+    with pytest.raises(
+        ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning', 'distillation'\]"
+    ):
         ObjectiveConfig(kind="distil")
 
 

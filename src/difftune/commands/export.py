@@ -1,0 +1,72 @@
+"""``difftune export``: an adapter run's weights as a shareable adapter, or merged into a stock model.
+
+    difftune export runs/x/final --out exported/x-lora            # the adapter alone (EMA weights)
+    difftune export runs/x/final --out exported/x-full --merge    # a full diffusers model directory
+
+``--merge`` bakes the adapter into the base model's weights; the result loads with the stock
+``from_pretrained`` of its class (and, for a latent DiT, as a ``DiTPipeline``), with no trace of
+difftune or peft. AdaptFormer and VPT add modules a stock model has no place for: they export
+only as adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from difftune.errors import UserError
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from difftune.atomic import atomic_directory
+    from difftune.backbones.adapters import ADAPTER, is_adapter, merged_model
+    from difftune.backbones.saving import load_trained, save_model, save_pipeline_index
+
+    source, out = Path(args.model), Path(args.out)
+    if not is_adapter(source):
+        raise UserError(
+            f"{source} holds no adapter (no {ADAPTER}/difftune_tuning.json); export is for runs with a "
+            "parameter-efficient model.tuning (a full fine-tuning final/ already is a diffusers model)"
+        )
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"--out {out} is not empty; choose another folder or pass --overwrite")
+    weights = (
+        source / "ema" / ADAPTER
+        if not args.no_ema and (source / "ema" / ADAPTER).is_dir()
+        else source / ADAPTER
+    )
+    if args.dry_run:
+        print(
+            f"would export {weights} {'merged into its base model' if args.merge else 'as an adapter'} to {out}"
+        )
+        return 0
+    if not args.merge:
+        with atomic_directory(out) as staging:
+            shutil.copytree(weights, staging, dirs_exist_ok=True)
+        print(f"wrote the adapter of {source} to {out}")
+        return 0
+    loaded = load_trained(str(source), use_ema=not args.no_ema)
+    backbone = type(loaded.backbone)(merged_model(loaded.backbone.inner))
+    plain = dataclasses.replace(loaded, backbone=backbone, tuning=None)
+    save_model(plain, out)
+    names_file = source / "class_names.json"
+    if names_file.is_file():
+        save_pipeline_index(plain, out, json.loads(names_file.read_text()))
+    print(f"wrote {type(backbone.inner).__name__} with the adapter of {source} merged in to {out}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``difftune export``."""
+    p = subparsers.add_parser("export", help="export an adapter run: the adapter alone, or merged (--merge)")
+    p.add_argument("model", help="a run's final/ (or a checkpoint's model/) that holds adapter/")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--merge", action="store_true", help="bake the adapter into a full diffusers model")
+    p.add_argument("--no-ema", action="store_true", help="the trained weights instead of their EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan, do nothing")
+    p.set_defaults(func=cmd_export)
