@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
 from difftune.atomic import atomic_write_json, atomic_write_text
-from difftune.backbones import load_pretrained
+from difftune.backbones import load_pretrained, load_trained
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
 from difftune.config import (
@@ -34,6 +34,7 @@ from difftune.config import (
     ModelConfig,
     ObjectiveConfig,
     TrainConfig,
+    TuningConfig,
 )
 from difftune.data import few_shot_indices, load_digits_split
 from difftune.demo_report import environment, plot_curves, report_markdown, uniform_t_loss
@@ -218,16 +219,22 @@ class _Evaluator:
 
 
 def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
+    """Fine-tune with method ``name``: objective overrides, plus optional ``tuning`` (a method of
+    :data:`difftune.tuning.TUNING_METHODS`), ``tuning_settings`` and ``learning_rate``."""
+    spec = dict(s.methods[name])
+    tuning, tuning_settings = spec.pop("tuning", "full"), spec.pop("tuning_settings", {})
+    learning_rate = spec.pop("learning_rate", s.finetune_lr)
     cfg = ExperimentConfig(
-        model=ModelConfig(pretrained=str(source), subfolder="ema/transformer"),
+        model=ModelConfig(pretrained=str(source), subfolder="ema/transformer", tuning=tuning),
         data=DataConfig(source="digits", classes=s.target_classes, per_class=s.per_class, seed=s.seed),
         bank=BankConfig(path=str(bank), num_samples=s.bank_samples),
-        objective=ObjectiveConfig(**s.methods[name]),
+        objective=ObjectiveConfig(**spec),
+        tuning=TuningConfig(**tuning_settings),
         train=TrainConfig(
             output_dir=str(s.out / "runs" / name),
             batch_size=s.finetune_batch,
             max_steps=s.finetune_steps,
-            learning_rate=s.finetune_lr,
+            learning_rate=learning_rate,
             ema_decay=s.ema_decay,
             checkpoint_every=s.eval_every,
             keep_checkpoints=s.finetune_steps // s.eval_every + 1,
@@ -305,7 +312,7 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
         run = _finetune(s, name, source, bank)
         curve = []
         for ckpt in list_checkpoints(run):  # the last one is the final model
-            images = evaluator.samples(load_pretrained(str(ckpt / "model"), subfolder="ema/transformer"))
+            images = evaluator.samples(load_trained(str(ckpt / "model")))  # the EMA weights (or adapter)
             curve.append({"step": int(ckpt.name.split("-")[1]), "fid": evaluator.fid(images)})
         per_row = min(10, s.eval_per_class)
         grid = images.view(len(s.target_classes), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(
@@ -319,9 +326,7 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             "loss_curve": [{"step": h["step"], "loss": uniform_t_loss(h)} for h in history],
         }
     if s.forgetting_method is not None:
-        final = load_pretrained(
-            str(s.out / "runs" / s.forgetting_method / "final"), subfolder="ema/transformer"
-        )
+        final = load_trained(str(s.out / "runs" / s.forgetting_method / "final"))
         _forgetting_probes(s, evaluator, final, source_model)
     seconds = time.time() - start
     plot_curves(results, s.out)
