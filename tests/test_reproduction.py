@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from difftune.config import ObjectiveConfig
-from difftune.demo import DemoSettings
+from difftune.demo import DemoSettings, MethodSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "configs" / "reproduction").glob("*.yaml"))
@@ -34,7 +33,7 @@ def test_experiment_config_is_valid(path: Path):
     assert len(spec["seeds"]) >= 3 and all(isinstance(s, int) for s in spec["seeds"])
     settings = DemoSettings(seed=spec["seeds"][0], methods=spec["methods"], **spec.get("settings", {}))
     for overrides in settings.methods.values():
-        ObjectiveConfig(**overrides)  # raises on an unknown field or an invalid value
+        MethodSpec.parse(overrides)  # raises on an unknown field or an invalid value
     if "plain" not in spec["methods"]:
         base = yaml.safe_load((path.parent / f"{spec['baseline_from']}.yaml").read_text())
         assert "plain" in base["methods"]

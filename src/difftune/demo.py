@@ -218,23 +218,43 @@ class _Evaluator:
         return fid_from_stats(self.reference, compute_feature_stats(images, self.extractor))
 
 
+@dataclass
+class MethodSpec:
+    """One method of the demo: objective overrides, plus which parameters train and how fast.
+
+    A method's entry in :attr:`DemoSettings.methods` holds :class:`ObjectiveConfig` fields and,
+    optionally, ``tuning`` (a name in :data:`difftune.tuning.TUNING_METHODS`), ``tuning_settings``
+    (fields of :class:`TuningConfig`) and ``learning_rate`` (default: the demo's).
+    """
+
+    objective: ObjectiveConfig
+    model: ModelConfig
+    tuning: TuningConfig
+    learning_rate: float | None = None
+
+    @classmethod
+    def parse(cls, spec: dict[str, Any], source: str = "source") -> MethodSpec:
+        """Validate one entry (raises ``ConfigError`` on an unknown field or value)."""
+        rest = dict(spec)
+        model = ModelConfig(pretrained=source, subfolder="ema/transformer", tuning=rest.pop("tuning", "full"))
+        tuning = TuningConfig(**rest.pop("tuning_settings", {}))
+        learning_rate = rest.pop("learning_rate", None)
+        return cls(ObjectiveConfig(**rest), model, tuning, learning_rate)
+
+
 def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
-    """Fine-tune with method ``name``: objective overrides, plus optional ``tuning`` (a method of
-    :data:`difftune.tuning.TUNING_METHODS`), ``tuning_settings`` and ``learning_rate``."""
-    spec = dict(s.methods[name])
-    tuning, tuning_settings = spec.pop("tuning", "full"), spec.pop("tuning_settings", {})
-    learning_rate = spec.pop("learning_rate", s.finetune_lr)
+    method = MethodSpec.parse(s.methods[name], str(source))
     cfg = ExperimentConfig(
-        model=ModelConfig(pretrained=str(source), subfolder="ema/transformer", tuning=tuning),
+        model=method.model,
         data=DataConfig(source="digits", classes=s.target_classes, per_class=s.per_class, seed=s.seed),
         bank=BankConfig(path=str(bank), num_samples=s.bank_samples),
-        objective=ObjectiveConfig(**spec),
-        tuning=TuningConfig(**tuning_settings),
+        objective=method.objective,
+        tuning=method.tuning,
         train=TrainConfig(
             output_dir=str(s.out / "runs" / name),
             batch_size=s.finetune_batch,
             max_steps=s.finetune_steps,
-            learning_rate=learning_rate,
+            learning_rate=method.learning_rate or s.finetune_lr,
             ema_decay=s.ema_decay,
             checkpoint_every=s.eval_every,
             keep_checkpoints=s.finetune_steps // s.eval_every + 1,
