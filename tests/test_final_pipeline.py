@@ -40,3 +40,27 @@ def test_pixel_final_carries_class_names(dit_dir: Path, tmp_path: Path) -> None:
     final = Trainer(make_cfg(dit_dir, tmp_path / "run", None, "train.max_steps=1")).train()
     assert json.loads((final / "class_names.json").read_text()) == ["5", "6", "7", "8", "9"]
     assert not (final / "model_index.json").exists()  # no stock pipeline runs a pixel-space DiT
+
+
+def test_merged_lora_of_a_latent_dit_loads_as_a_stock_pipeline(latent_dit_dir: Path, tmp_path: Path) -> None:
+    from difftune.backbones import load_trained, merged_model
+    from difftune.cli import main
+
+    cfg = make_cfg(
+        latent_dit_dir,
+        tmp_path / "run",
+        None,
+        "data.resolution=16",
+        "train.max_steps=2",
+        "model.tuning=lora",
+        "train.learning_rate=1e-2",
+    )
+    final = Trainer(cfg).train()
+    assert not (final / "model_index.json").exists()  # an adapter is not a pipeline until merged
+    out = tmp_path / "merged"
+    assert main(["export", str(final), "--out", str(out), "--merge"]) == 0
+    pipe = DiTPipeline.from_pretrained(out)
+    assert pipe.labels == {"5": 0, "6": 1, "7": 2, "8": 3, "9": 4}
+    expected = merged_model(load_trained(str(final)).backbone.inner)  # the EMA adapter, merged
+    for (name, a), b in zip(pipe.transformer.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(a, b), name

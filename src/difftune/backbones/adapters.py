@@ -42,19 +42,23 @@ def apply_tuning(
     tuning = build_tuning(method, settings)
     fingerprint = model_fingerprint(loaded.backbone.inner) if tuning.adapter else ""
     params = tuning.prepare(loaded.backbone)
-    source = Path(loaded.source)
     loaded.tuning = TuningRecord(
         method,
         dataclasses.asdict(settings),
         fingerprint,
         {
-            "source": str(source.resolve()) if source.exists() else loaded.source,
-            "vae": loaded.vae_source,
+            "source": _absolute(loaded.source),
+            "vae": _absolute(loaded.vae_source),
             "vae_subfolder": loaded.vae_subfolder,
         },
         tuning.adapter,
     )
     return params
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local path made absolute (an adapter is loaded from anywhere); a hub id as it is."""
+    return str(Path(source).resolve()) if source and Path(source).exists() else source
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,7 +122,8 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
         source = record.base.get("source")
         if not source:
             raise UserError(f"{directory} does not record its base model; load the base and pass it")
-        base = load_pretrained(source, vae=record.base.get("vae"))
+        vae = record.base.get("vae")
+        base = load_pretrained(source, vae=None if vae == source else vae)  # None: the pipeline's own VAE
     found = model_fingerprint(base.backbone.inner)
     if found != record.base_fingerprint:
         raise UserError(
