@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from difftune.backbones.adapters import adapter_directory, read_record
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import peek_backbone
 from difftune.config import ExperimentConfig
@@ -56,11 +57,13 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         UserError: the first problem, in the words the run itself would use.
     """
     classes = _target_classes(cfg)
-    local = Path(cfg.model.pretrained).exists()
+    pretrained = cfg.model.pretrained
+    adapter = adapter_directory(pretrained)
+    if adapter is not None:  # an adapter trained further: its base is checked
+        pretrained = read_record(adapter).base.get("source") or pretrained
+    local = Path(pretrained).exists()
     try:  # a hub model is checked from the local cache only: a dry run does not download
-        backbone = peek_backbone(
-            cfg.model.pretrained, cfg.model.subfolder, cfg.model.revision, local_only=not local
-        )
+        backbone = peek_backbone(pretrained, cfg.model.subfolder, cfg.model.revision, local_only=not local)
     except FileNotFoundError:
         if local:
             raise

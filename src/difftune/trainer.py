@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from difftune.atomic import atomic_directory, atomic_write_text
-from difftune.backbones.adapters import apply_tuning
+from difftune.backbones.adapters import adapter_directory, apply_tuning, continue_adapter
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.backbones.saving import save_model, save_pipeline_index
@@ -82,12 +82,15 @@ class Trainer:
             )
         RunLock(self.out).check_free()  # every process, before the target cache is written into the folder
         set_seed(tc.seed)
-        self.loaded = loaded or load_pretrained(
-            cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision
-        )
+        if loaded is None and adapter_directory(cfg.model.pretrained) is not None:  # train an adapter further
+            self.loaded, self.trainable = continue_adapter(cfg.model.pretrained, cfg.model.tuning, cfg.tuning)
+        else:
+            self.loaded = loaded or load_pretrained(
+                cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision
+            )
+            self.trainable = apply_tuning(self.loaded, cfg.model.tuning, cfg.tuning)
         self.backbone = self.loaded.backbone
         self.guard: NonFiniteGuard | None = None  # set by train()
-        self.trainable = apply_tuning(self.loaded, cfg.model.tuning, cfg.tuning)
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
         with self.accelerator.main_process_first():

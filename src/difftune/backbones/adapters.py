@@ -47,7 +47,8 @@ def apply_tuning(
         dataclasses.asdict(settings),
         fingerprint,
         {
-            "source": _absolute(loaded.source),
+            "source": _absolute(loaded.weights[0] or loaded.source),  # where these weights can be read
+            "subfolder": loaded.weights[1],
             "vae": _absolute(loaded.vae_source),
             "vae_subfolder": loaded.vae_subfolder,
         },
@@ -123,7 +124,9 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
         if not source:
             raise UserError(f"{directory} does not record its base model; load the base and pass it")
         vae = record.base.get("vae")
-        base = load_pretrained(source, vae=None if vae == source else vae)  # None: the pipeline's own VAE
+        base = load_pretrained(
+            source, record.base.get("subfolder"), vae=None if vae == source else vae
+        )  # vae None: the pipeline's own VAE
     found = model_fingerprint(base.backbone.inner)
     if found != record.base_fingerprint:
         raise UserError(
@@ -144,6 +147,33 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
         for name, tensor in state.items():
             params[name].copy_(tensor)
     return base
+
+
+def adapter_directory(path: str | Path) -> Path | None:
+    """The adapter folder of ``path`` (a saved model with ``adapter/``, or an adapter itself), or None."""
+    path = Path(path)
+    if is_adapter(path):
+        return path / ADAPTER
+    return path if (path / TUNING_FILE).is_file() else None
+
+
+def continue_adapter(
+    path: str | Path, method: str, settings: TuningConfig
+) -> tuple[LoadedModel, list[nn.Parameter]]:
+    """The base with the trained (not EMA) adapter of ``path`` applied, to train it further.
+
+    Raises:
+        UserError: ``path`` holds another method's adapter, or one with other settings.
+    """
+    directory = adapter_directory(path)
+    record = read_record(directory)
+    if record.method != method or record.settings != dataclasses.asdict(settings):
+        raise UserError(
+            f"{path} holds a {record.method} adapter with settings {record.settings}; to train it further set "
+            f"model.tuning={record.method} and the same tuning settings"
+        )
+    loaded = load_adapter(directory)
+    return loaded, [p for p in loaded.backbone.parameters() if p.requires_grad]
 
 
 def merged_model(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransf
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.dit import DiTBackbone
+from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.unet import UNetBackbone
 from difftune.config_checks import check_model_path
 from difftune.errors import UserError
@@ -50,6 +51,8 @@ class LoadedModel:
         vae_subfolder: the VAE's sub-folder inside ``vae_source``, or ``None``.
         tuning: the tuning method applied to the backbone, once one is
             (:func:`~difftune.backbones.adapters.apply_tuning`).
+        weights: ``(path or hub id, sub-folder)`` the backbone's weights were read from (``source``
+            is where they came from originally, which a difftune directory records).
     """
 
     backbone: Backbone
@@ -59,6 +62,14 @@ class LoadedModel:
     vae_source: str | None
     vae_subfolder: str | None = None
     tuning: TuningRecord | None = None
+    weights: tuple[str, str | None] = ("", None)
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the pre-trained weights (taken before a parameter-efficient method
+        changed the model, once one is applied): what banks record and check."""
+        if self.tuning is not None and self.tuning.adapter:
+            return self.tuning.base_fingerprint
+        return model_fingerprint(self.backbone.inner)
 
 
 def _pipeline_components(pretrained: str, revision: str | None, local_only: bool = False) -> dict[str, Any]:
@@ -221,4 +232,5 @@ def load_pretrained(
         source=record.get("source", pretrained),
         vae_source=vae_source,
         vae_subfolder=vae_sub,
+        weights=(pretrained, sub),
     )
