@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,67 @@ def _plot_convergence(curves: dict[str, dict[int, list[float]]], title: str, pat
     plt.close(fig)
 
 
+def _tuning_pairs(methods: list[str]) -> list[tuple[str, str, str]]:
+    """``(tuning method, its plain run, its Diff-Tuning run)`` for methods named ``<m>-plain`` / ``<m>-dt``
+    (full fine-tuning: ``plain`` / ``diff-tuning``)."""
+    pairs = [("full", "plain", "diff-tuning")] if {"plain", "diff-tuning"} <= set(methods) else []
+    return pairs + [
+        (m[: -len("-plain")], m, m[: -len("-plain")] + "-dt")
+        for m in methods
+        if m.endswith("-plain") and m[: -len("-plain")] + "-dt" in methods
+    ]
+
+
+def _paired_ci(differences: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95% t interval (an infinitely wide one for a single value)."""
+    from scipy import stats
+
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, -math.inf, math.inf
+    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def _share(out: Path, name: str, runs: dict[int, dict[str, Any]], method: str) -> str:
+    """The trainable share of ``method``'s run, from the first seed's ``run_summary.json``."""
+    for seed in sorted(runs):
+        summary = out / name / f"seed{seed}" / "runs" / method / "run_summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            return f"{100 * data['trainable_share']:.2f}% ({data['trainable_parameters']:,})"
+    return "?"
+
+
+def _tuning_table(exp: dict[str, Any], out: Path) -> list[str]:
+    """Diff-Tuning on top of each tuning method: final FID plain vs Diff-Tuning, paired over seeds."""
+    pairs, runs = _tuning_pairs(exp["methods"]), exp["runs"]
+    if not pairs:
+        return []
+    lines = [
+        "Diff-Tuning on top of each tuning method (final FID, mean ± std over seeds; the difference is "
+        "Diff-Tuning − plain per seed, mean and 95% t interval; negative is better):",
+        "",
+        "| tuning | trainable share | plain | Diff-Tuning | difference [95% CI] | seeds better | significant |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tuning, plain, dt in pairs:
+        seeds = [s for s, r in runs.items() if plain in r and dt in r]
+        if not seeds:
+            continue
+        a = [runs[s][plain]["fid"] for s in seeds]
+        b = [runs[s][dt]["fid"] for s in seeds]
+        diffs = [y - x for x, y in zip(a, b, strict=True)]
+        mean, low, high = _paired_ci(diffs)
+        significant = "yes" if low > 0 or high < 0 else "no"
+        lines.append(
+            f"| {tuning} | {_share(out, exp['name'], runs, dt)} | {'{:.2f} ± {:.2f}'.format(*_mean_std(a))} | "
+            f"{'{:.2f} ± {:.2f}'.format(*_mean_std(b))} | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | "
+            f"{sum(d < 0 for d in diffs)}/{len(diffs)} | {significant} |"
+        )
+    return lines + [""]
+
+
 def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
     """Write ``summary.md`` (final-FID and convergence tables per experiment), ``summary.json`` and the plots."""
     lines = ["# Reproduction study: results", ""]
@@ -168,7 +230,8 @@ def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
             continue
         methods, runs = _with_baseline(exp, by_name)
         curves = _convergence(methods, runs)
-        lines += _fid_table(methods, runs) + ["", "FID over fine-tuning steps (mean ± std over seeds):", ""]
+        lines += _fid_table(methods, runs) + [""] + _tuning_table(exp, out)
+        lines += ["FID over fine-tuning steps (mean ± std over seeds):", ""]
         lines += _convergence_table(curves) + [""]
         plot = out / exp["name"] / "convergence.png"
         plot.parent.mkdir(parents=True, exist_ok=True)

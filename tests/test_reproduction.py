@@ -70,3 +70,26 @@ def test_summary_tables_with_a_shared_baseline(tmp_path: Path):
     assert "| a | 50.0 ± 14.1 | 15.0 ± 5.7 | 15.0 ± 8.5 |" in section
     assert (tmp_path / "sweep" / "convergence.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())[1]["name"] == "sweep"
+
+
+def test_tuning_table_pairs_each_method_with_its_diff_tuning_run(tmp_path: Path) -> None:
+    module = _load_script()
+    runs = {
+        seed: {
+            "plain": _run(10.0 + seed, [12.0]),
+            "diff-tuning": _run(9.0 + seed, [11.0]),
+            "lora-plain": _run(20.0, [21.0]),
+            "lora-dt": _run(20.0 + (1.0 if seed else -1.0), [22.0]),
+        }
+        for seed in (0, 1, 2)
+    }
+    summary = tmp_path / "peft" / "seed0" / "runs" / "lora-dt" / "run_summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"trainable_share": 0.0123, "trainable_parameters": 4096}))
+    exp = {"name": "peft", "methods": list(runs[0]), "runs": runs}
+    rows = [line for line in module._tuning_table(exp, tmp_path) if line.startswith("| ")][1:]
+    assert rows[0].startswith("| full | ? | 11.00 ± 1.00 | 10.00 ± 1.00 | -1.00 [-1.00, -1.00] | 3/3 | yes |")
+    # +1, +1, -1: mean +0.33, t(0.975, 2) = 4.303 times 1.155 / sqrt(3)
+    assert rows[1].startswith(
+        "| lora | 1.23% (4,096) | 20.00 ± 0.00 | 20.33 ± 1.15 | +0.33 [-2.54, +3.20] | 1/3 | no |"
+    )
