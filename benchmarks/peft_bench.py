@@ -192,8 +192,10 @@ def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); False where refused."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+    except OSError as e:
+        open("/tmp/peftbench/dbg.log", "a").write(f"OSError {e}\n")
         return False
+    open("/tmp/peftbench/dbg.log", "a").write(f"{peak_rss_bytes()} {rss_bytes()}\n")
     return peak_rss_bytes() <= rss_bytes() + MIB  # ru_maxrss follows the reset
 
 
