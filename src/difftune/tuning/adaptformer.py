@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difftune.tuning.base import trainable_parameters
-from difftune.tuning.settings import TuningConfig
+from difftune.tuning.base import AdapterMethod
 from difftune.tuning.switch import Switchable
 from difftune.tuning.targets import feed_forward_modules, require
 
@@ -43,23 +42,13 @@ def _add_parallel(host: nn.Module, args: tuple[Any, ...], output: torch.Tensor) 
     return output + adapter(args[0]) if adapter.enabled else output
 
 
-class AdaptFormerTuning:
+class AdaptFormerTuning(AdapterMethod):
     """A parallel adapter beside each feed-forward block trains; the model stays frozen."""
 
-    adapter = True
-
-    def __init__(self, settings: TuningConfig) -> None:
-        self.settings = settings
-
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        inner = model.inner
-        model.requires_grad_(False)
-        hosts = require(feed_forward_modules(inner), "adaptformer", "feed-forward blocks", inner)
-        for host in hosts:
+    def add(self, inner: nn.Module) -> None:
+        for host in require(feed_forward_modules(inner), "adaptformer", "feed-forward blocks", inner):
             first = host.net[0].proj if hasattr(host.net[0], "proj") else host.net[0]
-            weight = first.weight
             adapter = ParallelAdapter(
                 first.in_features, self.settings.adaptformer_dim, self.settings.adaptformer_scale
             )
-            adapter.to(device=weight.device, dtype=weight.dtype).attach(host)
-        return trainable_parameters(model)
+            adapter.to(device=first.weight.device, dtype=first.weight.dtype).attach(host)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from difftune.tuning.settings import TuningConfig
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -32,3 +35,28 @@ class TuningMethod(Protocol):
         The returned list must equal :func:`trainable_parameters` of the prepared model.
         """
         ...
+
+
+class AdapterMethod:
+    """Base of the parameter-efficient methods: the model is frozen, the method adds its pieces.
+
+    A subclass implements :meth:`add`; what it adds (and only that) trains.
+
+    Args:
+        settings: the ``tuning`` config section.
+    """
+
+    adapter = True
+
+    def __init__(self, settings: TuningConfig) -> None:
+        self.settings = settings
+
+    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
+        """Freeze ``model`` (a backbone), add the method's pieces to its diffusers model, return them."""
+        model.requires_grad_(False)
+        self.add(model.inner)
+        return trainable_parameters(model)
+
+    def add(self, inner: nn.Module) -> None:
+        """Add the method's trainable pieces to the frozen diffusers model ``inner``."""
+        raise NotImplementedError

@@ -5,9 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from difftune.errors import UserError
-from difftune.tuning.base import trainable_parameters
+from difftune.tuning.base import AdapterMethod
 from difftune.tuning.reparam import AdditiveDelta, reparametrize
-from difftune.tuning.settings import TuningConfig
 
 
 def add_bias_deltas(model: nn.Module) -> int:
@@ -18,16 +17,9 @@ def add_bias_deltas(model: nn.Module) -> int:
     return len(owners)
 
 
-class BitFitTuning:
+class BitFitTuning(AdapterMethod):
     """Every bias of the model trains; nothing else does."""
 
-    adapter = True
-
-    def __init__(self, settings: TuningConfig) -> None:
-        self.settings = settings
-
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        model.requires_grad_(False)
-        if not add_bias_deltas(model.inner):
-            raise UserError(f"model.tuning=bitfit: {type(model.inner).__name__} has no bias terms")
-        return trainable_parameters(model)
+    def add(self, inner: nn.Module) -> None:
+        if not add_bias_deltas(inner):
+            raise UserError(f"model.tuning=bitfit: {type(inner).__name__} has no bias terms")

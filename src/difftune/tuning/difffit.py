@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from difftune.errors import UserError
-from difftune.tuning.base import trainable_parameters
+from difftune.tuning.base import AdapterMethod
 from difftune.tuning.bitfit import add_bias_deltas
 from difftune.tuning.reparam import AdditiveDelta, RowScale, reparametrize
-from difftune.tuning.settings import TuningConfig
 from difftune.tuning.targets import attention_modules, feed_forward_modules, transformer_blocks
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -54,17 +53,10 @@ def add_scale_factors(model: nn.Module, blocks: list[int] | None) -> int:
     return count
 
 
-class DiffFitTuning:
+class DiffFitTuning(AdapterMethod):
     """DiffFit's parameters: biases, norms, class embeddings and scale factors (docs/method.md)."""
 
-    adapter = True
-
-    def __init__(self, settings: TuningConfig) -> None:
-        self.settings = settings
-
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        inner = model.inner
-        model.requires_grad_(False)
+    def add(self, inner: nn.Module) -> None:
         add_bias_deltas(inner)
         add_scale_factors(inner, self.settings.difffit_blocks)  # after: it scales bias + delta
         for module in inner.modules():
@@ -72,4 +64,3 @@ class DiffFitTuning:
                 reparametrize(module, "weight", AdditiveDelta(module.weight))
             if isinstance(module, nn.Embedding):  # the class embeddings (DiT: one table per block)
                 reparametrize(module, "weight", AdditiveDelta(module.weight))
-        return trainable_parameters(model)

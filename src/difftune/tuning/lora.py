@@ -12,20 +12,18 @@ from typing import Any
 from torch import nn
 
 from difftune.errors import UserError
-from difftune.tuning.base import trainable_parameters
+from difftune.tuning.base import AdapterMethod
 from difftune.tuning.settings import TuningConfig
 from difftune.tuning.targets import DEFAULT_TARGETS, default_targets
 
 ADAPTER_NAME = "default"
 
 
-class PeftTuning:
+class PeftTuning(AdapterMethod):
     """One of peft's low-rank adapters (``kind``: ``lora``, ``loha`` or ``lokr``)."""
 
-    adapter = True
-
     def __init__(self, settings: TuningConfig, kind: str = "lora") -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.kind = kind
 
     def peft_config(self, model: nn.Module) -> Any:
@@ -41,12 +39,10 @@ class PeftTuning:
         config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[self.kind]
         return config(r=s.lora_rank, alpha=s.lora_alpha, rank_dropout=s.lora_dropout, target_modules=targets)
 
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        """Freeze ``model`` and inject the adapters into its diffusers model."""
+    def add(self, inner: nn.Module) -> None:
+        """Inject the adapters into the diffusers model."""
         import peft
 
-        inner = model.inner
-        model.requires_grad_(False)
         config = self.peft_config(inner)
         try:
             peft.inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
@@ -55,4 +51,3 @@ class PeftTuning:
                 f"model.tuning={self.kind}: {str(err).splitlines()[0]}; set tuning.lora_targets to module names "
                 f"of {type(inner).__name__}"
             ) from None
-        return trainable_parameters(model)

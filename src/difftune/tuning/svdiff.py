@@ -5,23 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from difftune.errors import UserError
-from difftune.tuning.base import trainable_parameters
+from difftune.tuning.base import AdapterMethod
 from difftune.tuning.reparam import SpectralShift, reparametrize
-from difftune.tuning.settings import TuningConfig
 from difftune.tuning.targets import DEFAULT_SVDIFF_TARGETS, default_targets, matches
 
 
-class SVDiffTuning:
+class SVDiffTuning(AdapterMethod):
     """Spectral shifts of the target layers' weights train; the model stays frozen."""
 
-    adapter = True
-
-    def __init__(self, settings: TuningConfig) -> None:
-        self.settings = settings
-
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        inner = model.inner
-        model.requires_grad_(False)
+    def add(self, inner: nn.Module) -> None:
         targets = self.settings.svdiff_targets or default_targets(
             inner, DEFAULT_SVDIFF_TARGETS, "svdiff_targets"
         )
@@ -37,4 +29,3 @@ class SVDiffTuning:
             )
         for layer in layers:
             reparametrize(layer, "weight", SpectralShift(layer.weight))
-        return trainable_parameters(model)

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difftune.tuning.base import trainable_parameters
-from difftune.tuning.settings import TuningConfig
+from difftune.tuning.base import AdapterMethod
 from difftune.tuning.switch import Switchable
 from difftune.tuning.targets import require, transformer_blocks
 
@@ -47,22 +46,11 @@ def _drop(block: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torc
     return output[:, prompts.tokens.shape[0] :] if prompts.enabled else output
 
 
-class VPTTuning:
+class VPTTuning(AdapterMethod):
     """Deep prompts per transformer block train; the model stays frozen."""
 
-    adapter = True
-
-    def __init__(self, settings: TuningConfig) -> None:
-        self.settings = settings
-
-    def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        inner = model.inner
-        model.requires_grad_(False)
-        blocks = require(transformer_blocks(inner), "vpt", "transformer blocks", inner)
-        for block in blocks:
-            width = block.attn1.to_q.in_features  # the block's token width
-            weight = next(block.parameters())
-            DeepPrompts(self.settings.vpt_tokens, width).to(device=weight.device, dtype=weight.dtype).attach(
-                block
-            )
-        return trainable_parameters(model)
+    def add(self, inner: nn.Module) -> None:
+        for block in require(transformer_blocks(inner), "vpt", "transformer blocks", inner):
+            query = block.attn1.to_q  # its input width is the block's token width
+            prompts = DeepPrompts(self.settings.vpt_tokens, query.in_features)
+            prompts.to(device=query.weight.device, dtype=query.weight.dtype).attach(block)
