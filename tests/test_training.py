@@ -458,3 +458,26 @@ def test_ddp_skip_policy_skips_a_step_that_went_bad_on_one_rank(dit_dir: Path, t
     assert_all_equal(at[1], at[2])  # both replicas skipped step 2, although only rank 1 saw the NaN
     assert changed(at[3], at[2]) > 0
     assert all(torch.isfinite(t).all() for t in weights(run / "final").values())
+
+
+def test_ddp_lora_with_distillation_matches_one_process(dit_dir: Path, tmp_path: Path) -> None:
+    """The teacher switches the adapters off (peft clears and restores their trainable flags) inside
+    the forward pass: DDP must still average the adapters' gradients."""
+    extra = (
+        "train.checkpoint_every=0",
+        "objective.bank_share=0.3",
+        "objective.kind=distillation",
+        "model.tuning=lora",
+        "train.learning_rate=1e-2",
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    args = overrides(dit_dir, tmp_path / "ddp_run", tmp_path / "ddp_bank", *extra)
+    run_torchrun(_torchrun(tmp_path / "ranks", args), env, cwd=TESTS.parent)
+    single_cfg = make_cfg(dit_dir, tmp_path / "single_run", tmp_path / "single_bank", *extra)
+    generate_bank(load_pretrained(str(dit_dir)), single_cfg.bank, progress=False)
+    single = Trainer(single_cfg).train()
+    adapter = "adapter/difftune_adapter.safetensors"
+    a, b = load_file(str(single / adapter)), load_file(str(tmp_path / "ddp_run" / "final" / adapter))
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
