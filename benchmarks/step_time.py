@@ -42,6 +42,9 @@ Options: ``--size {tiny,small,dit-s}``, ``--device {auto,cpu,cuda}``, ``--steps`
 
 Reading it: a single run's ratio moves by a few percent on a busy machine (see the per-repeat
 ratios); run it again, or raise ``--repeats`` / ``--steps``, before calling a small change real.
+
+``benchmarks/peft_bench.py`` reuses this module's pieces (options, source model and bank, a run
+described by :class:`Run`, :func:`measure` with a probe around each timed ``train()``).
 """
 
 from __future__ import annotations
@@ -57,8 +60,14 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from difftune.config import ExperimentConfig
+    from difftune.trainer import Trainer
 
 # the random-init source model, patch size 2: "tiny" is the test suite's DiT; "small" (default) a
 # hidden-128, 4-layer DiT on the digits' native 8x8 pixels; "dit-s" DiT-S/2 (hidden 384, depth 12)
@@ -76,20 +85,27 @@ METHODS: dict[str, dict[str, object]] = {
 TARGET_CLASSES = [5, 6, 7, 8, 9]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+def add_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    size: str = "small",
+    steps: int = 40,
+    repeats: int = 9,
+    batch_help: str = "global batch (target + bank), equal for both",
+) -> None:
+    """The options of a step-time benchmark (this script's; ``benchmarks/peft_bench.py`` adds its own)."""
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default=size, help="source DiT size (default %(default)s)"
     )
-    p.add_argument("--size", choices=sorted(SIZES), default="small", help="source DiT size (default small)")
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available"
     )
-    p.add_argument("--steps", type=int, default=40, help="timed optimiser steps per measurement")
+    p.add_argument("--steps", type=int, default=steps, help="timed optimiser steps per measurement")
     p.add_argument(
         "--warmup", type=int, default=3, help="steps of the short run subtracted from the long one"
     )
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (target + bank), equal for both")
-    p.add_argument("--repeats", type=int, default=9, help="measurements per method (interleaved)")
+    p.add_argument("--batch-size", type=int, default=32, help=batch_help)
+    p.add_argument("--repeats", type=int, default=repeats, help="measurements per method (interleaved)")
     p.add_argument("--bank-samples", type=int, default=64, help="knowledge-bank size")
     p.add_argument("--bank-steps", type=int, default=4, help="sampling steps used to generate the bank")
     p.add_argument(
@@ -107,10 +123,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
     p.add_argument("--verbose", action="store_true", help="let library warnings and progress bars through")
-    args = p.parse_args(argv)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args``, or exit through ``p.error`` on a count that cannot be measured."""
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1 or args.batch_size < 2:
         p.error("--steps, --warmup and --repeats must be >= 1 and --batch-size >= 2")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    return check_args(p, p.parse_args(argv))
 
 
 def quiet_environment(args: argparse.Namespace) -> None:
@@ -122,6 +149,29 @@ def quiet_environment(args: argparse.Namespace) -> None:
         logging.disable(logging.WARNING)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # so that accelerate (inside Trainer) picks the CPU too
+
+
+def start(args: argparse.Namespace) -> None:
+    """Quiet the libraries, then import torch and set its CPU threads and matmul precision."""
+    quiet_environment(args)
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # as the difftune CLI does
+
+
+@contextlib.contextmanager
+def scratch(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """A temporary directory, removed on the way out unless ``--keep`` (then its path is printed)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass
@@ -188,7 +238,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("step_time.py: --device cuda but CUDA is not available")
+        sys.exit(f"{Path(sys.argv[0]).name}: --device cuda but CUDA is not available")
     source, description = build_source(work / "source", args.size, args.seed)
     bank = work / "bank"
     bank_cfg = BankConfig(
@@ -203,8 +253,22 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
     return Setup(source, bank, work / "target_cache", description, device)
 
 
-def make_config(setup: Setup, method: str, args: argparse.Namespace, out: Path, max_steps: int):
-    """The experiment config of one run; the two methods differ only in ``objective``."""
+@dataclass(frozen=True)
+class Run:
+    """What one measured configuration changes: ``objective`` fields, ``model.tuning``, the ``tuning``
+    section and the learning rate (``None``: the ``train`` default). This script's two methods differ
+    only in ``objective``; everything else (model, data, bank, batch, seed, EMA) is shared."""
+
+    objective: dict[str, Any] = field(default_factory=dict)
+    tuning: str = "full"
+    tuning_settings: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float | None = None
+
+
+def make_config(
+    setup: Setup, run: Run, args: argparse.Namespace, out: Path, max_steps: int
+) -> ExperimentConfig:
+    """The experiment config of one run of ``run``."""
     from difftune.config import (
         BankConfig,
         DataConfig,
@@ -213,14 +277,17 @@ def make_config(setup: Setup, method: str, args: argparse.Namespace, out: Path, 
         ObjectiveConfig,
         TrainConfig,
     )
+    from difftune.tuning import TuningConfig
 
+    rate = {} if run.learning_rate is None else {"learning_rate": run.learning_rate}
     return ExperimentConfig(
-        model=ModelConfig(pretrained=str(setup.source)),
+        model=ModelConfig(pretrained=str(setup.source), tuning=run.tuning),
         data=DataConfig(source="digits", classes=TARGET_CLASSES, cache_dir=str(setup.cache), seed=args.seed),
         bank=BankConfig(
             path=str(setup.bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps
         ),
-        objective=ObjectiveConfig(**METHODS[method]),
+        objective=ObjectiveConfig(**run.objective),
+        tuning=TuningConfig(**run.tuning_settings),
         train=TrainConfig(
             output_dir=str(out),
             batch_size=args.batch_size,
@@ -229,15 +296,20 @@ def make_config(setup: Setup, method: str, args: argparse.Namespace, out: Path, 
             checkpoint_every=0,
             keep_checkpoints=1,
             log_every=10**9,  # one checkpoint, one log: at the end
+            **rate,
         ),
     )
 
 
 CLOCKS = ("wall", "cpu")  # time.perf_counter, time.process_time
+CLOCK_NAMES = {"wall": "wall clock", "cpu": "process CPU time"}
+# wraps each timed Trainer.train() call (entered after construction, left before clean-up, its own
+# work outside the clocks): how a caller observes a run, e.g. its peak memory
+Probe = Callable[["Trainer"], contextlib.AbstractContextManager[object]]
 
 
 def timed_train(
-    setup: Setup, method: str, args: argparse.Namespace, out: Path, max_steps: int
+    setup: Setup, run: Run, args: argparse.Namespace, out: Path, max_steps: int, probe: Probe | None = None
 ) -> tuple[float, float]:
     """(wall, process CPU) seconds of one ``Trainer.train()`` call; construction and clean-up excluded."""
     import torch
@@ -248,26 +320,63 @@ def timed_train(
     # the trainer's bars (and the target encoder's) pass disable= explicitly, so TQDM_DISABLE cannot
     # silence them; their output goes to a buffer instead (formatting it costs both methods alike)
     with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
-        trainer = Trainer(make_config(setup, method, args, out, max_steps))
-        if cuda:
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
-        trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        trainer = Trainer(make_config(setup, run, args, out, max_steps))
+        with contextlib.nullcontext() if probe is None else probe(trainer):
+            if cuda:
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter(), time.process_time()
+            trainer.train()
+            if cuda:
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     del trainer
     shutil.rmtree(out, ignore_errors=True)
     return wall, cpu
 
 
 def step_seconds(
-    setup: Setup, method: str, args: argparse.Namespace, work: Path, tag: str
+    setup: Setup, run: Run, args: argparse.Namespace, work: Path, tag: str, probe: Probe | None = None
 ) -> dict[str, float]:
     """Per-step seconds on each clock: (train(warmup + steps) - train(warmup)) / steps, fresh trainers."""
-    short = timed_train(setup, method, args, work / f"run-{tag}-short", args.warmup)
-    long = timed_train(setup, method, args, work / f"run-{tag}-long", args.warmup + args.steps)
+    short = timed_train(setup, run, args, work / f"run-{tag}-short", args.warmup, probe)
+    long = timed_train(setup, run, args, work / f"run-{tag}-long", args.warmup + args.steps, probe)
     return {clock: (b - a) / args.steps for clock, a, b in zip(CLOCKS, short, long, strict=True)}
+
+
+def measure(
+    setup: Setup,
+    runs: dict[str, Run],
+    args: argparse.Namespace,
+    work: Path,
+    probe: Callable[[str], Probe] | None = None,
+) -> dict[str, list[dict[str, float]]]:
+    """Per-step seconds of every run, ``args.repeats`` times each (:func:`step_seconds`).
+
+    One discarded short run of each comes first (imports, allocator, caches, target encoding); then
+    the repeats interleave the runs, in alternating order (a, b, ..., z, z, ..., b, a, ...), so slow
+    drift of the machine hits all alike. ``probe(name)`` wraps each timed ``train()`` of ``name``.
+    """
+    names = list(runs)
+    for name in names:
+        timed_train(setup, runs[name], args, work / f"run-discard-{name}", args.warmup)
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(
+                step_seconds(
+                    setup, runs[name], args, work, f"{r}-{name}", None if probe is None else probe(name)
+                )
+            )
+    return times
+
+
+def resolve_clock(args: argparse.Namespace, device: str) -> str:
+    """The clock of the reported figures: ``--clock``, or for ``auto`` CPU time on a 1-thread CPU run."""
+    import torch
+
+    if args.clock != "auto":
+        return args.clock
+    return "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
 def iqr(values: list[float]) -> float:
@@ -279,35 +388,18 @@ def iqr(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_environment(args)
+    start(args)
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision("high")  # as the difftune CLI does
     wall = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="difftune-step-time-"))
-    try:
+    with scratch(args, "difftune-step-time-") as work:
         setup = prepare(args, work)
         names = list(METHODS)
-        for name in names:  # one discarded run of each: imports, allocator, caches, target encoding
-            timed_train(setup, name, args, work / f"run-discard-{name}", args.warmup)
-        times: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-        for r in range(args.repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
-                times[name].append(step_seconds(setup, name, args, work, f"{r}-{name}"))
-    finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        times = measure(setup, {name: Run(objective=METHODS[name]) for name in names}, args, work)
 
     threads = torch.get_num_threads()
-    clock = args.clock
-    if clock == "auto":
-        clock = "cpu" if setup.device == "cpu" and threads == 1 else "wall"
+    clock = resolve_clock(args, setup.device)
     other = "wall" if clock == "cpu" else "cpu"
-    clock_names = {"wall": "wall clock", "cpu": "process CPU time"}
     n_bank = int(0.2 * args.batch_size)
     steps = f"(train({args.warmup + args.steps}) - train({args.warmup})) / {args.steps}"
     print("difftune step time, Diff-Tuning vs plain fine-tuning (real Trainer.train loop)")
@@ -318,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         f"global batch {args.batch_size} (diff-tuning: {args.batch_size - n_bank} target + {n_bank} bank; "
         f"plain: {args.batch_size} target)"
     )
-    print(f"timing   {clock_names[clock]}; {args.repeats} interleaved repeats of {steps} steps")
+    print(f"timing   {CLOCK_NAMES[clock]}; {args.repeats} interleaved repeats of {steps} steps")
     print()
     print(f"{'method':<13}{'median ms/step':>16}{'IQR ms':>10}   per-repeat ms/step")
     medians: dict[str, dict[str, float]] = {c: {} for c in CLOCKS}
@@ -337,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     m = medians[other]
     print(
-        f"{clock_names[other]} (cross-check): plain {m['plain']:.2f}, diff-tuning {m['diff-tuning']:.2f} ms/step, "
+        f"{CLOCK_NAMES[other]} (cross-check): plain {m['plain']:.2f}, diff-tuning {m['diff-tuning']:.2f} ms/step, "
         f"ratio {m['diff-tuning'] / m['plain']:.3f}"
     )
     print(f"wall time {time.perf_counter() - wall:.0f} s")
