@@ -16,12 +16,15 @@ from difftune.config_checks import ConfigError, check_model_path
 def _plan(cfg: ExperimentConfig) -> str:
     oc, tc = cfg.objective, cfg.train
     lines = [
-        f"model      {cfg.model.pretrained}",
-        f"batch      {tc.batch_size} = {tc.batch_size - cfg.bank_count} target + {cfg.bank_count} bank "
+        f"model      {cfg.model.pretrained}, {cfg.model.tuning} tuning",
+        f"batch      {tc.batch_size} = {tc.batch_size - cfg.bank_count} target + {cfg.bank_count} "
+        f"{'bank' if cfg.uses_bank or not cfg.bank_count else 'retention (target data)'} "
         f"(x{tc.gradient_accumulation} accumulation)",
         f"schedules  target {oc.target_schedule}(s={oc.target_exponent:g}), bank {oc.bank_schedule}(s={oc.bank_exponent:g}), "
         f"realisation {oc.realisation}",
-        f"loss       mean(target) + {oc.bank_weight:g} * mean(bank); cfg dropout {oc.cfg_dropout:g}",
+        f"loss       {oc.kind}: mean(target) + {oc.bank_weight:g} * mean("
+        f"{'distance to the pre-trained model' if oc.kind == 'distillation' else 'bank'}); "
+        f"cfg dropout {oc.cfg_dropout:g}",
         f"steps      {tc.max_steps}, lr {tc.learning_rate:g}, EMA {tc.ema_decay:g}, precision {tc.mixed_precision}",
         f"output     {tc.output_dir}",
     ]
