@@ -18,7 +18,7 @@ import yaml
 from difftune.atomic import atomic_write_text
 from difftune.config_checks import ConfigError, _check, _check_fields
 from difftune.sampling_spec import SamplingSpec
-from difftune.schedules import SCHEDULES
+from difftune.schedules import SCHEDULES, SNR_SCHEDULES
 from difftune.train_config import TrainConfig
 from difftune.tuning import TUNING_METHODS, TuningConfig
 
@@ -129,7 +129,8 @@ class ObjectiveConfig:
     Attributes:
         kind: the objective (a name in :data:`difftune.objectives.OBJECTIVES`).
         target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
-            (psi(t) grows with t), ``"uniform"``.
+            (psi(t) grows with t), ``"uniform"``, or the weightings of other methods ``"min_snr"``
+            (min-SNR-γ) and ``"inverse_snr"`` (x0 supervision), built from the model's noise levels.
         bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"``.
         target_exponent: exponent s of the target power schedule (paper default 1).
         bank_exponent: exponent s of the bank power schedule (paper default 1).
@@ -143,6 +144,7 @@ class ObjectiveConfig:
             predicts them (DiT); ``False`` leaves them out of the loss.
         retention_data: what the retention stream holds: ``"bank"`` (the knowledge bank) or
             ``"target"`` (target samples, with the null condition; no bank needed).
+        snr_gamma: γ of the ``min_snr`` schedule (Hang et al. 2023 use 5).
         teacher_dtype: ``kind: distillation`` with full fine-tuning keeps a frozen copy of the
             pre-trained model as its teacher, in ``float32`` or ``bfloat16`` (half the memory);
             parameter-efficient methods need no copy (their adapters are switched off instead).
@@ -160,6 +162,7 @@ class ObjectiveConfig:
     learn_variance: bool = True
     retention_data: str = "bank"
     teacher_dtype: str = "float32"
+    snr_gamma: float = 5.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "objective")
@@ -176,11 +179,13 @@ class ObjectiveConfig:
         _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
         _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
         _check(self.target_exponent >= 0 and self.bank_exponent >= 0, "objective exponents must be >= 0")
+        _check(self.snr_gamma > 0, f"objective.snr_gamma={self.snr_gamma} must be > 0")
         for key in ("target_schedule", "bank_schedule"):
             name = getattr(self, key)
             _check(
-                name in SCHEDULES or ":" in name,
-                f"objective.{key}={name!r} is unknown; valid: {sorted(SCHEDULES)} or 'package.module:function'",
+                name in SCHEDULES or name in SNR_SCHEDULES or ":" in name,
+                f"objective.{key}={name!r} is unknown; valid: {sorted(SCHEDULES | SNR_SCHEDULES)} or "
+                "'package.module:function'",
             )
         _check(
             self.retention_data in ("bank", "target"),

@@ -8,12 +8,17 @@ weighting come from the same table:
 * ``weight``: draw t uniformly and multiply the loss by ``T * p(t)``.
 
 Both have the same expected loss: E_{t~p}[L(t)] = E_{t~U}[T p(t) L(t)].
+
+Besides the power schedules of ψ and ξ over normalised time, two weightings that other methods use
+on the target stream are schedules too, built from the model's noise levels (docs/method.md §8):
+min-SNR-γ and inverse-SNR (x0 supervision). Like every schedule they are normalised to mean 1 over t.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +48,16 @@ class TimestepSchedule:
             raise ValueError(f"num_timesteps={num_timesteps} must be >= 1")
         t = torch.arange(num_timesteps, dtype=torch.float64)
         u = (num_timesteps - t) / num_timesteps if reverse_time else (t + 1) / num_timesteps
-        raw = torch.as_tensor(density(u), dtype=torch.float64)
+        self._set(torch.as_tensor(density(u), dtype=torch.float64), num_timesteps, name)
+
+    @classmethod
+    def from_table(cls, raw: torch.Tensor, name: str) -> TimestepSchedule:
+        """A schedule from unnormalised weights over t = 0..T-1 (e.g. a function of the SNR)."""
+        schedule = cls.__new__(cls)
+        schedule._set(torch.as_tensor(raw, dtype=torch.float64), int(raw.shape[0]), name)
+        return schedule
+
+    def _set(self, raw: torch.Tensor, num_timesteps: int, name: str) -> None:
         if raw.shape != (num_timesteps,):
             raise UserError(
                 f"schedule {name!r}: density returned shape {tuple(raw.shape)}, expected ({num_timesteps},)"
@@ -97,10 +111,64 @@ def power_down(num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
     )
 
 
+# the loss of a prediction type, times this, is the x0 (clean-sample) loss: ||x0 - x0_hat||^2
+X0_FACTOR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda snr: 1.0 / snr,
+    "v_prediction": lambda snr: 1.0 / (snr + 1.0),
+    "sample": lambda snr: torch.ones_like(snr),
+}
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """What an SNR-based schedule needs of the model's noise schedule.
+
+    Attributes:
+        alphas_cumprod: ᾱ_t for t = 0..T-1 (a diffusers scheduler's ``alphas_cumprod``).
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``: the loss the weights apply to.
+    """
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    def snr(self) -> torch.Tensor:
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t), float64."""
+        a = self.alphas_cumprod.double()
+        return a / (1.0 - a)
+
+    def x0_factor(self) -> torch.Tensor:
+        """Per-t factor that turns this prediction type's loss into the x0 loss."""
+        if self.prediction_type not in X0_FACTOR:
+            raise UserError(
+                f"SNR weighting: prediction type {self.prediction_type!r} is not one of {sorted(X0_FACTOR)}"
+            )
+        return X0_FACTOR[self.prediction_type](self.snr())
+
+
+def min_snr(noise: NoiseLevels, gamma: float = 5.0) -> TimestepSchedule:
+    """Min-SNR-γ (Hang et al. 2023): the x0 loss weighted by min(SNR(t), γ), as a weight on the model's own loss."""
+    return TimestepSchedule.from_table(
+        noise.snr().clamp(max=gamma) * noise.x0_factor(), name=f"min_snr(gamma={gamma:g})"
+    )
+
+
+def inverse_snr(noise: NoiseLevels, gamma: float = 0.0) -> TimestepSchedule:
+    """x0 supervision: the model's loss weighted so that it equals the x0 loss (for ε: 1 / SNR(t)).
+
+    It puts most of the weight on the highest noise levels. ``gamma`` is accepted and ignored.
+    """
+    return TimestepSchedule.from_table(noise.x0_factor(), name="inverse_snr")
+
+
 SCHEDULES: dict[str, Callable[[int, float], TimestepSchedule]] = {
     "uniform": uniform,
     "power_up": power_up,
     "power_down": power_down,
+}
+# schedules over the noise levels of the model: built from its scheduler, not from T alone
+SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
+    "min_snr": min_snr,
+    "inverse_snr": inverse_snr,
 }
 
 
@@ -112,16 +180,33 @@ def _import_density(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise UserError(f"schedule {spec!r}: cannot import {attr!r} from {module_name!r} ({err})") from None
 
 
-def build_schedule(name: str, num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
+def build_schedule(
+    name: str,
+    num_timesteps: int,
+    exponent: float = 1.0,
+    noise: NoiseLevels | None = None,
+    snr_gamma: float = 5.0,
+) -> TimestepSchedule:
     """Build a schedule by registry name, or from ``"package.module:function"`` (a density over u).
+
+    Args:
+        name: a name in :data:`SCHEDULES` or :data:`SNR_SCHEDULES`, or ``"package.module:function"``.
+        num_timesteps: T.
+        exponent: s of the power schedules.
+        noise: the model's noise levels (needed by :data:`SNR_SCHEDULES`).
+        snr_gamma: γ of ``min_snr``.
 
     Raises:
         ValueError: unknown name; the message lists the valid names.
     """
     if ":" in name:
         return TimestepSchedule(_import_density(name), num_timesteps, name=name)
+    if name in SNR_SCHEDULES:
+        if noise is None or noise.alphas_cumprod.shape != (num_timesteps,):
+            raise UserError(f"schedule {name!r} needs the model's {num_timesteps} noise levels")
+        return SNR_SCHEDULES[name](noise, snr_gamma)
     if name not in SCHEDULES:
         raise UserError(
-            f"unknown schedule {name!r}; valid names: {sorted(SCHEDULES)} or 'package.module:function'"
+            f"unknown schedule {name!r}; valid names: {sorted(SCHEDULES | SNR_SCHEDULES)} or 'package.module:function'"
         )
     return SCHEDULES[name](num_timesteps, exponent)

@@ -18,7 +18,7 @@ from difftune.errors import UserError
 from difftune.objectives.base import Draw, LossTerms, Objective
 from difftune.objectives.diff_tuning import DiffTuningLoss
 from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
-from difftune.schedules import build_schedule
+from difftune.schedules import NoiseLevels, build_schedule
 from difftune.tuning import can_switch_off
 
 if TYPE_CHECKING:
@@ -36,10 +36,11 @@ def _diff_tuning(
     **extra: Any,
 ) -> DiffTuningLoss:
     T = scheduler.config.num_train_timesteps
+    noise = NoiseLevels(scheduler.alphas_cumprod, scheduler.config.prediction_type)
     return kind(
         scheduler,
-        build_schedule(cfg.target_schedule, T, cfg.target_exponent),
-        build_schedule(cfg.bank_schedule, T, cfg.bank_exponent),
+        build_schedule(cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma),
+        build_schedule(cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma),
         realisation=cfg.realisation,
         bank_weight=cfg.bank_weight,
         cfg_dropout=cfg.cfg_dropout,
