@@ -174,17 +174,17 @@ def _paired_ci(differences: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def _share(out: Path, name: str, runs: dict[int, dict[str, Any]], method: str) -> str:
-    """The trainable share of ``method``'s run, from the first seed's ``run_summary.json``."""
+def _share(runs: dict[int, dict[str, Any]], method: str) -> str:
+    """The trainable share of ``method``'s runs, as their ``results.json`` records it ("?" for runs
+    made before it was recorded)."""
     for seed in sorted(runs):
-        summary = out / name / f"seed{seed}" / "runs" / method / "run_summary.json"
-        if summary.is_file():
-            data = json.loads(summary.read_text())
-            return f"{100 * data['trainable_share']:.2f}% ({data['trainable_parameters']:,})"
+        result = runs[seed].get(method, {})
+        if "trainable_share" in result:
+            return f"{100 * result['trainable_share']:.2f}% ({result['trainable_parameters']:,})"
     return "?"
 
 
-def _tuning_table(exp: dict[str, Any], out: Path) -> list[str]:
+def _tuning_table(exp: dict[str, Any]) -> list[str]:
     """Diff-Tuning on top of each tuning method: final FID plain vs Diff-Tuning, paired over seeds."""
     pairs, runs = _tuning_pairs(exp["methods"]), exp["runs"]
     if not pairs:
@@ -206,7 +206,7 @@ def _tuning_table(exp: dict[str, Any], out: Path) -> list[str]:
         mean, low, high = _paired_ci(diffs)
         significant = "yes" if low > 0 or high < 0 else "no"
         lines.append(
-            f"| {tuning} | {_share(out, exp['name'], runs, dt)} | {'{:.2f} ± {:.2f}'.format(*_mean_std(a))} | "
+            f"| {tuning} | {_share(runs, dt)} | {'{:.2f} ± {:.2f}'.format(*_mean_std(a))} | "
             f"{'{:.2f} ± {:.2f}'.format(*_mean_std(b))} | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | "
             f"{sum(d < 0 for d in diffs)}/{len(diffs)} | {significant} |"
         )
@@ -230,7 +230,7 @@ def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
             continue
         methods, runs = _with_baseline(exp, by_name)
         curves = _convergence(methods, runs)
-        lines += _fid_table(methods, runs) + [""] + _tuning_table(exp, out)
+        lines += _fid_table(methods, runs) + [""] + _tuning_table(exp)
         lines += ["FID over fine-tuning steps (mean ± std over seeds):", ""]
         lines += _convergence_table(curves) + [""]
         plot = out / exp["name"] / "convergence.png"

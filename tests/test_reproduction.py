@@ -83,11 +83,9 @@ def test_tuning_table_pairs_each_method_with_its_diff_tuning_run(tmp_path: Path)
         }
         for seed in (0, 1, 2)
     }
-    summary = tmp_path / "peft" / "seed0" / "runs" / "lora-dt" / "run_summary.json"
-    summary.parent.mkdir(parents=True)
-    summary.write_text(json.dumps({"trainable_share": 0.0123, "trainable_parameters": 4096}))
+    runs[0]["lora-dt"].update(trainable_share=0.0123, trainable_parameters=4096)
     exp = {"name": "peft", "methods": list(runs[0]), "runs": runs}
-    rows = [line for line in module._tuning_table(exp, tmp_path) if line.startswith("| ")][1:]
+    rows = [line for line in module._tuning_table(exp) if line.startswith("| ")][1:]
     assert rows[0].startswith("| full | ? | 11.00 ± 1.00 | 10.00 ± 1.00 | -1.00 [-1.00, -1.00] | 3/3 | yes |")
     # +1, +1, -1: mean +0.33, t(0.975, 2) = 4.303 times 1.155 / sqrt(3)
     assert rows[1].startswith(

@@ -340,7 +340,10 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
         )
         save_grid(grid, s.out / f"samples_{name}.png", nrow=per_row, upscale=4)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run / "run_summary.json").read_text())
         results[name] = {
+            "trainable_parameters": summary["trainable_parameters"],
+            "trainable_share": summary["trainable_share"],
             "fid": curve[-1]["fid"],
             "fid_curve": curve,
             "loss_curve": [{"step": h["step"], "loss": uniform_t_loss(h)} for h in history],
