@@ -93,10 +93,11 @@ class Trainer:
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
+        # the bank first: a mismatched or damaged bank is refused before the target set is encoded
+        self.bank = load_bank(cfg.bank.path, self.loaded)["samples"] if cfg.uses_bank else torch.empty(0)
         with self.accelerator.main_process_first():
             cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
             self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)
-        self.bank = load_bank(cfg.bank.path, self.loaded)["samples"] if cfg.uses_bank else torch.empty(0)
         self.n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
         self.n_target = tc.batch_size - self.n_bank
         retention_pool = self.bank.shape[0] if cfg.uses_bank else len(self.target)
