@@ -42,6 +42,18 @@ def test_pickle_only_model_is_refused_with_how_to_convert(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no safetensors weights" in err
     assert not (tmp_path / "s").exists()
+    # the dry run finds it from the folder's listing, without reading the weights
+    dry = ["train", "--dry-run", "--set", f"model.pretrained={tmp_path / 'm'}", "--set", "data.source=digits"]
+    dry += [
+        "--set",
+        "data.classes=[5,6]",
+        "--set",
+        "objective.bank_share=0",
+        "--set",
+        f"train.output_dir={tmp_path / 'r'}",
+    ]
+    assert main(dry) == 2
+    assert "no safetensors weights" in capsys.readouterr().err
 
 
 def _checkpoint(dit_dir: Path, run: Path) -> Path:

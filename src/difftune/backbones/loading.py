@@ -134,12 +134,15 @@ def load_safetensors_model(cls: type, source: str, subfolder: str | None, revisi
     except OSError as err:
         if "safetensors" not in str(err):
             raise
-        where = f"{source}/{subfolder}" if subfolder else source
-        raise UserError(
-            f"{where} has no safetensors weights, and difftune does not load pickle (.bin) weights, which can "
-            f"run code; if you trust the file, convert it once: {cls.__name__}.from_pretrained("
-            f"{where!r}, use_safetensors=False).save_pretrained(NEW_DIR)"
-        ) from None
+        raise _pickle_refusal(cls, f"{source}/{subfolder}" if subfolder else source) from None
+
+
+def _pickle_refusal(cls: type, where: str) -> UserError:
+    return UserError(
+        f"{where} has no safetensors weights, and difftune does not load pickle (.bin) weights, which can "
+        f"run code; if you trust the file, convert it once: {cls.__name__}.from_pretrained("
+        f"{where!r}, use_safetensors=False).save_pretrained(NEW_DIR)"
+    )
 
 
 def _model_config(
@@ -175,8 +178,12 @@ def peek_backbone(
 
     Raises:
         FileNotFoundError: no model config there (with ``local_only``: not in the local hub cache either).
+        UserError: a local model has pickle weights only (loading it would be refused).
     """
-    _, _, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision, local_only)
+    _, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision, local_only)
+    local = Path(pretrained) / (sub or "")
+    if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
+        raise _pickle_refusal(model_cls, str(local))  # what loading would refuse, found from the listing
     with torch.device("meta"):
         return adapter_cls(model_cls.from_config(config))
 
