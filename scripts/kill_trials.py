@@ -52,6 +52,13 @@ def _tiny_latent_model(root: Path) -> Path:
     )
 
 
+def _save(cfg: dict, out: Path) -> Path:
+    """Write a run's config beside its output folder (``<out>.yaml``); returns its path."""
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def _cache_config(model: Path, out: Path, cache: Path) -> Path:
     """One training step of a latent model on all of digits 5-9 (about 900 images, mirrored too)."""
     cfg = {
@@ -66,9 +73,7 @@ def _cache_config(model: Path, out: Path, cache: Path) -> Path:
         "objective": {"bank_share": 0.0},
         "train": {"output_dir": str(out), "max_steps": 1, "batch_size": 4},
     }
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return _save(cfg, out)
 
 
 def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
@@ -98,9 +103,7 @@ def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
             "ema_decay": 0.9,
         },
     }
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return _save(cfg, out)
 
 
 # ``difftune`` whose N-th deletion of a checkpoint (KILL_AT_ROTATION=N) stops dead half-way: half of

@@ -19,7 +19,7 @@ from difftune.config import load_config
 from difftune.data import load_target_images
 from difftune.errors import UserError
 from difftune.images import open_image
-from test_training import _image_folder, make_cfg
+from test_training import _image_folder, folder_cfg
 
 
 def _png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -44,19 +44,6 @@ BAD = {
     "text under .png": lambda: b"this is not an image\n",
     "decompression bomb": _bomb,
 }
-
-
-def _folder_cfg(root: Path, tmp_path: Path, dit_dir: Path, *extra: str):
-    return make_cfg(
-        dit_dir,
-        tmp_path / "run",
-        None,
-        "data.source=folder",
-        f"data.path={root}",
-        "data.classes=null",
-        "data.per_class=null",
-        *extra,
-    )
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -110,7 +97,7 @@ def test_a_bad_file_is_refused_in_one_line_naming_it(
     _image_folder(root)
     (root / "b" / "bad.png").write_bytes(BAD[kind]())
     cfg_file = tmp_path / "c.yaml"
-    _folder_cfg(root, tmp_path, dit_dir).save(cfg_file)
+    folder_cfg(root, tmp_path, dit_dir).save(cfg_file)
     assert main(["train", "--config", str(cfg_file)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("difftune: error:")]
     assert len(err) == 1 and "b/bad.png" in err[0] and "data.on_bad_file=skip" in err[0], err

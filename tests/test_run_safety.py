@@ -199,8 +199,9 @@ def _checkpoint_weights(run: Path, step: int, sub: str = "transformer") -> dict[
     return weights(run / "checkpoints" / f"checkpoint-{step:07d}" / "model", sub)
 
 
+@pytest.mark.parametrize("clip", ["train.max_grad_norm=0", "train.max_grad_norm=1.0"])  # its norm is reused
 def test_skip_leaves_weights_and_optimiser_untouched_at_non_finite_steps(
-    dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+    clip: str, dit_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     run = tmp_path / "run"
     args = (
@@ -210,6 +211,7 @@ def test_skip_leaves_weights_and_optimiser_untouched_at_non_finite_steps(
         "train.log_every=2",
         "train.on_non_finite=skip",
         "train.max_non_finite_steps=2",
+        clip,
     )
     _nan_at(monkeypatch, {3, 4})  # steps 3 and 4
     Trainer(make_cfg(dit_dir, run, None, *args)).train()

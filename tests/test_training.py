@@ -57,6 +57,20 @@ def make_cfg(pretrained: Path, out: Path, bank: Path | None, *extra: str) -> Exp
     return load_config(None, overrides(pretrained, out, bank, *extra))
 
 
+def folder_cfg(root: Path, tmp_path: Path, dit_dir: Path, *extra: str) -> ExperimentConfig:
+    """The test recipe on an image folder ``root`` (every class, every image) instead of the digits."""
+    return make_cfg(
+        dit_dir,
+        tmp_path / "run",
+        None,
+        "data.source=folder",
+        f"data.path={root}",
+        "data.classes=null",
+        "data.per_class=null",
+        *extra,
+    )
+
+
 def weights(model_dir: Path, sub: str = "transformer") -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / sub / "diffusion_pytorch_model.safetensors"))
 
@@ -343,15 +357,7 @@ def test_corrupt_image_named_in_error(corruption: str, dit_dir: Path, tmp_path: 
     else:
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(bad)
         bad.write_bytes(bad.read_bytes()[:120])
-    cfg = make_cfg(
-        dit_dir,
-        tmp_path / "run",
-        None,
-        "data.source=folder",
-        f"data.path={root}",
-        "data.classes=null",
-        "data.per_class=null",
-    )
+    cfg = folder_cfg(root, tmp_path, dit_dir)
     # the random bytes are refused from the header (all bad files named at once), the truncated file
     # when it is decoded
     with pytest.raises(ValueError, match=r"(b/bad\.png \(cannot identify|cannot read image .*bad\.png)"):

@@ -71,11 +71,18 @@ class NonFiniteGuard:
         self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
         self.cells += here * (self.first_step == step)
 
-    def skip_flag(self, step: int, params: Sequence[torch.Tensor], accelerator: Any) -> torch.Tensor | None:
+    def skip_flag(
+        self,
+        step: int,
+        params: Sequence[torch.Tensor],
+        accelerator: Any,
+        grad_norm: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """For ``"skip"``: 1.0 on the device when this step must leave the weights alone, else 0.0.
 
-        Call it after the last backward of ``step`` and before the optimiser step. The flag is the
-        same on every process (gradients are already averaged; the loss flags are summed), so every
+        Call it after the last backward of ``step`` and before the optimiser step; ``grad_norm`` is
+        the total gradient norm when gradient clipping has computed it already. The flag is the same
+        on every process (gradients are already averaged; the loss flags are summed), so every
         replica skips together. Returns ``None`` under ``"stop"``.
         """
         if self.policy != "skip":
@@ -84,8 +91,10 @@ class NonFiniteGuard:
         device = grads[0].device if grads else accelerator.device
         self._start(device)
         bad = self.step_bad.clone()
-        if grads:
-            bad |= ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if grad_norm is None and grads:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        if grad_norm is not None:
+            bad |= ~torch.isfinite(grad_norm.to(device))
         if accelerator.num_processes > 1:
             bad = accelerator.reduce(bad.float(), reduction="sum") > 0
         self.first_step = torch.where(

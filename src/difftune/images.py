@@ -107,17 +107,18 @@ def check_images(paths: Sequence[Path], memo: Path | None = None) -> dict[Path, 
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             known = {}  # a torn or foreign file: check everything again
     verdicts: dict[str, list] = {}
+    unusable: dict[Path, str] = {}
     for path in paths:
         stat = path.stat()
         key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
         entry = known.get(key)
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
-            verdicts[key] = entry
-        else:
-            verdicts[key] = [*stamp, check_image(path)]
+        fresh = isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp
+        verdicts[key] = entry if fresh else [*stamp, check_image(path)]
+        if verdicts[key][2] is not None:
+            unusable[path] = verdicts[key][2]
     if memo is not None and verdicts != known:
         atomic_write_json(memo, {"max_pixels": Image.MAX_IMAGE_PIXELS, "files": verdicts}, indent=0)
-    return {path: why for path in paths if (why := verdicts[str(path.resolve())][2]) is not None}
+    return unusable
 
 
 def _convert(img: Image.Image, mode: str) -> Image.Image:

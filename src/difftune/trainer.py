@@ -223,11 +223,10 @@ class Trainer:
                         acc.backward(loss)
                     log.add(terms)
                     self.guard.observe(self.state.step, terms)
-                skip = self.guard.skip_flag(self.state.step, params, acc)
+                grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+                skip = self.guard.skip_flag(self.state.step, params, acc, grad_norm)
                 if skip is not None and acc.scaler is None:  # under fp16 the grad scaler skips by itself
                     optimizer.optimizer.found_inf = skip
-                if tc.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:

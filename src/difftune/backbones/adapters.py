@@ -20,10 +20,9 @@ from torch import nn
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.errors import UserError
-from difftune.tuning import Switchable, TuningConfig, build_tuning
+from difftune.tuning import Switchable, TuningConfig, build_tuning, trainable_parameters
 from difftune.tuning.lora import ADAPTER_NAME, PeftTuning
 from difftune.tuning.record import TuningRecord
-from difftune.tuning.reparam import AdditiveDelta, RowScale, SpectralShift
 
 ADAPTER = "adapter"  # the sub-folder of a saved model that holds an adapter
 TUNING_FILE = "difftune_tuning.json"
@@ -31,16 +30,25 @@ ADAPTER_WEIGHTS = "difftune_adapter.safetensors"
 
 
 def apply_tuning(
-    loaded: LoadedModel, method: str, settings: TuningConfig | None = None
+    loaded: LoadedModel,
+    method: str,
+    settings: TuningConfig | None = None,
+    base_fingerprint: str | None = None,
 ) -> list[nn.Parameter]:
     """Prepare ``loaded``'s backbone for ``method`` and record it (with the base's fingerprint).
+
+    Args:
+        base_fingerprint: the base's fingerprint when the caller has it already (hashing a large
+            model's weights takes seconds); computed otherwise.
 
     Returns:
         The trainable parameters, in module order.
     """
     settings = settings or TuningConfig()
     tuning = build_tuning(method, settings)
-    fingerprint = model_fingerprint(loaded.backbone.inner) if tuning.adapter else ""
+    fingerprint = ""
+    if tuning.adapter:
+        fingerprint = base_fingerprint or model_fingerprint(loaded.backbone.inner)
     params = tuning.prepare(loaded.backbone)
     loaded.tuning = TuningRecord(
         method,
@@ -133,7 +141,7 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
             f"the adapter in {directory} was trained on a base with fingerprint {record.base_fingerprint} "
             f"({record.base.get('source')}); {base.source} has {found}; load it onto that base"
         )
-    apply_tuning(base, record.method, TuningConfig(**record.settings))
+    apply_tuning(base, record.method, TuningConfig(**record.settings), base_fingerprint=found)
     state = load_file(str(directory / ADAPTER_WEIGHTS))
     params = dict(base.backbone.inner.named_parameters())
     trainable = {name for name, p in params.items() if p.requires_grad}
@@ -149,11 +157,13 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
     return base
 
 
-def adapter_directory(path: str | Path) -> Path | None:
-    """The adapter folder of ``path`` (a saved model with ``adapter/``, or an adapter itself), or None."""
+def adapter_directory(path: str | Path, use_ema: bool = False) -> Path | None:
+    """The adapter folder of ``path``, or None: ``adapter/`` of a saved model (``ema/adapter/`` with
+    ``use_ema`` when it has one), or ``path`` itself when it is an adapter."""
     path = Path(path)
     if is_adapter(path):
-        return path / ADAPTER
+        ema = path / "ema" / ADAPTER
+        return ema if use_ema and ema.is_dir() else path / ADAPTER
     return path if (path / TUNING_FILE).is_file() else None
 
 
@@ -173,7 +183,7 @@ def continue_adapter(
             f"model.tuning={record.method} and the same tuning settings"
         )
     loaded = load_adapter(directory)
-    return loaded, [p for p in loaded.backbone.parameters() if p.requires_grad]
+    return loaded, trainable_parameters(loaded.backbone)
 
 
 def merged_model(model: nn.Module) -> nn.Module:
@@ -187,7 +197,7 @@ def merged_model(model: nn.Module) -> nn.Module:
     Raises:
         UserError: the method adds modules a stock model does not have (AdaptFormer, VPT).
     """
-    extra = [type(m).__name__ for m in model.modules() if isinstance(m, Switchable) and not _is_reparam(m)]
+    extra = [type(m).__name__ for m in model.modules() if isinstance(m, Switchable) and not m.reparametrises]
     if extra:
         raise UserError(
             f"this tuning adds {extra[0]} modules that a stock {type(model).__name__} does not have, so it "
@@ -198,10 +208,6 @@ def merged_model(model: nn.Module) -> nn.Module:
         state = {key: _merged_value(model, key) for key in plain.state_dict()}
     plain.load_state_dict(state, strict=True)
     return plain.to(next(model.parameters()).device)
-
-
-def _is_reparam(module: nn.Module) -> bool:
-    return isinstance(module, (AdditiveDelta, RowScale, SpectralShift))
 
 
 def _merged_value(model: nn.Module, key: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from difftune.atomic import atomic_directory
-from difftune.backbones.adapters import ADAPTER, TUNING_FILE, is_adapter, load_adapter, save_adapter
+from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, save_adapter
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
 from difftune.tuning import trainable_parameters
 
@@ -33,11 +33,9 @@ def load_trained(
         FileNotFoundError: a local-looking path that does not exist.
         UserError: an adapter whose base model has other weights.
     """
-    if is_adapter(path):
-        ema = Path(path) / "ema" / ADAPTER
-        return load_adapter(ema if use_ema and ema.is_dir() and subfolder is None else Path(path) / ADAPTER)
-    if (Path(path) / TUNING_FILE).is_file():  # an adapter on its own (``difftune export`` without --merge)
-        return load_adapter(path)
+    adapter = adapter_directory(path, use_ema and subfolder is None)  # a run's, or one exported alone
+    if adapter is not None:
+        return load_adapter(adapter)
     return load_pretrained(path, inference_subfolder(path, subfolder, use_ema), vae)
 
 

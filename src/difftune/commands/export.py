@@ -23,22 +23,18 @@ from difftune.errors import UserError
 
 def cmd_export(args: argparse.Namespace) -> int:
     from difftune.atomic import atomic_directory
-    from difftune.backbones.adapters import ADAPTER, is_adapter, merged_model
-    from difftune.backbones.saving import load_trained, save_model, save_pipeline_index
+    from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, merged_model
+    from difftune.backbones.saving import save_model, save_pipeline_index
 
     source, out = Path(args.model), Path(args.out)
-    if not is_adapter(source):
+    weights = adapter_directory(source, use_ema=not args.no_ema)
+    if weights is None:
         raise UserError(
             f"{source} holds no adapter (no {ADAPTER}/difftune_tuning.json); export is for runs with a "
             "parameter-efficient model.tuning (a full fine-tuning final/ already is a diffusers model)"
         )
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {out} is not empty; choose another folder or pass --overwrite")
-    weights = (
-        source / "ema" / ADAPTER
-        if not args.no_ema and (source / "ema" / ADAPTER).is_dir()
-        else source / ADAPTER
-    )
     if args.dry_run:
         print(
             f"would export {weights} {'merged into its base model' if args.merge else 'as an adapter'} to {out}"
@@ -49,7 +45,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             shutil.copytree(weights, staging, dirs_exist_ok=True)
         print(f"wrote the adapter of {source} to {out}")
         return 0
-    loaded = load_trained(str(source), use_ema=not args.no_ema)
+    loaded = load_adapter(weights)
     backbone = type(loaded.backbone)(merged_model(loaded.backbone.inner))
     plain = dataclasses.replace(loaded, backbone=backbone, tuning=None)
     save_model(plain, out)

@@ -45,9 +45,11 @@ def switched_off_teacher(backbone: Backbone) -> Teacher:
 def frozen_copy_teacher(backbone: Backbone, dtype: torch.dtype = torch.float32) -> Teacher:
     """A frozen copy of ``backbone`` as it is now (before training), in ``dtype``."""
     frozen = copy.deepcopy(backbone).to(dtype).eval().requires_grad_(False)
+    first = next(frozen.parameters())
 
     def teacher(x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        frozen.to(x_t.device)
+        if first.device != x_t.device:  # once: the copy follows the student to its device
+            frozen.to(x_t.device)
         with torch.autocast(x_t.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return frozen(x_t.to(dtype), t, cond).float()
 

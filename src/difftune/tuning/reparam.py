@@ -17,6 +17,8 @@ from difftune.tuning.switch import Switchable
 class AdditiveDelta(Switchable):
     """``original + delta``, with ``delta`` trainable and zero at the start (BitFit, DiffFit)."""
 
+    reparametrises = True
+
     def __init__(self, like: torch.Tensor) -> None:
         super().__init__()
         self.delta = nn.Parameter(torch.zeros_like(like))
@@ -31,6 +33,8 @@ class RowScale(Switchable):
     DiffFit's scale factor on a residual branch, put on the branch's last layer (its weight and its
     bias share one ``gamma``), so that merging it is a plain reparametrised read.
     """
+
+    reparametrises = True
 
     def __init__(self, gamma: nn.Parameter) -> None:
         super().__init__()
@@ -48,6 +52,8 @@ class SpectralShift(Switchable):
     The second form is ``W`` itself, bit for bit, while ``delta`` is zero or the shift is off. The
     singular vectors are computed once from the pre-trained weight (float32) and kept as buffers.
     """
+
+    reparametrises = True
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()

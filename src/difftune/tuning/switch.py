@@ -15,16 +15,19 @@ from torch import nn
 
 
 class Switchable(nn.Module):
-    """A module a tuning method adds; with ``enabled`` false it leaves its input exactly as it is."""
+    """A module a tuning method adds; with ``enabled`` false it leaves its input exactly as it is.
+
+    ``reparametrises``: it only rewrites an existing tensor (so merging reads the tensor's value),
+    rather than adding a module a stock model does not have.
+    """
 
     enabled: bool = True
+    reparametrises: bool = False
 
 
 def _peft_layers(model: nn.Module) -> list[nn.Module]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is only needed for the LoRA family
-        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer  # imported when used: ``difftune --help`` stays fast
+
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
