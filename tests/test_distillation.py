@@ -162,3 +162,14 @@ def test_export_refuses_a_full_model(dit_dir: Path, tmp_path: Path, capsys) -> N
     assert main(["export", str(final), "--out", str(tmp_path / "x"), "--merge"]) == 2
     assert "holds no adapter" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_paths_that_cannot_work_are_one_line(dit_dir: Path, tmp_path: Path, capsys) -> None:
+    final = _lora_run(dit_dir, tmp_path)
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing is not a directory; give a run's final/" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(["export", str(final), "--out", str(tmp_path / "a-file"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("difftune: error:") == 1 and "is a file; give a folder" in err
+    assert (tmp_path / "a-file").read_text() == "keep me"

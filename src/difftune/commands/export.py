@@ -27,6 +27,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from difftune.backbones.saving import save_model, save_pipeline_index
 
     source, out = Path(args.model), Path(args.out)
+    if not source.is_dir():
+        raise UserError(f"{source} is not a directory; give a run's final/ (or a checkpoint's model/)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder to write the export to")
     weights = adapter_directory(source, use_ema=not args.no_ema)
     if weights is None:
         raise UserError(
