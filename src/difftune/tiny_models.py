@@ -6,12 +6,32 @@ same call gives the same weights everywhere.
 
 from __future__ import annotations
 
+import json
+import string
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
-__all__ = ["save_pipeline_dir", "tiny_dit", "tiny_unet", "tiny_vae"]
+__all__ = [
+    "save_pipeline_dir",
+    "save_sd_pipeline",
+    "tiny_cond_unet",
+    "tiny_dit",
+    "tiny_text_encoder",
+    "tiny_unet",
+    "tiny_vae",
+]
+_TOKEN_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
 def tiny_dit(
@@ -76,4 +96,70 @@ def save_pipeline_dir(
     DDPMScheduler(num_train_timesteps=num_train_timesteps).save_pretrained(root / "scheduler")
     if vae is not None:
         vae.save_pretrained(root / "vae")
+    return root
+
+
+def tiny_text_encoder(width: int = 32, max_length: int = 16, seed: int = 0) -> tuple[Any, Any]:
+    """A 2-layer ``CLIPTextModel`` and a character-level ``CLIPTokenizer`` built from a vocabulary
+    written here (letters, digits, punctuation; no merges): ``(text_encoder, tokenizer)``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {c: i for i, c in enumerate(_TOKEN_CHARS)}
+    vocab.update({f"{c}</w>": len(_TOKEN_CHARS) + i for i, c in enumerate(_TOKEN_CHARS)})
+    bos, eos = len(vocab), len(vocab) + 1
+    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=max_length
+        )
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return CLIPTextModel(config), tokenizer
+
+
+def tiny_cond_unet(
+    in_channels: int = 4, sample_size: int = 4, cross_attention_dim: int = 32, seed: int = 0
+) -> UNet2DConditionModel:
+    """A text-conditional UNet2DConditionModel with one cross-attention block (Stable Diffusion's layout)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def save_sd_pipeline(root: Path, unet: UNet2DConditionModel | None = None, seed: int = 0) -> Path:
+    """Write a stock ``StableDiffusionPipeline`` directory of tiny models (32x32 images, 4x4 latents)."""
+    text_encoder, tokenizer = tiny_text_encoder(seed=seed)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet or tiny_cond_unet(seed=seed),
+        scheduler=DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root)
     return root

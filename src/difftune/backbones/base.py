@@ -28,10 +28,12 @@ class Backbone(nn.Module):
         sample_shape: (C, H, W) of the space the diffusion runs in (latents or pixels).
         pipeline_class: the stock diffusers pipeline that can run a saved model of this kind (with
             a VAE), or ``None``.
+        condition_names: the names of the tensors a condition bundle holds.
     """
 
     inner: nn.Module
     pipeline_class: str | None = None
+    condition_names: tuple[str, ...] = ()
     learns_variance: bool
     sample_shape: tuple[int, int, int]
     subfolder: str
@@ -59,6 +61,21 @@ class Backbone(nn.Module):
     def check_condition(self, cond: Conditioning) -> None:
         """Refuse a condition bundle this model cannot consume (ValueError with the fix)."""
 
+    @property
+    def source_model(self) -> nn.Module:
+        """The module whose weights are the pre-trained model (what banks record): :attr:`inner`, or
+        the frozen model a trained add-on (a ControlNet) steers."""
+        return self.inner
+
+    def bank_generator(self) -> Backbone:
+        """The denoiser that generates the knowledge bank: the pre-trained model itself."""
+        return self
+
+    def bank_extras(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditions computed from a bank's decoded samples ``images`` in [-1, 1] (a ControlNet's
+        control images); none by default."""
+        return {}
+
     def bank_condition(self, indices: torch.Tensor) -> Conditioning:
         """The condition knowledge-bank sample ``i`` is generated with, for each ``i`` in ``indices`` (N,)."""
         raise NotImplementedError
@@ -76,6 +93,7 @@ class ClassConditionalBackbone(Backbone):
     """
 
     num_classes: int
+    condition_names = ("labels",)
 
     @property
     def null_label(self) -> int:

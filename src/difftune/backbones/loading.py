@@ -16,12 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
+from difftune.backbones.controlnet import ControlNetBackbone
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.fingerprint import model_fingerprint
+from difftune.backbones.sd_parts import attach_text, controlnet_backbone, load_prompt_encoder, sd_pipeline
+from difftune.backbones.stable_diffusion import TextConditionalBackbone
+from difftune.backbones.text import PromptEncoder
 from difftune.backbones.unet import UNetBackbone
 from difftune.config_checks import check_model_path
 from difftune.errors import UserError
@@ -32,7 +44,10 @@ BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
     "DiTTransformer2DModel": (DiTTransformer2DModel, DiTBackbone),
     "Transformer2DModel": (DiTTransformer2DModel, DiTBackbone),  # original DiT checkpoints
     "UNet2DModel": (UNet2DModel, UNetBackbone),
+    "UNet2DConditionModel": (UNet2DConditionModel, TextConditionalBackbone),
+    "ControlNetModel": (ControlNetModel, ControlNetBackbone),  # with the UNet of its pipeline
 }
+FROM_UNET = "from_unet"  # model.controlnet: a new ControlNet initialised from the UNet
 SOURCE_FILE = "difftune_source.json"
 logger = logging.getLogger(__name__)
 
@@ -53,6 +68,9 @@ class LoadedModel:
             (:func:`~difftune.backbones.adapters.apply_tuning`).
         weights: ``(path or hub id, sub-folder)`` the backbone's weights were read from (``source``
             is where they came from originally, which a difftune directory records).
+        prompts: the text encoder of a text-conditional model, or ``None``.
+        pipeline: the Stable Diffusion pipeline (path or hub id) a text-conditional model's text
+            encoder, tokenizer and, for a ControlNet, frozen UNet come from; ``None`` otherwise.
     """
 
     backbone: Backbone
@@ -63,13 +81,16 @@ class LoadedModel:
     vae_subfolder: str | None = None
     tuning: TuningRecord | None = None
     weights: tuple[str, str | None] = ("", None)
+    prompts: PromptEncoder | None = None
+    pipeline: str | None = None
 
     def fingerprint(self) -> str:
         """The fingerprint of the pre-trained weights (taken before a parameter-efficient method
         changed the model, once one is applied): what banks record and check."""
-        if self.tuning is not None and self.tuning.adapter:
+        source = self.backbone.source_model
+        if source is self.backbone.inner and self.tuning is not None and self.tuning.adapter:
             return self.tuning.base_fingerprint
-        return model_fingerprint(self.backbone.inner)
+        return model_fingerprint(source)
 
 
 def _pipeline_components(pretrained: str, revision: str | None, local_only: bool = False) -> dict[str, Any]:
@@ -78,7 +99,8 @@ def _pipeline_components(pretrained: str, revision: str | None, local_only: bool
     if local.is_dir():
         if (local / "model_index.json").is_file():
             return json.loads((local / "model_index.json").read_text())
-        return {name: None for name in ("transformer", "unet", "vae", "scheduler") if (local / name).is_dir()}
+        names = ("controlnet", "transformer", "unet", "vae", "scheduler", "text_encoder", "tokenizer")
+        return {name: None for name in names if (local / name).is_dir()}
     try:
         return DiffusionPipeline.load_config(pretrained, revision=revision, local_files_only=local_only)
     except Exception:  # not a pipeline repo: a single-model repo
@@ -88,13 +110,14 @@ def _pipeline_components(pretrained: str, revision: str | None, local_only: bool
 def _resolve_subfolder(pretrained: str, subfolder: str | None, components: dict[str, Any]) -> str | None:
     if subfolder is not None:
         return subfolder or None
-    for name in ("transformer", "unet"):
+    for name in ("controlnet", "transformer", "unet"):
         if name in components:
             return name
     local = Path(pretrained)
     if local.is_dir() and not (local / "config.json").is_file():
         raise FileNotFoundError(
-            f"no diffusers model in {pretrained!r}: expected config.json, or a transformer/ or unet/ sub-folder"
+            f"no diffusers model in {pretrained!r}: expected config.json, or a transformer/, unet/ or "
+            "controlnet/ sub-folder"
         )
     return None
 
@@ -171,7 +194,11 @@ def _model_config(
 
 
 def peek_backbone(
-    pretrained: str, subfolder: str | None = None, revision: str | None = None, local_only: bool = False
+    pretrained: str,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_only: bool = False,
+    controlnet: str | None = None,
 ) -> Backbone:
     """The backbone adapter of a model built from its config alone, on the ``meta`` device: its
     classes, sample shape and variance are known without reading (or downloading) any weights.
@@ -180,12 +207,28 @@ def peek_backbone(
         FileNotFoundError: no model config there (with ``local_only``: not in the local hub cache either).
         UserError: a local model has pickle weights only (loading it would be refused).
     """
-    _, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision, local_only)
+    components, sub, config, model_cls, adapter_cls = _model_config(
+        pretrained, subfolder, revision, local_only
+    )
     local = Path(pretrained) / (sub or "")
     if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
         raise _pickle_refusal(model_cls, str(local))  # what loading would refuse, found from the listing
     with torch.device("meta"):
-        return adapter_cls(model_cls.from_config(config))
+        model = model_cls.from_config(config)
+        if adapter_cls is ControlNetBackbone:
+            unet_root = sd_pipeline(pretrained, components, _source_record(pretrained), "unet")
+            unet_config = UNet2DConditionModel.load_config(
+                unet_root, subfolder="unet", local_files_only=local_only
+            )
+            return ControlNetBackbone(model, UNet2DConditionModel.from_config(unet_config))
+        backbone = adapter_cls(model)
+        if controlnet is not None and isinstance(backbone, TextConditionalBackbone):
+            return ControlNetBackbone(ControlNetModel.from_unet(model), model)
+        return backbone
+
+
+def _load_model(cls: type, source: str, subfolder: str | None, revision: str | None) -> Any:
+    return load_safetensors_model(cls, source, subfolder, revision)
 
 
 def load_pretrained(
@@ -193,25 +236,49 @@ def load_pretrained(
     subfolder: str | None = None,
     vae: str | None = None,
     revision: str | None = None,
+    controlnet: str | None = None,
 ) -> LoadedModel:
-    """Load a class-conditional DiT or UNet2DModel with its VAE (if any) and noise schedule.
+    """Load a DiT, UNet2DModel or Stable Diffusion UNet (optionally with a ControlNet), with its VAE,
+    text encoder (text-conditional models) and noise schedule.
 
     Args:
         pretrained: hub id or local directory.
-        subfolder: model sub-folder; ``None`` finds ``transformer`` or ``unet``; ``""`` = root.
+        subfolder: model sub-folder; ``None`` finds ``controlnet``, ``transformer`` or ``unet``;
+            ``""`` = root.
         vae: hub id / directory of an ``AutoencoderKL``; ``None`` uses the pipeline's own VAE (or,
             for a difftune checkpoint, the VAE it was trained with).
         revision: hub revision.
+        controlnet: train a ControlNet over the Stable Diffusion UNet of ``pretrained``:
+            ``"from_unet"`` makes a new one from the UNet's weights, else a ControlNet's hub id or
+            directory; ``None`` for none.
 
     Raises:
         FileNotFoundError: the path holds no diffusers model.
         ValueError: the model class is not supported (the message lists supported classes).
     """
     components, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision)
-    model = load_safetensors_model(model_cls, pretrained, sub, revision)
-    backbone = adapter_cls(model)
-
     record = _source_record(pretrained)
+    model = load_safetensors_model(model_cls, pretrained, sub, revision)
+    pipeline: str | None = None
+    if adapter_cls is ControlNetBackbone:  # a trained ControlNet: its UNet is its pipeline's
+        pipeline = sd_pipeline(pretrained, components, record, "unet")
+        unet = load_safetensors_model(UNet2DConditionModel, pipeline, "unet", revision)
+        backbone: Backbone = ControlNetBackbone(model, unet)
+    elif controlnet is not None:
+        if adapter_cls is not TextConditionalBackbone:
+            raise UserError(
+                f"model.controlnet needs a Stable Diffusion UNet, but {pretrained!r} holds a {config['_class_name']}"
+            )
+        backbone = controlnet_backbone(controlnet, model, revision, _load_model)
+    else:
+        backbone = adapter_cls(model)
+    prompts = None
+    if isinstance(backbone, TextConditionalBackbone):
+        text_root = sd_pipeline(pretrained, components, record, "text_encoder")
+        prompts = load_prompt_encoder(text_root, revision, _load_model)
+        attach_text(backbone, prompts)
+        pipeline = pipeline or text_root
+
     vae_source = vae
     vae_sub: str | None = None
     if vae_source is None and "vae" in components:
@@ -240,4 +307,6 @@ def load_pretrained(
         vae_source=vae_source,
         vae_subfolder=vae_sub,
         weights=(pretrained, sub),
+        prompts=prompts,
+        pipeline=record.get("pipeline") or pipeline,
     )

@@ -18,7 +18,6 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel
 from difftune.config import BankConfig
 from difftune.errors import UserError
@@ -35,7 +34,7 @@ def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
         "kind": "bank",
         "format": BANK_FORMAT,
         "source": loaded.source,
-        "source_fingerprint": model_fingerprint(backbone.inner),
+        "source_fingerprint": loaded.fingerprint(),
         "vae": loaded.vae_source,
         "space": loaded.codec.space,
         "shape": list(backbone.sample_shape),

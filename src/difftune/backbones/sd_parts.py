@@ -1,0 +1,77 @@
+"""The Stable Diffusion parts a text-conditional backbone needs beside its UNet: the text encoder and
+tokenizer, and, for a ControlNet, the frozen UNet it steers.
+
+They come from the pipeline the model belongs to: the directory or hub id itself when it has them,
+else the pipeline a difftune directory records as its origin (``difftune_source.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.controlnet import ControlNetBackbone
+from difftune.backbones.stable_diffusion import TextConditionalBackbone
+from difftune.backbones.text import PromptEncoder
+from difftune.errors import UserError
+
+
+def sd_pipeline(pretrained: str, components: dict[str, Any], record: dict[str, Any], part: str) -> str:
+    """Where ``part`` (``text_encoder`` or ``unet``) of a text-conditional model is read from.
+
+    Raises:
+        UserError: neither the directory nor its recorded origin has it.
+    """
+    if part in components:
+        return pretrained
+    if record.get("pipeline"):
+        return str(record["pipeline"])
+    raise UserError(
+        f"{pretrained!r} has no {part}/ and records no Stable Diffusion pipeline it came from; "
+        "give the pipeline directory (with unet/, text_encoder/, tokenizer/) as model.pretrained"
+    )
+
+
+def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> PromptEncoder:
+    """The CLIP text encoder and tokenizer of ``pipeline`` (``load``: safetensors-only ``from_pretrained``)."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer", revision=revision)
+    text_encoder = load(CLIPTextModel, pipeline, "text_encoder", revision)
+    return PromptEncoder(text_encoder, tokenizer, pipeline)
+
+
+def attach_text(backbone: Backbone, prompts: PromptEncoder) -> None:
+    """Give a text-conditional backbone its unconditional form, the empty prompt's embedding."""
+    if isinstance(backbone, TextConditionalBackbone):
+        backbone.set_null_prompt(prompts.encode([""]))
+
+
+def controlnet_backbone(
+    controlnet: str, unet: UNet2DConditionModel, revision: str | None, load: Any
+) -> ControlNetBackbone:
+    """A ControlNet over ``unet``: new from its weights (``controlnet="from_unet"``) or loaded.
+
+    ``load`` is the safetensors-only ``from_pretrained``.
+    """
+    if controlnet == "from_unet":
+        net = ControlNetModel.from_unet(unet)
+    else:
+        net = load(ControlNetModel, controlnet, None, revision)
+    _check_pair(net, unet)
+    return ControlNetBackbone(net, unet)
+
+
+def _check_pair(controlnet: ControlNetModel, unet: UNet2DConditionModel) -> None:
+    """Refuse a ControlNet whose blocks do not match the UNet's (its residuals would not fit)."""
+    ours, theirs = controlnet.config, unet.config
+    if list(ours.block_out_channels) != list(theirs.block_out_channels) or (
+        ours.cross_attention_dim != theirs.cross_attention_dim
+    ):
+        raise UserError(
+            f"the ControlNet (blocks {list(ours.block_out_channels)}, text width {ours.cross_attention_dim}) "
+            f"does not fit the UNet (blocks {list(theirs.block_out_channels)}, text width "
+            f"{theirs.cross_attention_dim}); use a ControlNet made for this Stable Diffusion version"
+        )

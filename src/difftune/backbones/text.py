@@ -1,0 +1,71 @@
+"""Prompts to the embeddings a text-conditional denoiser reads (a CLIP text encoder and its tokenizer).
+
+The text side of a Stable Diffusion pipeline, as its ``encode_prompt`` does it for SD 1.x / 2.x: the
+prompt padded to the tokenizer's length, the encoder's last hidden state. It is frozen, and its
+output is cached beside the target latents, so training never runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from difftune.backbones.fingerprint import model_fingerprint
+
+
+class PromptEncoder:
+    """Encode prompts with a frozen text encoder.
+
+    Args:
+        text_encoder: a ``transformers`` text model whose output's first item is the hidden states
+            (``CLIPTextModel``).
+        tokenizer: its tokenizer (``CLIPTokenizer``).
+        source: where they were loaded from (part of :meth:`identity`), or ``None``.
+    """
+
+    def __init__(self, text_encoder: Any, tokenizer: Any, source: str | None = None) -> None:
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.source = source
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt (the tokenizer's ``model_max_length``; 77 for CLIP)."""
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def width(self) -> int:
+        """Width D of an embedding token."""
+        return int(self.text_encoder.config.hidden_size)
+
+    def identity(self) -> str:
+        """A string that changes when encoding a prompt would give another embedding."""
+        if self.source is not None:
+            return f"text:{self.source}:{self.max_length}"
+        return f"text-weights-{model_fingerprint(self.text_encoder)}:{self.max_length}"
+
+    def to(self, device: torch.device | str) -> PromptEncoder:
+        """Move the text encoder to ``device``."""
+        self.text_encoder.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """``prompts`` (N) -> embeddings (N, L, D) float32 on the CPU, L = :attr:`max_length`."""
+        device = next(self.text_encoder.parameters()).device
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(
+                list(prompts[start : start + batch_size]),
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            hidden = self.text_encoder(tokens.input_ids.to(device))[0]
+            out.append(hidden.float().cpu())
+        if not out:
+            return torch.zeros(0, self.max_length, self.width)
+        return torch.cat(out)
