@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-from difftune.commands import bank, demo, eval_fid, export, forgetting, sample, train
+from difftune.commands import bank, convergence, demo, eval_fid, export, forgetting, sample, train
 from difftune.errors import UserError
 
 # bad input: UserError (ConfigError among them), and the OS's own errors for missing or protected paths
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
-COMMANDS = (train, bank, sample, demo, eval_fid, forgetting, export)
+COMMANDS = (train, bank, sample, demo, eval_fid, forgetting, export, convergence)
 
 
 def build_parser() -> argparse.ArgumentParser:
