@@ -17,6 +17,7 @@ import yaml
 
 from difftune.atomic import atomic_write_text
 from difftune.config_checks import ConfigError, _check, _check_fields
+from difftune.data_config import DataConfig
 from difftune.sampling_spec import SamplingSpec
 from difftune.schedules import SCHEDULES, SNR_SCHEDULES
 from difftune.train_config import TrainConfig
@@ -68,53 +69,6 @@ class ModelConfig:
         _check(
             self.tuning in TUNING_METHODS,
             f"model.tuning={self.tuning!r} is unknown; valid: {sorted(TUNING_METHODS)}",
-        )
-
-
-@dataclass
-class DataConfig:
-    """The target dataset.
-
-    Attributes:
-        source: ``"folder"`` (an image-folder tree: one sub-directory per class) or ``"digits"``
-            (scikit-learn's handwritten digits, used by the demo).
-        path: root of the image folder (``source: folder``).
-        classes: digit classes to keep (``source: digits``); labels are re-indexed 0..K-1.
-        per_class: keep at most this many images per class (few-shot); ``None`` keeps all.
-        resolution: images are resized and centre-cropped to this size; ``None`` = model's size.
-        cache_dir: where encoded latents are cached; default ``<output_dir>/target_cache``.
-        hflip: also cache every image mirrored (DiT's random horizontal flip augmentation).
-        seed: seed of the few-shot subset selection.
-        on_bad_file: ``"error"`` (default): unreadable images and empty class folders stop the run,
-            all named; ``"skip"``: they are left out, each with a warning.
-    """
-
-    source: str = "folder"
-    path: str | None = None
-    classes: list[int] | None = None
-    per_class: int | None = None
-    resolution: int | None = None
-    cache_dir: str | None = None
-    hflip: bool = False
-    seed: int = 0
-    on_bad_file: str = "error"
-
-    def __post_init__(self) -> None:
-        _check_fields(self, "data")
-        _check(
-            self.source in ("folder", "digits"),
-            f"data.source={self.source!r} is unknown: use 'folder' or 'digits'",
-        )
-        _check(
-            self.source != "folder" or bool(self.path),
-            "data.path is empty: set it to an image folder with one sub-directory per class",
-        )
-        _check(
-            self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null"
-        )
-        _check(
-            self.on_bad_file in ("error", "skip"),
-            f"data.on_bad_file={self.on_bad_file!r}: use 'error' or 'skip'",
         )
 
 

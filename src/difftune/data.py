@@ -19,19 +19,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
-from difftune.config import DataConfig
+from difftune.captions import caption_folder, saved_dataset, template_captions
+from difftune.data_config import DataConfig
 from difftune.datasets import load_sklearn_digits
 from difftune.errors import UserError
-from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, open_image
+from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, load_square_image
 from difftune.store import LatentStore, folder_identity
+from difftune.target_conditions import TargetConditions
 
 CACHE_FORMAT = 1
 HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of its image folder
@@ -43,16 +43,27 @@ class TargetImages:
     """A labelled image set, loaded lazily in chunks (a real dataset does not fit in memory as floats).
 
     Attributes:
-        labels: (N,) int64 in 0..K-1.
+        labels: (N,) int64 in 0..K-1 (all 0 for a captioned set).
         class_names: K names.
         identity: a string that changes when the data changes (for the cache).
         loader: ``indices (n,) -> images (n, C, H, W)`` float32 in [-1, 1].
+        captions: the images' own captions (a captioned set), or ``None``.
+        controls: ``(indices, resolution) -> control images (n, 3, r, r)`` in [0, 1], when the data
+            brings its own.
     """
 
     labels: torch.Tensor
     class_names: list[str]
     identity: str
     loader: Callable[[torch.Tensor], torch.Tensor]
+    captions: list[str] | None = None
+    controls: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+    def caption_list(self, template: str) -> list[str]:
+        """The images' captions: their own, or ``template`` filled with each image's class name."""
+        if self.captions is not None:
+            return self.captions
+        return template_captions(self.class_names, self.labels, template)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -118,24 +129,6 @@ def few_shot_indices(labels: torch.Tensor, per_class: int | None, seed: int) -> 
     return torch.cat(chosen).sort().values
 
 
-def _load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
-    """One image file, resized (shorter side) and centre-cropped to ``resolution``: ``(channels, r, r)`` in [-1, 1].
-
-    Raises:
-        ValueError: the file cannot be decoded (the message names it).
-    """
-    img = open_image(path, "RGB" if channels == 3 else "L")
-    scale = resolution / min(img.size)
-    img = img.resize(
-        (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))), Image.BICUBIC
-    )
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
 def class_folders(
     root: Path, on_bad_file: str, memo: Path | None = None
 ) -> tuple[list[Path], list[Path], list[int]]:
@@ -198,6 +191,8 @@ def load_target_images(
         identity = f"digits:{classes}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
         return TargetImages(labels, [str(c) for c in classes], identity, lambda idx: images[idx])
 
+    if cfg.source in ("captions", "hf_dataset"):
+        return _captioned_images(cfg, resolution, channels, header_memo)
     root = Path(cfg.path or "")
     if not root.is_dir():
         raise UserError(
@@ -214,10 +209,28 @@ def load_target_images(
         # PIL decodes outside the GIL for the most part: threads give a real speed-up
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             return torch.stack(
-                list(pool.map(lambda i: _load_image(files[i], resolution, channels), indices.tolist()))
+                list(pool.map(lambda i: load_square_image(files[i], resolution, channels), indices.tolist()))
             )
 
     return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
+
+
+def _captioned_images(
+    cfg: DataConfig, resolution: int, channels: int, header_memo: Path | None
+) -> TargetImages:
+    """A captioned set as :class:`TargetImages` (one class; ``per_class`` keeps that many images)."""
+    data = caption_folder(cfg, header_memo) if cfg.source == "captions" else saved_dataset(cfg)
+    keep = few_shot_indices(torch.zeros(len(data), dtype=torch.long), cfg.per_class, cfg.seed)
+    chosen = keep.tolist()
+    identity = f"{data.identity}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
+    return TargetImages(
+        torch.zeros(len(chosen), dtype=torch.long),
+        ["captioned"],
+        identity,
+        lambda idx: data.images(keep[idx], resolution, channels),
+        [data.captions[i] for i in chosen],
+        (lambda idx, size: data.controls(keep[idx], size)) if data.has_controls else None,
+    )
 
 
 def check_cache_dir(cache_dir: Path) -> LatentStore:
@@ -244,6 +257,7 @@ def encode_and_cache(
     batch_size: int = 32,
     shard_size: int = 4096,
     device: torch.device | str = "cpu",
+    conditions: TargetConditions | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode target images once into the diffusion space and cache them; reuse a matching cache.
 
@@ -251,9 +265,11 @@ def encode_and_cache(
     encoding resumes where it stopped. With ``hflip`` every image is cached a second time, mirrored
     (DiT's random horizontal flip, done once instead of at every step).
 
+    ``conditions`` makes each image's condition tensors (default: its class label).
+
     Returns:
-        ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w), "labels": (M,)}``
-        with M = N, or 2N with ``hflip``.
+        ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w)}`` and the
+        condition tensors (``"labels"`` (M,) by default), with M = N, or 2N with ``hflip``.
     """
     n = len(target)
     manifest = {
@@ -266,6 +282,8 @@ def encode_and_cache(
         "shard_size": shard_size,
         "num_shards": -(-n // shard_size),
     }
+    if conditions is not None and conditions.identity is not None:
+        manifest["conditions"] = conditions.identity
     cache_dir = Path(cache_dir)
     store = check_cache_dir(cache_dir)
     if cache_dir.joinpath("manifest.json").is_file() and store.manifest != manifest:
@@ -274,7 +292,7 @@ def encode_and_cache(
     store = LatentStore.create(cache_dir, manifest)
     missing = store.missing_shards()
     try:
-        _encode_shards(target, codec, store, missing, hflip, batch_size, shard_size, device)
+        _encode_shards(target, codec, store, missing, hflip, batch_size, shard_size, device, conditions)
     except Exception:
         if fresh and len(store.missing_shards()) == manifest["num_shards"]:
             store.clear()  # nothing encoded yet: leave no cache that describes data it does not hold
@@ -291,6 +309,7 @@ def _encode_shards(
     batch_size: int,
     shard_size: int,
     device: torch.device | str,
+    conditions: TargetConditions | None,
 ) -> None:
     """Encode and write the shards numbered ``missing`` (each shard written whole, or not at all)."""
     n = len(target)
@@ -299,15 +318,18 @@ def _encode_shards(
     quiet = {} if missing else {"disable": True}  # explicit disable only when idle: TQDM_DISABLE still works
     for shard in tqdm(missing, desc="encoding target", leave=False, **quiet):
         indices = torch.arange(shard * shard_size, min((shard + 1) * shard_size, n))
-        parts: dict[str, list[torch.Tensor]] = {"samples": [], "std": [], "labels": []}
+        parts: dict[str, list[torch.Tensor]] = {}
         variants = (False, True) if hflip else (False,)
         for chunk in indices.split(batch_size):
             images = target.load(chunk)
             for flipped in variants:
-                mean, std = codec.encode((images.flip(-1) if flipped else images).to(device))
-                parts["samples"].append(mean.cpu())
-                parts["std"].append(std.cpu())
-                parts["labels"].append(target.labels[chunk])
+                variant = images.flip(-1) if flipped else images
+                mean, std = codec.encode(variant.to(device))
+                conds = (
+                    conditions(chunk, variant, flipped) if conditions else {"labels": target.labels[chunk]}
+                )
+                for key, value in {"samples": mean.cpu(), "std": std.cpu(), **conds}.items():
+                    parts.setdefault(key, []).append(value)
         store.write_shard(shard, {key: torch.cat(values) for key, values in parts.items()})
 
 
@@ -325,12 +347,17 @@ def prepare_target(
     images = load_target_images(
         cfg, resolution, codec.image_channels(backbone.sample_shape), Path(cache_dir) / HEADER_MEMO
     )
-    backbone.check_condition(images.conditioning())
-    cached = encode_and_cache(images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device)
+    if "labels" in backbone.condition_names:
+        backbone.check_condition(images.conditioning())  # before anything is encoded
+    conditions = TargetConditions(cfg, loaded, images, resolution)
+    cached = encode_and_cache(
+        images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device, conditions=conditions
+    )
     if tuple(cached["samples"].shape[1:]) != backbone.sample_shape:
         raise UserError(
             f"target data encodes to {tuple(cached['samples'].shape[1:])} but the model expects "
             f"{backbone.sample_shape}; set data.resolution to match the model"
         )
     cond = Conditioning({key: value for key, value in cached.items() if key not in ("samples", "std")})
+    backbone.check_condition(cond)
     return TargetData(cached["samples"], cached["std"], cond, images.class_names)

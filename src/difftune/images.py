@@ -80,6 +80,29 @@ def open_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
         raise UserError(f"cannot read image {str(path)!r} ({reason}); remove or replace the file") from None
 
 
+def load_square_image(
+    source: str | os.PathLike[str] | Image.Image, resolution: int, channels: int
+) -> torch.Tensor:
+    """An image (a file, or a decoded PIL image), resized (shorter side) and centre-cropped to
+    ``resolution``: ``(channels, r, r)`` in [-1, 1].
+
+    Raises:
+        ValueError: the file cannot be decoded (the message names it).
+    """
+    mode = "RGB" if channels == 3 else "L"
+    img = _convert(source, mode) if isinstance(source, Image.Image) else open_image(source, mode)
+    scale = resolution / min(img.size)
+    img = img.resize(
+        (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def check_image(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` cannot be used as an image (from its header, without decoding it), or ``None``."""
     try:
