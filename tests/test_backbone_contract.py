@@ -15,18 +15,26 @@ import torch
 
 from conftest import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 from difftune.backbones import BACKBONES, Backbone, Conditioning, load_pretrained, save_model
+from difftune.backbones.controlnet import CONTROL, ControlNetBackbone
 from difftune.backbones.dit import DiTBackbone
+from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.unet import UNetBackbone
+from difftune.tiny_models import save_sd_pipeline
 
-# adapter class -> builders of (diffusers model, subfolder, vae or None), one per layout worth checking
-BUILDERS: dict[type[Backbone], list[Callable[[], tuple[torch.nn.Module, str, object]]]] = {
+# adapter class -> writers of a model directory under the given root, one per layout worth checking
+BUILDERS: dict[type[Backbone], list[Callable[[Path], Path]]] = {
     DiTBackbone: [
-        lambda: (tiny_dit(), "transformer", None),
-        lambda: (tiny_dit(learn_sigma=False), "transformer", None),
-        lambda: (tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae()),
+        lambda root: save_pipeline_dir(root, tiny_dit(), "transformer"),
+        lambda root: save_pipeline_dir(root, tiny_dit(learn_sigma=False), "transformer"),
+        lambda root: save_pipeline_dir(
+            root, tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae()
+        ),
     ],
-    UNetBackbone: [lambda: (tiny_unet(), "unet", None)],
+    UNetBackbone: [lambda root: save_pipeline_dir(root, tiny_unet(), "unet")],
+    TextConditionalBackbone: [save_sd_pipeline],
+    ControlNetBackbone: [lambda root: save_sd_pipeline(root, controlnet=True)],
 }
+BANK_PROMPTS = ["a red circle", "a blue square", "", "three digits"]
 CASES = [(cls, i) for cls, builders in BUILDERS.items() for i in range(len(builders))]
 
 
@@ -37,15 +45,32 @@ def test_every_registered_backbone_has_a_contract_builder() -> None:
 @pytest.fixture(params=CASES, ids=[f"{cls.__name__}-{i}" for cls, i in CASES])
 def model_dir(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[type[Backbone], Path]:
     cls, i = request.param
-    model, subfolder, vae = BUILDERS[cls][i]()
-    return cls, save_pipeline_dir(tmp_path / "model", model, subfolder, vae)
+    return cls, BUILDERS[cls][i](tmp_path / "model")
+
+
+def _load(path: Path) -> Backbone:
+    """The backbone of ``path``; a text-conditional one gets bank prompts (its bank conditions)."""
+    loaded = load_pretrained(str(path))
+    if isinstance(loaded.backbone, TextConditionalBackbone):
+        loaded.backbone.set_bank_prompts(BANK_PROMPTS, loaded.prompts.encode(BANK_PROMPTS))
+    return loaded.backbone
+
+
+def _condition(backbone: Backbone, n: int) -> Conditioning:
+    """Bank conditions, with a ControlNet's control images (which a bank computes from its samples)."""
+    cond = backbone.bank_condition(torch.arange(n))
+    if CONTROL not in backbone.condition_names:
+        return cond
+    side = backbone.sample_shape[1] * backbone.control_downsample
+    control = torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(1))
+    return Conditioning({**cond, CONTROL: control.to(torch.uint8)})
 
 
 def _inputs(backbone: Backbone, n: int = 4) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn((n, *backbone.sample_shape), generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
-    return x, t, backbone.bank_condition(torch.arange(n))
+    return x, t, _condition(backbone, n)
 
 
 def test_loads_as_its_adapter(model_dir) -> None:
@@ -54,7 +79,7 @@ def test_loads_as_its_adapter(model_dir) -> None:
 
 
 def test_forward_shape_follows_the_declared_variance(model_dir) -> None:
-    backbone = load_pretrained(str(model_dir[1])).backbone.eval()
+    backbone = _load(model_dir[1]).eval()
     x, t, cond = _inputs(backbone)
     backbone.check_condition(cond)
     with torch.no_grad():
@@ -65,9 +90,10 @@ def test_forward_shape_follows_the_declared_variance(model_dir) -> None:
 
 
 def test_unconditional_form_and_guidance_drop(model_dir) -> None:
-    backbone = load_pretrained(str(model_dir[1])).backbone.eval()
+    backbone = _load(model_dir[1]).eval()
     x, t, cond = _inputs(backbone)
-    uncond = backbone.unconditional(4)
+    uncond = backbone.drop(cond, torch.ones(4, dtype=torch.bool))
+    assert set(backbone.unconditional(4)) == set(cond)
     assert isinstance(uncond, Conditioning) and uncond.batch_size == 4 and set(uncond) == set(cond)
     mask = torch.tensor([True, False, True, False])
     dropped = backbone.drop(cond, mask)
@@ -79,11 +105,11 @@ def test_unconditional_form_and_guidance_drop(model_dir) -> None:
     # the condition matters, so the check above is not vacuous
     assert not torch.allclose(out_cond, out_uncond)
     # the input bundle is not modified in place
-    assert all(torch.equal(cond[k], backbone.bank_condition(torch.arange(4))[k]) for k in cond)
+    assert all(torch.equal(cond[k], _condition(backbone, 4)[k]) for k in cond)
 
 
 def test_bank_condition_is_a_pure_function_of_the_index(model_dir) -> None:
-    backbone = load_pretrained(str(model_dir[1])).backbone
+    backbone = _load(model_dir[1])
     whole = backbone.bank_condition(torch.arange(10))
     part = backbone.bank_condition(torch.arange(6, 10))
     assert all(torch.equal(whole.select(slice(6, 10))[k], part[k]) for k in whole)
@@ -99,6 +125,6 @@ def test_save_load_round_trip_gives_the_same_outputs(model_dir, tmp_path: Path) 
     assert again.backbone.sample_shape == loaded.backbone.sample_shape
     assert again.backbone.learns_variance is loaded.backbone.learns_variance
     assert again.codec.space == loaded.codec.space
-    x, t, cond = _inputs(loaded.backbone)
+    x, t, cond = _inputs(_load(model_dir[1]))
     with torch.no_grad():
         assert torch.equal(again.backbone.eval()(x, t, cond), loaded.backbone.eval()(x, t, cond))

@@ -52,6 +52,9 @@ class ModelConfig:
         revision: optional hub revision.
         tuning: which parameters train (a name in :data:`difftune.tuning.TUNING_METHODS`; ``full``
             trains every parameter); the method's settings are the ``tuning`` section.
+        controlnet: train a ControlNet over the Stable Diffusion UNet of ``pretrained`` (which stays
+            frozen): ``from_unet`` makes a new one from the UNet's weights, as ControlNet's training
+            does; a hub id or directory continues an existing ControlNet; ``None``: no ControlNet.
     """
 
     pretrained: str = ""
@@ -59,6 +62,7 @@ class ModelConfig:
     vae: str | None = None
     revision: str | None = None
     tuning: str = "full"
+    controlnet: str | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "model")
@@ -164,6 +168,11 @@ class BankConfig:
         seed: base seed; sample i uses seed ``seed + i``.
         shard_size: samples per shard file.
         batch_size: generation batch size (does not change the result).
+        prompts: a text-conditional model's bank prompts: a text file with one prompt per line;
+            ``None`` uses the target set's captions. Sample i gets prompt ``i mod P``.
+        condition: the condition bank samples are trained with: ``"null"`` (the unconditional
+            form: the empty prompt; a ControlNet keeps each sample's control image) or ``"own"``
+            (the condition each sample was generated with).
     """
 
     path: str = ""
@@ -174,9 +183,12 @@ class BankConfig:
     seed: int = 0
     shard_size: int = 256
     batch_size: int = 64
+    prompts: str | None = None
+    condition: str = "null"
 
     def __post_init__(self) -> None:
         _check_fields(self, "bank")
+        _check(self.condition in ("null", "own"), f"bank.condition={self.condition!r}: use 'null' or 'own'")
         _check(self.num_samples > 0, f"bank.num_samples={self.num_samples} must be > 0")
         _check(self.shard_size > 0 and self.batch_size > 0, "bank.shard_size and bank.batch_size must be > 0")
         _check(self.num_inference_steps > 0, "bank.num_inference_steps must be > 0")

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDPMScheduler,
     DiTTransformer2DModel,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
@@ -26,6 +28,7 @@ __all__ = [
     "save_pipeline_dir",
     "save_sd_pipeline",
     "tiny_cond_unet",
+    "tiny_controlnet",
     "tiny_dit",
     "tiny_text_encoder",
     "tiny_unet",
@@ -148,18 +151,37 @@ def tiny_cond_unet(
     )
 
 
-def save_sd_pipeline(root: Path, unet: UNet2DConditionModel | None = None, seed: int = 0) -> Path:
-    """Write a stock ``StableDiffusionPipeline`` directory of tiny models (32x32 images, 4x4 latents)."""
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """``ControlNetModel.from_unet(unet)`` with its zero convolutions made random, so that it changes
+    the UNet's output (a new ControlNet does not)."""
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16))
+    torch.manual_seed(seed)
+    for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        torch.nn.init.normal_(block.weight, std=0.1)
+    return net
+
+
+def save_sd_pipeline(
+    root: Path, unet: UNet2DConditionModel | None = None, seed: int = 0, controlnet: bool = False
+) -> Path:
+    """Write a stock ``StableDiffusionPipeline`` directory of tiny models (32x32 images, 4x4 latents);
+    with ``controlnet``, a ``StableDiffusionControlNetPipeline`` with a :func:`tiny_controlnet`."""
     text_encoder, tokenizer = tiny_text_encoder(seed=seed)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet or tiny_cond_unet(seed=seed),
-        scheduler=DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root)
+    unet = unet or tiny_cond_unet(seed=seed)
+    parts: dict[str, Any] = {
+        "vae": tiny_vae(seed),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    if controlnet:
+        StableDiffusionControlNetPipeline(**parts, controlnet=tiny_controlnet(unet, seed)).save_pretrained(
+            root
+        )
+    else:
+        StableDiffusionPipeline(**parts).save_pretrained(root)
     return root

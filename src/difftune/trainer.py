@@ -86,7 +86,11 @@ class Trainer:
             self.loaded, self.trainable = continue_adapter(cfg.model.pretrained, cfg.model.tuning, cfg.tuning)
         else:
             self.loaded = loaded or load_pretrained(
-                cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision
+                cfg.model.pretrained,
+                cfg.model.subfolder,
+                cfg.model.vae,
+                cfg.model.revision,
+                cfg.model.controlnet,
             )
             self.trainable = apply_tuning(self.loaded, cfg.model.tuning, cfg.tuning)
         self.backbone = self.loaded.backbone
@@ -94,7 +98,11 @@ class Trainer:
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
         # the bank first: a mismatched or damaged bank is refused before the target set is encoded
-        self.bank = load_bank(cfg.bank.path, self.loaded)["samples"] if cfg.uses_bank else torch.empty(0)
+        bank = load_bank(cfg.bank.path, self.loaded) if cfg.uses_bank else {"samples": torch.empty(0)}
+        self.bank = bank["samples"]
+        self.bank_cond = Conditioning(
+            {name: bank[name] for name in self.backbone.condition_names if name in bank}, self.bank.shape[0]
+        )
         with self.accelerator.main_process_first():
             cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
             self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)
@@ -111,16 +119,25 @@ class Trainer:
 
         Bank samples (or the target samples of the retention stream, with
         ``objective.retention_data: target``) train the unconditional branch (docs/method.md §2):
-        their condition is the backbone's unconditional form.
+        their condition is dropped (``bank.condition: null``: the null label, the empty prompt; a
+        ControlNet keeps the control image), or kept (``own``).
         """
         g = step_generator(self.cfg.train.seed, step)
         idx = self.state.target.take(self.n_target)
-        parts = [self.target.draw(idx, g)]
+        parts, conds = [self.target.draw(idx, g)], [self.target.cond.select(idx)]
         if self.n_bank:
             retained = self.state.bank.take(self.n_bank)
-            parts.append(self.bank[retained] if self.cfg.uses_bank else self.target.draw(retained, g))
+            if self.cfg.uses_bank:
+                parts.append(self.bank[retained])
+                retained_cond = self.bank_cond.select(retained)
+            else:
+                parts.append(self.target.draw(retained, g))
+                retained_cond = self.target.cond.select(retained)
+            if self.cfg.bank.condition == "null":
+                retained_cond = self.backbone.drop(retained_cond, torch.ones(self.n_bank, dtype=torch.bool))
+            conds.append(retained_cond)
         x0 = torch.cat(parts)
-        cond = Conditioning.cat([self.target.cond.select(idx), self.backbone.unconditional(self.n_bank)])
+        cond = Conditioning.cat(conds)
         is_bank = torch.arange(x0.shape[0]) >= self.n_target
         draw = self.objective.draw(self.n_target, self.n_bank, tuple(x0.shape[1:]), g)
         return x0, self.backbone.drop(cond, draw.drop), is_bank, draw

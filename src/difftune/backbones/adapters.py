@@ -55,9 +55,9 @@ def apply_tuning(
         dataclasses.asdict(settings),
         fingerprint,
         {
-            "source": _absolute(loaded.weights[0] or loaded.source),  # where these weights can be read
+            "source": absolute_source(loaded.weights[0] or loaded.source),  # where these weights can be read
             "subfolder": loaded.weights[1],
-            "vae": _absolute(loaded.vae_source),
+            "vae": absolute_source(loaded.vae_source),
             "vae_subfolder": loaded.vae_subfolder,
         },
         tuning.adapter,
@@ -65,7 +65,7 @@ def apply_tuning(
     return params
 
 
-def _absolute(source: str | None) -> str | None:
+def absolute_source(source: str | None) -> str | None:
     """A local path made absolute (an adapter is loaded from anywhere); a hub id as it is."""
     return str(Path(source).resolve()) if source and Path(source).exists() else source
 

@@ -16,7 +16,13 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from difftune.atomic import atomic_directory
-from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, save_adapter
+from difftune.backbones.adapters import (
+    ADAPTER,
+    absolute_source,
+    adapter_directory,
+    load_adapter,
+    save_adapter,
+)
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
 from difftune.tuning import trainable_parameters
 
@@ -88,6 +94,8 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
                 ema.restore(params)
         DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
+        if loaded.pipeline is not None:  # where the text encoder (and a ControlNet's UNet) are read from
+            record["pipeline"] = absolute_source(loaded.pipeline)
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
 
 

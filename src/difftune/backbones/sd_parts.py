@@ -36,9 +36,9 @@ def sd_pipeline(pretrained: str, components: dict[str, Any], record: dict[str, A
 
 def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> PromptEncoder:
     """The CLIP text encoder and tokenizer of ``pipeline`` (``load``: safetensors-only ``from_pretrained``)."""
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer", revision=revision)
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer", revision=revision)
     text_encoder = load(CLIPTextModel, pipeline, "text_encoder", revision)
     return PromptEncoder(text_encoder, tokenizer, pipeline)
 

@@ -72,7 +72,7 @@ class TextConditionalBackbone(Backbone):
         """Generate knowledge-bank sample ``i`` from prompt ``i mod P`` of ``prompts`` (P, embedded (P, L, D))."""
         if not prompts:
             raise UserError("no prompts for the knowledge bank: give bank.prompts or a dataset with captions")
-        self.bank_prompts = embeddings.float().cpu()
+        self.bank_prompts = embeddings.half().cpu()  # as target prompts are cached
         digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
         self._bank_record = {"num_prompts": len(prompts), "prompts_sha256": digest, "prompt_rule": "i mod P"}
 

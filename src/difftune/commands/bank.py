@@ -29,8 +29,12 @@ def cmd_bank(args: argparse.Namespace) -> int:
         return 0
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
+    from difftune.bank.conditions import prepare_bank_conditions
 
-    loaded = load_pretrained(cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision)
+    loaded = load_pretrained(
+        cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision, cfg.model.controlnet
+    )
+    prepare_bank_conditions(loaded, cfg)
     store = generate_bank(loaded, cfg.bank)
     print(f"bank complete: {store.root} ({cfg.bank.num_samples} samples)")
     return 0

@@ -1,0 +1,52 @@
+"""What a text-conditional model's knowledge bank is generated from: its prompts, and for a ControlNet
+the annotator that turns each generated image into its control image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difftune.backbones.controlnet import ControlNetBackbone
+from difftune.backbones.loading import LoadedModel
+from difftune.backbones.stable_diffusion import TextConditionalBackbone
+from difftune.config import ExperimentConfig
+from difftune.errors import UserError
+
+
+def bank_prompts(cfg: ExperimentConfig) -> list[str]:
+    """``bank.prompts`` (a text file, one prompt per line) or, when unset, the target set's captions.
+
+    Raises:
+        UserError: the prompt file is missing or empty.
+    """
+    if cfg.bank.prompts:
+        path = Path(cfg.bank.prompts)
+        if not path.is_file():
+            raise UserError(
+                f"bank.prompts {str(path)!r} does not exist; give a text file with one prompt per line"
+            )
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"bank.prompts {str(path)!r} holds no prompts; write one prompt per line")
+        return prompts
+    from difftune.data import load_target_images
+
+    images = load_target_images(cfg.data, 8, 3)  # captions only: nothing is decoded at this size
+    return images.caption_list(cfg.data.caption_template)
+
+
+def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> None:
+    """Give a text-conditional backbone its bank prompts (embedded) and a ControlNet its annotator."""
+    backbone = loaded.backbone
+    if not isinstance(backbone, TextConditionalBackbone):
+        return
+    assert loaded.prompts is not None
+    prompts = bank_prompts(cfg)
+    backbone.set_bank_prompts(prompts, loaded.prompts.encode(prompts))
+    if isinstance(backbone, ControlNetBackbone):
+        if not cfg.data.annotator:
+            raise UserError(
+                "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
+            )
+        from difftune.control import build_annotator
+
+        backbone.annotator = build_annotator(cfg.data.annotator)
