@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
@@ -100,12 +101,16 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
 
 
 def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class_names: list[str]) -> None:
-    """Make a saved model directory self-describing: its class names, and (for a latent DiT) a stock pipeline.
+    """Make a saved model directory self-describing: its class names, and a stock pipeline where one fits.
 
     Writes ``class_names.json`` always. For a latent-space model whose adapter names a diffusers
-    pipeline (DiT: ``DiTPipeline``), also copies the VAE into ``vae/`` and writes ``model_index.json``
-    with ``id2label``, so ``DiTPipeline.from_pretrained(directory)`` loads it (with the trained weights
-    of ``transformer/``; the EMA weights are in ``ema/transformer``).
+    pipeline, also copies the parts the pipeline needs and writes ``model_index.json``, so that
+    ``<Pipeline>.from_pretrained(directory)`` loads the trained weights (the EMA weights are in
+    ``ema/<name>``):
+
+    * DiT: ``DiTPipeline`` with ``vae/`` and ``id2label``;
+    * Stable Diffusion: ``StableDiffusionPipeline`` with ``vae/``, ``text_encoder/`` and ``tokenizer/``;
+    * ControlNet: ``StableDiffusionControlNetPipeline`` with those and the frozen ``unet/``.
     """
     directory = Path(directory)
     (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
@@ -114,13 +119,23 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
         return  # an adapter becomes a stock pipeline through ``difftune export --merge``
     import diffusers
 
-    codec.vae.save_pretrained(directory / "vae")
-    index = {
+    parts: dict[str, Any] = {"vae": codec.vae}
+    if loaded.prompts is not None:
+        parts.update(text_encoder=loaded.prompts.text_encoder, tokenizer=loaded.prompts.tokenizer)
+    if backbone.source_model is not backbone.inner:  # a ControlNet: the UNet it steers
+        parts["unet"] = backbone.source_model
+    for name, part in parts.items():
+        part.save_pretrained(directory / name)
+    index: dict[str, Any] = {
         "_class_name": backbone.pipeline_class,
         "_diffusers_version": diffusers.__version__,
         backbone.subfolder: ["diffusers", type(backbone.inner).__name__],
-        "vae": ["diffusers", type(codec.vae).__name__],
         "scheduler": ["diffusers", "DDPMScheduler"],
-        "id2label": {str(i): name for i, name in enumerate(class_names)},
     }
+    for name, part in parts.items():
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    if loaded.prompts is not None:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    else:
+        index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
