@@ -42,6 +42,13 @@ def check_writable(folder: Path) -> None:
 
 
 def _target_classes(cfg: ExperimentConfig) -> int:
+    """Classes of a labelled target set; images of a captioned one (read from its listing only)."""
+    if cfg.data.source == "captions":
+        from difftune.captions import read_metadata
+
+        return len(read_metadata(Path(cfg.data.path or ""), cfg.data.caption_column, cfg.data.control_column))
+    if cfg.data.source == "hf_dataset":
+        return 0  # counted when the dataset is opened by the run
     if cfg.data.source == "digits":
         return len(set(cfg.data.classes)) if cfg.data.classes else 10
     from difftune.data import class_folders
@@ -63,7 +70,13 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         pretrained = read_record(adapter).base.get("source") or pretrained
     local = Path(pretrained).exists()
     try:  # a hub model is checked from the local cache only: a dry run does not download
-        backbone = peek_backbone(pretrained, cfg.model.subfolder, cfg.model.revision, local_only=not local)
+        backbone = peek_backbone(
+            pretrained,
+            cfg.model.subfolder,
+            cfg.model.revision,
+            local_only=not local,
+            controlnet=cfg.model.controlnet,
+        )
     except FileNotFoundError:
         if local:
             raise
@@ -72,11 +85,19 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
             f"target     {classes} classes",
             *_output_lines(cfg),
         ]
-    backbone.check_condition(Conditioning({"labels": torch.arange(classes)}))
-    lines = [
-        f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, "
-        f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
-    ]
+    if "labels" in backbone.condition_names:
+        backbone.check_condition(Conditioning({"labels": torch.arange(classes)}))
+        lines = [
+            f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, "
+            f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
+        ]
+    else:
+        lines = [
+            f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, conditioned on "
+            f"{', '.join(backbone.condition_names)}; {_target_line(cfg, classes)}",
+        ]
+        if "control" in backbone.condition_names:
+            lines.append(_control_line(cfg))
     if cfg.uses_bank:
         manifest = LatentStore(cfg.bank.path).manifest
         if manifest.get("kind") != "bank":
@@ -94,6 +115,27 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                 )
         lines.append(f"bank       {manifest['num_samples']} samples from {manifest.get('source')}")
     return lines + _output_lines(cfg)
+
+
+def _target_line(cfg: ExperimentConfig, count: int) -> str:
+    if cfg.data.source == "captions":
+        return f"the target has {count} captioned images"
+    if cfg.data.source == "hf_dataset":
+        return f"the target is the saved dataset {cfg.data.path}"
+    return f"the target's {count} classes are captioned {cfg.data.caption_template!r}"
+
+
+def _control_line(cfg: ExperimentConfig) -> str:
+    """How control images are made; an unknown annotator is refused here, as the run would."""
+    if cfg.data.annotator:
+        from difftune.control import build_annotator
+
+        return f"control    computed by {build_annotator(cfg.data.annotator).record()}"
+    if cfg.data.control_column:
+        return f"control    images from the data's column {cfg.data.control_column!r}"
+    raise UserError(
+        "a ControlNet needs control images: set data.annotator (e.g. canny) or data.control_column"
+    )
 
 
 def _output_lines(cfg: ExperimentConfig) -> list[str]:
