@@ -28,7 +28,11 @@ class TrainConfig:
         keep_checkpoints: most recent checkpoints kept (older ones are deleted).
         log_every: steps between scalar logs.
         sample_every: steps between sample grids (0 = never).
-        sample_steps, sample_scheduler, sample_guidance_scale: how the grids are sampled.
+        sample_steps, sample_scheduler, sample_guidance_scale: how the grids (and the validation
+            images) are sampled.
+        validation_every: a ControlNet run with an annotator (``data.annotator``) measures condition
+            fidelity at step 0 and every this many steps (0 = never), into ``fidelity.jsonl``.
+        validation_samples: how many fixed (prompt, control) pairs of the target set it generates.
         resume: ``"latest"``, a checkpoint directory, or ``None``.
         overwrite: let a fresh run replace an earlier run's checkpoints, ``final/`` and logs in
             ``output_dir`` (or a resumed run delete the checkpoints newer than its own); without it
@@ -63,6 +67,8 @@ class TrainConfig:
     sample_steps: int = SamplingSpec.steps
     sample_scheduler: str = SamplingSpec.scheduler
     sample_guidance_scale: float = SamplingSpec.guidance_scale
+    validation_every: int = 0
+    validation_samples: int = 8
     resume: str | None = None
     overwrite: bool = False
     accept_config_changes: bool = False
@@ -91,6 +97,10 @@ class TrainConfig:
         _check(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
         _check(self.log_every > 0, "train.log_every must be > 0")
         _check(self.sample_every >= 0, f"train.sample_every={self.sample_every} must be >= 0 (0 = no grids)")
+        _check(self.validation_every >= 0, f"train.validation_every={self.validation_every} must be >= 0")
+        _check(
+            self.validation_samples >= 1, f"train.validation_samples={self.validation_samples} must be >= 1"
+        )
         _check(self.sample_steps >= 1, f"train.sample_steps={self.sample_steps} must be >= 1")
         _check(
             self.sample_guidance_scale >= 1.0,

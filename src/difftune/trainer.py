@@ -29,6 +29,7 @@ from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.backbones.saving import save_model, save_pipeline_index
 from difftune.bank import load_bank
 from difftune.config import ExperimentConfig
+from difftune.control.validation import FidelityValidation, validation_pairs
 from difftune.data import prepare_target
 from difftune.divergence import NonFiniteGuard
 from difftune.errors import UserError
@@ -106,6 +107,7 @@ class Trainer:
         with self.accelerator.main_process_first():
             cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
             self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)
+        self.validation = self._fidelity_validation()
         self.n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
         self.n_target = tc.batch_size - self.n_bank
         retention_pool = self.bank.shape[0] if cfg.uses_bank else len(self.target)
@@ -113,6 +115,36 @@ class Trainer:
             target=IndexStream(len(self.target), tc.seed),
             bank=IndexStream(retention_pool, tc.seed + 1) if self.n_bank else None,
         )
+
+    def _fidelity_validation(self) -> FidelityValidation | None:
+        """The condition-fidelity check of a ControlNet run (``train.validation_every``), or None."""
+        tc = self.cfg.train
+        if not tc.validation_every:
+            return None
+        if "control" not in self.backbone.condition_names or not self.cfg.data.annotator:
+            raise UserError(
+                "train.validation_every measures how well images follow their control image, re-extracted by "
+                "data.annotator: it needs a ControlNet and data.annotator (or set train.validation_every=0)"
+            )
+        from difftune.control import build_annotator
+
+        return FidelityValidation(
+            validation_pairs(self.target.cond, tc.validation_samples),
+            build_annotator(self.cfg.data.annotator),
+            self.loaded.codec,
+            self.loaded.scheduler_config,
+            tc.sampling,
+            self.out,
+        )
+
+    def _validate(self, step: int) -> None:
+        """Log condition fidelity at ``step`` when it is a validation step (main process only)."""
+        every = self.cfg.train.validation_every
+        if self.validation is None or step % every or not self.accelerator.is_main_process:
+            return
+        backbone = self.accelerator.unwrap_model(self.model)
+        scores = self.validation.log(backbone, step, self.accelerator.device)
+        self.accelerator.log({f"fidelity/{key}": value for key, value in scores.items()}, step=step)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Draw]:
         """The global batch of ``step``: x0 (B, C, H, W), conditions (guidance drop applied), is_bank (B,), draw.
@@ -221,6 +253,8 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
         chunks = acc.num_processes * tc.gradient_accumulation
         try:
+            if self.state.step == 0:
+                self._validate(0)  # the curve starts from the model before training
             model.train()
             while self.state.step < tc.max_steps:
                 x0, cond, is_bank, draw = self._batch(self.state.step)
@@ -257,6 +291,7 @@ class Trainer:
                     acc.log(scalars, step=step)
                     self._append_history(step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
+                self._validate(step)
                 if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
                     self.save_sample_grid(self.out / "samples" / f"step-{step:07d}.png")
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:

@@ -1,0 +1,82 @@
+"""Condition fidelity during ControlNet training: fixed (prompt, control) pairs, generated and scored.
+
+At step 0 and every ``train.validation_every`` steps the run generates one image per pair (fixed
+seeds 0..N-1, the run's sampling settings), annotates each again and scores the re-extracted
+control against the input one; the scores go to ``fidelity.jsonl``, which ``difftune convergence``
+reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.codec import LatentCodec
+from difftune.backbones.conditioning import Conditioning
+from difftune.control.annotators import Annotator
+from difftune.control.fidelity import condition_fidelity
+from difftune.control.log import append_fidelity
+from difftune.sampling import generate_with_spec
+from difftune.sampling_spec import SamplingSpec
+
+CONTROL = "control"
+
+
+def validation_pairs(cond: Conditioning, count: int) -> Conditioning:
+    """``count`` conditions spread evenly over the target set (the same ones in every run on it)."""
+    n = cond.batch_size
+    index = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
+    return cond.select(index)
+
+
+class FidelityValidation:
+    """Generates from fixed pairs and logs how faithfully the images follow their control.
+
+    Args:
+        pairs: the (prompt embeddings, control image) conditions to generate from.
+        annotator: what made the control images; it re-extracts them from generated images.
+        codec: decodes generated samples to pixels.
+        scheduler_config: the model's noise schedule.
+        spec: sampler, steps and guidance (seeds 0..N-1).
+        run_dir: where ``fidelity.jsonl`` is written.
+    """
+
+    def __init__(
+        self,
+        pairs: Conditioning,
+        annotator: Annotator,
+        codec: LatentCodec,
+        scheduler_config: dict[str, Any],
+        spec: SamplingSpec,
+        run_dir: Path,
+    ) -> None:
+        self.pairs = pairs
+        self.annotator = annotator
+        self.codec = codec
+        self.scheduler_config = scheduler_config
+        self.spec = SamplingSpec(spec.scheduler, spec.steps, spec.guidance_scale, seed=0)
+        self.run_dir = run_dir
+
+    @torch.no_grad()
+    def scores(self, backbone: Backbone, device: torch.device | str) -> dict[str, float]:
+        """Fidelity of ``backbone``'s images to their controls (mse, ssim, dssim, edge_f1)."""
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            samples = generate_with_spec(
+                backbone, self.scheduler_config, self.spec, self.pairs, device=device
+            )
+            images = self.codec.to(device).decode(samples)
+        finally:
+            backbone.train(was_training)
+        generated = self.annotator(images.float().cpu())
+        return condition_fidelity(generated, self.pairs[CONTROL].float().cpu() / 255.0)
+
+    def log(self, backbone: Backbone, step: int, device: torch.device | str) -> dict[str, float]:
+        """Score ``backbone`` and append the scores for ``step`` to the run's ``fidelity.jsonl``."""
+        scores = self.scores(backbone, device)
+        append_fidelity(self.run_dir, step, scores)
+        return scores
