@@ -1,4 +1,8 @@
-"""``difftune sample``: images from a checkpoint or any class-conditional diffusers model, into a folder."""
+"""``difftune sample``: images from a checkpoint or a diffusers model, into a folder.
+
+Class-conditional models take ``--labels``; text-conditional ones ``--prompt`` (or
+``--prompts-file``), and a ControlNet also ``--control-image`` (one per prompt, or one for all).
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,15 @@ MANIFEST = "difftune_samples.json"
 GRID = "grid.png"
 
 if TYPE_CHECKING:
+    from difftune.backbones.conditioning import Conditioning
     from difftune.backbones.loading import LoadedModel
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Check the flags and the model; write the images and a grid (or print the plan); return the exit code."""
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    if prompts:
+        return _sample_prompts(args, prompts)
     labels = parse_labels(args.labels)
     check_positive(args, "per_label", "batch_size")
     spec = sampling_spec_from_args(args)
@@ -43,6 +51,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difftune.backbones import load_trained
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
+    if not hasattr(loaded.backbone, "num_classes"):
+        raise UserError(
+            f"{args.model} is not class-conditional: give --prompt (and --control-image for a ControlNet)"
+        )
     labels = parse_labels(args.labels, loaded.backbone.num_classes)
     path = sample_to_folder(
         loaded, labels, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite
@@ -94,6 +106,26 @@ def sample_to_folder(
         UserError: ``out`` holds images (of an earlier run without ``overwrite``, or of someone else).
     """
     import torch
+
+    cond = loaded.backbone.condition(torch.tensor(labels))
+    tags = [f"label{label}" for label in labels]
+    return sample_conditions(loaded, cond, tags, per_label, out, spec, batch_size, device, overwrite)
+
+
+def sample_conditions(
+    loaded: LoadedModel,
+    cond: Conditioning,
+    tags: Sequence[str],
+    per_condition: int,
+    out: str | os.PathLike,
+    spec: SamplingSpec | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Generate ``per_condition`` images for each of the conditions ``cond`` (named by ``tags`` in
+    the file names) into ``out``; the rules of :func:`sample_to_folder`. Returns the grid's path."""
+    import torch
     from tqdm.auto import tqdm
 
     from difftune.images import save_grid, save_png
@@ -103,26 +135,73 @@ def sample_to_folder(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = loaded.backbone.to(device).eval()
     codec = loaded.codec.to(device)
-    all_labels = torch.tensor(labels).repeat_interleave(per_label)
+    rows = torch.arange(cond.batch_size).repeat_interleave(per_condition)
     out = Path(out)
     _clear_sample_folder(out, overwrite)
     images, names = [], []
-    for start in tqdm(range(0, all_labels.numel(), batch_size), desc="sampling"):
-        chunk = all_labels[start : start + batch_size]
-        x = generate_with_spec(
-            backbone, loaded.scheduler_config, spec, backbone.condition(chunk), start, device
-        )
+    for start in tqdm(range(0, rows.numel(), batch_size), desc="sampling"):
+        chunk = rows[start : start + batch_size]
+        x = generate_with_spec(backbone, loaded.scheduler_config, spec, cond.select(chunk), start, device)
         batch = to_unit_range(codec.decode(x)).cpu()
         for offset, image in enumerate(batch):
             i = start + offset
-            names.append(f"{i:05d}_label{int(all_labels[i])}_seed{spec.seed + i}.png")
+            names.append(f"{i:05d}_{tags[int(rows[i])]}_seed{spec.seed + i}.png")
             save_png(image, out / names[-1])
         images.append(batch)
     grid = out / GRID
-    save_grid(torch.cat(images), grid, nrow=per_label, upscale=max(1, 64 // images[0].shape[-1]))
+    save_grid(torch.cat(images), grid, nrow=per_condition, upscale=max(1, 64 // images[0].shape[-1]))
     settings = {"scheduler": spec.scheduler, "steps": spec.steps, "guidance_scale": spec.guidance_scale}
     atomic_write_json(out / MANIFEST, {"images": names, "grid": GRID, "seed": spec.seed, **settings})
     return grid
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """The prompts of ``--prompt`` (repeatable) and ``--prompts-file`` (one per line), in that order.
+
+    Raises:
+        UserError: the prompts file is missing.
+    """
+    found = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserError(
+                f"--prompts-file {prompts_file!r} does not exist; give a text file with one prompt per line"
+            )
+        found += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return found
+
+
+def _sample_prompts(args: argparse.Namespace, prompts: list[str]) -> int:
+    """``difftune sample --prompt ...``: a text-conditional model (with ``--control-image`` for a ControlNet)."""
+    check_positive(args, "per_label", "batch_size")
+    spec = sampling_spec_from_args(args)
+    check_scheduler(spec.scheduler)
+    check_model_path(args.model)
+    controls = list(args.control_image or [])
+    if controls and len(controls) not in (1, len(prompts)):
+        raise UserError(f"give one --control-image, or one per prompt ({len(prompts)}); got {len(controls)}")
+    missing = [c for c in controls if not Path(c).is_file()]
+    if missing:
+        raise UserError(f"--control-image {missing[0]!r} does not exist")
+    total = len(prompts) * args.per_label
+    if args.dry_run:
+        print(
+            f"would sample {total} images ({len(prompts)} prompts x {args.per_label}) from {args.model} "
+            f"with {spec.describe()}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
+        )
+        return 0
+    from difftune.backbones import load_trained
+    from difftune.prompt_conditions import prompt_conditions
+
+    loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
+    cond = prompt_conditions(loaded, prompts, controls)
+    tags = [f"prompt{k}" for k in range(len(prompts))]
+    path = sample_conditions(
+        loaded, cond, tags, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite
+    )
+    print(f"wrote {total} images and {path}")
+    return 0
 
 
 def listed_samples(folder: str | os.PathLike[str]) -> list[Path] | None:
@@ -160,14 +239,21 @@ def _clear_sample_folder(out: Path, overwrite: bool) -> None:
 def add_parser(subparsers: Any) -> None:
     """Register ``difftune sample``."""
     p = subparsers.add_parser(
-        "sample", help="generate images from a checkpoint or any class-conditional diffusers model"
+        "sample", help="generate images from a checkpoint or a diffusers model (class labels or prompts)"
     )
     p.add_argument(
         "--model", required=True, help="checkpoint / final directory, pipeline directory or hub id"
     )
     add_model_args(p)
     p.add_argument("--labels", default="0", help="comma-separated class labels, e.g. 0,1,2")
-    p.add_argument("--per-label", type=int, default=8, help="images per label")
+    p.add_argument("--prompt", action="append", help="a prompt, for a text-conditional model (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument(
+        "--control-image",
+        action="append",
+        help="a ControlNet's control image: one for all prompts, or one per prompt",
+    )
+    p.add_argument("--per-label", type=int, default=8, help="images per label (or per prompt)")
     add_sampling_args(p)
     p.add_argument(
         "--batch-size", type=int, default=64, help="images per forward pass (does not change results)"
