@@ -27,6 +27,7 @@ class LatentCodec:
     def __init__(self, vae: AutoencoderKL | None = None, source: str | None = None) -> None:
         self.vae = vae
         self.source = source
+        self.downsample = 1  # image side / sample side
         if vae is not None:
             vae.requires_grad_(False).eval()
             self.scaling = float(vae.config.scaling_factor)
@@ -46,7 +47,7 @@ class LatentCodec:
 
     def image_size(self, sample_shape: tuple[int, int, int]) -> int:
         """Side of the (square) images that encode to samples of shape (C, H, W)."""
-        return sample_shape[1] * self.downsample if self.is_latent else sample_shape[1]
+        return sample_shape[1] * self.downsample
 
     def image_channels(self, sample_shape: tuple[int, int, int]) -> int:
         """Channels of those images: RGB for a VAE, the sample's own channels in pixel space."""

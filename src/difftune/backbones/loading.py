@@ -259,26 +259,6 @@ def load_pretrained(
     components, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision)
     record = _source_record(pretrained)
     model = load_safetensors_model(model_cls, pretrained, sub, revision)
-    pipeline: str | None = None
-    if adapter_cls is ControlNetBackbone:  # a trained ControlNet: its UNet is its pipeline's
-        pipeline = sd_pipeline(pretrained, components, record, "unet")
-        unet = load_safetensors_model(UNet2DConditionModel, pipeline, "unet", revision)
-        backbone: Backbone = ControlNetBackbone(model, unet)
-    elif controlnet is not None:
-        if adapter_cls is not TextConditionalBackbone:
-            raise UserError(
-                f"model.controlnet needs a Stable Diffusion UNet, but {pretrained!r} holds a {config['_class_name']}"
-            )
-        backbone = controlnet_backbone(controlnet, model, revision, _load_model)
-    else:
-        backbone = adapter_cls(model)
-    prompts = None
-    if isinstance(backbone, TextConditionalBackbone):
-        text_root = sd_pipeline(pretrained, components, record, "text_encoder")
-        prompts = load_prompt_encoder(text_root, revision, _load_model)
-        attach_text(backbone, prompts)
-        pipeline = pipeline or text_root
-
     vae_source = vae
     vae_sub: str | None = None
     if vae_source is None and "vae" in components:
@@ -289,6 +269,28 @@ def load_pretrained(
     if vae is None and record.get("vae"):
         # a difftune directory with a copy of its VAE: the copy's weights, the original's name (cache keys)
         vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
+
+    codec = LatentCodec(vae_model, vae_source)
+
+    pipeline: str | None = None
+    if adapter_cls is ControlNetBackbone:  # a trained ControlNet: its UNet is its pipeline's
+        pipeline = sd_pipeline(pretrained, components, record, "unet")
+        unet = load_safetensors_model(UNet2DConditionModel, pipeline, "unet", revision)
+        backbone: Backbone = ControlNetBackbone(model, unet)
+    elif controlnet is not None:
+        if adapter_cls is not TextConditionalBackbone:
+            raise UserError(
+                f"model.controlnet needs a Stable Diffusion UNet, but {pretrained!r} holds a {config['_class_name']}"
+            )
+        backbone = controlnet_backbone(controlnet, model, revision, _load_model, codec.downsample)
+    else:
+        backbone = adapter_cls(model)
+    prompts = None
+    if isinstance(backbone, TextConditionalBackbone):
+        text_root = sd_pipeline(pretrained, components, record, "text_encoder")
+        prompts = load_prompt_encoder(text_root, revision, _load_model)
+        attach_text(backbone, prompts)
+        pipeline = pipeline or text_root
 
     if "scheduler" in components:
         scheduler_config = dict(
@@ -301,7 +303,7 @@ def load_pretrained(
         scheduler_config = dict(DDPMScheduler().config)
     return LoadedModel(
         backbone=backbone,
-        codec=LatentCodec(vae_model, vae_source),
+        codec=codec,
         scheduler_config=scheduler_config,
         source=record.get("source", pretrained),
         vae_source=vae_source,

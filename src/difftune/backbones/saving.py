@@ -135,7 +135,9 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
     for name, part in parts.items():
         index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
     if loaded.prompts is not None:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index.update(
+            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
+        )
     else:
         index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

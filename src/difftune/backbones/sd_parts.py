@@ -17,6 +17,8 @@ from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.text import PromptEncoder
 from difftune.errors import UserError
 
+CONDITION_CHANNELS = (16, 32, 96, 256)  # ControlNet's condition embedding: each block after the first halves
+
 
 def sd_pipeline(pretrained: str, components: dict[str, Any], record: dict[str, Any], part: str) -> str:
     """Where ``part`` (``text_encoder`` or ``unet``) of a text-conditional model is read from.
@@ -50,14 +52,19 @@ def attach_text(backbone: Backbone, prompts: PromptEncoder) -> None:
 
 
 def controlnet_backbone(
-    controlnet: str, unet: UNet2DConditionModel, revision: str | None, load: Any
+    controlnet: str, unet: UNet2DConditionModel, revision: str | None, load: Any, downsample: int = 8
 ) -> ControlNetBackbone:
     """A ControlNet over ``unet``: new from its weights (``controlnet="from_unet"``) or loaded.
 
-    ``load`` is the safetensors-only ``from_pretrained``.
+    ``load`` is the safetensors-only ``from_pretrained``. A new ControlNet's condition embedding
+    shrinks control images by ``downsample`` (the VAE's factor; 1 in pixel space), so control images
+    have the pixel images' size: diffusers' default for 8, one stride-2 block fewer per halving less.
     """
     if controlnet == "from_unet":
-        net = ControlNetModel.from_unet(unet)
+        halvings = max(0, downsample.bit_length() - 1)
+        net = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=CONDITION_CHANNELS[: halvings + 1]
+        )
     else:
         net = load(ControlNetModel, controlnet, None, revision)
     _check_pair(net, unet)
