@@ -18,8 +18,6 @@ from diffusers import (
     ControlNetModel,
     DDPMScheduler,
     DiTTransformer2DModel,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -166,6 +164,11 @@ def save_sd_pipeline(
 ) -> Path:
     """Write a stock ``StableDiffusionPipeline`` directory of tiny models (32x32 images, 4x4 latents);
     with ``controlnet``, a ``StableDiffusionControlNetPipeline`` with a :func:`tiny_controlnet`."""
+    from diffusers import (
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )  # imports transformers' pipelines
+
     text_encoder, tokenizer = tiny_text_encoder(seed=seed)
     unet = unet or tiny_cond_unet(seed=seed)
     parts: dict[str, Any] = {
