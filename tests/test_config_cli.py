@@ -464,6 +464,8 @@ def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.C
     (tmp_path / "bank" / "manifest.json").write_text("{}")
     (tmp_path / "data" / "a_class").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a_class" / "0.png")
+    row = {"file_name": "a_class/0.png", "text": "x", "conditioning_image": "a_class/0.png"}
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps(row) + "\n")  # for the captioned recipes
     sets = ["--set", f"data.path={tmp_path / 'data'}", "--set", f"bank.path={tmp_path / 'bank'}"]
     sets += ["--set", f"train.output_dir={tmp_path / 'run'}"]
     assert main(["train", "--config", str(config), "--dry-run", *sets]) == 0

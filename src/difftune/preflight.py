@@ -17,7 +17,9 @@ import torch
 from difftune.backbones.adapters import adapter_directory, read_record
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import peek_backbone
+from difftune.bank.conditions import check_bank_conditions
 from difftune.config import ExperimentConfig
+from difftune.control.validation import check_validation
 from difftune.errors import UserError
 from difftune.store import LatentStore
 
@@ -85,6 +87,7 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
             f"target     {classes} classes",
             *_output_lines(cfg),
         ]
+    check_validation(cfg.train.validation_every, backbone, cfg.data.annotator)
     if "labels" in backbone.condition_names:
         backbone.check_condition(Conditioning({"labels": torch.arange(classes)}))
         lines = [
@@ -107,8 +110,9 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                 f"bank {cfg.bank.path} holds samples of shape {manifest.get('shape')} but the model works on "
                 f"{list(backbone.sample_shape)}; regenerate the bank with this model"
             )
+        check_bank_conditions(manifest, backbone, cfg.data.annotator, cfg.bank.path)
         for key, value in backbone.bank_record().items():
-            if manifest.get(key) != value:
+            if value is not None and manifest.get(key) != value:  # None: set only when the bank is made
                 raise UserError(
                     f"bank {cfg.bank.path} was made for {key}={manifest.get(key)!r}, the model has {value!r}; "
                     "regenerate the bank with this model"

@@ -16,13 +16,13 @@ min-SNR-γ and inverse-SNR (x0 supervision). Like every schedule they are normal
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from difftune.errors import UserError
+from difftune.plugins import import_object
 
 
 class TimestepSchedule:
@@ -172,14 +172,6 @@ SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
 }
 
 
-def _import_density(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"schedule {spec!r}: cannot import {attr!r} from {module_name!r} ({err})") from None
-
-
 def build_schedule(
     name: str,
     num_timesteps: int,
@@ -200,7 +192,7 @@ def build_schedule(
         ValueError: unknown name; the message lists the valid names.
     """
     if ":" in name:
-        return TimestepSchedule(_import_density(name), num_timesteps, name=name)
+        return TimestepSchedule(import_object(name, "schedule"), num_timesteps, name=name)
     if name in SNR_SCHEDULES:
         if noise is None or noise.alphas_cumprod.shape != (num_timesteps,):
             raise UserError(f"schedule {name!r} needs the model's {num_timesteps} noise levels")

@@ -28,8 +28,9 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.backbones.saving import save_model, save_pipeline_index
 from difftune.bank import load_bank
+from difftune.bank.conditions import check_bank_conditions
 from difftune.config import ExperimentConfig
-from difftune.control.validation import FidelityValidation, validation_pairs
+from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
 from difftune.data import prepare_target
 from difftune.divergence import NonFiniteGuard
 from difftune.errors import UserError
@@ -52,6 +53,7 @@ from difftune.run_state import (
     save_run_state,
 )
 from difftune.sampling import generate_with_spec, to_unit_range
+from difftune.store import LatentStore
 from difftune.streams import IndexStream, step_generator
 
 logger = logging.getLogger(__name__)
@@ -98,8 +100,13 @@ class Trainer:
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
+        check_validation(tc.validation_every, self.backbone, cfg.data.annotator)  # before anything is encoded
         # the bank first: a mismatched or damaged bank is refused before the target set is encoded
-        bank = load_bank(cfg.bank.path, self.loaded) if cfg.uses_bank else {"samples": torch.empty(0)}
+        bank = {"samples": torch.empty(0)}
+        if cfg.uses_bank:
+            bank = load_bank(cfg.bank.path, self.loaded)
+            manifest = LatentStore(cfg.bank.path).manifest
+            check_bank_conditions(manifest, self.backbone, cfg.data.annotator, cfg.bank.path)
         self.bank = bank["samples"]
         self.bank_cond = Conditioning(
             {name: bank[name] for name in self.backbone.condition_names if name in bank}, self.bank.shape[0]
@@ -119,13 +126,9 @@ class Trainer:
     def _fidelity_validation(self) -> FidelityValidation | None:
         """The condition-fidelity check of a ControlNet run (``train.validation_every``), or None."""
         tc = self.cfg.train
+        check_validation(tc.validation_every, self.backbone, self.cfg.data.annotator)
         if not tc.validation_every:
             return None
-        if "control" not in self.backbone.condition_names or not self.cfg.data.annotator:
-            raise UserError(
-                "train.validation_every measures how well images follow their control image, re-extracted by "
-                "data.annotator: it needs a ControlNet and data.annotator (or set train.validation_every=0)"
-            )
         from difftune.control import build_annotator
 
         return FidelityValidation(

@@ -58,6 +58,11 @@ class ControlNetBackbone(TextConditionalBackbone):
         plain.bank_prompts, plain._bank_record = self.bank_prompts, self._bank_record
         return plain
 
+    def bank_record(self) -> dict[str, Any]:
+        """The prompts' record, the condition names, and the annotator that made the control images."""
+        annotator = None if self.annotator is None else self.annotator.record()
+        return {**super().bank_record(), "annotator": annotator}
+
     def bank_extras(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The control images of the bank's decoded samples ``images`` in [-1, 1], by :attr:`annotator`."""
         if self.annotator is None:

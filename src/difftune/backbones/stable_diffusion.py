@@ -106,4 +106,4 @@ class TextConditionalBackbone(Backbone):
         return Conditioning({PROMPTS: self.bank_prompts[indices % self.bank_prompts.shape[0]]})
 
     def bank_record(self) -> dict[str, Any]:
-        return dict(self._bank_record)
+        return {**self._bank_record, "conditions": list(self.condition_names)}

@@ -4,8 +4,10 @@ the annotator that turns each generated image into its control image."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from difftune.backbones.controlnet import ControlNetBackbone
+from difftune.backbones.base import Backbone
+from difftune.backbones.controlnet import CONTROL, ControlNetBackbone
 from difftune.backbones.loading import LoadedModel
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.config import ExperimentConfig
@@ -43,10 +45,40 @@ def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> None:
     prompts = bank_prompts(cfg)
     backbone.set_bank_prompts(prompts, loaded.prompts.encode(prompts))
     if isinstance(backbone, ControlNetBackbone):
-        if not cfg.data.annotator:
+        if not cfg.data.annotator:  # also refused by `difftune bank` before loading anything
             raise UserError(
                 "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
             )
         from difftune.control import build_annotator
 
         backbone.annotator = build_annotator(cfg.data.annotator)
+
+
+def check_bank_conditions(
+    manifest: dict[str, Any], backbone: Backbone, annotator: str | None, path: str
+) -> None:
+    """Refuse a bank that lacks a condition the model needs, or whose control images another annotator made.
+
+    ``annotator`` is the target data's (``data.annotator``); ``None`` means precomputed controls, which no
+    bank matches. Banks of class-conditional models record no condition names: they hold labels.
+
+    Raises:
+        UserError: the message names what the bank holds and how to make a matching one.
+    """
+    held = manifest.get("conditions", ["labels"])
+    missing = [name for name in backbone.condition_names if name not in held]
+    if missing:
+        raise UserError(
+            f"bank {path} holds {held} but the model needs {list(backbone.condition_names)}; regenerate the "
+            "bank with this config (difftune bank)"
+        )
+    if CONTROL in backbone.condition_names:
+        from difftune.control import build_annotator
+
+        wanted = build_annotator(annotator).record() if annotator else None
+        if manifest.get("annotator") != wanted or wanted is None:
+            raise UserError(
+                f"bank {path} holds control images made by {manifest.get('annotator')}, the target's come from "
+                f"{wanted or 'the data (data.control_column)'}; a ControlNet bank must use the target's annotator: "
+                "set data.annotator and regenerate the bank, or set objective.retention_data=target"
+            )

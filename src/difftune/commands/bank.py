@@ -19,6 +19,10 @@ def cmd_bank(args: argparse.Namespace) -> int:
     if not cfg.bank.path:
         raise ConfigError("bank.path is empty: set it to the directory the bank should be written to")
     check_scheduler(cfg.bank.scheduler, "bank.scheduler", ConfigError)
+    if cfg.model.controlnet and not cfg.data.annotator:
+        raise ConfigError(
+            "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
+        )
     if args.dry_run:
         b = cfg.bank
         print(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from difftune.errors import UserError
+from difftune.plugins import import_object
 
 __all__ = ["ANNOTATORS", "Annotator", "CannyAnnotator", "build_annotator", "to_uint8_hwc"]
 
@@ -85,9 +86,30 @@ def build_annotator(name: str, **kwargs: Any) -> Annotator:
         UserError: ``name`` is not in :data:`ANNOTATORS` (the message lists the valid names), or
             ``kwargs`` are not its options.
     """
+    if ":" in name:
+        return NamedAnnotator(name, import_object(name, "annotator"))
     if name not in ANNOTATORS:
-        raise UserError(f"unknown annotator {name!r}; valid: {', '.join(sorted(ANNOTATORS))}")
+        raise UserError(
+            f"unknown annotator {name!r}; valid: {', '.join(sorted(ANNOTATORS))} or 'package.module:function'"
+        )
     try:
         return ANNOTATORS[name](**kwargs)
     except TypeError as err:
         raise UserError(f"annotator {name!r}: {err}") from err
+
+
+class NamedAnnotator:
+    """A user's annotator function (``"package.module:function"``): images (N, C, H, W) in [-1, 1] ->
+    control images (N, 3, H, W) in [0, 1]; recorded by its name."""
+
+    def __init__(self, name: str, function: Any) -> None:
+        if not callable(function):
+            raise UserError(f"annotator {name!r} is not callable")
+        self.name = name
+        self.function = function
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.function(images)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name}

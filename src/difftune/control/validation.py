@@ -19,10 +19,20 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.control.annotators import Annotator
 from difftune.control.fidelity import condition_fidelity
 from difftune.control.log import append_fidelity
+from difftune.errors import UserError
 from difftune.sampling import generate_with_spec
 from difftune.sampling_spec import SamplingSpec
 
 CONTROL = "control"
+
+
+def check_validation(validation_every: int, backbone: Backbone, annotator: str | None) -> None:
+    """Refuse ``train.validation_every`` where fidelity cannot be measured (not a ControlNet, no annotator)."""
+    if validation_every and (CONTROL not in backbone.condition_names or not annotator):
+        raise UserError(
+            "train.validation_every measures how well images follow their control image, re-extracted by "
+            "data.annotator: it needs a ControlNet and data.annotator (or set train.validation_every=0)"
+        )
 
 
 def validation_pairs(cond: Conditioning, count: int) -> Conditioning:

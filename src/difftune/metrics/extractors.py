@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from torch import nn
 
 from difftune.errors import UserError
+from difftune.plugins import import_object
 
 __all__ = ["FEATURE_SPECS", "build_extractor"]
 
@@ -44,11 +44,7 @@ def build_extractor(spec: str, inception_weights: str | None = None) -> nn.Modul
             raise
         except Exception as err:  # safetensors raises its own error type on a file that is not safetensors
             raise UserError(f"{rest}: not a DigitClassifier file ({type(err).__name__}: {err})") from None
-    try:
-        module = importlib.import_module(kind)
-    except ImportError as err:
-        raise UserError(f"--features {spec!r}: cannot import module {kind!r} ({err})") from None
-    factory = getattr(module, rest, None)
+    factory = import_object(spec, "--features")
     if not callable(factory):
         raise UserError(f"--features {spec!r}: module {kind!r} has no callable {rest!r}")
     extractor = factory()
