@@ -515,3 +515,12 @@ def test_help_does_not_import_diffusers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_unquoted_no_for_mixed_precision_means_no(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {pretrained: x}\ndata: {source: digits}\nobjective: {bank_share: 0}\ntrain: {mixed_precision: no}\n"
+    )
+    assert load_config(path).train.mixed_precision == "no"  # YAML 1.1 reads `no` as false
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"

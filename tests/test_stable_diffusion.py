@@ -115,7 +115,7 @@ def test_text_to_image_diff_tuning_run_loads_in_the_stock_pipeline(
 ) -> None:
     from diffusers import StableDiffusionPipeline
 
-    cfg = _config(sd_dir, captions, tmp_path, bank={"guidance_scale": 2.0})
+    cfg = _config(sd_dir, captions, tmp_path, bank={"guidance_scale": 2.0}, train={"sample_every": 2})
     loaded = load_pretrained(str(sd_dir))
     prepare_bank_conditions(loaded, cfg)
     generate_bank(loaded, cfg.bank, progress=False)
@@ -125,6 +125,10 @@ def test_text_to_image_diff_tuning_run_loads_in_the_stock_pipeline(
     assert torch.equal(bank[PROMPTS], expected)
 
     final = train_model(cfg)
+    grid = Image.open(
+        tmp_path / "run" / "samples" / "step-0000002.png"
+    )  # 8 captions spread over the set, 8 each
+    assert grid.size[0] == grid.size[1]
     cache = json.loads((tmp_path / "run" / "target_cache" / "manifest.json").read_text())
     assert cache["conditions"].startswith("prompts:")
     pipe = StableDiffusionPipeline.from_pretrained(str(final))

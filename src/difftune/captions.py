@@ -97,11 +97,15 @@ class CaptionedImages:
         )
 
     def controls(self, indices: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Control images (n, 3, r, r) in [0, 1]."""
+        """Control images (n, 3, r, r) in [0, 1], resized with the nearest pixel: a segmentation map's
+        colours or an edge map's 0/1 stay what they are."""
         if self._control is None:
             raise UserError("this dataset has no control images: set data.control_column or data.annotator")
         control = self._control
-        return torch.stack([(load_square_image(control(i), resolution, 3) + 1) / 2 for i in indices.tolist()])
+        nearest = Image.Resampling.NEAREST
+        return torch.stack(
+            [(load_square_image(control(i), resolution, 3, nearest) + 1) / 2 for i in indices.tolist()]
+        )
 
 
 def caption_folder(cfg: DataConfig, header_memo: Path | None = None) -> CaptionedImages:

@@ -81,10 +81,13 @@ def open_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
 
 
 def load_square_image(
-    source: str | os.PathLike[str] | Image.Image, resolution: int, channels: int
+    source: str | os.PathLike[str] | Image.Image,
+    resolution: int,
+    channels: int,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> torch.Tensor:
-    """An image (a file, or a decoded PIL image), resized (shorter side) and centre-cropped to
-    ``resolution``: ``(channels, r, r)`` in [-1, 1].
+    """An image (a file, or a decoded PIL image), resized (shorter side, with ``resample``) and
+    centre-cropped to ``resolution``: ``(channels, r, r)`` in [-1, 1].
 
     Raises:
         ValueError: the file cannot be decoded (the message names it).
@@ -94,7 +97,7 @@ def load_square_image(
     scale = resolution / min(img.size)
     img = img.resize(
         (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-        Image.Resampling.BICUBIC,
+        resample,
     )
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))

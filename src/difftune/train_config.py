@@ -76,6 +76,8 @@ class TrainConfig:
     max_non_finite_steps: int = 10
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
         _check_fields(self, "train")
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
         _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")

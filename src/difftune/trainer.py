@@ -409,11 +409,15 @@ class Trainer:
 
     @torch.no_grad()
     def save_sample_grid(self, path: Path, per_class: int = 8) -> None:
-        """A grid of samples (one row per distinct target condition, e.g. class, fixed seeds) from the current weights."""
+        """A grid of samples from the current weights, fixed seeds: one row per distinct class label, or
+        (text conditions, every image its own) per one of 8 target conditions spread over the set."""
         backbone = self.accelerator.unwrap_model(self.model)
         was_training = backbone.training
         backbone.eval()
-        rows = self.target.cond.distinct()
+        if "labels" in self.backbone.condition_names:
+            rows = self.target.cond.distinct()
+        else:
+            rows = validation_pairs(self.target.cond, 8)
         cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
         x = generate_with_spec(
             backbone,
