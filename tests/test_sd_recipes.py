@@ -1,7 +1,12 @@
 """The Stable Diffusion 1.5 paper recipes (configs/paper/sd15_*.yaml): they load, they hold the numbers
 configs/paper/README.md gives, each baseline differs from its Diff-Tuning recipe only in the objective
 and the bank, and ``difftune bank`` / ``difftune train --dry-run`` accept them once the model and the
-data are pointed at a tiny local SD pipeline and a tiny captioned folder (nothing is downloaded)."""
+data are pointed at a tiny local SD pipeline and a tiny captioned folder (nothing is downloaded).
+
+The four precomputed-condition recipes ship without a bank (``objective.retention_data: target``): a
+ControlNet bank must hold control images made by the target's annotator, and precomputed control images
+have none. Their documented bank variant (an annotator for the condition, ``data.control_column: null``)
+is checked here with canny and with a user annotator given as ``module:function``."""
 
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ ANNOTATED = ["canny"]  # control images computed by a built-in annotator
 PRECOMPUTED = ["sketch", "depth", "normal", "seg"]  # control images read from the data
 CONDITIONS = ANNOTATED + PRECOMPUTED
 CONTROLNET = [f"sd15_controlnet_{c}" for c in CONDITIONS]
+NO_BANK = [f"sd15_controlnet_{c}" for c in PRECOMPUTED]  # Diff-Tuning with retention on the target data
+# the documented bank variant of a NO_BANK recipe, with an annotator for its condition
+BANK_VARIANT = ["objective.retention_data=bank", "data.control_column=null"]
 DIFF_TUNING = [*CONTROLNET, "sd15_text_to_image"]
 PLAIN = [f"{name}_plain" for name in DIFF_TUNING]
 RIVAL = ["sd15_controlnet_canny_inverse_snr"]
@@ -72,6 +80,11 @@ def _small_bank() -> list[str]:
     return ["--set", "bank.num_samples=2", "--set", "bank.num_inference_steps=2"]
 
 
+def _sets(*assignments: str) -> list[str]:
+    """``--set`` arguments for each ``key=value``."""
+    return [arg for assignment in assignments for arg in ("--set", assignment)]
+
+
 def _tiny(paths: dict[str, Path], name: str, output: str = "run") -> list[str]:
     """Overrides that point a recipe at the tiny model, data, bank and a fresh output folder."""
     bank = paths["controlnet_bank"] if _is_controlnet(name) else paths["t2i_bank"]
@@ -119,8 +132,11 @@ def test_recipe_loads_with_its_numbers(name: str) -> None:
             oc.realisation,
         )
         assert schedules == ("power_up", "power_down", 1.0, 1.0, "sample")
-        assert cfg.uses_bank and cfg.bank_count == 6 and oc.bank_weight == 0.1
-        bank = cfg.bank
+        assert cfg.bank_count == 6 and oc.bank_weight == 0.1
+        # precomputed control images: retention on target images (no bank can match their annotator)
+        assert oc.retention_data == ("target" if name in NO_BANK else "bank")
+        assert cfg.uses_bank == (name not in NO_BANK)
+        bank = cfg.bank  # kept, so that --set objective.retention_data=bank gives the bank variant
         assert (bank.num_samples, bank.guidance_scale, bank.num_inference_steps) == (10000, 7.5, 25)
         assert bank.prompts is None and bank.condition == "null" and bank.path.startswith("banks/sd15-")
     elif name in PLAIN:
@@ -145,10 +161,10 @@ def test_baseline_differs_only_in_the_objective_and_the_bank(name: str) -> None:
     plain = load_config(_recipe(f"{name}_plain")).to_dict()
     diff = _differences(method, plain) - {"train.output_dir"}
     # uniform t and no bank; every other objective setting (cfg dropout included) is the same
-    assert diff - {f"bank.{key}" for key in method["bank"]} == {
-        "objective.target_schedule",
-        "objective.bank_share",
-    }
+    expected = {"objective.target_schedule", "objective.bank_share"}
+    if name in NO_BANK:  # the Diff-Tuning recipe retains on target data; the baseline has no retention
+        expected.add("objective.retention_data")
+    assert diff - {f"bank.{key}" for key in method["bank"]} == expected
 
 
 def test_rival_differs_from_the_baseline_only_in_the_target_weighting() -> None:
@@ -162,9 +178,11 @@ def test_the_five_conditions_differ_only_in_their_data(suffix: str) -> None:
     configs = [load_config(_recipe(f"{name}{suffix}")).to_dict() for name in CONTROLNET]
     data_keys = {f"data.{key}" for key in configs[0]["data"]}
     validation = {"train.validation_every", "train.validation_samples", "train.sample_guidance_scale"}
+    retention = {"objective.retention_data"} if suffix == "" else set()  # canny's bank vs target data
     for other in configs[1:]:
         diff = _differences(configs[0], other)
-        assert "data.path" in diff and diff <= {"bank.path", "train.output_dir"} | data_keys | validation
+        allowed = {"bank.path", "train.output_dir"} | data_keys | validation | retention
+        assert "data.path" in diff and diff <= allowed
         assert ("bank.path" in diff) == (suffix == "")  # each condition has its own bank
 
 
@@ -186,7 +204,9 @@ def test_dry_run_accepts_the_recipe(
             assert "control    images from the data's column 'conditioning_image'" in out
     else:
         assert "UNet2DConditionModel, samples (4, 4, 4), conditioned on prompt_embeds;" in out
-    if name in DIFF_TUNING:
+    if name in NO_BANK:  # as shipped: retention on the target's images, no bank read
+        assert "batch      32 = 26 target + 6 retention (target data) (x" in out and "bank       " not in out
+    elif name in DIFF_TUNING:
         assert "batch      32 = 26 target + 6 bank (x" in out and "bank       2 samples from" in out
     else:
         assert "batch      32 = 32 target + 0 bank (x" in out and "bank       " not in out
@@ -206,29 +226,75 @@ def test_bank_of_a_precomputed_condition_needs_an_annotator(
     assert not (sd["root"] / "refused" / condition / "manifest.json").exists()
 
 
-def test_bank_of_a_precomputed_condition_with_the_documented_override(sd: dict[str, Path]) -> None:
+@pytest.mark.parametrize("condition", PRECOMPUTED)
+def test_bank_of_another_annotator_is_refused(
+    condition: str, sd: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the canny bank's control images cannot stand in for precomputed depth maps (or sketches, ...)
+    name = f"sd15_controlnet_{condition}"
+    args = ["train", "--config", str(_recipe(name)), "--dry-run", *_tiny(sd, name)]
+    capsys.readouterr()
+    assert main([*args, *_sets("objective.retention_data=bank")]) == 2
+    assert "must use the target's annotator" in capsys.readouterr().err
+
+
+def test_bank_of_a_precomputed_condition_with_the_documented_override(
+    sd: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     # canny stands in for the condition's own annotator, which difftune does not have
     name = "sd15_controlnet_depth"
     bank = sd["root"] / "override_bank"
-    sets = [*_tiny(sd, name), "--set", f"bank.path={bank}", *_small_bank()]
-    sets += ["--set", "data.control_column=null", "--set", "data.annotator=canny"]
-    assert main(["bank", "--config", str(_recipe(name)), *sets]) == 0
+    sets = [*_tiny(sd, name), *_sets(f"bank.path={bank}", *BANK_VARIANT, "data.annotator=canny")]
+    assert main(["bank", "--config", str(_recipe(name)), *sets, *_small_bank()]) == 0
     manifest = json.loads((bank / "manifest.json").read_text())
     assert manifest["num_samples"] == 2 and manifest["num_prompts"] == 4  # prompts: the 4 captions
+    assert manifest["annotator"] == {"name": "canny", "low": 100, "high": 200}
+    capsys.readouterr()
+    assert main(["train", "--config", str(_recipe(name)), "--dry-run", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "batch      32 = 26 target + 6 bank (x" in out and "bank       2 samples from" in out
+
+
+ANNOTATOR_MODULE = """
+import torch
+
+
+def annotate(images: torch.Tensor) -> torch.Tensor:
+    # images (N, C, H, W) in [-1, 1] -> control images (N, 3, H, W) in [0, 1]
+    return ((images[:, :1].repeat(1, 3, 1, 1) + 1) / 2).clamp(0, 1)
+"""
+
+
+def test_bank_with_a_user_annotator(
+    sd: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # data.annotator as "module:function": the user's annotator makes the bank's and the target's controls
+    (tmp_path / "mymod.py").write_text(ANNOTATOR_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "sd15_controlnet_depth"
+    bank = tmp_path / "bank"
+    sets = [*_tiny(sd, name), *_sets(f"bank.path={bank}", *BANK_VARIANT, "data.annotator=mymod:annotate")]
+    assert main(["bank", "--config", str(_recipe(name)), *sets, *_small_bank()]) == 0
+    manifest = json.loads((bank / "manifest.json").read_text())
+    assert manifest["num_samples"] == 2 and manifest["annotator"] == {"name": "mymod:annotate"}
+    capsys.readouterr()
+    assert main(["train", "--config", str(_recipe(name)), "--dry-run", *sets]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    assert "control    computed by {'name': 'mymod:annotate'}" in captured.out
     assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(_recipe(name)),
-                "--dry-run",
-                *_tiny(sd, name),
-                "--set",
-                f"bank.path={bank}",
-            ]
-        )
-        == 0
+        "batch      32 = 26 target + 6 bank (x" in captured.out
+        and "bank       2 samples from" in captured.out
     )
+    # the same bank with another annotator's target controls is refused
+    assert (
+        main(["train", "--config", str(_recipe(name)), "--dry-run", *sets, *_sets("data.annotator=canny")])
+        == 2
+    )
+    assert "must use the target's annotator" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["sd15_controlnet_canny_plain", "sd15_text_to_image_plain"])
