@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 from difftune.demo import DemoSettings, run_demo
+from difftune.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,17 +163,6 @@ def _tuning_pairs(methods: list[str]) -> list[tuple[str, str, str]]:
     ]
 
 
-def _paired_ci(differences: list[float]) -> tuple[float, float, float]:
-    """Mean and its 95% t interval (an infinitely wide one for a single value)."""
-    from scipy import stats
-
-    mean = statistics.fmean(differences)
-    if len(differences) < 2:
-        return mean, -math.inf, math.inf
-    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
-    return mean, mean - half, mean + half
-
-
 def _share(runs: dict[int, dict[str, Any]], method: str) -> str:
     """The trainable share of ``method``'s runs, as their ``results.json`` records it ("?" for runs
     made before it was recorded)."""
@@ -203,7 +192,7 @@ def _tuning_table(exp: dict[str, Any]) -> list[str]:
         a = [runs[s][plain]["fid"] for s in seeds]
         b = [runs[s][dt]["fid"] for s in seeds]
         diffs = [y - x for x, y in zip(a, b, strict=True)]
-        mean, low, high = _paired_ci(diffs)
+        mean, low, high = paired_ci(diffs)
         significant = "yes" if low > 0 or high < 0 else "no"
         lines.append(
             f"| {tuning} | {_share(runs, dt)} | {'{:.2f} ± {:.2f}'.format(*_mean_std(a))} | "
