@@ -470,7 +470,12 @@ def test_shipped_configs_validate(config: Path, tmp_path: Path, capsys: pytest.C
     sets += ["--set", f"train.output_dir={tmp_path / 'run'}"]
     assert main(["train", "--config", str(config), "--dry-run", *sets]) == 0
     assert "target" in capsys.readouterr().out
-    assert main(["bank", "--config", str(config), "--dry-run", *sets]) == 0
+    cfg = load_config(config)
+    if cfg.model.controlnet and not cfg.data.annotator:  # precomputed controls: no bank can match them
+        assert main(["bank", "--config", str(config), "--dry-run", *sets]) == 2
+        assert "set data.annotator" in capsys.readouterr().err
+    else:
+        assert main(["bank", "--config", str(config), "--dry-run", *sets]) == 0
 
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"

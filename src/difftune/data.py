@@ -225,7 +225,7 @@ def _captioned_images(
     identity = f"{data.identity}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
     return TargetImages(
         torch.zeros(len(chosen), dtype=torch.long),
-        ["captioned"],
+        [],  # no classes: each image has its own caption
         identity,
         lambda idx: data.images(keep[idx], resolution, channels),
         [data.captions[i] for i in chosen],

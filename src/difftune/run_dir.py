@@ -236,9 +236,13 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
     classes = summary["classes"]
     table = ", ".join(f"{name}={label}" for name, label in list(classes.items())[:12])
     resumed = summary["resume_from"]
+    grouping = (
+        f"in {len(classes)} classes ({table}{', ...' if len(classes) > 12 else ''})"
+        if classes
+        else "with captions"
+    )
     print(
-        f"[difftune] {summary['target_samples']} target images in {len(classes)} classes "
-        f"({table}{', ...' if len(classes) > 12 else ''}); bank {summary['bank_samples']} samples; "
+        f"[difftune] {summary['target_samples']} target images {grouping}; bank {summary['bank_samples']} samples; "
         f"batch {summary['batch']['target']} target + {summary['batch']['bank']} bank; "
         f"{summary['tuning']} tuning, {summary['trainable_parameters']:,} trainable parameters "
         f"({100 * summary['trainable_share']:.1f}%); "
