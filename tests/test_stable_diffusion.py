@@ -292,3 +292,21 @@ def test_sample_command_takes_prompts_and_refuses_a_controlnet_without_control(
         == 2
     )
     assert "needs --control-image" in capsys.readouterr().err
+
+
+def test_a_saved_controlnet_reloads_over_the_unet_it_was_trained_with(sd_dir: Path, tmp_path: Path) -> None:
+    from difftune.backbones import save_model
+    from difftune.tiny_models import tiny_cond_unet
+
+    # a fine-tuned UNet kept in a sub-folder of another directory (as a difftune run keeps ema/unet)
+    other = tmp_path / "finetuned"
+    tiny_cond_unet(seed=1).save_pretrained(other / "ema" / "unet")
+    (other / "difftune_source.json").write_text(json.dumps({"source": str(sd_dir), "pipeline": str(sd_dir)}))
+    loaded = load_pretrained(str(other), subfolder="ema/unet", controlnet="from_unet")
+    save_model(loaded, tmp_path / "saved")
+    again = load_trained(str(tmp_path / "saved"), use_ema=False).backbone
+    assert isinstance(again, ControlNetBackbone)
+    assert torch.equal(again.unet.conv_in.weight, tiny_cond_unet(seed=1).conv_in.weight)
+    assert not torch.equal(
+        again.unet.conv_in.weight, load_pretrained(str(sd_dir)).backbone.inner.conv_in.weight
+    )

@@ -33,6 +33,9 @@ class TrainConfig:
         validation_every: a ControlNet run with an annotator (``data.annotator``) measures condition
             fidelity at step 0 and every this many steps (0 = never), into ``fidelity.jsonl``.
         validation_samples: how many fixed (prompt, control) pairs of the target set it generates.
+        validation_prompts: ``"own"``: each pair's caption; ``"empty"``: the empty prompt, so that
+            only the control image says what to draw (for data whose captions already fix the image's
+            layout, e.g. digits).
         resume: ``"latest"``, a checkpoint directory, or ``None``.
         overwrite: let a fresh run replace an earlier run's checkpoints, ``final/`` and logs in
             ``output_dir`` (or a resumed run delete the checkpoints newer than its own); without it
@@ -69,6 +72,7 @@ class TrainConfig:
     sample_guidance_scale: float = SamplingSpec.guidance_scale
     validation_every: int = 0
     validation_samples: int = 8
+    validation_prompts: str = "own"
     resume: str | None = None
     overwrite: bool = False
     accept_config_changes: bool = False

@@ -131,8 +131,11 @@ class Trainer:
             return None
         from difftune.control import build_annotator
 
+        pairs = validation_pairs(self.target.cond, tc.validation_samples)
+        if tc.validation_prompts == "empty":
+            pairs = self.backbone.drop(pairs, torch.ones(pairs.batch_size, dtype=torch.bool))
         return FidelityValidation(
-            validation_pairs(self.target.cond, tc.validation_samples),
+            pairs,
             build_annotator(self.cfg.data.annotator),
             self.loaded.codec,
             self.loaded.scheduler_config,

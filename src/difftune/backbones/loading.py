@@ -31,7 +31,13 @@ from difftune.backbones.codec import LatentCodec
 from difftune.backbones.controlnet import ControlNetBackbone
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.fingerprint import model_fingerprint
-from difftune.backbones.sd_parts import attach_text, controlnet_backbone, load_prompt_encoder, sd_pipeline
+from difftune.backbones.sd_parts import (
+    attach_text,
+    controlnet_backbone,
+    frozen_unet_location,
+    load_prompt_encoder,
+    sd_pipeline,
+)
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.text import PromptEncoder
 from difftune.backbones.unet import UNetBackbone
@@ -70,7 +76,8 @@ class LoadedModel:
             is where they came from originally, which a difftune directory records).
         prompts: the text encoder of a text-conditional model, or ``None``.
         pipeline: the Stable Diffusion pipeline (path or hub id) a text-conditional model's text
-            encoder, tokenizer and, for a ControlNet, frozen UNet come from; ``None`` otherwise.
+            encoder and tokenizer come from; ``None`` otherwise.
+        frozen_unet: ``(path or hub id, sub-folder)`` of a ControlNet's frozen UNet; ``None`` otherwise.
     """
 
     backbone: Backbone
@@ -83,6 +90,7 @@ class LoadedModel:
     weights: tuple[str, str | None] = ("", None)
     prompts: PromptEncoder | None = None
     pipeline: str | None = None
+    frozen_unet: tuple[str, str | None] | None = None
 
     def fingerprint(self) -> str:
         """The fingerprint of the pre-trained weights (taken before a parameter-efficient method
@@ -216,9 +224,9 @@ def peek_backbone(
     with torch.device("meta"):
         model = model_cls.from_config(config)
         if adapter_cls is ControlNetBackbone:
-            unet_root = sd_pipeline(pretrained, components, _source_record(pretrained), "unet")
+            unet_root, unet_sub = frozen_unet_location(pretrained, components, _source_record(pretrained))
             unet_config = UNet2DConditionModel.load_config(
-                unet_root, subfolder="unet", local_files_only=local_only
+                unet_root, subfolder=unet_sub, local_files_only=local_only
             )
             return ControlNetBackbone(model, UNet2DConditionModel.from_config(unet_config))
         backbone = adapter_cls(model)
@@ -272,10 +280,10 @@ def load_pretrained(
 
     codec = LatentCodec(vae_model, vae_source)
 
-    pipeline: str | None = None
-    if adapter_cls is ControlNetBackbone:  # a trained ControlNet: its UNet is its pipeline's
-        pipeline = sd_pipeline(pretrained, components, record, "unet")
-        unet = load_safetensors_model(UNet2DConditionModel, pipeline, "unet", revision)
+    frozen_unet: tuple[str, str | None] | None = None
+    if adapter_cls is ControlNetBackbone:  # a trained ControlNet, beside the UNet it was trained with
+        frozen_unet = frozen_unet_location(pretrained, components, record)
+        unet = load_safetensors_model(UNet2DConditionModel, *frozen_unet, revision)
         backbone: Backbone = ControlNetBackbone(model, unet)
     elif controlnet is not None:
         if adapter_cls is not TextConditionalBackbone:
@@ -283,14 +291,15 @@ def load_pretrained(
                 f"model.controlnet needs a Stable Diffusion UNet, but {pretrained!r} holds a {config['_class_name']}"
             )
         backbone = controlnet_backbone(controlnet, model, revision, _load_model, codec.downsample)
+        frozen_unet = (pretrained, sub)
     else:
         backbone = adapter_cls(model)
-    prompts = None
+    prompts, pipeline = None, None
     if isinstance(backbone, TextConditionalBackbone):
         text_root = sd_pipeline(pretrained, components, record, "text_encoder")
         prompts = load_prompt_encoder(text_root, revision, _load_model)
         attach_text(backbone, prompts)
-        pipeline = pipeline or text_root
+        pipeline = text_root
 
     if "scheduler" in components:
         scheduler_config = dict(
@@ -311,4 +320,5 @@ def load_pretrained(
         weights=(pretrained, sub),
         prompts=prompts,
         pipeline=record.get("pipeline") or pipeline,
+        frozen_unet=frozen_unet,
     )

@@ -95,8 +95,10 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
                 ema.restore(params)
         DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
-        if loaded.pipeline is not None:  # where the text encoder (and a ControlNet's UNet) are read from
+        if loaded.pipeline is not None:  # where the text encoder is read from
             record["pipeline"] = absolute_source(loaded.pipeline)
+        if loaded.frozen_unet is not None:  # a ControlNet's UNet
+            record["unet"] = [absolute_source(loaded.frozen_unet[0]), loaded.frozen_unet[1]]
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
 
 

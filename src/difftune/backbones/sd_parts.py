@@ -36,6 +36,19 @@ def sd_pipeline(pretrained: str, components: dict[str, Any], record: dict[str, A
     )
 
 
+def frozen_unet_location(
+    pretrained: str, components: dict[str, Any], record: dict[str, Any]
+) -> tuple[str, str | None]:
+    """Where a trained ControlNet's frozen UNet is: the directory's own ``unet/`` (a stock pipeline
+    layout), else the location its ``difftune_source.json`` records, else its pipeline's ``unet/``."""
+    if "unet" in components:
+        return pretrained, "unet"
+    if record.get("unet"):
+        path, subfolder = record["unet"]
+        return str(path), subfolder
+    return sd_pipeline(pretrained, components, record, "unet"), "unet"
+
+
 def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> PromptEncoder:
     """The CLIP text encoder and tokenizer of ``pipeline`` (``load``: safetensors-only ``from_pretrained``)."""
     from transformers import CLIPTextModel, CLIPTokenizer
