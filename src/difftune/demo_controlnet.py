@@ -63,10 +63,11 @@ class ControlDemoSettings:
     bank_samples: int = 200
     steps: int = 300
     batch: int = 32
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3  # ControlNet's 1e-5 is for SD scale; a tiny ControlNet needs more
     cfg_dropout: float = 0.5  # ControlNet's training drops half of the prompts
     validate_every: int = 25
-    validation_samples: int = 20
+    validation_samples: int = 40
+    edge_tolerance: int = 0  # at 16x16 one pixel is 6% of the image
     sample_steps: int = 10
     threshold: float = 0.5  # of 1 - edge F1, for the sudden-convergence step
     methods: dict[str, dict[str, Any]] = field(
@@ -191,6 +192,7 @@ def _config(s: ControlDemoSettings, name: str, source: Path, bank: Path) -> Expe
             validation_every=s.validate_every,
             validation_samples=s.validation_samples,
             validation_prompts="empty",  # a digit's caption alone fixes most of its edges
+            validation_edge_tolerance=s.edge_tolerance,
             overwrite=True,
         ),
     )

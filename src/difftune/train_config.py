@@ -36,6 +36,8 @@ class TrainConfig:
         validation_prompts: ``"own"``: each pair's caption; ``"empty"``: the empty prompt, so that
             only the control image says what to draw (for data whose captions already fix the image's
             layout, e.g. digits).
+        validation_edge_tolerance: pixels an edge may be off and still count in edge F1 (1 suits
+            512-pixel images; 0 for tiny ones, where one pixel is a large share of the image).
         resume: ``"latest"``, a checkpoint directory, or ``None``.
         overwrite: let a fresh run replace an earlier run's checkpoints, ``final/`` and logs in
             ``output_dir`` (or a resumed run delete the checkpoints newer than its own); without it
@@ -73,6 +75,7 @@ class TrainConfig:
     validation_every: int = 0
     validation_samples: int = 8
     validation_prompts: str = "own"
+    validation_edge_tolerance: int = 1
     resume: str | None = None
     overwrite: bool = False
     accept_config_changes: bool = False

@@ -141,6 +141,7 @@ class Trainer:
             self.loaded.scheduler_config,
             tc.sampling,
             self.out,
+            tc.validation_edge_tolerance,
         )
 
     def _validate(self, step: int) -> None:

@@ -52,6 +52,7 @@ class FidelityValidation:
         scheduler_config: the model's noise schedule.
         spec: sampler, steps and guidance (seeds 0..N-1).
         run_dir: where ``fidelity.jsonl`` is written.
+        edge_tolerance: pixels an edge may be off in edge F1.
     """
 
     def __init__(
@@ -62,8 +63,10 @@ class FidelityValidation:
         scheduler_config: dict[str, Any],
         spec: SamplingSpec,
         run_dir: Path,
+        edge_tolerance: int = 1,
     ) -> None:
         self.pairs = pairs
+        self.edge_tolerance = edge_tolerance
         self.annotator = annotator
         self.codec = codec
         self.scheduler_config = scheduler_config
@@ -83,7 +86,7 @@ class FidelityValidation:
         finally:
             backbone.train(was_training)
         generated = self.annotator(images.float().cpu())
-        return condition_fidelity(generated, self.pairs[CONTROL].float().cpu() / 255.0)
+        return condition_fidelity(generated, self.pairs[CONTROL].float().cpu() / 255.0, self.edge_tolerance)
 
     def log(self, backbone: Backbone, step: int, device: torch.device | str) -> dict[str, float]:
         """Score ``backbone`` and append the scores for ``step`` to the run's ``fidelity.jsonl``."""
