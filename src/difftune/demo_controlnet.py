@@ -61,11 +61,11 @@ class ControlDemoSettings:
     pretrain_lr: float = 1e-3
     per_class: int = 30
     bank_samples: int = 200
-    steps: int = 300
+    steps: int = 600
     batch: int = 32
     learning_rate: float = 1e-3  # ControlNet's 1e-5 is for SD scale; a tiny ControlNet needs more
     cfg_dropout: float = 0.5  # ControlNet's training drops half of the prompts
-    validate_every: int = 25
+    validate_every: int = 50
     validation_samples: int = 40
     edge_tolerance: int = 0  # at 16x16 one pixel is 6% of the image
     sample_steps: int = 10
