@@ -131,6 +131,30 @@ class DemoSettings:
         )
 
 
+def pretraining_config(
+    init: Path, data: DataConfig, run_dir: Path, steps: int, batch: int, learning_rate: float, seed: int
+) -> ExperimentConfig:
+    """A demo's source-model pre-training: plain training from the random-init model ``init`` with an
+    EMA, one final checkpoint, resumable after an interruption."""
+    return ExperimentConfig(
+        model=ModelConfig(pretrained=str(init)),
+        data=data,
+        objective=ObjectiveConfig(target_schedule="uniform", bank_share=0.0),
+        train=TrainConfig(
+            output_dir=str(run_dir),
+            batch_size=batch,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            ema_decay=0.999,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            log_every=100,
+            seed=seed,
+            resume="latest",  # a pre-training killed after its checkpoint finishes from there
+        ),
+    )
+
+
 def _pretrain_source(s: DemoSettings) -> Path:
     """Train the source model on digits 0-4 (or reuse the cached one); returns its directory."""
     root = s.resolved_cache() / f"demo-source-{s.source_key()}"
@@ -152,22 +176,9 @@ def _pretrain_source(s: DemoSettings) -> Path:
     )
     model.save_pretrained(init / "transformer")
     DDPMScheduler().save_pretrained(init / "scheduler")
-    cfg = ExperimentConfig(
-        model=ModelConfig(pretrained=str(init)),
-        data=DataConfig(source="digits", classes=s.source_classes, seed=s.pretrain_seed),
-        objective=ObjectiveConfig(target_schedule="uniform", bank_share=0.0),
-        train=TrainConfig(
-            output_dir=str(root / "run"),
-            batch_size=s.pretrain_batch,
-            max_steps=s.pretrain_steps,
-            learning_rate=s.pretrain_lr,
-            ema_decay=0.999,
-            checkpoint_every=0,
-            keep_checkpoints=1,
-            log_every=100,
-            seed=s.pretrain_seed,
-            resume="latest",  # a pre-training killed after its checkpoint finishes from there
-        ),
+    data = DataConfig(source="digits", classes=s.source_classes, seed=s.pretrain_seed)
+    cfg = pretraining_config(
+        init, data, root / "run", s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.pretrain_seed
     )
     print(f"[demo] pre-training the source model on digits {s.source_classes} (cached for next time)")
     return Trainer(cfg).train()

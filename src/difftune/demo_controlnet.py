@@ -38,6 +38,7 @@ from difftune.config import (
 )
 from difftune.control import read_fidelity
 from difftune.control.report import fidelity_curve, format_table, plot_fidelity, summary_rows
+from difftune.demo import pretraining_config
 from difftune.demo_report import environment
 from difftune.store import user_cache_dir
 from difftune.tiny_models import tiny_text_encoder
@@ -149,22 +150,9 @@ def _pretrain_source(s: ControlDemoSettings) -> Path:
         return final
     data = _data(s, None)
     data.annotator = None  # the source model is not controlled
-    cfg = ExperimentConfig(
-        model=ModelConfig(pretrained=str(_source_pipeline(root, s))),
-        data=data,
-        objective=ObjectiveConfig(target_schedule="uniform", bank_share=0.0),
-        train=TrainConfig(
-            output_dir=str(root / "run"),
-            batch_size=s.pretrain_batch,
-            max_steps=s.pretrain_steps,
-            learning_rate=s.pretrain_lr,
-            ema_decay=0.999,
-            checkpoint_every=0,
-            keep_checkpoints=1,
-            log_every=100,
-            seed=s.source_seed,
-            resume="latest",
-        ),
+    init = _source_pipeline(root, s)
+    cfg = pretraining_config(
+        init, data, root / "run", s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.source_seed
     )
     print("[demo controlnet] pre-training the text-to-image source on the digits (cached for next time)")
     return Trainer(cfg).train()
