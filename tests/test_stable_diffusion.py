@@ -310,3 +310,21 @@ def test_a_saved_controlnet_reloads_over_the_unet_it_was_trained_with(sd_dir: Pa
     assert not torch.equal(
         again.unet.conv_in.weight, load_pretrained(str(sd_dir)).backbone.inner.conv_in.weight
     )
+
+
+def test_a_saved_dataset_gives_captions_and_control_images(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    colours = ["red", "blue", "green"]
+    images = [Image.new("RGB", (32, 32), c) for c in colours]
+    edges = [Image.new("RGB", (32, 32), "white") for _ in colours]
+    table = {"image": images, "text": [f"a {c} square" for c in colours], "edges": edges}
+    saved = datasets.Dataset.from_dict(table).cast_column("image", datasets.Image())
+    saved.cast_column("edges", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
+    data = DataConfig(source="hf_dataset", path=str(tmp_path / "ds"), control_column="edges")
+    target = load_target_images(data, 16, 3)
+    assert target.captions == ["a red square", "a blue square", "a green square"]
+    assert torch.allclose(target.images[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))  # red in [-1, 1]
+    assert torch.equal(target.controls(torch.arange(3), 16), torch.ones(3, 3, 16, 16))
+    data.caption_column = "caption"
+    with pytest.raises(UserError, match=r"no column\(s\) \['caption'\]"):
+        load_target_images(data, 16, 3)

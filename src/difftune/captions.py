@@ -166,7 +166,8 @@ def saved_dataset(cfg: DataConfig) -> CaptionedImages:
             f"saved dataset {cfg.path!r} has no column(s) {missing}; its columns: {data.column_names}"
         )
     captions = [str(c) for c in data[cfg.caption_column]]
-    identity = f"hf_dataset:{Path(str(cfg.path)).resolve()}:{data._fingerprint}"
+    files = [Path(f["filename"]) for f in data.cache_files]  # the arrow files it was saved as
+    identity = f"hf_dataset:{Path(str(cfg.path)).resolve()}:{_digest([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])}"
     control = cfg.control_column
     return CaptionedImages(
         captions,
