@@ -328,3 +328,33 @@ def test_a_saved_dataset_gives_captions_and_control_images(tmp_path: Path) -> No
     data.caption_column = "caption"
     with pytest.raises(UserError, match=r"no column\(s\) \['caption'\]"):
         load_target_images(data, 16, 3)
+
+
+def test_a_v_prediction_pipeline_trains_on_the_velocity(tmp_path: Path, captions: Path) -> None:
+    from diffusers import DDPMScheduler
+
+    from difftune.config import ObjectiveConfig
+    from difftune.objectives import build_objective
+
+    sd = save_sd_pipeline(tmp_path / "sd2")
+    DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(sd / "scheduler")
+    loaded = load_pretrained(str(sd))
+    scheduler = DDPMScheduler.from_config(loaded.scheduler_config)
+    objective = build_objective(ObjectiveConfig(bank_share=0.0, cfg_dropout=0.0), scheduler, loaded.backbone)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 4, 4, generator=g)
+    cond = Conditioning({PROMPTS: loaded.prompts.encode(["a red circle", "a blue square"])})
+    draw = objective.draw(2, 0, (4, 4, 4), g)
+    with torch.no_grad():
+        terms = objective(loaded.backbone, x0, cond, torch.zeros(2, dtype=torch.bool), draw)
+        x_t = scheduler.add_noise(x0, draw.noise, draw.t)
+        velocity = scheduler.get_velocity(x0, draw.noise, draw.t)
+        out = loaded.backbone(x_t, draw.t, cond)
+    torch.testing.assert_close(terms.terms["mse"], (out - velocity).square().mean(dim=(1, 2, 3)))
+    # a short run saves a model whose stock pipeline keeps the v-prediction schedule
+    from diffusers import StableDiffusionPipeline
+
+    final = train_model(_config(sd, captions, tmp_path / "v", objective={"bank_share": 0.0}))
+    assert (
+        StableDiffusionPipeline.from_pretrained(str(final)).scheduler.config.prediction_type == "v_prediction"
+    )
