@@ -358,3 +358,29 @@ def test_a_v_prediction_pipeline_trains_on_the_velocity(tmp_path: Path, captions
     assert (
         StableDiffusionPipeline.from_pretrained(str(final)).scheduler.config.prediction_type == "v_prediction"
     )
+
+
+def test_class_label_commands_refuse_a_text_model_in_one_line(
+    sd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    real = tmp_path / "real" / "a"
+    real.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(real / "0.png")
+    assert (
+        main(
+            ["eval", "fid", "--checkpoint", str(sd_dir), "--real", str(real.parent), "--features", "digits:x"]
+        )
+        == 2
+    )
+    assert "text-conditional; eval fid samples class labels only" in capsys.readouterr().err
+    args = [
+        "forgetting",
+        "--finetuned",
+        str(sd_dir),
+        "--pretrained",
+        str(sd_dir),
+        "--heldout",
+        str(real.parent),
+    ]
+    assert main([*args, "--out", str(tmp_path / "f")]) == 2
+    assert "probes class-conditional models only" in capsys.readouterr().err

@@ -75,6 +75,11 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any]:
     from difftune.sampling import build_scheduler
 
     loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
+    if "labels" not in loaded.backbone.condition_names:
+        raise UserError(
+            f"--checkpoint {args.checkpoint} is text-conditional; eval fid samples class labels only: generate "
+            "with `difftune sample --prompts-file ...` and score that folder with --fake"
+        )
     num_classes = loaded.backbone.num_classes
     labels = list(range(num_classes)) if args.labels is None else parse_labels(args.labels, num_classes)
     scheduler = build_scheduler(args.scheduler, loaded.scheduler_config)

@@ -57,6 +57,10 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     finetuned = load_trained(args.finetuned, args.subfolder, not args.no_ema, args.vae)
     pretrained = load_trained(args.pretrained, args.pretrained_subfolder, True, args.vae)
+    if "labels" not in finetuned.backbone.condition_names:
+        raise UserError(
+            f"{args.finetuned} is text-conditional; difftune forgetting probes class-conditional models only"
+        )
     backbone, codec = finetuned.backbone.to(device).eval(), finetuned.codec.to(device)
     resolution = args.resolution or codec.image_size(backbone.sample_shape)
     heldout = load_target_images(
