@@ -384,3 +384,23 @@ def test_class_label_commands_refuse_a_text_model_in_one_line(
     ]
     assert main([*args, "--out", str(tmp_path / "f")]) == 2
     assert "probes class-conditional models only" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(
+    sd_dir: Path, captions: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        cfg = _config(
+            sd_dir, captions, out, objective={"bank_share": 0.0}, train={"gradient_checkpointing": flag}
+        )
+        final = train_model(cfg)
+        weights[flag] = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert weights[True].keys() == weights[False].keys()
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)
+    moved = load_pretrained(str(sd_dir)).backbone.inner.state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in weights[True].items())  # training changed the weights

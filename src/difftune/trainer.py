@@ -97,6 +97,8 @@ class Trainer:
             )
             self.trainable = apply_tuning(self.loaded, cfg.model.tuning, cfg.tuning)
         self.backbone = self.loaded.backbone
+        if tc.gradient_checkpointing:
+            enable_gradient_checkpointing(self.backbone.inner)
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
         self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
@@ -433,6 +435,19 @@ class Trainer:
         images = to_unit_range(self.loaded.codec.decode(x))
         save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
         backbone.train(was_training)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on a diffusers model's gradient checkpointing (``train.gradient_checkpointing``).
+
+    Raises:
+        UserError: the model does not support it.
+    """
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise UserError(
+            f"{type(model).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false"
+        )
+    model.enable_gradient_checkpointing()
 
 
 def _logged_step(line: str) -> float:
