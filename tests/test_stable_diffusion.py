@@ -404,3 +404,45 @@ def test_gradient_checkpointing_trains_to_the_same_weights(
         torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)
     moved = load_pretrained(str(sd_dir)).backbone.inner.state_dict()
     assert any(not torch.equal(moved[k], v) for k, v in weights[True].items())  # training changed the weights
+
+
+def test_lora_on_an_existing_controlnet_reloads_onto_its_base(captions: Path, tmp_path: Path) -> None:
+    pipe = save_sd_pipeline(tmp_path / "cn", controlnet=True)
+    cfg = _config(
+        pipe,
+        captions,
+        tmp_path,
+        model={"controlnet": str(pipe / "controlnet"), "tuning": "lora"},
+        data={"annotator": "canny"},
+        objective={"bank_share": 0.0},
+        train={"learning_rate": 1e-2, "ema_decay": 0.0},
+    )
+    final = train_model(cfg)
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    trained = load_trained(str(final)).backbone.eval()
+    base = load_pretrained(str(pipe), controlnet=str(pipe / "controlnet")).backbone.eval()
+    assert isinstance(trained, ControlNetBackbone)
+    x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    cond = Conditioning(
+        {
+            PROMPTS: base.null_prompt.expand(2, -1, -1),
+            CONTROL: torch.full((2, 3, 32, 32), 255, dtype=torch.uint8),
+        }
+    )
+    with torch.no_grad():
+        assert not torch.allclose(trained(x, t, cond), base(x, t, cond))  # the adapter is on
+        from difftune.tuning import adapters_off
+
+        with adapters_off(trained):
+            torch.testing.assert_close(trained(x, t, cond), base(x, t, cond))  # over exactly that base
+
+
+def test_a_new_controlnet_refuses_an_adapter_method_at_config_time() -> None:
+    with pytest.raises(UserError, match="train it in full"):
+        config_from_dict(
+            {
+                "model": {"pretrained": "x", "controlnet": "from_unet", "tuning": "lora"},
+                "data": {"source": "digits"},
+                "objective": {"bank_share": 0},
+            }
+        )

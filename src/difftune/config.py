@@ -38,6 +38,13 @@ __all__ = [
 ]
 
 
+NEW_CONTROLNET_TRAINS_IN_FULL = (
+    "a parameter-efficient method saves an adapter to load onto its base, and a new ControlNet "
+    "(model.controlnet: from_unet) has random layers that are not saved: train it in full (model.tuning: full), "
+    "or give an existing ControlNet as model.controlnet"
+)
+
+
 @dataclass
 class ModelConfig:
     """Which pre-trained model to transfer.
@@ -66,6 +73,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "model")
+        _check(self.controlnet != "from_unet" or self.tuning == "full", NEW_CONTROLNET_TRAINS_IN_FULL)
         _check(
             bool(self.pretrained),
             "model.pretrained is empty: set it to a hub id or a local diffusers directory",

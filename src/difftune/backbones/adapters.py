@@ -19,6 +19,7 @@ from torch import nn
 
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.config import NEW_CONTROLNET_TRAINS_IN_FULL
 from difftune.errors import UserError
 from difftune.tuning import Switchable, TuningConfig, build_tuning, trainable_parameters
 from difftune.tuning.lora import ADAPTER_NAME, PeftTuning
@@ -46,6 +47,8 @@ def apply_tuning(
     """
     settings = settings or TuningConfig()
     tuning = build_tuning(method, settings)
+    if tuning.adapter and loaded.controlnet == "from_unet":
+        raise UserError(NEW_CONTROLNET_TRAINS_IN_FULL)
     fingerprint = ""
     if tuning.adapter:
         fingerprint = base_fingerprint or model_fingerprint(loaded.backbone.inner)
@@ -59,6 +62,7 @@ def apply_tuning(
             "subfolder": loaded.weights[1],
             "vae": absolute_source(loaded.vae_source),
             "vae_subfolder": loaded.vae_subfolder,
+            "controlnet": absolute_source(loaded.controlnet),
         },
         tuning.adapter,
     )
@@ -133,8 +137,11 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
             raise UserError(f"{directory} does not record its base model; load the base and pass it")
         vae = record.base.get("vae")
         base = load_pretrained(
-            source, record.base.get("subfolder"), vae=None if vae == source else vae
-        )  # vae None: the pipeline's own VAE
+            source,
+            record.base.get("subfolder"),
+            vae=None if vae == source else vae,  # None: the pipeline's own VAE
+            controlnet=record.base.get("controlnet"),
+        )
     found = model_fingerprint(base.backbone.inner)
     if found != record.base_fingerprint:
         raise UserError(

@@ -78,6 +78,8 @@ class LoadedModel:
         pipeline: the Stable Diffusion pipeline (path or hub id) a text-conditional model's text
             encoder and tokenizer come from; ``None`` otherwise.
         frozen_unet: ``(path or hub id, sub-folder)`` of a ControlNet's frozen UNet; ``None`` otherwise.
+        controlnet: where a ControlNet trained over ``pretrained`` starts from (``model.controlnet``:
+            ``from_unet`` or a path or hub id); ``None`` otherwise.
     """
 
     backbone: Backbone
@@ -91,6 +93,7 @@ class LoadedModel:
     prompts: PromptEncoder | None = None
     pipeline: str | None = None
     frozen_unet: tuple[str, str | None] | None = None
+    controlnet: str | None = None
 
     def fingerprint(self) -> str:
         """The fingerprint of the pre-trained weights (taken before a parameter-efficient method
@@ -321,4 +324,5 @@ def load_pretrained(
         prompts=prompts,
         pipeline=record.get("pipeline") or pipeline,
         frozen_unet=frozen_unet,
+        controlnet=controlnet,
     )

@@ -15,10 +15,14 @@ from difftune.errors import UserError
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "DiTTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
     "UNet2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
+    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],  # diffusers' SD LoRA training
+    "ControlNetModel": ["to_q", "to_k", "to_v", "to_out.0"],
 }
 DEFAULT_SVDIFF_TARGETS: dict[str, list[str]] = {
     "DiTTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
     "UNet2DModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    "ControlNetModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
 }
 
 
