@@ -63,7 +63,16 @@ def environment() -> dict[str, Any]:
         "cpu": cpu or "unknown",
         "threads": torch.get_num_threads(),
     }
-    for package in ("torch", "diffusers", "accelerate", "peft", "numpy", "scikit-learn"):
+    for package in (
+        "torch",
+        "diffusers",
+        "accelerate",
+        "peft",
+        "transformers",
+        "opencv-python-headless",
+        "numpy",
+        "scikit-learn",
+    ):
         env[package] = metadata.version(package)
     return env
 
