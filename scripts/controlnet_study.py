@@ -8,8 +8,8 @@ Each seed runs ``difftune demo controlnet --seed k`` (the source model is shared
 with ``source_seed`` 0); a seed whose ``results.json`` exists is not run again. ``summary.md`` gives,
 per method, the sudden-convergence step (how many seeds converged, and the mean over those), the
 change point, the area under the 1 - edge F1 curve and its final value (mean ± std over seeds), and,
-against plain training, the per-seed paired difference of the area with its 95% t interval and the
-number of seeds on which the method did better. The package versions are in each seed's
+against plain training, the per-seed paired differences of the area and of the change point with
+their 95% t intervals and the number of seeds on which the method did better. The package versions are in each seed's
 ``run_info.json``.
 """
 
@@ -61,22 +61,27 @@ def summarise(runs: dict[int, dict[str, Any]], threshold: float) -> str:
     if BASELINE in methods:
         lines += [
             "",
-            f"Paired differences of the area against {BASELINE} (method − {BASELINE}; negative = follows the "
-            "edges sooner), 95% t interval over seeds:",
+            f"Paired differences against {BASELINE} (method − {BASELINE}; negative = follows the edges sooner), "
+            "95% t interval over seeds (the change point over the seeds where both runs have one):",
             "",
-            "| method | mean difference | 95% CI | seeds better | significant |",
-            "|---|---|---|---|---|",
+            "| method | measure | mean difference | 95% CI | seeds better | significant |",
+            "|---|---|---|---|---|---|",
         ]
         for m in methods:
             if m == BASELINE:
                 continue
-            diffs = [runs[s][m]["area"] - runs[s][BASELINE]["area"] for s in seeds]
-            mean, low, high = paired_ci(diffs)
-            better = sum(d < 0 for d in diffs)
-            significant = "yes" if high < 0 or low > 0 else "no"
-            lines.append(
-                f"| {m} | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | {better}/{len(diffs)} | {significant} |"
-            )
+            for measure, fmt in (("area", "+.4f"), ("changepoint", "+.0f")):
+                pairs = [(runs[s][m][measure], runs[s][BASELINE][measure]) for s in seeds]
+                diffs = [a - b for a, b in pairs if a is not None and b is not None]
+                if not diffs:
+                    continue
+                mean, low, high = paired_ci(diffs)
+                better = sum(d < 0 for d in diffs)
+                significant = "yes" if high < 0 or low > 0 else "no"
+                lines.append(
+                    f"| {m} | {measure} | {mean:{fmt}} | [{low:{fmt}}, {high:{fmt}}] | {better}/{len(diffs)} | "
+                    f"{significant} |"
+                )
     return "\n".join(lines) + "\n"
 
 

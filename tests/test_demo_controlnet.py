@@ -69,7 +69,8 @@ def test_study_summary_has_paired_intervals(tmp_path: Path) -> None:
     text = summarise({0: run(0.6, 0.5), 1: run(0.7, 0.6), 2: run(0.65, 0.57)}, 0.5)
     assert "| plain | 0/3 seeds |" in text and "| diff-tuning | 3/3 seeds, mean 200 |" in text
     # differences -0.1, -0.1, -0.08: mean -0.0933 ± t(2) * 0.0067 = [-0.1220, -0.0646], all better
-    line = next(line for line in text.splitlines() if line.startswith("| diff-tuning | -0.0933"))
+    line = next(line for line in text.splitlines() if line.startswith("| diff-tuning | area | -0.0933"))
     assert "[-0.1220, -0.0646] | 3/3 | yes |" in line
     noisy = summarise({0: run(0.6, 0.5), 1: run(0.7, 0.65), 2: run(0.65, 0.6)}, 0.5)
     assert "| 3/3 | no |" in noisy  # every seed better, yet the interval [-0.138, +0.005] holds 0
+    assert "| diff-tuning | changepoint | +0 | [+0, +0] | 0/3 | no |" in text  # equal change points
