@@ -804,3 +804,37 @@ def test_sample_folders_compose_with_eval_fid(dit_dir, classifier_path, folders,
     (foreign / "photo.png").write_bytes((out / "grid.png").read_bytes())
     assert main([*sample[:-1], str(foreign), "--overwrite"]) == 2
     assert "did not write" in capsys.readouterr().err and (foreign / "photo.png").is_file()
+
+
+def test_checkpoint_with_domain_guidance_samples_as_difftune_sample_does(
+    dit_dir, classifier_path, folders, tmp_path, capsys
+) -> None:
+    from difftune.backbones import load_pretrained
+    from difftune.commands.sample import sample_to_folder
+    from difftune.sampling_spec import SamplingSpec
+    from difftune.tiny_models import save_pipeline_dir, tiny_dit
+
+    real, fake = folders
+    pretrained = save_pipeline_dir(tmp_path / "pretrained", tiny_dit(seed=3), "transformer")
+    npz = tmp_path / "guided.npz"
+    sampling = ["--num-per-class", "2", "--labels", "0,1", "--scheduler", "DDIMScheduler", "--steps", "3"]
+    sampling += ["--guidance-scale", "2.0", "--domain-guidance", str(pretrained)]
+    features = ["--features", f"digits:{classifier_path}"]
+    args = ["fid", "--real", str(real), "--checkpoint", str(dit_dir), *sampling, *features]
+    assert run_eval([*args, "--export-npz", str(npz)]) == 0
+    with np.load(npz) as data:
+        arr = data["arr_0"]
+    folder = tmp_path / "sampled"
+    guide = load_pretrained(str(pretrained)).backbone
+    spec = SamplingSpec("DDIMScheduler", steps=3, guidance_scale=2.0)
+    sample_to_folder(load_pretrained(str(dit_dir)), [0, 1], 2, folder, spec, batch_size=4, guide=guide)
+    (folder / "grid.png").unlink()
+    np.testing.assert_array_equal(arr, (read_folder(folder).permute(0, 2, 3, 1).numpy() * 255).round())
+    capsys.readouterr()
+    assert (
+        run_eval(
+            ["fid", "--real", str(real), "--fake", str(fake), "--domain-guidance", str(pretrained), *features]
+        )
+        == 2
+    )
+    assert "--domain-guidance only apply with --checkpoint" in capsys.readouterr().err

@@ -67,6 +67,7 @@ def generate(
     device: torch.device | str = "cpu",
     handover: Backbone | None = None,
     handover_fraction: float = 0.0,
+    guide: Backbone | None = None,
 ) -> torch.Tensor:
     """Generate one sample per (condition, seed) in the diffusion space.
 
@@ -83,6 +84,10 @@ def generate(
             chain-of-forgetting probe). It gets its own unconditional form, without guidance: a
             pre-trained model does not know the target's conditions.
         handover_fraction: fraction of the steps, at the low-noise end, given to ``handover``.
+        guide: domain guidance (Zhong et al., ICLR 2025): the pre-trained model, unconditional, is
+            the guidance branch in place of ``backbone``'s own unconditional prediction:
+            ``guide(x, ∅) + guidance_scale * (backbone(x, c) - guide(x, ∅))``. With a guidance scale
+            of 1 it has no effect.
 
     Returns:
         Samples (N, C, H, W), float32, on ``device``.
@@ -98,14 +103,20 @@ def generate(
     x = x * scheduler.init_noise_sigma
     C = sample_shape[0]
     use_cfg = guidance_scale != 1.0
-    if use_cfg:
+    if use_cfg and guide is None:
         both = Conditioning.cat([cond, backbone.drop(cond, torch.ones(n, dtype=torch.bool))])
+    guide_cond = guide.unconditional(n, device) if guide is not None else None
     handover_cond = handover.unconditional(n, device) if handover is not None else None
     switch_at = round((1.0 - handover_fraction) * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
         if handover is not None and i >= switch_at:
             out = handover(x_in, _model_input_timestep(t, n, x.device), handover_cond)[:, :C].float()
+        elif use_cfg and guide is not None:
+            steps = _model_input_timestep(t, n, x.device)
+            cond_out = backbone(x_in, steps, cond)[:, :C].float()
+            uncond_out = guide(x_in, steps, guide_cond)[:, :C].float()
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
         elif use_cfg:
             out = backbone(torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), both)
             cond_out, uncond_out = out[:, :C].float().chunk(2)
@@ -125,8 +136,10 @@ def generate_with_spec(
     cond: Conditioning,
     first_index: int = 0,
     device: torch.device | str = "cpu",
+    guide: Backbone | None = None,
 ) -> torch.Tensor:
-    """:func:`generate` as ``spec`` says: samples ``first_index ..`` get seeds ``spec.seed + first_index ..``."""
+    """:func:`generate` as ``spec`` says: samples ``first_index ..`` get seeds ``spec.seed + first_index ..``;
+    ``guide``: the pre-trained model for domain guidance."""
     return generate(
         backbone,
         build_scheduler(spec.scheduler, scheduler_config),
@@ -135,7 +148,34 @@ def generate_with_spec(
         spec.guidance_scale,
         spec.steps,
         device,
+        guide=guide,
     )
+
+
+def load_guide(path: str, model: Any, vae: str | None = None) -> Backbone:
+    """The pre-trained model at ``path`` (EMA weights of a difftune directory) as the domain-guidance
+    branch of ``model`` (a :class:`~difftune.backbones.loading.LoadedModel`).
+
+    Raises:
+        UserError: it works in another sample space or with another noise schedule than ``model``.
+    """
+    from difftune.backbones import load_trained
+
+    guide = load_trained(path, None, True, vae)
+    if tuple(guide.backbone.sample_shape) != tuple(model.backbone.sample_shape):
+        raise UserError(
+            f"--domain-guidance {path} makes samples of shape {tuple(guide.backbone.sample_shape)}, the model "
+            f"{tuple(model.backbone.sample_shape)}; guide with the model it was fine-tuned from"
+        )
+    keys = ("num_train_timesteps", "prediction_type", "beta_schedule", "beta_start", "beta_end")
+    theirs, ours = guide.scheduler_config, model.scheduler_config
+    different = [k for k in keys if theirs.get(k) != ours.get(k)]
+    if different:
+        raise UserError(
+            f"--domain-guidance {path} has another noise schedule ({', '.join(different)} differ); "
+            "guide with the model it was fine-tuned from"
+        )
+    return guide.backbone
 
 
 def _accepts_generator(scheduler: SchedulerMixin) -> bool:

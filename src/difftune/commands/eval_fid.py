@@ -43,7 +43,13 @@ from difftune.metrics.reference_cache import load_cached_stats, reference_cache_
 from difftune.sampling_spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
 from difftune.store import folder_identity
 
-CHECKPOINT_ONLY = ("num_per_class", "labels", "subfolder", "vae")  # with the sampling flags and --no-ema
+CHECKPOINT_ONLY = (
+    "num_per_class",
+    "labels",
+    "subfolder",
+    "vae",
+    "domain_guidance",
+)  # with the sampling flags and --no-ema
 DEFAULT_NUM_PER_CLASS = 50
 
 
@@ -65,14 +71,19 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
         spec = sampling_spec_from_args(args)
         check_scheduler(spec.scheduler)
+        if args.domain_guidance and spec.guidance_scale == 1.0:
+            raise UserError(
+                "--domain-guidance needs --guidance-scale > 1: at 1 the guiding model has no effect"
+            )
         vars(args).update(asdict(spec))  # the values used, also in the --out-json settings
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any]:
-    """The model of ``--checkpoint`` (EMA weights by default), the label of every item, and the scheduler."""
+def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any, Any]:
+    """The model of ``--checkpoint`` (EMA weights by default), the label of every item, the scheduler,
+    and the ``--domain-guidance`` model (or None)."""
     from difftune.backbones import load_trained
     from difftune.commands.sample import parse_labels
-    from difftune.sampling import build_scheduler
+    from difftune.sampling import build_scheduler, load_guide
 
     loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
     if "labels" not in loaded.backbone.condition_names:
@@ -83,7 +94,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any]:
     num_classes = loaded.backbone.num_classes
     labels = list(range(num_classes)) if args.labels is None else parse_labels(args.labels, num_classes)
     scheduler = build_scheduler(args.scheduler, loaded.scheduler_config)
-    return loaded, torch.tensor(labels).repeat_interleave(args.num_per_class), scheduler
+    guide = load_guide(args.domain_guidance, loaded, args.vae) if args.domain_guidance else None
+    return loaded, torch.tensor(labels).repeat_interleave(args.num_per_class), scheduler, guide
 
 
 @dataclass
@@ -94,7 +106,7 @@ class _Inputs:
     real_paths: list[Path] | None
     real_images: Tensor | None  # a built-in dataset, uint8 RGB (N, 3, H, W)
     fake_paths: list[Path] | None
-    model: tuple[Any, Tensor, Any] | None  # (loaded model, label of each item (N,), scheduler)
+    model: tuple[Any, Tensor, Any, Any] | None  # (loaded model, label of each item (N,), scheduler, guide)
     real_cache: Path | None = None  # where the reference set's statistics are (or will be) cached
     cache_hit: bool = False
 
@@ -248,9 +260,11 @@ def _evaluate(
         batches = folder_batches(inputs.fake_paths, mine, args.batch_size, args.resize, args.workers)
         desc = "generated features"
     else:
-        loaded, labels, scheduler = inputs.model  # type: ignore[misc]
+        loaded, labels, scheduler, guide = inputs.model  # type: ignore[misc]
         spec = sampling_spec_from_args(args)
-        batches = sampled_batches(loaded, labels, mine, scheduler, spec, args.batch_size, args.resize, device)
+        batches = sampled_batches(
+            loaded, labels, mine, scheduler, spec, args.batch_size, args.resize, device, guide
+        )
         desc = "sampling + features"
     keep = bool(args.export_npz)
     idx, feats, images = run_extractor(
@@ -335,6 +349,11 @@ def add_parser(subparsers: Any) -> None:
         help=f"images per label (default {DEFAULT_NUM_PER_CLASS}: 50K for 1000 classes)",
     )
     g.add_argument("--labels", help="comma-separated class labels (default: all classes)")
+    g.add_argument(
+        "--domain-guidance",
+        metavar="PRETRAINED",
+        help="domain guidance: the pre-trained model as the guidance branch (with --guidance-scale > 1)",
+    )
     add_sampling_args(g, with_defaults=False)
     g = f.add_argument_group("features and metrics")
     g.add_argument(

@@ -23,6 +23,7 @@ MANIFEST = "difftune_samples.json"
 GRID = "grid.png"
 
 if TYPE_CHECKING:
+    from difftune.backbones.base import Backbone
     from difftune.backbones.conditioning import Conditioning
     from difftune.backbones.loading import LoadedModel
 
@@ -37,6 +38,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
     check_model_path(args.model)
+    guided = _check_domain_guidance(args, spec)
     if args.dry_run:
         total = len(labels) * args.per_label
         from difftune.backbones.saving import inference_subfolder
@@ -45,19 +47,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(
             f"would sample {total} images (labels {labels} x {args.per_label}) from {args.model}"
             f"{' [' + subfolder + ']' if subfolder else ''} "
-            f"with {spec.describe()}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
+            f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
     from difftune.backbones import load_trained
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
+    guide = _guide(args, loaded)
     if not hasattr(loaded.backbone, "num_classes"):
         raise UserError(
             f"{args.model} is not class-conditional: give --prompt (and --control-image for a ControlNet)"
         )
     labels = parse_labels(args.labels, loaded.backbone.num_classes)
     path = sample_to_folder(
-        loaded, labels, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite
+        loaded, labels, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite, guide=guide
     )
     print(f"wrote {len(labels) * args.per_label} images and {path}")
     return 0
@@ -94,13 +97,15 @@ def sample_to_folder(
     batch_size: int = 64,
     device: str | None = None,
     overwrite: bool = False,
+    guide: Backbone | None = None,
 ) -> Path:
     """Generate ``per_label`` images for each class label into ``out`` (one PNG each, plus ``grid.png``).
 
     Image i (in label-major order) uses seed ``spec.seed + i`` (default spec: :class:`SamplingSpec`'s
     defaults). ``out`` must hold no images, or only those of an earlier ``difftune sample`` with
     ``overwrite``. :data:`MANIFEST` lists the images written (``eval fid --fake`` scores exactly
-    those, not the grid). Returns the grid's path.
+    those, not the grid). ``guide``: the pre-trained model as the guidance branch (domain guidance,
+    :func:`~difftune.sampling.generate`). Returns the grid's path.
 
     Raises:
         UserError: ``out`` holds images (of an earlier run without ``overwrite``, or of someone else).
@@ -109,7 +114,7 @@ def sample_to_folder(
 
     cond = loaded.backbone.condition(torch.tensor(labels))
     tags = [f"label{label}" for label in labels]
-    return sample_conditions(loaded, cond, tags, per_label, out, spec, batch_size, device, overwrite)
+    return sample_conditions(loaded, cond, tags, per_label, out, spec, batch_size, device, overwrite, guide)
 
 
 def sample_conditions(
@@ -122,6 +127,7 @@ def sample_conditions(
     batch_size: int = 64,
     device: str | None = None,
     overwrite: bool = False,
+    guide: Backbone | None = None,
 ) -> Path:
     """Generate ``per_condition`` images for each of the conditions ``cond`` (named by ``tags`` in
     the file names) into ``out``; the rules of :func:`sample_to_folder`. Returns the grid's path."""
@@ -134,6 +140,7 @@ def sample_conditions(
     spec = spec or SamplingSpec()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = loaded.backbone.to(device).eval()
+    guide = guide.to(device).eval() if guide is not None else None
     codec = loaded.codec.to(device)
     rows = torch.arange(cond.batch_size).repeat_interleave(per_condition)
     out = Path(out)
@@ -141,7 +148,9 @@ def sample_conditions(
     images, names = [], []
     for start in tqdm(range(0, rows.numel(), batch_size), desc="sampling"):
         chunk = rows[start : start + batch_size]
-        x = generate_with_spec(backbone, loaded.scheduler_config, spec, cond.select(chunk), start, device)
+        x = generate_with_spec(
+            backbone, loaded.scheduler_config, spec, cond.select(chunk), start, device, guide
+        )
         batch = to_unit_range(codec.decode(x)).cpu()
         for offset, image in enumerate(batch):
             i = start + offset
@@ -151,8 +160,28 @@ def sample_conditions(
     grid = out / GRID
     save_grid(torch.cat(images), grid, nrow=per_condition, upscale=max(1, 64 // images[0].shape[-1]))
     settings = {"scheduler": spec.scheduler, "steps": spec.steps, "guidance_scale": spec.guidance_scale}
+    settings["domain_guidance"] = guide is not None
     atomic_write_json(out / MANIFEST, {"images": names, "grid": GRID, "seed": spec.seed, **settings})
     return grid
+
+
+def _check_domain_guidance(args: argparse.Namespace, spec: SamplingSpec) -> str:
+    """Refuse ``--domain-guidance`` without guidance or a model; the plan's words for it ("" if unused)."""
+    if not args.domain_guidance:
+        return ""
+    check_model_path(args.domain_guidance)
+    if spec.guidance_scale == 1.0:
+        raise UserError("--domain-guidance needs --guidance-scale > 1: at 1 the guiding model has no effect")
+    return f", domain guidance from {args.domain_guidance}"
+
+
+def _guide(args: argparse.Namespace, loaded: LoadedModel) -> Backbone | None:
+    """The ``--domain-guidance`` model, checked against ``loaded``, or None."""
+    if not args.domain_guidance:
+        return None
+    from difftune.sampling import load_guide
+
+    return load_guide(args.domain_guidance, loaded, args.vae)
 
 
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
@@ -185,10 +214,11 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str]) -> int:
     if missing:
         raise UserError(f"--control-image {missing[0]!r} does not exist")
     total = len(prompts) * args.per_label
+    guided = _check_domain_guidance(args, spec)
     if args.dry_run:
         print(
             f"would sample {total} images ({len(prompts)} prompts x {args.per_label}) from {args.model} "
-            f"with {spec.describe()}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
+            f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
     from difftune.backbones import load_trained
@@ -198,7 +228,15 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str]) -> int:
     cond = prompt_conditions(loaded, prompts, controls)
     tags = [f"prompt{k}" for k in range(len(prompts))]
     path = sample_conditions(
-        loaded, cond, tags, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite
+        loaded,
+        cond,
+        tags,
+        args.per_label,
+        args.out,
+        spec,
+        args.batch_size,
+        overwrite=args.overwrite,
+        guide=_guide(args, loaded),
     )
     print(f"wrote {total} images and {path}")
     return 0
@@ -254,6 +292,12 @@ def add_parser(subparsers: Any) -> None:
         help="a ControlNet's control image: one for all prompts, or one per prompt",
     )
     p.add_argument("--per-label", type=int, default=8, help="images per label (or per prompt)")
+    p.add_argument(
+        "--domain-guidance",
+        metavar="PRETRAINED",
+        help="domain guidance: the pre-trained model (hub id or directory) as the guidance branch, "
+        "with --guidance-scale > 1",
+    )
     add_sampling_args(p)
     p.add_argument(
         "--batch-size", type=int, default=64, help="images per forward pass (does not change results)"

@@ -129,15 +129,18 @@ def sampled_batches(
     batch_size: int,
     resize: int | None,
     device: torch.device | str,
+    guide: Any = None,
 ) -> Batches:
     """Generate items ``indices`` of a class-conditional model as uint8 RGB batches.
 
-    Item ``i`` has label ``labels[i]`` and seed ``spec.seed + i`` (guidance and steps from ``spec``),
-    optionally resized; the images are rounded to 8 bits as PNG files are.
+    Item ``i`` has label ``labels[i]`` and seed ``spec.seed + i`` (guidance and steps from ``spec``;
+    ``guide``: the pre-trained model for domain guidance), optionally resized; the images are rounded
+    to 8 bits as PNG files are.
     """
     from difftune.sampling import generate, to_unit_range
 
     backbone = loaded.backbone.to(device).eval()
+    guide = guide.to(device).eval() if guide is not None else None
     codec = loaded.codec.to(device)
     for start in range(0, len(indices), batch_size):
         idx = np.asarray(indices[start : start + batch_size], dtype=np.int64)
@@ -149,6 +152,7 @@ def sampled_batches(
             guidance_scale=spec.guidance_scale,
             num_inference_steps=spec.steps,
             device=device,
+            guide=guide,
         )
         yield idx, to_uint8_rgb(to_unit_range(codec.decode(x)), resize)
 
