@@ -202,6 +202,30 @@ def _tuning_table(exp: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _domain_guidance_table(methods: list[str], runs: dict[int, dict[str, Any]]) -> list[str]:
+    """Final FID with the source model as the guidance branch against without, per method, paired by seed."""
+    guided = [m for m in methods if all("fid_domain_guidance" in r.get(m, {}) for r in runs.values())]
+    if not guided:
+        return []
+    lines = [
+        "Domain guidance (the source model, unconditional, as the guidance branch; same scale), final FID:",
+        "",
+        "| method | without | with | with − without [95% CI] | seeds better | significant |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in guided:
+        without = [r[method]["fid"] for r in runs.values()]
+        with_ = [r[method]["fid_domain_guidance"] for r in runs.values()]
+        diffs = [b - a for a, b in zip(without, with_, strict=True)]
+        mean, low, high = paired_ci(diffs)
+        significant = "yes" if low > 0 or high < 0 else "no"
+        lines.append(
+            f"| {method} | {'{:.2f} ± {:.2f}'.format(*_mean_std(without))} | {'{:.2f} ± {:.2f}'.format(*_mean_std(with_))} | "
+            f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] | {sum(d < 0 for d in diffs)}/{len(diffs)} | {significant} |"
+        )
+    return lines + [""]
+
+
 def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
     """Write ``summary.md`` (final-FID and convergence tables per experiment), ``summary.json`` and the plots."""
     lines = ["# Reproduction study: results", ""]
@@ -219,7 +243,7 @@ def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
             continue
         methods, runs = _with_baseline(exp, by_name)
         curves = _convergence(methods, runs)
-        lines += _fid_table(methods, runs) + [""] + _tuning_table(exp)
+        lines += _fid_table(methods, runs) + [""] + _tuning_table(exp) + _domain_guidance_table(methods, runs)
         lines += ["FID over fine-tuning steps (mean ± std over seeds):", ""]
         lines += _convergence_table(curves) + [""]
         plot = out / exp["name"] / "convergence.png"

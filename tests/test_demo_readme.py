@@ -55,6 +55,16 @@ def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
     assert "bank_share: 0.0" in plain and "bank_share: 0.2" in difft
 
 
+def test_demo_scores_domain_guidance_when_asked(tmp_path: Path) -> None:
+    settings = _tiny_settings(tmp_path)
+    settings.domain_guidance = True
+    settings.methods = {"plain": {"target_schedule": "uniform", "bank_share": 0.0}}
+    results = run_demo(settings)
+    guided, unguided = results["plain"]["fid_domain_guidance"], results["plain"]["fid"]
+    assert guided >= 0 and guided != unguided  # another sampler branch, other images
+    assert "fid_domain_guidance" not in results["pre-trained (no tuning)"]
+
+
 def test_demo_reuses_cached_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = _tiny_settings(tmp_path)
     first = run_demo(settings)

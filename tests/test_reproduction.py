@@ -91,3 +91,16 @@ def test_tuning_table_pairs_each_method_with_its_diff_tuning_run(tmp_path: Path)
     assert rows[1].startswith(
         "| lora | 1.23% (4,096) | 20.00 ± 0.00 | 20.33 ± 1.15 | +0.33 [-2.54, +3.20] | 1/3 | no |"
     )
+
+
+def test_domain_guidance_table_pairs_each_run_with_and_without_the_guide() -> None:
+    module = _load_script()
+    runs = {
+        seed: {"plain": {**_run(10.0 + seed, [12.0]), "fid_domain_guidance": 9.0 + seed}}
+        for seed in (0, 1, 2)
+    }
+    runs[1]["plain"]["fid_domain_guidance"] = 11.5  # with − without: -1, +0.5, -1
+    rows = [line for line in module._domain_guidance_table(["plain"], runs) if line.startswith("| plain")]
+    # mean -0.5, t(0.975, 2) = 4.303 times 0.866 / sqrt(3)
+    assert rows == ["| plain | 11.00 ± 1.00 | 10.50 ± 1.32 | -0.50 [-2.65, +1.65] | 2/3 | no |"]
+    assert module._domain_guidance_table(["plain"], {0: {"plain": _run(10.0, [12.0])}}) == []

@@ -25,6 +25,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
 from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained, load_trained
+from difftune.backbones.base import Backbone
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
 from difftune.config import (
@@ -82,6 +83,7 @@ class DemoSettings:
     guidance_scale: float = SamplingSpec.guidance_scale
     classifier_steps: int = 1500
     forgetting_method: str | None = None  # run the chain-of-forgetting probes on this method's model
+    domain_guidance: bool = False  # also score each final model with the source model as its guide
     forgetting_fractions: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     methods: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
@@ -219,11 +221,12 @@ class _Evaluator:
         labels = torch.searchsorted(target_classes, digits[reference_idx])
         return cls(extractor, compute_feature_stats(reference, extractor), s, reference, labels)
 
-    def samples(self, loaded: LoadedModel) -> torch.Tensor:
-        """``eval_per_class`` samples per target class in [0, 1], fixed seeds."""
+    def samples(self, loaded: LoadedModel, guide: Backbone | None = None) -> torch.Tensor:
+        """``eval_per_class`` samples per target class in [0, 1], fixed seeds; ``guide``: domain guidance."""
         s, backbone = self.settings, loaded.backbone.eval()
         cond = backbone.condition(torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class))
-        return to_unit_range(generate_with_spec(backbone, loaded.scheduler_config, s.sampling, cond))
+        x = generate_with_spec(backbone, loaded.scheduler_config, s.sampling, cond, guide=guide)
+        return to_unit_range(x)
 
     def fid(self, images: torch.Tensor) -> float:
         return fid_from_stats(self.reference, compute_feature_stats(images, self.extractor))
@@ -343,7 +346,8 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
         run = _finetune(s, name, source, bank)
         curve = []
         for ckpt in list_checkpoints(run):  # the last one is the final model
-            images = evaluator.samples(load_trained(str(ckpt / "model")))  # the EMA weights (or adapter)
+            final = load_trained(str(ckpt / "model"))  # the EMA weights (or adapter)
+            images = evaluator.samples(final)
             curve.append({"step": int(ckpt.name.split("-")[1]), "fid": evaluator.fid(images)})
         per_row = min(10, s.eval_per_class)
         grid = images.view(len(s.target_classes), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(
@@ -357,6 +361,11 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             "trainable_share": summary["trainable_share"],
             "fid": curve[-1]["fid"],
             "fid_curve": curve,
+            **(
+                {"fid_domain_guidance": evaluator.fid(evaluator.samples(final, guide=source_model.backbone))}
+                if s.domain_guidance
+                else {}
+            ),
             "loss_curve": [{"step": h["step"], "loss": uniform_t_loss(h)} for h in history],
         }
     if s.forgetting_method is not None:
