@@ -112,6 +112,35 @@ def _fid_table(methods: list[str], runs: dict[int, dict[str, Any]]) -> list[str]
     return lines
 
 
+def _paired_cell(diffs: list[float]) -> str:
+    """``mean [low, high] | better/n | significant`` of per-seed differences (negative = lower FID)."""
+    mean, low, high = paired_ci(diffs)
+    significant = "yes" if low > 0 or high < 0 else "no"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] | {sum(d < 0 for d in diffs)}/{len(diffs)} | {significant}"
+
+
+def _paired_table(methods: list[str], runs: dict[int, dict[str, Any]]) -> list[str]:
+    """Each method against plain, paired by seed, on the final FID and on the second-half mean, with 95%
+    t intervals and whether each is significant (the interval excludes 0)."""
+    paired = {m: [s for s, r in runs.items() if m in r and "plain" in r] for m in methods if m != "plain"}
+    if not any(len(seeds) >= 2 for seeds in paired.values()):
+        return []
+    lines = [
+        "Paired against plain (method − plain per seed; negative = better), 95% t interval:",
+        "",
+        "| method | final FID: mean difference [95% CI] | seeds better | significant | second-half mean: "
+        "mean difference [95% CI] | seeds better | significant |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, seeds in paired.items():
+        if len(seeds) < 2:
+            continue
+        final = [runs[s][method]["fid"] - runs[s]["plain"]["fid"] for s in seeds]
+        late = [_late_mean(runs[s][method]) - _late_mean(runs[s]["plain"]) for s in seeds]
+        lines.append(f"| {method} | {_paired_cell(final)} | {_paired_cell(late)} |")
+    return lines + [""]
+
+
 def _convergence(methods: list[str], runs: dict[int, dict[str, Any]]) -> dict[str, dict[int, list[float]]]:
     """method -> step -> FID of every seed at that step."""
     curves: dict[str, dict[int, list[float]]] = {}
@@ -243,7 +272,8 @@ def summarise(experiments: list[dict[str, Any]], out: Path) -> str:
             continue
         methods, runs = _with_baseline(exp, by_name)
         curves = _convergence(methods, runs)
-        lines += _fid_table(methods, runs) + [""] + _tuning_table(exp) + _domain_guidance_table(methods, runs)
+        lines += _fid_table(methods, runs) + [""] + _paired_table(methods, runs) + _tuning_table(exp)
+        lines += _domain_guidance_table(methods, runs)
         lines += ["FID over fine-tuning steps (mean ± std over seeds):", ""]
         lines += _convergence_table(curves) + [""]
         plot = out / exp["name"] / "convergence.png"

@@ -68,6 +68,8 @@ def test_summary_tables_with_a_shared_baseline(tmp_path: Path):
     # a: mean 15 as well; it beats plain on seed 0 only; second-half means 10 and 20
     assert "| a | 15.00 ± 8.49 | 9.00, 21.00 | +0.0% | 1/2 | 15.00 ± 7.07 |" in section
     assert "| a | 50.0 ± 14.1 | 15.0 ± 5.7 | 15.0 ± 8.5 |" in section
+    # paired: final a − plain = -1, +1 (mean 0, t(0.975, 1) = 12.71 times 1.414 / sqrt(2)); second half -1, -2
+    assert "| a | +0.00 [-12.71, +12.71] | 1/2 | no | -1.50 [-7.85, +4.85] | 2/2 | no |" in section
     assert (tmp_path / "sweep" / "convergence.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())[1]["name"] == "sweep"
 
