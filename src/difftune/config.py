@@ -19,7 +19,7 @@ from difftune.atomic import atomic_write_text
 from difftune.config_checks import ConfigError, _check, _check_fields
 from difftune.data_config import DataConfig
 from difftune.sampling_spec import SamplingSpec
-from difftune.schedules import SCHEDULES, SNR_SCHEDULES
+from difftune.schedules import FITTED_SCHEDULES, is_schedule_name, schedule_names
 from difftune.train_config import TrainConfig
 from difftune.tuning import TUNING_METHODS, TuningConfig
 
@@ -96,8 +96,10 @@ class ObjectiveConfig:
         kind: the objective (a name in :data:`difftune.objectives.OBJECTIVES`).
         target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
             (psi(t) grows with t), ``"uniform"``, or the weightings of other methods ``"min_snr"``
-            (min-SNR-γ) and ``"inverse_snr"`` (x0 supervision), built from the model's noise levels.
-        bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"``.
+            (min-SNR-γ) and ``"inverse_snr"`` (x0 supervision), built from the model's noise levels,
+            or ``"data_driven"``: fitted from the pre-trained model's transfer gap before training
+            (docs/method.md §10; needs a bank).
+        bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"`` or ``"data_driven"``.
         target_exponent: exponent s of the target power schedule (paper default 1).
         bank_exponent: exponent s of the bank power schedule (paper default 1).
         realisation: ``"sample"`` (importance-sample t, the authors' code) or ``"weight"`` (uniform
@@ -114,6 +116,9 @@ class ObjectiveConfig:
         teacher_dtype: ``kind: distillation`` with full fine-tuning keeps a frozen copy of the
             pre-trained model as its teacher, in ``float32`` or ``bfloat16`` (half the memory);
             parameter-efficient methods need no copy (their adapters are switched off instead).
+        data_schedule_bins: bins of t a ``data_driven`` schedule is measured and tabulated over.
+        data_schedule_draws: forward passes per bin and per set (target, bank) of its fit, each on
+            up to ``train.batch_size // train.gradient_accumulation`` samples.
     """
 
     kind: str = "diff_tuning"
@@ -129,6 +134,8 @@ class ObjectiveConfig:
     retention_data: str = "bank"
     teacher_dtype: str = "float32"
     snr_gamma: float = 5.0
+    data_schedule_bins: int = 20
+    data_schedule_draws: int = 8
 
     def __post_init__(self) -> None:
         _check_fields(self, "objective")
@@ -149,10 +156,13 @@ class ObjectiveConfig:
         for key in ("target_schedule", "bank_schedule"):
             name = getattr(self, key)
             _check(
-                name in SCHEDULES or name in SNR_SCHEDULES or ":" in name,
-                f"objective.{key}={name!r} is unknown; valid: {sorted(SCHEDULES | SNR_SCHEDULES)} or "
-                "'package.module:function'",
+                is_schedule_name(name),
+                f"objective.{key}={name!r} is unknown; valid: {schedule_names()} or 'package.module:function'",
             )
+        _check(
+            self.data_schedule_bins >= 1 and self.data_schedule_draws >= 1,
+            "objective.data_schedule_bins and objective.data_schedule_draws must be >= 1",
+        )
         _check(
             self.retention_data in ("bank", "target"),
             f"objective.retention_data={self.retention_data!r}: use 'bank' or 'target'",
@@ -161,6 +171,11 @@ class ObjectiveConfig:
             self.teacher_dtype in ("float32", "bfloat16"),
             f"objective.teacher_dtype={self.teacher_dtype!r}: use 'float32' or 'bfloat16'",
         )
+
+    @property
+    def fitted_schedules(self) -> list[str]:
+        """The streams (``target_schedule``, ``bank_schedule``) whose schedule is fitted from data."""
+        return [k for k in ("target_schedule", "bank_schedule") if getattr(self, k) in FITTED_SCHEDULES]
 
 
 @dataclass
@@ -229,6 +244,13 @@ class ExperimentConfig:
             self.objective.bank_share == 0.0 or self.bank_count > 0,
             f"objective.bank_share={self.objective.bank_share} of train.batch_size={self.train.batch_size} rounds "
             "to 0 bank samples per batch; raise one of them, or set objective.bank_share=0",
+        )
+        fitted = self.objective.fitted_schedules
+        _check(
+            not fitted or self.uses_bank,
+            f"objective.{fitted[0] if fitted else ''}=data_driven compares the pre-trained model on the target "
+            "data with its own samples and needs a bank: set bank.path, objective.bank_share > 0 and "
+            "objective.retention_data=bank, or choose another schedule",
         )
 
     @property

@@ -12,11 +12,15 @@ Both have the same expected loss: E_{t~p}[L(t)] = E_{t~U}[T p(t) L(t)].
 Besides the power schedules of ψ and ξ over normalised time, two weightings that other methods use
 on the target stream are schedules too, built from the model's noise levels (docs/method.md §8):
 min-SNR-γ and inverse-SNR (x0 supervision). Like every schedule they are normalised to mean 1 over t.
+
+A third kind is fitted from data before training (docs/method.md §10): ``data_driven`` is a table
+of per-bin weights over t (:func:`tabulated`, piecewise constant over equal bins of t), measured from
+the pre-trained model's transfer gap by :mod:`difftune.analysis.data_schedule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +164,26 @@ def inverse_snr(noise: NoiseLevels, gamma: float = 0.0) -> TimestepSchedule:
     return TimestepSchedule.from_table(noise.x0_factor(), name="inverse_snr")
 
 
+def timestep_bins(num_timesteps: int, num_bins: int) -> torch.Tensor:
+    """Edges of ``num_bins`` near-equal ranges of t: bin b is ``edges[b] <= t < edges[b + 1]``, (num_bins + 1,) long.
+
+    Raises:
+        UserError: ``num_bins`` is not in 1..T (a bin would be empty).
+    """
+    if not 1 <= num_bins <= num_timesteps:
+        raise UserError(f"{num_bins} bins of t: use 1 to {num_timesteps} (the model's number of timesteps)")
+    return torch.linspace(0, num_timesteps, num_bins + 1).round().long()
+
+
+def tabulated(bin_weights: Sequence[float], num_timesteps: int, name: str = "tabulated") -> TimestepSchedule:
+    """A schedule that is piecewise constant over equal bins of t (:func:`timestep_bins`): weight ``bin_weights[b]``
+    for every t of bin b. The number of bins is ``len(bin_weights)``; weights are non-negative, any scale."""
+    edges = timestep_bins(num_timesteps, len(bin_weights))
+    widths = edges.diff()
+    raw = torch.as_tensor(list(bin_weights), dtype=torch.float64).repeat_interleave(widths)
+    return TimestepSchedule.from_table(raw, name)
+
+
 SCHEDULES: dict[str, Callable[[int, float], TimestepSchedule]] = {
     "uniform": uniform,
     "power_up": power_up,
@@ -170,6 +194,20 @@ SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
     "min_snr": min_snr,
     "inverse_snr": inverse_snr,
 }
+# schedules fitted from data before training: built from a table of per-bin weights over t
+FITTED_SCHEDULES: dict[str, Callable[[Sequence[float], int], TimestepSchedule]] = {
+    "data_driven": lambda weights, num_timesteps: tabulated(weights, num_timesteps, "data_driven"),
+}
+
+
+def schedule_names() -> list[str]:
+    """Every registered schedule name (a ``"package.module:function"`` density is valid too)."""
+    return sorted(SCHEDULES | SNR_SCHEDULES | FITTED_SCHEDULES)
+
+
+def is_schedule_name(name: str) -> bool:
+    """``name`` names a registered schedule or a ``"package.module:function"`` density."""
+    return name in schedule_names() or ":" in name
 
 
 def build_schedule(
@@ -178,19 +216,30 @@ def build_schedule(
     exponent: float = 1.0,
     noise: NoiseLevels | None = None,
     snr_gamma: float = 5.0,
+    fitted: Sequence[float] | None = None,
 ) -> TimestepSchedule:
     """Build a schedule by registry name, or from ``"package.module:function"`` (a density over u).
 
     Args:
-        name: a name in :data:`SCHEDULES` or :data:`SNR_SCHEDULES`, or ``"package.module:function"``.
+        name: a name in :data:`SCHEDULES`, :data:`SNR_SCHEDULES` or :data:`FITTED_SCHEDULES`, or
+            ``"package.module:function"``.
         num_timesteps: T.
         exponent: s of the power schedules.
         noise: the model's noise levels (needed by :data:`SNR_SCHEDULES`).
         snr_gamma: γ of ``min_snr``.
+        fitted: the per-bin weights a :data:`FITTED_SCHEDULES` schedule was fitted to (for
+            ``data_driven``: ψ or ξ of a :class:`~difftune.analysis.data_schedule.DataSchedule`).
 
     Raises:
-        ValueError: unknown name; the message lists the valid names.
+        ValueError: unknown name (the message lists the valid names), or a fitted schedule without its fit.
     """
+    if name in FITTED_SCHEDULES:
+        if fitted is None:
+            raise UserError(
+                f"schedule {name!r} is fitted from data before training and no fit was given; train with "
+                "difftune train (it fits it), or pass the fitted per-bin weights"
+            )
+        return FITTED_SCHEDULES[name](fitted, num_timesteps)
     if ":" in name:
         return TimestepSchedule(import_object(name, "schedule"), num_timesteps, name=name)
     if name in SNR_SCHEDULES:
@@ -199,6 +248,6 @@ def build_schedule(
         return SNR_SCHEDULES[name](noise, snr_gamma)
     if name not in SCHEDULES:
         raise UserError(
-            f"unknown schedule {name!r}; valid names: {sorted(SCHEDULES | SNR_SCHEDULES)} or 'package.module:function'"
+            f"unknown schedule {name!r}; valid names: {schedule_names()} or 'package.module:function'"
         )
     return SCHEDULES[name](num_timesteps, exponent)
