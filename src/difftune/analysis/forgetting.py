@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from difftune.analysis.binned_loss import Evaluation, binned_denoising_loss
 from difftune.atomic import atomic_path, atomic_write_json
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
-from difftune.objectives.prediction import Parameterisation
 from difftune.sampling import generate
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -80,7 +80,6 @@ def swap_probe(
     return out
 
 
-@torch.no_grad()
 def transfer_gap(
     finetuned: Backbone,
     pretrained: Backbone,
@@ -108,39 +107,21 @@ def transfer_gap(
         loss minus fine-tuned loss, ratio = pre-trained loss / fine-tuned loss. The epsilon-MSE of any
         model shrinks as t grows, so the absolute gap shrinks too; the ratio is the scale-free view.
     """
-    scheduler = DDPMScheduler.from_config(scheduler_config)
-    parameterisation = Parameterisation(scheduler)
-    T = scheduler.config.num_train_timesteps
-    edges = torch.linspace(0, T, num_bins + 1).round().long()
-    g = torch.Generator().manual_seed(seed)
+    pre = Evaluation(pretrained, x0, pretrained.unconditional(x0.shape[0]))
+    fine = Evaluation(finetuned, x0, cond)
+    measured = binned_denoising_loss(
+        (pre, fine), scheduler_config, num_bins, draws_per_bin, seed, batch_size, device, desc="transfer gap"
+    )
     rows = []
-    for b in tqdm(range(num_bins), desc="transfer gap"):
-        lo, hi = int(edges[b]), int(edges[b + 1])
-        sums = torch.zeros(2, dtype=torch.float64)
-        count = 0
-        for _ in range(draws_per_bin):
-            t_all = torch.randint(lo, hi, (x0.shape[0],), generator=g)
-            noise_all = torch.randn(x0.shape, generator=g)
-            for idx in torch.arange(x0.shape[0]).split(batch_size):
-                x, t, noise = x0[idx].to(device), t_all[idx].to(device), noise_all[idx].to(device)
-                x_t = scheduler.add_noise(x, noise, t)
-                target = parameterisation.target(x, noise, t).float()
-                conds = (pretrained.unconditional(idx.numel(), device), cond.select(idx).to(device))
-                C = x.shape[1]
-                for k, (model, c) in enumerate(zip((pretrained, finetuned), conds, strict=True)):
-                    pred = model(x_t, t, c)[:, :C].float()
-                    sums[k] += (pred - target).pow(2).flatten(1).mean(1).double().sum().cpu()
-                count += idx.numel()
-        pre, fine = (sums / count).tolist()
-        ratio = pre / fine if fine > 0 else float("inf")
+    for b, (pre_loss, fine_loss) in enumerate(measured.losses.tolist()):
         rows.append(
             {
-                "t_low": lo,
-                "t_high": hi - 1,
-                "pretrained": pre,
-                "finetuned": fine,
-                "gap": pre - fine,
-                "ratio": ratio,
+                "t_low": int(measured.edges[b]),
+                "t_high": int(measured.edges[b + 1]) - 1,
+                "pretrained": pre_loss,
+                "finetuned": fine_loss,
+                "gap": pre_loss - fine_loss,
+                "ratio": pre_loss / fine_loss if fine_loss > 0 else float("inf"),
             }
         )
     return rows
