@@ -24,6 +24,7 @@ from difftune.tuning import can_switch_off
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
 
+    from difftune.analysis.data_schedule import DataSchedule
     from difftune.backbones.base import Backbone
     from difftune.config import ObjectiveConfig
 
@@ -32,15 +33,17 @@ def _diff_tuning(
     cfg: ObjectiveConfig,
     scheduler: DDPMScheduler,
     backbone: Backbone,
+    fit: DataSchedule | None = None,
     kind: type[DiffTuningLoss] = DiffTuningLoss,
     **extra: Any,
 ) -> DiffTuningLoss:
     T = scheduler.config.num_train_timesteps
     noise = NoiseLevels(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
     return kind(
         scheduler,
-        build_schedule(cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma),
-        build_schedule(cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma),
+        build_schedule(cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma, fitted=psi),
+        build_schedule(cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma, fitted=xi),
         realisation=cfg.realisation,
         bank_weight=cfg.bank_weight,
         cfg_dropout=cfg.cfg_dropout,
@@ -50,30 +53,40 @@ def _diff_tuning(
     )
 
 
-def _distillation(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone) -> DistillationLoss:
+def _distillation(
+    cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone, fit: DataSchedule | None = None
+) -> DistillationLoss:
     teacher = (
         switched_off_teacher(backbone)
         if can_switch_off(backbone)
         else frozen_copy_teacher(backbone, getattr(torch, cfg.teacher_dtype))
     )
-    return _diff_tuning(cfg, scheduler, backbone, DistillationLoss, teacher=teacher)
+    return _diff_tuning(cfg, scheduler, backbone, fit, DistillationLoss, teacher=teacher)
 
 
-OBJECTIVES: dict[str, Callable[[ObjectiveConfig, DDPMScheduler, Backbone], Objective]] = {
+OBJECTIVES: dict[
+    str, Callable[[ObjectiveConfig, DDPMScheduler, Backbone, DataSchedule | None], Objective]
+] = {
     "diff_tuning": _diff_tuning,
     "distillation": _distillation,
 }
 
 
-def build_objective(cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone) -> Objective:
+def build_objective(
+    cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone, fit: DataSchedule | None = None
+) -> Objective:
     """The objective ``cfg.kind`` for ``backbone`` under the noise schedule of ``scheduler``.
 
+    ``fit`` gives the ``data_driven`` schedules their weights (ψ for the target, ξ for the bank;
+    docs/method.md §10); it is needed when either schedule is ``data_driven``.
+
     Raises:
-        ValueError: unknown kind; the message lists the valid ones.
+        ValueError: unknown kind (the message lists the valid ones), or a ``data_driven`` schedule
+            without a fit.
     """
     if cfg.kind not in OBJECTIVES:
         raise UserError(f"objective.kind={cfg.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[cfg.kind](cfg, scheduler, backbone)
+    return OBJECTIVES[cfg.kind](cfg, scheduler, backbone, fit)
 
 
 __all__ = [
