@@ -7,7 +7,8 @@ Usage::
 
 Builds the config from the overrides, generates the knowledge bank (shards split between the
 ranks), trains, and writes ``RESULT_DIR/rank-<process_index>.json`` with what this rank saw:
-process index, number of processes, the bank shards it wrote, and the final directory.
+process index, number of processes, the bank shards it wrote, the final directory and the fitted
+data-driven schedules it trained with (``None`` without them).
 
 ``DIFFTUNE_TEST_NAN_ON_RANK_1=2,3`` makes the loss of those (1-based) objective calls NaN on rank 1
 only, as a bad batch on one replica would.
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
         "distributed_type": str(acc.distributed_type),
         "bank_shards": written,
         "final": str(final),
+        "data_schedule": None if trainer.data_schedule is None else trainer.data_schedule.to_dict(),
     }
     result_dir.mkdir(parents=True, exist_ok=True)
     (result_dir / f"rank-{acc.process_index}.json").write_text(json.dumps(record))

@@ -118,6 +118,10 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                     "regenerate the bank with this model"
                 )
         lines.append(f"bank       {manifest['num_samples']} samples from {manifest.get('source')}")
+    if cfg.objective.fitted_schedules:
+        from difftune.fitted_schedules import planned_fit
+
+        lines.append(f"schedules  {planned_fit(cfg)}")
     return lines + _output_lines(cfg)
 
 

@@ -28,7 +28,9 @@ from difftune.run_state import CHECKPOINTS, checkpoint_problem, checkpoint_step,
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "difftune.lock"
-RUN_FILES = ("metrics.jsonl", "config.yaml")  # written by a run; replaced by an overwriting run
+DATA_SCHEDULE_FILE = "data_schedule.json"  # the fitted data_driven schedules (docs/method.md §10)
+# written by a run; replaced by an overwriting run
+RUN_FILES = ("metrics.jsonl", "config.yaml", DATA_SCHEDULE_FILE)
 RUN_DIRS = (CHECKPOINTS, "final", "samples", "difftune")  # the last is TensorBoard's
 DELETING = ".deleting"  # suffix of a checkpoint that rotation is deleting
 

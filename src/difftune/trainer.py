@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from difftune.analysis.data_schedule import DataSchedule
 from difftune.atomic import atomic_directory, atomic_write_text
 from difftune.backbones.adapters import adapter_directory, apply_tuning, continue_adapter
 from difftune.backbones.conditioning import Conditioning
@@ -34,10 +36,12 @@ from difftune.control.validation import FidelityValidation, check_validation, va
 from difftune.data import prepare_target
 from difftune.divergence import NonFiniteGuard
 from difftune.errors import UserError
+from difftune.fitted_schedules import fit_for_run, run_data_schedule
 from difftune.images import save_grid
-from difftune.objectives import Draw, build_objective
+from difftune.objectives import Draw, Objective, build_objective
 from difftune.objectives.term_log import TermLog
 from difftune.run_dir import (
+    DATA_SCHEDULE_FILE,
     RunLock,
     config_changes,
     prepare_output_dir,
@@ -101,7 +105,11 @@ class Trainer:
             enable_gradient_checkpointing(self.backbone.inner)
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
-        self.objective = build_objective(cfg.objective, self.noise_scheduler, self.backbone)
+        # data_driven schedules are fitted on the target set and the bank (or reloaded) by train(),
+        # and their objective is built then
+        self.data_schedule: DataSchedule | None = None
+        self._data_schedule_record: dict[str, Any] | None = None
+        self.objective = None if cfg.objective.fitted_schedules else self._build_objective()
         check_validation(tc.validation_every, self.backbone, cfg.data.annotator)  # before anything is encoded
         # the bank first: a mismatched or damaged bank is refused before the target set is encoded
         bank = {"samples": torch.empty(0)}
@@ -124,6 +132,28 @@ class Trainer:
             target=IndexStream(len(self.target), tc.seed),
             bank=IndexStream(retention_pool, tc.seed + 1) if self.n_bank else None,
         )
+
+    def _build_objective(self) -> Objective:
+        return build_objective(self.cfg.objective, self.noise_scheduler, self.backbone, self.data_schedule)
+
+    def _fit_data_schedule(self, resume: Path | None) -> None:
+        """Fit the data_driven schedules (main process; shared with the others), or reload the resumed run's fit."""
+        acc = self.accelerator
+        fit = partial(
+            fit_for_run,
+            self.cfg,
+            acc.unwrap_model(self.model),
+            self.loaded.scheduler_config,
+            self.target,
+            self.bank,
+            self.bank_cond,
+            acc.device,
+        )
+        self.data_schedule, self._data_schedule_record = run_data_schedule(
+            self.cfg, acc, fit, self.out, resume
+        )
+        if self.objective is None:
+            self.objective = self._build_objective()
 
     def _fidelity_validation(self) -> FidelityValidation | None:
         """The condition-fidelity check of a ControlNet run (``train.validation_every``), or None."""
@@ -247,6 +277,7 @@ class Trainer:
                     weight_decay=tc.weight_decay,
                 )
             logger.info("resumed from %s at step %d", resume, self.state.step)
+        self._fit_data_schedule(resume)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
@@ -347,6 +378,7 @@ class Trainer:
             "resume_from": None if resume is None else {"checkpoint": str(resume), "step": self.state.step},
             "processes": self.accelerator.num_processes,
             "device": str(self.accelerator.device),
+            "data_schedule": self._data_schedule_record,
         }
 
     def _check_resume_config(self, checkpoint: Path) -> None:
@@ -397,6 +429,8 @@ class Trainer:
             acc.save_state(str(tmp / "state"))
             if acc.is_main_process:
                 save_run_state(tmp / "state", self.state, self.ema)
+                if self.data_schedule is not None:
+                    self.data_schedule.save(tmp / "state" / DATA_SCHEDULE_FILE)
                 save_model(self.loaded, tmp / "model", self.ema)
                 self.cfg.save(tmp / "config.yaml")
         except OSError as err:
