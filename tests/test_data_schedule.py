@@ -119,6 +119,12 @@ def test_densities_are_positive_with_mean_one_and_tabulate_exactly() -> None:
     assert xi[0] / xi[3] == pytest.approx((1.1 + 0.11) / 0.11)
 
 
+def test_a_small_gap_shapes_the_schedules_only_in_proportion() -> None:
+    # below a largest gap of 1 the floor stays 0.1: a 5% loss ratio moves weights by 1.5x, not 11x
+    psi, xi, _ = gap_densities(torch.tensor([0.05, 0.0, 0.0, 0.0]), timestep_bins(T, 4).diff())
+    assert psi[0] / psi[1] == pytest.approx(1.5) and xi[1] / xi[0] == pytest.approx(1.5)
+
+
 @pytest.mark.parametrize("gap", [torch.zeros(5), torch.tensor([-0.1, -2.0, 0.0, -0.3, -0.01])])
 def test_no_positive_gap_gives_uniform(gap: torch.Tensor) -> None:
     psi, xi, uniform = gap_densities(gap, timestep_bins(T, 5).diff())
@@ -210,6 +216,21 @@ def test_fit_on_a_tiny_dit_round_trips_through_json(dit_dir: Path, tmp_path: Pat
     (tmp_path / "bad.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match="damaged"):
         DataSchedule.load(tmp_path / "bad.json")
+
+
+def test_a_gap_within_the_noise_is_flagged(dit_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Target and bank drawn from one distribution: whatever gap is measured is noise, and it says so."""
+    loaded = load_pretrained(str(dit_dir))
+    backbone = loaded.backbone
+    x0 = torch.rand((24, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    null = backbone.unconditional(12)
+    with caplog.at_level("WARNING"):
+        fit = fit_data_schedule(backbone, loaded.scheduler_config, x0[:12], null, x0[12:], null, 6, 4)
+    assert "within two standard errors" in caplog.text
+    assert len(fit.gap_se) == 6 and min(fit.gap_se) > 0
+    assert max(fit.psi) / min(fit.psi) < 1.2  # a gap of ~0.01 barely shapes ψ
+    one_draw = fit_data_schedule(backbone, loaded.scheduler_config, x0[:12], null, x0[12:], null, 6, 1)
+    assert one_draw.gap_se is None
 
 
 def test_data_driven_needs_a_fit_and_a_bank() -> None:

@@ -46,12 +46,14 @@ class BinnedLoss:
     Attributes:
         edges: bin b holds ``edges[b] <= t < edges[b + 1]`` (num_bins + 1,).
         losses: mean denoising MSE per bin and evaluation (num_bins, E), float64.
+        per_draw: the same per draw (num_bins, draws_per_bin, E), for standard errors.
         forward_passes: model calls made (all evaluations together).
         seconds: wall-clock time of the measurement.
     """
 
     edges: torch.Tensor
     losses: torch.Tensor
+    per_draw: torch.Tensor
     forward_passes: int
     seconds: float
 
@@ -94,10 +96,11 @@ def binned_denoising_loss(
     shape = tuple(evaluations[0].x0.shape[1:])
     g = torch.Generator().manual_seed(seed)
     losses = torch.zeros(num_bins, len(evaluations), dtype=torch.float64)
+    per_draw = torch.zeros(num_bins, draws_per_bin, len(evaluations), dtype=torch.float64)
     calls = draw = 0
     for b in tqdm(range(num_bins), desc=desc):
         lo, hi = int(edges[b]), int(edges[b + 1])
-        for _ in range(draws_per_bin):
+        for d in range(draws_per_bin):
             t_all = torch.randint(lo, hi, (n,), generator=g)
             noise_all = torch.randn((n, *shape), generator=g)
             for part in torch.arange(n).split(batch_size):
@@ -108,8 +111,10 @@ def binned_denoising_loss(
                     x_t = scheduler.add_noise(x, noise, t)
                     target = parameterisation.target(x, noise, t).float()
                     pred = e.model(x_t, t, e.cond.select(rows).to(device))[:, : x.shape[1]].float()
-                    losses[b, k] += (pred - target).pow(2).flatten(1).mean(1).double().sum().cpu()
+                    total = (pred - target).pow(2).flatten(1).mean(1).double().sum().cpu()
+                    losses[b, k] += total
+                    per_draw[b, d, k] += total
                     calls += 1
             draw += 1
     losses /= draws_per_bin * n
-    return BinnedLoss(edges, losses, calls, time.perf_counter() - start)
+    return BinnedLoss(edges, losses, per_draw / n, calls, time.perf_counter() - start)

@@ -4,14 +4,17 @@ Before fine-tuning, the frozen pre-trained model's denoising loss is measured pe
 target data, L_target(b), and on its own samples (the knowledge bank), L_bank(b), with the same t
 and noise for both sets. The gap g(b) = log(L_target(b) / L_bank(b)) says how much worse the model
 does on the target than on what it already knows. With g⁺ = max(g, 0), G = max_b g⁺(b) and the
-floor δ = 0.1·G (every t keeps some mass):
+floor δ = 0.1·max(G, 1) (every t keeps some mass):
 
     ψ(b) ∝ g⁺(b) + δ          (re-learn where the gap is large: reconsolidation)
     ξ(b) ∝ G − g⁺(b) + δ      (retain where the knowledge transfers: retention)
 
 both normalised to mean 1 over t and piecewise constant over the bins
-(:func:`~difftune.schedules.tabulated`). Where no bin has a positive gap, both are uniform (a warning
-says so).
+(:func:`~difftune.schedules.tabulated`). The floor's scale 1 (a loss ratio of e) makes a small gap
+shape the schedules only in proportion: the largest over the smallest weight is 1 + G/δ, at most
+11 (G ≥ 1), and 1.5 for G = 0.05, which may well be noise. Where no bin has a positive gap, both are
+uniform (a warning says so); where the largest gap is within two standard errors (over the draws) of
+zero, a warning says the shape may be noise.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from difftune.errors import UserError
 from difftune.schedules import timestep_bins
 
 logger = logging.getLogger(__name__)
-FLOOR = 0.1  # δ = FLOOR · max gap: the least weight of a bin, relative to the largest gap
+FLOOR = 0.1  # δ = FLOOR · max(G, GAP_SCALE): the least raw weight of a bin
+GAP_SCALE = 1.0  # below this largest gap (a loss ratio of e), the schedules are shaped in proportion to it
 TINY = 1e-12  # added to both losses before the log: a model exact on both sets has gap 0, not NaN
 
 
@@ -48,6 +52,7 @@ class DataSchedule:
         t_low, t_high: the first and last timestep of each bin.
         loss_target, loss_bank: the pre-trained model's mean denoising MSE per bin on each set.
         gap: log(loss_target / loss_bank) per bin.
+        gap_se: its standard error per bin, from the spread over the draws (``None`` with one draw).
         psi, xi: the target and bank weights per bin (mean 1 over t).
         uniform: no bin had a positive gap, so ψ and ξ are uniform.
         prediction_type: what the loss compared the model's output with (``epsilon``, ...).
@@ -64,6 +69,7 @@ class DataSchedule:
     loss_target: list[float]
     loss_bank: list[float]
     gap: list[float]
+    gap_se: list[float] | None
     psi: list[float]
     xi: list[float]
     uniform: bool
@@ -99,7 +105,8 @@ class DataSchedule:
             )
         fit = cls(**{name: raw[name] for name in names})
         edges = timestep_bins(fit.num_timesteps, fit.num_bins).tolist()
-        per_bin = (fit.t_low, fit.t_high, fit.loss_target, fit.loss_bank, fit.gap, fit.psi, fit.xi)
+        per_bin = [fit.t_low, fit.t_high, fit.loss_target, fit.loss_bank, fit.gap, fit.psi, fit.xi]
+        per_bin += [] if fit.gap_se is None else [fit.gap_se]
         if (
             any(len(values) != fit.num_bins for values in per_bin)
             or fit.t_low != edges[:-1]
@@ -137,14 +144,20 @@ class DataSchedule:
         else:
             top = max(range(self.num_bins), key=self.psi.__getitem__)
             low = max(range(self.num_bins), key=self.xi.__getitem__)
+            se = f" ± {self.gap_se[top]:.3f}" if self.gap_se else ""
             shape = (
-                f"largest gap log(L_target/L_bank) = {self.gap[top]:.3f} at t {self.t_low[top]}-{self.t_high[top]}, "
+                f"largest gap log(L_target/L_bank) = {self.gap[top]:.3f}{se} at t {self.t_low[top]}-{self.t_high[top]}, "
                 f"ψ peaks there ({self.psi[top]:.2f}), ξ at t {self.t_low[low]}-{self.t_high[low]} ({self.xi[low]:.2f})"
             )
         return (
             f"data-driven schedules over {self.num_bins} bins of t: {shape}; fit cost {self.forward_passes} forward "
             f"passes of {self.rows_per_draw} samples, {self.seconds:.1f} s"
         )
+
+
+def log_ratio(loss_target: torch.Tensor, loss_bank: torch.Tensor) -> torch.Tensor:
+    """The gap log(L_target / L_bank), elementwise; 0 where both losses are 0."""
+    return ((loss_target + TINY) / (loss_bank + TINY)).log()
 
 
 def gap_densities(gap: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -162,7 +175,7 @@ def gap_densities(gap: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor
     if not largest > 0.0:
         ones = torch.ones_like(positive)
         return ones, ones.clone(), True
-    floor = FLOOR * largest
+    floor = FLOOR * max(largest, GAP_SCALE)
     widths = widths.double()
 
     def mean_one(raw: torch.Tensor) -> torch.Tensor:
@@ -229,13 +242,26 @@ def fit_data_schedule(
     finally:
         backbone.train(was_training)
     loss_target, loss_bank = measured.losses.unbind(1)
-    gap = ((loss_target + TINY) / (loss_bank + TINY)).log()
+    gap = log_ratio(loss_target, loss_bank)
+    gap_se = None
+    if draws_per_bin > 1:  # approximate: the spread of the per-draw log ratios
+        gap_se = log_ratio(*measured.per_draw.unbind(2)).std(dim=1) / math.sqrt(draws_per_bin)
     psi, xi, uniform = gap_densities(gap, measured.edges.diff())
+    top = int(gap.argmax())
     if uniform:
         logger.warning(
             "no transfer gap: the pre-trained model does as well on the target data as on its own samples at "
             "every t (largest log ratio %.3g), so the data-driven ψ and ξ are uniform",
-            float(gap.max()),
+            float(gap[top]),
+        )
+    elif gap_se is not None and gap[top] < 2 * gap_se[top]:
+        logger.warning(
+            "the largest transfer gap (%.3g at t %d-%d) is within two standard errors (%.3g) of zero: the shape "
+            "of the data-driven ψ and ξ may be noise; more draws per bin (objective.data_schedule_draws) tell",
+            float(gap[top]),
+            int(measured.edges[top]),
+            int(measured.edges[top + 1]) - 1,
+            float(gap_se[top]),
         )
     edges = measured.edges.tolist()
     return DataSchedule(
@@ -245,6 +271,7 @@ def fit_data_schedule(
         loss_target=loss_target.tolist(),
         loss_bank=loss_bank.tolist(),
         gap=gap.tolist(),
+        gap_se=None if gap_se is None else gap_se.tolist(),
         psi=psi.tolist(),
         xi=xi.tolist(),
         uniform=uniform,
