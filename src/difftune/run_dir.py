@@ -21,10 +21,16 @@ import shutil
 import socket
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+import yaml
 
 from difftune.atomic import atomic_write_json, process_alive
 from difftune.errors import UserError
 from difftune.run_state import CHECKPOINTS, checkpoint_problem, checkpoint_step, list_checkpoints
+
+if TYPE_CHECKING:
+    from difftune.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "difftune.lock"
@@ -250,3 +256,25 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
         f"({100 * summary['trainable_share']:.1f}%); "
         + (f"resuming at step {resumed['step']}" if resumed else "fresh run")
     )
+
+
+def check_resume_config(cfg: ExperimentConfig, checkpoint: Path) -> None:
+    """List how this run's config differs from the checkpoint's; refuse a different run.
+
+    Raises:
+        UserError: data, model, objective, batch or seed changed and ``train.accept_config_changes``
+            is not set (the message lists the first changes).
+    """
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    allowed, other = config_changes(saved, cfg.to_dict())
+    for line in allowed + other:
+        logger.warning("resuming %s with a changed setting: %s", checkpoint.name, line)
+    if other and not cfg.train.accept_config_changes:
+        raise UserError(
+            f"{checkpoint} was written with other settings ({'; '.join(other[:3])}"
+            f"{'; ...' if len(other) > 3 else ''}); resume with the same config, or set "
+            "train.accept_config_changes=true"
+        )

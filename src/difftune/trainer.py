@@ -8,7 +8,6 @@ and the objective (:mod:`difftune.objectives`) are given to it (docs/architectur
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 from functools import partial
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
@@ -24,29 +22,36 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from difftune.analysis.data_schedule import DataSchedule
-from difftune.atomic import atomic_directory, atomic_write_text
+from difftune.atomic import atomic_directory
 from difftune.backbones.adapters import adapter_directory, apply_tuning, continue_adapter
+from difftune.backbones.base import enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.backbones.saving import save_model, save_pipeline_index
 from difftune.bank import load_bank
 from difftune.bank.conditions import check_bank_conditions
 from difftune.config import ExperimentConfig
-from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
+from difftune.control.validation import check_validation
 from difftune.data import prepare_target
 from difftune.divergence import NonFiniteGuard
 from difftune.errors import UserError
 from difftune.fitted_schedules import fit_for_run, run_data_schedule
-from difftune.images import save_grid
 from difftune.objectives import Draw, Objective, build_objective
 from difftune.objectives.term_log import TermLog
 from difftune.run_dir import (
     DATA_SCHEDULE_FILE,
     RunLock,
-    config_changes,
+    check_resume_config,
     prepare_output_dir,
     rotate_checkpoints,
     write_run_summary,
+)
+from difftune.run_outputs import (
+    append_history,
+    fidelity_validation,
+    flat_config,
+    save_sample_grid,
+    truncate_history,
 )
 from difftune.run_state import (
     CHECKPOINTS,
@@ -56,7 +61,6 @@ from difftune.run_state import (
     restore_checkpoint,
     save_run_state,
 )
-from difftune.sampling import generate_with_spec, to_unit_range
 from difftune.store import LatentStore
 from difftune.streams import IndexStream, step_generator
 
@@ -124,7 +128,7 @@ class Trainer:
         with self.accelerator.main_process_first():
             cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
             self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)
-        self.validation = self._fidelity_validation()
+        self.validation = fidelity_validation(cfg, self.loaded, self.target.cond, self.out)
         self.n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
         self.n_target = tc.batch_size - self.n_bank
         retention_pool = self.bank.shape[0] if cfg.uses_bank else len(self.target)
@@ -154,27 +158,6 @@ class Trainer:
         )
         if self.objective is None:
             self.objective = self._build_objective()
-
-    def _fidelity_validation(self) -> FidelityValidation | None:
-        """The condition-fidelity check of a ControlNet run (``train.validation_every``), or None."""
-        tc = self.cfg.train
-        check_validation(tc.validation_every, self.backbone, self.cfg.data.annotator)
-        if not tc.validation_every:
-            return None
-        from difftune.control import build_annotator
-
-        pairs = validation_pairs(self.target.cond, tc.validation_samples)
-        if tc.validation_prompts == "empty":
-            pairs = self.backbone.drop(pairs, torch.ones(pairs.batch_size, dtype=torch.bool))
-        return FidelityValidation(
-            pairs,
-            build_annotator(self.cfg.data.annotator),
-            self.loaded.codec,
-            self.loaded.scheduler_config,
-            tc.sampling,
-            self.out,
-            tc.validation_edge_tolerance,
-        )
 
     def _validate(self, step: int) -> None:
         """Log condition fidelity at ``step`` when it is a validation step (main process only)."""
@@ -267,7 +250,7 @@ class Trainer:
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
         if resume is not None:
-            self._check_resume_config(resume)
+            check_resume_config(self.cfg, resume)
             restore_checkpoint(acc, resume, self.state, self.ema)
             for group in optimizer.param_groups:  # this run's optimiser settings, not the checkpoint's
                 group.update(
@@ -282,8 +265,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
             write_run_summary(self.out, self._summary(resume))
-            self._truncate_history(after_step=self.state.step)
-        acc.init_trackers("difftune", config=_flat_config(cfg))
+            truncate_history(self.out, after_step=self.state.step)
+        acc.init_trackers("difftune", config=flat_config(cfg))
         log = TermLog(self.noise_scheduler.config.num_train_timesteps)
         self.guard = NonFiniteGuard(
             self.noise_scheduler.config.num_train_timesteps, tc.on_non_finite, tc.max_non_finite_steps
@@ -329,11 +312,14 @@ class Trainer:
                     self.guard.check(acc, self._last_good())
                     scalars = log.flush(acc, self.n_bank, self.objective.bank_weight)
                     acc.log(scalars, step=step)
-                    self._append_history(step, scalars)
+                    if acc.is_main_process:
+                        append_history(self.out, step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
                 self._validate(step)
                 if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
-                    self.save_sample_grid(self.out / "samples" / f"step-{step:07d}.png")
+                    grid = self.out / "samples" / f"step-{step:07d}.png"
+                    backbone = acc.unwrap_model(model)
+                    save_sample_grid(backbone, self.loaded, self.target.cond, tc.sampling, grid, acc.device)
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
                     self.save_checkpoint()
         finally:
@@ -347,19 +333,6 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
-
-    def _truncate_history(self, after_step: int) -> None:
-        """Drop logged lines past ``after_step`` (all of them for a fresh run): a resumed run re-logs them."""
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def _append_history(self, step: int, scalars: dict[str, float]) -> None:
-        """Append the logged scalars to ``<output_dir>/metrics.jsonl`` (one JSON object per log)."""
-        if self.accelerator.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def _summary(self, resume: Path | None) -> dict[str, Any]:
         """What this run trains on and how: printed at the start and saved as ``run_summary.json``."""
@@ -380,27 +353,6 @@ class Trainer:
             "device": str(self.accelerator.device),
             "data_schedule": self._data_schedule_record,
         }
-
-    def _check_resume_config(self, checkpoint: Path) -> None:
-        """List how this run's config differs from the checkpoint's; refuse a different run.
-
-        Raises:
-            UserError: data, model, objective, batch or seed changed and ``train.accept_config_changes``
-                is not set (the message lists the first changes).
-        """
-        path = checkpoint / "config.yaml"
-        if not path.is_file():
-            return
-        saved = yaml.safe_load(path.read_text()) or {}
-        allowed, other = config_changes(saved, self.cfg.to_dict())
-        for line in allowed + other:
-            logger.warning("resuming %s with a changed setting: %s", checkpoint.name, line)
-        if other and not self.cfg.train.accept_config_changes:
-            raise UserError(
-                f"{checkpoint} was written with other settings ({'; '.join(other[:3])}"
-                f"{'; ...' if len(other) > 3 else ''}); resume with the same config, or set "
-                "train.accept_config_changes=true"
-            )
 
     def _last_good(self) -> str:
         found = list_checkpoints(self.out)
@@ -446,59 +398,6 @@ class Trainer:
             rotate_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
         return final
-
-    @torch.no_grad()
-    def save_sample_grid(self, path: Path, per_class: int = 8) -> None:
-        """A grid of samples from the current weights, fixed seeds: one row per distinct class label, or
-        (text conditions, every image its own) per one of 8 target conditions spread over the set."""
-        backbone = self.accelerator.unwrap_model(self.model)
-        was_training = backbone.training
-        backbone.eval()
-        if "labels" in self.backbone.condition_names:
-            rows = self.target.cond.distinct()
-        else:
-            rows = validation_pairs(self.target.cond, 8)
-        cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
-        x = generate_with_spec(
-            backbone,
-            self.loaded.scheduler_config,
-            self.cfg.train.sampling,
-            cond,
-            device=self.accelerator.device,
-        )
-        images = to_unit_range(self.loaded.codec.decode(x))
-        save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
-        backbone.train(was_training)
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on a diffusers model's gradient checkpointing (``train.gradient_checkpointing``).
-
-    Raises:
-        UserError: the model does not support it.
-    """
-    if not getattr(model, "_supports_gradient_checkpointing", False):
-        raise UserError(
-            f"{type(model).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false"
-        )
-    model.enable_gradient_checkpointing()
-
-
-def _logged_step(line: str) -> float:
-    """The step of a ``metrics.jsonl`` line; a line torn by a kill counts as after every step (dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Config flattened to scalars for TensorBoard's hyper-parameter table."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
 
 
 def train_model(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> Path:

@@ -130,3 +130,16 @@ class ClassConditionalBackbone(Backbone):
 
     def bank_record(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "label_rule": "i mod num_classes"}
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on a diffusers model's gradient checkpointing (``train.gradient_checkpointing``).
+
+    Raises:
+        UserError: the model does not support it.
+    """
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise UserError(
+            f"{type(model).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false"
+        )
+    model.enable_gradient_checkpointing()
