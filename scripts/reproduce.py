@@ -246,11 +246,9 @@ def _domain_guidance_table(methods: list[str], runs: dict[int, dict[str, Any]]) 
         without = [r[method]["fid"] for r in runs.values()]
         with_ = [r[method]["fid_domain_guidance"] for r in runs.values()]
         diffs = [b - a for a, b in zip(without, with_, strict=True)]
-        mean, low, high = paired_ci(diffs)
-        significant = "yes" if low > 0 or high < 0 else "no"
         lines.append(
-            f"| {method} | {'{:.2f} ± {:.2f}'.format(*_mean_std(without))} | {'{:.2f} ± {:.2f}'.format(*_mean_std(with_))} | "
-            f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] | {sum(d < 0 for d in diffs)}/{len(diffs)} | {significant} |"
+            f"| {method} | {'{:.2f} ± {:.2f}'.format(*_mean_std(without))} | "
+            f"{'{:.2f} ± {:.2f}'.format(*_mean_std(with_))} | {_paired_cell(diffs)} |"
         )
     return lines + [""]
 
