@@ -49,6 +49,7 @@ def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
     assert {"python", "cpu", "diffusers", "accelerate", "numpy", "scikit-learn"} <= set(env)
     report = (settings.out / "report.md").read_text()
     assert "| plain |" in report and "| diff-tuning |" in report
+    assert "not significant" in report and "docs/reproduction.md" in report  # the study's verdict, linked
     # the two methods start from the same cached source model and differ in their objective only
     plain = (settings.out / "runs" / "plain" / "config.yaml").read_text()
     difft = (settings.out / "runs" / "diff-tuning" / "config.yaml").read_text()
