@@ -302,6 +302,7 @@ def test_dry_run_describes_the_fit(dit_dir: Path, dit_bank: Path, tmp_path: Path
     assert main(["train", "--dry-run", *sets]) == 0
     out = capsys.readouterr().out
     assert "target_schedule and bank_schedule data_driven: fitted before training: 16 forward passes" in out
+    assert "schedules  target data_driven, bank data_driven, realisation" in out  # no meaningless exponent
     assert not (tmp_path / "run").exists()
 
 

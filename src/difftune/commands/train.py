@@ -13,6 +13,11 @@ from difftune.config import ExperimentConfig, load_config
 from difftune.config_checks import ConfigError, check_model_path
 
 
+def _schedule(name: str, exponent: float) -> str:
+    """A schedule as the plan names it: the exponent only where it means something (power schedules)."""
+    return f"{name}(s={exponent:g})" if name.startswith("power_") else name
+
+
 def _plan(cfg: ExperimentConfig) -> str:
     oc, tc = cfg.objective, cfg.train
     lines = [
@@ -20,8 +25,8 @@ def _plan(cfg: ExperimentConfig) -> str:
         f"batch      {tc.batch_size} = {tc.batch_size - cfg.bank_count} target + {cfg.bank_count} "
         f"{'bank' if cfg.uses_bank or not cfg.bank_count else 'retention (target data)'} "
         f"(x{tc.gradient_accumulation} accumulation)",
-        f"schedules  target {oc.target_schedule}(s={oc.target_exponent:g}), bank {oc.bank_schedule}(s={oc.bank_exponent:g}), "
-        f"realisation {oc.realisation}",
+        f"schedules  target {_schedule(oc.target_schedule, oc.target_exponent)}, "
+        f"bank {_schedule(oc.bank_schedule, oc.bank_exponent)}, realisation {oc.realisation}",
         f"loss       {oc.kind}: mean(target) + {oc.bank_weight:g} * mean("
         f"{'distance to the pre-trained model' if oc.kind == 'distillation' else 'bank'}); "
         f"cfg dropout {oc.cfg_dropout:g}",
