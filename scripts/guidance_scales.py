@@ -1,0 +1,72 @@
+"""Classifier-free guidance vs domain guidance over guidance scales, on finished demo runs.
+
+    python scripts/guidance_scales.py docs/reproduction/digits_domain_guidance --seeds 0 1 2 3 4 \
+        --scales 1.0 1.5 2.0 3.0 --out docs/reproduction/digits_domain_guidance/scales.md
+
+For each seed folder (a ``difftune demo`` output whose ``runs/<method>/final`` still exist), rebuilds
+the demo's evaluator from the seed's ``run_info.json`` settings, and scores each method's final
+model at each scale with its own unconditional branch (classifier-free guidance) and with the
+source model as the guidance branch (domain guidance). Same seeds and sampler as the demo's FID.
+Writes a markdown table: FID mean ± std over seeds per method, guidance and scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import fields, replace
+from pathlib import Path
+
+from difftune.backbones import load_pretrained, load_trained
+from difftune.demo import DemoSettings, _Evaluator, _pretrain_source
+
+
+def _settings(seed_dir: Path) -> DemoSettings:
+    saved = json.loads((seed_dir / "run_info.json").read_text())["settings"]
+    known = {f.name for f in fields(DemoSettings)}
+    values = {k: v for k, v in saved.items() if k in known and k not in ("out", "cache_dir")}
+    return DemoSettings(out=seed_dir, **values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", type=Path, help="folder with seed<k>/ demo outputs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--out", type=Path, help="markdown table to write (default: print only)")
+    args = parser.parse_args()
+    fids: dict[tuple[str, str, float], list[float]] = {}
+    for seed in args.seeds:
+        settings = _settings(args.experiment / f"seed{seed}")
+        source = load_pretrained(str(_pretrain_source(settings)), subfolder="ema/transformer").backbone
+        evaluator = _Evaluator.build(settings)
+        for method in settings.methods:
+            final = load_trained(str(settings.out / "runs" / method / "final"))
+            for scale in args.scales:
+                evaluator.settings = replace(settings, guidance_scale=scale)
+                for kind, guide in (("classifier-free", None), ("domain", source)):
+                    if kind == "domain" and scale == 1.0:
+                        continue  # at scale 1 both are the fine-tuned model alone
+                    fid = evaluator.fid(evaluator.samples(final, guide=guide))
+                    fids.setdefault((method, kind, scale), []).append(fid)
+                    print(f"seed {seed} {method} {kind} {scale:g}: {fid:.2f}", flush=True)
+    lines = ["| method | guidance | " + " | ".join(f"scale {s:g}" for s in args.scales) + " |"]
+    lines.append("|---|---|" + "---|" * len(args.scales))
+    for method in dict.fromkeys(m for m, _, _ in fids):
+        for kind in ("classifier-free", "domain"):
+            cells = []
+            for scale in args.scales:
+                values = fids.get((method, kind, scale))
+                cells.append(
+                    f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if values else "–"
+                )
+            lines.append(f"| {method} | {kind} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.write_text(f"Seeds {args.seeds}; final FID, mean ± std over seeds.\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
