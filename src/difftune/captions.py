@@ -25,7 +25,7 @@ from PIL import Image
 
 from difftune.data_config import DataConfig
 from difftune.errors import UserError
-from difftune.images import check_images, load_square_image
+from difftune.images import check_images, load_each, load_square_image
 
 METADATA = "metadata.jsonl"
 
@@ -92,9 +92,7 @@ class CaptionedImages:
 
     def images(self, indices: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
         """Images (n, channels, r, r) in [-1, 1]."""
-        return torch.stack(
-            [load_square_image(self._image(i), resolution, channels) for i in indices.tolist()]
-        )
+        return load_each(lambda i: load_square_image(self._image(i), resolution, channels), indices)
 
     def controls(self, indices: torch.Tensor, resolution: int) -> torch.Tensor:
         """Control images (n, 3, r, r) in [0, 1], resized with the nearest pixel: a segmentation map's
@@ -103,9 +101,7 @@ class CaptionedImages:
             raise UserError("this dataset has no control images: set data.control_column or data.annotator")
         control = self._control
         nearest = Image.Resampling.NEAREST
-        return torch.stack(
-            [(load_square_image(control(i), resolution, 3, nearest) + 1) / 2 for i in indices.tolist()]
-        )
+        return (load_each(lambda i: load_square_image(control(i), resolution, 3, nearest), indices) + 1) / 2
 
 
 def caption_folder(cfg: DataConfig, header_memo: Path | None = None) -> CaptionedImages:

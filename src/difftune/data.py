@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from difftune.captions import caption_folder, saved_dataset, template_captions
 from difftune.data_config import DataConfig
 from difftune.datasets import load_sklearn_digits
 from difftune.errors import UserError
-from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, load_square_image
+from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
 from difftune.store import LatentStore, folder_identity
 from difftune.target_conditions import TargetConditions
 
@@ -206,11 +204,7 @@ def load_target_images(
     identity = f"folder:{root.resolve()}:{digest}:{resolution}:{channels}"
 
     def load(indices: torch.Tensor) -> torch.Tensor:
-        # PIL decodes outside the GIL for the most part: threads give a real speed-up
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            return torch.stack(
-                list(pool.map(lambda i: load_square_image(files[i], resolution, channels), indices.tolist()))
-            )
+        return load_each(lambda i: load_square_image(files[i], resolution, channels), indices)
 
     return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,13 @@ def load_square_image(
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_each(load_one: Callable[[int], torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
+    """``torch.stack`` of ``load_one(i)`` for every index, decoded on a few threads (PIL decodes
+    outside the GIL for the most part, so threads give a real speed-up)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(load_one, indices.tolist())))
 
 
 def check_image(path: str | os.PathLike[str]) -> str | None:

@@ -8,7 +8,6 @@ annotator run on the image). A condition source has an identity that keys the ta
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from difftune.backbones.controlnet import CONTROL, to_uint8
 from difftune.backbones.loading import LoadedModel
 from difftune.backbones.stable_diffusion import PROMPTS
+from difftune.backbones.text import prompts_digest
 from difftune.errors import UserError
 
 if TYPE_CHECKING:
@@ -44,8 +44,7 @@ class TargetConditions:
             if self.prompts is None:
                 raise UserError("a text-conditional model was loaded without its text encoder")
             self.captions = target.caption_list(cfg.caption_template)
-            digest = hashlib.sha256("\n".join(self.captions).encode()).hexdigest()[:16]
-            parts.append(f"prompts:{self.prompts.identity()}:{digest}")
+            parts.append(f"prompts:{self.prompts.identity()}:{prompts_digest(self.captions)}")
         if CONTROL in self.names:
             if cfg.annotator:
                 from difftune.control import build_annotator

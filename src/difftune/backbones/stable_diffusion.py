@@ -8,7 +8,6 @@ classifier-free guidance. Prompts become embeddings outside the backbone
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from diffusers import UNet2DConditionModel
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.text import prompts_digest
 from difftune.errors import UserError
 
 PROMPTS = "prompt_embeds"
@@ -73,8 +73,11 @@ class TextConditionalBackbone(Backbone):
         if not prompts:
             raise UserError("no prompts for the knowledge bank: give bank.prompts or a dataset with captions")
         self.bank_prompts = embeddings.half().cpu()  # as target prompts are cached
-        digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-        self._bank_record = {"num_prompts": len(prompts), "prompts_sha256": digest, "prompt_rule": "i mod P"}
+        self._bank_record = {
+            "num_prompts": len(prompts),
+            "prompts_sha256": prompts_digest(prompts),
+            "prompt_rule": "i mod P",
+        }
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         embeds = cond[PROMPTS].to(x_t.device, self.inner.dtype)

@@ -7,12 +7,18 @@ output is cached beside the target latents, so training never runs it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from difftune.backbones.fingerprint import model_fingerprint
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """A short hash of a list of prompts, in order (what caches and bank manifests record of them)."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
 class PromptEncoder:

@@ -66,3 +66,18 @@ def check_scheduler(name: str, what: str = "--scheduler", error: type[UserError]
 
     if name not in scheduler_names():
         raise error(f"{what} {name!r} is unknown; valid: {', '.join(scheduler_names())}")
+
+
+def check_domain_guidance(pretrained: str | None, guidance_scale: float) -> None:
+    """Refuse ``--domain-guidance`` with a missing model, or at a guidance scale where it does nothing.
+
+    Raises:
+        UserError: the message names the flag and the fix.
+    """
+    if not pretrained:
+        return
+    from difftune.config_checks import check_model_path
+
+    check_model_path(pretrained)
+    if guidance_scale == 1.0:
+        raise UserError("--domain-guidance needs --guidance-scale > 1: at 1 the guiding model has no effect")

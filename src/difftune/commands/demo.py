@@ -13,35 +13,26 @@ from typing import Any
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo (or print its plan); return the exit code."""
+    """Run the chosen demo (or print its plan); return the exit code."""
     if args.which == "controlnet":
-        return _control_demo(args)
-    from difftune.demo import DemoSettings, run_demo
+        from difftune.demo_controlnet import ControlDemoSettings as Settings
+        from difftune.demo_controlnet import run_control_demo as run
 
-    settings = DemoSettings(
-        out=Path(args.out or "demo_out"),
+        default_out = "demo_controlnet_out"
+    else:
+        from difftune.demo import DemoSettings as Settings
+        from difftune.demo import run_demo as run
+
+        default_out = "demo_out"
+    settings = Settings(
+        out=Path(args.out or default_out),
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         seed=args.seed,
     )
     if args.dry_run:
         print(settings.describe())
         return 0
-    run_demo(settings)
-    return 0
-
-
-def _control_demo(args: argparse.Namespace) -> int:
-    from difftune.demo_controlnet import ControlDemoSettings, run_control_demo
-
-    settings = ControlDemoSettings(
-        out=Path(args.out or "demo_controlnet_out"),
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        seed=args.seed,
-    )
-    if args.dry_run:
-        print(settings.describe())
-        return 0
-    run_control_demo(settings)
+    run(settings)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.atomic import atomic_write_json
-from difftune.commands import add_model_args, check_positive, check_scheduler
+from difftune.commands import add_model_args, check_domain_guidance, check_positive, check_scheduler
 from difftune.config_checks import check_model_path
 from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
@@ -31,14 +31,15 @@ if TYPE_CHECKING:
 def cmd_sample(args: argparse.Namespace) -> int:
     """Check the flags and the model; write the images and a grid (or print the plan); return the exit code."""
     prompts = read_prompts(args.prompt, args.prompts_file)
-    if prompts:
-        return _sample_prompts(args, prompts)
-    labels = parse_labels(args.labels)
+    labels = [] if prompts else parse_labels(args.labels)
     check_positive(args, "per_label", "batch_size")
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
     check_model_path(args.model)
-    guided = _check_domain_guidance(args, spec)
+    check_domain_guidance(args.domain_guidance, spec.guidance_scale)
+    guided = f", domain guidance from {args.domain_guidance}" if args.domain_guidance else ""
+    if prompts:
+        return _sample_prompts(args, prompts, spec, guided)
     if args.dry_run:
         total = len(labels) * args.per_label
         from difftune.backbones.saving import inference_subfolder
@@ -165,16 +166,6 @@ def sample_conditions(
     return grid
 
 
-def _check_domain_guidance(args: argparse.Namespace, spec: SamplingSpec) -> str:
-    """Refuse ``--domain-guidance`` without guidance or a model; the plan's words for it ("" if unused)."""
-    if not args.domain_guidance:
-        return ""
-    check_model_path(args.domain_guidance)
-    if spec.guidance_scale == 1.0:
-        raise UserError("--domain-guidance needs --guidance-scale > 1: at 1 the guiding model has no effect")
-    return f", domain guidance from {args.domain_guidance}"
-
-
 def _guide(args: argparse.Namespace, loaded: LoadedModel) -> Backbone | None:
     """The ``--domain-guidance`` model, checked against ``loaded``, or None."""
     if not args.domain_guidance:
@@ -201,12 +192,8 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     return found
 
 
-def _sample_prompts(args: argparse.Namespace, prompts: list[str]) -> int:
+def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: SamplingSpec, guided: str) -> int:
     """``difftune sample --prompt ...``: a text-conditional model (with ``--control-image`` for a ControlNet)."""
-    check_positive(args, "per_label", "batch_size")
-    spec = sampling_spec_from_args(args)
-    check_scheduler(spec.scheduler)
-    check_model_path(args.model)
     controls = list(args.control_image or [])
     if controls and len(controls) not in (1, len(prompts)):
         raise UserError(f"give one --control-image, or one per prompt ({len(prompts)}); got {len(controls)}")
@@ -214,7 +201,6 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str]) -> int:
     if missing:
         raise UserError(f"--control-image {missing[0]!r} does not exist")
     total = len(prompts) * args.per_label
-    guided = _check_domain_guidance(args, spec)
     if args.dry_run:
         print(
             f"would sample {total} images ({len(prompts)} prompts x {args.per_label}) from {args.model} "
