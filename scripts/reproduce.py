@@ -3,6 +3,7 @@
     python scripts/reproduce.py                       # all experiments
     python scripts/reproduce.py configs/reproduction/digits_main.yaml
     python scripts/reproduce.py --summarise-only      # rebuild the tables from finished runs
+    python scripts/reproduce.py configs/reproduction/photos_main.yaml --seeds 0 1   # some seeds only
 
 An experiment config holds ``settings`` (fields of :class:`difftune.demo.DemoSettings`), ``methods``
 (method name -> objective overrides) and ``seeds``. Runs go to ``<out>/<experiment>/seed<k>``;
@@ -31,10 +32,10 @@ from difftune.stats import paired_ci
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_experiment(config: Path, out: Path, cache: Path | None) -> None:
-    """Run every seed of one experiment that has no ``results.json`` yet."""
+def run_experiment(config: Path, out: Path, cache: Path | None, seeds: list[int] | None = None) -> None:
+    """Run every seed of one experiment (or those of ``seeds`` it has) that has no ``results.json`` yet."""
     spec = yaml.safe_load(config.read_text())
-    for seed in spec["seeds"]:
+    for seed in [s for s in spec["seeds"] if seeds is None or s in seeds]:
         run_dir = out / config.stem / f"seed{seed}"
         if not (run_dir / "results.json").is_file():
             run_demo(
@@ -290,11 +291,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reproduction", help="results folder")
     parser.add_argument("--cache-dir", type=Path, help="source-model cache (default ~/.cache/difftune)")
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild the tables")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run only these of each config's seeds (e.g. to split over processes)",
+    )
     args = parser.parse_args()
     every = sorted((ROOT / "configs" / "reproduction").glob("*.yaml"))
     if not args.summarise_only:
         for config in args.configs or every:
-            run_experiment(config, args.out, args.cache_dir)
+            run_experiment(config, args.out, args.cache_dir, args.seeds)
     # the summary always covers every experiment with finished runs, not only the ones just run
     every += [c for c in args.configs if c.resolve() not in {e.resolve() for e in every}]
     print(summarise([collect(c, args.out) for c in every], args.out))

@@ -2,7 +2,9 @@
 
 Sources:
 * ``folder``: an image-folder tree, one sub-directory per class (sorted names give labels 0..K-1);
-* ``digits``: scikit-learn's 8x8 handwritten digits (ships with scikit-learn), for the demo.
+* ``digits``: scikit-learn's 8x8 handwritten digits (ships with scikit-learn), for the demo;
+* ``photo_patches``: patches of the photographs bundled with scikit-image and scikit-learn, the
+  second test bed's source domain.
 
 For latent-space models the cache keeps the VAE posterior's mean and std, and each training step
 draws ``mean + std * noise`` afresh, as DiT's training does with ``latent_dist.sample()``.
@@ -24,14 +26,16 @@ from difftune.backbones.codec import LatentCodec
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.captions import caption_folder, saved_dataset, template_captions
-from difftune.data_config import DataConfig
-from difftune.datasets import load_sklearn_digits
+from difftune.data_config import BUILT_IN_SOURCES, DataConfig
+from difftune.datasets import PHOTOS, load_photo_patches, load_sklearn_digits
 from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
 from difftune.store import LatentStore, folder_identity
 from difftune.target_conditions import TargetConditions
 
 CACHE_FORMAT = 1
+PATCHES_PER_PHOTO = 1200  # photo_patches without data.per_class
+PATCH_FORMAT = 1  # changes when the patch cutting changes (PHOTOS, PATCH_SCALES)
 HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of its image folder
 logger = logging.getLogger(__name__)
 
@@ -175,20 +179,8 @@ def load_target_images(
 
     ``header_memo``: where an image folder's header checks are remembered between runs.
     """
-    if cfg.source == "digits":
-        images, digit_labels = load_digits_split(cfg.classes)
-        classes = sorted(digit_labels.unique().tolist())
-        labels = torch.searchsorted(torch.tensor(classes), digit_labels)
-        keep = few_shot_indices(labels, cfg.per_class, cfg.seed)
-        images, labels = images[keep], labels[keep]
-        if images.shape[-1] != resolution or channels != 1:
-            images = torch.nn.functional.interpolate(
-                images, size=resolution, mode="bilinear", align_corners=False
-            )
-            images = images.expand(-1, channels, -1, -1).contiguous()
-        identity = f"digits:{classes}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
-        return TargetImages(labels, [str(c) for c in classes], identity, lambda idx: images[idx])
-
+    if cfg.source in BUILT_IN_SOURCES:
+        return _built_in_images(cfg, resolution, channels)
     if cfg.source in ("captions", "hf_dataset"):
         return _captioned_images(cfg, resolution, channels, header_memo)
     root = Path(cfg.path or "")
@@ -207,6 +199,34 @@ def load_target_images(
         return load_each(lambda i: load_square_image(files[i], resolution, channels), indices)
 
     return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
+
+
+def _built_in_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
+    """A built-in set (``digits`` or ``photo_patches``), its ``classes`` re-indexed 0..K-1."""
+    if cfg.source == "digits":
+        images, original_labels = load_digits_split(cfg.classes)
+        per_class, prefix = cfg.per_class, "digits"
+    else:  # patches are cut at the model's size; per_class = patches per photo (drawn with the seed)
+        images, original_labels = load_photo_patches(resolution, cfg.per_class or PATCHES_PER_PHOTO, cfg.seed)
+        images = images * 2.0 - 1.0
+        if cfg.classes is not None:
+            keep = torch.isin(original_labels, torch.tensor(cfg.classes))
+            images, original_labels = images[keep], original_labels[keep]
+        per_class, prefix = None, f"photo_patches:{PATCH_FORMAT}"
+    classes = sorted(original_labels.unique().tolist())
+    labels = torch.searchsorted(torch.tensor(classes), original_labels)
+    keep = few_shot_indices(labels, per_class, cfg.seed)
+    images, labels = images[keep], labels[keep]
+    if images.shape[-1] != resolution or channels != 1:
+        images = torch.nn.functional.interpolate(
+            images, size=resolution, mode="bilinear", align_corners=False
+        )
+        images = images.expand(-1, channels, -1, -1).contiguous()
+    names = (
+        [str(c) for c in classes] if cfg.source == "digits" else [Path(PHOTOS[c][1]).stem for c in classes]
+    )
+    identity = f"{prefix}:{classes}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
+    return TargetImages(labels, names, identity, lambda idx: images[idx])
 
 
 def _captioned_images(

@@ -11,7 +11,9 @@ DATA_SOURCES = {
     "captions": "an image folder with a metadata.jsonl of captions",
     "hf_dataset": "a directory written by datasets.Dataset.save_to_disk",
     "digits": "nothing (the built-in digits)",
+    "photo_patches": "nothing (the built-in photo patches)",
 }
+BUILT_IN_SOURCES = ("digits", "photo_patches")
 
 
 @dataclass
@@ -22,11 +24,14 @@ class DataConfig:
         source: ``"folder"`` (an image-folder tree: one sub-directory per class), ``"captions"``
             (an image folder with a ``metadata.jsonl`` of captions, the imagefolder convention of
             the ``datasets`` library), ``"hf_dataset"`` (a dataset saved with
-            ``datasets.Dataset.save_to_disk``) or ``"digits"`` (scikit-learn's handwritten digits,
-            used by the demo).
+            ``datasets.Dataset.save_to_disk``), ``"digits"`` (scikit-learn's handwritten digits,
+            used by the demo) or ``"photo_patches"`` (grayscale patches of the photographs bundled
+            with scikit-image and scikit-learn, cut at the model's size; the second test bed's source).
         path: root of the image folder or saved dataset.
-        classes: digit classes to keep (``source: digits``); labels are re-indexed 0..K-1.
-        per_class: keep at most this many images per class (few-shot); ``None`` keeps all.
+        classes: digit classes (``source: digits``) or photo indices (``photo_patches``) to keep;
+            labels are re-indexed 0..K-1.
+        per_class: keep at most this many images per class (few-shot); ``None`` keeps all. For
+            ``photo_patches``: the number of patches cut from each photo (default 1200).
         resolution: images are resized and centre-cropped to this size; ``None`` = model's size.
         cache_dir: where encoded latents are cached; default ``<output_dir>/target_cache``.
         hflip: also cache every image mirrored (DiT's random horizontal flip augmentation).
@@ -64,7 +69,7 @@ class DataConfig:
             f"data.source={self.source!r} is unknown: use one of {list(DATA_SOURCES)}",
         )
         _check(
-            self.source == "digits" or bool(self.path),
+            self.source in BUILT_IN_SOURCES or bool(self.path),
             f"data.path is empty: set it to {DATA_SOURCES[self.source]}",
         )
         _check(

@@ -37,8 +37,10 @@ from difftune.config import (
     TrainConfig,
     TuningConfig,
 )
-from difftune.data import few_shot_indices, load_digits_split
+from difftune.data import PATCH_FORMAT, few_shot_indices, load_digits_split
+from difftune.datasets import PHOTOS
 from difftune.demo_report import environment, plot_curves, report_markdown, uniform_t_loss
+from difftune.errors import UserError
 from difftune.images import save_grid
 from difftune.metrics import (
     DigitFeatureExtractor,
@@ -54,6 +56,7 @@ from difftune.trainer import Trainer, list_checkpoints
 
 SOURCE_CLASSES = [0, 1, 2, 3, 4]
 TARGET_CLASSES = [5, 6, 7, 8, 9]
+SOURCE_DATA = ("digits", "photo_patches")  # the two test beds' source domains
 
 
 @dataclass
@@ -64,7 +67,9 @@ class DemoSettings:
     cache_dir: Path | None = None
     seed: int = 0
     source_seed: int | None = None  # seed of the source model's pre-training; None = ``seed``
+    source_data: str = "digits"  # the source domain: "digits" (source_classes) or "photo_patches"
     source_classes: list[int] = field(default_factory=lambda: list(SOURCE_CLASSES))
+    patches_per_photo: int = 1200  # source_data "photo_patches": patches cut from each bundled photo
     target_classes: list[int] = field(default_factory=lambda: list(TARGET_CLASSES))
     per_class: int = 20
     model_width: int = 32  # attention head dim (4 heads)
@@ -92,6 +97,10 @@ class DemoSettings:
         }
     )
 
+    def __post_init__(self) -> None:
+        if self.source_data not in SOURCE_DATA:
+            raise UserError(f"source_data={self.source_data!r} is unknown: use one of {list(SOURCE_DATA)}")
+
     def source_key(self) -> str:
         """Cache key of the pre-trained source model (changes with anything that changes it)."""
         fields = (
@@ -103,7 +112,28 @@ class DemoSettings:
             self.pretrain_batch,
             self.pretrain_lr,
         )
+        if self.source_data != "digits":  # the digits source keeps the key it always had
+            fields = (*fields, self.source_data, self.patches_per_photo, PATCH_FORMAT)
         return hashlib.sha256(repr(("v2", fields)).encode()).hexdigest()[:12]
+
+    def source_description(self) -> str:
+        """The source domain in words."""
+        if self.source_data == "photo_patches":
+            return f"{self.patches_per_photo} 8x8 patches of each of {len(PHOTOS)} bundled photographs"
+        return f"digits {self.source_classes}"
+
+    def source_data_config(self) -> DataConfig:
+        """The source model's pre-training data."""
+        if self.source_data == "photo_patches":
+            return DataConfig(
+                source="photo_patches", per_class=self.patches_per_photo, seed=self.pretrain_seed
+            )
+        return DataConfig(source="digits", classes=self.source_classes, seed=self.pretrain_seed)
+
+    @property
+    def source_class_count(self) -> int:
+        """Classes of the source model (target labels reuse its first embeddings)."""
+        return len(PHOTOS) if self.source_data == "photo_patches" else len(self.source_classes)
 
     @property
     def pretrain_seed(self) -> int:
@@ -124,7 +154,7 @@ class DemoSettings:
     def describe(self) -> str:
         """A human-readable plan."""
         return (
-            f"pre-train a DiT (4 heads x {self.model_width}, {self.model_layers} layers) on digits {self.source_classes} "
+            f"pre-train a DiT (4 heads x {self.model_width}, {self.model_layers} layers) on {self.source_description()} "
             f"for {self.pretrain_steps} steps (cached in {self.resolved_cache() / ('demo-source-' + self.source_key())}); "
             f"bank of {self.bank_samples} samples; fine-tune on {self.per_class} images per class of digits "
             f"{self.target_classes} for {self.finetune_steps} steps, batch {self.finetune_batch}, with methods "
@@ -158,7 +188,7 @@ def pretraining_config(
 
 
 def _pretrain_source(s: DemoSettings) -> Path:
-    """Train the source model on digits 0-4 (or reuse the cached one); returns its directory."""
+    """Train the source model on its source data (or reuse the cached one); returns its directory."""
     root = s.resolved_cache() / f"demo-source-{s.source_key()}"
     final = root / "run" / "final"
     if (final / "ema" / "transformer" / "config.json").is_file():
@@ -173,16 +203,21 @@ def _pretrain_source(s: DemoSettings) -> Path:
         num_layers=s.model_layers,
         sample_size=8,
         patch_size=2,
-        num_embeds_ada_norm=len(s.source_classes),
+        num_embeds_ada_norm=s.source_class_count,
         norm_num_groups=1,
     )
     model.save_pretrained(init / "transformer")
     DDPMScheduler().save_pretrained(init / "scheduler")
-    data = DataConfig(source="digits", classes=s.source_classes, seed=s.pretrain_seed)
     cfg = pretraining_config(
-        init, data, root / "run", s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.pretrain_seed
+        init,
+        s.source_data_config(),
+        root / "run",
+        s.pretrain_steps,
+        s.pretrain_batch,
+        s.pretrain_lr,
+        s.pretrain_seed,
     )
-    print(f"[demo] pre-training the source model on digits {s.source_classes} (cached for next time)")
+    print(f"[demo] pre-training the source model on {s.source_description()} (cached for next time)")
     return Trainer(cfg).train()
 
 

@@ -53,6 +53,10 @@ def _target_classes(cfg: ExperimentConfig) -> int:
         return 0  # counted when the dataset is opened by the run
     if cfg.data.source == "digits":
         return len(set(cfg.data.classes)) if cfg.data.classes else 10
+    if cfg.data.source == "photo_patches":
+        from difftune.datasets import PHOTOS
+
+        return len(set(cfg.data.classes)) if cfg.data.classes else len(PHOTOS)
     from difftune.data import class_folders
 
     class_dirs, _, _ = class_folders(Path(cfg.data.path or ""), cfg.data.on_bad_file)
