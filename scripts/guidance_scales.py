@@ -7,7 +7,9 @@ For each seed folder (a ``difftune demo`` output whose ``runs/<method>/final`` s
 the demo's evaluator from the seed's ``run_info.json`` settings, and scores each method's final
 model at each scale with its own unconditional branch (classifier-free guidance) and with the
 source model as the guidance branch (domain guidance). Same seeds and sampler as the demo's FID.
-Writes a markdown table: FID mean ± std over seeds per method, guidance and scale.
+Writes a markdown table (FID mean ± std over seeds per method, guidance and scale) and, with
+``--json``, every seed's FID (``method -> guidance -> scale -> seed -> FID``), which
+``scripts/study_grid.py`` pairs by seed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 from dataclasses import fields, replace
 from pathlib import Path
 
+from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained, load_trained
 from difftune.demo import DemoSettings, _Evaluator, _pretrain_source
 
@@ -35,8 +38,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--out", type=Path, help="markdown table to write (default: print only)")
+    parser.add_argument("--json", type=Path, help="per-seed FIDs to write (JSON)")
     args = parser.parse_args()
     fids: dict[tuple[str, str, float], list[float]] = {}
+    per_seed: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for seed in args.seeds:
         settings = _settings(args.experiment / f"seed{seed}")
         source = load_pretrained(str(_pretrain_source(settings)), subfolder="ema/transformer").backbone
@@ -50,6 +55,9 @@ def main() -> None:
                         continue  # at scale 1 both are the fine-tuned model alone
                     fid = evaluator.fid(evaluator.samples(final, guide=guide))
                     fids.setdefault((method, kind, scale), []).append(fid)
+                    per_seed.setdefault(method, {}).setdefault(kind, {}).setdefault(f"{scale:g}", {})[
+                        str(seed)
+                    ] = fid
                     print(f"seed {seed} {method} {kind} {scale:g}: {fid:.2f}", flush=True)
     lines = ["| method | guidance | " + " | ".join(f"scale {s:g}" for s in args.scales) + " |"]
     lines.append("|---|---|" + "---|" * len(args.scales))
@@ -59,13 +67,17 @@ def main() -> None:
             for scale in args.scales:
                 values = fids.get((method, kind, scale))
                 cells.append(
-                    f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if values else "–"
+                    f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+                    if values
+                    else "–"
                 )
             lines.append(f"| {method} | {kind} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        args.out.write_text(f"Seeds {args.seeds}; final FID, mean ± std over seeds.\n\n{table}")
+        atomic_write_text(args.out, f"Seeds {args.seeds}; final FID, mean ± std over seeds.\n\n{table}")
+    if args.json:
+        atomic_write_json(args.json, per_seed)
 
 
 if __name__ == "__main__":

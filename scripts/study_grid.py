@@ -1,0 +1,252 @@
+"""The study grid: both test beds, both digit pairs, five methods, three ways to sample, paired by seed.
+
+    python scripts/study_grid.py               # reads docs/reproduction, writes grid.md and grid.json there
+
+Every cell of :data:`CELLS` names the experiments of ``scripts/reproduce.py`` that hold each
+method's runs. A method's final model is scored three ways, each on the same evaluation seeds:
+
+* without guidance (scale 1), from ``<experiment>/scales.json`` as written by
+  ``scripts/guidance_scales.py --scales 1.0 --json``;
+* with classifier-free guidance at 1.5 (the demo's FID, ``results.json``);
+* with domain guidance at 1.5 (the source model as the guidance branch, ``fid_domain_guidance``).
+
+Every method is paired with plain fine-tuning seed by seed, at each way of sampling and with each
+at its own best one (lowest mean FID over seeds), with 95% t intervals. The premise section reads
+the chain-of-forgetting probes (``forgetting_swap.json``, ``forgetting_gap.json``) of the
+experiments in :data:`PREMISE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftune.atomic import atomic_write_json, atomic_write_text
+from difftune.stats import paired_ci
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("plain", "diff-tuning", "s=0.5", "retention-only", "data-driven")
+SAMPLING = ("unguided", "classifier-free 1.5", "domain 1.5")
+PREMISE = {"digits (0-4 -> 5-9)": "digits_main", "photos (photos -> 5-9)": "photos_main"}
+FRACTIONS = (0.1, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One test bed and digit pair, and the experiment holding each method's runs."""
+
+    test_bed: str
+    pair: str
+    experiments: dict[str, str]
+
+
+CELLS = (
+    Cell(
+        "digits",
+        "0-4 -> 5-9",
+        {
+            "plain": "digits_domain_guidance",
+            "diff-tuning": "digits_domain_guidance",
+            **dict.fromkeys(("s=0.5", "retention-only", "data-driven"), "digits_grid"),
+        },
+    ),
+    Cell("digits", "5-9 -> 0-4", dict.fromkeys(METHODS, "digits_reverse_grid")),
+    Cell("photos", "photos -> 5-9", dict.fromkeys(METHODS, "photos_main")),
+    Cell("photos", "photos -> 0-4", dict.fromkeys(METHODS, "photos_reverse")),
+)
+
+
+def method_fids(out: Path, experiment: str, method: str) -> dict[str, dict[int, float]]:
+    """Sampling -> seed -> final FID of one method's runs (only what has been measured)."""
+    fids: dict[str, dict[int, float]] = {name: {} for name in SAMPLING}
+    for seed_dir in sorted((out / experiment).glob("seed*")):
+        results = seed_dir / "results.json"
+        if not results.is_file():
+            continue
+        run = json.loads(results.read_text()).get(method)
+        if run is None:
+            continue
+        seed = int(seed_dir.name.removeprefix("seed"))
+        fids["classifier-free 1.5"][seed] = run["fid"]
+        if "fid_domain_guidance" in run:
+            fids["domain 1.5"][seed] = run["fid_domain_guidance"]
+    scales = out / experiment / "scales.json"
+    if scales.is_file():
+        unguided = json.loads(scales.read_text()).get(method, {}).get("classifier-free", {}).get("1", {})
+        fids["unguided"] = {int(seed): fid for seed, fid in unguided.items()}
+    return fids
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+
+
+def best_sampling(fids: dict[str, dict[int, float]], seeds: list[int]) -> str | None:
+    """The way of sampling with the lowest mean FID over ``seeds`` (among those measured on all of them)."""
+    done = [name for name in SAMPLING if seeds and all(s in fids[name] for s in seeds)]
+    return min(done, key=lambda name: statistics.fmean(fids[name][s] for s in seeds), default=None)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """``b − a`` over the seeds both have: mean, 95% t interval, seeds where b is lower, significance."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [b[s] - a[s] for s in seeds]
+    mean, low, high = (float(v) for v in paired_ci(diffs))
+    return {
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "better": sum(d < 0 for d in diffs),
+        "seeds": len(seeds),
+        "significant": low > 0 or high < 0,
+    }
+
+
+def _cell_text(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "–"
+    star = " **sig.**" if p["significant"] else ""
+    return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['better']}/{p['seeds']}{star}"
+
+
+def cell_result(out: Path, cell: Cell) -> dict[str, Any]:
+    """Every method's FIDs, its best way of sampling and its paired differences with plain."""
+    fids = {m: method_fids(out, exp, m) for m, exp in cell.experiments.items()}
+    seeds = sorted(set.intersection(*(set(f["classifier-free 1.5"]) for f in fids.values())))
+    best = {m: best_sampling(f, seeds) for m, f in fids.items()}
+    result: dict[str, Any] = {"test_bed": cell.test_bed, "pair": cell.pair, "seeds": seeds, "methods": {}}
+    for method, f in fids.items():
+        vs_plain = {name: paired(fids["plain"][name], f[name]) for name in SAMPLING}
+        at_best = None
+        if best[method] and best["plain"]:
+            at_best = paired(fids["plain"][best["plain"]], f[best[method]])
+        result["methods"][method] = {
+            "fid": {name: {str(s): v for s, v in f[name].items()} for name in SAMPLING},
+            "best": best[method],
+            "vs_plain": vs_plain,
+            "vs_plain_each_at_best": at_best,
+        }
+    return result
+
+
+def cell_markdown(result: dict[str, Any]) -> list[str]:
+    """The FID table and the paired table of one cell."""
+    seeds = result["seeds"]
+    lines = [
+        f"### {result['test_bed']}: {result['pair']} (seeds {seeds})",
+        "",
+        "Final FID, mean ± std over seeds:",
+        "",
+        "| method | " + " | ".join(SAMPLING) + " | best |",
+        "|---|" + "---|" * (len(SAMPLING) + 1),
+    ]
+    for method, r in result["methods"].items():
+        cells = [
+            _mean_std([r["fid"][name][str(s)] for s in seeds])
+            if all(str(s) in r["fid"][name] for s in seeds)
+            else "–"
+            for name in SAMPLING
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {r['best'] or '–'} |")
+    lines += [
+        "",
+        "Method − plain per seed (negative = better): mean [95% t interval], seeds better, **sig.** where "
+        "the interval excludes 0. The last column pairs each method at its own best way of sampling "
+        "with plain at its own best.",
+        "",
+        "| method | " + " | ".join(SAMPLING) + " | each at its best |",
+        "|---|" + "---|" * (len(SAMPLING) + 1),
+    ]
+    for method, r in result["methods"].items():
+        if method == "plain":
+            continue
+        cells = [_cell_text(r["vs_plain"][name]) for name in SAMPLING] + [
+            _cell_text(r["vs_plain_each_at_best"])
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def premise(out: Path, experiment: str) -> dict[str, Any] | None:
+    """Swap-probe FID cost at :data:`FRACTIONS` (relative to f = 0) and the mean transfer-gap ratio per t bin."""
+    seed_dirs = [
+        d for d in sorted((out / experiment).glob("seed*")) if (d / "forgetting_swap.json").is_file()
+    ]
+    if not seed_dirs:
+        return None
+    costs: dict[float, list[float]] = {f: [] for f in FRACTIONS}
+    ratios: dict[str, list[float]] = {}
+    for d in seed_dirs:
+        swap = {
+            round(p["fraction"], 2): p["fid"]
+            for p in json.loads((d / "forgetting_swap.json").read_text())["rows"]
+        }
+        for f in FRACTIONS:
+            costs[f].append(swap[f] / swap[0.0] - 1)
+        for row in json.loads((d / "forgetting_gap.json").read_text())["rows"]:
+            ratio = row["pretrained"] / row["finetuned"]
+            ratios.setdefault(f"{row['t_low']}-{row['t_high']}", []).append(ratio)
+    return {
+        "seeds": [int(d.name.removeprefix("seed")) for d in seed_dirs],
+        "swap_cost": {str(f): [float(x) for x in paired_ci(v)] for f, v in costs.items()},
+        "gap_ratio": {t: statistics.fmean(v) for t, v in ratios.items()},
+    }
+
+
+def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The swap-probe costs and the gap ratios of each test bed, side by side."""
+    lines = [
+        "### The premise: what handing the low-noise end to the source model costs",
+        "",
+        "FID cost of letting the source model take the last fraction f of the sampling chain of the plain "
+        "fine-tuned model (FID(f) / FID(0) − 1), mean [95% t interval] over seeds:",
+        "",
+        "| test bed | seeds | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |",
+        "|---|---|" + "---|" * len(FRACTIONS),
+    ]
+    for name, r in results.items():
+        cells = ["{:+.0%} [{:+.0%}, {:+.0%}]".format(*r["swap_cost"][str(f)]) for f in FRACTIONS]
+        lines.append(f"| {name} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    bins = list(next(iter(results.values()))["gap_ratio"])
+    lines += [
+        "",
+        "Transfer-gap ratio (source model's ε-MSE on held-out target digits / the plain fine-tuned model's), "
+        "mean over seeds, per t bin:",
+        "",
+        "| test bed | " + " | ".join(bins) + " |",
+        "|---|" + "---|" * len(bins),
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r['gap_ratio'].get(t, float('nan')):.2f}" for t in bins) + " |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reproduction", help="results folder")
+    args = parser.parse_args()
+    premises = {name: p for name, exp in PREMISE.items() if (p := premise(args.out, exp)) is not None}
+    cells = [cell_result(args.out, cell) for cell in CELLS]
+    lines = ["# The study grid", ""]
+    if premises:
+        lines += premise_markdown(premises)
+    for result in cells:
+        if result["seeds"]:
+            lines += cell_markdown(result)
+    text = "\n".join(lines)
+    atomic_write_text(args.out / "grid.md", text)
+    atomic_write_json(args.out / "grid.json", {"premise": premises, "cells": cells})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

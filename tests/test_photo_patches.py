@@ -1,0 +1,66 @@
+"""The second test bed's source domain: patches of the photographs bundled with scikit-image and scikit-learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difftune.config import DataConfig
+from difftune.data import load_target_images
+from difftune.datasets import PATCH_SCALES, PHOTOS, load_photo_patches
+from difftune.demo import DemoSettings
+from difftune.errors import UserError
+
+
+def test_patches_cover_every_photo_at_every_scale_in_the_unit_range() -> None:
+    images, labels = load_photo_patches(size=8, per_photo=6, seed=0)
+    assert images.shape == (6 * len(PHOTOS), 1, 8, 8)
+    assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
+    assert torch.equal(labels, torch.arange(len(PHOTOS)).repeat_interleave(6))
+    # real photographs, not blank: patches differ from one another and most have texture
+    assert images.flatten(1).std(dim=1).gt(0.0).float().mean() > 0.5
+    assert len({tuple(x.flatten().tolist()) for x in images}) == images.shape[0]
+
+
+def test_patches_are_reproducible_and_follow_the_seed() -> None:
+    a, _ = load_photo_patches(size=8, per_photo=len(PATCH_SCALES), seed=3)
+    b, _ = load_photo_patches(size=8, per_photo=len(PATCH_SCALES), seed=3)
+    c, _ = load_photo_patches(size=8, per_photo=len(PATCH_SCALES), seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_patch_size_follows_the_model() -> None:
+    images, _ = load_photo_patches(size=16, per_photo=3, seed=0)
+    assert images.shape[1:] == (1, 16, 16)
+
+
+def test_too_few_patches_per_photo_is_refused() -> None:
+    with pytest.raises(UserError, match="at least 3 patches per photo"):
+        load_photo_patches(size=8, per_photo=2)
+
+
+def test_photo_patches_as_training_data_keep_the_chosen_photos() -> None:
+    data = load_target_images(DataConfig(source="photo_patches", classes=[2, 0], per_class=3, seed=1), 8, 3)
+    assert data.class_names == [PHOTOS[0][1].split("/")[-1].split(".")[0], "camera"]
+    assert torch.equal(data.labels, torch.tensor([0, 0, 0, 1, 1, 1]))
+    images = data.loader(torch.arange(6))
+    assert images.shape == (6, 3, 8, 8) and -1.0 <= images.min() and images.max() <= 1.0
+    # the grayscale patch is copied to every channel, and equals the patch cut directly
+    patches, labels = load_photo_patches(8, 3, 1)
+    assert torch.equal(images[:, 0], images[:, 2])
+    assert torch.allclose(images[:3, 0], patches[labels == 0][:, 0] * 2 - 1)
+    other = load_target_images(DataConfig(source="photo_patches", classes=[2, 0], per_class=3, seed=2), 8, 3)
+    assert other.identity != data.identity  # the target cache is keyed by the patch draw
+
+
+def test_demo_source_data_is_checked_and_the_digits_source_keeps_its_cache_key() -> None:
+    with pytest.raises(UserError, match="source_data='faces' is unknown"):
+        DemoSettings(source_data="faces")
+    # the key of the cached digits source model predates the photo source: it must not move
+    assert DemoSettings().source_key() == "40ed8524dd75"
+    photos = DemoSettings(source_data="photo_patches")
+    assert photos.source_key() != DemoSettings().source_key()
+    assert photos.source_class_count == len(PHOTOS)
+    assert photos.source_data_config().source == "photo_patches"
+    assert "17 bundled photographs" in photos.describe()

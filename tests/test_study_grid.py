@@ -1,0 +1,84 @@
+"""scripts/study_grid.py: the grid's tables pair every method with plain by seed, at each way of sampling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("study_grid", ROOT / "scripts" / "study_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _experiment(out: Path, fids: dict[str, list[tuple[float, float, float]]]) -> None:
+    """fids: method -> per seed (unguided, classifier-free 1.5, domain 1.5)."""
+    scales: dict = {}
+    for seed in range(3):
+        results = {
+            m: {"fid": v[seed][1], "fid_domain_guidance": v[seed][2], "fid_curve": []} for m, v in fids.items()
+        }
+        _write(out / "exp" / f"seed{seed}" / "results.json", results)
+        for m, v in fids.items():
+            scales.setdefault(m, {"classifier-free": {"1": {}}})["classifier-free"]["1"][str(seed)] = v[seed][0]
+    _write(out / "exp" / "scales.json", scales)
+
+
+def test_each_method_is_paired_with_plain_per_sampling_and_each_at_its_best(grid, tmp_path: Path) -> None:
+    _experiment(
+        tmp_path,
+        {
+            # plain is best unguided (mean 40); Diff-Tuning is best with classifier-free guidance (mean 44)
+            "plain": [(40.0, 50.0, 80.0), (42.0, 52.0, 82.0), (38.0, 48.0, 78.0)],
+            "diff-tuning": [(60.0, 45.0, 70.0), (61.0, 42.0, 71.0), (59.0, 45.0, 72.0)],
+        },
+    )
+    cell = grid.Cell("photos", "p", {"plain": "exp", "diff-tuning": "exp"})
+    result = grid.cell_result(tmp_path, cell)
+    assert result["seeds"] == [0, 1, 2]
+    plain, dt = result["methods"]["plain"], result["methods"]["diff-tuning"]
+    assert plain["best"] == "unguided" and dt["best"] == "classifier-free 1.5"
+    # same sampling: differences (-5, -10, -3) with classifier-free guidance
+    cfg = dt["vs_plain"]["classifier-free 1.5"]
+    assert cfg["mean"] == pytest.approx(-6.0) and cfg["better"] == 3 and cfg["seeds"] == 3
+    # each at its best: DT with guidance (45, 42, 45) vs plain unguided (40, 42, 38): +5, 0, +7
+    best = dt["vs_plain_each_at_best"]
+    assert best["mean"] == pytest.approx(4.0) and best["better"] == 0
+    assert best["low"] < best["mean"] < best["high"]
+    text = "\n".join(grid.cell_markdown(result))
+    assert "| plain | 40.00 ± 2.00 | 50.00 ± 2.00 | 80.00 ± 2.00 | unguided |" in text
+    assert "| diff-tuning | +20.00 [" in text  # unguided: 60 - 40, 61 - 42, 59 - 38 = 20, 19, 21
+
+
+def test_a_method_without_runs_leaves_the_cell_to_the_seeds_all_have(grid, tmp_path: Path) -> None:
+    _experiment(tmp_path, {"plain": [(1.0, 2.0, 3.0)] * 3})
+    result = grid.cell_result(tmp_path, grid.Cell("digits", "p", {"plain": "exp", "diff-tuning": "missing"}))
+    assert result["seeds"] == []
+
+
+def test_premise_reports_the_swap_cost_relative_to_no_swap_and_the_loss_ratio(grid, tmp_path: Path) -> None:
+    for seed, base in enumerate((40.0, 50.0)):
+        rows = [{"fraction": f / 10, "fid": base * (1 + f / 10)} for f in range(11)]
+        _write(tmp_path / "exp" / f"seed{seed}" / "forgetting_swap.json", {"rows": rows})
+        gap = [{"t_low": 0, "t_high": 99, "pretrained": 0.3, "finetuned": 0.2 - 0.1 * seed}]
+        _write(tmp_path / "exp" / f"seed{seed}" / "forgetting_gap.json", {"rows": gap})
+    result = grid.premise(tmp_path, "exp")
+    assert result["seeds"] == [0, 1]
+    mean, low, high = result["swap_cost"]["0.3"]
+    assert mean == pytest.approx(0.3) and low == pytest.approx(0.3) and high == pytest.approx(0.3)
+    assert result["gap_ratio"]["0-99"] == pytest.approx((1.5 + 3.0) / 2)
