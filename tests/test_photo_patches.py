@@ -15,7 +15,7 @@ from difftune.errors import UserError
 def test_patches_cover_every_photo_at_every_scale_in_the_unit_range() -> None:
     images, labels = load_photo_patches(size=8, per_photo=6, seed=0)
     assert images.shape == (6 * len(PHOTOS), 1, 8, 8)
-    assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
+    assert images.dtype == torch.float32 and images.min() >= 0.0 and images.max() <= 1.0
     assert torch.equal(labels, torch.arange(len(PHOTOS)).repeat_interleave(6))
     # real photographs, not blank: patches differ from one another and most have texture
     assert images.flatten(1).std(dim=1).gt(0.0).float().mean() > 0.5
@@ -45,7 +45,7 @@ def test_photo_patches_as_training_data_keep_the_chosen_photos() -> None:
     assert data.class_names == [PHOTOS[0][1].split("/")[-1].split(".")[0], "camera"]
     assert torch.equal(data.labels, torch.tensor([0, 0, 0, 1, 1, 1]))
     images = data.loader(torch.arange(6))
-    assert images.shape == (6, 3, 8, 8) and -1.0 <= images.min() and images.max() <= 1.0
+    assert images.shape == (6, 3, 8, 8) and images.min() >= -1.0 and images.max() <= 1.0
     # the grayscale patch is copied to every channel, and equals the patch cut directly
     patches, labels = load_photo_patches(8, 3, 1)
     assert torch.equal(images[:, 0], images[:, 2])

@@ -31,11 +31,14 @@ def _experiment(out: Path, fids: dict[str, list[tuple[float, float, float]]]) ->
     scales: dict = {}
     for seed in range(3):
         results = {
-            m: {"fid": v[seed][1], "fid_domain_guidance": v[seed][2], "fid_curve": []} for m, v in fids.items()
+            m: {"fid": v[seed][1], "fid_domain_guidance": v[seed][2], "fid_curve": []}
+            for m, v in fids.items()
         }
         _write(out / "exp" / f"seed{seed}" / "results.json", results)
         for m, v in fids.items():
-            scales.setdefault(m, {"classifier-free": {"1": {}}})["classifier-free"]["1"][str(seed)] = v[seed][0]
+            scales.setdefault(m, {"classifier-free": {"1": {}}})["classifier-free"]["1"][str(seed)] = v[seed][
+                0
+            ]
     _write(out / "exp" / "scales.json", scales)
 
 
