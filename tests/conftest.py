@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from difftune.demo import DemoSettings
 from difftune.tiny_models import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 
 
@@ -20,6 +21,27 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_demo(tmp_path: Path) -> DemoSettings:
+    """The digits demo at toy size (seconds): outputs and source-model cache in ``tmp_path``."""
+    return DemoSettings(
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        per_class=4,
+        model_width=8,
+        model_layers=1,
+        pretrain_steps=6,
+        pretrain_batch=16,
+        bank_samples=12,
+        finetune_steps=4,
+        finetune_batch=10,
+        eval_every=2,
+        eval_per_class=4,
+        sample_steps=3,
+        classifier_steps=50,
+    )
 
 
 @pytest.fixture

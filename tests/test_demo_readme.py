@@ -14,27 +14,8 @@ from difftune.demo import DemoSettings, run_demo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_settings(tmp_path: Path) -> DemoSettings:
-    return DemoSettings(
-        out=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        per_class=4,
-        model_width=8,
-        model_layers=1,
-        pretrain_steps=6,
-        pretrain_batch=16,
-        bank_samples=12,
-        finetune_steps=4,
-        finetune_batch=10,
-        eval_every=2,
-        eval_per_class=4,
-        sample_steps=3,
-        classifier_steps=50,
-    )
-
-
-def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
-    settings = _tiny_settings(tmp_path)
+def test_demo_writes_results_for_both_methods(tiny_demo: DemoSettings) -> None:
+    settings = tiny_demo
     results = run_demo(settings)
     on_disk = json.loads((settings.out / "results.json").read_text())
     assert set(on_disk) == {"pre-trained (no tuning)", "plain", "diff-tuning"}
@@ -56,8 +37,8 @@ def test_demo_writes_results_for_both_methods(tmp_path: Path) -> None:
     assert "bank_share: 0.0" in plain and "bank_share: 0.2" in difft
 
 
-def test_demo_scores_domain_guidance_when_asked(tmp_path: Path) -> None:
-    settings = _tiny_settings(tmp_path)
+def test_demo_scores_domain_guidance_when_asked(tiny_demo: DemoSettings) -> None:
+    settings = tiny_demo
     settings.domain_guidance = True
     settings.methods = {"plain": {"target_schedule": "uniform", "bank_share": 0.0}}
     results = run_demo(settings)
@@ -66,8 +47,8 @@ def test_demo_scores_domain_guidance_when_asked(tmp_path: Path) -> None:
     assert "fid_domain_guidance" not in results["pre-trained (no tuning)"]
 
 
-def test_demo_reuses_cached_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = _tiny_settings(tmp_path)
+def test_demo_reuses_cached_source(tiny_demo: DemoSettings, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = tiny_demo
     first = run_demo(settings)
     assert "pre-training" in capsys.readouterr().out
     weights = next(settings.cache_dir.glob("demo-source-*/run/final/ema/transformer/*.safetensors"))
@@ -97,8 +78,8 @@ def test_readme_demo_command_runs_the_demo() -> None:
     assert "pip install torch==2.13.0" in command and command.endswith("difftune demo --out demo_out")
 
 
-def test_demo_forgetting_probes(tmp_path: Path) -> None:
-    settings = _tiny_settings(tmp_path)
+def test_demo_forgetting_probes(tiny_demo: DemoSettings) -> None:
+    settings = tiny_demo
     settings.methods = {"plain": {"target_schedule": "uniform", "bank_share": 0.0}}
     settings.forgetting_method = "plain"
     settings.forgetting_fractions = [0.0, 0.5, 1.0]

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
+from difftune.cli import main
 from difftune.config import DataConfig
 from difftune.data import load_target_images
 from difftune.datasets import PATCH_SCALES, PHOTOS, load_photo_patches
-from difftune.demo import DemoSettings
+from difftune.demo import PHOTO_TEST_BED, DemoSettings, run_demo
 from difftune.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_patches_cover_every_photo_at_every_scale_in_the_unit_range() -> None:
@@ -64,3 +72,24 @@ def test_demo_source_data_is_checked_and_the_digits_source_keeps_its_cache_key()
     assert photos.source_class_count == len(PHOTOS)
     assert photos.source_data_config().source == "photo_patches"
     assert "17 bundled photographs" in photos.describe()
+
+
+def test_demo_from_a_photo_source_fine_tunes_on_digits(tiny_demo: DemoSettings) -> None:
+    settings = replace(tiny_demo, source_data="photo_patches", patches_per_photo=3, domain_guidance=True)
+    results = run_demo(settings)
+    # a 17-class source model: its bank spans the photos; the targets take label rows 0..4
+    source = next(settings.cache_dir.glob("demo-source-*/run/final/ema/transformer/config.json"))
+    assert json.loads(source.read_text())["num_embeds_ada_norm"] == len(PHOTOS)
+    for name in ("plain", "diff-tuning"):
+        assert results[name]["fid"] >= 0 and results[name]["fid_domain_guidance"] >= 0
+    assert "bundled photographs" in (settings.out / "report.md").read_text()
+
+
+def test_demo_photos_cli_plan_uses_the_study_source(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["demo", "photos", "--dry-run", "--cache-dir", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out
+    study = yaml.safe_load((ROOT / "configs" / "reproduction" / "photos_main.yaml").read_text())["settings"]
+    key = DemoSettings(
+        **{k: v for k, v in study.items() if k in PHOTO_TEST_BED or k == "source_seed"}
+    ).source_key()
+    assert f"demo-source-{key}" in plan and "8000 steps" in plan and "demo_photos_out" in plan

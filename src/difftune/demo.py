@@ -1,6 +1,8 @@
 """The built-in demo: plain fine-tuning vs Diff-Tuning on scikit-learn's handwritten digits.
 
-1. Pre-train a small pixel-space DiT on digits 0-4 (cached after the first run).
+1. Pre-train a small pixel-space DiT on digits 0-4, or, on the second test bed
+   (:data:`PHOTO_TEST_BED`), on patches of the photographs bundled with scikit-image and
+   scikit-learn (cached after the first run).
 2. Generate its knowledge bank.
 3. Fine-tune on a few-shot target (digits 5-9) with plain fine-tuning and with Diff-Tuning, at equal
    steps and batch, from the same weights and with the same seed.
@@ -57,6 +59,14 @@ from difftune.trainer import Trainer, list_checkpoints
 SOURCE_CLASSES = [0, 1, 2, 3, 4]
 TARGET_CLASSES = [5, 6, 7, 8, 9]
 SOURCE_DATA = ("digits", "photo_patches")  # the two test beds' source domains
+# ``difftune demo photos``: the second test bed, whose source model (the photo patches) is larger
+# and more diverse than five digit classes and trains longer; everything after pre-training is the
+# digits demo's.
+PHOTO_TEST_BED: dict[str, Any] = {
+    "source_data": "photo_patches",
+    "pretrain_steps": 8000,
+    "pretrain_batch": 128,
+}
 
 
 @dataclass
