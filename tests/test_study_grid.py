@@ -85,3 +85,28 @@ def test_premise_reports_the_swap_cost_relative_to_no_swap_and_the_loss_ratio(gr
     mean, low, high = result["swap_cost"]["0.3"]
     assert mean == pytest.approx(0.3) and low == pytest.approx(0.3) and high == pytest.approx(0.3)
     assert result["gap_ratio"]["0-99"] == pytest.approx((1.5 + 3.0) / 2)
+
+
+def test_fit_summary_reports_cost_and_where_the_fitted_schedules_put_their_mass(grid, tmp_path: Path) -> None:
+    fit = {
+        "num_timesteps": 1000,
+        "t_low": [0, 250, 500, 750],
+        "psi": [1.0, 1.0, 3.0, 3.0],  # 0.75 of ψ on t >= 500
+        "xi": [2.0, 2.0, 1.0, 3.0],  # 0.5 of ξ on t < 500
+        "gap": [0.1, -0.2, 0.3, -0.1],
+        "forward_passes": 320,
+        "seconds": 4.0,
+        "uniform": False,
+    }
+    _write(tmp_path / "exp" / "seed0" / "runs" / "data-driven" / "data_schedule.json", fit)
+    _write(
+        tmp_path / "exp" / "seed1" / "runs" / "data-driven" / "data_schedule.json", {**fit, "seconds": 6.0}
+    )
+    summary = grid.fit_summary(tmp_path, "exp")
+    assert summary["seeds"] == 2 and summary["forward_passes"] == 320 and summary["seconds"] == [4.0, 6.0]
+    assert summary["psi_high_share"] == pytest.approx(0.75) and summary["xi_low_share"] == pytest.approx(0.5)
+    assert summary["positive_gap"] == pytest.approx(0.5) and summary["uniform"] == 0
+    assert "| c | 2 | 320 | 5.0 (4.0–6.0) | 0.75 | 0.50 | 50% | 0/2 |" in "\n".join(
+        grid.fit_markdown({"c": summary})
+    )
+    assert grid.fit_summary(tmp_path, "none") is None
