@@ -14,7 +14,8 @@ from difftune.cli import main
 from difftune.config import DataConfig
 from difftune.data import load_target_images
 from difftune.datasets import PATCH_SCALES, PHOTOS, load_photo_patches
-from difftune.demo import PHOTO_TEST_BED, DemoSettings, run_demo
+from difftune.demo import PHOTO_TEST_BED, SOURCE_DATA, DemoSettings, run_demo
+from difftune.demo_report import STUDY_FINDINGS
 from difftune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,13 @@ def test_demo_from_a_photo_source_fine_tunes_on_digits(tiny_demo: DemoSettings) 
     assert json.loads(source.read_text())["num_embeds_ada_norm"] == len(PHOTOS)
     for name in ("plain", "diff-tuning"):
         assert results[name]["fid"] >= 0 and results[name]["fid_domain_guidance"] >= 0
-    assert "bundled photographs" in (settings.out / "report.md").read_text()
+    report = (settings.out / "report.md").read_text()
+    assert "bundled photographs" in report
+    assert STUDY_FINDINGS["photo_patches"] in report and STUDY_FINDINGS["digits"] not in report
+
+
+def test_every_source_has_the_study_finding_its_report_quotes() -> None:
+    assert set(STUDY_FINDINGS) == set(SOURCE_DATA)
 
 
 def test_demo_photos_cli_plan_uses_the_study_source(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
