@@ -228,6 +228,51 @@ def fit_markdown(fits: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def overview_markdown(cells: list[dict[str, Any]]) -> list[str]:
+    """One table per question across every cell: each method against plain with each at its best way of
+    sampling, and domain guidance against classifier-free guidance at the same scale."""
+    done = [c for c in cells if c["seeds"]]
+    header = (
+        "| method | "
+        + " | ".join(f"{c['test_bed']}: {c['pair']} ({len(c['seeds'])} seeds)" for c in done)
+        + " |"
+    )
+    rule = "|---|" + "---|" * len(done)
+    lines = [
+        "### Overview",
+        "",
+        "Method − plain per seed, each at its own best way of sampling (see the cells below for which): "
+        "mean [95% t interval], seeds better, **sig.** where the interval excludes 0; negative = better.",
+        "",
+        header,
+        rule,
+    ]
+    for method in METHODS[1:]:
+        row = [_cell_text(c["methods"].get(method, {}).get("vs_plain_each_at_best")) for c in done]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Domain guidance − classifier-free guidance (both at 1.5), per seed; negative = domain guidance better:",
+        "",
+        header,
+        rule,
+    ]
+    for method in METHODS:
+        row = []
+        for c in done:
+            fid = c["methods"].get(method, {}).get("fid", {})
+            pair = None
+            if fid:
+                as_int = {
+                    name: {int(k): v for k, v in fid[name].items()}
+                    for name in ("classifier-free 1.5", "domain 1.5")
+                }
+                pair = paired(as_int["classifier-free 1.5"], as_int["domain 1.5"])
+            row.append(_cell_text(pair))
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def premise(out: Path, experiment: str) -> dict[str, Any] | None:
     """Swap-probe FID cost at :data:`FRACTIONS` (relative to f = 0) and the mean transfer-gap ratio per t bin."""
     seed_dirs = [
@@ -298,6 +343,8 @@ def main() -> None:
     lines = ["# The study grid", ""]
     if premises:
         lines += premise_markdown(premises)
+    if any(c["seeds"] for c in cells):
+        lines += overview_markdown(cells)
     if fits:
         lines += fit_markdown(fits)
     for result in cells:

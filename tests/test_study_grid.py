@@ -66,6 +66,12 @@ def test_each_method_is_paired_with_plain_per_sampling_and_each_at_its_best(grid
     text = "\n".join(grid.cell_markdown(result))
     assert "| plain | 40.00 ± 2.00 | 50.00 ± 2.00 | 80.00 ± 2.00 | unguided |" in text
     assert "| diff-tuning | +20.00 [" in text  # unguided: 60 - 40, 61 - 42, 59 - 38 = 20, 19, 21
+    overview = "\n".join(grid.overview_markdown([result]))
+    assert "| photos: p (3 seeds) |" in overview
+    assert "| diff-tuning | +4.00 [" in overview  # each at its best, as above
+    # domain − classifier-free guidance: plain +30 on every seed; Diff-Tuning +25, +29, +27
+    assert "| plain | +30.00 [+30.00, +30.00] 0/3 **sig.** |" in overview
+    assert "| diff-tuning | +27.00 [" in overview
 
 
 def test_a_method_without_runs_leaves_the_cell_to_the_seeds_all_have(grid, tmp_path: Path) -> None:
