@@ -22,7 +22,8 @@ from pathlib import Path
 
 from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained, load_trained
-from difftune.demo import DemoSettings, _Evaluator, _pretrain_source
+from difftune.demo import DemoSettings, pretrain_source
+from difftune.demo_evaluation import DigitsEvaluator
 
 
 def _settings(seed_dir: Path) -> DemoSettings:
@@ -44,8 +45,8 @@ def main() -> None:
     per_seed: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for seed in args.seeds:
         settings = _settings(args.experiment / f"seed{seed}")
-        source = load_pretrained(str(_pretrain_source(settings)), subfolder="ema/transformer").backbone
-        evaluator = _Evaluator.build(settings)
+        source = load_pretrained(str(pretrain_source(settings)), subfolder="ema/transformer").backbone
+        evaluator = DigitsEvaluator.build(settings)
         for method in settings.methods:
             final = load_trained(str(settings.out / "runs" / method / "final"))
             for scale in args.scales:

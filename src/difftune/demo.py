@@ -27,7 +27,6 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
 from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained, load_trained
-from difftune.backbones.base import Backbone
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
 from difftune.config import (
@@ -39,19 +38,13 @@ from difftune.config import (
     TrainConfig,
     TuningConfig,
 )
-from difftune.data import PATCH_FORMAT, few_shot_indices, load_digits_split
+from difftune.data import PATCH_FORMAT
 from difftune.datasets import PHOTOS
+from difftune.demo_evaluation import DigitsEvaluator
 from difftune.demo_report import environment, plot_curves, report_markdown, uniform_t_loss
 from difftune.errors import UserError
 from difftune.images import save_grid
-from difftune.metrics import (
-    DigitFeatureExtractor,
-    compute_feature_stats,
-    fid_from_stats,
-    train_digit_classifier,
-)
-from difftune.metrics.fid import FeatureStats
-from difftune.sampling import build_scheduler, generate_with_spec, to_unit_range
+from difftune.sampling import build_scheduler, to_unit_range
 from difftune.sampling_spec import SamplingSpec
 from difftune.store import user_cache_dir
 from difftune.trainer import Trainer, list_checkpoints
@@ -197,7 +190,7 @@ def pretraining_config(
     )
 
 
-def _pretrain_source(s: DemoSettings) -> Path:
+def pretrain_source(s: DemoSettings) -> Path:
     """Train the source model on its source data (or reuse the cached one); returns its directory."""
     root = s.resolved_cache() / f"demo-source-{s.source_key()}"
     final = root / "run" / "final"
@@ -229,52 +222,6 @@ def _pretrain_source(s: DemoSettings) -> Path:
     )
     print(f"[demo] pre-training the source model on {s.source_description()} (cached for next time)")
     return Trainer(cfg).train()
-
-
-@dataclass
-class _Evaluator:
-    """FID on held-out target digits with a digit classifier trained on other held-out digits."""
-
-    extractor: DigitFeatureExtractor
-    reference: FeatureStats
-    settings: DemoSettings
-    reference_images: torch.Tensor  # (M, 1, 8, 8) in [0, 1], held-out target digits
-    reference_labels: torch.Tensor  # (M,) target labels 0..K-1
-
-    @classmethod
-    def build(cls, s: DemoSettings) -> _Evaluator:
-        images, digits = load_digits_split()
-        images = (images + 1) / 2  # [0, 1]
-        target_classes = torch.tensor(sorted(s.target_classes))
-        is_target = torch.isin(digits, target_classes)
-        target_idx = is_target.nonzero().flatten()
-        # the same few-shot selection as training (labels re-indexed 0..K-1, same seed)
-        reindexed = torch.searchsorted(target_classes, digits[target_idx])
-        train_idx = target_idx[few_shot_indices(reindexed, s.per_class, s.seed)]
-        held_out = target_idx[~torch.isin(target_idx, train_idx)]
-        held_out = held_out[torch.randperm(held_out.numel(), generator=torch.Generator().manual_seed(s.seed))]
-        reference_idx, classifier_target_idx = (
-            held_out[: held_out.numel() // 2],
-            held_out[held_out.numel() // 2 :],
-        )
-        classifier_idx = torch.cat([(~is_target).nonzero().flatten(), classifier_target_idx])
-        classifier = train_digit_classifier(
-            images[classifier_idx], digits[classifier_idx], steps=s.classifier_steps, seed=s.seed
-        )
-        extractor = DigitFeatureExtractor(classifier)
-        reference = images[reference_idx]
-        labels = torch.searchsorted(target_classes, digits[reference_idx])
-        return cls(extractor, compute_feature_stats(reference, extractor), s, reference, labels)
-
-    def samples(self, loaded: LoadedModel, guide: Backbone | None = None) -> torch.Tensor:
-        """``eval_per_class`` samples per target class in [0, 1], fixed seeds; ``guide``: domain guidance."""
-        s, backbone = self.settings, loaded.backbone.eval()
-        cond = backbone.condition(torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class))
-        x = generate_with_spec(backbone, loaded.scheduler_config, s.sampling, cond, guide=guide)
-        return to_unit_range(x)
-
-    def fid(self, images: torch.Tensor) -> float:
-        return fid_from_stats(self.reference, compute_feature_stats(images, self.extractor))
 
 
 @dataclass
@@ -328,7 +275,7 @@ def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
 
 
 def _forgetting_probes(
-    s: DemoSettings, evaluator: _Evaluator, final: LoadedModel, source: LoadedModel
+    s: DemoSettings, evaluator: DigitsEvaluator, final: LoadedModel, source: LoadedModel
 ) -> None:
     """Swap probe (FID per hand-over fraction) and transfer-gap curve; JSON + PNG in ``s.out``."""
     print(f"[demo] chain-of-forgetting probes on the {s.forgetting_method} model")
@@ -377,13 +324,13 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     """Run the whole demo; returns and writes ``results.json`` (method name -> metrics)."""
     start = time.time()
     s.out.mkdir(parents=True, exist_ok=True)
-    source = _pretrain_source(s)
+    source = pretrain_source(s)
     source_model = load_pretrained(str(source), subfolder="ema/transformer")
     bank = s.resolved_cache() / f"demo-source-{s.source_key()}" / f"bank-{s.bank_samples}-seed{s.seed}"
     print(f"[demo] knowledge bank: {s.bank_samples} samples of the source model")
     generate_bank(source_model, BankConfig(path=str(bank), num_samples=s.bank_samples, seed=s.seed))
     print("[demo] training the evaluation classifier on held-out digits")
-    evaluator = _Evaluator.build(s)
+    evaluator = DigitsEvaluator.build(s)
     results: dict[str, dict[str, Any]] = {
         "pre-trained (no tuning)": {"fid": evaluator.fid(evaluator.samples(source_model))}
     }
