@@ -122,16 +122,20 @@ def cell_result(out: Path, cell: Cell) -> dict[str, Any]:
     seeds = sorted(set.intersection(*(set(f["classifier-free 1.5"]) for f in fids.values())))
     best = {m: best_sampling(f, seeds) for m, f in fids.items()}
     result: dict[str, Any] = {"test_bed": cell.test_bed, "pair": cell.pair, "seeds": seeds, "methods": {}}
+
+    def at_best(base: str, method: str) -> dict[str, Any] | None:
+        if base not in fids or not (best[base] and best[method]):
+            return None
+        return paired(fids[base][best[base]], fids[method][best[method]])
+
     for method, f in fids.items():
         vs_plain = {name: paired(fids["plain"][name], f[name]) for name in SAMPLING}
-        at_best = None
-        if best[method] and best["plain"]:
-            at_best = paired(fids["plain"][best["plain"]], f[best[method]])
         result["methods"][method] = {
             "fid": {name: {str(s): v for s, v in f[name].items()} for name in SAMPLING},
             "best": best[method],
             "vs_plain": vs_plain,
-            "vs_plain_each_at_best": at_best,
+            "vs_plain_each_at_best": at_best("plain", method),
+            "vs_power_each_at_best": at_best("diff-tuning", method),
         }
     return result
 
@@ -250,7 +254,15 @@ def overview_markdown(cells: list[dict[str, Any]]) -> list[str]:
     for method in METHODS[1:]:
         row = [_cell_text(c["methods"].get(method, {}).get("vs_plain_each_at_best")) for c in done]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
+    row = [_cell_text(c["methods"].get("data-driven", {}).get("vs_power_each_at_best")) for c in done]
     lines += [
+        "",
+        "Data-driven schedules − the paper's power schedules (Diff-Tuning, s = 1), each at its best way of "
+        "sampling, per seed:",
+        "",
+        header,
+        rule,
+        "| data-driven | " + " | ".join(row) + " |",
         "",
         "Domain guidance − classifier-free guidance (both at 1.5), per seed; negative = domain guidance better:",
         "",

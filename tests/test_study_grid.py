@@ -63,6 +63,8 @@ def test_each_method_is_paired_with_plain_per_sampling_and_each_at_its_best(grid
     best = dt["vs_plain_each_at_best"]
     assert best["mean"] == pytest.approx(4.0) and best["better"] == 0
     assert best["low"] < best["mean"] < best["high"]
+    # against the power schedules instead: plain unguided − Diff-Tuning with guidance = -5, 0, -7
+    assert plain["vs_power_each_at_best"]["mean"] == pytest.approx(-4.0)
     text = "\n".join(grid.cell_markdown(result))
     assert "| plain | 40.00 ± 2.00 | 50.00 ± 2.00 | 80.00 ± 2.00 | unguided |" in text
     assert "| diff-tuning | +20.00 [" in text  # unguided: 60 - 40, 61 - 42, 59 - 38 = 20, 19, 21
