@@ -2,7 +2,7 @@
 
 ``digits`` (the default): plain fine-tuning vs Diff-Tuning on handwritten digits, by FID.
 ``photos``: the same transfer from a source model pre-trained on patches of bundled photographs (the
-second test bed; its pre-training takes about 15-25 minutes once, then it is cached).
+second test bed; its pre-training took about 25 minutes on one CPU thread, once, then it is cached).
 ``controlnet``: a ControlNet on digit edge maps, plain vs Diff-Tuning vs inverse-SNR weighting, by how
 soon generated digits follow their edges.
 """
