@@ -100,3 +100,11 @@ def test_demo_photos_cli_plan_uses_the_study_source(capsys: pytest.CaptureFixtur
         **{k: v for k, v in study.items() if k in PHOTO_TEST_BED or k == "source_seed"}
     ).source_key()
     assert f"demo-source-{key}" in plan and "8000 steps" in plan and "demo_photos_out" in plan
+
+
+@pytest.mark.parametrize(("source", "bad"), [("photo_patches", 17), ("digits", 10)])
+def test_a_class_the_built_in_set_lacks_is_refused_by_name(source: str, bad: int) -> None:
+    with pytest.raises(
+        UserError, match=rf"data.classes has \[{bad}\], which {source} does not have: use classes 0\.\."
+    ):
+        load_target_images(DataConfig(source=source, classes=[0, bad]), 8, 1)

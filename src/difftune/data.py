@@ -203,6 +203,12 @@ def load_target_images(
 
 def _built_in_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
     """A built-in set (``digits`` or ``photo_patches``), its ``classes`` re-indexed 0..K-1."""
+    count = 10 if cfg.source == "digits" else len(PHOTOS)
+    unknown = sorted(set(cfg.classes or []) - set(range(count)))
+    if unknown:
+        raise UserError(
+            f"data.classes has {unknown}, which {cfg.source} does not have: use classes 0..{count - 1}"
+        )
     if cfg.source == "digits":
         images, original_labels = load_digits_split(cfg.classes)
         per_class, prefix = cfg.per_class, "digits"
