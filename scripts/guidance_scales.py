@@ -8,8 +8,9 @@ the demo's evaluator from the seed's ``run_info.json`` settings, and scores each
 model at each scale with its own unconditional branch (classifier-free guidance) and with the
 source model as the guidance branch (domain guidance). Same seeds and sampler as the demo's FID.
 Writes a markdown table (FID mean ± std over seeds per method, guidance and scale) and, with
-``--json``, every seed's FID (``method -> guidance -> scale -> seed -> FID``), which
-``scripts/study_grid.py`` pairs by seed.
+``--json``, every seed's FID (``method -> guidance -> scale -> seed -> FID``, added to what the file
+already holds, so scales can be scored in several runs), which ``scripts/study_grid.py`` pairs by
+seed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import statistics
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained, load_trained
@@ -31,6 +33,16 @@ def _settings(seed_dir: Path) -> DemoSettings:
     known = {f.name for f in fields(DemoSettings)}
     values = {k: v for k, v in saved.items() if k in known and k not in ("out", "cache_dir")}
     return DemoSettings(out=seed_dir, **values)
+
+
+def merge_fids(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with every FID of ``new`` added (``method -> guidance -> scale -> seed``); ``new`` wins."""
+    merged = json.loads(json.dumps(old))
+    for method, kinds in new.items():
+        for kind, scales in kinds.items():
+            for scale, seeds in scales.items():
+                merged.setdefault(method, {}).setdefault(kind, {}).setdefault(scale, {}).update(seeds)
+    return merged
 
 
 def main() -> None:
@@ -78,7 +90,9 @@ def main() -> None:
     if args.out:
         atomic_write_text(args.out, f"Seeds {args.seeds}; final FID, mean ± std over seeds.\n\n{table}")
     if args.json:
-        atomic_write_json(args.json, per_seed)
+        atomic_write_json(
+            args.json, merge_fids(json.loads(args.json.read_text()) if args.json.is_file() else {}, per_seed)
+        )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
-"""The study grid: both test beds, both digit pairs, five methods, three ways to sample, paired by seed.
+"""The study grid: both test beds, both digit pairs, five methods, up to five ways to sample, paired by seed.
 
     python scripts/study_grid.py               # reads docs/reproduction, writes grid.md and grid.json there
 
 Every cell of :data:`CELLS` names the experiments of ``scripts/reproduce.py`` that hold each
-method's runs. A method's final model is scored three ways, each on the same evaluation seeds:
+method's runs. A method's final model is scored in up to five ways, each on the same evaluation seeds:
 
 * without guidance (scale 1), from ``<experiment>/scales.json`` as written by
   ``scripts/guidance_scales.py --scales 1.0 --json``;
 * with classifier-free guidance at 1.5 (the demo's FID, ``results.json``);
-* with domain guidance at 1.5 (the source model as the guidance branch, ``fid_domain_guidance``).
+* with domain guidance at 1.5 (the source model as the guidance branch, ``fid_domain_guidance``);
+* with either guidance at 2, where ``scales.json`` has it (``--scales 2.0``).
 
 Every method is paired with plain fine-tuning seed by seed, at each way of sampling and with each
 at its own best one (lowest mean FID over seeds), with 95% t intervals. The premise section reads
@@ -30,7 +31,13 @@ from difftune.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("plain", "diff-tuning", "s=0.5", "retention-only", "data-driven")
-SAMPLING = ("unguided", "classifier-free 1.5", "domain 1.5")
+SAMPLING = ("unguided", "classifier-free 1.5", "domain 1.5", "classifier-free 2", "domain 2")
+# the ways of sampling that scripts/guidance_scales.py --json measures: name -> (guidance, scale)
+FROM_SCALES = {
+    "unguided": ("classifier-free", "1"),
+    "classifier-free 2": ("classifier-free", "2"),
+    "domain 2": ("domain", "2"),
+}
 PREMISE = {"digits (0-4 -> 5-9)": "digits_main", "photos (photos -> 5-9)": "photos_main"}
 FRACTIONS = (0.1, 0.3, 0.5)
 
@@ -75,9 +82,9 @@ def method_fids(out: Path, experiment: str, method: str) -> dict[str, dict[int, 
         if "fid_domain_guidance" in run:
             fids["domain 1.5"][seed] = run["fid_domain_guidance"]
     scales = out / experiment / "scales.json"
-    if scales.is_file():
-        unguided = json.loads(scales.read_text()).get(method, {}).get("classifier-free", {}).get("1", {})
-        fids["unguided"] = {int(seed): fid for seed, fid in unguided.items()}
+    measured = json.loads(scales.read_text()).get(method, {}) if scales.is_file() else {}
+    for name, (kind, scale) in FROM_SCALES.items():
+        fids[name] = {int(seed): fid for seed, fid in measured.get(kind, {}).get(scale, {}).items()}
     return fids
 
 

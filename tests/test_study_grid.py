@@ -27,7 +27,7 @@ def _write(path: Path, obj) -> None:
 
 
 def _experiment(out: Path, fids: dict[str, list[tuple[float, float, float]]]) -> None:
-    """fids: method -> per seed (unguided, classifier-free 1.5, domain 1.5)."""
+    """fids: method -> per seed (unguided, classifier-free 1.5, domain 1.5[, classifier-free 2])."""
     scales: dict = {}
     for seed in range(3):
         results = {
@@ -36,9 +36,10 @@ def _experiment(out: Path, fids: dict[str, list[tuple[float, float, float]]]) ->
         }
         _write(out / "exp" / f"seed{seed}" / "results.json", results)
         for m, v in fids.items():
-            scales.setdefault(m, {"classifier-free": {"1": {}}})["classifier-free"]["1"][str(seed)] = v[seed][
-                0
-            ]
+            measured = scales.setdefault(m, {"classifier-free": {"1": {}}})["classifier-free"]
+            measured["1"][str(seed)] = v[seed][0]
+            if len(v[seed]) > 3:  # classifier-free guidance at 2 as well
+                measured.setdefault("2", {})[str(seed)] = v[seed][3]
     _write(out / "exp" / "scales.json", scales)
 
 
@@ -49,9 +50,11 @@ def test_each_method_is_paired_with_plain_per_sampling_and_each_at_its_best(grid
             # plain is best unguided (mean 40); Diff-Tuning is best with classifier-free guidance (mean 44)
             "plain": [(40.0, 50.0, 80.0), (42.0, 52.0, 82.0), (38.0, 48.0, 78.0)],
             "diff-tuning": [(60.0, 45.0, 70.0), (61.0, 42.0, 71.0), (59.0, 45.0, 72.0)],
+            # measured at guidance 2 on every seed, but worse there than at 1.5 (mean 50 vs 48)
+            "s=0.5": [(60.0, 48.0, 70.0, 50.0), (61.0, 48.0, 71.0, 49.0), (59.0, 48.0, 72.0, 51.0)],
         },
     )
-    cell = grid.Cell("photos", "p", {"plain": "exp", "diff-tuning": "exp"})
+    cell = grid.Cell("photos", "p", {"plain": "exp", "diff-tuning": "exp", "s=0.5": "exp"})
     result = grid.cell_result(tmp_path, cell)
     assert result["seeds"] == [0, 1, 2]
     plain, dt = result["methods"]["plain"], result["methods"]["diff-tuning"]
@@ -66,7 +69,13 @@ def test_each_method_is_paired_with_plain_per_sampling_and_each_at_its_best(grid
     # against the power schedules instead: plain unguided − Diff-Tuning with guidance = -5, 0, -7
     assert plain["vs_power_each_at_best"]["mean"] == pytest.approx(-4.0)
     text = "\n".join(grid.cell_markdown(result))
-    assert "| plain | 40.00 ± 2.00 | 50.00 ± 2.00 | 80.00 ± 2.00 | unguided |" in text
+    assert "| plain | 40.00 ± 2.00 | 50.00 ± 2.00 | 80.00 ± 2.00 | – | – | unguided |" in text
+    assert (
+        "| s=0.5 | 60.00 ± 1.00 | 48.00 ± 0.00 | 71.00 ± 1.00 | 50.00 ± 1.00 | – | classifier-free 1.5 |"
+        in text
+    )
+    # guidance 2 is paired with plain only where plain has it too
+    assert result["methods"]["s=0.5"]["vs_plain"]["classifier-free 2"] is None
     assert "| diff-tuning | +20.00 [" in text  # unguided: 60 - 40, 61 - 42, 59 - 38 = 20, 19, 21
     overview = "\n".join(grid.overview_markdown([result]))
     assert "| photos: p (3 seeds) |" in overview
@@ -118,3 +127,19 @@ def test_fit_summary_reports_cost_and_where_the_fitted_schedules_put_their_mass(
         grid.fit_markdown({"c": summary})
     )
     assert grid.fit_summary(tmp_path, "none") is None
+
+
+def test_guidance_scales_json_adds_new_scales_to_what_the_file_holds() -> None:
+    spec = importlib.util.spec_from_file_location("guidance_scales", ROOT / "scripts" / "guidance_scales.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old = {"plain": {"classifier-free": {"1": {"0": 40.0, "1": 41.0}}}}
+    new = {"plain": {"classifier-free": {"2": {"0": 50.0}, "1": {"1": 42.0}}, "domain": {"2": {"0": 60.0}}}}
+    merged = module.merge_fids(old, new)
+    assert merged == {
+        "plain": {
+            "classifier-free": {"1": {"0": 40.0, "1": 42.0}, "2": {"0": 50.0}},
+            "domain": {"2": {"0": 60.0}},
+        }
+    }
+    assert old == {"plain": {"classifier-free": {"1": {"0": 40.0, "1": 41.0}}}}  # not modified in place
