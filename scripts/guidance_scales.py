@@ -16,6 +16,7 @@ seed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 from dataclasses import fields, replace
@@ -37,7 +38,7 @@ def _settings(seed_dir: Path) -> DemoSettings:
 
 def merge_fids(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with every FID of ``new`` added (``method -> guidance -> scale -> seed``); ``new`` wins."""
-    merged = json.loads(json.dumps(old))
+    merged = copy.deepcopy(old)
     for method, kinds in new.items():
         for kind, scales in kinds.items():
             for scale, seeds in scales.items():

@@ -138,11 +138,12 @@ def cell_result(out: Path, cell: Cell) -> dict[str, Any]:
     for method, f in fids.items():
         vs_plain = {name: paired(fids["plain"][name], f[name]) for name in SAMPLING}
         result["methods"][method] = {
-            "fid": {name: {str(s): v for s, v in f[name].items()} for name in SAMPLING},
+            "fid": f,
             "best": best[method],
             "vs_plain": vs_plain,
             "vs_plain_each_at_best": at_best("plain", method),
             "vs_power_each_at_best": at_best("diff-tuning", method),
+            "domain_vs_classifier_free": paired(f["classifier-free 1.5"], f["domain 1.5"]),
         }
     return result
 
@@ -160,9 +161,7 @@ def cell_markdown(result: dict[str, Any]) -> list[str]:
     ]
     for method, r in result["methods"].items():
         cells = [
-            _mean_std([r["fid"][name][str(s)] for s in seeds])
-            if all(str(s) in r["fid"][name] for s in seeds)
-            else "–"
+            _mean_std([r["fid"][name][s] for s in seeds]) if all(s in r["fid"][name] for s in seeds) else "–"
             for name in SAMPLING
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {r['best'] or '–'} |")
@@ -277,17 +276,7 @@ def overview_markdown(cells: list[dict[str, Any]]) -> list[str]:
         rule,
     ]
     for method in METHODS:
-        row = []
-        for c in done:
-            fid = c["methods"].get(method, {}).get("fid", {})
-            pair = None
-            if fid:
-                as_int = {
-                    name: {int(k): v for k, v in fid[name].items()}
-                    for name in ("classifier-free 1.5", "domain 1.5")
-                }
-                pair = paired(as_int["classifier-free 1.5"], as_int["domain 1.5"])
-            row.append(_cell_text(pair))
+        row = [_cell_text(c["methods"].get(method, {}).get("domain_vs_classifier_free")) for c in done]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return lines + [""]
 

@@ -27,7 +27,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.captions import caption_folder, saved_dataset, template_captions
 from difftune.data_config import BUILT_IN_SOURCES, DataConfig
-from difftune.datasets import PHOTOS, load_photo_patches, load_sklearn_digits
+from difftune.datasets import PHOTOS, built_in_class_count, load_photo_patches, load_sklearn_digits
 from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
 from difftune.store import LatentStore, folder_identity
@@ -203,22 +203,22 @@ def load_target_images(
 
 def _built_in_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
     """A built-in set (``digits`` or ``photo_patches``), its ``classes`` re-indexed 0..K-1."""
-    count = 10 if cfg.source == "digits" else len(PHOTOS)
+    count = built_in_class_count(cfg.source)
     unknown = sorted(set(cfg.classes or []) - set(range(count)))
     if unknown:
         raise UserError(
             f"data.classes has {unknown}, which {cfg.source} does not have: use classes 0..{count - 1}"
         )
     if cfg.source == "digits":
-        images, original_labels = load_digits_split(cfg.classes)
+        images, original_labels = load_digits_split()
         per_class, prefix = cfg.per_class, "digits"
     else:  # patches are cut at the model's size; per_class = patches per photo (drawn with the seed)
         images, original_labels = load_photo_patches(resolution, cfg.per_class or PATCHES_PER_PHOTO, cfg.seed)
         images = images * 2.0 - 1.0
-        if cfg.classes is not None:
-            keep = torch.isin(original_labels, torch.tensor(cfg.classes))
-            images, original_labels = images[keep], original_labels[keep]
         per_class, prefix = None, f"photo_patches:{PATCH_FORMAT}"
+    if cfg.classes is not None:
+        keep = torch.isin(original_labels, torch.tensor(cfg.classes))
+        images, original_labels = images[keep], original_labels[keep]
     classes = sorted(original_labels.unique().tolist())
     labels = torch.searchsorted(torch.tensor(classes), original_labels)
     keep = few_shot_indices(labels, per_class, cfg.seed)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from difftune.errors import UserError
 
-__all__ = ["PHOTOS", "load_photo_patches", "load_sklearn_digits"]
+__all__ = ["PHOTOS", "built_in_class_count", "load_photo_patches", "load_sklearn_digits"]
 
 # (package, file) of every photograph used: natural scenes, objects, textures, microscopy and
 # astronomy; printed text, drawings and synthetic test patterns are left out so that nothing in the
@@ -42,6 +42,11 @@ PHOTOS: tuple[tuple[str, str], ...] = (
     ("sklearn.datasets", "images/flower.jpg"),
 )
 PATCH_SCALES = (24, 48, 96)  # each photo's shorter side before patches are cut: parts, objects, scenes
+
+
+def built_in_class_count(source: str) -> int:
+    """Classes of a built-in set: 10 digits, or one per photo of :data:`PHOTOS`."""
+    return 10 if source == "digits" else len(PHOTOS)
 
 
 def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ from difftune.backbones.loading import peek_backbone
 from difftune.bank.conditions import check_bank_conditions
 from difftune.config import ExperimentConfig
 from difftune.control.validation import check_validation
+from difftune.data_config import BUILT_IN_SOURCES
+from difftune.datasets import built_in_class_count
 from difftune.errors import UserError
 from difftune.store import LatentStore
 
@@ -51,12 +53,8 @@ def _target_classes(cfg: ExperimentConfig) -> int:
         return len(read_metadata(Path(cfg.data.path or ""), cfg.data.caption_column, cfg.data.control_column))
     if cfg.data.source == "hf_dataset":
         return 0  # counted when the dataset is opened by the run
-    if cfg.data.source == "digits":
-        return len(set(cfg.data.classes)) if cfg.data.classes else 10
-    if cfg.data.source == "photo_patches":
-        from difftune.datasets import PHOTOS
-
-        return len(set(cfg.data.classes)) if cfg.data.classes else len(PHOTOS)
+    if cfg.data.source in BUILT_IN_SOURCES:
+        return len(set(cfg.data.classes)) if cfg.data.classes else built_in_class_count(cfg.data.source)
     from difftune.data import class_folders
 
     class_dirs, _, _ = class_folders(Path(cfg.data.path or ""), cfg.data.on_bad_file)
