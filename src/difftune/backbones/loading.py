@@ -19,7 +19,6 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
-    DDPMScheduler,
     DiffusionPipeline,
     DiTTransformer2DModel,
     UNet2DConditionModel,
@@ -31,6 +30,7 @@ from difftune.backbones.codec import LatentCodec
 from difftune.backbones.controlnet import ControlNetBackbone
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.fingerprint import model_fingerprint
+from difftune.backbones.noise_schedule import read_noise_schedule
 from difftune.backbones.sd_parts import (
     attach_text,
     controlnet_backbone,
@@ -55,7 +55,6 @@ BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
 }
 FROM_UNET = "from_unet"  # model.controlnet: a new ControlNet initialised from the UNet
 SOURCE_FILE = "difftune_source.json"
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,8 +64,9 @@ class LoadedModel:
     Attributes:
         backbone: the adapter around the diffusers model.
         codec: VAE codec (latent space) or identity (pixel space).
-        scheduler_config: the noise schedule's config (used to build training and sampling
-            schedulers).
+        scheduler_config: the noise schedule: the keys its scheduler config states, or difftune's
+            default for a model without one (:mod:`difftune.backbones.noise_schedule`); training
+            and sampling schedulers are built from it, and saving writes it back unchanged.
         source: where it came from (hub id or path), recorded in banks and checkpoints.
         vae_source: where the VAE came from, or ``None``.
         vae_subfolder: the VAE's sub-folder inside ``vae_source``, or ``None``.
@@ -304,15 +304,7 @@ def load_pretrained(
         attach_text(backbone, prompts)
         pipeline = text_root
 
-    if "scheduler" in components:
-        scheduler_config = dict(
-            DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision)
-        )
-    elif (Path(pretrained) / (sub or "") / "scheduler_config.json").is_file():  # beside a single model
-        scheduler_config = dict(DDPMScheduler.load_config(str(Path(pretrained) / (sub or ""))))
-    else:
-        logger.warning("%s has no noise schedule (scheduler/); using DDPMScheduler's defaults", pretrained)
-        scheduler_config = dict(DDPMScheduler().config)
+    scheduler_config = read_noise_schedule(pretrained, sub, "scheduler" in components, revision)
     return LoadedModel(
         backbone=backbone,
         codec=codec,

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from difftune.atomic import atomic_directory
@@ -25,6 +24,7 @@ from difftune.backbones.adapters import (
     save_adapter,
 )
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
+from difftune.backbones.noise_schedule import scheduler_class_name, write_noise_schedule
 from difftune.tuning import trainable_parameters
 
 
@@ -93,7 +93,7 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
                 write(tmp / "ema")
             finally:
                 ema.restore(params)
-        DDPMScheduler.from_config(loaded.scheduler_config).save_pretrained(tmp / "scheduler")
+        write_noise_schedule(loaded.scheduler_config, tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
         if loaded.pipeline is not None:  # where the text encoder is read from
             record["pipeline"] = absolute_source(loaded.pipeline)
@@ -132,7 +132,7 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
         "_class_name": backbone.pipeline_class,
         "_diffusers_version": diffusers.__version__,
         backbone.subfolder: ["diffusers", type(backbone.inner).__name__],
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", scheduler_class_name(loaded.scheduler_config)],
     }
     for name, part in parts.items():
         index[name] = [type(part).__module__.split(".")[0], type(part).__name__]

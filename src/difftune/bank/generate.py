@@ -43,6 +43,7 @@ def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
         "dtype": "float32",
         **backbone.bank_record(),
         "scheduler": cfg.scheduler,
+        "noise_schedule": loaded.scheduler_config,
         "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale,
         "seed": cfg.seed,
@@ -76,7 +77,8 @@ def generate_bank(
     manifest = bank_manifest(loaded, cfg)
     if state.is_main_process:
         # the weights' fingerprint identifies the model; its path may change between runs
-        LatentStore.create(cfg.path, manifest, informational=("source", "vae"))
+        # the noise schedule is a record (banks made before it was recorded resume too)
+        LatentStore.create(cfg.path, manifest, informational=("source", "vae", "noise_schedule"))
     state.wait_for_everyone()
     store = LatentStore(cfg.path)
     backbone = loaded.backbone.to(device).eval()
