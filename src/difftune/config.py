@@ -19,7 +19,7 @@ from difftune.atomic import atomic_write_text
 from difftune.config_checks import ConfigError, _check, _check_fields
 from difftune.data_config import DataConfig
 from difftune.sampling_spec import SamplingSpec
-from difftune.schedules import FITTED_SCHEDULES, is_schedule_name, schedule_names
+from difftune.schedule_names import FITTED_SCHEDULE_NAMES, is_schedule_name, schedule_names
 from difftune.train_config import TrainConfig
 from difftune.tuning import TUNING_METHODS, TuningConfig
 
@@ -175,7 +175,7 @@ class ObjectiveConfig:
     @property
     def fitted_schedules(self) -> list[str]:
         """The streams (``target_schedule``, ``bank_schedule``) whose schedule is fitted from data."""
-        return [k for k in ("target_schedule", "bank_schedule") if getattr(self, k) in FITTED_SCHEDULES]
+        return [k for k in ("target_schedule", "bank_schedule") if getattr(self, k) in FITTED_SCHEDULE_NAMES]
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 
 from difftune.errors import UserError
 from difftune.plugins import import_object
+from difftune.schedule_names import schedule_names
 
 
 class TimestepSchedule:
@@ -198,16 +199,6 @@ SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
 FITTED_SCHEDULES: dict[str, Callable[[Sequence[float], int], TimestepSchedule]] = {
     "data_driven": lambda weights, num_timesteps: tabulated(weights, num_timesteps, "data_driven"),
 }
-
-
-def schedule_names() -> list[str]:
-    """Every registered schedule name (a ``"package.module:function"`` density is valid too)."""
-    return sorted(SCHEDULES | SNR_SCHEDULES | FITTED_SCHEDULES)
-
-
-def is_schedule_name(name: str) -> bool:
-    """``name`` names a registered schedule or a ``"package.module:function"`` density."""
-    return name in schedule_names() or ":" in name
 
 
 def build_schedule(

@@ -12,14 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from difftune.errors import UserError
-from difftune.objectives.base import Draw, LossTerms, Objective
-from difftune.objectives.diff_tuning import DiffTuningLoss
-from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
-from difftune.schedules import NoiseLevels, build_schedule
-from difftune.tuning import can_switch_off
+from difftune.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -27,6 +21,22 @@ if TYPE_CHECKING:
     from difftune.analysis.data_schedule import DataSchedule
     from difftune.backbones.base import Backbone
     from difftune.config import ObjectiveConfig
+    from difftune.objectives.base import Objective
+    from difftune.objectives.diff_tuning import DiffTuningLoss
+    from difftune.objectives.distillation import DistillationLoss
+
+# the module of each public name that needs torch: imported on first use, so that a config is checked
+# (``objective.kind`` against :data:`OBJECTIVES`) without torch
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Draw": "base",
+        "LossTerms": "base",
+        "Objective": "base",
+        "DiffTuningLoss": "diff_tuning",
+        "DistillationLoss": "distillation",
+    },
+)
 
 
 def _diff_tuning(
@@ -34,13 +44,16 @@ def _diff_tuning(
     scheduler: DDPMScheduler,
     backbone: Backbone,
     fit: DataSchedule | None = None,
-    kind: type[DiffTuningLoss] = DiffTuningLoss,
+    kind: type[DiffTuningLoss] | None = None,
     **extra: Any,
 ) -> DiffTuningLoss:
+    from difftune.objectives.diff_tuning import DiffTuningLoss
+    from difftune.schedules import NoiseLevels, build_schedule
+
     T = scheduler.config.num_train_timesteps
     noise = NoiseLevels(scheduler.alphas_cumprod, scheduler.config.prediction_type)
     psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
-    return kind(
+    return (kind or DiffTuningLoss)(
         scheduler,
         build_schedule(cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma, fitted=psi),
         build_schedule(cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma, fitted=xi),
@@ -56,6 +69,11 @@ def _diff_tuning(
 def _distillation(
     cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone, fit: DataSchedule | None = None
 ) -> DistillationLoss:
+    import torch
+
+    from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
+    from difftune.tuning import can_switch_off
+
     teacher = (
         switched_off_teacher(backbone)
         if can_switch_off(backbone)

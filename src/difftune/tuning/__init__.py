@@ -11,32 +11,57 @@ pre-trained function exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from difftune.errors import UserError
-from difftune.tuning.adaptformer import AdaptFormerTuning
-from difftune.tuning.base import TuningMethod, trainable_parameters
-from difftune.tuning.bitfit import BitFitTuning
-from difftune.tuning.difffit import DiffFitTuning
-from difftune.tuning.full import FullTuning
-from difftune.tuning.lora import PeftTuning
+from difftune.lazy import lazy_exports
 from difftune.tuning.settings import TuningConfig
-from difftune.tuning.svdiff import SVDiffTuning
-from difftune.tuning.switch import Switchable, adapters_off, can_switch_off
-from difftune.tuning.vpt import VPTTuning
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from difftune.tuning.base import TuningMethod
+
+# the module of each public name that needs torch: imported on first use, so that a config is checked
+# (``model.tuning`` against :data:`TUNING_METHODS`, ``tuning.*`` by :class:`TuningConfig`) without torch
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AdaptFormerTuning": "adaptformer",
+        "BitFitTuning": "bitfit",
+        "DiffFitTuning": "difffit",
+        "FullTuning": "full",
+        "PeftTuning": "lora",
+        "SVDiffTuning": "svdiff",
+        "VPTTuning": "vpt",
+        "TuningMethod": "base",
+        "trainable_parameters": "base",
+        "Switchable": "switch",
+        "adapters_off": "switch",
+        "can_switch_off": "switch",
+    },
+)
+
+
+def _method(class_name: str, **kwargs: Any) -> Callable[[TuningConfig], TuningMethod]:
+    """The builder of the tuning method class ``class_name`` (imported when it builds one)."""
+
+    def build(settings: TuningConfig) -> TuningMethod:
+        return __getattr__(class_name)(settings, **kwargs)
+
+    return build
+
 
 TUNING_METHODS: dict[str, Callable[[TuningConfig], TuningMethod]] = {
-    "full": FullTuning,
-    "lora": partial(PeftTuning, kind="lora"),
-    "loha": partial(PeftTuning, kind="loha"),
-    "lokr": partial(PeftTuning, kind="lokr"),
-    "bitfit": BitFitTuning,
-    "difffit": DiffFitTuning,
-    "adaptformer": AdaptFormerTuning,
-    "vpt": VPTTuning,
-    "svdiff": SVDiffTuning,
+    "full": _method("FullTuning"),
+    "lora": _method("PeftTuning", kind="lora"),
+    "loha": _method("PeftTuning", kind="loha"),
+    "lokr": _method("PeftTuning", kind="lokr"),
+    "bitfit": _method("BitFitTuning"),
+    "difffit": _method("DiffFitTuning"),
+    "adaptformer": _method("AdaptFormerTuning"),
+    "vpt": _method("VPTTuning"),
+    "svdiff": _method("SVDiffTuning"),
 }
 
 
