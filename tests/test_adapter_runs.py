@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from difftune.backbones import load_pretrained, load_trained
+from difftune.backbones.adapters import TUNING_FILE
 from difftune.bank import generate_bank
 from difftune.errors import UserError
+from difftune.tiny_models import save_pipeline_dir, tiny_dit
 from difftune.trainer import Trainer
 from test_training import make_cfg, metrics
 
@@ -67,3 +71,26 @@ def test_an_adapter_trains_further_from_its_own_weights(dit_dir: Path, tmp_path:
     )
     with pytest.raises(UserError, match="holds a lora adapter.*model.tuning=lora"):
         Trainer(make_cfg(first, tmp_path / "third", None, "model.tuning=bitfit"))
+
+
+def test_a_run_moved_with_its_base_finds_the_base_beside_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    project = tmp_path / "project"
+    base = save_pipeline_dir(project / "base", tiny_dit(), "transformer")
+    final = Trainer(make_cfg(base, project / "run", None, *LORA, "train.max_steps=1")).train()
+    before = _output(load_trained(str(final)))
+    record = json.loads((final / "ema" / "adapter" / TUNING_FILE).read_text())
+    assert record["base"]["relative"] == {"source": "base"}
+
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    with caplog.at_level("WARNING", logger="difftune.backbones.adapters"):
+        assert torch.equal(_output(load_trained(str(moved / "run" / "final"))), before)
+    assert any(f"no longer at {base.resolve()}" in r.getMessage() for r in caplog.records)
+
+    shutil.rmtree(moved / "base")
+    with pytest.raises(
+        UserError, match=r"fingerprint .* is no longer at .*project/base, nor at base in a folder above"
+    ):
+        load_trained(str(moved / "run" / "final"))

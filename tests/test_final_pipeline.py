@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DiTPipeline
 
@@ -64,3 +65,46 @@ def test_merged_lora_of_a_latent_dit_loads_as_a_stock_pipeline(latent_dit_dir: P
     expected = merged_model(load_trained(str(final)).backbone.inner)  # the EMA adapter, merged
     for (name, a), b in zip(pipe.transformer.named_parameters(), expected.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def _run_card_code(folder: Path) -> dict:
+    """Execute the Python block of ``folder``'s README.md with its path filled in; the names it defines."""
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("THIS_FOLDER", str(folder))
+    names: dict = {}
+    exec(code, names)
+    return names
+
+
+def test_final_says_how_to_load_it_and_what_the_stock_pipeline_cannot_do(
+    latent_dit_dir: Path, tmp_path: Path
+) -> None:
+    final = Trainer(
+        make_cfg(latent_dit_dir, tmp_path / "run", None, "data.resolution=16", "train.max_steps=1")
+    ).train()
+    loaded = _run_card_code(final)
+    trained = load_pretrained(str(final), subfolder="transformer").backbone.inner
+    for a, b in zip(loaded["pipe"].transformer.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ema = load_pretrained(str(final), subfolder="ema/transformer").backbone.inner
+    assert all(torch.equal(a, b) for a, b in zip(loaded["ema"].parameters(), ema.parameters(), strict=True))
+    card = (final / "README.md").read_text()
+    assert "null label is 5" in card and "guidance_scale=1" in card and "difftune sample" in card
+
+
+def test_a_merged_pixel_export_says_how_stock_diffusers_loads_it(
+    dit_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from difftune.cli import main
+
+    cfg = make_cfg(dit_dir, tmp_path / "run", None, "model.tuning=bitfit", "train.max_steps=1")
+    final = Trainer(cfg).train()
+    out = tmp_path / "merged"
+    assert main(["export", str(final), "--out", str(out), "--merge"]) == 0
+    assert (
+        f'DiTTransformer2DModel.from_pretrained("{out}", subfolder="transformer")' in capsys.readouterr().out
+    )
+    model = _run_card_code(out)["model"]
+    merged = load_pretrained(str(out)).backbone.inner
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), merged.parameters(), strict=True))
+    assert "## Guidance" not in (out / "README.md").read_text()  # no stock pipeline for a pixel DiT

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.backbones.noise_schedule import shown_path
 from difftune.config import NEW_CONTROLNET_TRAINS_IN_FULL
 from difftune.errors import UserError
 from difftune.tuning import Switchable, TuningConfig, build_tuning, trainable_parameters
@@ -27,6 +30,9 @@ from difftune.tuning.record import TuningRecord
 
 ADAPTER = "adapter"  # the sub-folder of a saved model that holds an adapter
 TUNING_FILE = "difftune_tuning.json"
+RELATIVE = "relative"  # in the saved record's base: its local paths below the folder shared with the adapter
+_PLACES = ("source", "vae", "controlnet")
+logger = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "difftune_adapter.safetensors"
 
 
@@ -89,7 +95,10 @@ def save_adapter(loaded: LoadedModel, directory: Path) -> None:
     inner = loaded.backbone.inner
     directory.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(inner), str(directory / ADAPTER_WEIGHTS))
-    (directory / TUNING_FILE).write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    saved = dataclasses.replace(
+        record, base={**record.base, RELATIVE: _relative_places(record.base, directory)}
+    )
+    (directory / TUNING_FILE).write_text(json.dumps(dataclasses.asdict(saved), indent=2) + "\n")
     tuning = build_tuning(record.method, TuningConfig(**record.settings))
     if isinstance(tuning, PeftTuning):
         from peft import get_peft_model_state_dict
@@ -117,9 +126,54 @@ def read_record(directory: Path) -> TuningRecord:
     """
     path = directory / TUNING_FILE
     try:
-        return TuningRecord(**json.loads(path.read_text()))
+        record = TuningRecord(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"{path} cannot be read ({err}); save the adapter again") from None
+    return dataclasses.replace(record, base=_located_base(record, directory))
+
+
+def _relative_places(base: dict, directory: Path) -> dict[str, str]:
+    """The local paths of ``base`` (source, VAE, ControlNet) below the folder they share with the
+    adapter ``directory`` (``/p/base`` beside ``/p/run/final/adapter`` is ``base``): where to look
+    for them, from the adapter upwards, once the run and its base have moved together."""
+    here, places = directory.resolve(), {}
+    for key in _PLACES:
+        value = base.get(key)
+        if value and Path(value).is_absolute() and Path(value).exists():
+            shared = Path(os.path.commonpath([here, Path(value).resolve()]))
+            if shared != Path(shared.anchor) and shared != Path(value).resolve():
+                places[key] = str(Path(value).resolve().relative_to(shared))
+    return places
+
+
+def _located_base(record: TuningRecord, directory: Path) -> dict:
+    """``record.base`` with each local path found where it is now: at its absolute place, else below
+    the nearest folder above the adapter that holds it (the run and its base moved together; the
+    base's fingerprint is checked when it is loaded).
+
+    Raises:
+        UserError: a local base path is at neither place.
+    """
+    base = {key: value for key, value in record.base.items() if key != RELATIVE}
+    for key, below in (record.base.get(RELATIVE) or {}).items():
+        if Path(str(base.get(key))).exists():
+            continue
+        found = next((up / below for up in directory.resolve().parents if (up / below).exists()), None)
+        if found is None:
+            raise UserError(
+                f"the {key} this adapter was trained on (fingerprint {record.base_fingerprint}) is no longer "
+                f"at {base.get(key)}, nor at {below} in a folder above {directory}; move it back, or load "
+                "it and pass it: difftune.backbones.adapters.load_adapter(adapter, base)"
+            )
+        logger.warning(
+            "%s: the base's %s is no longer at %s; using %s, found above the run (its fingerprint is checked)",
+            shown_path(str(directory)),
+            key,
+            base.get(key),
+            shown_path(str(found)),
+        )
+        base[key] = str(found)
+    return base
 
 
 def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> LoadedModel:

@@ -24,6 +24,7 @@ from difftune.backbones.adapters import (
     save_adapter,
 )
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
+from difftune.backbones.model_card import write_model_card
 from difftune.backbones.noise_schedule import scheduler_class_name, write_noise_schedule
 from difftune.tuning import trainable_parameters
 
@@ -105,7 +106,8 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
 def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class_names: list[str]) -> None:
     """Make a saved model directory self-describing: its class names, and a stock pipeline where one fits.
 
-    Writes ``class_names.json`` always. For a latent-space model whose adapter names a diffusers
+    Writes ``class_names.json`` and ``README.md`` (how to load it: :mod:`~difftune.backbones.model_card`)
+    always. For a latent-space model whose adapter names a diffusers
     pipeline, also copies the parts the pipeline needs and writes ``model_index.json``, so that
     ``<Pipeline>.from_pretrained(directory)`` loads the trained weights (the EMA weights are in
     ``ema/<name>``):
@@ -117,8 +119,15 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
     directory = Path(directory)
     (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
     backbone, codec = loaded.backbone, loaded.codec
-    if backbone.pipeline_class is None or codec.vae is None or (loaded.tuning and loaded.tuning.adapter):
-        return  # an adapter becomes a stock pipeline through ``difftune export --merge``
+    # an adapter becomes a stock pipeline through ``difftune export --merge``
+    if backbone.pipeline_class and codec.vae is not None and not (loaded.tuning and loaded.tuning.adapter):
+        _write_pipeline_index(loaded, directory, class_names)
+    write_model_card(loaded, directory)
+
+
+def _write_pipeline_index(loaded: LoadedModel, directory: Path, class_names: list[str]) -> None:
+    """Copy the parts a stock pipeline needs beside the trained weights and write ``model_index.json``."""
+    backbone, codec = loaded.backbone, loaded.codec
     import diffusers
 
     parts: dict[str, Any] = {"vae": codec.vae}

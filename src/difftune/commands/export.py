@@ -24,6 +24,7 @@ from difftune.errors import UserError
 def cmd_export(args: argparse.Namespace) -> int:
     from difftune.atomic import atomic_directory
     from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, merged_model
+    from difftune.backbones.model_card import CARD, stock_loader
     from difftune.backbones.saving import save_model, save_pipeline_index
 
     source, out = Path(args.model), Path(args.out)
@@ -56,7 +57,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     names_file = source / "class_names.json"
     if names_file.is_file():
         save_pipeline_index(plain, out, json.loads(names_file.read_text()))
-    print(f"wrote {type(backbone.inner).__name__} with the adapter of {source} merged in to {out}")
+    print(
+        f"wrote {type(backbone.inner).__name__} with the adapter of {source} merged in to {out}; load it with "
+        f"{stock_loader(plain, out)} ({out / CARD} says more)"
+    )
     return 0
 
 
