@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,13 @@ from conftest import save_pipeline_dir, tiny_dit
 from difftune.backbones import LoadedModel, load_pretrained, model_fingerprint
 from difftune.bank import generate_bank, load_bank
 from difftune.config import BankConfig, load_config
+from difftune.errors import UserError
 from difftune.sampling import build_scheduler, generate
 from difftune.store import LatentStore
 from difftune.trainer import Trainer
 
 NUM, SHARD, STEPS, SEED = 20, 8, 3, 7  # 3 shards: 8 + 8 + 4 samples
+DROP = object()  # a manifest edit that removes the field
 
 
 def bank_cfg(path: Path, **kwargs) -> BankConfig:
@@ -138,6 +141,85 @@ def test_resume_after_crash(
     # running it once more is a no-op
     generate_bank(loaded, bank_cfg(path), progress=False)
     assert written == [1, 2]
+
+
+def test_resume_regenerates_a_damaged_shard(
+    loaded: LoadedModel,
+    bank_a: dict[str, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A finished shard truncated afterwards is written again on resuming; the whole ones are left alone."""
+    path = tmp_path / "bank_a"
+    store = LatentStore(path)
+    whole = {i: store.shard_path(i).stat().st_mtime_ns for i in (0, 2)}
+    data = store.shard_path(1).read_bytes()
+    store.shard_path(1).write_bytes(data[: len(data) // 2])
+    assert store.missing_shards() == [] and store.damaged_shards() == [1]
+    written = count_writes(monkeypatch)
+    with caplog.at_level("WARNING", logger="difftune.store"):
+        generate_bank(loaded, bank_cfg(path), progress=False)
+    assert written == [1]
+    assert {i: store.shard_path(i).stat().st_mtime_ns for i in (0, 2)} == whole
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "shard-00001.safetensors" in warnings[0], warnings
+    assert store.damaged_shards() == []
+    assert_banks_equal(load_bank(path, loaded), bank_a)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"num_shards": "three"}, r"num_shards='three', which must be a whole number >= 0"),
+        ({"num_shards": 4}, r"num_shards=4, but num_samples=20 in shards of shard_size=8 make 3"),
+        ({"num_samples": 30}, r"num_shards=3, but num_samples=30 in shards of shard_size=8 make 4"),
+        ({"shard_size": 0}, r"shard_size=0, which must be a whole number > 0"),
+        ({"num_samples": 2.5}, r"num_samples=2.5, which must be a whole number"),
+        ({"shape": "1x8x8"}, r"shape='1x8x8', which must be a list of sizes > 0"),
+        ({"source_fingerprint": None}, r"source_fingerprint=None, which must be a non-empty string"),
+        ({"num_shards": DROP}, r"no 'num_shards' field"),
+        ({"kind": ["bank"]}, r"kind=\['bank'\], which must be 'bank' or 'target'"),
+    ],
+    ids=[
+        "num_shards=three",
+        "num_shards=4",
+        "num_samples=30",
+        "shard_size=0",
+        "num_samples=2.5",
+        "shape=text",
+        "no_fingerprint",
+        "no_num_shards",
+        "kind=list",
+    ],
+)
+def test_manifest_with_a_wrong_field_refused(
+    loaded: LoadedModel,
+    bank_a: dict[str, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    edit: dict,
+    message: str,
+) -> None:
+    """Reading, resuming or loading a bank whose manifest has a wrong field: one refusal that names the
+    file, the field and the fix; nothing written."""
+    path = tmp_path / "bank_a"
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key, value in edit.items():
+        if value is DROP:
+            del manifest[key]
+        else:
+            manifest[key] = value
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    full = rf"{re.escape(str(path / 'manifest.json'))} has {message}.*; regenerate the bank: delete "
+    written = count_writes(monkeypatch)
+    for attempt in (
+        lambda: load_bank(path, loaded),
+        lambda: generate_bank(loaded, bank_cfg(path), progress=False),
+    ):
+        with pytest.raises(UserError, match=full):
+            attempt()
+    assert written == []
 
 
 @pytest.mark.parametrize(

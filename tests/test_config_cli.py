@@ -252,7 +252,11 @@ BANK_MANIFEST = {
     "num_classes": 5,
     "label_rule": "i mod num_classes",
     "num_samples": 12,
+    "shard_size": 8,
+    "num_shards": 2,
     "source": "the tiny DiT",
+    "source_fingerprint": "0123abcd",  # not compared by a dry run: it reads no weights
+    "space": "pixel",
 }
 
 

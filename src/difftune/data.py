@@ -310,7 +310,7 @@ def encode_and_cache(
         store.clear()  # a stale cache of other data or another encoder: only its own files go
     fresh = not cache_dir.joinpath("manifest.json").is_file()
     store = LatentStore.create(cache_dir, manifest)
-    missing = store.missing_shards()
+    missing = store.unfinished_shards()
     try:
         _encode_shards(target, codec, store, missing, hflip, batch_size, shard_size, device, conditions)
     except Exception:

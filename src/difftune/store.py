@@ -10,25 +10,136 @@ Layout::
     shard-00001.safetensors
 
 Every file is written to a temporary name and renamed, so an interrupted writer never leaves a
-half-written shard: a shard that exists is complete.
+half-written shard; a shard damaged afterwards (a truncated copy, a full disk) is found by its
+safetensors header (:meth:`LatentStore.damaged_shards`) and written again on resuming.
+
+The manifest's fields are checked in one place, :func:`check_manifest`, whenever it is read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from difftune.atomic import atomic_path, atomic_write_json
 from difftune.errors import UserError
 
 MANIFEST = "manifest.json"
+
+logger = logging.getLogger(__name__)
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+# field -> (test of its value, what the value must be); a field that a manifest lacks is checked only
+# where it is listed in REQUIRED
+_FieldRule = tuple[Callable[[Any], bool], str]
+_COMMON: dict[str, _FieldRule] = {
+    "kind": (lambda v: v in ("bank", "target"), "'bank' or 'target'"),
+    "format": (lambda v: _whole(v, 1), "a whole number > 0"),
+    "num_samples": (lambda v: _whole(v, 0), "a whole number >= 0"),
+    "shard_size": (lambda v: _whole(v, 1), "a whole number > 0"),
+    "num_shards": (lambda v: _whole(v, 0), "a whole number >= 0"),
+}
+FIELDS: dict[str, dict[str, _FieldRule]] = {
+    "bank": {
+        **_COMMON,
+        "source": (_text, "a non-empty string"),
+        "source_fingerprint": (_text, "a non-empty string"),
+        "vae": (lambda v: v is None or _text(v), "a string or null"),
+        "space": (lambda v: v in ("pixel", "latent"), "'pixel' or 'latent'"),
+        "shape": (
+            lambda v: isinstance(v, list) and bool(v) and all(_whole(d, 1) for d in v),
+            "a list of sizes > 0",
+        ),
+        "dtype": (lambda v: v == "float32", "'float32'"),
+        "scheduler": (_text, "a scheduler's class name"),
+        "noise_schedule": (lambda v: isinstance(v, dict), "an object (a scheduler config)"),
+        "num_inference_steps": (lambda v: _whole(v, 1), "a whole number > 0"),
+        "guidance_scale": (
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            "a finite number",
+        ),
+        "seed": (lambda v: _whole(v, 0), "a whole number >= 0"),
+        "num_classes": (lambda v: _whole(v, 1), "a whole number > 0"),
+        "num_prompts": (lambda v: _whole(v, 1), "a whole number > 0"),
+        "prompts_sha256": (_text, "a non-empty string"),
+        "conditions": (lambda v: isinstance(v, list) and all(_text(c) for c in v), "a list of names"),
+        "annotator": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    },
+    "target": {
+        **_COMMON,
+        "data": (_text, "a non-empty string"),
+        "codec": (_text, "a non-empty string"),
+        "hflip": (lambda v: isinstance(v, bool), "true or false"),
+        "conditions": (_text, "a non-empty string"),
+    },
+}
+# what difftune reads from every manifest of a kind (the shard layout; a bank's sample space and model)
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "bank": (
+        "kind",
+        "num_samples",
+        "shard_size",
+        "num_shards",
+        "source",
+        "source_fingerprint",
+        "space",
+        "shape",
+    ),
+    "target": ("kind", "num_samples", "shard_size", "num_shards"),
+}
+
+
+def _regenerate(root: Path, kind: Any) -> str:
+    """How to replace a damaged store of ``kind``: the fix half of its refusals."""
+    if kind == "target":
+        return f"delete {root} and run again: difftune encodes the target set again"
+    return f"regenerate the bank: delete {root} and run `difftune bank` again"
+
+
+def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """``manifest`` (read from ``path``) if every field has a value of its kind and the shard count
+    follows from ``num_samples`` and ``shard_size``; fields of other names are left alone.
+
+    Raises:
+        UserError: the first wrong or missing field, with the file, the field and how to regenerate it.
+    """
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} holds no JSON object; {_regenerate(path.parent, None)}")
+    kind = manifest.get("kind")
+    known = kind if isinstance(kind, str) and kind in FIELDS else None  # else refused as a wrong kind
+    fields = FIELDS[known] if known else _COMMON
+    for key in REQUIRED[known] if known else ("kind",):
+        if key not in manifest:
+            raise UserError(f"{path} has no {key!r} field; {_regenerate(path.parent, kind)}")
+    for key, (valid, wanted) in fields.items():
+        if key in manifest and not valid(manifest[key]):
+            raise UserError(
+                f"{path} has {key}={manifest[key]!r}, which must be {wanted}; {_regenerate(path.parent, kind)}"
+            )
+    samples, size, shards = manifest["num_samples"], manifest["shard_size"], manifest["num_shards"]
+    if shards != -(-samples // size):
+        raise UserError(
+            f"{path} has num_shards={shards}, but num_samples={samples} in shards of shard_size={size} make "
+            f"{-(-samples // size)}; {_regenerate(path.parent, kind)}"
+        )
+    return manifest
 
 
 def user_cache_dir() -> Path:
@@ -90,22 +201,55 @@ class LatentStore:
 
         Raises:
             FileNotFoundError: no manifest (not a store).
+            UserError: the manifest is not JSON, or a field is wrong (:func:`check_manifest`).
         """
         path = self.root / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} is not a difftune store: {MANIFEST} is missing")
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is corrupt ({err}); delete the directory and regenerate it") from None
+        return check_manifest(manifest, path)
 
     def shard_path(self, index: int) -> Path:
         """Path of shard ``index``."""
         return self.root / f"shard-{index:05d}.safetensors"
 
     def has_shard(self, index: int) -> bool:
-        """True when shard ``index`` was completely written."""
+        """True when shard ``index`` was written (:meth:`damaged_shards` tells whether it is still whole)."""
         return self.shard_path(index).is_file()
+
+    def shard_problem(self, index: int) -> str | None:
+        """What is wrong with the written shard ``index`` (its safetensors header does not parse, or the
+        file is shorter or longer than the header says), or ``None`` when it is whole. Reads the header
+        only: the check :meth:`load` meets first."""
+        try:
+            with safe_open(str(self.shard_path(index)), framework="pt"):
+                return None
+        except (SafetensorError, OSError) as err:
+            return str(err)
+
+    def damaged_shards(self) -> list[int]:
+        """Indices of written shards that are no longer whole (:meth:`shard_problem`)."""
+        return [
+            i
+            for i in range(self.manifest["num_shards"])
+            if self.has_shard(i) and self.shard_problem(i) is not None
+        ]
+
+    def unfinished_shards(self, warn: bool = True) -> list[int]:
+        """The shards a resumed writer must write: missing ones, and damaged ones (named in one warning
+        when ``warn``); whole shards are left alone."""
+        damaged = self.damaged_shards()
+        if damaged and warn:
+            logger.warning(
+                "%s: %d damaged shard(s) will be written again: %s",
+                self.root,
+                len(damaged),
+                ", ".join(f"{self.shard_path(i).name} ({self.shard_problem(i)})" for i in damaged),
+            )
+        return sorted(self.missing_shards() + damaged)
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Write one shard atomically; all tensors share their first dimension."""
@@ -123,7 +267,7 @@ class LatentStore:
 
     def missing_shards(self) -> list[int]:
         """Indices of shards named by the manifest's ``num_shards`` that are not written yet."""
-        return [i for i in range(int(self.manifest["num_shards"])) if not self.has_shard(i)]
+        return [i for i in range(self.manifest["num_shards"]) if not self.has_shard(i)]
 
     def load(self) -> dict[str, torch.Tensor]:
         """All shards concatenated, in shard order.
@@ -138,7 +282,7 @@ class LatentStore:
                 f"(first: {missing[0]}); run the same generation command again to finish it"
             )
         parts: dict[str, list[torch.Tensor]] = {}
-        for i in range(int(self.manifest["num_shards"])):
+        for i in range(self.manifest["num_shards"]):
             try:
                 shard = load_file(str(self.shard_path(i)))
             except (SafetensorError, OSError) as err:
