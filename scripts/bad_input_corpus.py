@@ -511,6 +511,13 @@ def _handled(write: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
         return ws.train("train.max_steps=1", model=ws.assets.rgb_model(), folder=root, dry_run=False)
 
     return build
+def _resume_damaged_checkpoint(ws: Workspace) -> list[str]:
+    checkpoint = _earlier_run(ws) / "checkpoints" / "checkpoint-0000002"
+    optimizer = checkpoint / "state" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short, as by a full disk
+    return ws.train(f"train.resume={checkpoint}", dry_run=False)
+
+
 
 
 UNWRITABLE_AS_ROOT = "output folder under a regular file (as root)"
@@ -813,6 +820,13 @@ def run_case(case: Case, workspace: Workspace) -> CaseResult:
         p for p in after if p not in before and not any(fnmatch.fnmatch(p, a) for a in case.allowed_new)
     )
     failures = result.failures
+    Case(
+        "train.resume is a damaged checkpoint",
+        "models and banks",
+        _resume_damaged_checkpoint,
+        problem=r"train\.resume='.*checkpoint-0000002' cannot be resumed from: state/optimizer\.bin is damaged",
+        fix=r"give an older checkpoint, or train\.resume=latest",
+    ),
     if code != case.exit_code:
         failures.append(f"exit code {code}, expected {case.exit_code}")
     if "Traceback" in stderr:

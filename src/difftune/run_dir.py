@@ -25,9 +25,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from difftune.atomic import atomic_write_json, process_alive
+from difftune.atomic import atomic_write_json, atomic_write_text, process_alive
+from difftune.control.log import FIDELITY_FILE
 from difftune.errors import UserError
 from difftune.run_state import CHECKPOINTS, checkpoint_problem, checkpoint_step, list_checkpoints
+from difftune.train_config import default_steps_note
 
 if TYPE_CHECKING:
     from difftune.config import ExperimentConfig
@@ -35,8 +37,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 LOCK_FILE = "difftune.lock"
 DATA_SCHEDULE_FILE = "data_schedule.json"  # the fitted data_driven schedules (docs/method.md §10)
+HISTORY = "metrics.jsonl"  # the logged scalars, one JSON line per log step
+# the logs a run appends to, one JSON line with its "step" each; rewound on resume (rewind_logs)
+LOG_FILES = (HISTORY, FIDELITY_FILE)
 # written by a run; replaced by an overwriting run
-RUN_FILES = ("metrics.jsonl", "config.yaml", DATA_SCHEDULE_FILE)
+RUN_FILES = (*LOG_FILES, "config.yaml", DATA_SCHEDULE_FILE)
 RUN_DIRS = (CHECKPOINTS, "final", "samples", "difftune")  # the last is TensorBoard's
 DELETING = ".deleting"  # suffix of a checkpoint that rotation is deleting
 
@@ -188,16 +193,38 @@ def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-# keys that may change between a checkpoint and the run resuming it: where and how often things are
-# written, how long to run, and how grids are drawn; the optimiser's keys are applied to the restored
+def rewind_logs(output_dir: str | os.PathLike[str], step: int) -> None:
+    """Drop the lines of every log in :data:`LOG_FILES` that a run starting at ``step`` writes again.
+
+    A run resumed at ``step`` > 0 logs the steps after it again; one that starts at step 0 (a fresh
+    run, or one killed before its first checkpoint) logs everything again, step 0's validation
+    included. A line torn by a kill is dropped too.
+    """
+    for name in LOG_FILES:
+        path = Path(output_dir) / name
+        if path.is_file():
+            lines = path.read_text().splitlines() if step > 0 else []
+            kept = [line for line in lines if _logged_step(line) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line torn by a kill counts as after every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+# keys of the command that runs, not of the run: where its folder is (a moved run folder resumes) and
+# how this command starts it; they differ between a checkpoint and its resumption as a rule, unreported
+INVOCATION_KEYS = {"train": {"output_dir", "resume", "overwrite", "accept_config_changes"}}
+# keys that may change between a checkpoint and the run resuming it: how often things are written,
+# how long to run, and how grids are drawn; the optimiser's keys are applied to the restored
 # optimiser. Any other change (data, model, objective, batch, seed, ...) would make the resumed run a
 # different run, and needs train.accept_config_changes.
 RESUMABLE_CHANGES = {
     "train": {
-        "output_dir",
-        "resume",
-        "overwrite",
-        "accept_config_changes",
         "max_steps",
         "checkpoint_every",
         "keep_checkpoints",
@@ -223,6 +250,8 @@ RESUMABLE_CHANGES = {
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """The differences between a checkpoint's config and the resuming run's, as ``section.key: old -> new``.
 
+    The keys of :data:`INVOCATION_KEYS` (``train.output_dir``, ``train.resume``, ...) are not compared.
+
     Returns:
         (changes that resuming allows, changes that make it another run).
     """
@@ -230,8 +259,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section) or {}, current.get(section) or {}
         for key in sorted(set(old) | set(new)):
-            if key not in old:
-                continue  # a key added to difftune after the checkpoint was written: its default applies
+            if key not in old or key in INVOCATION_KEYS.get(section, set()):
+                continue  # (a key added to difftune after the checkpoint was written: its default applies)
             if old.get(key) != new.get(key):
                 line = f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
                 (allowed if key in RESUMABLE_CHANGES.get(section, set()) else other).append(line)
@@ -256,6 +285,8 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
         f"({100 * summary['trainable_share']:.1f}%); "
         + (f"resuming at step {resumed['step']}" if resumed else "fresh run")
     )
+    if summary.get("default_steps"):
+        print(f"[difftune] {default_steps_note(summary['max_steps'])}")
 
 
 def check_resume_config(cfg: ExperimentConfig, checkpoint: Path) -> None:
@@ -270,8 +301,8 @@ def check_resume_config(cfg: ExperimentConfig, checkpoint: Path) -> None:
         return
     saved = yaml.safe_load(path.read_text()) or {}
     allowed, other = config_changes(saved, cfg.to_dict())
-    for line in allowed + other:
-        logger.warning("resuming %s with a changed setting: %s", checkpoint.name, line)
+    if allowed or other:
+        logger.warning("resuming %s with changed settings: %s", checkpoint.name, "; ".join(allowed + other))
     if other and not cfg.train.accept_config_changes:
         raise UserError(
             f"{checkpoint} was written with other settings ({'; '.join(other[:3])}"

@@ -9,39 +9,21 @@ from typing import Any
 
 import torch
 
-from difftune.atomic import atomic_write_text
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.config import ExperimentConfig
 from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
 from difftune.images import save_grid
+from difftune.run_dir import HISTORY
 from difftune.sampling import generate_with_spec, to_unit_range
 from difftune.sampling_spec import SamplingSpec
-
-HISTORY = "metrics.jsonl"
-
-
-def truncate_history(out: Path, after_step: int) -> None:
-    """Drop logged lines past ``after_step`` (all of them for a fresh run): a resumed run re-logs them."""
-    path = out / HISTORY
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def append_history(out: Path, step: int, scalars: dict[str, float]) -> None:
     """Append the logged scalars to ``<out>/metrics.jsonl`` (one JSON object per log)."""
     with open(out / HISTORY, "a") as f:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
-
-
-def _logged_step(line: str) -> float:
-    """The step of a ``metrics.jsonl`` line; a line torn by a kill counts as after every step (dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
 
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -19,12 +19,15 @@ import json
 import logging
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from difftune.atomic import atomic_path, atomic_write_json
@@ -76,7 +79,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``"latest"`` (None if there is none yet), a path, or None."""
+    """The checkpoint to resume from: ``"latest"`` (the newest undamaged one; None if there is none yet),
+    a path, or None.
+
+    Raises:
+        UserError: the path is not a checkpoint, or is damaged (:func:`checkpoint_problem`).
+    """
     if resume is None:
         return None
     if resume == "latest":
@@ -94,35 +102,62 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
             f"train.resume={resume!r} is not a difftune checkpoint (no state/ folder in it); give a "
             "<output_dir>/checkpoints/checkpoint-N folder, or train.resume=latest"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(
+            f"train.resume={resume!r} cannot be resumed from: {problem}; give an older checkpoint, or "
+            "train.resume=latest (which passes over damaged ones)"
+        )
     return path
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (a missing or unreadable file), or ``None``.
+    """Why ``checkpoint`` cannot be resumed from (a missing, cut-short or unreadable file), or ``None``.
 
-    Reads the safetensors headers and the JSON files only, not the tensors.
+    Every file of the checkpoint that resuming reads (``state/``, ``config.yaml``, and ``model/``,
+    which ``final/`` is copied from) is checked by its kind (:func:`_check_file`), cheaply: no tensor
+    is read and nothing is unpickled.
     """
-    from safetensors import SafetensorError, safe_open
-
     state = checkpoint / "state"
-    required = [state / "model.safetensors", state / "optimizer.bin"]
-    if not _legacy_files(state):
-        required.append(state / LOOP_FILE)
-    missing = [p.name for p in required if not p.is_file()]
+    missing = [p.name for p in _required_files(state) if not p.is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
-    for path in [*state.glob("*.safetensors"), *(checkpoint / "model").rglob("*.safetensors")]:
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            return f"{path.relative_to(checkpoint)} is damaged ({err})"
-    for path in state.glob("*.json"):
-        try:
-            json.loads(path.read_text())
-        except (ValueError, OSError) as err:
-            return f"{path.relative_to(checkpoint)} is damaged ({err})"
+            _check_file(path)
+        except (SafetensorError, OSError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as err:
+            return f"{path.relative_to(checkpoint)} is damaged ({type(err).__name__}: {err})"
     return None
+
+
+def _required_files(state: Path) -> list[Path]:
+    """The files of a checkpoint's ``state/`` that resuming cannot do without."""
+    required = [state / "model.safetensors", state / "optimizer.bin", state / "random_states_0.pkl"]
+    if not _legacy_files(state):
+        required.append(state / LOOP_FILE)
+    ema = [state / EMA_FILE, state / EMA_SETTINGS_FILE]
+    if any(p.exists() for p in ema):  # a run with an EMA writes both
+        required += ema
+    return required
+
+
+def _check_file(path: Path) -> None:
+    """Raise if ``path`` is cut short or unreadable, judged by its kind; other kinds are not read.
+
+    safetensors: the header, which safetensors checks against the file's size; torch's files
+    (accelerate's optimizer, RNG, scheduler and scaler states, old-format pickles): a zip archive
+    whose directory, written last, is whole; JSON and YAML: they parse (YAML to a mapping).
+    """
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt"):
+            pass
+    elif path.suffix in (".bin", ".pkl", ".pt"):
+        with zipfile.ZipFile(path):
+            pass
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".yaml" and not isinstance(yaml.safe_load(path.read_text()), dict):
+        raise ValueError("not a mapping of settings")
 
 
 def save_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> None:

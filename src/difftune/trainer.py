@@ -43,6 +43,7 @@ from difftune.run_dir import (
     RunLock,
     check_resume_config,
     prepare_output_dir,
+    rewind_logs,
     rotate_checkpoints,
     write_run_summary,
 )
@@ -51,7 +52,6 @@ from difftune.run_outputs import (
     fidelity_validation,
     flat_config,
     save_sample_grid,
-    truncate_history,
 )
 from difftune.run_state import (
     CHECKPOINTS,
@@ -265,7 +265,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
             write_run_summary(self.out, self._summary(resume))
-            truncate_history(self.out, after_step=self.state.step)
+            rewind_logs(self.out, self.state.step)
         acc.init_trackers("difftune", config=flat_config(cfg))
         log = TermLog(self.noise_scheduler.config.num_train_timesteps)
         self.guard = NonFiniteGuard(
