@@ -33,8 +33,12 @@ METADATA = "metadata.jsonl"
 def read_metadata(root: Path, caption_column: str, control_column: str | None) -> list[dict[str, Any]]:
     """The rows of ``root/metadata.jsonl``, each checked for its file, caption and control columns.
 
+    Every file a row names (``file_name``, and the control column's) must lie inside ``root``, and no
+    image may be listed twice (it would weigh twice in training).
+
     Raises:
-        UserError: the file is missing, a line is not JSON, or a row lacks a column (named with its line).
+        UserError: the file is missing, a line is not JSON, a row lacks a column, names a file outside
+            ``root``, or lists an image an earlier line lists (each named with its line).
     """
     path = root / METADATA
     if not path.is_file():
@@ -43,6 +47,8 @@ def read_metadata(root: Path, caption_column: str, control_column: str | None) -
             f'"file_name" and "{caption_column}"'
         )
     rows = []
+    folder = root.resolve()  # what every listed file must lie inside, links followed
+    first_line: dict[Path, int] = {}  # each listed image (resolved) -> the line that lists it
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -56,10 +62,40 @@ def read_metadata(root: Path, caption_column: str, control_column: str | None) -
         missing = [key for key in needed if not isinstance(row, dict) or key not in row]
         if missing:
             raise UserError(f"{path} line {number} has no {missing}; every line needs {needed}")
+        image = _listed_file(folder, row["file_name"], f"{path} line {number}", "file_name")
+        if control_column:  # a control image may serve many images: it is only kept inside the folder
+            _listed_file(folder, row[control_column], f"{path} line {number}", control_column)
+        if image in first_line:
+            raise UserError(
+                f"{path} lists {row['file_name']!r} twice (lines {first_line[image]} and {number}), which "
+                "would weigh that image twice; keep one line per image"
+            )
+        first_line[image] = number
         rows.append(row)
     if not rows:
         raise UserError(f"{path} lists no images")
     return rows
+
+
+def _listed_file(folder: Path, name: Any, where: str, column: str) -> Path:
+    """The file ``name`` (a value of ``column`` at ``where``) resolved, if it lies inside ``folder``
+    (itself resolved).
+
+    Raises:
+        UserError: ``name`` is not a file name, or is absolute, climbs out with ``..`` or follows a link
+            out of ``folder``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(
+            f"{where}: {column}={name!r} is not a file name; give the file's path inside {folder}"
+        )
+    file = (folder / name).resolve()
+    if Path(name).is_absolute() or not file.is_relative_to(folder):
+        raise UserError(
+            f"{where}: {column}={name!r} lies outside the data folder {folder}; name a file inside it "
+            "(copy the file into the folder)"
+        )
+    return file
 
 
 class CaptionedImages:
