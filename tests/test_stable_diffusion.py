@@ -22,7 +22,7 @@ from difftune.bank.conditions import prepare_bank_conditions
 from difftune.cli import main
 from difftune.config import config_from_dict
 from difftune.control import build_annotator, read_fidelity
-from difftune.data import load_target_images
+from difftune.data import load_target_images, prepare_target
 from difftune.data_config import DataConfig
 from difftune.errors import UserError
 from difftune.tiny_models import save_sd_pipeline
@@ -100,6 +100,64 @@ def test_caption_folder_gives_captions_and_refuses_a_bad_listing(captions: Path,
     (bad / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}\n')
     with pytest.raises(UserError, match=r"gone.png \(missing\)"):
         load_target_images(data, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"file_name": "0.png", "text": "x"}'] * 2, r"lists '0\.png' twice \(lines 1 and 2\)"),
+        (
+            [
+                '{"file_name": "0.png", "text": "x"}',
+                '{"file_name": "1.png", "text": "y"}',
+                '{"file_name": "./0.png", "text": "z"}',
+            ],
+            r"lists '\./0\.png' twice \(lines 1 and 3\)",
+        ),
+    ],
+    ids=["identical lines", "one image under two names"],
+)
+def test_metadata_listing_an_image_twice_is_refused(lines: list[str], message: str, tmp_path: Path) -> None:
+    data = _caption_folder(tmp_path / "set", n=2)
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"metadata\.jsonl {message}.*keep one line per image"):
+        load_target_images(DataConfig(source="captions", path=str(data)), 32, 3)
+
+
+@pytest.mark.parametrize("escape", ["parent", "absolute", "link", "control"])
+def test_metadata_naming_a_file_outside_the_data_folder_is_refused(escape: str, tmp_path: Path) -> None:
+    data = _caption_folder(tmp_path / "set", n=1, control_column=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "outside.png")  # a readable image: only where it lies is wrong
+    (data / "link.png").symlink_to(tmp_path / "outside.png")
+    name = {"parent": "../outside.png", "absolute": str(tmp_path / "outside.png"), "link": "link.png"}.get(
+        escape, "0.png"
+    )
+    control = "../outside.png" if escape == "control" else "c0.png"
+    row = {"file_name": name, "text": "x", "conditioning_image": control}
+    (data / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    column = "conditioning_image" if escape == "control" else "file_name"
+    cfg = DataConfig(source="captions", path=str(data), control_column="conditioning_image")
+    with pytest.raises(
+        UserError, match=rf"line 1: {column}='.*' lies outside the data folder .*name a file inside"
+    ):
+        load_target_images(cfg, 32, 3)
+
+
+def test_captions_the_text_encoder_truncates_are_counted_in_one_warning(
+    sd_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _caption_folder(tmp_path / "set", n=4)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows[:3]:
+        row["text"] = "a red circle on black"  # 19 tokens with the start and end tokens
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_pretrained(str(sd_dir))
+    assert loaded.prompts.max_length == 16
+    cfg = DataConfig(source="captions", path=str(data), hflip=True)  # each chunk's captions encoded twice
+    with caplog.at_level("WARNING"):
+        prepare_target(cfg, loaded, tmp_path / "cache")
+    warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warned == ["3 of 4 captions are longer than the text encoder's 16 tokens and are truncated"]
 
 
 def test_class_folders_get_template_captions() -> None:

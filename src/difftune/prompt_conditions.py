@@ -28,6 +28,7 @@ def prompt_conditions(
         raise UserError(
             "prompts need a text-conditional model (Stable Diffusion); this one takes class labels"
         )
+    loaded.prompts.warn_truncated(prompts)
     tensors = {PROMPTS: loaded.prompts.encode(list(prompts))}
     if CONTROL in backbone.condition_names:
         if not controls:

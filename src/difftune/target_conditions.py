@@ -38,6 +38,7 @@ class TargetConditions:
         self.target = target
         self.resolution = resolution
         self.prompts = loaded.prompts
+        self._checked_lengths = False
         self.annotator = None
         parts: list[str] = []
         if PROMPTS in self.names:
@@ -68,6 +69,9 @@ class TargetConditions:
             out["labels"] = self.target.labels[indices]
         if PROMPTS in self.names:
             assert self.prompts is not None
+            if not self._checked_lengths:  # once, when the first chunk is encoded (not for a cached set)
+                self.prompts.warn_truncated(self.captions, "captions")
+                self._checked_lengths = True
             out[PROMPTS] = self.prompts.encode([self.captions[i] for i in indices.tolist()]).half()
         if CONTROL in self.names:
             if self.annotator is not None:

@@ -8,12 +8,15 @@ output is cached beside the target latents, so training never runs it.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from difftune.backbones.fingerprint import model_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 def prompts_digest(prompts: Sequence[str]) -> str:
@@ -40,6 +43,27 @@ class PromptEncoder:
     def max_length(self) -> int:
         """Tokens per prompt (the tokenizer's ``model_max_length``; 77 for CLIP)."""
         return int(self.tokenizer.model_max_length)
+
+    def count_truncated(self, prompts: Sequence[str]) -> int:
+        """How many of ``prompts`` :meth:`encode` cuts short: longer than :attr:`max_length` tokens."""
+        unique = sorted(set(prompts))
+        if not unique:
+            return 0
+        ids = self.tokenizer(unique, verbose=False).input_ids  # uncut; verbose=False: no log of its own
+        long = {prompt for prompt, tokens in zip(unique, ids, strict=True) if len(tokens) > self.max_length}
+        return sum(prompt in long for prompt in prompts)
+
+    def warn_truncated(self, prompts: Sequence[str], what: str = "prompts") -> None:
+        """Warn once, with the count, when some of ``prompts`` are longer than the encoder reads."""
+        count = self.count_truncated(prompts)
+        if count:
+            logger.warning(
+                "%d of %d %s are longer than the text encoder's %d tokens and are truncated",
+                count,
+                len(prompts),
+                what,
+                self.max_length,
+            )
 
     @property
     def width(self) -> int:

@@ -43,6 +43,7 @@ def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> None:
         return
     assert loaded.prompts is not None
     prompts = bank_prompts(cfg)
+    loaded.prompts.warn_truncated(prompts, "bank prompts")
     backbone.set_bank_prompts(prompts, loaded.prompts.encode(prompts))
     if isinstance(backbone, ControlNetBackbone):
         if not cfg.data.annotator:  # also refused by `difftune bank` before loading anything
