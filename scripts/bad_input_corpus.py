@@ -95,6 +95,12 @@ class Assets:
             "other_model", lambda path: save_pipeline_dir(path, tiny_dit(seed=1), "transformer")
         )
 
+    def sd_model(self) -> Path:
+        """A tiny Stable Diffusion pipeline (text-conditional, no ControlNet)."""
+        from difftune.tiny_models import save_sd_pipeline
+
+        return self._build("sd_model", save_sd_pipeline)
+
     def bank(self) -> Path:
         """The knowledge bank of :meth:`model` (20 samples in 3 shards)."""
         return self._build("bank", lambda path: _generate_bank(self.model(), path))
@@ -438,6 +444,32 @@ def _pickle_only_model(ws: Workspace) -> list[str]:
     return ws.train(model=ws.root / "model", dry_run=False)
 
 
+def _sample(ws: Workspace, *flags: str, model: Path | None = None) -> list[str]:
+    """argv of ``difftune sample`` from :meth:`Assets.model` (or ``model``) into the workspace (a real run)."""
+    return ["sample", "--model", str(model or ws.assets.model()), *flags, "--out", str(ws.root / "samples")]
+
+
+def _empty_prompts_file(ws: Workspace) -> list[str]:
+    (ws.root / "prompts.txt").write_text("\n  \n")
+    return _sample(ws, "--prompts-file", str(ws.root / "prompts.txt"), model=ws.assets.sd_model())
+
+
+def _control_image_without_controlnet(ws: Workspace) -> list[str]:
+    Image.new("RGB", (32, 32)).save(ws.root / "edges.png")
+    control = ["--prompt", "a bird", "--control-image", str(ws.root / "edges.png")]
+    return _sample(ws, *control, model=ws.assets.sd_model())
+
+
+def _tokenizer_of_another_encoder(ws: Workspace) -> list[str]:
+    # a real run: the dry run reads no tokenizer
+    from difftune.tiny_models import tiny_text_encoder
+
+    model = ws.copy(ws.assets.sd_model(), "sd")
+    shutil.rmtree(model / "tokenizer")
+    tiny_text_encoder(max_length=32)[1].save_pretrained(model / "tokenizer")  # the encoder has 16 positions
+    return _sample(ws, "--prompt", "a bird", model=model)
+
+
 def _mismatched_bank(ws: Workspace) -> list[str]:
     # same shape and classes: only the weights' fingerprint tells, which the dry run cannot read
     return ws.train(bank=ws.copy(ws.assets.other_bank(), "bank"), dry_run=False)
@@ -681,13 +713,62 @@ CASES: list[Case] = [
         problem=r"config file '.*no-such-config\.yaml' does not exist",
         fix=r"give |check |create |--config",
     ),
+    Case(
+        "sample --prompt with --labels",
+        "configs",
+        lambda ws: _sample(ws, "--prompt", "a bird", "--labels", "0"),
+        problem=r"--labels .* and --prompt/--prompts-file .* exclude each other",
+        fix=r"give only the one your model takes",
+    ),
+    Case(
+        "empty --prompts-file",
+        "configs",
+        _empty_prompts_file,
+        problem=r"--prompts-file '.*prompts\.txt' holds no prompts",
+        fix=r"write one prompt per line",
+    ),
     # ---------------------------------------------------------------------------- models and banks
     Case(
         "missing model path",
         "models and banks",
         _missing_model,
-        problem=r"model '.*no-such-model' does not exist",
+        problem=r"model\.pretrained '.*no-such-model' does not exist",
         fix=r"give a model directory or a hub id",
+    ),
+    Case(
+        "model.controlnet path typo",
+        "models and banks",
+        lambda ws: ws.train(f"model.controlnet={ws.root / 'no-such-controlnet'}"),
+        problem=r"model\.controlnet '.*no-such-controlnet' does not exist",
+        fix=r"give a model directory or a hub id",
+    ),
+    Case(
+        "model.vae path typo",
+        "models and banks",
+        lambda ws: ws.train(f"model.vae={ws.root / 'no-such-vae'}"),
+        problem=r"model\.vae '.*no-such-vae' does not exist",
+        fix=r"give a model directory or a hub id",
+    ),
+    Case(
+        "sample --vae path typo",
+        "models and banks",
+        lambda ws: _sample(ws, "--vae", str(ws.root / "no-such-vae")),
+        problem=r"--vae '.*no-such-vae' does not exist",
+        fix=r"give a model directory or a hub id",
+    ),
+    Case(
+        "--control-image on a model without a ControlNet",
+        "models and banks",
+        _control_image_without_controlnet,
+        problem=r"has no ControlNet, so --control-image would be ignored",
+        fix=r"leave it out, or give a ControlNet model",
+    ),
+    Case(
+        "tokenizer longer than its text encoder",
+        "models and banks",
+        _tokenizer_of_another_encoder,
+        problem=r"prompts of 32 tokens \(model_max_length\) but the text encoder has 16 positions",
+        fix=r"give the tokenizer/ and text_encoder/ of one pipeline",
     ),
     Case(
         "pickle-only model",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftune.errors import UserError
 
-__all__ = ["ConfigError", "check_model_path"]
+if TYPE_CHECKING:
+    from difftune.config import ModelConfig
+
+__all__ = ["ConfigError", "check_model_path", "check_model_paths"]
 
 
 class ConfigError(UserError, ValueError):
@@ -61,8 +64,10 @@ def _check_fields(obj: Any, section: str) -> None:
             )
 
 
-def check_model_path(path: str) -> None:
+def check_model_path(path: str, what: str = "model") -> None:
     """Refuse a missing local path; anything of the form ``owner/name`` may be a hub id.
+
+    ``what`` names the path in the message: a config key (``model.vae``) or a flag (``--vae``).
 
     Raises:
         FileNotFoundError: ``path`` looks local (absolute, relative, not ``owner/name``, or its first
@@ -72,14 +77,29 @@ def check_model_path(path: str) -> None:
     local = Path(path).expanduser()
     if local.is_file():
         raise UserError(
-            f"model {path!r} is a file; give the model's directory (with config.json) or a hub id"
+            f"{what} {path!r} is a file; give the model's directory (with config.json) or a hub id"
         )
     if local.exists():
         return
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model {path!r} does not exist (give a model directory or a hub id)")
+        raise FileNotFoundError(f"{what} {path!r} does not exist (give a model directory or a hub id)")
     if Path(path.split("/")[0]).is_dir():  # "runs/x" with a local runs/: a typo, not a hub id
         raise FileNotFoundError(
-            f"model {path!r} does not exist, although {path.split('/')[0]}/ does here; check the path "
+            f"{what} {path!r} does not exist, although {path.split('/')[0]}/ does here; check the path "
             "(to use a hub model of that name, run from another folder)"
         )
+
+
+def check_model_paths(model: ModelConfig) -> None:
+    """:func:`check_model_path` on ``model.pretrained``, ``model.vae`` and ``model.controlnet``
+    (``from_unet`` names no path), before anything is loaded: a typo costs one line, not hub look-ups.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist; the message names the key.
+        UserError: a path is a file.
+    """
+    check_model_path(model.pretrained, "model.pretrained")
+    if model.vae:
+        check_model_path(model.vae, "model.vae")
+    if model.controlnet and model.controlnet != "from_unet":
+        check_model_path(model.controlnet, "model.controlnet")

@@ -3,7 +3,7 @@ image files (used as they are: already an edge map, a depth map, ...)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -21,21 +21,45 @@ def prompt_conditions(
     """The condition bundle of ``prompts`` (and one control image file for all, or one per prompt).
 
     Raises:
-        UserError: the model is not text-conditional, or a ControlNet gets no control image.
+        UserError: the model is not text-conditional, a ControlNet gets no control image, or a model
+            without one gets control images (:func:`check_condition_flags`).
     """
     backbone = loaded.backbone
-    if PROMPTS not in backbone.condition_names or loaded.prompts is None:
-        raise UserError(
-            "prompts need a text-conditional model (Stable Diffusion); this one takes class labels"
-        )
+    check_condition_flags(backbone.condition_names, loaded.weights[0] or loaded.source, True, controls)
+    assert loaded.prompts is not None  # load_pretrained gives every text-conditional model its encoder
     loaded.prompts.warn_truncated(prompts)
     tensors = {PROMPTS: loaded.prompts.encode(list(prompts))}
     if CONTROL in backbone.condition_names:
-        if not controls:
-            raise UserError("a ControlNet needs --control-image (one for all prompts, or one per prompt)")
         side = backbone.sample_shape[1] * backbone.control_downsample
         images = torch.stack([(load_square_image(path, side, 3) + 1) / 2 for path in controls])
         if images.shape[0] == 1:
             images = images.expand(len(prompts), -1, -1, -1)
         tensors[CONTROL] = to_uint8(images)
     return Conditioning(tensors)
+
+
+def check_condition_flags(
+    condition_names: Collection[str], model: str, prompts: bool, controls: Sequence[str] = ()
+) -> None:
+    """Refuse sampling inputs that ``model`` (conditioned on ``condition_names``) cannot take: prompts
+    for a class-conditional model, class labels for a text-conditional one, control images for a model
+    without a ControlNet, and a ControlNet without them.
+
+    Raises:
+        UserError: the message names the mismatch and the flags to give instead.
+    """
+    if prompts and PROMPTS not in condition_names:
+        raise UserError(
+            f"{model} takes class labels, not prompts (it is not text-conditional); give --labels instead"
+        )
+    if not prompts and "labels" not in condition_names:
+        raise UserError(
+            f"{model} is not class-conditional: give --prompt (and --control-image for a ControlNet)"
+        )
+    if controls and CONTROL not in condition_names:
+        raise UserError(
+            f"{model} has no ControlNet, so --control-image would be ignored; leave it out, or give a "
+            "ControlNet model (a ControlNet run's final/ or pipeline) as --model"
+        )
+    if prompts and CONTROL in condition_names and not controls:
+        raise UserError("a ControlNet needs --control-image (one for all prompts, or one per prompt)")

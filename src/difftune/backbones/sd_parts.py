@@ -14,7 +14,8 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from difftune.backbones.base import Backbone
 from difftune.backbones.controlnet import ControlNetBackbone
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
-from difftune.backbones.text import PromptEncoder
+from difftune.backbones.text import PromptEncoder, check_tokenizer_fits
+from difftune.config_checks import check_model_path
 from difftune.errors import UserError
 
 CONDITION_CHANNELS = (16, 32, 96, 256)  # ControlNet's condition embedding: each block after the first halves
@@ -55,6 +56,7 @@ def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> Promp
 
     tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer", revision=revision)
     text_encoder = load(CLIPTextModel, pipeline, "text_encoder", revision)
+    check_tokenizer_fits(tokenizer, text_encoder, pipeline)
     return PromptEncoder(text_encoder, tokenizer, pipeline)
 
 
@@ -79,6 +81,7 @@ def controlnet_backbone(
             unet, conditioning_embedding_out_channels=CONDITION_CHANNELS[: halvings + 1]
         )
     else:
+        check_model_path(controlnet, "model.controlnet")
         net = load(ControlNetModel, controlnet, None, revision)
     _check_pair(net, unet)
     return ControlNetBackbone(net, unet)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from difftune.backbones.fingerprint import model_fingerprint
+from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,29 @@ logger = logging.getLogger(__name__)
 def prompts_digest(prompts: Sequence[str]) -> str:
     """A short hash of a list of prompts, in order (what caches and bank manifests record of them)."""
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def check_tokenizer_fits(tokenizer: Any, text_encoder: Any, where: str) -> None:
+    """Refuse a tokenizer whose token ids or prompt length its text encoder cannot take (its
+    ``vocab_size`` and ``max_position_embeddings``): encoding would fail deep inside the encoder.
+
+    Raises:
+        UserError: the message names both sizes and where the pair was read from.
+    """
+    config = text_encoder.config
+    vocab, positions = getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the text encoder only {vocab} "
+            "(vocab_size); give the tokenizer/ and text_encoder/ of one pipeline"
+        )
+    if positions is not None and tokenizer.model_max_length > positions:
+        raise UserError(
+            f"{where}: the tokenizer makes prompts of {tokenizer.model_max_length} tokens (model_max_length) "
+            f"but the text encoder has {positions} positions (max_position_embeddings); give the tokenizer/ "
+            f"and text_encoder/ of one pipeline, or set model_max_length to {positions} in "
+            "tokenizer/tokenizer_config.json"
+        )
 
 
 class PromptEncoder:

@@ -56,6 +56,21 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def check_model_flags(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a model flag that names a missing local path (a typo), before anything is loaded:
+    ``names`` are argparse destinations, e.g. ``"vae"``; unset flags are skipped, hub ids left to the hub.
+
+    Raises:
+        FileNotFoundError: the message names the flag and its value.
+        UserError: the flag names a file, not a model directory.
+    """
+    from difftune.config_checks import check_model_path
+
+    for name in names:
+        if getattr(args, name):
+            check_model_path(getattr(args, name), f"--{name.replace('_', '-')}")
+
+
 def check_scheduler(name: str, what: str = "--scheduler", error: type[UserError] = UserError) -> None:
     """Refuse a scheduler class name that diffusers does not have (imports diffusers).
 
@@ -78,6 +93,6 @@ def check_domain_guidance(pretrained: str | None, guidance_scale: float) -> None
         return
     from difftune.config_checks import check_model_path
 
-    check_model_path(pretrained)
+    check_model_path(pretrained, "--domain-guidance")
     if guidance_scale == 1.0:
         raise UserError("--domain-guidance needs --guidance-scale > 1: at 1 the guiding model has no effect")

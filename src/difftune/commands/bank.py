@@ -7,7 +7,7 @@ from typing import Any
 
 from difftune.commands import add_config_command, check_scheduler
 from difftune.config import load_config
-from difftune.config_checks import ConfigError, check_model_path
+from difftune.config_checks import ConfigError, check_model_paths
 
 HELP = "generate (or resume) the knowledge bank from the frozen pre-trained model"
 
@@ -15,7 +15,7 @@ HELP = "generate (or resume) the knowledge bank from the frozen pre-trained mode
 def cmd_bank(args: argparse.Namespace) -> int:
     """Check the config and the model; generate the bank (or print the plan); return the exit code."""
     cfg = load_config(args.config, args.overrides)
-    check_model_path(cfg.model.pretrained)
+    check_model_paths(cfg.model)
     if not cfg.bank.path:
         raise ConfigError("bank.path is empty: set it to the directory the bank should be written to")
     check_scheduler(cfg.bank.scheduler, "bank.scheduler", ConfigError)

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from difftune.atomic import atomic_write_json
-from difftune.commands import add_model_args, check_domain_guidance, check_positive, check_scheduler
+from difftune.commands import (
+    add_model_args,
+    check_domain_guidance,
+    check_model_flags,
+    check_positive,
+    check_scheduler,
+)
 from difftune.commands.sample import listed_samples
 from difftune.errors import UserError
 from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images
@@ -71,6 +77,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
         spec = sampling_spec_from_args(args)
         check_scheduler(spec.scheduler)
+        check_model_flags(args, "checkpoint", "vae")
         check_domain_guidance(args.domain_guidance, spec.guidance_scale)
         vars(args).update(asdict(spec))  # the values used, also in the --out-json settings
 

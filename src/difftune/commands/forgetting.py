@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from difftune.commands import check_positive, check_scheduler
+from difftune.commands import check_model_flags, check_positive, check_scheduler
 from difftune.errors import UserError
 from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
 
@@ -45,6 +45,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     check_positive(args, "num_per_class", "gap_bins", "gap_draws", "batch_size", "resolution")
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
+    check_model_flags(args, "finetuned", "pretrained", "vae")
     if not Path(args.heldout).is_dir():
         raise FileNotFoundError(f"--heldout {args.heldout!r} is not a directory of class sub-folders")
     if args.dry_run:

@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.atomic import atomic_write_json
-from difftune.commands import add_model_args, check_domain_guidance, check_positive, check_scheduler
-from difftune.config_checks import check_model_path
+from difftune.commands import (
+    add_model_args,
+    check_domain_guidance,
+    check_model_flags,
+    check_positive,
+    check_scheduler,
+)
 from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
 
 MANIFEST = "difftune_samples.json"
 GRID = "grid.png"
+DEFAULT_LABELS = "0"
 
 if TYPE_CHECKING:
     from difftune.backbones.base import Backbone
@@ -30,13 +36,16 @@ if TYPE_CHECKING:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Check the flags and the model; write the images and a grid (or print the plan); return the exit code."""
+    _check_condition_flags(args)
     prompts = read_prompts(args.prompt, args.prompts_file)
-    labels = [] if prompts else parse_labels(args.labels)
+    labels_text = DEFAULT_LABELS if args.labels is None else args.labels
+    labels = [] if prompts else parse_labels(labels_text)
     check_positive(args, "per_label", "batch_size")
     spec = sampling_spec_from_args(args)
     check_scheduler(spec.scheduler)
-    check_model_path(args.model)
+    check_model_flags(args, "model", "vae")
     check_domain_guidance(args.domain_guidance, spec.guidance_scale)
+    _check_model_conditions(args, bool(prompts))
     guided = f", domain guidance from {args.domain_guidance}" if args.domain_guidance else ""
     if prompts:
         return _sample_prompts(args, prompts, spec, guided)
@@ -52,19 +61,52 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         return 0
     from difftune.backbones import load_trained
+    from difftune.prompt_conditions import check_condition_flags
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     guide = _guide(args, loaded)
-    if not hasattr(loaded.backbone, "num_classes"):
-        raise UserError(
-            f"{args.model} is not class-conditional: give --prompt (and --control-image for a ControlNet)"
-        )
-    labels = parse_labels(args.labels, loaded.backbone.num_classes)
+    check_condition_flags(loaded.backbone.condition_names, args.model, prompts=False)
+    labels = parse_labels(labels_text, loaded.backbone.num_classes)
     path = sample_to_folder(
         loaded, labels, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite, guide=guide
     )
     print(f"wrote {len(labels) * args.per_label} images and {path}")
     return 0
+
+
+def _check_condition_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that exclude each other, before anything is read: ``--labels`` with prompts (one of
+    them would be ignored), ``--control-image`` without prompts (a ControlNet is text-conditional)."""
+    text = bool(args.prompt or args.prompts_file)
+    if text and args.labels is not None:
+        raise UserError(
+            "--labels (class-conditional models) and --prompt/--prompts-file (text-conditional models) "
+            "exclude each other; give only the one your model takes"
+        )
+    if args.control_image and not text:
+        raise UserError(
+            "--control-image goes with --prompt or --prompts-file (a ControlNet is text-conditional); "
+            "add the prompts, or leave out --control-image"
+        )
+
+
+def _check_model_conditions(args: argparse.Namespace, prompts: bool) -> None:
+    """Refuse what ``--model`` cannot take (prompts or labels, control images) from its config alone,
+    before any weights are read. A model that only loading tells about (an adapter, which loads onto
+    its base; a hub model not in the local cache) is checked once it is loaded."""
+    from difftune.backbones.adapters import adapter_directory
+    from difftune.backbones.loading import peek_backbone
+    from difftune.backbones.saving import inference_subfolder
+    from difftune.prompt_conditions import check_condition_flags
+
+    if adapter_directory(args.model, not args.no_ema and args.subfolder is None) is not None:
+        return
+    subfolder = inference_subfolder(args.model, args.subfolder, not args.no_ema)
+    try:
+        backbone = peek_backbone(args.model, subfolder, local_only=not Path(args.model).exists())
+    except OSError:  # not in the local hub cache, or a part only loading finds: loading reports it
+        return
+    check_condition_flags(backbone.condition_names, args.model, prompts, args.control_image or ())
 
 
 def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
@@ -180,7 +222,7 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     """The prompts of ``--prompt`` (repeatable) and ``--prompts-file`` (one per line), in that order.
 
     Raises:
-        UserError: the prompts file is missing.
+        UserError: the prompts file is missing, or holds no prompt (only blank lines).
     """
     found = list(prompts or [])
     if prompts_file:
@@ -189,7 +231,13 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
             raise UserError(
                 f"--prompts-file {prompts_file!r} does not exist; give a text file with one prompt per line"
             )
-        found += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise UserError(
+                f"--prompts-file {prompts_file!r} holds no prompts (it is empty or blank); "
+                "write one prompt per line"
+            )
+        found += lines
     return found
 
 
@@ -270,7 +318,7 @@ def add_parser(subparsers: Any) -> None:
         "--model", required=True, help="checkpoint / final directory, pipeline directory or hub id"
     )
     add_model_args(p)
-    p.add_argument("--labels", default="0", help="comma-separated class labels, e.g. 0,1,2")
+    p.add_argument("--labels", help=f"comma-separated class labels, e.g. 0,1,2 (default {DEFAULT_LABELS})")
     p.add_argument("--prompt", action="append", help="a prompt, for a text-conditional model (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument(

@@ -10,7 +10,7 @@ import yaml
 
 from difftune.commands import add_config_command, check_scheduler
 from difftune.config import ExperimentConfig, load_config
-from difftune.config_checks import ConfigError, check_model_path
+from difftune.config_checks import ConfigError, check_model_paths
 
 
 def _schedule(name: str, exponent: float) -> str:
@@ -42,7 +42,7 @@ HELP = "fine-tune a pre-trained model with Diff-Tuning (or plain fine-tuning)"
 def cmd_train(args: argparse.Namespace) -> int:
     """Check the config, the model, the data and the bank; train (or print the plan); return the exit code."""
     cfg = load_config(args.config, args.overrides)
-    check_model_path(cfg.model.pretrained)
+    check_model_paths(cfg.model)
     if cfg.data.source == "folder" and not Path(cfg.data.path or "").is_dir():
         raise FileNotFoundError(
             f"data.path {cfg.data.path!r} is not a directory; point data.path at an image folder "
