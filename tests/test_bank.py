@@ -171,7 +171,7 @@ def test_resume_regenerates_a_damaged_shard(
 @pytest.mark.parametrize(
     "edit,message",
     [
-        ({"num_shards": "three"}, r"num_shards='three', which must be a whole number >= 0"),
+        ({"num_shards": "three"}, r"num_shards='three', which must be a whole number > 0"),
         ({"num_shards": 4}, r"num_shards=4, but num_samples=20 in shards of shard_size=8 make 3"),
         ({"num_samples": 30}, r"num_shards=3, but num_samples=30 in shards of shard_size=8 make 4"),
         ({"shard_size": 0}, r"shard_size=0, which must be a whole number > 0"),

@@ -52,9 +52,9 @@ _FieldRule = tuple[Callable[[Any], bool], str]
 _COMMON: dict[str, _FieldRule] = {
     "kind": (lambda v: v in ("bank", "target"), "'bank' or 'target'"),
     "format": (lambda v: _whole(v, 1), "a whole number > 0"),
-    "num_samples": (lambda v: _whole(v, 0), "a whole number >= 0"),
+    "num_samples": (lambda v: _whole(v, 1), "a whole number > 0"),  # difftune stores no empty set
     "shard_size": (lambda v: _whole(v, 1), "a whole number > 0"),
-    "num_shards": (lambda v: _whole(v, 0), "a whole number >= 0"),
+    "num_shards": (lambda v: _whole(v, 1), "a whole number > 0"),
 }
 FIELDS: dict[str, dict[str, _FieldRule]] = {
     "bank": {
