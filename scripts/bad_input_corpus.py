@@ -394,6 +394,23 @@ def _empty_class_folder(ws: Workspace) -> list[str]:
     return ws.train(folder=root)
 
 
+def _captioned(*rows: dict[str, str]) -> Callable[[Workspace], list[str]]:
+    """A captioned folder (two grey images, ``metadata.jsonl`` of ``rows``) for the tiny Stable Diffusion,
+    met by the dry run (it reads the listing)."""
+
+    def build(ws: Workspace) -> list[str]:
+        root = ws.root / "captioned"
+        for i, value in enumerate(GREY_VALUES[:2]):
+            grey_png(root / f"{i}.png", value, size=32)
+        grey_png(ws.root / "outside.png", 0, size=32)  # a readable image beside the folder
+        (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        cfg = recipe(ws.assets.sd_model(), ws.run)
+        cfg["data"] = {"source": "captions", "path": str(root)}
+        return ["train", "--config", str(ws.write_config(cfg)), "--dry-run"]
+
+    return build
+
+
 def _no_class_folders(ws: Workspace) -> list[str]:
     root = ws.root / "images"
     for i, value in enumerate(GREY_VALUES):
@@ -482,12 +499,17 @@ def _truncated_shard(ws: Workspace) -> list[str]:
     return ws.train(bank=bank, dry_run=False)
 
 
-def _edited_manifest(ws: Workspace) -> list[str]:
-    bank = ws.copy(ws.assets.bank(), "bank")
-    manifest = json.loads((bank / "manifest.json").read_text())
-    manifest["shape"] = [1, 16, 16]
-    (bank / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return ws.train(bank=bank)
+def _edited_manifest(**fields: object) -> Callable[[Workspace], list[str]]:
+    """A copy of the bank whose manifest has ``fields`` edited, met by the dry run (it reads the manifest)."""
+
+    def build(ws: Workspace) -> list[str]:
+        bank = ws.copy(ws.assets.bank(), "bank")
+        manifest = json.loads((bank / "manifest.json").read_text())
+        manifest.update(fields)
+        (bank / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return ws.train(bank=bank)
+
+    return build
 
 
 def _garbled_manifest(ws: Workspace) -> list[str]:
@@ -634,6 +656,20 @@ CASES: list[Case] = [
         _missing_data_path,
         problem=r"data\.path '.*no-such-images' (is not a directory|does not exist)",
         fix=r"point (it|data\.path) at|set data\.path|give ",
+    ),
+    Case(
+        "metadata.jsonl lists an image twice",
+        "folders",
+        _captioned(*[{"file_name": "0.png", "text": "a"}, {"file_name": "1.png", "text": "b"}] * 2),
+        problem=r"metadata\.jsonl lists '0\.png' twice \(lines 1 and 3\)",
+        fix=r"keep one line per image",
+    ),
+    Case(
+        "metadata.jsonl names a file outside the folder (../)",
+        "folders",
+        _captioned({"file_name": "0.png", "text": "a"}, {"file_name": "../outside.png", "text": "b"}),
+        problem=r"metadata\.jsonl line 2: file_name='\.\./outside\.png' lies outside the data folder",
+        fix=r"name a file inside it",
     ),
     # ----------------------------------------------------------------------------------- configs
     Case(
@@ -794,9 +830,23 @@ CASES: list[Case] = [
     Case(
         "edited bank manifest (shape)",
         "models and banks",
-        _edited_manifest,
+        _edited_manifest(shape=[1, 16, 16]),
         problem=r"bank .*bank holds samples of shape \[1, 16, 16\] but the model works on \[1, 8, 8\]",
         fix=r"regenerate the bank with this model",
+    ),
+    Case(
+        "bank manifest field of the wrong type (num_shards: three)",
+        "models and banks",
+        _edited_manifest(num_shards="three"),
+        problem=r"bank/manifest\.json has num_shards='three', which must be a whole number",
+        fix=r"regenerate the bank: delete .*bank and run `difftune bank` again",
+    ),
+    Case(
+        "bank manifest num_shards disagrees with num_samples",
+        "models and banks",
+        _edited_manifest(num_shards=4),
+        problem=r"bank/manifest\.json has num_shards=4, but num_samples=20 in shards of shard_size=8 make 3",
+        fix=r"regenerate the bank: delete .*bank and run `difftune bank` again",
     ),
     Case(
         "garbled bank manifest (not JSON)",
