@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
+from safetensors.torch import load_file
 
 from difftune.backbones import Conditioning, apply_tuning, load_pretrained, load_trained, merged_model
 from difftune.cli import main
@@ -110,6 +111,32 @@ def test_lora_distillation_on_target_data_trains_without_a_bank(dit_dir: Path, t
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["retention"] == {"objective": "distillation", "data": "target"}
     assert (final / "adapter" / "difftune_adapter.safetensors").is_file()
+
+
+def test_distillation_trains_micro_batches_without_retention_rows(dit_dir: Path, tmp_path: Path) -> None:
+    # 8 target + 2 retention rows in 5 micro-batches of 2 (rows i and i + 5): three hold no retention row
+    common = (
+        "model.tuning=lora",
+        "objective.kind=distillation",
+        "objective.retention_data=target",
+        "objective.bank_share=0.2",
+        "train.learning_rate=1e-2",
+        "train.max_steps=2",
+        "train.checkpoint_every=0",
+    )
+    one = Trainer(make_cfg(dit_dir, tmp_path / "acc1", None, *common)).train()
+    five = Trainer(
+        make_cfg(dit_dir, tmp_path / "acc5", None, *common, "train.gradient_accumulation=5")
+    ).train()
+    adapter = "adapter/difftune_adapter.safetensors"
+    a, b = load_file(str(one / adapter)), load_file(str(five / adapter))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    for m1, m5 in zip(metrics(tmp_path / "acc1"), metrics(tmp_path / "acc5"), strict=True):
+        assert m1.keys() == m5.keys()
+        for key in m1:
+            assert m1[key] == pytest.approx(m5[key], rel=1e-5), key
 
 
 def test_retention_settings_are_checked() -> None:

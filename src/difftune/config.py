@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from difftune.sampling_spec import SamplingSpec
 from difftune.schedule_names import FITTED_SCHEDULE_NAMES, is_schedule_name, schedule_names
 from difftune.train_config import TrainConfig
 from difftune.tuning import TUNING_METHODS, TuningConfig
+from difftune.tuning.settings import check_settings_used
 
 __all__ = [
     "BankConfig",
@@ -171,6 +173,14 @@ class ObjectiveConfig:
             self.teacher_dtype in ("float32", "bfloat16"),
             f"objective.teacher_dtype={self.teacher_dtype!r}: use 'float32' or 'bfloat16'",
         )
+        _check(
+            self.kind != "distillation" or self.bank_share > 0,
+            "objective.kind=distillation distils on the retention share of each batch, and "
+            "objective.bank_share=0 gives it none; set objective.bank_share > 0 (with "
+            f"objective.retention_data={self.retention_data} that share is "
+            f"{'target images, no bank needed' if self.retention_data == 'target' else 'bank samples'}), "
+            "or use objective.kind=diff_tuning",
+        )
 
     @property
     def fitted_schedules(self) -> list[str]:
@@ -225,7 +235,12 @@ class BankConfig:
 
 @dataclass
 class ExperimentConfig:
-    """A whole Diff-Tuning experiment: model, target data, bank, objective and training loop."""
+    """A whole Diff-Tuning experiment: model, target data, bank, objective and training loop.
+
+    Attributes:
+        unset: ``section.key`` of every setting that the config file and the overrides left out, so
+            that its default applies (:func:`load_config` fills it; empty for a config built in code).
+    """
 
     model: ModelConfig
     data: DataConfig
@@ -233,8 +248,10 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    unset: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_settings_used(self.model.tuning, self.tuning)
         _check(
             self.objective.bank_share == 0.0 or bool(self.bank.path) or not self.uses_bank,
             "objective.bank_share > 0 but bank.path is empty: set bank.path, objective.retention_data=target "
@@ -263,9 +280,14 @@ class ExperimentConfig:
         """Bank samples per global batch, int(r * B) as in the authors' code."""
         return int(self.objective.bank_share * self.train.batch_size)
 
+    @property
+    def default_steps(self) -> bool:
+        """``train.max_steps`` was left out of the config, so that its default applies."""
+        return "train.max_steps" in self.unset
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML-serialisable)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict of the sections (YAML-serialisable)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically)."""
@@ -282,8 +304,50 @@ _SECTIONS = {
 }
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice (PyYAML alone would keep the last value in silence).
+
+    Attributes:
+        key: the key's dotted path from the top of the document (``train.max_steps``).
+        lines: the 1-based lines of its first and second occurrence.
+    """
+
+    def __init__(self, key: str, lines: tuple[int, int]) -> None:
+        super().__init__(f"{key} is set twice (lines {lines[0]} and {lines[1]})")
+        self.key, self.lines = key, lines
+
+
+def _refuse_duplicate_keys(root: yaml.Node) -> None:
+    """Raise :class:`DuplicateKeyError` for the first mapping under ``root`` that repeats a key."""
+    todo: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen_nodes: set[int] = set()  # an alias can point back to a node: visit each once
+    while todo:
+        node, path = todo.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend((item, path) for item in node.value)
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        first_line: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                name = f"{path}.{key.value}" if path else key.value
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first_line:
+                    raise DuplicateKeyError(name, (first_line[key.tag, key.value], line))
+                first_line[key.tag, key.value] = line
+                todo.append((value, name))
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 and Python do."""
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 and Python do, and
+    refuses a mapping that repeats a key (:class:`DuplicateKeyError`)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node)
+        return super().construct_document(node)
 
 
 _Loader.add_implicit_resolver(
@@ -296,6 +360,11 @@ _Loader.add_implicit_resolver(
 def _parse_value(text: str) -> Any:
     """Parse a ``--set`` value with YAML rules (numbers, booleans, null, lists)."""
     return yaml.load(text, Loader=_Loader)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What a YAML error says is wrong, in a few words."""
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -318,16 +387,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         valid = {f.name for f in dataclasses.fields(_SECTIONS[section])}
         if name not in valid:
             raise ConfigError(f"unknown key {key!r}; valid keys of {section!r}: {sorted(valid)}")
-        out[section][name] = _parse_value(value)
+        try:
+            out[section][name] = _parse_value(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); fix it (a list is "
+                f"written [1, 2]), or quote it to give it as text: --set '{key}=\"{value}\"'"
+            ) from None
     return out
 
 
-def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate an :class:`ExperimentConfig` from a nested dict."""
+def config_from_dict(raw: dict[str, Any], overridden: Collection[str] = ()) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from a nested dict.
+
+    ``overridden``: the ``section.key`` names set explicitly (by ``--set``); a ``tuning`` key among
+    them that ``model.tuning`` does not read is refused even at its default value.
+    """
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
-    sections = {}
+    sections, unset = {}, set()
     for name, cls in _SECTIONS.items():
         values = raw.get(name) or {}
         valid = {f.name for f in dataclasses.fields(cls)}
@@ -338,7 +417,10 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
             sections[name] = cls(**values)
         except TypeError as err:
             raise ConfigError(f"section {name!r}: {err}") from None
-    return ExperimentConfig(**sections)
+        unset |= {f"{name}.{key}" for key in valid - set(values)}
+    given = {key.split(".", 1)[1] for key in overridden if key.startswith("tuning.")}
+    check_settings_used(sections["model"].tuning, sections["tuning"], given)
+    return ExperimentConfig(**sections, unset=frozenset(unset))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -350,13 +432,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} does not exist; check the path given to --config")
         try:
             raw = yaml.load(p.read_text(), Loader=_Loader) or {}
+        except DuplicateKeyError as err:
+            fix = "keep one of them" if "." in err.key else "merge them into one section"
+            first, second = err.lines
+            raise ConfigError(
+                f"config file {str(p)!r} sets {err.key} twice (lines {first} and {second}); {fix}"
+            ) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(
-                f"config file {str(p)!r} is not valid YAML{where} ({problem}); fix the syntax there"
+                f"config file {str(p)!r} is not valid YAML{where} ({_yaml_problem(err)}); fix the syntax there"
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    overrides = overrides or []
+    overridden = [item.split("=", 1)[0].strip() for item in overrides]
+    return config_from_dict(apply_overrides(raw, overrides), overridden)

@@ -10,6 +10,13 @@ from difftune.sampling_spec import SamplingSpec
 NON_FINITE_POLICIES = ("stop", "skip")
 
 
+def default_steps_note(steps: int) -> str:
+    """The start-up note of a run whose config leaves out ``train.max_steps`` (``steps``: its default)."""
+    return (
+        f"train.max_steps is not set: the default of {steps:,} steps applies (set train.max_steps to choose)"
+    )
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop (defaults follow the paper's DiT recipe, docs/method.md §2).

@@ -11,6 +11,7 @@ import yaml
 from difftune.commands import add_config_command, check_scheduler
 from difftune.config import ExperimentConfig, load_config
 from difftune.config_checks import ConfigError, check_model_paths
+from difftune.train_config import default_steps_note
 
 
 def _schedule(name: str, exponent: float) -> str:
@@ -33,6 +34,8 @@ def _plan(cfg: ExperimentConfig) -> str:
         f"steps      {tc.max_steps}, lr {tc.learning_rate:g}, EMA {tc.ema_decay:g}, precision {tc.mixed_precision}",
         f"output     {tc.output_dir}",
     ]
+    if cfg.default_steps:
+        lines.insert(-1, f"note       {default_steps_note(tc.max_steps)}")
     return "\n".join(lines)
 
 

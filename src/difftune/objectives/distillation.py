@@ -76,10 +76,12 @@ class DistillationLoss(DiffTuningLoss):
         out = model(x_t, t, cond)
         terms = self.denoising_terms(out, x0, x_t, noise, t)
         rows = draw.bank.nonzero().flatten().to(x0.device)  # chosen on the host: no synchronisation
-        with torch.no_grad():
-            reference = self.teacher(x_t[rows], t[rows], cond.select(rows))
-        distance = (out[rows].float() - reference.float()).pow(2).flatten(1).mean(1)
-        distill = torch.zeros(x0.shape[0], device=x0.device).index_put((rows,), distance)
+        distill = torch.zeros(x0.shape[0], device=x0.device)
+        if rows.numel():  # a micro-batch (or one process's share of it) may hold no retention row
+            with torch.no_grad():
+                reference = self.teacher(x_t[rows], t[rows], cond.select(rows))
+            distance = (out[rows].float() - reference.float()).pow(2).flatten(1).mean(1)
+            distill = distill.index_put((rows,), distance)
         zero = torch.zeros_like(distill)
         terms = {name: torch.where(is_bank, zero, value) for name, value in terms.items()}
         terms["distill"] = distill
