@@ -432,6 +432,17 @@ def _yaml_syntax_error(ws: Workspace) -> list[str]:
     return ["train", "--config", str(path), "--dry-run"]
 
 
+def _duplicate_yaml_key(ws: Workspace) -> list[str]:
+    cfg = ws.write_config(recipe(ws.assets.model(), ws.run))
+    cfg.write_text(cfg.read_text().replace("  max_steps: 2\n", "  max_steps: 2\n  max_steps: 3\n"))
+    return ["train", "--config", str(cfg), "--dry-run"]
+
+
+def _oversized_lora(ws: Workspace) -> list[str]:
+    # the rank is checked against the model's layers once they are loaded: a real run
+    return ws.train("model.tuning=lora", "tuning.lora_rank=100000", dry_run=False)
+
+
 def _config_with(section: str, values: dict[str, object]) -> Callable[[Workspace], list[str]]:
     def build(ws: Workspace) -> list[str]:
         cfg = recipe(ws.assets.model(), ws.run)
@@ -533,6 +544,13 @@ def _resume_not_a_checkpoint(ws: Workspace) -> list[str]:
     return ws.train(f"train.resume={ws.root / 'not-a-checkpoint'}", dry_run=False)
 
 
+def _resume_damaged_checkpoint(ws: Workspace) -> list[str]:
+    checkpoint = _earlier_run(ws) / "checkpoints" / "checkpoint-0000002"
+    optimizer = checkpoint / "state" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short, as by a full disk
+    return ws.train(f"train.resume={checkpoint}", dry_run=False)
+
+
 def _unwritable_output(ws: Workspace) -> list[str]:
     if os.geteuid() == 0:  # root writes into any folder: a parent that is a file stops root too
         (ws.root / "a-file").write_text("not a folder\n")
@@ -565,13 +583,6 @@ def _handled(write: Callable[[Path], None]) -> Callable[[Workspace], list[str]]:
         return ws.train("train.max_steps=1", model=ws.assets.rgb_model(), folder=root, dry_run=False)
 
     return build
-def _resume_damaged_checkpoint(ws: Workspace) -> list[str]:
-    checkpoint = _earlier_run(ws) / "checkpoints" / "checkpoint-0000002"
-    optimizer = checkpoint / "state" / "optimizer.bin"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short, as by a full disk
-    return ws.train(f"train.resume={checkpoint}", dry_run=False)
-
-
 
 
 UNWRITABLE_AS_ROOT = "output folder under a regular file (as root)"
@@ -743,6 +754,43 @@ CASES: list[Case] = [
         fix=r"section\.key=value",
     ),
     Case(
+        "--set value that is not YAML",
+        "configs",
+        _override("train.max_steps=[1,"),
+        problem=r"--set 'train\.max_steps=\[1,': the value is not valid YAML",
+        fix=r"fix it \(a list is written \[1, 2\]\), or quote it",
+    ),
+    Case(
+        "duplicate YAML key",
+        "configs",
+        _duplicate_yaml_key,
+        problem=r"config\.yaml' sets train\.max_steps twice \(lines (\d+) and (?!\1)\d+\)",
+        fix=r"keep one of them",
+    ),
+    Case(
+        "tuning setting of another method",
+        "configs",
+        _override("tuning.lora_rank=4"),
+        problem=r"tuning\.lora_rank=4 is a setting of model\.tuning=lora/loha/lokr, "
+        r"but model\.tuning=full ignores it",
+        fix=r"set model\.tuning=lora \(or loha, lokr\), or remove tuning\.lora_rank",
+    ),
+    Case(
+        "distillation without a retention share",
+        "configs",
+        _override("objective.kind=distillation", "objective.retention_data=target"),
+        problem=r"objective\.kind=distillation distils on the retention share of each batch, and "
+        r"objective\.bank_share=0 gives it none",
+        fix=r"set objective\.bank_share > 0 .*or use objective\.kind=diff_tuning",
+    ),
+    Case(
+        "LoRA rank above every layer's full rank",
+        "configs",
+        _oversized_lora,
+        problem=r"tuning\.lora_rank=100000 is above the full rank min\(in, out\) of every layer",
+        fix=r"set tuning\.lora_rank to at most 16",
+    ),
+    Case(
         "missing config file",
         "configs",
         _missing_config,
@@ -870,6 +918,13 @@ CASES: list[Case] = [
         fix=r"train\.resume=latest|checkpoints/checkpoint-",  # a value that works
         allowed_new=TARGET_CACHE,
     ),
+    Case(
+        "train.resume is a damaged checkpoint",
+        "models and banks",
+        _resume_damaged_checkpoint,
+        problem=r"train\.resume='.*checkpoint-0000002' cannot be resumed from: state/optimizer\.bin is damaged",
+        fix=r"give an older checkpoint, or train\.resume=latest",
+    ),
     # ---------------------------------------------------------------------------- outputs and runs
     Case(
         UNWRITABLE,
@@ -951,13 +1006,6 @@ def run_case(case: Case, workspace: Workspace) -> CaseResult:
         p for p in after if p not in before and not any(fnmatch.fnmatch(p, a) for a in case.allowed_new)
     )
     failures = result.failures
-    Case(
-        "train.resume is a damaged checkpoint",
-        "models and banks",
-        _resume_damaged_checkpoint,
-        problem=r"train\.resume='.*checkpoint-0000002' cannot be resumed from: state/optimizer\.bin is damaged",
-        fix=r"give an older checkpoint, or train\.resume=latest",
-    ),
     if code != case.exit_code:
         failures.append(f"exit code {code}, expected {case.exit_code}")
     if "Traceback" in stderr:

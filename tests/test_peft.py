@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import peft
@@ -26,6 +27,7 @@ from difftune.errors import UserError
 from difftune.tiny_models import save_pipeline_dir, tiny_dit
 from difftune.trainer import Trainer
 from difftune.tuning import TUNING_METHODS, TuningConfig, adapters_off, prepare_tuning, trainable_parameters
+from difftune.tuning.size import check_adapter_size, full_ranks
 from test_training import assert_all_equal, make_cfg
 
 ADAPTER_METHODS = sorted(name for name in TUNING_METHODS if name != "full")
@@ -140,12 +142,66 @@ def test_trainable_counts_and_run_summary(dit_dir: Path, tmp_path: Path) -> None
         assert sum(p.numel() for p in params) == count, method
 
         run = tmp_path / method
-        _train(dit_dir, run, method, f"tuning.lora_rank={rank}", "train.max_steps=1")
+        rank_setting = [f"tuning.lora_rank={rank}"] if method == "lora" else []  # bitfit refuses it
+        _train(dit_dir, run, method, *rank_setting, "train.max_steps=1")
         summary = json.loads((run / "run_summary.json").read_text())
         assert summary["tuning"] == method
         assert summary["trainable_parameters"] == count, method
         # the share counts the added parameters in the whole, as peft's print_trainable_parameters does
         assert summary["trainable_share"] == pytest.approx(count / (n_base + count), rel=1e-12), method
+
+
+def test_a_lora_rank_above_every_layers_full_rank_is_refused(dit_dir: Path, tmp_path: Path) -> None:
+    # the tiny DiT's attention projections are 16 x 16: rank 16 is their full rank, 17 adds nothing
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        Trainer(make_cfg(dit_dir, run, None, "model.tuning=loha", "tuning.lora_rank=17"))
+    assert str(info.value) == (
+        "tuning.lora_rank=17 is above the full rank min(in, out) of every layer model.tuning=loha adapts "
+        "(at most 16), so it adds parameters and no capacity; set tuning.lora_rank to at most 16"
+    )
+    assert not run.exists()  # refused before anything is written
+    Trainer(make_cfg(dit_dir, run, None, "model.tuning=lora", "tuning.lora_rank=16"))
+
+
+def test_a_lora_rank_above_some_layers_full_rank_is_reported(
+    dit_dir: Path, unet_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    loaded = load_pretrained(str(dit_dir))
+    settings = TuningConfig(lora_rank=12, lora_targets=["to_q", "proj_out_2"])  # 16 x 16 twice, 8 x 16
+    apply_tuning(loaded, "lora", settings)
+    assert full_ranks(loaded.backbone) == [16, 16, 8]
+    with caplog.at_level(logging.WARNING):
+        check_adapter_size("lora", settings, loaded.backbone)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tuning.lora_rank=12 is above the full rank min(in, out) of 1 of the 3 layers model.tuning=lora "
+        "adapts (down to 8): there it adds parameters and no capacity"
+    ]
+    loaded = load_pretrained(str(unet_dir))  # a convolution's full rank: min(out, in x kernel)
+    apply_tuning(
+        loaded, "lora", TuningConfig(lora_targets=["conv_in", "down_blocks.1.resnets.0.conv_shortcut"])
+    )
+    assert full_ranks(loaded.backbone) == [min(8, 1 * 3 * 3), min(16, 8 * 1 * 1)]
+
+
+def test_an_adapter_larger_than_half_the_model_is_reported(
+    dit_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n_base = sum(p.numel() for p in load_pretrained(str(dit_dir)).backbone.parameters())
+    for dim, warned in ((64, False), (300, True)):  # 4,256 and 19,832 parameters beside the base's
+        loaded = load_pretrained(str(dit_dir))
+        settings = TuningConfig(adaptformer_dim=dim)
+        n = sum(p.numel() for p in apply_tuning(loaded, "adaptformer", settings))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            check_adapter_size("adaptformer", settings, loaded.backbone)
+        expected = [
+            f"model.tuning=adaptformer trains {n:,} parameters, {100 * n / n_base:.0f}% of the base model's "
+            f"{n_base:,} (which full fine-tuning, model.tuning=full, trains): not parameter-efficient; lower "
+            "tuning.adaptformer_dim (now 300) or train in full"
+        ]
+        assert [r.getMessage() for r in caplog.records] == (expected if warned else []), dim
+    check_adapter_size("full", TuningConfig(), load_pretrained(str(dit_dir)).backbone)  # nothing to check
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,7 @@ from difftune.run_state import (
 )
 from difftune.store import LatentStore
 from difftune.streams import IndexStream, step_generator
+from difftune.tuning.size import check_adapter_size
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Trainer:
             )
             self.trainable = apply_tuning(self.loaded, cfg.model.tuning, cfg.tuning)
         self.backbone = self.loaded.backbone
+        check_adapter_size(cfg.model.tuning, cfg.tuning, self.backbone)  # before anything is written
         if tc.gradient_checkpointing:
             enable_gradient_checkpointing(self.backbone.inner)
         self.guard: NonFiniteGuard | None = None  # set by train()
@@ -348,6 +350,8 @@ class Trainer:
             "bank_samples": int(self.bank.shape[0]),
             "retention": {"objective": self.cfg.objective.kind, "data": self.cfg.objective.retention_data},
             "batch": {"target": self.n_target, "bank": self.n_bank},
+            "max_steps": self.cfg.train.max_steps,
+            "default_steps": self.cfg.default_steps,  # train.max_steps left out of the config
             "resume_from": None if resume is None else {"checkpoint": str(resume), "step": self.state.step},
             "processes": self.accelerator.num_processes,
             "device": str(self.accelerator.device),
