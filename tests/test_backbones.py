@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from conftest import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 from difftune.backbones import LatentCodec, load_pretrained, model_fingerprint, save_model
+from difftune.backbones.noise_schedule import DEFAULT_NOISE_SCHEDULE, stated_keys
 from difftune.tuning import trainable_parameters
 
 
@@ -65,7 +66,11 @@ def test_load_single_model_dir_uses_default_ddpm_schedule(build, tmp_path: Path)
     model.save_pretrained(tmp_path / "single")
     loaded = load_pretrained(str(tmp_path / "single"))
     assert_state_equal(loaded.backbone.inner, model)
-    assert loaded.scheduler_config == dict(DDPMScheduler().config)
+    assert loaded.scheduler_config == DEFAULT_NOISE_SCHEDULE  # every key stated: one grid for every sampler
+    stock = {k: v for k, v in DDPMScheduler().config.items() if not k.startswith("_")}
+    assert {
+        k: v for k, v in DDPMScheduler.from_config(loaded.scheduler_config).config.items() if k in stock
+    } == stock
     assert not loaded.codec.is_latent
     assert loaded.backbone.num_classes == 5
 
@@ -220,15 +225,13 @@ def test_save_model_loads_in_stock_diffusers(
     stock_ema = model_cls.from_pretrained(out, subfolder=f"ema/{subfolder}")
     for saved, given in zip(stock_ema.parameters(), ema.shadow_params, strict=True):
         assert torch.equal(saved, given)
-    assert (
-        DDPMScheduler.from_pretrained(out, subfolder="scheduler").config
-        == DDPMScheduler.from_config(loaded.scheduler_config).config
-    )
+    # the schedule is written back with exactly the keys it stated
+    assert stated_keys(DDPMScheduler.load_config(out, subfolder="scheduler")) == loaded.scheduler_config
 
     again = load_pretrained(str(out))
     assert_state_equal(again.backbone.inner, before)
     assert again.source == "the-source"  # provenance survives, for banks and later checkpoints
-    assert again.scheduler_config == dict(DDPMScheduler.from_config(loaded.scheduler_config).config)
+    assert again.scheduler_config == loaded.scheduler_config
 
 
 def test_save_model_overwrites_and_keeps_vae_provenance(latent_dit_dir: Path, tmp_path: Path) -> None:

@@ -394,7 +394,7 @@ def test_a_single_model_directory_uses_its_own_schedule(tmp_path: Path, caplog) 
     tiny_dit().save_pretrained(tmp_path / "bare")
     with caplog.at_level("WARNING"):
         assert load_pretrained(str(tmp_path / "bare")).scheduler_config["num_train_timesteps"] == 1000
-    assert "using DDPMScheduler's defaults" in caplog.text  # said, not silent
+    assert "has no noise schedule (scheduler/); using difftune's default" in caplog.text  # said, not silent
 
 
 def test_a_bank_share_that_rounds_to_no_bank_sample_is_refused() -> None:
