@@ -156,6 +156,35 @@ def _without_fetch_errors() -> Iterator[None]:
         log.removeFilter(drop)
 
 
+@contextlib.contextmanager
+def _without_loading_bars(cls: type) -> Iterator[None]:
+    """No "Loading weights" (transformers) or "Loading checkpoint shards" (diffusers) bar while ``cls``
+    loads: one per model in every command, noise. Each library's setting is restored afterwards, and the
+    hub's download bars (which transformers switches with its own) keep theirs throughout."""
+    import huggingface_hub.utils as hub
+    from diffusers.utils import logging as diffusers_logging
+
+    libraries = [diffusers_logging]
+    if cls.__module__.startswith("transformers."):  # transformers is imported only for its models
+        from transformers.utils import logging as transformers_logging
+
+        libraries.append(transformers_logging)
+    shown = [library.is_progress_bar_enabled() for library in libraries]
+    downloads_shown = not hub.are_progress_bars_disabled()
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        if downloads_shown:
+            hub.enable_progress_bars()
+        yield
+    finally:
+        for library, was_shown in zip(libraries, shown, strict=True):
+            if was_shown:
+                library.enable_progress_bar()
+        if not downloads_shown:
+            hub.disable_progress_bars()
+
+
 def load_safetensors_model(cls: type, source: str, subfolder: str | None, revision: str | None) -> Any:
     """``cls.from_pretrained`` that reads safetensors weights only: a pickle (``.bin``) file can run code.
 
@@ -163,7 +192,7 @@ def load_safetensors_model(cls: type, source: str, subfolder: str | None, revisi
         UserError: only pickle weights are there; the message says how to convert them.
     """
     try:
-        with _without_fetch_errors():
+        with _without_fetch_errors(), _without_loading_bars(cls):
             return cls.from_pretrained(source, subfolder=subfolder, revision=revision, use_safetensors=True)
     except OSError as err:
         if "safetensors" not in str(err):
@@ -270,6 +299,8 @@ def load_pretrained(
     components, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision)
     record = _source_record(pretrained)
     model = load_safetensors_model(model_cls, pretrained, sub, revision)
+    if vae is not None:
+        check_model_path(vae, "vae")
     vae_source = vae
     vae_sub: str | None = None
     if vae_source is None and "vae" in components:
