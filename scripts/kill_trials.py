@@ -3,8 +3,10 @@
 Each training trial starts ``difftune train`` as a subprocess (checkpoints at every step), kills it
 with SIGKILL after a random delay (so the kill lands during a step, a checkpoint write or the
 staging of ``final/``), then runs the same command with ``train.resume=latest`` until it finishes,
-and compares the final weights (trained and EMA) with those of an uninterrupted run, bit for bit.
-Each bank trial kills ``difftune bank`` the same way, checks that every shard on disk is complete,
+and compares the final weights (trained and EMA) and every per-step log (``metrics.jsonl``,
+``fidelity.jsonl``) with those of an uninterrupted run, bit for bit. Each ControlNet trial does the
+same for a tiny ControlNet that validates its fidelity at every step (its first trial is killed as
+soon as the step-0 validation is logged, before any checkpoint). Each bank trial kills ``difftune bank`` the same way, checks that every shard on disk is complete,
 reruns it, and compares the bank with an uninterrupted one byte for byte. Each latent-cache trial
 kills a latent model's ``difftune train`` while it encodes the target set into its cache, reruns
 it, and compares the cache with an uninterrupted one byte for byte. Each rotation trial kills
@@ -17,8 +19,8 @@ Usage (from the repository root, with the project's venv active)::
     python scripts/kill_trials.py                  # 10 training + 10 bank trials, about 3 minutes on 2 cores
     python scripts/kill_trials.py --trials 3 --seed 1
 
-Prints one line per trial and, last, ``train N/T identical, bank M/T identical, latent cache K/T
-identical, rotation R/T identical``; exits 1 unless all are.
+Prints one line per trial and, last, ``train N/T identical, controlnet C/T identical, bank M/T
+identical, latent cache K/T identical, rotation R/T identical``; exits 1 unless all are.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import yaml
 
 KEEP = 2  # train.keep_checkpoints of the trials
+CONTROLNET_STEPS = 4  # train.max_steps of the ControlNet trials (a validation at each, and at step 0)
 
 
 def _tiny_model(root: Path) -> Path:
@@ -50,6 +53,12 @@ def _tiny_latent_model(root: Path) -> Path:
     return save_pipeline_dir(
         root / "latent", tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae()
     )
+
+
+def _tiny_sd_model(root: Path) -> Path:
+    from difftune.tiny_models import save_sd_pipeline
+
+    return save_sd_pipeline(root / "sd")
 
 
 def _save(cfg: dict, out: Path) -> Path:
@@ -101,6 +110,38 @@ def _config(root: Path, model: Path, out: Path, bank: Path, steps: int) -> Path:
             "keep_checkpoints": KEEP,
             "log_every": 1,
             "ema_decay": 0.9,
+        },
+    }
+    return _save(cfg, out)
+
+
+def _controlnet_config(model: Path, out: Path, cache: Path, steps: int) -> Path:
+    """A ControlNet made from a tiny Stable Diffusion UNet, on captioned digits and their Canny edges,
+    its fidelity validated at every step (step 0 included)."""
+    cfg = {
+        "model": {"pretrained": str(model), "controlnet": "from_unet"},
+        "data": {
+            "source": "digits",
+            "classes": [5, 6, 7, 8, 9],
+            "per_class": 2,
+            "resolution": 32,
+            "caption_template": "digit {}",
+            "annotator": "canny",
+            "cache_dir": str(cache),
+        },
+        "objective": {"bank_share": 0.0},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": steps,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 1,
+            "keep_checkpoints": KEEP,
+            "log_every": 1,
+            "ema_decay": 0.9,
+            "sample_steps": 2,
+            "validation_every": 1,
+            "validation_samples": 2,
         },
     }
     return _save(cfg, out)
@@ -169,14 +210,27 @@ def _run(
     return proc.returncode, end - (started or end)
 
 
-def _weights(final: Path) -> dict[str, bytes]:
+def _outputs(out: Path) -> dict[str, object]:
+    """What a finished run leaves to compare: the tensors of every weights file of ``final/`` (trained
+    and EMA), and the bytes of every per-step log, by file."""
     from safetensors.torch import load_file
 
-    out = {}
-    for sub in ("transformer", "ema/transformer"):
-        for name, tensor in load_file(str(final / sub / "diffusion_pytorch_model.safetensors")).items():
-            out[f"{sub}/{name}"] = tensor.numpy().tobytes()
-    return out
+    from difftune.run_dir import LOG_FILES
+
+    found: dict[str, object] = {}
+    for path in sorted((out / "final").rglob("*.safetensors")):
+        tensors = load_file(str(path))
+        found[str(path.relative_to(out))] = {name: t.numpy().tobytes() for name, t in tensors.items()}
+    for name in LOG_FILES:
+        if (out / name).is_file():
+            found[name] = (out / name).read_bytes()
+    return found
+
+
+def _differences(found: dict[str, object], expected: dict[str, object]) -> str:
+    """``True``, or the files in which a run differs from the uninterrupted one."""
+    differ = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
+    return f"False ({', '.join(differ)})" if differ else "True"
 
 
 def _shards(bank: Path) -> dict[str, bytes]:
@@ -185,6 +239,28 @@ def _shards(bank: Path) -> dict[str, bytes]:
     for shard in bank.glob("shard-*.safetensors"):
         load_file(str(shard))  # every shard on disk is complete (raises otherwise)
     return {p.name: p.read_bytes() for p in sorted(bank.glob("*")) if p.is_file()}
+
+
+def _train_trial(
+    cfg: Path, out: Path, marker: Path, kill_after: float, expected: dict[str, object]
+) -> tuple[bool, bool, str]:
+    """Run ``difftune train``, SIGKILL it ``kill_after`` seconds after ``marker`` appears, resume it
+    until it finishes, and compare it with the uninterrupted run.
+
+    Returns:
+        (identical, with at most ``KEEP`` + 1 checkpoints after the kill; killed before it finished;
+        the trial's report).
+    """
+    code, _ = _run(["train", "--config", str(cfg)], marker, kill_after)
+    where = "finished before the kill" if code == 0 else f"killed during {_where(out)}"
+    bounded = len(_checkpoint_dirs(out)) <= KEEP + 1
+    resumes = 0
+    while not (out / "final").is_dir() or code != 0:
+        code, _ = _run(["train", "--config", str(cfg), "--set", "train.resume=latest"], out / "config.yaml")
+        resumes += 1
+    same = _differences(_outputs(out), expected)
+    report = f"{where}; at most {KEEP} + 1 checkpoints: {bounded}; {resumes} resume(s); identical: {same}"
+    return same == "True" and bounded, resumes > 0, report
 
 
 def _checkpoint_dirs(out: Path) -> list[str]:
@@ -201,7 +277,7 @@ def _where(out: Path) -> str:
     if checkpoints.is_dir() and any(p.name.endswith(".tmp") for p in checkpoints.iterdir()):
         return "checkpoint write"
     done = sorted(p.name for p in checkpoints.glob("checkpoint-*")) if checkpoints.is_dir() else []
-    return f"a step (newest {done[-1]})" if done else "start-up"
+    return f"a step (newest {done[-1]})" if done else "the steps before the first checkpoint"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,31 +300,40 @@ def main(argv: list[str] | None = None) -> int:
         _, train_seconds = _run(
             ["train", "--config", str(ref_cfg)], root / "ref" / "config.yaml", until=root / "ref" / "final"
         )
-        expected, expected_bank = _weights(root / "ref" / "final"), _shards(reference_bank)
+        expected, expected_bank = _outputs(root / "ref"), _shards(reference_bank)
         print(f"reference: bank {bank_seconds:.2f} s, train {train_seconds:.2f} s of work (after start-up)")
 
         train_ok = train_killed = 0
         for trial in range(args.trials):
             out = root / f"train-{trial}"
             cfg = _config(root, model, out, reference_bank, args.steps)
-            code, _ = _run(
-                ["train", "--config", str(cfg)], out / "config.yaml", rng.uniform(0, train_seconds)
+            ok, killed, report = _train_trial(
+                cfg, out, out / "config.yaml", rng.uniform(0, train_seconds), expected
             )
-            where = "finished before the kill" if code == 0 else f"killed during {_where(out)}"
-            bounded = len(_checkpoint_dirs(out)) <= KEEP + 1
-            resumes = 0
-            while not (out / "final").is_dir() or code != 0:
-                code, _ = _run(
-                    ["train", "--config", str(cfg), "--set", "train.resume=latest"], out / "config.yaml"
-                )
-                resumes += 1
-            same = _weights(out / "final") == expected
-            train_ok += same and bounded
-            train_killed += code != 0 or resumes > 0
-            print(
-                f"train trial {trial}: {where}; at most {KEEP} + 1 checkpoints: {bounded}; {resumes} "
-                f"resume(s); identical: {same}"
-            )
+            train_ok += ok
+            train_killed += killed
+            print(f"train trial {trial}: {report}")
+
+        sd_model, cn_cache = _tiny_sd_model(root), root / "controlnet-cache"
+        cn_ref = root / "controlnet-ref"
+        _, cn_seconds = _run(
+            ["train", "--config", str(_controlnet_config(sd_model, cn_ref, cn_cache, CONTROLNET_STEPS))],
+            cn_ref / "config.yaml",
+            until=cn_ref / "final",
+        )
+        expected_cn = _outputs(cn_ref)
+        print(f"reference: controlnet train {cn_seconds:.2f} s of work")
+        cn_ok = cn_killed = 0
+        for trial in range(args.trials):
+            out = root / f"controlnet-{trial}"
+            cfg = _controlnet_config(sd_model, out, cn_cache, CONTROLNET_STEPS)
+            # the first is killed as soon as step 0's validation is logged (before any checkpoint)
+            marker, delay = (out / "fidelity.jsonl", 0.0) if trial == 0 else (out / "config.yaml", None)
+            delay = rng.uniform(0, cn_seconds) if delay is None else delay
+            ok, killed, report = _train_trial(cfg, out, marker, delay, expected_cn)
+            cn_ok += ok
+            cn_killed += killed
+            print(f"controlnet trial {trial}: {report}")
 
         rotation_ok = 0
         for trial in range(args.trials):
@@ -258,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             code, _ = _run(["train", "--config", str(cfg)], out / "config.yaml", kill_at_rotation=at)
             left = _checkpoint_dirs(out)
             _run(["train", "--config", str(cfg), "--set", "train.resume=latest"], out / "config.yaml")
-            same = _weights(out / "final") == expected
+            same = _differences(_outputs(out), expected)
             after = _checkpoint_dirs(out)
-            ok = code == -signal.SIGKILL and len(left) <= KEEP + 1 and len(after) == KEEP and same
+            ok = code == -signal.SIGKILL and len(left) <= KEEP + 1 and len(after) == KEEP and same == "True"
             rotation_ok += ok
             print(
                 f"rotation trial {trial}: killed in rotation {at} with {left} on disk; after resuming "
@@ -309,14 +394,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"cache trial {trial}: killed with {shards} of 1 shard on disk, all complete; identical: {same}"
             )
     print(
-        f"killed mid-work: train {train_killed}, bank {bank_killed}, latent cache {cache_killed} of {args.trials} "
-        "each (the others finished before their kill)"
+        f"killed mid-work: train {train_killed}, controlnet {cn_killed}, bank {bank_killed}, latent cache "
+        f"{cache_killed} of {args.trials} each (the others finished before their kill)"
     )
     print(
-        f"train {train_ok}/{args.trials} identical, bank {bank_ok}/{args.trials} identical, "
-        f"latent cache {cache_ok}/{args.trials} identical, rotation {rotation_ok}/{args.trials} identical"
+        f"train {train_ok}/{args.trials} identical, controlnet {cn_ok}/{args.trials} identical, "
+        f"bank {bank_ok}/{args.trials} identical, latent cache {cache_ok}/{args.trials} identical, "
+        f"rotation {rotation_ok}/{args.trials} identical"
     )
-    return 0 if train_ok == bank_ok == cache_ok == rotation_ok == args.trials else 1
+    return 0 if train_ok == cn_ok == bank_ok == cache_ok == rotation_ok == args.trials else 1
 
 
 if __name__ == "__main__":

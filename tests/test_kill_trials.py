@@ -17,6 +17,6 @@ def test_killed_runs_resume_bit_identical(capsys: pytest.CaptureFixture[str]) ->
     spec.loader.exec_module(module)
     assert module.main(["--trials", "3", "--seed", "1"]) == 0
     assert (
-        "train 3/3 identical, bank 3/3 identical, latent cache 3/3 identical, rotation 3/3 identical"
-        in capsys.readouterr().out
+        "train 3/3 identical, controlnet 3/3 identical, bank 3/3 identical, latent cache 3/3 identical, "
+        "rotation 3/3 identical" in capsys.readouterr().out
     )
