@@ -4,7 +4,9 @@ The subcommands live in :mod:`difftune.commands`, one module each; this module a
 and runs the chosen command. Every subcommand takes ``--dry-run``: it validates its inputs, prints what
 it would do, and exits. Errors a user can fix (:data:`USER_ERRORS`) are printed as one line
 (``difftune: error: ...``) with exit code 2, or as a full traceback with ``-v``. Any other exception is
-a bug and propagates with its traceback.
+a bug and propagates with its traceback. Nothing here imports torch: a command checks its inputs
+first and imports torch, diffusers and transformers only to run a model
+(:func:`~difftune.commands.start_torch`), so ``--help`` and refusals of bad input come at once.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
-
-import torch
 
 from difftune.commands import bank, convergence, demo, eval_fid, export, forgetting, sample, train
 from difftune.errors import UserError
@@ -47,7 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    torch.set_float32_matmul_precision("high")
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -21,8 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from difftune.atomic import atomic_open, atomic_path, atomic_write_json
 from difftune.errors import UserError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from difftune.image_formats import IMAGE_EXTENSIONS
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -96,3 +96,14 @@ def check_domain_guidance(pretrained: str | None, guidance_scale: float) -> None
     check_model_path(pretrained, "--domain-guidance")
     if guidance_scale == 1.0:
         raise UserError("--domain-guidance needs --guidance-scale > 1: at 1 the guiding model has no effect")
+
+
+def start_torch() -> None:
+    """Import torch and let float32 matrix products use TF32 (``set_float32_matmul_precision("high")``).
+
+    Every command that runs a model calls this once its inputs are checked and before it loads the
+    model, so that building the parser and refusing bad input do not wait for torch to import.
+    """
+    import torch
+
+    torch.set_float32_matmul_precision("high")

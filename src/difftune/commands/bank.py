@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from difftune.commands import add_config_command, check_scheduler
+from difftune.commands import add_config_command, check_scheduler, start_torch
 from difftune.config import load_config
 from difftune.config_checks import ConfigError, check_model_paths
 
@@ -18,11 +18,11 @@ def cmd_bank(args: argparse.Namespace) -> int:
     check_model_paths(cfg.model)
     if not cfg.bank.path:
         raise ConfigError("bank.path is empty: set it to the directory the bank should be written to")
-    check_scheduler(cfg.bank.scheduler, "bank.scheduler", ConfigError)
     if cfg.model.controlnet and not cfg.data.annotator:
         raise ConfigError(
             "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
         )
+    check_scheduler(cfg.bank.scheduler, "bank.scheduler", ConfigError)  # imports diffusers: the last check
     if args.dry_run:
         b = cfg.bank
         print(
@@ -31,6 +31,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
             f"guidance {b.guidance_scale:g}, seeds {b.seed}..{b.seed + b.num_samples - 1})"
         )
         return 0
+    start_torch()
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
     from difftune.bank.conditions import prepare_bank_conditions

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from difftune.commands import start_torch
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the chosen demo (or print its plan); return the exit code."""
@@ -37,6 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(settings.describe())
         return 0
+    start_torch()
     run(settings)
     return 0
 

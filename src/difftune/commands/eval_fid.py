@@ -17,10 +17,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from difftune.atomic import atomic_write_json
 from difftune.commands import (
@@ -29,25 +26,19 @@ from difftune.commands import (
     check_model_flags,
     check_positive,
     check_scheduler,
+    start_torch,
 )
 from difftune.commands.sample import listed_samples
 from difftune.errors import UserError
-from difftune.images import IMAGE_EXTENSIONS, export_npz, list_images
-from difftune.metrics.distributed import (
-    WorkDir,
-    folder_batches,
-    progress,
-    run_extractor,
-    sampled_batches,
-    tensor_batches,
-)
-from difftune.metrics.extractors import build_extractor
-from difftune.metrics.fid import FeatureStats, fid_from_stats
-from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
-from difftune.metrics.reference import reference_dataset
-from difftune.metrics.reference_cache import load_cached_stats, reference_cache_file, write_cached_stats
+from difftune.image_formats import IMAGE_EXTENSIONS
 from difftune.sampling_spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
-from difftune.store import folder_identity
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from difftune.metrics.distributed import WorkDir
+    from difftune.metrics.fid import FeatureStats
 
 CHECKPOINT_ONLY = (
     "num_per_class",
@@ -85,6 +76,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Tensor, Any, Any]:
     """The model of ``--checkpoint`` (EMA weights by default), the label of every item, the scheduler,
     and the ``--domain-guidance`` model (or None)."""
+    import torch
+
     from difftune.backbones import load_trained
     from difftune.commands.sample import parse_labels
     from difftune.sampling import build_scheduler, load_guide
@@ -131,6 +124,12 @@ class _Inputs:
 
 def _resolve_inputs(args: argparse.Namespace) -> _Inputs:
     """Check every input before any heavy work (all processes do the same, so they fail alike)."""
+    from difftune.images import list_images
+    from difftune.metrics.fid import FeatureStats
+    from difftune.metrics.reference import reference_dataset
+    from difftune.metrics.reference_cache import load_cached_stats, reference_cache_file
+    from difftune.store import folder_identity
+
     real_stats, real_paths, real_images, identity = None, None, None, None
     if Path(args.real).suffix.lower() == ".npz":
         if not Path(args.real).is_file():
@@ -196,10 +195,14 @@ def _plan(args: argparse.Namespace, inputs: _Inputs) -> str:
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     """``difftune eval fid``: print ``fid <value>`` (and KID, precision/recall); return the exit code."""
     _check_args(args)
+    start_torch()
     inputs = _resolve_inputs(args)
     if args.dry_run:
         print(_plan(args, inputs))
         return 0
+    from difftune.metrics.distributed import WorkDir
+    from difftune.metrics.extractors import build_extractor
+
     extractor = build_extractor(args.features, args.inception_weights)
     dim = getattr(extractor, "num_features", None)
     if inputs.real_stats is not None and isinstance(dim, int) and dim != inputs.real_stats.num_features:
@@ -233,6 +236,16 @@ def _evaluate(
     args: argparse.Namespace, inputs: _Inputs, extractor: nn.Module, state: Any, work: WorkDir
 ) -> None:
     """Features of this process's share of the items, gathered on the main process, which reports."""
+    from difftune.metrics.distributed import (
+        folder_batches,
+        progress,
+        run_extractor,
+        sampled_batches,
+        tensor_batches,
+    )
+    from difftune.metrics.kid import stats_from_features
+    from difftune.metrics.reference_cache import write_cached_stats
+
     rank, world, main, device = state.process_index, state.num_processes, state.is_main_process, state.device
     real_stats, real_feats = inputs.real_stats, None
     if inputs.cache_hit and main:
@@ -290,6 +303,10 @@ def _report(
     device: torch.device | str,
 ) -> None:
     """Main process: compute, print and save the metrics; export the generated images."""
+    from difftune.images import export_npz
+    from difftune.metrics.fid import fid_from_stats
+    from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
+
     if fake_feats.shape[1] != real_stats.num_features:
         raise UserError(
             f"{args.real}: feature dimension mismatch, reference has {real_stats.num_features}, "

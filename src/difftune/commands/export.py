@@ -18,20 +18,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from difftune.commands import start_torch
 from difftune.errors import UserError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from difftune.atomic import atomic_directory
-    from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, merged_model
-    from difftune.backbones.model_card import CARD, stock_loader
-    from difftune.backbones.saving import save_model, save_pipeline_index
-
     source, out = Path(args.model), Path(args.out)
     if not source.is_dir():
         raise UserError(f"{source} is not a directory; give a run's final/ (or a checkpoint's model/)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder to write the export to")
+    from difftune.atomic import atomic_directory
+    from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, merged_model
+    from difftune.backbones.model_card import CARD, stock_loader
+    from difftune.backbones.saving import save_model, save_pipeline_index
+
     weights = adapter_directory(source, use_ema=not args.no_ema)
     if weights is None:
         raise UserError(
@@ -50,6 +51,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             shutil.copytree(weights, staging, dirs_exist_ok=True)
         print(f"wrote the adapter of {source} to {out}")
         return 0
+    start_torch()
     loaded = load_adapter(weights)
     backbone = type(loaded.backbone)(merged_model(loaded.backbone.inner))
     plain = dataclasses.replace(loaded, backbone=backbone, tuning=None)

@@ -14,9 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from difftune.commands import check_model_flags, check_positive, check_scheduler
+from difftune.commands import check_model_flags, check_positive, check_scheduler, start_torch
 from difftune.errors import UserError
 from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
 
@@ -33,21 +31,17 @@ def _fractions(text: str) -> list[float]:
 
 def cmd_forgetting(args: argparse.Namespace) -> int:
     """Run both probes; write ``forgetting_swap.{json,png}`` and ``forgetting_gap.{json,png}``."""
-    from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
-    from difftune.backbones import load_trained
-    from difftune.config import DataConfig
-    from difftune.data import load_target_images
-    from difftune.metrics import compute_feature_stats, fid_from_stats
-    from difftune.metrics.extractors import build_extractor
-    from difftune.sampling import build_scheduler, to_unit_range
-
-    fractions = _fractions(args.fractions) if args.fractions is not None else list(DEFAULT_FRACTIONS)
+    fractions = _fractions(args.fractions) if args.fractions is not None else None
     check_positive(args, "num_per_class", "gap_bins", "gap_draws", "batch_size", "resolution")
     spec = sampling_spec_from_args(args)
-    check_scheduler(spec.scheduler)
     check_model_flags(args, "finetuned", "pretrained", "vae")
     if not Path(args.heldout).is_dir():
         raise FileNotFoundError(f"--heldout {args.heldout!r} is not a directory of class sub-folders")
+    check_scheduler(spec.scheduler)
+    from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
+
+    if fractions is None:
+        fractions = list(DEFAULT_FRACTIONS)
     if args.dry_run:
         print(
             f"would probe {args.finetuned} against {args.pretrained} at fractions {fractions} "
@@ -55,6 +49,16 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
             f"{args.gap_bins} bins of t on {args.heldout}; outputs in {args.out}"
         )
         return 0
+    start_torch()
+    import torch
+
+    from difftune.backbones import load_trained
+    from difftune.config import DataConfig
+    from difftune.data import load_target_images
+    from difftune.metrics import compute_feature_stats, fid_from_stats
+    from difftune.metrics.extractors import build_extractor
+    from difftune.sampling import build_scheduler, to_unit_range
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     finetuned = load_trained(args.finetuned, args.subfolder, not args.no_ema, args.vae)
     pretrained = load_trained(args.pretrained, args.pretrained_subfolder, True, args.vae)

@@ -20,6 +20,7 @@ from difftune.commands import (
     check_model_flags,
     check_positive,
     check_scheduler,
+    start_torch,
 )
 from difftune.errors import UserError
 from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
@@ -42,9 +43,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels = [] if prompts else parse_labels(labels_text)
     check_positive(args, "per_label", "batch_size")
     spec = sampling_spec_from_args(args)
-    check_scheduler(spec.scheduler)
     check_model_flags(args, "model", "vae")
     check_domain_guidance(args.domain_guidance, spec.guidance_scale)
+    check_scheduler(spec.scheduler)  # imports diffusers: after the checks that need no library
     _check_model_conditions(args, bool(prompts))
     guided = f", domain guidance from {args.domain_guidance}" if args.domain_guidance else ""
     if prompts:
@@ -60,6 +61,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
+    start_torch()
     from difftune.backbones import load_trained
     from difftune.prompt_conditions import check_condition_flags
 
@@ -256,6 +258,7 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: Sampling
             f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
+    start_torch()
     from difftune.backbones import load_trained
     from difftune.prompt_conditions import prompt_conditions
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from difftune.commands import add_config_command, check_scheduler
+from difftune.commands import add_config_command, check_scheduler, start_torch
 from difftune.config import ExperimentConfig, load_config
 from difftune.config_checks import ConfigError, check_model_paths
 from difftune.train_config import default_steps_note
@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(_plan(cfg))
         print("\n".join(checks))
         return 0
+    start_torch()
     from difftune.trainer import train_model
 
     final = train_model(cfg)

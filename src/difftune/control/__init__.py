@@ -5,12 +5,12 @@ the annotator that made the conditions (:mod:`~difftune.control.annotators`); th
 is scored against the input one (:mod:`~difftune.control.fidelity`) and the scores are logged to the
 run's ``fidelity.jsonl`` (:mod:`~difftune.control.log`). :mod:`~difftune.control.convergence` finds
 the step where the dissimilarity dropped for good ("sudden convergence"); ``difftune convergence``
-reports it for runs. Nothing here imports OpenCV until an annotator runs.
+reports it for runs. Nothing here imports OpenCV until an annotator runs, nor torch until an annotator
+or a fidelity score is asked for (``difftune convergence`` reads logs only).
 """
 
 from __future__ import annotations
 
-from difftune.control.annotators import ANNOTATORS, Annotator, CannyAnnotator, build_annotator
 from difftune.control.convergence import (
     ConvergenceSummary,
     changepoint_step,
@@ -19,8 +19,21 @@ from difftune.control.convergence import (
     sudden_convergence_step,
     summarise,
 )
-from difftune.control.fidelity import condition_fidelity, edge_f1, per_sample_fidelity
 from difftune.control.log import FIDELITY_FILE, append_fidelity, read_fidelity
+from difftune.lazy import lazy_exports
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ANNOTATORS": "annotators",
+        "Annotator": "annotators",
+        "CannyAnnotator": "annotators",
+        "build_annotator": "annotators",
+        "condition_fidelity": "fidelity",
+        "edge_f1": "fidelity",
+        "per_sample_fidelity": "fidelity",
+    },
+)
 
 __all__ = [
     "ANNOTATORS",
