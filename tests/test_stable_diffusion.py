@@ -124,14 +124,15 @@ def test_metadata_listing_an_image_twice_is_refused(lines: list[str], message: s
         load_target_images(DataConfig(source="captions", path=str(data)), 32, 3)
 
 
-@pytest.mark.parametrize("escape", ["parent", "absolute", "link", "control"])
+@pytest.mark.parametrize("escape", ["parent", "absolute", "down and out", "control"])
 def test_metadata_naming_a_file_outside_the_data_folder_is_refused(escape: str, tmp_path: Path) -> None:
     data = _caption_folder(tmp_path / "set", n=1, control_column=True)
     Image.new("RGB", (32, 32)).save(tmp_path / "outside.png")  # a readable image: only where it lies is wrong
-    (data / "link.png").symlink_to(tmp_path / "outside.png")
-    name = {"parent": "../outside.png", "absolute": str(tmp_path / "outside.png"), "link": "link.png"}.get(
-        escape, "0.png"
-    )
+    name = {
+        "parent": "../outside.png",
+        "absolute": str(tmp_path / "outside.png"),
+        "down and out": "sub/../../outside.png",
+    }.get(escape, "0.png")
     control = "../outside.png" if escape == "control" else "c0.png"
     row = {"file_name": name, "text": "x", "conditioning_image": control}
     (data / "metadata.jsonl").write_text(json.dumps(row) + "\n")
@@ -141,6 +142,16 @@ def test_metadata_naming_a_file_outside_the_data_folder_is_refused(escape: str, 
         UserError, match=rf"line 1: {column}='.*' lies outside the data folder .*name a file inside"
     ):
         load_target_images(cfg, 32, 3)
+
+
+def test_a_link_inside_the_data_folder_is_the_users_choice_and_is_read(tmp_path: Path) -> None:
+    """Data folders made of links into a shared store are common: a listed link is followed."""
+    data = _caption_folder(tmp_path / "set", n=1)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "store.png")
+    (data / "link.png").symlink_to(tmp_path / "store.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "link.png", "text": "red"}) + "\n")
+    target = load_target_images(DataConfig(source="captions", path=str(data)), 32, 3)
+    assert len(target) == 1
 
 
 def test_captions_the_text_encoder_truncates_are_counted_in_one_warning(

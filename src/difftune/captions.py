@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,8 @@ def read_metadata(root: Path, caption_column: str, control_column: str | None) -
             f'"file_name" and "{caption_column}"'
         )
     rows = []
-    folder = root.resolve()  # what every listed file must lie inside, links followed
-    first_line: dict[Path, int] = {}  # each listed image (resolved) -> the line that lists it
+    folder = root.resolve()  # what every listed file must lie inside
+    first_line: dict[Path, int] = {}  # each listed image (by its normalised name) -> the line that lists it
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -78,24 +79,23 @@ def read_metadata(root: Path, caption_column: str, control_column: str | None) -
 
 
 def _listed_file(folder: Path, name: Any, where: str, column: str) -> Path:
-    """The file ``name`` (a value of ``column`` at ``where``) resolved, if it lies inside ``folder``
-    (itself resolved).
+    """The file ``name`` (a value of ``column`` at ``where``) inside ``folder``, by its name alone: a name
+    may not climb out of the folder, while a link inside it is the user's own choice and is followed.
 
     Raises:
-        UserError: ``name`` is not a file name, or is absolute, climbs out with ``..`` or follows a link
-            out of ``folder``.
+        UserError: ``name`` is not a file name, or is absolute, or climbs out of ``folder`` with ``..``.
     """
     if not isinstance(name, str) or not name.strip():
         raise UserError(
             f"{where}: {column}={name!r} is not a file name; give the file's path inside {folder}"
         )
-    file = (folder / name).resolve()
-    if Path(name).is_absolute() or not file.is_relative_to(folder):
+    inside = Path(os.path.normpath(name))
+    if inside.is_absolute() or inside.parts[0] == "..":
         raise UserError(
             f"{where}: {column}={name!r} lies outside the data folder {folder}; name a file inside it "
             "(copy the file into the folder)"
         )
-    return file
+    return folder / inside
 
 
 class CaptionedImages:
