@@ -1,7 +1,8 @@
 """The ``difftune`` subcommands, one module each; every module has ``add_parser(subparsers)``.
 
 Modules import only light things at the top, so building the parser (``difftune --help``) does not
-import diffusers; each command imports what it needs when it runs.
+import torch, diffusers or transformers; each command checks its inputs first and then imports what it
+needs (:func:`start_torch` before it loads a model).
 """
 
 from __future__ import annotations
