@@ -221,3 +221,14 @@ def test_a_control_image_without_a_controlnet_is_refused_before_loading(
     assert main(["sample", "--model", str(dit_dir), "--prompt", "x", "--out", str(out)]) == 2
     assert "takes class labels, not prompts" in _error_line(capsys)
     assert not out.exists()
+
+
+def test_a_trailing_slash_is_a_local_path_not_a_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from difftune.config_checks import check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model 'no-such-model/' does not exist"):
+        check_model_path("no-such-model/")
+    check_model_path("owner/name")  # may be a hub id: left to the hub

@@ -81,7 +81,9 @@ def check_model_path(path: str, what: str = "model") -> None:
         )
     if local.exists():
         return
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+    if (
+        path.startswith((".", "/", "~")) or path.count("/") != 1 or "" in path.split("/")
+    ):  # hub ids are owner/name
         raise FileNotFoundError(f"{what} {path!r} does not exist (give a model directory or a hub id)")
     if Path(path.split("/")[0]).is_dir():  # "runs/x" with a local runs/: a typo, not a hub id
         raise FileNotFoundError(
