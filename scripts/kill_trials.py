@@ -227,9 +227,13 @@ def _outputs(out: Path) -> dict[str, object]:
     return found
 
 
-def _differences(found: dict[str, object], expected: dict[str, object]) -> str:
-    """``True``, or the files in which a run differs from the uninterrupted one."""
-    differ = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
+def _differences(found: dict[str, object], expected: dict[str, object]) -> list[str]:
+    """The files in which a run differs from the uninterrupted one (see :func:`_outputs`)."""
+    return sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
+
+
+def _identical(differ: list[str]) -> str:
+    """``True``, or ``False`` and the files that differ."""
     return f"False ({', '.join(differ)})" if differ else "True"
 
 
@@ -258,9 +262,12 @@ def _train_trial(
     while not (out / "final").is_dir() or code != 0:
         code, _ = _run(["train", "--config", str(cfg), "--set", "train.resume=latest"], out / "config.yaml")
         resumes += 1
-    same = _differences(_outputs(out), expected)
-    report = f"{where}; at most {KEEP} + 1 checkpoints: {bounded}; {resumes} resume(s); identical: {same}"
-    return same == "True" and bounded, resumes > 0, report
+    differ = _differences(_outputs(out), expected)
+    report = (
+        f"{where}; at most {KEEP} + 1 checkpoints: {bounded}; {resumes} resume(s); "
+        f"identical: {_identical(differ)}"
+    )
+    return not differ and bounded, resumes > 0, report
 
 
 def _checkpoint_dirs(out: Path) -> list[str]:
@@ -343,13 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             code, _ = _run(["train", "--config", str(cfg)], out / "config.yaml", kill_at_rotation=at)
             left = _checkpoint_dirs(out)
             _run(["train", "--config", str(cfg), "--set", "train.resume=latest"], out / "config.yaml")
-            same = _differences(_outputs(out), expected)
+            differ = _differences(_outputs(out), expected)
             after = _checkpoint_dirs(out)
-            ok = code == -signal.SIGKILL and len(left) <= KEEP + 1 and len(after) == KEEP and same == "True"
+            ok = code == -signal.SIGKILL and len(left) <= KEEP + 1 and len(after) == KEEP and not differ
             rotation_ok += ok
             print(
                 f"rotation trial {trial}: killed in rotation {at} with {left} on disk; after resuming "
-                f"{after}; identical: {same}"
+                f"{after}; identical: {_identical(differ)}"
             )
 
         bank_ok = bank_killed = 0
