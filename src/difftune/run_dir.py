@@ -260,7 +260,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         old, new = saved.get(section) or {}, current.get(section) or {}
         for key in sorted(set(old) | set(new)):
             if key not in old or key in INVOCATION_KEYS.get(section, set()):
-                continue  # (a key added to difftune after the checkpoint was written: its default applies)
+                continue  # not a setting of the run, or added to difftune since (its default applies)
             if old.get(key) != new.get(key):
                 line = f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
                 (allowed if key in RESUMABLE_CHANGES.get(section, set()) else other).append(line)
