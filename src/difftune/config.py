@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from difftune.atomic import atomic_write_text
 from difftune.config_checks import ConfigError, _check, _check_fields
+from difftune.config_yaml import parse_value, read_config_file, yaml_problem
 from difftune.data_config import DataConfig
 from difftune.sampling_spec import SamplingSpec
 from difftune.schedule_names import FITTED_SCHEDULE_NAMES, is_schedule_name, schedule_names
@@ -304,69 +303,6 @@ _SECTIONS = {
 }
 
 
-class DuplicateKeyError(yaml.YAMLError):
-    """A YAML mapping names the same key twice (PyYAML alone would keep the last value in silence).
-
-    Attributes:
-        key: the key's dotted path from the top of the document (``train.max_steps``).
-        lines: the 1-based lines of its first and second occurrence.
-    """
-
-    def __init__(self, key: str, lines: tuple[int, int]) -> None:
-        super().__init__(f"{key} is set twice (lines {lines[0]} and {lines[1]})")
-        self.key, self.lines = key, lines
-
-
-def _refuse_duplicate_keys(root: yaml.Node) -> None:
-    """Raise :class:`DuplicateKeyError` for the first mapping under ``root`` that repeats a key."""
-    todo: list[tuple[yaml.Node, str]] = [(root, "")]
-    seen_nodes: set[int] = set()  # an alias can point back to a node: visit each once
-    while todo:
-        node, path = todo.pop()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            todo.extend((item, path) for item in node.value)
-        if not isinstance(node, yaml.MappingNode):
-            continue
-        first_line: dict[tuple[str, str], int] = {}
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                name = f"{path}.{key.value}" if path else key.value
-                line = key.start_mark.line + 1
-                if (key.tag, key.value) in first_line:
-                    raise DuplicateKeyError(name, (first_line[key.tag, key.value], line))
-                first_line[key.tag, key.value] = line
-                todo.append((value, name))
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 and Python do, and
-    refuses a mapping that repeats a key (:class:`DuplicateKeyError`)."""
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        _refuse_duplicate_keys(node)
-        return super().construct_document(node)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse_value(text: str) -> Any:
-    """Parse a ``--set`` value with YAML rules (numbers, booleans, null, lists)."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """What a YAML error says is wrong, in a few words."""
-    return getattr(err, "problem", None) or str(err).splitlines()[0]
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides to a raw config dict (returns a new dict)."""
     for name in _SECTIONS:
@@ -388,10 +324,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if name not in valid:
             raise ConfigError(f"unknown key {key!r}; valid keys of {section!r}: {sorted(valid)}")
         try:
-            out[section][name] = _parse_value(value)
+            out[section][name] = parse_value(value)
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); fix it (a list is "
+                f"--set {item!r}: the value is not valid YAML ({yaml_problem(err)}); fix it (a list is "
                 f"written [1, 2]), or quote it to give it as text: --set '{key}=\"{value}\"'"
             ) from None
     return out
@@ -425,27 +361,7 @@ def config_from_dict(raw: dict[str, Any], overridden: Collection[str] = ()) -> E
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML config file (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; check the path given to --config")
-        try:
-            raw = yaml.load(p.read_text(), Loader=_Loader) or {}
-        except DuplicateKeyError as err:
-            fix = "keep one of them" if "." in err.key else "merge them into one section"
-            first, second = err.lines
-            raise ConfigError(
-                f"config file {str(p)!r} sets {err.key} twice (lines {first} and {second}); {fix}"
-            ) from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"config file {str(p)!r} is not valid YAML{where} ({_yaml_problem(err)}); fix the syntax there"
-            ) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    raw = read_config_file(path) if path is not None else {}
     overrides = overrides or []
     overridden = [item.split("=", 1)[0].strip() for item in overrides]
     return config_from_dict(apply_overrides(raw, overrides), overridden)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from difftune.errors import UserError
-
-if TYPE_CHECKING:
-    from difftune.config import ModelConfig
 
 __all__ = ["ConfigError", "check_model_path", "check_model_paths"]
 
@@ -92,7 +89,15 @@ def check_model_path(path: str, what: str = "model") -> None:
         )
 
 
-def check_model_paths(model: ModelConfig) -> None:
+class ModelPaths(Protocol):
+    """The model paths of a config (:class:`~difftune.config.ModelConfig` has them)."""
+
+    pretrained: str
+    vae: str | None
+    controlnet: str | None
+
+
+def check_model_paths(model: ModelPaths) -> None:
     """:func:`check_model_path` on ``model.pretrained``, ``model.vae`` and ``model.controlnet``
     (``from_unet`` names no path), before anything is loaded: a typo costs one line, not hub look-ups.
 

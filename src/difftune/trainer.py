@@ -28,8 +28,7 @@ from difftune.backbones.base import enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.backbones.saving import save_model, save_pipeline_index
-from difftune.bank import load_bank
-from difftune.bank.conditions import check_bank_conditions
+from difftune.bank.conditions import training_bank
 from difftune.config import ExperimentConfig
 from difftune.control.validation import check_validation
 from difftune.data import prepare_target
@@ -61,7 +60,6 @@ from difftune.run_state import (
     restore_checkpoint,
     save_run_state,
 )
-from difftune.store import LatentStore
 from difftune.streams import IndexStream, step_generator
 from difftune.tuning.size import check_adapter_size
 
@@ -118,15 +116,7 @@ class Trainer:
         self.objective = None if cfg.objective.fitted_schedules else self._build_objective()
         check_validation(tc.validation_every, self.backbone, cfg.data.annotator)  # before anything is encoded
         # the bank first: a mismatched or damaged bank is refused before the target set is encoded
-        bank = {"samples": torch.empty(0)}
-        if cfg.uses_bank:
-            bank = load_bank(cfg.bank.path, self.loaded)
-            manifest = LatentStore(cfg.bank.path).manifest
-            check_bank_conditions(manifest, self.backbone, cfg.data.annotator, cfg.bank.path)
-        self.bank = bank["samples"]
-        self.bank_cond = Conditioning(
-            {name: bank[name] for name in self.backbone.condition_names if name in bank}, self.bank.shape[0]
-        )
+        self.bank, self.bank_cond = training_bank(cfg, self.loaded)
         with self.accelerator.main_process_first():
             cache_dir = Path(cfg.data.cache_dir or self.out / "target_cache")
             self.target = prepare_target(cfg.data, self.loaded, cache_dir, self.accelerator.device)

@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from difftune.backbones.base import Backbone
+from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.controlnet import CONTROL, ControlNetBackbone
 from difftune.backbones.loading import LoadedModel
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
@@ -83,3 +86,22 @@ def check_bank_conditions(
                 f"{wanted or 'the data (data.control_column)'}; a ControlNet bank must use the target's annotator: "
                 "set data.annotator and regenerate the bank, or set objective.retention_data=target"
             )
+
+
+def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> tuple[torch.Tensor, Conditioning]:
+    """The bank a run replays: its samples (N, C, H, W) and their conditions, checked against the model
+    (shape, space, weights, conditions) before the target set is encoded; empty without a bank.
+
+    Raises:
+        UserError: the bank is missing, incomplete, damaged or does not match the model.
+    """
+    from difftune.bank.generate import load_bank
+    from difftune.store import LatentStore
+
+    bank = {"samples": torch.empty(0)}
+    if cfg.uses_bank:
+        bank = load_bank(cfg.bank.path, loaded)
+        manifest = LatentStore(cfg.bank.path).manifest
+        check_bank_conditions(manifest, loaded.backbone, cfg.data.annotator, cfg.bank.path)
+    names = [name for name in loaded.backbone.condition_names if name in bank]
+    return bank["samples"], Conditioning({name: bank[name] for name in names}, bank["samples"].shape[0])
