@@ -141,3 +141,20 @@ def test_the_folder_and_the_resume_flags_are_not_changed_settings(
     saved = {"train": {"output_dir": "a", "resume": None, "seed": 0}}
     current = {"train": {"output_dir": "b", "resume": "latest", "seed": 1}}
     assert config_changes(saved, current) == ([], ["train.seed: 0 -> 1"])
+
+
+def test_resume_latest_over_only_damaged_checkpoints_says_so_in_one_line(
+    two_checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, clean = two_checkpoints
+    run = shutil.copytree(clean, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    for checkpoint in (run / "checkpoints").iterdir():
+        weights_file = checkpoint / "state" / "optimizer.bin"
+        weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"every checkpoint in .* is damaged .*train\.overwrite=true"):
+        Trainer(make_cfg(model, run, None, *ARGS, "train.resume=latest")).train()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-0000001",
+        "checkpoint-0000002",
+    ]

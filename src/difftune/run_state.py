@@ -88,13 +88,18 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
-        for checkpoint in reversed(
-            list_checkpoints(output_dir)
-        ):  # newest first; a damaged one is passed over
+        found = list_checkpoints(output_dir)
+        for checkpoint in reversed(found):  # newest first; a damaged one is passed over
             problem = checkpoint_problem(checkpoint)
             if problem is None:
                 return checkpoint
             logger.warning("not resuming from %s: %s; trying the one before", checkpoint, problem)
+        if found:
+            raise UserError(
+                f"every checkpoint in {Path(output_dir) / CHECKPOINTS} is damaged (the newest, {found[-1].name}: "
+                f"{checkpoint_problem(found[-1])}); start the run again with train.overwrite=true, or restore "
+                "a checkpoint from a copy"
+            )
         return None
     path = Path(resume)
     if not (path / "state").is_dir():
