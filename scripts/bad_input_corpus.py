@@ -20,7 +20,7 @@ Usage (from the repository root, with the project's venv active)::
     python scripts/bad_input_corpus.py --keep DIR # keep the workspaces in DIR for inspection
 
 Prints a Markdown table ``| case | category | exit | message | left behind |``, the checks each
-failing case missed, and a summary line such as ``31/31 cases: one-line error, nothing left
+failing case missed, and a summary line such as ``48/48 cases: one-line error, nothing left
 behind``; exits 0 only if every case passes. ``tests/test_bad_input_corpus.py`` runs the same cases
 under pytest.
 """
