@@ -129,3 +129,14 @@ def test_a_latent_dit_final_keeps_its_schedule_class_in_the_stock_pipeline(tmp_p
     pipe = DiTPipeline.from_pretrained(str(final))
     assert type(pipe.scheduler).__name__ == DEFAULT_NOISE_SCHEDULE["_class_name"]
     assert pipe.scheduler.config.timestep_spacing == DEFAULT_NOISE_SCHEDULE["timestep_spacing"]
+
+
+def test_a_run_folder_given_as_the_model_names_its_final(dit_dir: Path, tmp_path: Path, capsys) -> None:
+    Trainer(make_cfg(dit_dir, tmp_path / "run", None, "train.max_steps=1")).train()
+    assert (
+        main(["sample", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--steps", "2"]) == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        f"difftune: error: '{tmp_path / 'run'}' is a run's folder; give its model, {tmp_path / 'run' / 'final'}"
+    )
+    assert not (tmp_path / "s").exists()

@@ -126,6 +126,8 @@ def _resolve_subfolder(pretrained: str, subfolder: str | None, components: dict[
             return name
     local = Path(pretrained)
     if local.is_dir() and not (local / "config.json").is_file():
+        if (local / "final").is_dir():  # a run's folder: its model is final/
+            raise FileNotFoundError(f"{pretrained!r} is a run's folder; give its model, {local / 'final'}")
         raise FileNotFoundError(
             f"no diffusers model in {pretrained!r}: expected config.json, or a transformer/, unet/ or "
             "controlnet/ sub-folder"
