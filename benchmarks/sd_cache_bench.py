@@ -237,7 +237,6 @@ def params_of(module: Any) -> int:
 
 def prepare(args: argparse.Namespace, work: Path) -> Bench:
     import torch
-    from diffusers import DDPMScheduler
 
     from difftune.backbones.adapters import apply_tuning
     from difftune.backbones.loading import load_pretrained
@@ -246,6 +245,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Bench:
     from difftune.data import prepare_target
     from difftune.data_config import DataConfig
     from difftune.objectives import build_objective
+    from difftune.process import build_process
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -257,9 +257,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Bench:
     folder = write_captioned_folder(work / "captioned", args.images, args.image_size or resolution, args.seed)
     data_cfg = DataConfig(source="captions", path=str(folder), cache_dir=str(work / "target_cache"))
     # as Trainer.__init__: the objective, then the target set encoded once into the cache
-    objective = build_objective(
-        ObjectiveConfig(), DDPMScheduler.from_config(loaded.scheduler_config), backbone
-    )
+    objective = build_objective(ObjectiveConfig(), build_process(loaded.scheduler_config), backbone)
     trainable = apply_tuning(loaded, "full")
     target = prepare_target(data_cfg, loaded, work / "target_cache", device)
     images = caption_folder(data_cfg)

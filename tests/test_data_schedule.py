@@ -21,6 +21,7 @@ from difftune.cli import main
 from difftune.config_checks import ConfigError
 from difftune.errors import UserError
 from difftune.objectives import build_objective
+from difftune.process import build_process
 from difftune.schedules import build_schedule, tabulated, timestep_bins
 from difftune.trainer import Trainer
 from test_training import (
@@ -247,13 +248,13 @@ def test_objective_uses_the_fit_for_both_streams() -> None:
     model = Oracle(error=0.1, extra=0.5)
     fit = _fit(model)
     cfg = make_cfg(Path("x"), Path("out"), Path("bank"), *DATA_DRIVEN).objective
-    objective = build_objective(cfg, model.scheduler, model, fit)
+    objective = build_objective(cfg, build_process(model.scheduler.config), model, fit)
     widths = timestep_bins(T, 4).diff()
     for schedule, per_bin in zip(objective.schedules, (fit.psi, fit.xi), strict=True):
         expected = torch.tensor(per_bin, dtype=torch.float64).repeat_interleave(widths)
         assert torch.allclose(schedule.weights(), expected, rtol=1e-12, atol=0)
     with pytest.raises(UserError, match="data_driven"):
-        build_objective(cfg, model.scheduler, model)
+        build_objective(cfg, build_process(model.scheduler.config), model)
 
 
 # ------------------------------------------------------------------------------------- training

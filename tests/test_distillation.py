@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file
 
 from difftune.backbones import Conditioning, apply_tuning, load_pretrained, load_trained, merged_model
 from difftune.cli import main
 from difftune.config import ConfigError, ObjectiveConfig, load_config
 from difftune.objectives import DiffTuningLoss, DistillationLoss, build_objective
+from difftune.process import build_process
 from difftune.trainer import Trainer
 from difftune.tuning import adapters_off
 from test_peft import _perturb
@@ -23,7 +24,7 @@ from test_training import make_cfg, metrics
 def _batch(loaded, n: int = 6, bank: int = 2):
     objective = build_objective(
         ObjectiveConfig(kind="distillation"),
-        DDPMScheduler.from_config(loaded.scheduler_config),
+        build_process(loaded.scheduler_config),
         loaded.backbone,
     )
     g = torch.Generator().manual_seed(0)
@@ -72,7 +73,7 @@ def test_full_tuning_distils_from_a_frozen_copy(dtype: str, dit_dir: Path) -> No
     loaded.backbone.eval()
     objective = build_objective(
         ObjectiveConfig(kind="distillation", teacher_dtype=dtype),
-        DDPMScheduler.from_config(loaded.scheduler_config),
+        build_process(loaded.scheduler_config),
         loaded.backbone,
     )
     _, x0, cond, _, draw = _batch(loaded)

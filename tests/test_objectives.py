@@ -13,6 +13,7 @@ from torch import nn
 from difftune.backbones.conditioning import Conditioning
 from difftune.objectives import DiffTuningLoss, Draw, LossTerms
 from difftune.objectives.variational_bound import VariationalBound
+from difftune.process import build_process
 from difftune.schedules import power_down, power_up
 
 T = 1000
@@ -54,9 +55,8 @@ class LeafModel(nn.Module):
 def _loss(prediction_type: str = "epsilon", **kwargs) -> DiffTuningLoss:
     kwargs.setdefault("bank_weight", 0.1)
     kwargs.setdefault("cfg_dropout", 0.1)
-    return DiffTuningLoss(
-        DDPMScheduler(prediction_type=prediction_type), power_up(T, 1.0), power_down(T, 1.0), **kwargs
-    )
+    process = build_process(DDPMScheduler(prediction_type=prediction_type).config)
+    return DiffTuningLoss(process, power_up(T, 1.0), power_down(T, 1.0), **kwargs)
 
 
 def _abar64() -> torch.Tensor:
@@ -210,7 +210,7 @@ def test_invalid_realisation_and_mismatched_T_raise() -> None:
     with pytest.raises(ValueError, match="realisation"):
         _loss(realisation="both")
     with pytest.raises(ValueError, match="T=1000"):
-        DiffTuningLoss(DDPMScheduler(), power_up(500), power_down(T))
+        DiffTuningLoss(build_process(DDPMScheduler().config), power_up(500), power_down(T))
 
 
 # ------------------------------------------------------------------------------------------- draw
@@ -446,7 +446,9 @@ def test_variance_term_follows_the_backbone_declaration(learn_sigma: bool, wante
 
     backbone = DiTBackbone(tiny_dit(learn_sigma=learn_sigma))
     assert backbone.learns_variance is learn_sigma
-    objective = build_objective(ObjectiveConfig(learn_variance=wanted), DDPMScheduler(), backbone)
+    objective = build_objective(
+        ObjectiveConfig(learn_variance=wanted), build_process(DDPMScheduler().config), backbone
+    )
     assert objective.learn_variance is (wanted and learn_sigma)
     x0 = torch.rand(3, 1, 8, 8) * 2 - 1
     draw = objective.draw(2, 1, (1, 8, 8), torch.Generator().manual_seed(0))

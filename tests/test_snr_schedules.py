@@ -12,7 +12,7 @@ from difftune.config import ConfigError, ObjectiveConfig
 from difftune.errors import UserError
 from difftune.objectives import DiffTuningLoss
 from difftune.objectives.base import Draw
-from difftune.objectives.prediction import Parameterisation
+from difftune.process import build_process
 from difftune.schedules import NoiseLevels, build_schedule, uniform
 from difftune.trainer import Trainer
 from test_training import make_cfg, metrics
@@ -45,9 +45,9 @@ def test_the_weights_are_the_published_formulas(prediction_type: str, factor) ->
 
 
 def test_inverse_snr_turns_the_epsilon_loss_into_the_x0_loss() -> None:
-    scheduler = DDPMScheduler(num_train_timesteps=T)
+    process = build_process(DDPMScheduler(num_train_timesteps=T).config)
     objective = DiffTuningLoss(
-        scheduler,
+        process,
         build_schedule("inverse_snr", T, noise=_noise()),
         uniform(T),
         realisation="weight",
@@ -65,7 +65,7 @@ def test_inverse_snr_turns_the_epsilon_loss_into_the_x0_loss() -> None:
     prediction = torch.randn(6, 1, 4, 4, generator=g)
     terms = objective(lambda x_t, t, cond: prediction, x0, None, torch.zeros(6, dtype=torch.bool), draw)
     x_t, _, _ = objective.noised(x0, draw)
-    x0_hat = Parameterisation(scheduler).x0(prediction, x_t, t)
+    x0_hat = process.x0(prediction, x_t, t)
     x0_loss = (x0_hat - x0).pow(2).flatten(1).mean(1)
     ratio = terms.loss / x0_loss  # one constant: the table's normalisation
     torch.testing.assert_close(ratio, ratio[:1].expand(6), rtol=1e-4, atol=0)

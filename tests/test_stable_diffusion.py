@@ -25,6 +25,7 @@ from difftune.control import build_annotator, read_fidelity
 from difftune.data import load_target_images, prepare_target
 from difftune.data_config import DataConfig
 from difftune.errors import UserError
+from difftune.process import build_process
 from difftune.tiny_models import save_sd_pipeline
 from difftune.trainer import train_model
 
@@ -317,7 +318,6 @@ def test_bank_rows_train_with_the_configured_condition(
 
 
 def test_a_mixed_batch_keeps_each_samples_weight_with_its_sample_under_shuffling(sd_dir: Path) -> None:
-    from diffusers import DDPMScheduler
 
     from difftune.config import ObjectiveConfig
     from difftune.objectives import build_objective
@@ -326,7 +326,7 @@ def test_a_mixed_batch_keeps_each_samples_weight_with_its_sample_under_shuffling
     backbone = loaded.backbone.eval()
     objective = build_objective(
         ObjectiveConfig(realisation="weight", bank_share=0.5),
-        DDPMScheduler.from_config(loaded.scheduler_config),
+        build_process(loaded.scheduler_config),
         backbone,
     )
     g = torch.Generator().manual_seed(0)
@@ -408,8 +408,12 @@ def test_a_v_prediction_pipeline_trains_on_the_velocity(tmp_path: Path, captions
     sd = save_sd_pipeline(tmp_path / "sd2")
     DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(sd / "scheduler")
     loaded = load_pretrained(str(sd))
-    scheduler = DDPMScheduler.from_config(loaded.scheduler_config)
-    objective = build_objective(ObjectiveConfig(bank_share=0.0, cfg_dropout=0.0), scheduler, loaded.backbone)
+    scheduler = DDPMScheduler.from_config(loaded.scheduler_config)  # diffusers' own formulas: the reference
+    objective = build_objective(
+        ObjectiveConfig(bank_share=0.0, cfg_dropout=0.0),
+        build_process(loaded.scheduler_config),
+        loaded.backbone,
+    )
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 4, 4, generator=g)
     cond = Conditioning({PROMPTS: loaded.prompts.encode(["a red circle", "a blue square"])})

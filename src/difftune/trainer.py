@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -37,6 +36,7 @@ from difftune.errors import UserError
 from difftune.fitted_schedules import fit_for_run, run_data_schedule
 from difftune.objectives import Draw, Objective, build_objective
 from difftune.objectives.term_log import TermLog
+from difftune.process import build_process
 from difftune.run_dir import (
     DATA_SCHEDULE_FILE,
     RunLock,
@@ -108,7 +108,7 @@ class Trainer:
         if tc.gradient_checkpointing:
             enable_gradient_checkpointing(self.backbone.inner)
         self.guard: NonFiniteGuard | None = None  # set by train()
-        self.noise_scheduler = DDPMScheduler.from_config(self.loaded.scheduler_config)
+        self.process = build_process(self.loaded.scheduler_config)
         # data_driven schedules are fitted on the target set and the bank (or reloaded) by train(),
         # and their objective is built then
         self.data_schedule: DataSchedule | None = None
@@ -130,7 +130,7 @@ class Trainer:
         )
 
     def _build_objective(self) -> Objective:
-        return build_objective(self.cfg.objective, self.noise_scheduler, self.backbone, self.data_schedule)
+        return build_objective(self.cfg.objective, self.process, self.backbone, self.data_schedule)
 
     def _fit_data_schedule(self, resume: Path | None) -> None:
         """Fit the data_driven schedules (main process; shared with the others), or reload the resumed run's fit."""
@@ -259,10 +259,8 @@ class Trainer:
             write_run_summary(self.out, self._summary(resume))
             rewind_logs(self.out, self.state.step)
         acc.init_trackers("difftune", config=flat_config(cfg))
-        log = TermLog(self.noise_scheduler.config.num_train_timesteps)
-        self.guard = NonFiniteGuard(
-            self.noise_scheduler.config.num_train_timesteps, tc.on_non_finite, tc.max_non_finite_steps
-        )
+        log = TermLog(self.process.num_timesteps)
+        self.guard = NonFiniteGuard(self.process.num_timesteps, tc.on_non_finite, tc.max_non_finite_steps)
         # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
         quiet = {} if acc.is_local_main_process else {"disable": True}
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)

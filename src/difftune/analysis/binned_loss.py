@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
-from difftune.objectives.prediction import Parameterisation
+from difftune.process import build_process
 from difftune.schedules import timestep_bins
 
 
@@ -89,9 +88,8 @@ def binned_denoising_loss(
         rows_per_draw: rows per draw; ``None``: the smallest set's size.
     """
     start = time.perf_counter()
-    scheduler = DDPMScheduler.from_config(scheduler_config)
-    parameterisation = Parameterisation(scheduler)
-    edges = timestep_bins(scheduler.config.num_train_timesteps, num_bins)
+    process = build_process(scheduler_config)
+    edges = timestep_bins(process.num_timesteps, num_bins)
     n = rows_per_draw or min(e.x0.shape[0] for e in evaluations)
     shape = tuple(evaluations[0].x0.shape[1:])
     g = torch.Generator().manual_seed(seed)
@@ -108,9 +106,9 @@ def binned_denoising_loss(
                 for k, e in enumerate(evaluations):
                     rows = (draw * n + part) % e.x0.shape[0]
                     x = e.x0[rows].to(device)
-                    x_t = scheduler.add_noise(x, noise, t)
-                    target = parameterisation.target(x, noise, t).float()
-                    pred = e.model(x_t, t, e.cond.select(rows).to(device))[:, : x.shape[1]].float()
+                    x_in, time_in = process.model_input(process.noised(x, noise, t), t)
+                    target = process.target(x, noise, t).float()
+                    pred = e.model(x_in, time_in, e.cond.select(rows).to(device))[:, : x.shape[1]].float()
                     total = (pred - target).pow(2).flatten(1).mean(1).double().sum().cpu()
                     losses[b, k] += total
                     per_draw[b, d, k] += total

@@ -16,14 +16,13 @@ from difftune.errors import UserError
 from difftune.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
-
     from difftune.analysis.data_schedule import DataSchedule
     from difftune.backbones.base import Backbone
     from difftune.config import ObjectiveConfig
     from difftune.objectives.base import Objective
     from difftune.objectives.diff_tuning import DiffTuningLoss
     from difftune.objectives.distillation import DistillationLoss
+    from difftune.process import ForwardProcess
 
 # the module of each public name that needs torch: imported on first use, so that a config is checked
 # (``objective.kind`` against :data:`OBJECTIVES`) without torch
@@ -41,7 +40,7 @@ __getattr__ = lazy_exports(
 
 def _diff_tuning(
     cfg: ObjectiveConfig,
-    scheduler: DDPMScheduler,
+    process: ForwardProcess,
     backbone: Backbone,
     fit: DataSchedule | None = None,
     kind: type[DiffTuningLoss] | None = None,
@@ -50,11 +49,11 @@ def _diff_tuning(
     from difftune.objectives.diff_tuning import DiffTuningLoss
     from difftune.schedules import NoiseLevels, build_schedule
 
-    T = scheduler.config.num_train_timesteps
-    noise = NoiseLevels(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    T = process.num_timesteps
+    noise = NoiseLevels(process.equivalent_alphas_cumprod(), process.prediction_type)
     psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
     return (kind or DiffTuningLoss)(
-        scheduler,
+        process,
         build_schedule(cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma, fitted=psi),
         build_schedule(cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma, fitted=xi),
         realisation=cfg.realisation,
@@ -67,7 +66,7 @@ def _diff_tuning(
 
 
 def _distillation(
-    cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone, fit: DataSchedule | None = None
+    cfg: ObjectiveConfig, process: ForwardProcess, backbone: Backbone, fit: DataSchedule | None = None
 ) -> DistillationLoss:
     import torch
 
@@ -79,11 +78,11 @@ def _distillation(
         if can_switch_off(backbone)
         else frozen_copy_teacher(backbone, getattr(torch, cfg.teacher_dtype))
     )
-    return _diff_tuning(cfg, scheduler, backbone, fit, DistillationLoss, teacher=teacher)
+    return _diff_tuning(cfg, process, backbone, fit, DistillationLoss, teacher=teacher)
 
 
 OBJECTIVES: dict[
-    str, Callable[[ObjectiveConfig, DDPMScheduler, Backbone, DataSchedule | None], Objective]
+    str, Callable[[ObjectiveConfig, ForwardProcess, Backbone, DataSchedule | None], Objective]
 ] = {
     "diff_tuning": _diff_tuning,
     "distillation": _distillation,
@@ -91,9 +90,9 @@ OBJECTIVES: dict[
 
 
 def build_objective(
-    cfg: ObjectiveConfig, scheduler: DDPMScheduler, backbone: Backbone, fit: DataSchedule | None = None
+    cfg: ObjectiveConfig, process: ForwardProcess, backbone: Backbone, fit: DataSchedule | None = None
 ) -> Objective:
-    """The objective ``cfg.kind`` for ``backbone`` under the noise schedule of ``scheduler``.
+    """The objective ``cfg.kind`` for ``backbone`` under its forward ``process`` (:func:`difftune.process.build_process`).
 
     ``fit`` gives the ``data_driven`` schedules their weights (ψ for the target, ξ for the bank;
     docs/method.md §10); it is needed when either schedule is ``data_driven``.
@@ -104,7 +103,7 @@ def build_objective(
     """
     if cfg.kind not in OBJECTIVES:
         raise UserError(f"objective.kind={cfg.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[cfg.kind](cfg, scheduler, backbone, fit)
+    return OBJECTIVES[cfg.kind](cfg, process, backbone, fit)
 
 
 __all__ = [

@@ -9,19 +9,18 @@ and reconsolidation only (psi, no bank) are configurations of this one objective
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from difftune.objectives.base import Draw, LossTerms
-from difftune.objectives.prediction import Parameterisation
 from difftune.objectives.variational_bound import VariationalBound
 from difftune.schedules import TimestepSchedule
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
-
     from difftune.backbones.conditioning import Conditioning
+    from difftune.process import ForwardProcess
 
 REALISATIONS = ("sample", "weight")
 
@@ -30,7 +29,8 @@ class DiffTuningLoss:
     """Retention + reconsolidation denoising loss over one concatenated batch.
 
     Args:
-        scheduler: a DDPM scheduler carrying the model's noise schedule and ``prediction_type``.
+        process: the model's forward process (:func:`difftune.process.build_process`): noising, the
+            regression target, x0 from a prediction.
         target_schedule: psi, the target stream's timestep schedule.
         bank_schedule: xi, the bank stream's timestep schedule.
         realisation: ``"sample"`` (t ~ schedule, unit weight) or ``"weight"`` (uniform t, loss times
@@ -40,11 +40,15 @@ class DiffTuningLoss:
         learn_variance: add the variational-bound term ``vb``, for a model that predicts its variance
             (``Backbone.learns_variance``: its output has 2C channels). :func:`~difftune.objectives.build_objective`
             sets it from the backbone's declaration.
+
+    Raises:
+        ValueError: the schedules have another T than the process, or ``learn_variance`` is set on a
+            process without a variance term.
     """
 
     def __init__(
         self,
-        scheduler: DDPMScheduler,
+        process: ForwardProcess,
         target_schedule: TimestepSchedule,
         bank_schedule: TimestepSchedule,
         realisation: str = "sample",
@@ -54,17 +58,18 @@ class DiffTuningLoss:
     ) -> None:
         if realisation not in REALISATIONS:
             raise ValueError(f"realisation={realisation!r}: use 'sample' or 'weight'")
-        T = scheduler.config.num_train_timesteps
+        T = process.num_timesteps
         if target_schedule.num_timesteps != T or bank_schedule.num_timesteps != T:
-            raise ValueError(f"schedules must have T={T} timesteps like the noise scheduler")
-        self.scheduler = scheduler
+            raise ValueError(f"schedules must have T={T} timesteps like the forward process")
+        if learn_variance and not process.has_variance_term:
+            raise ValueError(f"learn_variance: the {process.name} process has no variance term")
+        self.process = process
         self.schedules = (target_schedule, bank_schedule)
         self.realisation = realisation
         self.bank_weight = bank_weight
         self.cfg_dropout = cfg_dropout
         self.learn_variance = learn_variance
-        self.parameterisation = Parameterisation(scheduler)
-        self.vb = VariationalBound(scheduler.betas)
+        self.vb = VariationalBound(process.betas) if learn_variance else None
         self.num_timesteps = T
 
     def draw(self, n_target: int, n_bank: int, shape: tuple[int, ...], generator: torch.Generator) -> Draw:
@@ -91,7 +96,7 @@ class DiffTuningLoss:
             draw: this batch's random draws (see :meth:`draw`).
         """
         x_t, t, noise = self.noised(x0, draw)
-        out = model(x_t, t, cond)  # (N, C or 2C, H, W)
+        out = self.predict(model, x_t, t, cond)  # (N, C or 2C, H, W)
         terms = self.denoising_terms(out, x0, x_t, noise, t)
         return self.weighted(terms, t, is_bank)
 
@@ -99,7 +104,13 @@ class DiffTuningLoss:
         """``(x_t, t, noise)`` on ``x0``'s device: the forward process at the drawn timesteps."""
         device = x0.device
         t, noise = draw.t.to(device), draw.noise.to(device=device, dtype=x0.dtype)
-        return self.scheduler.add_noise(x0, noise, t), t, noise
+        return self.process.noised(x0, noise, t), t, noise
+
+    def predict(
+        self, model: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The model's raw output (N, C or 2C, H, W) for ``x_t`` at indices ``t``, given what the process feeds it."""
+        return model(*self.process.model_input(x_t, t), cond)
 
     def denoising_terms(
         self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
@@ -107,7 +118,7 @@ class DiffTuningLoss:
         """Per-sample ``mse`` (in the model's parameterisation) and, for a variance-learning model, ``vb``."""
         C = x0.shape[1]
         pred = out[:, :C]
-        target = self.parameterisation.target(x0, noise, t)
+        target = self.process.target(x0, noise, t)
         terms = {"mse": (pred.float() - target.float()).pow(2).flatten(1).mean(1)}  # (N,)
         if self.learn_variance:
             if out.shape[1] != 2 * C:
@@ -115,7 +126,7 @@ class DiffTuningLoss:
                     f"learn_variance is set but the model returns {out.shape[1]} channels for {C}-channel "
                     "samples; the variance term needs 2C (set it from Backbone.learns_variance)"
                 )
-            pred_x0 = self.parameterisation.x0(pred.detach().float(), x_t.float(), t)
+            pred_x0 = self.process.x0(pred.detach().float(), x_t.float(), t)
             terms["vb"] = self.vb(x0, x_t, t, pred_x0, out[:, C:])  # trains the variance channels only
         return terms
 

@@ -73,13 +73,13 @@ class DistillationLoss(DiffTuningLoss):
     ) -> LossTerms:
         """Denoising terms on the target rows, ``distill`` on the retention rows (zero elsewhere)."""
         x_t, t, noise = self.noised(x0, draw)
-        out = model(x_t, t, cond)
+        out = self.predict(model, x_t, t, cond)
         terms = self.denoising_terms(out, x0, x_t, noise, t)
         rows = draw.bank.nonzero().flatten().to(x0.device)  # chosen on the host: no synchronisation
         distill = torch.zeros(x0.shape[0], device=x0.device)
         if rows.numel():  # a micro-batch (or one process's share of it) may hold no retention row
             with torch.no_grad():
-                reference = self.teacher(x_t[rows], t[rows], cond.select(rows))
+                reference = self.predict(self.teacher, x_t[rows], t[rows], cond.select(rows))
             distance = (out[rows].float() - reference.float()).pow(2).flatten(1).mean(1)
             distill = distill.index_put((rows,), distance)
         zero = torch.zeros_like(distill)

@@ -1,0 +1,70 @@
+"""The forward process of a model, chosen by its scheduler config's class (``_class_name``).
+
+    from difftune.process import build_process
+    process = build_process(loaded.scheduler_config)   # DDPMProcess, FlowProcess or EDMProcess
+    x_t = process.noised(x0, noise, t)                   # t: indices 0..T-1, 0 the least noisy
+
+``DDPMScheduler`` and its siblings (DDIM, PNDM, DPM-Solver++, Euler, ...) share the β-schedule
+process; flow-matching and EDM schedulers have their own. Nothing outside this package needs to
+know which it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difftune.errors import UserError
+from difftune.process.base import ForwardProcess
+
+# process name -> the diffusers scheduler classes whose configs describe it
+SCHEDULER_CLASSES: dict[str, tuple[str, ...]] = {
+    "ddpm": (
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "UniPCMultistepScheduler",
+        "KDPM2DiscreteScheduler",
+        "DEISMultistepScheduler",
+    ),
+    "flow": ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
+    "edm": ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"),
+}
+DEFAULT_SCHEDULER_CLASS = "DDPMScheduler"  # a config that names no class (difftune's own default)
+
+__all__ = ["SCHEDULER_CLASSES", "ForwardProcess", "build_process", "process_name"]
+
+
+def process_name(scheduler_config: dict[str, Any]) -> str:
+    """``ddpm``, ``flow`` or ``edm``: the process a scheduler config describes.
+
+    Raises:
+        UserError: its class is none of :data:`SCHEDULER_CLASSES` (the message lists them).
+    """
+    cls = scheduler_config.get("_class_name") or DEFAULT_SCHEDULER_CLASS
+    for name, classes in SCHEDULER_CLASSES.items():
+        if cls in classes:
+            return name
+    valid = ", ".join(c for classes in SCHEDULER_CLASSES.values() for c in classes)
+    raise UserError(f"scheduler class {cls!r} names no forward process difftune knows; valid: {valid}")
+
+
+def build_process(scheduler_config: dict[str, Any]) -> ForwardProcess:
+    """The forward process of a model whose noise schedule is ``scheduler_config``."""
+    name = process_name(scheduler_config)
+    if name == "flow":
+        from difftune.process.flow import FlowProcess
+
+        return FlowProcess(scheduler_config)
+    if name == "edm":
+        from difftune.process.edm import EDMProcess
+
+        return EDMProcess(scheduler_config)
+    from difftune.process.ddpm import DDPMProcess
+
+    return DDPMProcess(scheduler_config)
