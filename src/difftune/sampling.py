@@ -19,6 +19,7 @@ from diffusers import SchedulerMixin
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
+from difftune.process import check_end_to_end
 from difftune.sampling_spec import SamplingSpec
 
 
@@ -41,7 +42,9 @@ def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMix
 
     Raises:
         ValueError: unknown scheduler name; the message lists valid names.
+        UserError: the model's process does not sample end to end yet (flow matching, EDM).
     """
+    check_end_to_end(scheduler_config, "sample")
     cls = getattr(diffusers, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
         raise UserError(f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}")

@@ -30,26 +30,44 @@ SCHEDULER_CLASSES: dict[str, tuple[str, ...]] = {
         "LMSDiscreteScheduler",
         "UniPCMultistepScheduler",
         "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
         "DEISMultistepScheduler",
+        "DPMSolverSDEScheduler",
     ),
     "flow": ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
     "edm": ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"),
 }
 DEFAULT_SCHEDULER_CLASS = "DDPMScheduler"  # a config that names no class (difftune's own default)
+# the processes that training, banks and sampling run end to end today; the others have their
+# process (noising, targets, the objective) but not yet their samplers and noise-level schedules
+END_TO_END = ("ddpm",)
 
-__all__ = ["SCHEDULER_CLASSES", "ForwardProcess", "build_process", "process_name"]
+__all__ = [
+    "END_TO_END",
+    "SCHEDULER_CLASSES",
+    "ForwardProcess",
+    "build_process",
+    "check_end_to_end",
+    "process_name",
+]
 
 
 def process_name(scheduler_config: dict[str, Any]) -> str:
     """``ddpm``, ``flow`` or ``edm``: the process a scheduler config describes.
 
+    A class outside :data:`SCHEDULER_CLASSES` whose config states a β schedule (LCM, TCD, ...) is of
+    the DDPM family too.
+
     Raises:
-        UserError: its class is none of :data:`SCHEDULER_CLASSES` (the message lists them).
+        UserError: its class is none of :data:`SCHEDULER_CLASSES` and it states no β schedule (the
+            message lists the classes).
     """
     cls = scheduler_config.get("_class_name") or DEFAULT_SCHEDULER_CLASS
     for name, classes in SCHEDULER_CLASSES.items():
         if cls in classes:
             return name
+    if "beta_schedule" in scheduler_config:
+        return "ddpm"
     valid = ", ".join(c for classes in SCHEDULER_CLASSES.values() for c in classes)
     raise UserError(f"scheduler class {cls!r} names no forward process difftune knows; valid: {valid}")
 
@@ -68,3 +86,19 @@ def build_process(scheduler_config: dict[str, Any]) -> ForwardProcess:
     from difftune.process.ddpm import DDPMProcess
 
     return DDPMProcess(scheduler_config)
+
+
+def check_end_to_end(scheduler_config: dict[str, Any], what: str) -> None:
+    """Refuse to ``what`` (train, sample) a model whose process does not run end to end yet.
+
+    Raises:
+        UserError: a flow-matching or EDM model (its class and process named).
+    """
+    name = process_name(scheduler_config)
+    if name not in END_TO_END:
+        cls = scheduler_config.get("_class_name")
+        raise UserError(
+            f"this model's noise schedule ({cls}) belongs to the {name} process; difftune can {what} only "
+            f"{', '.join(END_TO_END)} models so far (its {name} process exists, its samplers and "
+            "schedules do not yet); use a DDPM-family model"
+        )
