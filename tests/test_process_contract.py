@@ -160,21 +160,3 @@ def test_a_scheduler_class_is_mapped_to_its_process_or_refused_by_name() -> None
     with pytest.raises(UserError, match=r"'SomeScheduler' names no forward process .*valid: DDPMScheduler"):
         process_name({"_class_name": "SomeScheduler", "sigma_max": 1.0})
     assert all(classes for classes in SCHEDULER_CLASSES.values())
-
-
-def test_flow_and_edm_models_are_refused_where_they_do_not_run_end_to_end_yet(tmp_path) -> None:
-    from difftune.sampling import build_scheduler
-    from difftune.tiny_models import tiny_dit
-    from difftune.trainer import Trainer
-    from test_training import make_cfg
-
-    tiny_dit().save_pretrained(tmp_path / "flow" / "transformer")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(tmp_path / "flow" / "scheduler")
-    with pytest.raises(
-        UserError,
-        match=r"FlowMatchEulerDiscreteScheduler\) belongs to the flow process; difftune can train only ddpm",
-    ):
-        Trainer(make_cfg(tmp_path / "flow", tmp_path / "run", None))
-    assert not (tmp_path / "run").exists()
-    with pytest.raises(UserError, match=r"belongs to the edm process; difftune can sample only ddpm"):
-        build_scheduler("EDMEulerScheduler", PROCESSES["edm"])

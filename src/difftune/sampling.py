@@ -19,7 +19,7 @@ from diffusers import SchedulerMixin
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
-from difftune.process import check_end_to_end
+from difftune.process import process_name, sampler_for
 from difftune.sampling_spec import SamplingSpec
 
 
@@ -40,14 +40,17 @@ def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMix
     The variance channels of a learned-variance model are dropped before the scheduler sees the
     output (as diffusers' DiT pipeline does), so the scheduler is told to use a fixed variance.
 
+    A sampler of another process than the model's (DPM-Solver++ for a flow model) is replaced by
+    that process's own (:func:`difftune.process.sampler_for`, with a warning).
+
     Raises:
         ValueError: unknown scheduler name; the message lists valid names.
-        UserError: the model's process does not sample end to end yet (flow matching, EDM).
     """
-    check_end_to_end(scheduler_config, "sample")
     cls = getattr(diffusers, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
         raise UserError(f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}")
+    name = sampler_for(name, scheduler_config)
+    cls = getattr(diffusers, name)
     overrides: dict[str, Any] = {}
     if "variance_type" in inspect.signature(cls.__init__).parameters:
         overrides["variance_type"] = "fixed_small" if name == "DDPMScheduler" else None
@@ -103,7 +106,8 @@ def generate(
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    x = x * scheduler.init_noise_sigma
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow samplers start at unit noise and say nothing
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # EDM's c_in; none for flow
     C = sample_shape[0]
     use_cfg = guidance_scale != 1.0
     if use_cfg and guide is None:
@@ -112,7 +116,7 @@ def generate(
     handover_cond = handover.unconditional(n, device) if handover is not None else None
     switch_at = round((1.0 - handover_fraction) * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale(x, t)
         if handover is not None and i >= switch_at:
             out = handover(x_in, _model_input_timestep(t, n, x.device), handover_cond)[:, :C].float()
         elif use_cfg and guide is not None:
@@ -170,9 +174,19 @@ def load_guide(path: str, model: Any, vae: str | None = None) -> Backbone:
             f"--domain-guidance {path} makes samples of shape {tuple(guide.backbone.sample_shape)}, the model "
             f"{tuple(model.backbone.sample_shape)}; guide with the model it was fine-tuned from"
         )
-    keys = ("num_train_timesteps", "prediction_type", "beta_schedule", "beta_start", "beta_end")
+    keys = (
+        "_class_name",
+        "num_train_timesteps",
+        "prediction_type",
+        "beta_schedule",
+        "beta_start",
+        "beta_end",
+    )
+    keys += ("shift", "sigma_min", "sigma_max", "sigma_data")  # flow and EDM
     theirs, ours = guide.scheduler_config, model.scheduler_config
     different = [k for k in keys if theirs.get(k) != ours.get(k)]
+    if process_name(theirs) != process_name(ours):
+        different.insert(0, "process")
     if different:
         raise UserError(
             f"--domain-guidance {path} has another noise schedule ({', '.join(different)} differ); "

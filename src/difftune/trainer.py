@@ -36,7 +36,7 @@ from difftune.errors import UserError
 from difftune.fitted_schedules import fit_for_run, run_data_schedule
 from difftune.objectives import Draw, Objective, build_objective
 from difftune.objectives.term_log import TermLog
-from difftune.process import build_process, check_end_to_end
+from difftune.process import build_process
 from difftune.run_dir import (
     DATA_SCHEDULE_FILE,
     RunLock,
@@ -108,7 +108,6 @@ class Trainer:
         if tc.gradient_checkpointing:
             enable_gradient_checkpointing(self.backbone.inner)
         self.guard: NonFiniteGuard | None = None  # set by train()
-        check_end_to_end(self.loaded.scheduler_config, "train")
         self.process = build_process(self.loaded.scheduler_config)
         # data_driven schedules are fitted on the target set and the bank (or reloaded) by train(),
         # and their objective is built then

@@ -26,6 +26,7 @@ from difftune.backbones.adapters import (
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
 from difftune.backbones.model_card import write_model_card
 from difftune.backbones.noise_schedule import scheduler_class_name, write_noise_schedule
+from difftune.process import process_name
 from difftune.tuning import trainable_parameters
 
 
@@ -119,8 +120,15 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
     directory = Path(directory)
     (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
     backbone, codec = loaded.backbone, loaded.codec
-    # an adapter becomes a stock pipeline through ``difftune export --merge``
-    if backbone.pipeline_class and codec.vae is not None and not (loaded.tuning and loaded.tuning.adapter):
+    # an adapter becomes a stock pipeline through ``difftune export --merge``; the stock pipelines
+    # (DiTPipeline, StableDiffusionPipeline) sample DDPM-family schedules only
+    stock = process_name(loaded.scheduler_config) == "ddpm"
+    if (
+        stock
+        and backbone.pipeline_class
+        and codec.vae is not None
+        and not (loaded.tuning and loaded.tuning.adapter)
+    ):
         _write_pipeline_index(loaded, directory, class_names)
     write_model_card(loaded, directory)
 

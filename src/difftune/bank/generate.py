@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from difftune.backbones.loading import LoadedModel
 from difftune.config import BankConfig
 from difftune.errors import UserError
+from difftune.process import sampler_for
 from difftune.sampling import generate_with_spec
 from difftune.store import LatentStore
 
@@ -43,7 +44,7 @@ def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
         "shape": list(backbone.sample_shape),
         "dtype": "float32",
         **backbone.bank_record(),
-        "scheduler": cfg.scheduler,
+        "scheduler": sampler_for(cfg.scheduler, loaded.scheduler_config),  # the sampler that ran
         "noise_schedule": loaded.scheduler_config,
         "num_inference_steps": cfg.num_inference_steps,
         "guidance_scale": cfg.guidance_scale,

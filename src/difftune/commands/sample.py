@@ -204,7 +204,10 @@ def sample_conditions(
         images.append(batch)
     grid = out / GRID
     save_grid(torch.cat(images), grid, nrow=per_condition, upscale=max(1, 64 // images[0].shape[-1]))
-    settings = {"scheduler": spec.scheduler, "steps": spec.steps, "guidance_scale": spec.guidance_scale}
+    from difftune.process import sampler_for
+
+    sampler = sampler_for(spec.scheduler, loaded.scheduler_config)  # the sampler that ran
+    settings = {"scheduler": sampler, "steps": spec.steps, "guidance_scale": spec.guidance_scale}
     settings["domain_guidance"] = guide is not None
     settings["noise_schedule"] = loaded.scheduler_config
     atomic_write_json(out / MANIFEST, {"images": names, "grid": GRID, "seed": spec.seed, **settings})

@@ -59,8 +59,9 @@ def _diff_tuning(
         realisation=cfg.realisation,
         bank_weight=cfg.bank_weight,
         cfg_dropout=cfg.cfg_dropout,
-        # the variance term follows what the backbone declares, not the shape of its output
-        learn_variance=cfg.learn_variance and backbone.learns_variance,
+        # the variance term follows what the backbone declares (not the shape of its output), where the
+        # process has one (DDPM)
+        learn_variance=cfg.learn_variance and backbone.learns_variance and process.has_variance_term,
         **extra,
     )
 

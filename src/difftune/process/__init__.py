@@ -11,6 +11,7 @@ know which it is.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from difftune.errors import UserError
@@ -37,10 +38,15 @@ SCHEDULER_CLASSES: dict[str, tuple[str, ...]] = {
     "flow": ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
     "edm": ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"),
 }
+logger = logging.getLogger(__name__)
+_told: set[tuple[str, str]] = set()  # (sampler asked for, process) pairs already warned about
 DEFAULT_SCHEDULER_CLASS = "DDPMScheduler"  # a config that names no class (difftune's own default)
-# the processes that training, banks and sampling run end to end today; the others have their
-# process (noising, targets, the objective) but not yet their samplers and noise-level schedules
-END_TO_END = ("ddpm",)
+# the sampler each process uses when the one asked for belongs to another process
+DEFAULT_SAMPLERS = {
+    "ddpm": "DPMSolverMultistepScheduler",
+    "flow": "FlowMatchEulerDiscreteScheduler",
+    "edm": "EDMEulerScheduler",
+}
 
 __all__ = [
     "END_TO_END",
@@ -88,17 +94,20 @@ def build_process(scheduler_config: dict[str, Any]) -> ForwardProcess:
     return DDPMProcess(scheduler_config)
 
 
-def check_end_to_end(scheduler_config: dict[str, Any], what: str) -> None:
-    """Refuse to ``what`` (train, sample) a model whose process does not run end to end yet.
-
-    Raises:
-        UserError: a flow-matching or EDM model (its class and process named).
-    """
-    name = process_name(scheduler_config)
-    if name not in END_TO_END:
-        cls = scheduler_config.get("_class_name")
-        raise UserError(
-            f"this model's noise schedule ({cls}) belongs to the {name} process; difftune can {what} only "
-            f"{', '.join(END_TO_END)} models so far (its {name} process exists, its samplers and "
-            "schedules do not yet); use a DDPM-family model"
+def sampler_for(name: str, scheduler_config: dict[str, Any]) -> str:
+    """The sampler class to build for a model: ``name`` when it samples the model's process, else
+    the process's default (:data:`DEFAULT_SAMPLERS`; a DPM-Solver++ grid means nothing to a flow model)."""
+    wanted = process_name(scheduler_config)
+    given = next((process for process, classes in SCHEDULER_CLASSES.items() if name in classes), "ddpm")
+    if given == wanted:
+        return name
+    if (name, wanted) not in _told:
+        _told.add((name, wanted))
+        logger.warning(
+            "%s samples %s models and this is a %s model: sampling with %s",
+            name,
+            given,
+            wanted,
+            DEFAULT_SAMPLERS[wanted],
         )
+    return DEFAULT_SAMPLERS[wanted]

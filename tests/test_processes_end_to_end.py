@@ -1,0 +1,125 @@
+"""Every forward process end to end on a tiny model: its sampler reaches the data, and bank -> Diff-Tuning
+-> exact resume -> sample -> stock load runs for DDPM, rectified flow and EDM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+from difftune.backbones import Conditioning, load_pretrained
+from difftune.bank import generate_bank
+from difftune.cli import main
+from difftune.process import DEFAULT_SAMPLERS, build_process
+from difftune.sampling import build_scheduler, generate
+from difftune.tiny_models import tiny_dit, tiny_unet
+from difftune.trainer import Trainer
+from test_training import assert_all_equal, changed, make_cfg, metrics, weights
+
+SCHEDULERS = {
+    "ddpm": DDPMScheduler(),
+    "flow": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    "edm": EDMEulerScheduler(),
+}
+
+
+def _config(name: str) -> dict:
+    scheduler = SCHEDULERS[name]
+    return {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
+
+
+class _Oracle:
+    """A denoiser that knows the answer is ``x0``: its raw output at (input, time) is exactly what the
+    process's training target would be, derived from what the sampler feeds it."""
+
+    def __init__(self, name: str, x0: torch.Tensor) -> None:
+        self.name, self.x0, self.sample_shape = name, x0, tuple(x0.shape[1:])
+        self.process = build_process(_config(name))
+
+    def __call__(self, x_in: torch.Tensor, time: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x0 = self.x0.expand_as(x_in).double()
+        x_in, time = x_in.double(), time.double().view(-1, 1, 1, 1)
+        if self.name == "ddpm":  # time is the index: ε = (x_t − √ᾱ x0) / √(1 − ᾱ)
+            abar = self.process.alphas_cumprod.double()[time.long().flatten()].view(-1, 1, 1, 1)
+            return ((x_in - abar.sqrt() * x0) / (1 - abar).sqrt()).float()
+        if self.name == "flow":  # time is σ·T: v = ε − x0 = (x_t − x0) / σ
+            sigma = time / self.process.num_timesteps
+            return ((x_in - x0) / sigma).float()
+        sigma, sd = (4 * time).exp(), self.process.sigma_data  # time is ln(σ)/4, the input c_in·x
+        x_t = x_in * (sigma**2 + sd**2).sqrt()
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        return ((x0 - c_skip * x_t) / c_out).float()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_each_process_sampler_reaches_the_data(name: str) -> None:
+    x0 = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
+    oracle = _Oracle(name, x0)
+    scheduler = build_scheduler(
+        "DPMSolverMultistepScheduler", _config(name)
+    )  # the default: mapped per process
+    assert type(scheduler).__name__ == DEFAULT_SAMPLERS[name]
+    cond = Conditioning({"labels": torch.zeros(2, dtype=torch.long)})
+    samples = generate(oracle, scheduler, cond, seeds=[0, 1], num_inference_steps=12)
+    torch.testing.assert_close(samples, x0.expand(2, -1, -1, -1), rtol=0, atol=2e-3)
+
+
+def _base(name: str, root: Path) -> Path:
+    model = tiny_dit(learn_sigma=name == "ddpm") if name != "edm" else tiny_unet()
+    model.save_pretrained(root / ("unet" if name == "edm" else "transformer"))
+    SCHEDULERS[name].save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.mark.parametrize("name", ["flow", "edm"])
+def test_bank_diff_tuning_resume_sample_and_stock_load(name: str, tmp_path: Path) -> None:
+    base = _base(name, tmp_path / "base")
+    bank = tmp_path / "bank"
+    args = ("train.max_steps=4", "train.checkpoint_every=2", "train.learning_rate=1e-3")
+    cfg = make_cfg(base, tmp_path / "a", bank, *args)
+    generate_bank(load_pretrained(str(base)), cfg.bank, progress=False)
+    manifest = json.loads((bank / "manifest.json").read_text())
+    assert manifest["noise_schedule"]["_class_name"] == type(SCHEDULERS[name]).__name__
+    assert manifest["scheduler"] == DEFAULT_SAMPLERS[name]  # the sampler that ran, not the one asked for
+
+    whole = Trainer(cfg).train()
+    Trainer(make_cfg(base, tmp_path / "b", bank, *args[1:], "train.max_steps=2")).train()
+    resumed = Trainer(make_cfg(base, tmp_path / "b", bank, *args, "train.resume=latest")).train()
+    sub = "unet" if name == "edm" else "transformer"
+    assert_all_equal(weights(whole, sub), weights(resumed, sub))
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics(tmp_path / "a"))
+    assert changed(weights(whole, sub), weights(base, sub)) > 0  # it trained
+
+    out = tmp_path / "samples"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(whole),
+                "--labels",
+                "0,1",
+                "--per-label",
+                "2",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((out / "difftune_samples.json").read_text())
+    assert (
+        len(record["images"]) == 4
+        and record["noise_schedule"]["_class_name"] == type(SCHEDULERS[name]).__name__
+    )
+
+    stock = type(SCHEDULERS[name]).from_pretrained(str(whole), subfolder="scheduler")  # the stock loader
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert type(stock) is type(SCHEDULERS[name]) and public(stock.config) == public(SCHEDULERS[name].config)
+    assert not (whole / "model_index.json").exists()
