@@ -104,3 +104,14 @@ def test_domain_guidance_refusals(models: tuple[Path, Path], tmp_path: Path, cap
     assert "makes samples of shape (1, 4, 4), the model (1, 8, 8)" in capsys.readouterr().err
     assert main([*args, "--guidance-scale", "2", "--domain-guidance", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_guide_whose_schedule_names_another_class_of_the_same_process_is_accepted(tmp_path: Path) -> None:
+    """A final/ saved before schedules kept their class names DDPMScheduler for a PNDM base: same schedule."""
+    from difftune.sampling import load_guide
+
+    base = save_pipeline_dir(tmp_path / "base", tiny_dit(), "transformer")
+    config = base / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "PNDMScheduler"}))
+    fine = save_pipeline_dir(tmp_path / "fine", tiny_dit(seed=1), "transformer")  # DDPMScheduler, same values
+    assert load_guide(str(base), load_pretrained(str(fine))) is not None

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import yaml
 from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from difftune.atomic import atomic_path, atomic_write_json
 from difftune.errors import UserError
+from difftune.store import safetensors_problem
 from difftune.streams import IndexStream
 
 CHECKPOINTS = "checkpoints"
@@ -89,16 +89,17 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
+        problems = []
         for checkpoint in reversed(found):  # newest first; a damaged one is passed over
-            problem = checkpoint_problem(checkpoint)
-            if problem is None:
+            problems.append(checkpoint_problem(checkpoint))
+            if problems[-1] is None:
                 return checkpoint
-            logger.warning("not resuming from %s: %s; trying the one before", checkpoint, problem)
+            logger.warning("not resuming from %s: %s; trying the one before", checkpoint, problems[-1])
         if found:
             raise UserError(
                 f"every checkpoint in {Path(output_dir) / CHECKPOINTS} is damaged (the newest, {found[-1].name}: "
-                f"{checkpoint_problem(found[-1])}); start the run again with train.overwrite=true, or restore "
-                "a checkpoint from a copy"
+                f"{problems[0]}); start the run again with train.overwrite=true, or restore a checkpoint "
+                "from a copy"
             )
         return None
     path = Path(resume)
@@ -130,7 +131,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         try:
             _check_file(path)
-        except (SafetensorError, OSError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as err:
+        except (OSError, ValueError, zipfile.BadZipFile, yaml.YAMLError) as err:
             return f"{path.relative_to(checkpoint)} is damaged ({type(err).__name__}: {err})"
     return None
 
@@ -154,8 +155,9 @@ def _check_file(path: Path) -> None:
     whose directory, written last, is whole; JSON and YAML: they parse (YAML to a mapping).
     """
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt"):
-            pass
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise ValueError(problem)
     elif path.suffix in (".bin", ".pkl", ".pt"):
         with zipfile.ZipFile(path):
             pass

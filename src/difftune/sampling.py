@@ -174,14 +174,9 @@ def load_guide(path: str, model: Any, vae: str | None = None) -> Backbone:
             f"--domain-guidance {path} makes samples of shape {tuple(guide.backbone.sample_shape)}, the model "
             f"{tuple(model.backbone.sample_shape)}; guide with the model it was fine-tuned from"
         )
-    keys = (
-        "_class_name",
-        "num_train_timesteps",
-        "prediction_type",
-        "beta_schedule",
-        "beta_start",
-        "beta_end",
-    )
+    # the schedule's values and its process; not its class name (a final/ saved before 2026-12-03 names
+    # DDPMScheduler for a base whose schedule is a PNDMScheduler's)
+    keys = ("num_train_timesteps", "prediction_type", "beta_schedule", "beta_start", "beta_end")
     keys += ("shift", "sigma_min", "sigma_max", "sigma_data")  # flow and EDM
     theirs, ours = guide.scheduler_config, model.scheduler_config
     different = [k for k in keys if theirs.get(k) != ours.get(k)]

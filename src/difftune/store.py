@@ -142,6 +142,16 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     return manifest
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` is not whole (its header does not parse, or the file is shorter
+    or longer than the header says), or ``None``. Reads the header only."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except (SafetensorError, OSError) as err:
+        return str(err)
+
+
 def user_cache_dir() -> Path:
     """difftune's cache directory: ``$XDG_CACHE_HOME/difftune``, else ``~/.cache/difftune``."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difftune"
@@ -220,36 +230,27 @@ class LatentStore:
         """True when shard ``index`` was written (:meth:`damaged_shards` tells whether it is still whole)."""
         return self.shard_path(index).is_file()
 
-    def shard_problem(self, index: int) -> str | None:
-        """What is wrong with the written shard ``index`` (its safetensors header does not parse, or the
-        file is shorter or longer than the header says), or ``None`` when it is whole. Reads the header
-        only: the check :meth:`load` meets first."""
-        try:
-            with safe_open(str(self.shard_path(index)), framework="pt"):
-                return None
-        except (SafetensorError, OSError) as err:
-            return str(err)
-
     def damaged_shards(self) -> list[int]:
-        """Indices of written shards that are no longer whole (:meth:`shard_problem`)."""
-        return [
-            i
-            for i in range(self.manifest["num_shards"])
-            if self.has_shard(i) and self.shard_problem(i) is not None
-        ]
+        """Indices of written shards that are no longer whole (:func:`safetensors_problem`)."""
+        return list(self._shard_problems())
+
+    def _shard_problems(self) -> dict[int, str]:
+        written = (i for i in range(self.manifest["num_shards"]) if self.has_shard(i))
+        problems = {i: safetensors_problem(self.shard_path(i)) for i in written}
+        return {i: problem for i, problem in problems.items() if problem is not None}
 
     def unfinished_shards(self, warn: bool = True) -> list[int]:
         """The shards a resumed writer must write: missing ones, and damaged ones (named in one warning
         when ``warn``); whole shards are left alone."""
-        damaged = self.damaged_shards()
+        damaged = self._shard_problems()
         if damaged and warn:
             logger.warning(
                 "%s: %d damaged shard(s) will be written again: %s",
                 self.root,
                 len(damaged),
-                ", ".join(f"{self.shard_path(i).name} ({self.shard_problem(i)})" for i in damaged),
+                ", ".join(f"{self.shard_path(i).name} ({problem})" for i, problem in damaged.items()),
             )
-        return sorted(self.missing_shards() + damaged)
+        return sorted(self.missing_shards() + list(damaged))
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Write one shard atomically; all tensors share their first dimension."""

@@ -300,9 +300,9 @@ def load_pretrained(
     """
     components, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision)
     record = _source_record(pretrained)
-    model = load_safetensors_model(model_cls, pretrained, sub, revision)
-    if vae is not None:
+    if vae is not None:  # a typo costs one line, not the model's loading first
         check_model_path(vae, "vae")
+    model = load_safetensors_model(model_cls, pretrained, sub, revision)
     vae_source = vae
     vae_sub: str | None = None
     if vae_source is None and "vae" in components:

@@ -20,6 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from difftune.errors import shown_path
+from difftune.process import DEFAULT_SCHEDULER_CLASS
+
 logger = logging.getLogger(__name__)
 
 SCHEDULER_FILE = "scheduler_config.json"
@@ -102,15 +105,4 @@ def scheduler_class_name(schedule: dict[str, Any]) -> str:
     import diffusers
 
     name = schedule.get("_class_name")
-    return name if isinstance(name, str) and hasattr(diffusers, name) else "DDPMScheduler"
-
-
-def shown_path(path: str) -> str:
-    """A local ``path`` relative to the working directory when it lies below it; else as given."""
-    local = Path(path)
-    if not local.exists():
-        return path
-    try:
-        return os.path.relpath(local.resolve()) if local.resolve().is_relative_to(Path.cwd()) else str(local)
-    except ValueError:  # another drive
-        return str(local)
+    return name if isinstance(name, str) and hasattr(diffusers, name) else DEFAULT_SCHEDULER_CLASS
