@@ -530,6 +530,17 @@ def _garbled_manifest(ws: Workspace) -> list[str]:
     return ws.train(bank=bank)
 
 
+def _config_path_typo(key: str) -> Case:
+    """``model.<key>`` names a local path that does not exist: refused before anything loads."""
+    return Case(
+        f"model.{key} path typo",
+        "models and banks",
+        lambda ws: ws.train(f"model.{key}={ws.root / f'no-such-{key}'}"),
+        problem=rf"model\.{key} '.*no-such-{key}' does not exist",
+        fix=r"give a model directory or a hub id",
+    )
+
+
 def _earlier_run(ws: Workspace) -> Path:
     return ws.copy(ws.assets.earlier_run(), "run")
 
@@ -819,20 +830,7 @@ CASES: list[Case] = [
         problem=r"model\.pretrained '.*no-such-model' does not exist",
         fix=r"give a model directory or a hub id",
     ),
-    Case(
-        "model.controlnet path typo",
-        "models and banks",
-        lambda ws: ws.train(f"model.controlnet={ws.root / 'no-such-controlnet'}"),
-        problem=r"model\.controlnet '.*no-such-controlnet' does not exist",
-        fix=r"give a model directory or a hub id",
-    ),
-    Case(
-        "model.vae path typo",
-        "models and banks",
-        lambda ws: ws.train(f"model.vae={ws.root / 'no-such-vae'}"),
-        problem=r"model\.vae '.*no-such-vae' does not exist",
-        fix=r"give a model directory or a hub id",
-    ),
+    *(_config_path_typo(key) for key in ("controlnet", "vae")),
     Case(
         "sample --vae path typo",
         "models and banks",
