@@ -1,7 +1,7 @@
 """Parameter-efficient tuning: step time and peak memory per method against full fine-tuning, and
 distillation with a LoRA student against the same LoRA run without distillation.
 
-Two comparisons in one run, through :class:`difftune.trainer.Trainer` itself, with the machinery of
+Two comparisons in one run, through :class:`difftune.training.loop.Trainer` itself, with the machinery of
 ``benchmarks/step_time.py`` (same source models, bank, target cache and timing):
 
 * methods: every tuning method of :data:`difftune.tuning.TUNING_METHODS` (``model.tuning``: full,
@@ -109,7 +109,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import step_time  # noqa: E402
 
 if TYPE_CHECKING:
-    from difftune.trainer import Trainer
+    from difftune.training.loop import Trainer
 
 PEFT_LEARNING_RATE = 3e-3  # the parameter-efficient methods' rate in configs/reproduction/digits_peft.yaml
 BASE, STUDENT = "full", "lora"  # the bases of the methods' ratios and of the distillation ratio
@@ -321,7 +321,7 @@ def report(
     """Everything but the wall time and the last line: header, methods table, distillation block."""
     import torch
 
-    from difftune.config import TrainConfig
+    from difftune.config.experiment import TrainConfig
 
     clock = step_time.resolve_clock(args, setup.device)
     other = "wall" if clock == "cpu" else "cpu"

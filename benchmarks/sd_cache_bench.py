@@ -1,7 +1,7 @@
 """Stable Diffusion training step with cached latents and prompt embeddings vs encoding every step.
 
-difftune encodes a text-conditional target set once, before training (``difftune.data.prepare_target``
--> ``encode_and_cache`` with :class:`~difftune.target_conditions.TargetConditions`): each image's VAE
+difftune encodes a text-conditional target set once, before training (``difftune.data.targets.prepare_target``
+-> ``encode_and_cache`` with :class:`~difftune.data.conditions.TargetConditions`): each image's VAE
 posterior mean and std, and its caption's CLIP embedding (float16). A training step then only draws
 ``mean + std * noise`` and reads the embeddings (``Trainer._batch``). This script measures what that
 saves, in one process and one run, on one random-init Stable Diffusion pipeline (nothing downloaded):
@@ -9,7 +9,7 @@ saves, in one process and one run, on one random-init Stable Diffusion pipeline 
 * ``cached``: the batch as ``Trainer._batch`` makes it, from the cache that ``prepare_target`` wrote:
   ``TargetData.draw`` (a fresh posterior draw) and the cached embeddings (``cond.select``);
 * ``uncached``: every step loads the batch's images from the PNG files of a captioned folder
-  (``metadata.jsonl``; ``caption_folder(...).images``, i.e. :func:`difftune.images.load_square_image`
+  (``metadata.jsonl``; ``caption_folder(...).images``, i.e. :func:`difftune.io.images.load_square_image`
   per file, as the cache's encoder reads them), encodes them with the VAE (``LatentCodec.encode``),
   draws ``mean + std * noise``, and encodes the captions with the text encoder (``PromptEncoder.encode``);
 * then the same step in both modes: the objective the trainer uses (``build_objective`` with a default
@@ -70,8 +70,8 @@ if TYPE_CHECKING:
 
     from difftune.backbones.conditioning import Conditioning
     from difftune.backbones.loading import LoadedModel
-    from difftune.captions import CaptionedImages
-    from difftune.data import TargetData
+    from difftune.data.captions import CaptionedImages
+    from difftune.data.targets import TargetData
 
 MODES = ("cached", "uncached")
 PHASES = ("load", "vae", "text", "data", "step")  # cached: data + step only
@@ -155,7 +155,7 @@ def save_small_pipeline(root: Path, seed: int) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from difftune.tiny_models import tiny_text_encoder
+    from difftune.testing.models import tiny_text_encoder
 
     t = SMALL_TEXT
     # the character-level CLIP tokenizer of the tiny pipeline, padding to 77 tokens as SD's does
@@ -188,7 +188,7 @@ def save_small_pipeline(root: Path, seed: int) -> Path:
 
 
 def build_pipeline(root: Path, size: str, seed: int) -> Path:
-    from difftune.tiny_models import save_sd_pipeline
+    from difftune.testing.models import save_sd_pipeline
 
     if size == "tiny":
         return save_sd_pipeline(root, seed=seed)
@@ -240,10 +240,10 @@ def prepare(args: argparse.Namespace, work: Path) -> Bench:
 
     from difftune.backbones.adapters import apply_tuning
     from difftune.backbones.loading import load_pretrained
-    from difftune.captions import caption_folder
-    from difftune.config import ObjectiveConfig, TrainConfig
-    from difftune.data import prepare_target
-    from difftune.data_config import DataConfig
+    from difftune.config.data import DataConfig
+    from difftune.config.experiment import ObjectiveConfig, TrainConfig
+    from difftune.data.captions import caption_folder
+    from difftune.data.targets import prepare_target
     from difftune.objectives import build_objective
     from difftune.process import build_process
 
@@ -358,7 +358,7 @@ def train_step(bench: Bench, mode: str, step: int, stream: Any, seed: int) -> di
     """One full step of ``mode``: its batch, then as Trainer._train (one process, no accumulation)."""
     import torch
 
-    from difftune.streams import step_generator
+    from difftune.training.streams import step_generator
 
     laps = Laps(bench.device == "cuda")
     backbone, objective, device = bench.loaded.backbone, bench.objective, bench.device
@@ -404,7 +404,7 @@ def run_steps(
 
 def measure(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, list[float]]]]:
     """Per-repetition phase times of each mode: warm-up first, then alternating-order repetitions."""
-    from difftune.streams import IndexStream
+    from difftune.training.streams import IndexStream
 
     bench.loaded.backbone.train()
     streams = {mode: IndexStream(len(bench.target), args.seed) for mode in MODES}  # same rows in both

@@ -2,7 +2,7 @@
 
 Diff-Tuning mixes target samples (t drawn toward high noise) and knowledge-bank samples (t drawn
 toward low noise) in ONE forward pass, so at equal global batch a step should cost about as much
-as a plain fine-tuning step. This script measures that claim with :class:`difftune.trainer.Trainer`
+as a plain fine-tuning step. This script measures that claim with :class:`difftune.training.loop.Trainer`
 itself, nothing re-implemented:
 
 * one random-init class-conditional DiT is built from a config and saved to a temporary directory
@@ -66,8 +66,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from difftune.config import ExperimentConfig
-    from difftune.trainer import Trainer
+    from difftune.config.experiment import ExperimentConfig
+    from difftune.training.loop import Trainer
 
 # the random-init source model, patch size 2: "tiny" is the test suite's DiT; "small" (default) a
 # hidden-128, 4-layer DiT on the digits' native 8x8 pixels; "dit-s" DiT-S/2 (hidden 384, depth 12)
@@ -232,7 +232,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
 
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
-    from difftune.config import BankConfig
+    from difftune.config.experiment import BankConfig
 
     device = args.device
     if device == "auto":
@@ -269,7 +269,7 @@ def make_config(
     setup: Setup, run: Run, args: argparse.Namespace, out: Path, max_steps: int
 ) -> ExperimentConfig:
     """The experiment config of one run of ``run``."""
-    from difftune.config import (
+    from difftune.config.experiment import (
         BankConfig,
         DataConfig,
         ExperimentConfig,
@@ -314,7 +314,7 @@ def timed_train(
     """(wall, process CPU) seconds of one ``Trainer.train()`` call; construction and clean-up excluded."""
     import torch
 
-    from difftune.trainer import Trainer
+    from difftune.training.loop import Trainer
 
     cuda = setup.device == "cuda"
     # the trainer's bars (and the target encoder's) pass disable= explicitly, so TQDM_DISABLE cannot

@@ -75,13 +75,13 @@ class Assets:
 
     def model(self) -> Path:
         """The tiny pixel-space DiT (1 channel, 8x8, 5 classes) every case trains."""
-        from difftune.tiny_models import save_pipeline_dir, tiny_dit
+        from difftune.testing.models import save_pipeline_dir, tiny_dit
 
         return self._build("model", lambda path: save_pipeline_dir(path, tiny_dit(), "transformer"))
 
     def rgb_model(self) -> Path:
         """A tiny pixel-space DiT on 3-channel images (for the odd-colour-mode images)."""
-        from difftune.tiny_models import save_pipeline_dir, tiny_dit
+        from difftune.testing.models import save_pipeline_dir, tiny_dit
 
         return self._build(
             "rgb_model", lambda path: save_pipeline_dir(path, tiny_dit(in_channels=3), "transformer")
@@ -89,7 +89,7 @@ class Assets:
 
     def other_model(self) -> Path:
         """The same architecture as :meth:`model` with other weights (another seed)."""
-        from difftune.tiny_models import save_pipeline_dir, tiny_dit
+        from difftune.testing.models import save_pipeline_dir, tiny_dit
 
         return self._build(
             "other_model", lambda path: save_pipeline_dir(path, tiny_dit(seed=1), "transformer")
@@ -97,7 +97,7 @@ class Assets:
 
     def sd_model(self) -> Path:
         """A tiny Stable Diffusion pipeline (text-conditional, no ControlNet)."""
-        from difftune.tiny_models import save_sd_pipeline
+        from difftune.testing.models import save_sd_pipeline
 
         return self._build("sd_model", save_sd_pipeline)
 
@@ -145,7 +145,7 @@ def bank_settings(path: Path) -> dict[str, object]:
 def _generate_bank(model: Path, path: Path) -> None:
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
-    from difftune.config import BankConfig
+    from difftune.config.experiment import BankConfig
 
     generate_bank(load_pretrained(str(model)), BankConfig(**bank_settings(path)), progress=False)
 
@@ -466,7 +466,7 @@ def _missing_model(ws: Workspace) -> list[str]:
 
 def _pickle_only_model(ws: Workspace) -> list[str]:
     # the dry run reads the model's config only, not its weights: a real run
-    from difftune.tiny_models import tiny_dit
+    from difftune.testing.models import tiny_dit
 
     tiny_dit().save_pretrained(ws.root / "model" / "transformer", safe_serialization=False)
     return ws.train(model=ws.root / "model", dry_run=False)
@@ -490,7 +490,7 @@ def _control_image_without_controlnet(ws: Workspace) -> list[str]:
 
 def _tokenizer_of_another_encoder(ws: Workspace) -> list[str]:
     # a real run: the dry run reads no tokenizer
-    from difftune.tiny_models import tiny_text_encoder
+    from difftune.testing.models import tiny_text_encoder
 
     model = ws.copy(ws.assets.sd_model(), "sd")
     shutil.rmtree(model / "tokenizer")

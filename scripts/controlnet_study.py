@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from difftune.demo_controlnet import ControlDemoSettings, run_control_demo
+from difftune.demos.controlnet import ControlDemoSettings, run_control_demo
 from difftune.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from difftune.atomic import atomic_write_json, atomic_write_text
 from difftune.backbones import load_pretrained, load_trained
-from difftune.demo import DemoSettings, pretrain_source
-from difftune.demo_evaluation import DigitsEvaluator
+from difftune.demos.digits import DemoSettings, pretrain_source
+from difftune.demos.evaluation import DigitsEvaluator
+from difftune.io.atomic import atomic_write_json, atomic_write_text
 
 
 def _settings(seed_dir: Path) -> DemoSettings:

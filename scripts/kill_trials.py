@@ -42,13 +42,13 @@ CONTROLNET_STEPS = 4  # train.max_steps of the ControlNet trials (a validation a
 
 
 def _tiny_model(root: Path) -> Path:
-    from difftune.tiny_models import save_pipeline_dir, tiny_dit
+    from difftune.testing.models import save_pipeline_dir, tiny_dit
 
     return save_pipeline_dir(root / "model", tiny_dit(), "transformer")
 
 
 def _tiny_latent_model(root: Path) -> Path:
-    from difftune.tiny_models import save_pipeline_dir, tiny_dit, tiny_vae
+    from difftune.testing.models import save_pipeline_dir, tiny_dit, tiny_vae
 
     return save_pipeline_dir(
         root / "latent", tiny_dit(in_channels=4, sample_size=2), "transformer", tiny_vae()
@@ -56,7 +56,7 @@ def _tiny_latent_model(root: Path) -> Path:
 
 
 def _tiny_sd_model(root: Path) -> Path:
-    from difftune.tiny_models import save_sd_pipeline
+    from difftune.testing.models import save_sd_pipeline
 
     return save_sd_pipeline(root / "sd")
 
@@ -215,7 +215,7 @@ def _outputs(out: Path) -> dict[str, object]:
     and EMA), and the bytes of every per-step log, by file."""
     from safetensors.torch import load_file
 
-    from difftune.run_dir import LOG_FILES
+    from difftune.training.run_dir import LOG_FILES
 
     found: dict[str, object] = {}
     for path in sorted((out / "final").rglob("*.safetensors")):

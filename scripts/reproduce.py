@@ -5,7 +5,7 @@
     python scripts/reproduce.py --summarise-only      # rebuild the tables from finished runs
     python scripts/reproduce.py configs/reproduction/photos_main.yaml --seeds 0 1   # some seeds only
 
-An experiment config holds ``settings`` (fields of :class:`difftune.demo.DemoSettings`), ``methods``
+An experiment config holds ``settings`` (fields of :class:`difftune.demos.digits.DemoSettings`), ``methods``
 (method name -> objective overrides) and ``seeds``. Runs go to ``<out>/<experiment>/seed<k>``;
 a finished run (its results.json exists) is not run again. ``<out>/summary.md`` covers every
 experiment with finished runs: per method the final FID (mean and standard deviation over seeds,
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from difftune.demo import DemoSettings, run_demo
+from difftune.demos.digits import DemoSettings, run_demo
 from difftune.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]

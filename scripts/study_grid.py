@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difftune.atomic import atomic_write_json, atomic_write_text
+from difftune.io.atomic import atomic_write_json, atomic_write_text
 from difftune.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]

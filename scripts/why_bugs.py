@@ -28,13 +28,13 @@ from PIL import Image
 
 
 def _tiny_dit(root: Path, classes: int = 5) -> Path:
-    from difftune.tiny_models import save_pipeline_dir, tiny_dit
+    from difftune.testing.models import save_pipeline_dir, tiny_dit
 
     return save_pipeline_dir(root, tiny_dit(num_classes=classes), "transformer")
 
 
 def _cfg(model: Path, out: Path, *extra: str):
-    from difftune.config import load_config
+    from difftune.config.experiment import load_config
 
     base = [
         f"model.pretrained={model}",
@@ -50,7 +50,7 @@ def _cfg(model: Path, out: Path, *extra: str):
 
 
 def _train(cfg) -> str:
-    from difftune.trainer import Trainer
+    from difftune.training.loop import Trainer
 
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
@@ -129,7 +129,7 @@ def non_finite_loss(tmp: Path) -> dict:
 
 
 def resume_with_a_new_learning_rate(tmp: Path) -> dict:
-    from difftune.trainer import Trainer
+    from difftune.training.loop import Trainer
 
     model = _tiny_dit(tmp / "m")
     run = tmp / "run"
@@ -167,8 +167,8 @@ def resume_unpickles(tmp: Path) -> dict:
 
 
 def sixteen_bit_grey(tmp: Path) -> dict:
-    from difftune.config import DataConfig
-    from difftune.data import load_target_images
+    from difftune.config.experiment import DataConfig
+    from difftune.data.targets import load_target_images
 
     (tmp / "d" / "a").mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp / "d" / "a" / "g.png")
@@ -177,8 +177,8 @@ def sixteen_bit_grey(tmp: Path) -> dict:
 
 
 def empty_class_folder(tmp: Path) -> dict:
-    from difftune.config import DataConfig
-    from difftune.data import load_target_images
+    from difftune.config.experiment import DataConfig
+    from difftune.data.targets import load_target_images
 
     for name in ("a", "b"):
         (tmp / "d" / name).mkdir(parents=True)

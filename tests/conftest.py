@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftune.demo import DemoSettings
-from difftune.tiny_models import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
+from difftune.demos.digits import DemoSettings
+from difftune.testing.models import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
-from difftune.config import load_config
+from difftune.config.experiment import load_config
+from difftune.io.store import LatentStore
 from difftune.objectives import DiffTuningLoss
-from difftune.store import LatentStore
-from difftune.trainer import Trainer
+from difftune.training.loop import Trainer
 
 
 def main(argv: list[str]) -> None:

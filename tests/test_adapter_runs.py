@@ -13,8 +13,8 @@ from difftune.backbones import load_pretrained, load_trained
 from difftune.backbones.adapters import TUNING_FILE
 from difftune.bank import generate_bank
 from difftune.errors import UserError
-from difftune.tiny_models import save_pipeline_dir, tiny_dit
-from difftune.trainer import Trainer
+from difftune.testing.models import save_pipeline_dir, tiny_dit
+from difftune.training.loop import Trainer
 from test_training import make_cfg, metrics
 
 LORA = ("model.tuning=lora", "train.learning_rate=1e-2")

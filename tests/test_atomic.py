@@ -1,4 +1,4 @@
-"""difftune.atomic: a target is either complete or untouched, and no temporary file is left behind."""
+"""difftune.io.atomic: a target is either complete or untouched, and no temporary file is left behind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from difftune.atomic import (
+from difftune.io.atomic import (
     atomic_directory,
     atomic_open,
     atomic_path,
@@ -97,7 +97,7 @@ def test_directory_writer_removes_temporaries_of_killed_writers_only(tmp_path: P
     import subprocess
     import sys
 
-    from difftune.atomic import atomic_directory
+    from difftune.io.atomic import atomic_directory
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

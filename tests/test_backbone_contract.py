@@ -19,7 +19,7 @@ from difftune.backbones.controlnet import CONTROL, ControlNetBackbone
 from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.unet import UNetBackbone
-from difftune.tiny_models import save_sd_pipeline
+from difftune.testing.models import save_sd_pipeline
 
 # adapter class -> writers of a model directory under the given root, one per layout worth checking
 BUILDERS: dict[type[Backbone], list[Callable[[Path], Path]]] = {

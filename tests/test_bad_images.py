@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from difftune.cli import main
-from difftune.config import load_config
-from difftune.data import load_target_images
+from difftune.config.experiment import load_config
+from difftune.data.targets import load_target_images
 from difftune.errors import UserError
-from difftune.images import open_image
+from difftune.io.images import open_image
 from test_training import _image_folder, folder_cfg
 
 
@@ -155,7 +155,7 @@ def test_hidden_folders_are_not_classes_or_images(tmp_path: Path) -> None:
 
 
 def test_header_checks_are_remembered_until_a_file_changes(tmp_path: Path, monkeypatch) -> None:
-    import difftune.images as images
+    import difftune.io.images as images
 
     root = tmp_path / "data"
     for name in ("a", "b"):

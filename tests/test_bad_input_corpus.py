@@ -98,9 +98,9 @@ def test_odd_but_valid_images_train(case: corpus.Case, assets: corpus.Assets, tm
 
 
 def _full_disk_at_the_second_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    import difftune.trainer
+    import difftune.training.loop
 
-    original, calls = difftune.trainer.save_model, []
+    original, calls = difftune.training.loop.save_model, []
 
     def full_disk(*args: object, **kwargs: object) -> None:
         calls.append(1)
@@ -108,7 +108,7 @@ def _full_disk_at_the_second_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None
             raise OSError(errno.ENOSPC, "No space left on device")
         original(*args, **kwargs)
 
-    monkeypatch.setattr(difftune.trainer, "save_model", full_disk)
+    monkeypatch.setattr(difftune.training.loop, "save_model", full_disk)
 
 
 DISK_FULL = corpus.Case(
@@ -138,7 +138,7 @@ DISK_FULL = corpus.Case(
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(
     assets: corpus.Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from difftune.run_state import checkpoint_problem
+    from difftune.training.state import checkpoint_problem
 
     workspace = _workspace(tmp_path, assets)
     _full_disk_at_the_second_checkpoint(monkeypatch)

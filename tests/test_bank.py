@@ -1,4 +1,4 @@
-"""Tests for the knowledge bank (difftune.bank, difftune.store) and per-sample seeded generation."""
+"""Tests for the knowledge bank (difftune.bank, difftune.io.store) and per-sample seeded generation."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import difftune.bank.generate as bank_generate
 from conftest import save_pipeline_dir, tiny_dit
 from difftune.backbones import LoadedModel, load_pretrained, model_fingerprint
 from difftune.bank import generate_bank, load_bank
-from difftune.config import BankConfig, load_config
+from difftune.config.experiment import BankConfig, load_config
 from difftune.errors import UserError
-from difftune.sampling import build_scheduler, generate
-from difftune.store import LatentStore
-from difftune.trainer import Trainer
+from difftune.io.store import LatentStore
+from difftune.sampling.generate import build_scheduler, generate
+from difftune.training.loop import Trainer
 
 NUM, SHARD, STEPS, SEED = 20, 8, 3, 7  # 3 shards: 8 + 8 + 4 samples
 DROP = object()  # a manifest edit that removes the field
@@ -158,7 +158,7 @@ def test_resume_regenerates_a_damaged_shard(
     store.shard_path(1).write_bytes(data[: len(data) // 2])
     assert store.missing_shards() == [] and store.damaged_shards() == [1]
     written = count_writes(monkeypatch)
-    with caplog.at_level("WARNING", logger="difftune.store"):
+    with caplog.at_level("WARNING", logger="difftune.io.store"):
         generate_bank(loaded, bank_cfg(path), progress=False)
     assert written == [1]
     assert {i: store.shard_path(i).stat().st_mtime_ns for i in (0, 2)} == whole

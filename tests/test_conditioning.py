@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from difftune.backbones import Conditioning
-from difftune.trainer import Trainer
+from difftune.training.loop import Trainer
 from test_training import make_cfg
 
 

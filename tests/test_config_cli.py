@@ -1,4 +1,4 @@
-"""Tests for difftune.config (load, overrides, validation, YAML round-trip) and difftune.cli (dry runs, errors)."""
+"""Tests for difftune.config.experiment (load, overrides, validation, YAML round-trip) and difftune.cli (dry runs, errors)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from difftune.cli import main
-from difftune.config import ConfigError, ExperimentConfig, load_config
+from difftune.config.experiment import ConfigError, ExperimentConfig, load_config
 
 BIN = Path(sys.executable).parent
 

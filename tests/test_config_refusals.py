@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from difftune.cli import main
-from difftune.config import ConfigError, ObjectiveConfig, load_config
-from difftune.trainer import Trainer
+from difftune.config.experiment import ConfigError, ObjectiveConfig, load_config
+from difftune.training.loop import Trainer
 from difftune.tuning import TUNING_METHODS, TuningConfig
 from difftune.tuning.settings import SETTING_USERS, methods_using
 from test_training import make_cfg

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from difftune.backbones import LatentCodec
-from difftune.config import DataConfig
-from difftune.data import encode_and_cache, load_target_images
-from difftune.store import LatentStore
+from difftune.config.experiment import DataConfig
+from difftune.data.targets import encode_and_cache, load_target_images
+from difftune.io.store import LatentStore
 
 
 @pytest.fixture

@@ -10,20 +10,20 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-import difftune.fitted_schedules
+import difftune.schedules.fitted
 import test_training
 from conftest import run_torchrun
-from difftune.analysis.data_schedule import DataSchedule, fit_data_schedule, gap_densities
 from difftune.backbones import load_pretrained
 from difftune.backbones.base import ClassConditionalBackbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.cli import main
-from difftune.config_checks import ConfigError
+from difftune.config.checks import ConfigError
 from difftune.errors import UserError
 from difftune.objectives import build_objective
 from difftune.process import build_process
-from difftune.schedules import build_schedule, tabulated, timestep_bins
-from difftune.trainer import Trainer
+from difftune.schedules.base import build_schedule, tabulated, timestep_bins
+from difftune.schedules.data_driven import DataSchedule, fit_data_schedule, gap_densities
+from difftune.training.loop import Trainer
 from test_training import (
     _torchrun,
     assert_all_equal,
@@ -282,9 +282,11 @@ def test_training_fits_once_and_resumes_exactly_without_refitting(
     assert {**first.data_schedule.to_dict(), "seconds": 0} == {**fit_a.to_dict(), "seconds": 0}
 
     fits: list[int] = []
-    original = difftune.fitted_schedules.fit_data_schedule
+    original = difftune.schedules.fitted.fit_data_schedule
     monkeypatch.setattr(
-        difftune.fitted_schedules, "fit_data_schedule", lambda *a, **k: fits.append(1) or original(*a, **k)
+        difftune.schedules.fitted,
+        "fit_data_schedule",
+        lambda *a, **k: fits.append(1) or original(*a, **k),
     )
     (run_b / "data_schedule.json").unlink()  # the checkpoint's copy is enough
     resumed = Trainer(make_cfg(dit_dir, run_b, dit_bank, *steps, "train.resume=latest", *DATA_DRIVEN))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from difftune.cli import main
-from difftune.demo_controlnet import ControlDemoSettings, run_control_demo
+from difftune.demos.controlnet import ControlDemoSettings, run_control_demo
 
 
 def _tiny(tmp_path: Path) -> ControlDemoSettings:

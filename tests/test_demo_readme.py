@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftune.demo import DemoSettings, run_demo
+from difftune.demos.digits import DemoSettings, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from difftune.backbones import Conditioning, apply_tuning, load_pretrained, load_trained, merged_model
 from difftune.cli import main
-from difftune.config import ConfigError, ObjectiveConfig, load_config
+from difftune.config.experiment import ConfigError, ObjectiveConfig, load_config
 from difftune.objectives import DiffTuningLoss, DistillationLoss, build_objective
 from difftune.process import build_process
-from difftune.trainer import Trainer
+from difftune.training.loop import Trainer
 from difftune.tuning import adapters_off
 from test_peft import _perturb
 from test_training import make_cfg, metrics

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import save_pipeline_dir, tiny_dit
 from difftune.backbones import Backbone, Conditioning, load_pretrained
 from difftune.cli import main
-from difftune.sampling import build_scheduler, generate
+from difftune.sampling.generate import build_scheduler, generate
 
 
 class _DomainGuided(Backbone):
@@ -74,7 +74,7 @@ def test_guiding_with_the_model_itself_is_classifier_free_guidance(models: tuple
 
 def test_sample_command_with_domain_guidance(models: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     from difftune.commands.sample import sample_to_folder
-    from difftune.sampling_spec import SamplingSpec
+    from difftune.sampling.spec import SamplingSpec
 
     finetuned, pretrained = models
     args = ["sample", "--model", str(finetuned), "--labels", "0,1", "--per-label", "2", "--steps", "3"]
@@ -108,7 +108,7 @@ def test_domain_guidance_refusals(models: tuple[Path, Path], tmp_path: Path, cap
 
 def test_a_guide_whose_schedule_names_another_class_of_the_same_process_is_accepted(tmp_path: Path) -> None:
     """A final/ saved before schedules kept their class names DDPMScheduler for a PNDM base: same schedule."""
-    from difftune.sampling import load_guide
+    from difftune.sampling.generate import load_guide
 
     base = save_pipeline_dir(tmp_path / "base", tiny_dit(), "transformer")
     config = base / "scheduler" / "scheduler_config.json"

@@ -22,8 +22,9 @@ from torch import nn
 from conftest import run_torchrun
 from difftune.cli import USER_ERRORS
 from difftune.commands.eval_fid import add_parser as add_eval_parser
-from difftune.datasets import load_sklearn_digits
-from difftune.images import list_images, save_png
+from difftune.data.builtin import load_sklearn_digits
+from difftune.io.images import list_images, save_png
+from difftune.io.store import folder_identity
 from difftune.metrics import (
     DigitFeatureExtractor,
     FeatureStats,
@@ -36,7 +37,6 @@ from difftune.metrics import (
 from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
 from difftune.metrics.reference_cache import reference_stats_key
-from difftune.store import folder_identity
 
 TESTS = Path(__file__).parent
 
@@ -286,7 +286,7 @@ def test_checkpoint_samples_equal_difftune_sample_folder(
 ) -> None:
     from difftune.backbones import load_pretrained
     from difftune.commands.sample import sample_to_folder
-    from difftune.sampling_spec import SamplingSpec
+    from difftune.sampling.spec import SamplingSpec
 
     real, _ = folders
     npz = tmp_path / "samples.npz"
@@ -811,8 +811,8 @@ def test_checkpoint_with_domain_guidance_samples_as_difftune_sample_does(
 ) -> None:
     from difftune.backbones import load_pretrained
     from difftune.commands.sample import sample_to_folder
-    from difftune.sampling_spec import SamplingSpec
-    from difftune.tiny_models import save_pipeline_dir, tiny_dit
+    from difftune.sampling.spec import SamplingSpec
+    from difftune.testing.models import save_pipeline_dir, tiny_dit
 
     real, fake = folders
     pretrained = save_pipeline_dir(tmp_path / "pretrained", tiny_dit(seed=3), "transformer")

@@ -11,7 +11,7 @@ import torch
 from diffusers import DiTPipeline
 
 from difftune.backbones import load_pretrained
-from difftune.trainer import Trainer
+from difftune.training.loop import Trainer
 from test_training import make_cfg
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import save_pipeline_dir, tiny_dit
 from difftune.cli import main
-from difftune.datasets import load_sklearn_digits
+from difftune.data.builtin import load_sklearn_digits
 from difftune.metrics import save_classifier, train_digit_classifier
 
 

@@ -11,8 +11,8 @@ from diffusers import DiTTransformer2DModel
 
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
-from difftune.config import load_config
-from difftune.trainer import Trainer
+from difftune.config.experiment import load_config
+from difftune.training.loop import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -1,4 +1,4 @@
-"""difftune.images: training data and evaluation accept the same image files and decode them alike."""
+"""difftune.io.images: training data and evaluation accept the same image files and decode them alike."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from difftune.config import DataConfig
-from difftune.data import load_target_images
-from difftune.images import IMAGE_EXTENSIONS, list_images, load_image, open_image
+from difftune.config.experiment import DataConfig
+from difftune.data.targets import load_target_images
+from difftune.io.images import IMAGE_EXTENSIONS, list_images, load_image, open_image
 
 
 def _one_file_per_format(folder: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from difftune.datasets import load_sklearn_digits
+from difftune.data.builtin import load_sklearn_digits
 from difftune.metrics import (
     DigitClassifier,
     DigitFeatureExtractor,

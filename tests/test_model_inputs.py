@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 
 from difftune.cli import main
-from difftune.config import ModelConfig
-from difftune.config_checks import check_model_paths
-from difftune.tiny_models import save_sd_pipeline, tiny_text_encoder
+from difftune.config.checks import check_model_paths
+from difftune.config.experiment import ModelConfig
+from difftune.testing.models import save_sd_pipeline, tiny_text_encoder
 
 
 def _error_line(capsys: pytest.CaptureFixture) -> str:
@@ -226,7 +226,7 @@ def test_a_control_image_without_a_controlnet_is_refused_before_loading(
 def test_a_trailing_slash_is_a_local_path_not_a_hub_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from difftune.config_checks import check_model_path
+    from difftune.config.checks import check_model_path
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model 'no-such-model/' does not exist"):

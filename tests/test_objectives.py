@@ -14,7 +14,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.objectives import DiffTuningLoss, Draw, LossTerms
 from difftune.objectives.variational_bound import VariationalBound
 from difftune.process import build_process
-from difftune.schedules import power_down, power_up
+from difftune.schedules.base import power_down, power_up
 
 T = 1000
 NUM_CLASSES = 5
@@ -441,7 +441,7 @@ def test_learn_variance_off_has_no_vb(batch) -> None:
 def test_variance_term_follows_the_backbone_declaration(learn_sigma: bool, wanted: bool) -> None:
     from conftest import tiny_dit
     from difftune.backbones import DiTBackbone
-    from difftune.config import ObjectiveConfig
+    from difftune.config.experiment import ObjectiveConfig
     from difftune.objectives import build_objective
 
     backbone = DiTBackbone(tiny_dit(learn_sigma=learn_sigma))
@@ -458,7 +458,7 @@ def test_variance_term_follows_the_backbone_declaration(learn_sigma: bool, wante
 
 
 def test_unknown_objective_kind_lists_the_valid_ones() -> None:
-    from difftune.config import ConfigError, ObjectiveConfig
+    from difftune.config.experiment import ConfigError, ObjectiveConfig
 
     with pytest.raises(
         ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning', 'distillation'\]"

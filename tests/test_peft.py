@@ -22,10 +22,10 @@ from difftune.backbones import (
     merged_model,
 )
 from difftune.backbones.adapters import load_adapter
-from difftune.config import ConfigError
+from difftune.config.experiment import ConfigError
 from difftune.errors import UserError
-from difftune.tiny_models import save_pipeline_dir, tiny_dit
-from difftune.trainer import Trainer
+from difftune.testing.models import save_pipeline_dir, tiny_dit
+from difftune.training.loop import Trainer
 from difftune.tuning import TUNING_METHODS, TuningConfig, adapters_off, prepare_tuning, trainable_parameters
 from difftune.tuning.size import check_adapter_size, full_ranks
 from test_training import assert_all_equal, make_cfg

@@ -18,7 +18,7 @@ from difftune.errors import UserError
 from difftune.objectives.diff_tuning import DiffTuningLoss
 from difftune.process import SCHEDULER_CLASSES, build_process, process_name
 from difftune.process.edm import P_MEAN
-from difftune.schedules import power_down, power_up, uniform
+from difftune.schedules.base import power_down, power_up, uniform
 
 
 def _config(scheduler) -> dict:

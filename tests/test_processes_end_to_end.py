@@ -14,9 +14,9 @@ from difftune.backbones import Conditioning, load_pretrained
 from difftune.bank import generate_bank
 from difftune.cli import main
 from difftune.process import DEFAULT_SAMPLERS, build_process
-from difftune.sampling import build_scheduler, generate
-from difftune.tiny_models import tiny_dit, tiny_unet
-from difftune.trainer import Trainer
+from difftune.sampling.generate import build_scheduler, generate
+from difftune.testing.models import tiny_dit, tiny_unet
+from difftune.training.loop import Trainer
 from test_training import assert_all_equal, changed, make_cfg, metrics, weights
 
 SCHEDULERS = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from difftune.demo import DemoSettings, MethodSpec
+from difftune.demos.digits import DemoSettings, MethodSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "configs" / "reproduction").glob("*.yaml"))

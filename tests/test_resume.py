@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from difftune.errors import UserError
-from difftune.run_dir import LOG_FILES, config_changes, rewind_logs
-from difftune.tiny_models import save_pipeline_dir, tiny_dit
-from difftune.trainer import Trainer, train_model
+from difftune.testing.models import save_pipeline_dir, tiny_dit
+from difftune.training.loop import Trainer, train_model
+from difftune.training.run_dir import LOG_FILES, config_changes, rewind_logs
 from test_stable_diffusion import _config, captions, sd_dir  # noqa: F401 (fixtures)
 from test_training import make_cfg, metrics, weights
 

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.cli import main
-from difftune.config import ConfigError, load_config
-from difftune.divergence import TrainingDiverged
+from difftune.config.experiment import ConfigError, load_config
 from difftune.errors import UserError
-from difftune.run_dir import LOCK_FILE, RunLock
-from difftune.trainer import Trainer
+from difftune.training.divergence import TrainingDiverged
+from difftune.training.loop import Trainer
+from difftune.training.run_dir import LOCK_FILE, RunLock
 from test_training import make_cfg, metrics, weights
 
 
@@ -142,7 +142,7 @@ def test_a_damaged_cache_shard_is_encoded_again(
     first = Trainer(make_cfg(dit_dir, tmp_path / "a", None, f"data.cache_dir={cache}")).target.samples
     shard = cache / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
-    with caplog.at_level("WARNING", logger="difftune.store"):
+    with caplog.at_level("WARNING", logger="difftune.io.store"):
         again = Trainer(make_cfg(dit_dir, tmp_path / "b", None, f"data.cache_dir={cache}")).target.samples
     assert torch.equal(again, first)
     assert [r.getMessage() for r in caplog.records if "shard-00000.safetensors" in r.getMessage()]
@@ -412,12 +412,12 @@ def test_a_bank_share_that_rounds_to_no_bank_sample_is_refused() -> None:
 
 
 def test_a_protected_path_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    import difftune.demo
+    import difftune.demos.digits
 
     def protected(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
 
-    monkeypatch.setattr(difftune.demo, "DemoSettings", protected)
+    monkeypatch.setattr(difftune.demos.digits, "DemoSettings", protected)
     assert main(["demo", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Permission denied" in err
@@ -426,9 +426,9 @@ def test_a_protected_path_is_one_line(tmp_path: Path, monkeypatch, capsys) -> No
 def test_a_full_disk_during_a_checkpoint_loses_nothing(dit_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    import difftune.trainer
+    import difftune.training.loop
 
-    original, calls = difftune.trainer.save_model, []
+    original, calls = difftune.training.loop.save_model, []
 
     def full_disk(*args, **kwargs):
         calls.append(1)
@@ -439,7 +439,7 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(dit_dir: Path, tmp_path: 
     args = ("train.max_steps=3", "train.checkpoint_every=1")
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(difftune.trainer, "save_model", full_disk)
+        m.setattr(difftune.training.loop, "save_model", full_disk)
         with pytest.raises(
             UserError,
             match=r"could not write checkpoint-0000002 \(No space left on device\).*"

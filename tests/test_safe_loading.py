@@ -17,7 +17,7 @@ from conftest import tiny_dit
 from difftune.backbones import load_pretrained
 from difftune.cli import main
 from difftune.errors import UserError
-from difftune.trainer import Trainer
+from difftune.training.loop import Trainer
 from test_training import make_cfg, weights
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "difftune"

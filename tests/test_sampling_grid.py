@@ -15,10 +15,10 @@ from difftune.backbones.adapters import merged_model
 from difftune.backbones.noise_schedule import DEFAULT_NOISE_SCHEDULE, SCHEDULER_FILE
 from difftune.bank import generate_bank
 from difftune.cli import main
-from difftune.sampling import build_scheduler, generate_with_spec
-from difftune.sampling_spec import SamplingSpec
-from difftune.tiny_models import tiny_dit, tiny_vae
-from difftune.trainer import Trainer
+from difftune.sampling.generate import build_scheduler, generate_with_spec
+from difftune.sampling.spec import SamplingSpec
+from difftune.testing.models import tiny_dit, tiny_vae
+from difftune.training.loop import Trainer
 from test_training import make_cfg
 
 SPEC = SamplingSpec(steps=4, guidance_scale=1.5)

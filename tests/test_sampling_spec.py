@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from difftune.sampling_spec import (
+from difftune.sampling.spec import (
     SamplingSpec,
     add_sampling_args,
     given_sampling_flags,
@@ -16,7 +16,7 @@ from difftune.sampling_spec import (
 
 
 def test_defaults_live_in_one_place() -> None:
-    from difftune.config import BankConfig, TrainConfig
+    from difftune.config.experiment import BankConfig, TrainConfig
 
     spec = SamplingSpec()
     assert (spec.scheduler, spec.steps, spec.guidance_scale, spec.seed) == (

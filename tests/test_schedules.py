@@ -1,4 +1,4 @@
-"""Tests for difftune.schedules: exact probability tables, importance sampling vs weighting, registry."""
+"""Tests for difftune.schedules.base: exact probability tables, importance sampling vs weighting, registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from difftune.schedules import (
+from difftune.schedules.base import (
     SCHEDULES,
     TimestepSchedule,
     build_schedule,

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from difftune.cli import main
-from difftune.config import load_config
-from difftune.tiny_models import save_sd_pipeline
+from difftune.config.experiment import load_config
+from difftune.testing.models import save_sd_pipeline
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from difftune.config import ConfigError, ObjectiveConfig
+from difftune.config.experiment import ConfigError, ObjectiveConfig
 from difftune.errors import UserError
 from difftune.objectives import DiffTuningLoss
 from difftune.objectives.base import Draw
 from difftune.process import build_process
-from difftune.schedules import NoiseLevels, build_schedule, uniform
-from difftune.trainer import Trainer
+from difftune.schedules.base import NoiseLevels, build_schedule, uniform
+from difftune.training.loop import Trainer
 from test_training import make_cfg, metrics
 
 T = 1000

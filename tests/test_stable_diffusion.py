@@ -1,7 +1,7 @@
 """Stable Diffusion text-to-image and ControlNet Diff-Tuning end to end, on tiny random-init models.
 
 Nothing is downloaded: the pipeline, its CLIP text encoder and a character-level tokenizer are built
-from configs (:func:`difftune.tiny_models.save_sd_pipeline`).
+from configs (:func:`difftune.testing.models.save_sd_pipeline`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from difftune.backbones.stable_diffusion import PROMPTS
 from difftune.bank import generate_bank, load_bank
 from difftune.bank.conditions import prepare_bank_conditions
 from difftune.cli import main
-from difftune.config import config_from_dict
+from difftune.config.data import DataConfig
+from difftune.config.experiment import config_from_dict
 from difftune.control import build_annotator, read_fidelity
-from difftune.data import load_target_images, prepare_target
-from difftune.data_config import DataConfig
+from difftune.data.targets import load_target_images, prepare_target
 from difftune.errors import UserError
 from difftune.process import build_process
-from difftune.tiny_models import save_sd_pipeline
-from difftune.trainer import train_model
+from difftune.testing.models import save_sd_pipeline
+from difftune.training.loop import train_model
 
 CAPTIONS = ["a red circle", "a blue circle", "a red square", "a blue square"]
 
@@ -277,7 +277,7 @@ def test_controlnet_with_precomputed_controls_reads_the_control_column(sd_dir: P
         data={"control_column": "conditioning_image", "hflip": True},
         objective={"bank_share": 0.0},
     )
-    from difftune.trainer import Trainer
+    from difftune.training.loop import Trainer
 
     trainer = Trainer(cfg)
     cond = trainer.target.cond
@@ -304,7 +304,7 @@ def test_controlnet_drop_empties_the_prompt_and_keeps_the_control(sd_dir: Path) 
 def test_bank_rows_train_with_the_configured_condition(
     condition: str, sd_dir: Path, captions: Path, tmp_path: Path
 ) -> None:
-    from difftune.trainer import Trainer
+    from difftune.training.loop import Trainer
 
     cfg = _config(sd_dir, captions, tmp_path, bank={"condition": condition}, objective={"bank_share": 0.5})
     loaded = load_pretrained(str(sd_dir))
@@ -319,7 +319,7 @@ def test_bank_rows_train_with_the_configured_condition(
 
 def test_a_mixed_batch_keeps_each_samples_weight_with_its_sample_under_shuffling(sd_dir: Path) -> None:
 
-    from difftune.config import ObjectiveConfig
+    from difftune.config.experiment import ObjectiveConfig
     from difftune.objectives import build_objective
 
     loaded = load_pretrained(str(sd_dir))
@@ -365,7 +365,7 @@ def test_sample_command_takes_prompts_and_refuses_a_controlnet_without_control(
 
 def test_a_saved_controlnet_reloads_over_the_unet_it_was_trained_with(sd_dir: Path, tmp_path: Path) -> None:
     from difftune.backbones import save_model
-    from difftune.tiny_models import tiny_cond_unet
+    from difftune.testing.models import tiny_cond_unet
 
     # a fine-tuned UNet kept in a sub-folder of another directory (as a difftune run keeps ema/unet)
     other = tmp_path / "finetuned"
@@ -402,7 +402,7 @@ def test_a_saved_dataset_gives_captions_and_control_images(tmp_path: Path) -> No
 def test_a_v_prediction_pipeline_trains_on_the_velocity(tmp_path: Path, captions: Path) -> None:
     from diffusers import DDPMScheduler
 
-    from difftune.config import ObjectiveConfig
+    from difftune.config.experiment import ObjectiveConfig
     from difftune.objectives import build_objective
 
     sd = save_sd_pipeline(tmp_path / "sd2")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from difftune.cli import build_parser
-from difftune.tiny_models import save_sd_pipeline
+from difftune.testing.models import save_sd_pipeline
 
 # runs difftune.cli.main in a fresh interpreter, then reports on a last stdout line which heavy libraries
 # it imported and torch's float32 matmul precision
@@ -134,8 +134,9 @@ def test_loading_restores_the_libraries_bar_settings(tmp_path: Path) -> None:
 
 def test_registries_agree_with_their_light_names() -> None:
     """A config is checked against names known without torch; each names what the heavy module builds."""
-    from difftune import control, objectives, schedules, tuning
-    from difftune.schedule_names import FITTED_SCHEDULE_NAMES, SCHEDULE_NAMES, SNR_SCHEDULE_NAMES
+    from difftune import control, objectives, tuning
+    from difftune.schedules import base as schedules
+    from difftune.schedules.names import FITTED_SCHEDULE_NAMES, SCHEDULE_NAMES, SNR_SCHEDULE_NAMES
 
     assert set(schedules.SCHEDULES) == set(SCHEDULE_NAMES)
     assert set(schedules.SNR_SCHEDULES) == set(SNR_SCHEDULE_NAMES)

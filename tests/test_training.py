@@ -1,4 +1,4 @@
-"""End-to-end tests of difftune.trainer.Trainer on tiny random-init models (CPU, seconds each)."""
+"""End-to-end tests of difftune.training.loop.Trainer on tiny random-init models (CPU, seconds each)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from conftest import run_torchrun
 from difftune.backbones import LatentCodec, load_pretrained
 from difftune.bank import generate_bank, load_bank
-from difftune.config import ExperimentConfig, load_config
-from difftune.data import load_target_images
-from difftune.store import LatentStore
-from difftune.trainer import Trainer
+from difftune.config.experiment import ExperimentConfig, load_config
+from difftune.data.targets import load_target_images
+from difftune.io.store import LatentStore
+from difftune.training.loop import Trainer
 
 TESTS = Path(__file__).resolve().parent
 LR = 1e-4  # the default learning rate

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from difftune.backbones import load_pretrained, save_model
-from difftune.config import ConfigError, ModelConfig, load_config
-from difftune.trainer import Trainer
+from difftune.config.experiment import ConfigError, ModelConfig, load_config
+from difftune.training.loop import Trainer
 from difftune.tuning import TUNING_METHODS, build_tuning, prepare_tuning, trainable_parameters
 
 FROZEN = "pos_embed.proj.weight"  # a DiT parameter that the frozen-parameter tests keep fixed

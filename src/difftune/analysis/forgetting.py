@@ -21,12 +21,12 @@ from diffusers import SchedulerMixin
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from difftune.analysis.binned_loss import Evaluation, binned_denoising_loss
-from difftune.atomic import atomic_path, atomic_write_json
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
-from difftune.sampling import generate
+from difftune.io.atomic import atomic_path, atomic_write_json
+from difftune.sampling.generate import generate
+from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
 

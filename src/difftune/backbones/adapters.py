@@ -21,7 +21,7 @@ from torch import nn
 
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
-from difftune.config import NEW_CONTROLNET_TRAINS_IN_FULL
+from difftune.config.experiment import NEW_CONTROLNET_TRAINS_IN_FULL
 from difftune.errors import UserError, shown_path
 from difftune.tuning import Switchable, TuningConfig, build_tuning, trainable_parameters
 from difftune.tuning.lora import ADAPTER_NAME, PeftTuning

@@ -41,7 +41,7 @@ from difftune.backbones.sd_parts import (
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.text import PromptEncoder
 from difftune.backbones.unet import UNetBackbone
-from difftune.config_checks import check_model_path
+from difftune.config.checks import check_model_path
 from difftune.errors import UserError
 from difftune.tuning.record import TuningRecord
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from diffusers.training_utils import EMAModel
 
-from difftune.atomic import atomic_directory
 from difftune.backbones.adapters import (
     ADAPTER,
     absolute_source,
@@ -26,6 +25,7 @@ from difftune.backbones.adapters import (
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
 from difftune.backbones.model_card import write_model_card
 from difftune.backbones.noise_schedule import scheduler_class_name, write_noise_schedule
+from difftune.io.atomic import atomic_directory
 from difftune.process import process_name
 from difftune.tuning import trainable_parameters
 

@@ -15,7 +15,7 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.controlnet import ControlNetBackbone
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.text import PromptEncoder, check_tokenizer_fits
-from difftune.config_checks import check_model_path
+from difftune.config.checks import check_model_path
 from difftune.errors import UserError
 
 CONDITION_CHANNELS = (16, 32, 96, 256)  # ControlNet's condition embedding: each block after the first halves

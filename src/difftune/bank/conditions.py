@@ -13,7 +13,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.controlnet import CONTROL, ControlNetBackbone
 from difftune.backbones.loading import LoadedModel
 from difftune.backbones.stable_diffusion import TextConditionalBackbone
-from difftune.config import ExperimentConfig
+from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 
 
@@ -33,7 +33,7 @@ def bank_prompts(cfg: ExperimentConfig) -> list[str]:
         if not prompts:
             raise UserError(f"bank.prompts {str(path)!r} holds no prompts; write one prompt per line")
         return prompts
-    from difftune.data import load_target_images
+    from difftune.data.targets import load_target_images
 
     images = load_target_images(cfg.data, 8, 3)  # captions only: nothing is decoded at this size
     return images.caption_list(cfg.data.caption_template)
@@ -96,7 +96,7 @@ def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> tuple[torch.Ten
         UserError: the bank is missing, incomplete, damaged or does not match the model.
     """
     from difftune.bank.generate import load_bank
-    from difftune.store import LatentStore
+    from difftune.io.store import LatentStore
 
     bank = {"samples": torch.empty(0)}
     if cfg.uses_bank:

@@ -22,11 +22,11 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from difftune.backbones.loading import LoadedModel
-from difftune.config import BankConfig
+from difftune.config.experiment import BankConfig
 from difftune.errors import UserError
+from difftune.io.store import LatentStore
 from difftune.process import sampler_for
-from difftune.sampling import generate_with_spec
-from difftune.store import LatentStore
+from difftune.sampling.generate import generate_with_spec
 
 BANK_FORMAT = 1
 

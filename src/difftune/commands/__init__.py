@@ -65,7 +65,7 @@ def check_model_flags(args: argparse.Namespace, *names: str) -> None:
         FileNotFoundError: the message names the flag and its value.
         UserError: the flag names a file, not a model directory.
     """
-    from difftune.config_checks import check_model_path
+    from difftune.config.checks import check_model_path
 
     for name in names:
         if getattr(args, name):
@@ -78,7 +78,7 @@ def check_scheduler(name: str, what: str = "--scheduler", error: type[UserError]
     Raises:
         UserError (or ``error``): the message names ``what`` and lists the valid names.
     """
-    from difftune.sampling import scheduler_names
+    from difftune.sampling.generate import scheduler_names
 
     if name not in scheduler_names():
         raise error(f"{what} {name!r} is unknown; valid: {', '.join(scheduler_names())}")
@@ -92,7 +92,7 @@ def check_domain_guidance(pretrained: str | None, guidance_scale: float) -> None
     """
     if not pretrained:
         return
-    from difftune.config_checks import check_model_path
+    from difftune.config.checks import check_model_path
 
     check_model_path(pretrained, "--domain-guidance")
     if guidance_scale == 1.0:

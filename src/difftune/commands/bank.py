@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from difftune.commands import add_config_command, check_scheduler, start_torch
-from difftune.config import load_config
-from difftune.config_checks import ConfigError, check_model_paths
+from difftune.config.checks import ConfigError, check_model_paths
+from difftune.config.experiment import load_config
 
 HELP = "generate (or resume) the knowledge bank from the frozen pre-trained model"
 

@@ -19,14 +19,14 @@ from difftune.commands import start_torch
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the chosen demo (or print its plan); return the exit code."""
     if args.which == "controlnet":
-        from difftune.demo_controlnet import ControlDemoSettings as Settings
-        from difftune.demo_controlnet import run_control_demo as run
+        from difftune.demos.controlnet import ControlDemoSettings as Settings
+        from difftune.demos.controlnet import run_control_demo as run
 
         default_out, preset = "demo_controlnet_out", {}
     else:
-        from difftune.demo import PHOTO_TEST_BED
-        from difftune.demo import DemoSettings as Settings
-        from difftune.demo import run_demo as run
+        from difftune.demos.digits import PHOTO_TEST_BED
+        from difftune.demos.digits import DemoSettings as Settings
+        from difftune.demos.digits import run_demo as run
 
         default_out = "demo_photos_out" if args.which == "photos" else "demo_out"
         preset = PHOTO_TEST_BED if args.which == "photos" else {}

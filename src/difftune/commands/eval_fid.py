@@ -18,7 +18,6 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from difftune.atomic import atomic_write_json
 from difftune.commands import (
     add_model_args,
     check_domain_guidance,
@@ -29,8 +28,9 @@ from difftune.commands import (
 )
 from difftune.commands.eval_inputs import EvalInputs, describe_plan, resolve_inputs
 from difftune.errors import UserError
-from difftune.image_formats import IMAGE_EXTENSIONS
-from difftune.sampling_spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
+from difftune.io.atomic import atomic_write_json
+from difftune.io.image_formats import IMAGE_EXTENSIONS
+from difftune.sampling.spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
 
 if TYPE_CHECKING:
     import torch
@@ -183,7 +183,7 @@ def _report(
     device: torch.device | str,
 ) -> None:
     """Main process: compute, print and save the metrics; export the generated images."""
-    from difftune.images import export_npz
+    from difftune.io.images import export_npz
     from difftune.metrics.fid import fid_from_stats
     from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.commands.sample import listed_samples
 from difftune.errors import UserError
-from difftune.sampling_spec import sampling_spec_from_args
+from difftune.sampling.spec import sampling_spec_from_args
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -25,7 +25,7 @@ def load_model_to_sample(args: argparse.Namespace) -> tuple[Any, Tensor, Any, An
 
     from difftune.backbones import load_trained
     from difftune.commands.sample import parse_labels
-    from difftune.sampling import build_scheduler, load_guide
+    from difftune.sampling.generate import build_scheduler, load_guide
 
     loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
     if "labels" not in loaded.backbone.condition_names:
@@ -69,11 +69,11 @@ class EvalInputs:
 
 def resolve_inputs(args: argparse.Namespace) -> EvalInputs:
     """Check every input before any heavy work (all processes do the same, so they fail alike)."""
-    from difftune.images import list_images
+    from difftune.io.images import list_images
+    from difftune.io.store import folder_identity
     from difftune.metrics.fid import FeatureStats
     from difftune.metrics.reference import reference_dataset
     from difftune.metrics.reference_cache import load_cached_stats, reference_cache_file
-    from difftune.store import folder_identity
 
     real_stats, real_paths, real_images, identity = None, None, None, None
     if Path(args.real).suffix.lower() == ".npz":

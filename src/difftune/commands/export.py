@@ -28,10 +28,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"{source} is not a directory; give a run's final/ (or a checkpoint's model/)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder to write the export to")
-    from difftune.atomic import atomic_directory
     from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, merged_model
     from difftune.backbones.model_card import CARD, stock_loader
     from difftune.backbones.saving import save_model, save_pipeline_index
+    from difftune.io.atomic import atomic_directory
 
     weights = adapter_directory(source, use_ema=not args.no_ema)
     if weights is None:

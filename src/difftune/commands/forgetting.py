@@ -16,7 +16,7 @@ from typing import Any
 
 from difftune.commands import check_model_flags, check_positive, check_scheduler, start_torch
 from difftune.errors import UserError
-from difftune.sampling_spec import add_sampling_args, sampling_spec_from_args
+from difftune.sampling.spec import add_sampling_args, sampling_spec_from_args
 
 
 def _fractions(text: str) -> list[float]:
@@ -53,11 +53,11 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     import torch
 
     from difftune.backbones import load_trained
-    from difftune.config import DataConfig
-    from difftune.data import load_target_images
+    from difftune.config.experiment import DataConfig
+    from difftune.data.targets import load_target_images
     from difftune.metrics import compute_feature_stats, fid_from_stats
     from difftune.metrics.extractors import build_extractor
-    from difftune.sampling import build_scheduler, to_unit_range
+    from difftune.sampling.generate import build_scheduler, to_unit_range
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     finetuned = load_trained(args.finetuned, args.subfolder, not args.no_ema, args.vae)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from difftune.atomic import atomic_write_json
 from difftune.commands import (
     add_model_args,
     check_domain_guidance,
@@ -23,7 +22,8 @@ from difftune.commands import (
     start_torch,
 )
 from difftune.errors import UserError
-from difftune.sampling_spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
+from difftune.io.atomic import atomic_write_json
+from difftune.sampling.spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
 
 MANIFEST = "difftune_samples.json"
 GRID = "grid.png"
@@ -63,7 +63,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     start_torch()
     from difftune.backbones import load_trained
-    from difftune.prompt_conditions import check_condition_flags
+    from difftune.data.prompts import check_condition_flags
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     guide = _guide(args, loaded)
@@ -99,7 +99,7 @@ def _check_model_conditions(args: argparse.Namespace, prompts: bool) -> None:
     from difftune.backbones.adapters import adapter_directory
     from difftune.backbones.loading import peek_backbone
     from difftune.backbones.saving import inference_subfolder
-    from difftune.prompt_conditions import check_condition_flags
+    from difftune.data.prompts import check_condition_flags
 
     if adapter_directory(args.model, not args.no_ema and args.subfolder is None) is not None:
         return
@@ -150,7 +150,7 @@ def sample_to_folder(
     defaults). ``out`` must hold no images, or only those of an earlier ``difftune sample`` with
     ``overwrite``. :data:`MANIFEST` lists the images written (``eval fid --fake`` scores exactly
     those, not the grid). ``guide``: the pre-trained model as the guidance branch (domain guidance,
-    :func:`~difftune.sampling.generate`). Returns the grid's path.
+    :func:`~difftune.sampling.generate.generate`). Returns the grid's path.
 
     Raises:
         UserError: ``out`` holds images (of an earlier run without ``overwrite``, or of someone else).
@@ -179,8 +179,8 @@ def sample_conditions(
     import torch
     from tqdm.auto import tqdm
 
-    from difftune.images import save_grid, save_png
-    from difftune.sampling import generate_with_spec, to_unit_range
+    from difftune.io.images import save_grid, save_png
+    from difftune.sampling.generate import generate_with_spec, to_unit_range
 
     spec = spec or SamplingSpec()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,7 +218,7 @@ def _guide(args: argparse.Namespace, loaded: LoadedModel) -> Backbone | None:
     """The ``--domain-guidance`` model, checked against ``loaded``, or None."""
     if not args.domain_guidance:
         return None
-    from difftune.sampling import load_guide
+    from difftune.sampling.generate import load_guide
 
     return load_guide(args.domain_guidance, loaded, args.vae)
 
@@ -263,7 +263,7 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: Sampling
         return 0
     start_torch()
     from difftune.backbones import load_trained
-    from difftune.prompt_conditions import prompt_conditions
+    from difftune.data.prompts import prompt_conditions
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     cond = prompt_conditions(loaded, prompts, controls)
@@ -293,7 +293,7 @@ def listed_samples(folder: str | os.PathLike[str]) -> list[Path] | None:
 
 def _clear_sample_folder(out: Path, overwrite: bool) -> None:
     """Refuse a folder with images in it, unless they are an earlier sample run's and ``overwrite``."""
-    from difftune.images import image_files
+    from difftune.io.images import image_files
 
     present = image_files(out) if out.is_dir() else []
     if not present:

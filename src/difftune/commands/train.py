@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 
 from difftune.commands import add_config_command, check_scheduler, start_torch
-from difftune.config import ExperimentConfig, load_config
-from difftune.config_checks import ConfigError, check_model_paths
-from difftune.train_config import default_steps_note
+from difftune.config.checks import ConfigError, check_model_paths
+from difftune.config.experiment import ExperimentConfig, load_config
+from difftune.config.train import default_steps_note
 
 
 def _schedule(name: str, exponent: float) -> str:
@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.sample_every:  # found now, not at the first grid, hours into a run
         check_scheduler(cfg.train.sample_scheduler, "train.sample_scheduler", ConfigError)
     if args.dry_run:
-        from difftune.preflight import preflight
+        from difftune.training.preflight import preflight
 
         checks = preflight(cfg)  # the model's config, classes, bank and output; no weights, no encoding
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(checks))
         return 0
     start_torch()
-    from difftune.trainer import train_model
+    from difftune.training.loop import train_model
 
     final = train_model(cfg)
     print(f"final model: {final}")

@@ -3,7 +3,7 @@
 Each line is ``{"step": int, "mse": float, "ssim": float, "dssim": float, "edge_f1": float, ...}``.
 Lines are appended one whole line per write and flushed to disk, so a crash can at worst leave the last
 line torn; the reader ignores such a line and the next append removes it. A resumed run rewinds the
-log to its checkpoint's step first (:func:`difftune.run_dir.rewind_logs`); should a step still be logged
+log to its checkpoint's step first (:func:`difftune.training.run_dir.rewind_logs`); should a step still be logged
 twice, the later line supersedes the earlier one.
 """
 

@@ -70,7 +70,7 @@ def plot_fidelity(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difftune.atomic import atomic_path
+    from difftune.io.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for row in rows:

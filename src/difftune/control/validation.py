@@ -20,8 +20,8 @@ from difftune.control.annotators import Annotator
 from difftune.control.fidelity import condition_fidelity
 from difftune.control.log import append_fidelity
 from difftune.errors import UserError
-from difftune.sampling import generate_with_spec
-from difftune.sampling_spec import SamplingSpec
+from difftune.sampling.generate import generate_with_spec
+from difftune.sampling.spec import SamplingSpec
 
 CONTROL = "control"
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difftune.atomic import atomic_path
 from difftune.errors import UserError
+from difftune.io.atomic import atomic_path
 
 __all__ = [
     "DigitClassifier",

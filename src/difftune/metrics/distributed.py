@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from difftune.atomic import atomic_path
 from difftune.errors import UserError
-from difftune.images import load_image, to_uint8_rgb
-from difftune.sampling_spec import SamplingSpec
+from difftune.io.atomic import atomic_path
+from difftune.io.images import load_image, to_uint8_rgb
+from difftune.sampling.spec import SamplingSpec
 
 __all__ = ["Batches", "WorkDir", "folder_batches", "progress", "run_extractor", "tensor_batches"]
 
@@ -137,7 +137,7 @@ def sampled_batches(
     ``guide``: the pre-trained model for domain guidance), optionally resized; the images are rounded
     to 8 bits as PNG files are.
     """
-    from difftune.sampling import generate, to_unit_range
+    from difftune.sampling.generate import generate, to_unit_range
 
     backbone = loaded.backbone.to(device).eval()
     guide = guide.to(device).eval() if guide is not None else None

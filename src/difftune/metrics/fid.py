@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from difftune.atomic import atomic_open
 from difftune.errors import UserError
+from difftune.io.atomic import atomic_open
 
 __all__ = [
     "FeatureStats",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from difftune.datasets import load_sklearn_digits
+from difftune.data.builtin import load_sklearn_digits
 from difftune.errors import UserError
-from difftune.images import to_uint8_rgb
+from difftune.io.images import to_uint8_rgb
 
 __all__ = ["reference_dataset"]
 

@@ -4,7 +4,7 @@ Encoding a large reference folder is the slow part of repeated FID evaluations, 
 :class:`~difftune.metrics.FeatureStats` are stored under a key that covers everything they depend on:
 
 - the reference set: every file's path relative to the folder, its size and its modification time
-  (:func:`difftune.store.folder_identity`), or the name of a built-in dataset;
+  (:func:`difftune.io.store.folder_identity`), or the name of a built-in dataset;
 - the feature extractor: ``inception`` with the identity (resolved path, size, modification time) of
   its weights file, or ``digits:PATH`` with the classifier file's identity;
 - the ``--resize`` setting.
@@ -23,8 +23,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from difftune.io.store import user_cache_dir
 from difftune.metrics.fid import FeatureStats
-from difftune.store import user_cache_dir
 
 CACHE_VERSION = 1
 
@@ -55,7 +55,7 @@ def reference_stats_key(
     """The cache key of a reference set's statistics, or ``None`` if they are not cacheable.
 
     Args:
-        reference: JSON-serialisable identity of the reference images: :func:`difftune.store.folder_identity` of a
+        reference: JSON-serialisable identity of the reference images: :func:`difftune.io.store.folder_identity` of a
             folder, or the spec of a built-in dataset (e.g. ``"digits:5,6,7,8,9"``).
         features: the ``--features`` spec.
         inception_weights: the local Inception weights file, if any.

@@ -16,13 +16,13 @@ from difftune.errors import UserError
 from difftune.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from difftune.analysis.data_schedule import DataSchedule
     from difftune.backbones.base import Backbone
-    from difftune.config import ObjectiveConfig
+    from difftune.config.experiment import ObjectiveConfig
     from difftune.objectives.base import Objective
     from difftune.objectives.diff_tuning import DiffTuningLoss
     from difftune.objectives.distillation import DistillationLoss
     from difftune.process import ForwardProcess
+    from difftune.schedules.data_driven import DataSchedule
 
 # the module of each public name that needs torch: imported on first use, so that a config is checked
 # (``objective.kind`` against :data:`OBJECTIVES`) without torch
@@ -47,7 +47,7 @@ def _diff_tuning(
     **extra: Any,
 ) -> DiffTuningLoss:
     from difftune.objectives.diff_tuning import DiffTuningLoss
-    from difftune.schedules import NoiseLevels, build_schedule
+    from difftune.schedules.base import NoiseLevels, build_schedule
 
     T = process.num_timesteps
     noise = NoiseLevels(process.equivalent_alphas_cumprod(), process.prediction_type)

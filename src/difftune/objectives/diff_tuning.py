@@ -16,7 +16,7 @@ import torch
 
 from difftune.objectives.base import Draw, LossTerms
 from difftune.objectives.variational_bound import VariationalBound
-from difftune.schedules import TimestepSchedule
+from difftune.schedules.base import TimestepSchedule
 
 if TYPE_CHECKING:
     from difftune.backbones.conditioning import Conditioning

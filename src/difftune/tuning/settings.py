@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from difftune.config_checks import ConfigError, _check, _check_fields
+from difftune.config.checks import ConfigError, _check, _check_fields
 
 # the methods that read each group of settings; a setting's group is its name up to the first "_"
 SETTING_USERS: dict[str, tuple[str, ...]] = {

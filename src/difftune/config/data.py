@@ -1,0 +1,90 @@
+"""The ``data`` section of the experiment config: which target images, their captions and control images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difftune.config.checks import _check, _check_fields
+
+DATA_SOURCES = {
+    "folder": "an image folder with one sub-directory per class",
+    "captions": "an image folder with a metadata.jsonl of captions",
+    "hf_dataset": "a directory written by datasets.Dataset.save_to_disk",
+    "digits": "nothing (the built-in digits)",
+    "photo_patches": "nothing (the built-in photo patches)",
+}
+BUILT_IN_SOURCES = ("digits", "photo_patches")
+
+
+@dataclass
+class DataConfig:
+    """The target dataset.
+
+    Attributes:
+        source: ``"folder"`` (an image-folder tree: one sub-directory per class), ``"captions"``
+            (an image folder with a ``metadata.jsonl`` of captions, the imagefolder convention of
+            the ``datasets`` library), ``"hf_dataset"`` (a dataset saved with
+            ``datasets.Dataset.save_to_disk``), ``"digits"`` (scikit-learn's handwritten digits,
+            used by the demo) or ``"photo_patches"`` (grayscale patches of the photographs bundled
+            with scikit-image and scikit-learn, cut at the model's size; the second test bed's source).
+        path: root of the image folder or saved dataset.
+        classes: digit classes (``source: digits``) or photo indices (``photo_patches``) to keep;
+            labels are re-indexed 0..K-1.
+        per_class: keep at most this many images per class (few-shot); ``None`` keeps all. For
+            ``photo_patches``: the number of patches cut from each photo (default 1200).
+        resolution: images are resized and centre-cropped to this size; ``None`` = model's size.
+        cache_dir: where encoded latents are cached; default ``<output_dir>/target_cache``.
+        hflip: also cache every image mirrored (DiT's random horizontal flip augmentation).
+        seed: seed of the few-shot subset selection.
+        on_bad_file: ``"error"`` (default): unreadable images and empty class folders stop the run,
+            all named; ``"skip"``: they are left out, each with a warning.
+        caption_column: the caption's column in ``metadata.jsonl`` or the saved dataset.
+        image_column: the image's column of a saved dataset (``metadata.jsonl`` uses ``file_name``).
+        caption_template: captions of a labelled dataset (``folder``, ``digits``) for a
+            text-conditional model: ``{}`` is replaced by the class name.
+        control_column: the column naming each image's control image (a file in ``metadata.jsonl``,
+            an image in a saved dataset), for a ControlNet with precomputed conditions.
+        annotator: compute each image's control image with this annotator (e.g. ``canny``) instead.
+    """
+
+    source: str = "folder"
+    path: str | None = None
+    classes: list[int] | None = None
+    per_class: int | None = None
+    resolution: int | None = None
+    cache_dir: str | None = None
+    hflip: bool = False
+    seed: int = 0
+    on_bad_file: str = "error"
+    caption_column: str = "text"
+    image_column: str = "image"
+    caption_template: str = "{}"
+    control_column: str | None = None
+    annotator: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        _check(
+            self.source in DATA_SOURCES,
+            f"data.source={self.source!r} is unknown: use one of {list(DATA_SOURCES)}",
+        )
+        _check(
+            self.source in BUILT_IN_SOURCES or bool(self.path),
+            f"data.path is empty: set it to {DATA_SOURCES[self.source]}",
+        )
+        _check(
+            "{}" in self.caption_template,
+            f"data.caption_template={self.caption_template!r} must contain {{}} (the class name goes there)",
+        )
+        _check(
+            self.control_column is None or self.annotator is None,
+            "data.control_column and data.annotator are both set: take control images from the data or "
+            "compute them, not both",
+        )
+        _check(
+            self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null"
+        )
+        _check(
+            self.on_bad_file in ("error", "skip"),
+            f"data.on_bad_file={self.on_bad_file!r}: use 'error' or 'skip'",
+        )

@@ -1,0 +1,133 @@
+"""The ``train`` section of the experiment config: the optimisation loop, its outputs and its safety settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difftune.config.checks import _check, _check_fields
+from difftune.sampling.spec import SamplingSpec
+
+NON_FINITE_POLICIES = ("stop", "skip")
+
+
+def default_steps_note(steps: int) -> str:
+    """The start-up note of a run whose config leaves out ``train.max_steps`` (``steps``: its default)."""
+    return (
+        f"train.max_steps is not set: the default of {steps:,} steps applies (set train.max_steps to choose)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (defaults follow the paper's DiT recipe, docs/method.md §2).
+
+    Attributes:
+        output_dir: run directory (checkpoints, logs, samples).
+        batch_size: global batch per optimiser step (target + bank), across processes and
+            accumulation steps.
+        gradient_accumulation: micro-steps per optimiser step.
+        max_steps: optimiser steps.
+        learning_rate, weight_decay, adam_beta1, adam_beta2, adam_eps, max_grad_norm: AdamW.
+        ema_decay: constant EMA decay (0 disables EMA).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate).
+        gradient_checkpointing: recompute the trained model's activations in the backward pass
+            instead of keeping them (diffusers' ``enable_gradient_checkpointing``): less memory, about
+            a third more compute; the same gradients.
+        seed: seed of everything random in training (data order, t, noise, label dropout).
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        keep_checkpoints: most recent checkpoints kept (older ones are deleted).
+        log_every: steps between scalar logs.
+        sample_every: steps between sample grids (0 = never).
+        sample_steps, sample_scheduler, sample_guidance_scale: how the grids (and the validation
+            images) are sampled.
+        validation_every: a ControlNet run with an annotator (``data.annotator``) measures condition
+            fidelity at step 0 and every this many steps (0 = never), into ``fidelity.jsonl``.
+        validation_samples: how many fixed (prompt, control) pairs of the target set it generates.
+        validation_prompts: ``"own"``: each pair's caption; ``"empty"``: the empty prompt, so that
+            only the control image says what to draw (for data whose captions already fix the image's
+            layout, e.g. digits).
+        validation_edge_tolerance: pixels an edge may be off and still count in edge F1 (1 suits
+            512-pixel images; 0 for tiny ones, where one pixel is a large share of the image).
+        resume: ``"latest"``, a checkpoint directory, or ``None``.
+        overwrite: let a fresh run replace an earlier run's checkpoints, ``final/`` and logs in
+            ``output_dir`` (or a resumed run delete the checkpoints newer than its own); without it
+            such a run is refused.
+        accept_config_changes: resume although the checkpoint was written with another data,
+            model, objective, batch or seed setting (the differences are listed either way).
+        on_non_finite: what a step whose loss (or gradient) is NaN or infinite does. ``"stop"``
+            (default): the run stops at the next log or checkpoint, and no weights from that step
+            on are saved. ``"skip"``: the step leaves the weights and the optimiser untouched
+            (decided on the device, no host synchronisation) and the run goes on; it stops once
+            more than ``max_non_finite_steps`` steps were skipped.
+        max_non_finite_steps: skipped steps tolerated by ``on_non_finite: skip``.
+    """
+
+    output_dir: str = "runs/difftune"
+    batch_size: int = 32
+    gradient_accumulation: int = 1
+    max_steps: int = 24000
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_every: int = 0
+    sample_steps: int = SamplingSpec.steps
+    sample_scheduler: str = SamplingSpec.scheduler
+    sample_guidance_scale: float = SamplingSpec.guidance_scale
+    validation_every: int = 0
+    validation_samples: int = 8
+    validation_prompts: str = "own"
+    validation_edge_tolerance: int = 1
+    resume: str | None = None
+    overwrite: bool = False
+    accept_config_changes: bool = False
+    on_non_finite: str = "stop"
+    max_non_finite_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
+        _check_fields(self, "train")
+        _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
+        _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
+        _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")
+        _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
+        _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
+        _check(
+            self.mixed_precision in ("no", "fp16", "bf16"),
+            f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16",
+        )
+        _check(
+            self.on_non_finite in NON_FINITE_POLICIES,
+            f"train.on_non_finite={self.on_non_finite!r}: use one of {', '.join(NON_FINITE_POLICIES)}",
+        )
+        _check(
+            self.max_non_finite_steps >= 0,
+            f"train.max_non_finite_steps={self.max_non_finite_steps} must be >= 0",
+        )
+        _check(self.keep_checkpoints > 0, "train.keep_checkpoints must be > 0")
+        _check(self.log_every > 0, "train.log_every must be > 0")
+        _check(self.sample_every >= 0, f"train.sample_every={self.sample_every} must be >= 0 (0 = no grids)")
+        _check(self.validation_every >= 0, f"train.validation_every={self.validation_every} must be >= 0")
+        _check(
+            self.validation_samples >= 1, f"train.validation_samples={self.validation_samples} must be >= 1"
+        )
+        _check(self.sample_steps >= 1, f"train.sample_steps={self.sample_steps} must be >= 1")
+        _check(
+            self.sample_guidance_scale >= 1.0,
+            f"train.sample_guidance_scale={self.sample_guidance_scale} must be >= 1 (1 = no guidance)",
+        )
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """How the training sample grids are drawn (fixed seeds from 0)."""
+        return SamplingSpec(self.sample_scheduler, self.sample_steps, self.sample_guidance_scale)

@@ -1,0 +1,1 @@
+"""Target data: built-in sets, image folders and captioned sets, cached with their conditions."""

@@ -1,0 +1,388 @@
+"""Target datasets, encoded once into the diffusion space and cached (never re-encoded per step).
+
+Sources:
+* ``folder``: an image-folder tree, one sub-directory per class (sorted names give labels 0..K-1);
+* ``digits``: scikit-learn's 8x8 handwritten digits (ships with scikit-learn), for the demo;
+* ``photo_patches``: patches of the photographs bundled with scikit-image and scikit-learn, the
+  second test bed's source domain.
+
+For latent-space models the cache keeps the VAE posterior's mean and std, and each training step
+draws ``mean + std * noise`` afresh, as DiT's training does with ``latent_dist.sample()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difftune.backbones.codec import LatentCodec
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.loading import LoadedModel
+from difftune.config.data import BUILT_IN_SOURCES, DataConfig
+from difftune.data.builtin import (
+    PHOTOS,
+    built_in_class_count,
+    load_photo_patches,
+    load_sklearn_digits,
+)
+from difftune.data.captions import caption_folder, saved_dataset, template_captions
+from difftune.data.conditions import TargetConditions
+from difftune.errors import UserError
+from difftune.io.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
+from difftune.io.store import LatentStore, folder_identity
+
+CACHE_FORMAT = 1
+PATCHES_PER_PHOTO = 1200  # photo_patches without data.per_class
+PATCH_FORMAT = 1  # changes when the patch cutting changes (PHOTOS, PATCH_SCALES)
+HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of its image folder
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetImages:
+    """A labelled image set, loaded lazily in chunks (a real dataset does not fit in memory as floats).
+
+    Attributes:
+        labels: (N,) int64 in 0..K-1 (all 0 for a captioned set).
+        class_names: K names.
+        identity: a string that changes when the data changes (for the cache).
+        loader: ``indices (n,) -> images (n, C, H, W)`` float32 in [-1, 1].
+        captions: the images' own captions (a captioned set), or ``None``.
+        controls: ``(indices, resolution) -> control images (n, 3, r, r)`` in [0, 1], when the data
+            brings its own.
+    """
+
+    labels: torch.Tensor
+    class_names: list[str]
+    identity: str
+    loader: Callable[[torch.Tensor], torch.Tensor]
+    captions: list[str] | None = None
+    controls: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+    def caption_list(self, template: str) -> list[str]:
+        """The images' captions: their own, or ``template`` filled with each image's class name."""
+        if self.captions is not None:
+            return self.captions
+        return template_captions(self.class_names, self.labels, template)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def load(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] for ``indices``."""
+        return self.loader(indices)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images at once (N, C, H, W); for small sets."""
+        return self.load(torch.arange(len(self)))
+
+    def conditioning(self) -> Conditioning:
+        """The images' conditions: their class labels, ``{"labels": (N,)}``."""
+        return Conditioning({"labels": self.labels})
+
+
+@dataclass
+class TargetData:
+    """The target set in the diffusion space, ready for training.
+
+    Attributes:
+        samples: posterior means (M, C, h, w) (the samples themselves in pixel space).
+        std: posterior standard deviations (M, C, h, w) (zeros in pixel space).
+        cond: the samples' conditions (M).
+        class_names: names of the target classes.
+    """
+
+    samples: torch.Tensor
+    std: torch.Tensor
+    cond: Conditioning
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[0])
+
+    def draw(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Samples ``indices``, each a fresh draw from its VAE posterior (the sample itself in pixel space)."""
+        mean, std = self.samples[indices], self.std[indices]
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
+
+def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits as (images (N, 1, 8, 8) in [-1, 1], original digit labels (N,))."""
+    images, labels = load_sklearn_digits()
+    images = images * 2.0 - 1.0
+    if classes is not None:
+        keep = torch.isin(labels, torch.tensor(classes))
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def few_shot_indices(labels: torch.Tensor, per_class: int | None, seed: int) -> torch.Tensor:
+    """Indices of at most ``per_class`` samples of each label, chosen with ``seed`` (sorted)."""
+    if per_class is None:
+        return torch.arange(labels.shape[0])
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for value in labels.unique(sorted=True):
+        idx = (labels == value).nonzero().flatten()
+        chosen.append(idx[torch.randperm(idx.numel(), generator=g)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def class_folders(
+    root: Path, on_bad_file: str, memo: Path | None = None
+) -> tuple[list[Path], list[Path], list[int]]:
+    """The class folders of ``root`` (sorted; hidden ones ignored), their usable image files and labels.
+
+    Empty class folders and unreadable files are refused, all of them named in one line, or, with
+    ``on_bad_file="skip"``, left out with a warning each (a skipped folder takes no label). Files are
+    judged from their headers; ``memo`` keeps the verdicts (:func:`~difftune.io.images.check_images`).
+    """
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise UserError(
+            f"data.path {root} has no class sub-directories; put each class's images in its own folder"
+        )
+    found = {d: image_files(d) for d in class_dirs}
+    bad = list(check_images([p for paths in found.values() for p in paths], memo).items())
+    empty = [d for d in class_dirs if not [p for p in found[d] if p not in dict(bad)]]
+    if (bad or empty) and on_bad_file == "error":
+        problems = [f"{p.relative_to(root)} ({why})" for p, why in bad] + [
+            f"{d.name}/ (no images)" for d in empty
+        ]
+        raise UserError(
+            f"data.path {root}: {len(problems)} unusable ({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''}); "
+            "remove or fix them, or set data.on_bad_file=skip"
+        )
+    for p, why in bad:
+        logger.warning("skipping unreadable image %s (%s)", p, why)
+    for d in empty:
+        logger.warning("skipping class folder %s: no usable images", d)
+    skipped = {p for p, _ in bad}
+    class_dirs = [d for d in class_dirs if d not in empty]
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        usable = [p for p in found[class_dir] if p not in skipped]
+        files += usable
+        labels += [label] * len(usable)
+    if not files:
+        raise UserError(f"data.path {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return class_dirs, files, labels
+
+
+def load_target_images(
+    cfg: DataConfig, resolution: int, channels: int, header_memo: Path | None = None
+) -> TargetImages:
+    """Load the target dataset described by ``cfg`` at ``resolution`` with ``channels`` channels.
+
+    ``header_memo``: where an image folder's header checks are remembered between runs.
+    """
+    if cfg.source in BUILT_IN_SOURCES:
+        return _built_in_images(cfg, resolution, channels)
+    if cfg.source in ("captions", "hf_dataset"):
+        return _captioned_images(cfg, resolution, channels, header_memo)
+    root = Path(cfg.path or "")
+    if not root.is_dir():
+        raise UserError(
+            f"data.path {str(root)!r} is not a directory; point it at an image folder (one sub-directory per class)"
+        )
+    class_dirs, files, labels = class_folders(root, cfg.on_bad_file, header_memo)
+    label_tensor = torch.tensor(labels)
+    keep = few_shot_indices(label_tensor, cfg.per_class, cfg.seed)
+    files = [files[i] for i in keep.tolist()]
+    digest = hashlib.sha256(json.dumps(folder_identity(root, files)).encode()).hexdigest()[:16]
+    identity = f"folder:{root.resolve()}:{digest}:{resolution}:{channels}"
+
+    def load(indices: torch.Tensor) -> torch.Tensor:
+        return load_each(lambda i: load_square_image(files[i], resolution, channels), indices)
+
+    return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
+
+
+def _built_in_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
+    """A built-in set (``digits`` or ``photo_patches``), its ``classes`` re-indexed 0..K-1."""
+    count = built_in_class_count(cfg.source)
+    unknown = sorted(set(cfg.classes or []) - set(range(count)))
+    if unknown:
+        raise UserError(
+            f"data.classes has {unknown}, which {cfg.source} does not have: use classes 0..{count - 1}"
+        )
+    if cfg.source == "digits":
+        images, original_labels = load_digits_split()
+        per_class, prefix = cfg.per_class, "digits"
+    else:  # patches are cut at the model's size; per_class = patches per photo (drawn with the seed)
+        images, original_labels = load_photo_patches(resolution, cfg.per_class or PATCHES_PER_PHOTO, cfg.seed)
+        images = images * 2.0 - 1.0
+        per_class, prefix = None, f"photo_patches:{PATCH_FORMAT}"
+    if cfg.classes is not None:
+        keep = torch.isin(original_labels, torch.tensor(cfg.classes))
+        images, original_labels = images[keep], original_labels[keep]
+    classes = sorted(original_labels.unique().tolist())
+    labels = torch.searchsorted(torch.tensor(classes), original_labels)
+    keep = few_shot_indices(labels, per_class, cfg.seed)
+    images, labels = images[keep], labels[keep]
+    if images.shape[-1] != resolution or channels != 1:
+        images = torch.nn.functional.interpolate(
+            images, size=resolution, mode="bilinear", align_corners=False
+        )
+        images = images.expand(-1, channels, -1, -1).contiguous()
+    names = (
+        [str(c) for c in classes] if cfg.source == "digits" else [Path(PHOTOS[c][1]).stem for c in classes]
+    )
+    identity = f"{prefix}:{classes}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
+    return TargetImages(labels, names, identity, lambda idx: images[idx])
+
+
+def _captioned_images(
+    cfg: DataConfig, resolution: int, channels: int, header_memo: Path | None
+) -> TargetImages:
+    """A captioned set as :class:`TargetImages` (one class; ``per_class`` keeps that many images)."""
+    data = caption_folder(cfg, header_memo) if cfg.source == "captions" else saved_dataset(cfg)
+    keep = few_shot_indices(torch.zeros(len(data), dtype=torch.long), cfg.per_class, cfg.seed)
+    chosen = keep.tolist()
+    identity = f"{data.identity}:{cfg.per_class}:{cfg.seed}:{resolution}:{channels}"
+    return TargetImages(
+        torch.zeros(len(chosen), dtype=torch.long),
+        [],  # no classes: each image has its own caption
+        identity,
+        lambda idx: data.images(keep[idx], resolution, channels),
+        [data.captions[i] for i in chosen],
+        (lambda idx, size: data.controls(keep[idx], size)) if data.has_controls else None,
+    )
+
+
+def check_cache_dir(cache_dir: Path) -> LatentStore:
+    """The store in ``cache_dir``, refused if it is someone else's (a bank?), which is never touched.
+
+    Raises:
+        UserError: ``cache_dir`` holds a store that is not a target cache.
+    """
+    store = LatentStore(cache_dir)
+    if cache_dir.joinpath("manifest.json").is_file() and store.manifest.get("kind") != "target":
+        raise UserError(
+            f"data.cache_dir {str(cache_dir)!r} holds a {store.manifest.get('kind')!r} store, not a target "
+            "cache; point data.cache_dir at an empty folder or at an earlier target cache"
+        )
+    return store
+
+
+def encode_and_cache(
+    target: TargetImages,
+    codec: LatentCodec,
+    cache_dir: str | Path,
+    codec_identity: str,
+    hflip: bool = False,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    device: torch.device | str = "cpu",
+    conditions: TargetConditions | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encode target images once into the diffusion space and cache them; reuse a matching cache.
+
+    Images are loaded and encoded one chunk at a time and written in shards, so an interrupted
+    encoding resumes where it stopped. With ``hflip`` every image is cached a second time, mirrored
+    (DiT's random horizontal flip, done once instead of at every step).
+
+    ``conditions`` makes each image's condition tensors (default: its class label).
+
+    Returns:
+        ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w)}`` and the
+        condition tensors (``"labels"`` (M,) by default), with M = N, or 2N with ``hflip``.
+    """
+    n = len(target)
+    manifest = {
+        "kind": "target",
+        "format": CACHE_FORMAT,
+        "data": target.identity,
+        "codec": codec_identity,
+        "hflip": hflip,
+        "num_samples": n,
+        "shard_size": shard_size,
+        "num_shards": -(-n // shard_size),
+    }
+    if conditions is not None and conditions.identity is not None:
+        manifest["conditions"] = conditions.identity
+    cache_dir = Path(cache_dir)
+    store = check_cache_dir(cache_dir)
+    if cache_dir.joinpath("manifest.json").is_file() and store.manifest != manifest:
+        store.clear()  # a stale cache of other data or another encoder: only its own files go
+    fresh = not cache_dir.joinpath("manifest.json").is_file()
+    store = LatentStore.create(cache_dir, manifest)
+    missing = store.unfinished_shards()
+    try:
+        _encode_shards(target, codec, store, missing, hflip, batch_size, shard_size, device, conditions)
+    except Exception:
+        if fresh and len(store.missing_shards()) == manifest["num_shards"]:
+            store.clear()  # nothing encoded yet: leave no cache that describes data it does not hold
+        raise
+    return store.load()
+
+
+def _encode_shards(
+    target: TargetImages,
+    codec: LatentCodec,
+    store: LatentStore,
+    missing: list[int],
+    hflip: bool,
+    batch_size: int,
+    shard_size: int,
+    device: torch.device | str,
+    conditions: TargetConditions | None,
+) -> None:
+    """Encode and write the shards numbered ``missing`` (each shard written whole, or not at all)."""
+    n = len(target)
+    if missing:
+        codec.to(device)
+    quiet = {} if missing else {"disable": True}  # explicit disable only when idle: TQDM_DISABLE still works
+    for shard in tqdm(missing, desc="encoding target", leave=False, **quiet):
+        indices = torch.arange(shard * shard_size, min((shard + 1) * shard_size, n))
+        parts: dict[str, list[torch.Tensor]] = {}
+        variants = (False, True) if hflip else (False,)
+        for chunk in indices.split(batch_size):
+            images = target.load(chunk)
+            for flipped in variants:
+                variant = images.flip(-1) if flipped else images
+                mean, std = codec.encode(variant.to(device))
+                conds = (
+                    conditions(chunk, variant, flipped) if conditions else {"labels": target.labels[chunk]}
+                )
+                for key, value in {"samples": mean.cpu(), "std": std.cpu(), **conds}.items():
+                    parts.setdefault(key, []).append(value)
+        store.write_shard(shard, {key: torch.cat(values) for key, values in parts.items()})
+
+
+def prepare_target(
+    cfg: DataConfig, loaded: LoadedModel, cache_dir: str | Path, device: torch.device | str = "cpu"
+) -> TargetData:
+    """Load the target set of ``cfg`` at the size the model's codec needs, encode it once and cache it.
+
+    Raises:
+        ValueError: the data does not fit the model (its conditions, or the encoded shape).
+    """
+    backbone, codec = loaded.backbone, loaded.codec
+    resolution = cfg.resolution or codec.image_size(backbone.sample_shape)
+    check_cache_dir(Path(cache_dir))  # before anything is written there
+    images = load_target_images(
+        cfg, resolution, codec.image_channels(backbone.sample_shape), Path(cache_dir) / HEADER_MEMO
+    )
+    if "labels" in backbone.condition_names:
+        backbone.check_condition(images.conditioning())  # before anything is encoded
+    conditions = TargetConditions(cfg, loaded, images, resolution)
+    cached = encode_and_cache(
+        images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device, conditions=conditions
+    )
+    if tuple(cached["samples"].shape[1:]) != backbone.sample_shape:
+        raise UserError(
+            f"target data encodes to {tuple(cached['samples'].shape[1:])} but the model expects "
+            f"{backbone.sample_shape}; set data.resolution to match the model"
+        )
+    cond = Conditioning({key: value for key, value in cached.items() if key not in ("samples", "std")})
+    backbone.check_condition(cond)
+    return TargetData(cached["samples"], cached["std"], cond, images.class_names)

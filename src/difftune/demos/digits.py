@@ -1,0 +1,379 @@
+"""The built-in demo: plain fine-tuning vs Diff-Tuning on scikit-learn's handwritten digits.
+
+1. Pre-train a small pixel-space DiT on digits 0-4, or, on the second test bed
+   (:data:`PHOTO_TEST_BED`), on patches of the photographs bundled with scikit-image and
+   scikit-learn (cached after the first run).
+2. Generate its knowledge bank.
+3. Fine-tune on a few-shot target (digits 5-9) with plain fine-tuning and with Diff-Tuning, at equal
+   steps and batch, from the same weights and with the same seed.
+4. FID against held-out target digits on the features of a small digit classifier trained on other
+   held-out digits, at every checkpoint (convergence curves) and at the end.
+
+Writes ``results.json``, ``report.md``, ``curves.png`` and one sample grid per method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
+from difftune.backbones import load_pretrained, load_trained
+from difftune.backbones.loading import LoadedModel
+from difftune.bank import generate_bank
+from difftune.config.experiment import (
+    BankConfig,
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    TrainConfig,
+    TuningConfig,
+)
+from difftune.data.builtin import PHOTOS
+from difftune.data.targets import PATCH_FORMAT
+from difftune.demos.evaluation import DigitsEvaluator
+from difftune.demos.report import environment, plot_curves, report_markdown, uniform_t_loss
+from difftune.errors import UserError
+from difftune.io.atomic import atomic_write_json, atomic_write_text
+from difftune.io.images import save_grid
+from difftune.io.store import user_cache_dir
+from difftune.sampling.generate import build_scheduler, to_unit_range
+from difftune.sampling.spec import SamplingSpec
+from difftune.training.loop import Trainer, list_checkpoints
+
+SOURCE_CLASSES = [0, 1, 2, 3, 4]
+TARGET_CLASSES = [5, 6, 7, 8, 9]
+SOURCE_DATA = ("digits", "photo_patches")  # the two test beds' source domains
+# ``difftune demo photos``: the second test bed, whose source model (the photo patches) is larger
+# and more diverse than five digit classes and trains longer; everything after pre-training is the
+# digits demo's.
+PHOTO_TEST_BED: dict[str, Any] = {
+    "source_data": "photo_patches",
+    "pretrain_steps": 8000,
+    "pretrain_batch": 128,
+}
+
+
+@dataclass
+class DemoSettings:
+    """Every knob of the demo; the defaults take about 11 minutes on a 2-core CPU (the source model is cached after the first run)."""
+
+    out: Path = Path("demo_out")
+    cache_dir: Path | None = None
+    seed: int = 0
+    source_seed: int | None = None  # seed of the source model's pre-training; None = ``seed``
+    source_data: str = "digits"  # the source domain: "digits" (source_classes) or "photo_patches"
+    source_classes: list[int] = field(default_factory=lambda: list(SOURCE_CLASSES))
+    patches_per_photo: int = 1200  # source_data "photo_patches": patches cut from each bundled photo
+    target_classes: list[int] = field(default_factory=lambda: list(TARGET_CLASSES))
+    per_class: int = 20
+    model_width: int = 32  # attention head dim (4 heads)
+    model_layers: int = 4
+    pretrain_steps: int = 2000
+    pretrain_batch: int = 64
+    pretrain_lr: float = 1e-3
+    bank_samples: int = 500
+    finetune_steps: int = 600
+    finetune_batch: int = 32
+    finetune_lr: float = 3e-4
+    ema_decay: float = 0.99
+    eval_every: int = 200
+    eval_per_class: int = 60
+    sample_steps: int = SamplingSpec.steps
+    guidance_scale: float = SamplingSpec.guidance_scale
+    classifier_steps: int = 1500
+    forgetting_method: str | None = None  # run the chain-of-forgetting probes on this method's model
+    domain_guidance: bool = False  # also score each final model with the source model as its guide
+    forgetting_fractions: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    methods: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "plain": {"target_schedule": "uniform", "bank_share": 0.0},
+            "diff-tuning": {},
+        }
+    )
+
+    def __post_init__(self) -> None:
+        if self.source_data not in SOURCE_DATA:
+            raise UserError(f"source_data={self.source_data!r} is unknown: use one of {list(SOURCE_DATA)}")
+
+    def source_key(self) -> str:
+        """Cache key of the pre-trained source model (changes with anything that changes it)."""
+        fields = (
+            self.pretrain_seed,
+            tuple(self.source_classes),
+            self.model_width,
+            self.model_layers,
+            self.pretrain_steps,
+            self.pretrain_batch,
+            self.pretrain_lr,
+        )
+        if self.source_data != "digits":  # the digits source keeps the key it always had
+            fields = (*fields, self.source_data, self.patches_per_photo, PATCH_FORMAT)
+        return hashlib.sha256(repr(("v2", fields)).encode()).hexdigest()[:12]
+
+    def source_description(self) -> str:
+        """The source domain in words."""
+        if self.source_data == "photo_patches":
+            return f"{self.patches_per_photo} 8x8 patches of each of {len(PHOTOS)} bundled photographs"
+        return f"digits {self.source_classes}"
+
+    def source_data_config(self) -> DataConfig:
+        """The source model's pre-training data."""
+        if self.source_data == "photo_patches":
+            return DataConfig(
+                source="photo_patches", per_class=self.patches_per_photo, seed=self.pretrain_seed
+            )
+        return DataConfig(source="digits", classes=self.source_classes, seed=self.pretrain_seed)
+
+    @property
+    def source_class_count(self) -> int:
+        """Classes of the source model (target labels reuse its first embeddings)."""
+        return len(PHOTOS) if self.source_data == "photo_patches" else len(self.source_classes)
+
+    @property
+    def pretrain_seed(self) -> int:
+        """Seed of the source model's pre-training."""
+        return self.seed if self.source_seed is None else self.source_seed
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        """How evaluation samples are drawn: the same seeds (from 10000) for every model."""
+        return SamplingSpec(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=10_000)
+
+    def resolved_cache(self) -> Path:
+        """The cache directory (default ``$XDG_CACHE_HOME/difftune`` or ``~/.cache/difftune``)."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        return user_cache_dir()
+
+    def describe(self) -> str:
+        """A human-readable plan."""
+        return (
+            f"pre-train a DiT (4 heads x {self.model_width}, {self.model_layers} layers) on {self.source_description()} "
+            f"for {self.pretrain_steps} steps (cached in {self.resolved_cache() / ('demo-source-' + self.source_key())}); "
+            f"bank of {self.bank_samples} samples; fine-tune on {self.per_class} images per class of digits "
+            f"{self.target_classes} for {self.finetune_steps} steps, batch {self.finetune_batch}, with methods "
+            f"{list(self.methods)}; FID every {self.eval_every} steps on {self.eval_per_class} samples per class; "
+            f"outputs in {self.out}"
+        )
+
+
+def pretraining_config(
+    init: Path, data: DataConfig, run_dir: Path, steps: int, batch: int, learning_rate: float, seed: int
+) -> ExperimentConfig:
+    """A demo's source-model pre-training: plain training from the random-init model ``init`` with an
+    EMA, one final checkpoint, resumable after an interruption."""
+    return ExperimentConfig(
+        model=ModelConfig(pretrained=str(init)),
+        data=data,
+        objective=ObjectiveConfig(target_schedule="uniform", bank_share=0.0),
+        train=TrainConfig(
+            output_dir=str(run_dir),
+            batch_size=batch,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            ema_decay=0.999,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            log_every=100,
+            seed=seed,
+            resume="latest",  # a pre-training killed after its checkpoint finishes from there
+        ),
+    )
+
+
+def pretrain_source(s: DemoSettings) -> Path:
+    """Train the source model on its source data (or reuse the cached one); returns its directory."""
+    root = s.resolved_cache() / f"demo-source-{s.source_key()}"
+    final = root / "run" / "final"
+    if (final / "ema" / "transformer" / "config.json").is_file():
+        return final
+    init = root / "init"
+    torch.manual_seed(s.pretrain_seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=s.model_width,
+        in_channels=1,
+        out_channels=2,
+        num_layers=s.model_layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=s.source_class_count,
+        norm_num_groups=1,
+    )
+    model.save_pretrained(init / "transformer")
+    DDPMScheduler().save_pretrained(init / "scheduler")
+    cfg = pretraining_config(
+        init,
+        s.source_data_config(),
+        root / "run",
+        s.pretrain_steps,
+        s.pretrain_batch,
+        s.pretrain_lr,
+        s.pretrain_seed,
+    )
+    print(f"[demo] pre-training the source model on {s.source_description()} (cached for next time)")
+    return Trainer(cfg).train()
+
+
+@dataclass
+class MethodSpec:
+    """One method of the demo: objective overrides, plus which parameters train and how fast.
+
+    A method's entry in :attr:`DemoSettings.methods` holds :class:`ObjectiveConfig` fields and,
+    optionally, ``tuning`` (a name in :data:`difftune.tuning.TUNING_METHODS`), ``tuning_settings``
+    (fields of :class:`TuningConfig`) and ``learning_rate`` (default: the demo's).
+    """
+
+    objective: ObjectiveConfig
+    model: ModelConfig
+    tuning: TuningConfig
+    learning_rate: float | None = None
+
+    @classmethod
+    def parse(cls, spec: dict[str, Any], source: str = "source") -> MethodSpec:
+        """Validate one entry (raises ``ConfigError`` on an unknown field or value)."""
+        rest = dict(spec)
+        model = ModelConfig(pretrained=source, subfolder="ema/transformer", tuning=rest.pop("tuning", "full"))
+        tuning = TuningConfig(**rest.pop("tuning_settings", {}))
+        learning_rate = rest.pop("learning_rate", None)
+        return cls(ObjectiveConfig(**rest), model, tuning, learning_rate)
+
+
+def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
+    method = MethodSpec.parse(s.methods[name], str(source))
+    cfg = ExperimentConfig(
+        model=method.model,
+        data=DataConfig(source="digits", classes=s.target_classes, per_class=s.per_class, seed=s.seed),
+        bank=BankConfig(path=str(bank), num_samples=s.bank_samples),
+        objective=method.objective,
+        tuning=method.tuning,
+        train=TrainConfig(
+            output_dir=str(s.out / "runs" / name),
+            batch_size=s.finetune_batch,
+            max_steps=s.finetune_steps,
+            learning_rate=method.learning_rate or s.finetune_lr,
+            ema_decay=s.ema_decay,
+            checkpoint_every=s.eval_every,
+            keep_checkpoints=s.finetune_steps // s.eval_every + 1,
+            log_every=25,
+            seed=s.seed,
+            overwrite=True,  # a new demo run replaces the previous one's fine-tuning runs
+        ),
+    )
+    print(f"[demo] fine-tuning with {name}")
+    Trainer(cfg).train()
+    return Path(cfg.train.output_dir)
+
+
+def _forgetting_probes(
+    s: DemoSettings, evaluator: DigitsEvaluator, final: LoadedModel, source: LoadedModel
+) -> None:
+    """Swap probe (FID per hand-over fraction) and transfer-gap curve; JSON + PNG in ``s.out``."""
+    print(f"[demo] chain-of-forgetting probes on the {s.forgetting_method} model")
+    spec, backbone = s.sampling, final.backbone.eval()
+    cond = backbone.condition(torch.arange(len(s.target_classes)).repeat_interleave(s.eval_per_class))
+    swap = swap_probe(
+        backbone,
+        source.backbone.eval(),
+        build_scheduler(spec.scheduler, final.scheduler_config),
+        cond,
+        spec.seeds(0, cond.batch_size),
+        lambda x: evaluator.fid(to_unit_range(x)),
+        s.forgetting_fractions,
+        spec.guidance_scale,
+        spec.steps,
+    )
+    save_probe(
+        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap],
+        "fraction",
+        ["fid"],
+        s.out / "forgetting_swap.json",
+        "pre-trained model takes the last fraction f",
+        "hand-over fraction f",
+    )
+    gap = transfer_gap(
+        final.backbone,
+        source.backbone,
+        final.scheduler_config,
+        evaluator.reference_images * 2 - 1,
+        backbone.condition(evaluator.reference_labels),
+        num_bins=10,
+        draws_per_bin=4,
+        seed=s.seed,
+    )
+    save_probe(
+        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap],
+        "t_mid",
+        ["pretrained", "finetuned", "gap", "ratio"],
+        s.out / "forgetting_gap.json",
+        "denoising loss on held-out target data",
+        "t",
+    )
+
+
+def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
+    """Run the whole demo; returns and writes ``results.json`` (method name -> metrics)."""
+    start = time.time()
+    s.out.mkdir(parents=True, exist_ok=True)
+    source = pretrain_source(s)
+    source_model = load_pretrained(str(source), subfolder="ema/transformer")
+    bank = s.resolved_cache() / f"demo-source-{s.source_key()}" / f"bank-{s.bank_samples}-seed{s.seed}"
+    print(f"[demo] knowledge bank: {s.bank_samples} samples of the source model")
+    generate_bank(source_model, BankConfig(path=str(bank), num_samples=s.bank_samples, seed=s.seed))
+    print("[demo] training the evaluation classifier on held-out digits")
+    evaluator = DigitsEvaluator.build(s)
+    results: dict[str, dict[str, Any]] = {
+        "pre-trained (no tuning)": {"fid": evaluator.fid(evaluator.samples(source_model))}
+    }
+    for name in s.methods:
+        run = _finetune(s, name, source, bank)
+        curve = []
+        for ckpt in list_checkpoints(run):  # the last one is the final model
+            final = load_trained(str(ckpt / "model"))  # the EMA weights (or adapter)
+            images = evaluator.samples(final)
+            curve.append({"step": int(ckpt.name.split("-")[1]), "fid": evaluator.fid(images)})
+        per_row = min(10, s.eval_per_class)
+        grid = images.view(len(s.target_classes), s.eval_per_class, *images.shape[1:])[:, :per_row].flatten(
+            0, 1
+        )
+        save_grid(grid, s.out / f"samples_{name}.png", nrow=per_row, upscale=4)
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run / "run_summary.json").read_text())
+        results[name] = {
+            "trainable_parameters": summary["trainable_parameters"],
+            "trainable_share": summary["trainable_share"],
+            "fid": curve[-1]["fid"],
+            "fid_curve": curve,
+            **(
+                {"fid_domain_guidance": evaluator.fid(evaluator.samples(final, guide=source_model.backbone))}
+                if s.domain_guidance
+                else {}
+            ),
+            "loss_curve": [{"step": h["step"], "loss": uniform_t_loss(h)} for h in history],
+        }
+    if s.forgetting_method is not None:
+        final = load_trained(str(s.out / "runs" / s.forgetting_method / "final"))
+        _forgetting_probes(s, evaluator, final, source_model)
+    seconds = time.time() - start
+    plot_curves(results, s.out)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
+    meta = {"settings": settings, "seconds": seconds, "environment": environment()}
+    atomic_write_json(s.out / "run_info.json", meta)
+    atomic_write_text(s.out / "report.md", report_markdown(results, s.describe(), seconds, s.source_data))
+    atomic_write_json(s.out / "results.json", results)  # last: its presence marks a finished run
+    print(f"\n{'method':<26}{'FID':>10}")
+    for name, r in results.items():
+        print(f"{name:<26}{r['fid']:>10.2f}")
+    print(
+        f"\nwrote {s.out / 'results.json'}, {s.out / 'report.md'}, {s.out / 'curves.png'} ({seconds:.0f} s)"
+    )
+    return results

@@ -1,0 +1,1 @@
+"""Files on disk, written atomically: images, sharded safetensors stores and their manifests."""

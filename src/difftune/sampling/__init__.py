@@ -1,0 +1,1 @@
+"""Generation on any forward process: one sampling spec (``spec``) and the generation loop (``generate``)."""

@@ -1,0 +1,199 @@
+"""Generation with any diffusers scheduler, classifier-free guidance and per-sample seeds.
+
+Each sample owns a generator seeded with its own seed, for its initial noise and for any noise a
+stochastic scheduler adds, so a sample depends on its seed and condition only: not on the batch it
+was generated in, nor on the number of processes (docs/architecture.md, "Invariants"). The
+conditions pass through untouched: the backbone says what "unconditional" is.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import SchedulerMixin
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.conditioning import Conditioning
+from difftune.errors import UserError
+from difftune.process import process_name, sampler_for
+from difftune.sampling.spec import SamplingSpec
+
+
+def scheduler_names() -> list[str]:
+    """Class names of the diffusers schedulers that can be used for sampling."""
+    return sorted(
+        name
+        for name in dir(diffusers)
+        if name.endswith("Scheduler")
+        and inspect.isclass(getattr(diffusers, name, None))
+        and issubclass(getattr(diffusers, name), SchedulerMixin)
+    )
+
+
+def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:
+    """Instantiate a diffusers scheduler class by name from the model's noise-schedule config.
+
+    The variance channels of a learned-variance model are dropped before the scheduler sees the
+    output (as diffusers' DiT pipeline does), so the scheduler is told to use a fixed variance.
+
+    A sampler of another process than the model's (DPM-Solver++ for a flow model) is replaced by
+    that process's own (:func:`difftune.process.sampler_for`, with a warning).
+
+    Raises:
+        ValueError: unknown scheduler name; the message lists valid names.
+    """
+    cls = getattr(diffusers, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
+        raise UserError(f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}")
+    name = sampler_for(name, scheduler_config)
+    cls = getattr(diffusers, name)
+    overrides: dict[str, Any] = {}
+    if "variance_type" in inspect.signature(cls.__init__).parameters:
+        overrides["variance_type"] = "fixed_small" if name == "DDPMScheduler" else None
+    return cls.from_config(scheduler_config, **overrides)
+
+
+def _model_input_timestep(t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(t, device=device)
+    return t.reshape(1).expand(n)
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    scheduler: SchedulerMixin,
+    cond: Conditioning,
+    seeds: Sequence[int],
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 25,
+    device: torch.device | str = "cpu",
+    handover: Backbone | None = None,
+    handover_fraction: float = 0.0,
+    guide: Backbone | None = None,
+) -> torch.Tensor:
+    """Generate one sample per (condition, seed) in the diffusion space.
+
+    Args:
+        backbone: the denoiser; its output may carry variance channels (dropped here).
+        scheduler: any diffusers scheduler (its timesteps are set here).
+        cond: the conditions of the N samples (``backbone.unconditional(N)`` for unconditional ones).
+        seeds: one integer seed per sample (N).
+        guidance_scale: classifier-free guidance scale on the epsilon-like channels (1 = off); the
+            unconditional branch is ``backbone.drop`` of every condition.
+        num_inference_steps: sampling steps.
+        device: where to run.
+        handover: optional second denoiser used for the last ``handover_fraction`` of the steps (the
+            chain-of-forgetting probe). It gets its own unconditional form, without guidance: a
+            pre-trained model does not know the target's conditions.
+        handover_fraction: fraction of the steps, at the low-noise end, given to ``handover``.
+        guide: domain guidance (Zhong et al., ICLR 2025): the pre-trained model, unconditional, is
+            the guidance branch in place of ``backbone``'s own unconditional prediction:
+            ``guide(x, ∅) + guidance_scale * (backbone(x, c) - guide(x, ∅))``. With a guidance scale
+            of 1 it has no effect.
+
+    Returns:
+        Samples (N, C, H, W), float32, on ``device``.
+    """
+    n = cond.batch_size
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} conditions; give one seed per sample")
+    cond = cond.to(device)
+    sample_shape = tuple(backbone.sample_shape)
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow samplers start at unit noise and say nothing
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # EDM's c_in; none for flow
+    C = sample_shape[0]
+    use_cfg = guidance_scale != 1.0
+    if use_cfg and guide is None:
+        both = Conditioning.cat([cond, backbone.drop(cond, torch.ones(n, dtype=torch.bool))])
+    guide_cond = guide.unconditional(n, device) if guide is not None else None
+    handover_cond = handover.unconditional(n, device) if handover is not None else None
+    switch_at = round((1.0 - handover_fraction) * len(scheduler.timesteps))
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scale(x, t)
+        if handover is not None and i >= switch_at:
+            out = handover(x_in, _model_input_timestep(t, n, x.device), handover_cond)[:, :C].float()
+        elif use_cfg and guide is not None:
+            steps = _model_input_timestep(t, n, x.device)
+            cond_out = backbone(x_in, steps, cond)[:, :C].float()
+            uncond_out = guide(x_in, steps, guide_cond)[:, :C].float()
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        elif use_cfg:
+            out = backbone(torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), both)
+            cond_out, uncond_out = out[:, :C].float().chunk(2)
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        else:
+            out = backbone(x_in, _model_input_timestep(t, n, x.device), cond)[:, :C].float()
+        x = scheduler.step(
+            out, t, x, generator=generators if _accepts_generator(scheduler) else None
+        ).prev_sample
+    return x
+
+
+def generate_with_spec(
+    backbone: Backbone,
+    scheduler_config: dict[str, Any],
+    spec: SamplingSpec,
+    cond: Conditioning,
+    first_index: int = 0,
+    device: torch.device | str = "cpu",
+    guide: Backbone | None = None,
+) -> torch.Tensor:
+    """:func:`generate` as ``spec`` says: samples ``first_index ..`` get seeds ``spec.seed + first_index ..``;
+    ``guide``: the pre-trained model for domain guidance."""
+    return generate(
+        backbone,
+        build_scheduler(spec.scheduler, scheduler_config),
+        cond,
+        spec.seeds(first_index, cond.batch_size),
+        spec.guidance_scale,
+        spec.steps,
+        device,
+        guide=guide,
+    )
+
+
+def load_guide(path: str, model: Any, vae: str | None = None) -> Backbone:
+    """The pre-trained model at ``path`` (EMA weights of a difftune directory) as the domain-guidance
+    branch of ``model`` (a :class:`~difftune.backbones.loading.LoadedModel`).
+
+    Raises:
+        UserError: it works in another sample space or with another noise schedule than ``model``.
+    """
+    from difftune.backbones import load_trained
+
+    guide = load_trained(path, None, True, vae)
+    if tuple(guide.backbone.sample_shape) != tuple(model.backbone.sample_shape):
+        raise UserError(
+            f"--domain-guidance {path} makes samples of shape {tuple(guide.backbone.sample_shape)}, the model "
+            f"{tuple(model.backbone.sample_shape)}; guide with the model it was fine-tuned from"
+        )
+    # the schedule's values and its process; not its class name (a final/ saved before 2026-12-03 names
+    # DDPMScheduler for a base whose schedule is a PNDMScheduler's)
+    keys = ("num_train_timesteps", "prediction_type", "beta_schedule", "beta_start", "beta_end")
+    keys += ("shift", "sigma_min", "sigma_max", "sigma_data")  # flow and EDM
+    theirs, ours = guide.scheduler_config, model.scheduler_config
+    different = [k for k in keys if theirs.get(k) != ours.get(k)]
+    if process_name(theirs) != process_name(ours):
+        different.insert(0, "process")
+    if different:
+        raise UserError(
+            f"--domain-guidance {path} has another noise schedule ({', '.join(different)} differ); "
+            "guide with the model it was fine-tuned from"
+        )
+    return guide.backbone
+
+
+def _accepts_generator(scheduler: SchedulerMixin) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> [0, 1]."""
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -1,0 +1,21 @@
+"""The names of the timestep schedules (``objective.target_schedule``, ``objective.bank_schedule``).
+
+A config is checked against these without importing torch; :mod:`difftune.schedules.base` registers one
+builder under each name (``tests/test_startup.py`` checks that the two agree).
+"""
+
+from __future__ import annotations
+
+SCHEDULE_NAMES = ("uniform", "power_up", "power_down")  # built from T alone
+SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr")  # built from the model's noise levels
+FITTED_SCHEDULE_NAMES = ("data_driven",)  # fitted from data before training
+
+
+def schedule_names() -> list[str]:
+    """Every registered schedule name (a ``"package.module:function"`` density is valid too)."""
+    return sorted(SCHEDULE_NAMES + SNR_SCHEDULE_NAMES + FITTED_SCHEDULE_NAMES)
+
+
+def is_schedule_name(name: str) -> bool:
+    """``name`` names a registered schedule or a ``"package.module:function"`` density."""
+    return name in schedule_names() or ":" in name

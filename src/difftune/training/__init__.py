@@ -1,0 +1,1 @@
+"""A training run: the run folder and its state, the loop, randomness streams, outputs and the dry run."""

@@ -1,0 +1,84 @@
+"""What a training run writes besides checkpoints: its metrics history, sample grids, and (for a
+ControlNet) the condition-fidelity check it runs at validation steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.loading import LoadedModel
+from difftune.config.experiment import ExperimentConfig
+from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
+from difftune.io.images import save_grid
+from difftune.sampling.generate import generate_with_spec, to_unit_range
+from difftune.sampling.spec import SamplingSpec
+from difftune.training.run_dir import HISTORY
+
+
+def append_history(out: Path, step: int, scalars: dict[str, float]) -> None:
+    """Append the logged scalars to ``<out>/metrics.jsonl`` (one JSON object per log)."""
+    with open(out / HISTORY, "a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+def flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Config flattened to scalars for TensorBoard's hyper-parameter table."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+@torch.no_grad()
+def save_sample_grid(
+    backbone: Backbone,
+    loaded: LoadedModel,
+    target_cond: Conditioning,
+    spec: SamplingSpec,
+    path: Path,
+    device: torch.device | str,
+    per_class: int = 8,
+) -> None:
+    """A grid of samples of ``backbone``, fixed seeds: one row per distinct class label, or (text
+    conditions, every image its own) per one of 8 target conditions spread over the set."""
+    was_training = backbone.training
+    backbone.eval()
+    if "labels" in backbone.condition_names:
+        rows = target_cond.distinct()
+    else:
+        rows = validation_pairs(target_cond, 8)
+    cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
+    x = generate_with_spec(backbone, loaded.scheduler_config, spec, cond, device=device)
+    images = to_unit_range(loaded.codec.decode(x))
+    save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
+    backbone.train(was_training)
+
+
+def fidelity_validation(
+    cfg: ExperimentConfig, loaded: LoadedModel, target_cond: Conditioning, out: Path
+) -> FidelityValidation | None:
+    """The condition-fidelity check of a ControlNet run (``train.validation_every``), or None."""
+    tc, backbone = cfg.train, loaded.backbone
+    check_validation(tc.validation_every, backbone, cfg.data.annotator)
+    if not tc.validation_every:
+        return None
+    from difftune.control import build_annotator
+
+    pairs = validation_pairs(target_cond, tc.validation_samples)
+    if tc.validation_prompts == "empty":
+        pairs = backbone.drop(pairs, torch.ones(pairs.batch_size, dtype=torch.bool))
+    return FidelityValidation(
+        pairs,
+        build_annotator(cfg.data.annotator),
+        loaded.codec,
+        loaded.scheduler_config,
+        tc.sampling,
+        out,
+        tc.validation_edge_tolerance,
+    )

@@ -1,0 +1,153 @@
+"""What ``difftune train --dry-run`` checks before anything is loaded, encoded or trained.
+
+The model's config (no weights: the network is built on the ``meta`` device), the number of target
+classes against the model's label rows, the bank's manifest against the model, and that the output
+folder can be written. Each problem is the one-line error a real run would meet later, after
+minutes of loading and encoding.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from difftune.backbones.adapters import adapter_directory, read_record
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.loading import peek_backbone
+from difftune.bank.conditions import check_bank_conditions
+from difftune.config.data import BUILT_IN_SOURCES
+from difftune.config.experiment import ExperimentConfig
+from difftune.control.validation import check_validation
+from difftune.data.builtin import built_in_class_count
+from difftune.errors import UserError
+from difftune.io.store import LatentStore
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be created or written (without leaving anything behind)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"train.output_dir {str(folder)!r} cannot be created: {existing} is a file; choose another train.output_dir"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".difftune-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(
+            f"train.output_dir {str(folder)!r} is not writable ({err.strerror}); choose another"
+        ) from None
+
+
+def _target_classes(cfg: ExperimentConfig) -> int:
+    """Classes of a labelled target set; images of a captioned one (read from its listing only)."""
+    if cfg.data.source == "captions":
+        from difftune.data.captions import read_metadata
+
+        return len(read_metadata(Path(cfg.data.path or ""), cfg.data.caption_column, cfg.data.control_column))
+    if cfg.data.source == "hf_dataset":
+        return 0  # counted when the dataset is opened by the run
+    if cfg.data.source in BUILT_IN_SOURCES:
+        return len(set(cfg.data.classes)) if cfg.data.classes else built_in_class_count(cfg.data.source)
+    from difftune.data.targets import class_folders
+
+    class_dirs, _, _ = class_folders(Path(cfg.data.path or ""), cfg.data.on_bad_file)
+    return len(class_dirs)
+
+
+def preflight(cfg: ExperimentConfig) -> list[str]:
+    """Check that ``cfg`` can start training; returns the facts found, one line each, for the plan.
+
+    Raises:
+        UserError: the first problem, in the words the run itself would use.
+    """
+    classes = _target_classes(cfg)
+    pretrained = cfg.model.pretrained
+    adapter = adapter_directory(pretrained)
+    if adapter is not None:  # an adapter trained further: its base is checked
+        pretrained = read_record(adapter).base.get("source") or pretrained
+    local = Path(pretrained).exists()
+    try:  # a hub model is checked from the local cache only: a dry run does not download
+        backbone = peek_backbone(
+            pretrained,
+            cfg.model.subfolder,
+            cfg.model.revision,
+            local_only=not local,
+            controlnet=cfg.model.controlnet,
+        )
+    except FileNotFoundError:
+        if local:
+            raise
+        return [
+            f"model      {cfg.model.pretrained}: not in the local hub cache, so not checked (a real run downloads it)",
+            f"target     {classes} classes",
+            *_output_lines(cfg),
+        ]
+    check_validation(cfg.train.validation_every, backbone, cfg.data.annotator)
+    if "labels" in backbone.condition_names:
+        backbone.check_condition(Conditioning({"labels": torch.arange(classes)}))
+        lines = [
+            f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, "
+            f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
+        ]
+    else:
+        lines = [
+            f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, conditioned on "
+            f"{', '.join(backbone.condition_names)}; {_target_line(cfg, classes)}",
+        ]
+        if "control" in backbone.condition_names:
+            lines.append(_control_line(cfg))
+    if cfg.uses_bank:
+        manifest = LatentStore(cfg.bank.path).manifest
+        if manifest.get("kind") != "bank":
+            raise UserError(f"{cfg.bank.path} is not a knowledge bank (kind={manifest.get('kind')!r})")
+        if manifest.get("shape") != list(backbone.sample_shape):
+            raise UserError(
+                f"bank {cfg.bank.path} holds samples of shape {manifest.get('shape')} but the model works on "
+                f"{list(backbone.sample_shape)}; regenerate the bank with this model"
+            )
+        check_bank_conditions(manifest, backbone, cfg.data.annotator, cfg.bank.path)
+        for key, value in backbone.bank_record().items():
+            if value is not None and manifest.get(key) != value:  # None: set only when the bank is made
+                raise UserError(
+                    f"bank {cfg.bank.path} was made for {key}={manifest.get(key)!r}, the model has {value!r}; "
+                    "regenerate the bank with this model"
+                )
+        lines.append(f"bank       {manifest['num_samples']} samples from {manifest.get('source')}")
+    if cfg.objective.fitted_schedules:
+        from difftune.schedules.fitted import planned_fit
+
+        lines.append(f"schedules  {planned_fit(cfg)}")
+    return lines + _output_lines(cfg)
+
+
+def _target_line(cfg: ExperimentConfig, count: int) -> str:
+    if cfg.data.source == "captions":
+        return f"the target has {count} captioned images"
+    if cfg.data.source == "hf_dataset":
+        return f"the target is the saved dataset {cfg.data.path}"
+    return f"the target's {count} classes are captioned {cfg.data.caption_template!r}"
+
+
+def _control_line(cfg: ExperimentConfig) -> str:
+    """How control images are made; an unknown annotator is refused here, as the run would."""
+    if cfg.data.annotator:
+        from difftune.control import build_annotator
+
+        return f"control    computed by {build_annotator(cfg.data.annotator).record()}"
+    if cfg.data.control_column:
+        return f"control    images from the data's column {cfg.data.control_column!r}"
+    raise UserError(
+        "a ControlNet needs control images: set data.annotator (e.g. canny) or data.control_column"
+    )
+
+
+def _output_lines(cfg: ExperimentConfig) -> list[str]:
+    check_writable(Path(cfg.train.output_dir))
+    return [f"writable   {cfg.train.output_dir}"]
