@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftune.demos.digits import DemoSettings
+from difftune.demos.settings import DemoSettings
 from difftune.testing.models import save_pipeline_dir, tiny_dit, tiny_unet, tiny_vae
 
 

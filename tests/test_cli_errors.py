@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import difftune.demos.digits
+import difftune.demos.settings
 from difftune.cli import USER_ERRORS, main
 from difftune.config.experiment import ConfigError
 from difftune.errors import UserError
@@ -22,7 +22,7 @@ def test_value_error_from_a_bug_shows_its_traceback(tmp_path: Path, monkeypatch:
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("math domain error, deep inside")
 
-    monkeypatch.setattr(difftune.demos.digits, "DemoSettings", broken)
+    monkeypatch.setattr(difftune.demos.settings, "DemoSettings", broken)
     with pytest.raises(ValueError, match="math domain error"):
         main(["demo", "--dry-run", "--out", str(tmp_path / "demo")])
 
@@ -45,7 +45,7 @@ def test_bug_is_not_reported_as_bad_input(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("an internal bug")
 
-    monkeypatch.setattr(difftune.demos.digits, "DemoSettings", broken)
+    monkeypatch.setattr(difftune.demos.settings, "DemoSettings", broken)
     with pytest.raises(RuntimeError, match="an internal bug"):
         main(["demo", "--dry-run", "--out", str(tmp_path / "demo")])
     assert "difftune: error" not in capsys.readouterr().err

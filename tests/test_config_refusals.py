@@ -10,9 +10,9 @@ import yaml
 
 from difftune.cli import main
 from difftune.config.experiment import ConfigError, ObjectiveConfig, load_config
+from difftune.config.tuning import SETTING_USERS, methods_using
 from difftune.training.loop import Trainer
 from difftune.tuning import TUNING_METHODS, TuningConfig
-from difftune.tuning.settings import SETTING_USERS, methods_using
 from test_training import make_cfg
 
 BASE = ["model.pretrained=x/y", "data.source=digits", "objective.bank_share=0", "train.max_steps=3"]

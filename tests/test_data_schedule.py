@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-import difftune.schedules.fitted
+import difftune.training.fitted_schedule
 import test_training
 from conftest import run_torchrun
 from difftune.backbones import load_pretrained
@@ -282,9 +282,9 @@ def test_training_fits_once_and_resumes_exactly_without_refitting(
     assert {**first.data_schedule.to_dict(), "seconds": 0} == {**fit_a.to_dict(), "seconds": 0}
 
     fits: list[int] = []
-    original = difftune.schedules.fitted.fit_data_schedule
+    original = difftune.training.fitted_schedule.fit_data_schedule
     monkeypatch.setattr(
-        difftune.schedules.fitted,
+        difftune.training.fitted_schedule,
         "fit_data_schedule",
         lambda *a, **k: fits.append(1) or original(*a, **k),
     )

@@ -74,7 +74,7 @@ def test_guiding_with_the_model_itself_is_classifier_free_guidance(models: tuple
 
 def test_sample_command_with_domain_guidance(models: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     from difftune.commands.sample import sample_to_folder
-    from difftune.sampling.spec import SamplingSpec
+    from difftune.config.sampling import SamplingSpec
 
     finetuned, pretrained = models
     args = ["sample", "--model", str(finetuned), "--labels", "0,1", "--per-label", "2", "--steps", "3"]

@@ -286,7 +286,7 @@ def test_checkpoint_samples_equal_difftune_sample_folder(
 ) -> None:
     from difftune.backbones import load_pretrained
     from difftune.commands.sample import sample_to_folder
-    from difftune.sampling.spec import SamplingSpec
+    from difftune.config.sampling import SamplingSpec
 
     real, _ = folders
     npz = tmp_path / "samples.npz"
@@ -811,7 +811,7 @@ def test_checkpoint_with_domain_guidance_samples_as_difftune_sample_does(
 ) -> None:
     from difftune.backbones import load_pretrained
     from difftune.commands.sample import sample_to_folder
-    from difftune.sampling.spec import SamplingSpec
+    from difftune.config.sampling import SamplingSpec
     from difftune.testing.models import save_pipeline_dir, tiny_dit
 
     real, fake = folders

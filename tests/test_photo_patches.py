@@ -14,8 +14,9 @@ from difftune.cli import main
 from difftune.config.experiment import DataConfig
 from difftune.data.builtin import PATCH_SCALES, PHOTOS, load_photo_patches
 from difftune.data.targets import load_target_images
-from difftune.demos.digits import PHOTO_TEST_BED, SOURCE_DATA, DemoSettings, run_demo
+from difftune.demos.digits import run_demo
 from difftune.demos.report import STUDY_FINDINGS
+from difftune.demos.settings import PHOTO_TEST_BED, SOURCE_DATA, DemoSettings
 from difftune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -417,7 +417,7 @@ def test_a_protected_path_is_one_line(tmp_path: Path, monkeypatch, capsys) -> No
     def protected(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
 
-    monkeypatch.setattr(difftune.demos.digits, "DemoSettings", protected)
+    monkeypatch.setattr(difftune.demos.settings, "DemoSettings", protected)
     assert main(["demo", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Permission denied" in err

@@ -15,8 +15,8 @@ from difftune.backbones.adapters import merged_model
 from difftune.backbones.noise_schedule import DEFAULT_NOISE_SCHEDULE, SCHEDULER_FILE
 from difftune.bank import generate_bank
 from difftune.cli import main
+from difftune.config.sampling import SamplingSpec
 from difftune.sampling.generate import build_scheduler, generate_with_spec
-from difftune.sampling.spec import SamplingSpec
 from difftune.testing.models import tiny_dit, tiny_vae
 from difftune.training.loop import Trainer
 from test_training import make_cfg

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from difftune.sampling.spec import (
+from difftune.config.sampling import (
     SamplingSpec,
     add_sampling_args,
     given_sampling_flags,

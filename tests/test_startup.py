@@ -135,12 +135,20 @@ def test_loading_restores_the_libraries_bar_settings(tmp_path: Path) -> None:
 def test_registries_agree_with_their_light_names() -> None:
     """A config is checked against names known without torch; each names what the heavy module builds."""
     from difftune import control, objectives, tuning
+    from difftune.config.names import (
+        FITTED_SCHEDULE_NAMES,
+        OBJECTIVE_NAMES,
+        SCHEDULE_NAMES,
+        SNR_SCHEDULE_NAMES,
+        TUNING_METHOD_NAMES,
+    )
     from difftune.schedules import base as schedules
-    from difftune.schedules.names import FITTED_SCHEDULE_NAMES, SCHEDULE_NAMES, SNR_SCHEDULE_NAMES
 
     assert set(schedules.SCHEDULES) == set(SCHEDULE_NAMES)
     assert set(schedules.SNR_SCHEDULES) == set(SNR_SCHEDULE_NAMES)
     assert set(schedules.FITTED_SCHEDULES) == set(FITTED_SCHEDULE_NAMES)
+    assert set(objectives.OBJECTIVES) == set(OBJECTIVE_NAMES)
+    assert set(tuning.TUNING_METHODS) == set(TUNING_METHOD_NAMES)
     for package in (tuning, objectives, control):
         for name in package.__all__:
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"

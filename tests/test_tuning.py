@@ -13,7 +13,7 @@ from torch import nn
 from difftune.backbones import load_pretrained, save_model
 from difftune.config.experiment import ConfigError, ModelConfig, load_config
 from difftune.training.loop import Trainer
-from difftune.tuning import TUNING_METHODS, build_tuning, prepare_tuning, trainable_parameters
+from difftune.tuning import build_tuning, prepare_tuning, trainable_parameters
 
 FROZEN = "pos_embed.proj.weight"  # a DiT parameter that the frozen-parameter tests keep fixed
 
@@ -81,12 +81,11 @@ def test_save_model_refuses_an_ema_of_other_parameters(dit_dir: Path, tmp_path: 
 
 
 def test_trainer_trains_only_what_the_method_names(dit_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(TUNING_METHODS, "freeze_one", FreezeOne)
     cfg = load_config(
         None,
         [
             f"model.pretrained={dit_dir}",
-            "model.tuning=freeze_one",
+            "model.tuning=test_tuning:FreezeOne",  # a user's method, by import path
             "data.source=digits",
             "data.classes=[5,6]",
             "data.per_class=4",

@@ -24,9 +24,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         default_out, preset = "demo_controlnet_out", {}
     else:
-        from difftune.demos.digits import PHOTO_TEST_BED
-        from difftune.demos.digits import DemoSettings as Settings
         from difftune.demos.digits import run_demo as run
+        from difftune.demos.settings import PHOTO_TEST_BED
+        from difftune.demos.settings import DemoSettings as Settings
 
         default_out = "demo_photos_out" if args.which == "photos" else "demo_out"
         preset = PHOTO_TEST_BED if args.which == "photos" else {}

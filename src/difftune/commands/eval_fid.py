@@ -27,10 +27,10 @@ from difftune.commands import (
     start_torch,
 )
 from difftune.commands.eval_inputs import EvalInputs, describe_plan, resolve_inputs
+from difftune.config.sampling import add_sampling_args, given_sampling_flags, sampling_spec_from_args
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_write_json
 from difftune.io.image_formats import IMAGE_EXTENSIONS
-from difftune.sampling.spec import add_sampling_args, given_sampling_flags, sampling_spec_from_args
 
 if TYPE_CHECKING:
     import torch

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.commands.sample import listed_samples
+from difftune.config.sampling import sampling_spec_from_args
 from difftune.errors import UserError
-from difftune.sampling.spec import sampling_spec_from_args
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from difftune.commands import check_model_flags, check_positive, check_scheduler, start_torch
+from difftune.config.sampling import add_sampling_args, sampling_spec_from_args
 from difftune.errors import UserError
-from difftune.sampling.spec import add_sampling_args, sampling_spec_from_args
 
 
 def _fractions(text: str) -> list[float]:

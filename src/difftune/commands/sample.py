@@ -21,9 +21,9 @@ from difftune.commands import (
     check_scheduler,
     start_torch,
 )
+from difftune.config.sampling import SamplingSpec, add_sampling_args, sampling_spec_from_args
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_write_json
-from difftune.sampling.spec import SamplingSpec, add_sampling_args, sampling_spec_from_args
 
 MANIFEST = "difftune_samples.json"
 GRID = "grid.png"

@@ -17,12 +17,17 @@ import yaml
 from difftune.config.checks import ConfigError, _check, _check_fields
 from difftune.config.data import DataConfig
 from difftune.config.files import parse_value, read_config_file, yaml_problem
+from difftune.config.names import (
+    FITTED_SCHEDULE_NAMES,
+    OBJECTIVE_NAMES,
+    TUNING_METHOD_NAMES,
+    is_schedule_name,
+    schedule_names,
+)
+from difftune.config.sampling import SamplingSpec
 from difftune.config.train import TrainConfig
+from difftune.config.tuning import TuningConfig, check_settings_used
 from difftune.io.atomic import atomic_write_text
-from difftune.sampling.spec import SamplingSpec
-from difftune.schedules.names import FITTED_SCHEDULE_NAMES, is_schedule_name, schedule_names
-from difftune.tuning import TUNING_METHODS, TuningConfig
-from difftune.tuning.settings import check_settings_used
 
 __all__ = [
     "BankConfig",
@@ -58,8 +63,9 @@ class ModelConfig:
         vae: optional hub id / directory of an ``AutoencoderKL`` for latent-space models; ``None``
             uses the pipeline's ``vae`` if there is one, else the model works in pixel space.
         revision: optional hub revision.
-        tuning: which parameters train (a name in :data:`difftune.tuning.TUNING_METHODS`; ``full``
-            trains every parameter); the method's settings are the ``tuning`` section.
+        tuning: which parameters train: a name in :data:`difftune.config.names.TUNING_METHOD_NAMES` (``full``
+            trains every parameter) or a user's TuningMethod class as ``"package.module:Class"``; the method's
+            settings are the ``tuning`` section.
         controlnet: train a ControlNet over the Stable Diffusion UNet of ``pretrained`` (which stays
             frozen): ``from_unet`` makes a new one from the UNet's weights, as ControlNet's training
             does; a hub id or directory continues an existing ControlNet; ``None``: no ControlNet.
@@ -80,8 +86,9 @@ class ModelConfig:
             "model.pretrained is empty: set it to a hub id or a local diffusers directory",
         )
         _check(
-            self.tuning in TUNING_METHODS,
-            f"model.tuning={self.tuning!r} is unknown; valid: {sorted(TUNING_METHODS)}",
+            self.tuning in TUNING_METHOD_NAMES or ":" in self.tuning,
+            f"model.tuning={self.tuning!r} is unknown; valid: {sorted(TUNING_METHOD_NAMES)}, "
+            "or a TuningMethod class as 'package.module:Class'",
         )
 
 
@@ -94,7 +101,7 @@ class ObjectiveConfig:
     ``target_schedule: uniform, bank_share: 0``.
 
     Attributes:
-        kind: the objective (a name in :data:`difftune.objectives.OBJECTIVES`).
+        kind: the objective (a name in :data:`difftune.config.names.OBJECTIVE_NAMES`).
         target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
             (psi(t) grows with t), ``"uniform"``, or the weightings of other methods ``"min_snr"``
             (min-SNR-γ) and ``"inverse_snr"`` (x0 supervision), built from the model's noise levels,
@@ -140,10 +147,9 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "objective")
-        from difftune.objectives import OBJECTIVES
-
         _check(
-            self.kind in OBJECTIVES, f"objective.kind={self.kind!r} is unknown; valid: {sorted(OBJECTIVES)}"
+            self.kind in OBJECTIVE_NAMES,
+            f"objective.kind={self.kind!r} is unknown; valid: {sorted(OBJECTIVE_NAMES)}",
         )
         _check(
             self.realisation in ("sample", "weight"),

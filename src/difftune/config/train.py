@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from difftune.config.checks import _check, _check_fields
-from difftune.sampling.spec import SamplingSpec
+from difftune.config.sampling import SamplingSpec
 
 NON_FINITE_POLICIES = ("stop", "skip")
 

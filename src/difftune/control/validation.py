@@ -16,12 +16,12 @@ import torch
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.conditioning import Conditioning
+from difftune.config.sampling import SamplingSpec
 from difftune.control.annotators import Annotator
 from difftune.control.fidelity import condition_fidelity
 from difftune.control.log import append_fidelity
 from difftune.errors import UserError
 from difftune.sampling.generate import generate_with_spec
-from difftune.sampling.spec import SamplingSpec
 
 CONTROL = "control"
 

@@ -20,7 +20,7 @@ from difftune.errors import UserError
 
 if TYPE_CHECKING:
     from difftune.config.data import DataConfig
-    from difftune.data.targets import TargetImages
+    from difftune.data.images import TargetImages
 
 
 class TargetConditions:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,9 @@ from difftune.data.builtin import (
     load_photo_patches,
     load_sklearn_digits,
 )
-from difftune.data.captions import caption_folder, saved_dataset, template_captions
+from difftune.data.captions import caption_folder, saved_dataset
 from difftune.data.conditions import TargetConditions
+from difftune.data.images import TargetImages
 from difftune.errors import UserError
 from difftune.io.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
 from difftune.io.store import LatentStore, folder_identity
@@ -43,50 +43,6 @@ PATCHES_PER_PHOTO = 1200  # photo_patches without data.per_class
 PATCH_FORMAT = 1  # changes when the patch cutting changes (PHOTOS, PATCH_SCALES)
 HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of its image folder
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TargetImages:
-    """A labelled image set, loaded lazily in chunks (a real dataset does not fit in memory as floats).
-
-    Attributes:
-        labels: (N,) int64 in 0..K-1 (all 0 for a captioned set).
-        class_names: K names.
-        identity: a string that changes when the data changes (for the cache).
-        loader: ``indices (n,) -> images (n, C, H, W)`` float32 in [-1, 1].
-        captions: the images' own captions (a captioned set), or ``None``.
-        controls: ``(indices, resolution) -> control images (n, 3, r, r)`` in [0, 1], when the data
-            brings its own.
-    """
-
-    labels: torch.Tensor
-    class_names: list[str]
-    identity: str
-    loader: Callable[[torch.Tensor], torch.Tensor]
-    captions: list[str] | None = None
-    controls: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-
-    def caption_list(self, template: str) -> list[str]:
-        """The images' captions: their own, or ``template`` filled with each image's class name."""
-        if self.captions is not None:
-            return self.captions
-        return template_captions(self.class_names, self.labels, template)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def load(self, indices: torch.Tensor) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] for ``indices``."""
-        return self.loader(indices)
-
-    @property
-    def images(self) -> torch.Tensor:
-        """All images at once (N, C, H, W); for small sets."""
-        return self.load(torch.arange(len(self)))
-
-    def conditioning(self) -> Conditioning:
-        """The images' conditions: their class labels, ``{"labels": (N,)}``."""
-        return Conditioning({"labels": self.labels})
 
 
 @dataclass

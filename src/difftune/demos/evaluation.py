@@ -24,7 +24,7 @@ from difftune.metrics.fid import FeatureStats
 from difftune.sampling.generate import generate_with_spec, to_unit_range
 
 if TYPE_CHECKING:
-    from difftune.demos.digits import DemoSettings
+    from difftune.demos.settings import DemoSettings
 
 
 @dataclass

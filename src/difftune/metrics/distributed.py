@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path
 from difftune.io.images import load_image, to_uint8_rgb
-from difftune.sampling.spec import SamplingSpec
 
 __all__ = ["Batches", "WorkDir", "folder_batches", "progress", "run_extractor", "tensor_batches"]
 

@@ -18,9 +18,9 @@ from diffusers import SchedulerMixin
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
+from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 from difftune.process import process_name, sampler_for
-from difftune.sampling.spec import SamplingSpec
 
 
 def scheduler_names() -> list[str]:

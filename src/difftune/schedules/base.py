@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from difftune.config.names import schedule_names
 from difftune.errors import UserError
 from difftune.plugins import import_object
-from difftune.schedules.names import schedule_names
 
 
 class TimestepSchedule:

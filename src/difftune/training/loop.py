@@ -35,8 +35,8 @@ from difftune.objectives import Draw, Objective, build_objective
 from difftune.objectives.term_log import TermLog
 from difftune.process import build_process
 from difftune.schedules.data_driven import DataSchedule
-from difftune.schedules.fitted import fit_for_run, run_data_schedule
 from difftune.training.divergence import NonFiniteGuard
+from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.outputs import (
     append_history,
     fidelity_validation,

@@ -13,10 +13,10 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
 from difftune.config.experiment import ExperimentConfig
+from difftune.config.sampling import SamplingSpec
 from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
 from difftune.io.images import save_grid
 from difftune.sampling.generate import generate_with_spec, to_unit_range
-from difftune.sampling.spec import SamplingSpec
 from difftune.training.run_dir import HISTORY
 
 

@@ -121,7 +121,7 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                 )
         lines.append(f"bank       {manifest['num_samples']} samples from {manifest.get('source')}")
     if cfg.objective.fitted_schedules:
-        from difftune.schedules.fitted import planned_fit
+        from difftune.training.fitted_schedule import planned_fit
 
         lines.append(f"schedules  {planned_fit(cfg)}")
     return lines + _output_lines(cfg)

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from difftune.config.tuning import TuningConfig
 from difftune.errors import UserError
 from difftune.lazy import lazy_exports
-from difftune.tuning.settings import TuningConfig
+from difftune.plugins import import_object
 
 if TYPE_CHECKING:
     from torch import nn
@@ -66,11 +67,14 @@ TUNING_METHODS: dict[str, Callable[[TuningConfig], TuningMethod]] = {
 
 
 def build_tuning(name: str, settings: TuningConfig | None = None) -> TuningMethod:
-    """The tuning method registered as ``name``, with ``settings`` (defaults when ``None``).
+    """The tuning method registered as ``name``, or a user's class named ``"package.module:Class"``
+    (built as ``Class(settings)``), with ``settings`` (defaults when ``None``).
 
     Raises:
-        ValueError: unknown name; the message lists the valid ones.
+        UserError: unknown name (the message lists the valid ones), or a class that cannot be imported.
     """
+    if ":" in name:
+        return import_object(name, "model.tuning")(settings or TuningConfig())
     if name not in TUNING_METHODS:
         raise UserError(f"unknown tuning method {name!r}; valid: {sorted(TUNING_METHODS)}")
     return TUNING_METHODS[name](settings or TuningConfig())

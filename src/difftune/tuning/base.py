@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 if TYPE_CHECKING:
-    from difftune.tuning.settings import TuningConfig
+    from difftune.config.tuning import TuningConfig
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

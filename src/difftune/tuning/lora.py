@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
+from difftune.config.tuning import TuningConfig
 from difftune.errors import UserError
 from difftune.tuning.base import AdapterMethod
-from difftune.tuning.settings import TuningConfig
 from difftune.tuning.targets import DEFAULT_TARGETS, default_targets
 
 ADAPTER_NAME = "default"

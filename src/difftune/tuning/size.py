@@ -12,9 +12,9 @@ import logging
 
 from torch import nn
 
+from difftune.config.tuning import TuningConfig
 from difftune.errors import UserError
 from difftune.tuning.base import trainable_parameters
-from difftune.tuning.settings import TuningConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
-"""The names of the timestep schedules (``objective.target_schedule``, ``objective.bank_schedule``).
+"""The names a config may choose from: timestep schedules (``objective.target_schedule``,
+``objective.bank_schedule``), objectives (``objective.kind``) and tuning methods (``model.tuning``).
 
-A config is checked against these without importing torch; :mod:`difftune.schedules.base` registers one
-builder under each name (``tests/test_startup.py`` checks that the two agree).
+A config is checked against these without importing torch or the registries that build them:
+:mod:`difftune.schedules.base`, :mod:`difftune.objectives` and :mod:`difftune.tuning` register one
+builder under each name (``tests/test_startup.py`` checks that each pair agrees).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 SCHEDULE_NAMES = ("uniform", "power_up", "power_down")  # built from T alone
 SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr")  # built from the model's noise levels
 FITTED_SCHEDULE_NAMES = ("data_driven",)  # fitted from data before training
+OBJECTIVE_NAMES = ("diff_tuning", "distillation")
+TUNING_METHOD_NAMES = ("full", "lora", "loha", "lokr", "bitfit", "difffit", "adaptformer", "vpt", "svdiff")
 
 
 def schedule_names() -> list[str]:
