@@ -47,16 +47,18 @@ def test_batch_routes_bank_rows_and_dropped_rows_to_the_unconditional_form(
 ) -> None:
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
+    from difftune.objectives import build_objective
 
     bank = tmp_path / "bank"
     cfg = make_cfg(dit_dir, tmp_path / "run", bank, "objective.cfg_dropout=0.5")
     generate_bank(load_pretrained(str(dit_dir)), cfg.bank, progress=False)
     trainer = Trainer(cfg)
+    objective = build_objective(cfg.objective, trainer.process, trainer.backbone)
     null = trainer.backbone.null_label
     seen_drop = False
     for step in range(4):
         positions = trainer.state.target.state_dict()
-        x0, cond, is_bank, draw = trainer._batch(step)
+        x0, cond, is_bank, draw = trainer.parts.batch(step, objective)
         trainer.state.target.load_state_dict(positions)
         idx = trainer.state.target.take(trainer.n_target)
         labels = cond["labels"]

@@ -304,6 +304,7 @@ def test_controlnet_drop_empties_the_prompt_and_keeps_the_control(sd_dir: Path) 
 def test_bank_rows_train_with_the_configured_condition(
     condition: str, sd_dir: Path, captions: Path, tmp_path: Path
 ) -> None:
+    from difftune.objectives import build_objective
     from difftune.training.loop import Trainer
 
     cfg = _config(sd_dir, captions, tmp_path, bank={"condition": condition}, objective={"bank_share": 0.5})
@@ -311,7 +312,8 @@ def test_bank_rows_train_with_the_configured_condition(
     prepare_bank_conditions(loaded, cfg)
     generate_bank(loaded, cfg.bank, progress=False)
     trainer = Trainer(cfg)
-    _, cond, is_bank, _ = trainer._batch(0)
+    objective = build_objective(cfg.objective, trainer.process, trainer.backbone)
+    _, cond, is_bank, _ = trainer.parts.batch(0, objective)
     bank_rows = cond[PROMPTS][is_bank].float()
     null = trainer.backbone.null_prompt.expand_as(bank_rows)
     assert torch.equal(bank_rows, null) is (condition == "null")

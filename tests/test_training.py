@@ -21,6 +21,7 @@ from difftune.bank import generate_bank, load_bank
 from difftune.config.experiment import ExperimentConfig, load_config
 from difftune.data.targets import load_target_images
 from difftune.io.store import LatentStore
+from difftune.training.build import RunParts
 from difftune.training.loop import Trainer
 
 TESTS = Path(__file__).resolve().parent
@@ -127,13 +128,13 @@ def test_exact_resume(dit_dir: Path, dit_bank: Path, tmp_path: Path, monkeypatch
 
     Trainer(make_cfg(dit_dir, run_b, dit_bank, "train.max_steps=3", "train.checkpoint_every=3")).train()
     steps_run: list[int] = []
-    original = Trainer._batch
+    original = RunParts.batch
 
-    def recording(self: Trainer, step: int):
+    def recording(self: RunParts, step: int, objective):
         steps_run.append(step)
-        return original(self, step)
+        return original(self, step, objective)
 
-    monkeypatch.setattr(Trainer, "_batch", recording)
+    monkeypatch.setattr(RunParts, "batch", recording)
     resumed = Trainer(
         make_cfg(
             dit_dir, run_b, dit_bank, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest"

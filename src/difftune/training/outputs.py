@@ -4,6 +4,7 @@ ControlNet) the condition-fidelity check it runs at validation steps."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ import torch
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
+from difftune.backbones.saving import save_pipeline_index
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
+from difftune.io.atomic import atomic_directory
 from difftune.io.images import save_grid
 from difftune.sampling.generate import generate_with_spec, to_unit_range
 from difftune.training.run_dir import HISTORY
@@ -82,3 +85,14 @@ def fidelity_validation(
         out,
         tc.validation_edge_tolerance,
     )
+
+
+def write_final(
+    final: Path, checkpoint: Path, loaded: LoadedModel, class_names: list[str], cfg: ExperimentConfig
+) -> None:
+    """Write ``final/``: the model of ``checkpoint``, its pipeline index and the run's config, all at
+    once (a crash never leaves a half-written ``final/``)."""
+    with atomic_directory(final) as staging:
+        shutil.copytree(checkpoint / "model", staging, dirs_exist_ok=True)
+        save_pipeline_index(loaded, staging, class_names)
+        cfg.save(staging / "config.yaml")

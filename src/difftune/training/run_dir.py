@@ -25,13 +25,21 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from difftune.config.train import default_steps_note
+from difftune.config.train import TrainConfig, default_steps_note
 from difftune.control.log import FIDELITY_FILE
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_write_json, atomic_write_text, process_alive
-from difftune.training.state import CHECKPOINTS, checkpoint_problem, checkpoint_step, list_checkpoints
+from difftune.training.state import (
+    CHECKPOINTS,
+    checkpoint_problem,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_resume,
+)
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from difftune.config.experiment import ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -309,3 +317,30 @@ def check_resume_config(cfg: ExperimentConfig, checkpoint: Path) -> None:
             f"{'; ...' if len(other) > 3 else ''}); resume with the same config, or set "
             "train.accept_config_changes=true"
         )
+
+
+def claim_run_folder(accelerator: Accelerator, lock: RunLock, out: Path, tc: TrainConfig) -> Path | None:
+    """Take the run folder for this run and pick the checkpoint to resume from (``None``: a new run).
+
+    One process takes the folder and picks the checkpoint; the others learn both from it (a broadcast,
+    which is also a barrier: no process waits for one that gave up).
+
+    Raises:
+        UserError: on every process, when the folder is in use or holds another run.
+    """
+    outcome: list[str | None] = [None, None]  # [refusal, checkpoint to resume from]
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            resume = resolve_resume(out, tc.resume)
+            prepare_output_dir(out, resume, tc.overwrite)
+            outcome[1] = None if resume is None else str(resume)
+        except UserError as err:
+            outcome[0] = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    if outcome[0] is not None:
+        raise UserError(outcome[0])
+    return None if outcome[1] is None else Path(outcome[1])

@@ -1,0 +1,221 @@
+"""Everything a training run is made of, assembled before its first step.
+
+:func:`build_run` loads (or takes) the model, applies its tuning method, builds the forward process,
+reads the knowledge bank, encodes the target set and sets up the index streams; :func:`run_objective`
+fits the data-driven schedules (or reloads a resumed run's fit) and then builds the objective, so
+that an objective always exists once training starts; :class:`RunParts` draws each step's batch.
+The loop (:mod:`difftune.training.loop`) only steps, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+
+from difftune.backbones.adapters import adapter_directory, apply_tuning, continue_adapter
+from difftune.backbones.base import Backbone, enable_gradient_checkpointing
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.bank.conditions import training_bank
+from difftune.config.experiment import ExperimentConfig
+from difftune.config.train import TrainConfig
+from difftune.control.validation import check_validation
+from difftune.data.targets import TargetData, prepare_target
+from difftune.objectives import Draw, Objective, build_objective
+from difftune.process import build_process
+from difftune.process.base import ForwardProcess
+from difftune.schedules.data_driven import DataSchedule
+from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
+from difftune.training.outputs import fidelity_validation
+from difftune.training.state import LoopState
+from difftune.training.streams import IndexStream, step_generator
+from difftune.tuning.size import check_adapter_size
+
+
+@dataclass
+class RunParts:
+    """The model, process, data and randomness of a run (everything but the objective).
+
+    Attributes:
+        loaded: the model with its frozen parts; ``backbone`` is ``loaded.backbone``.
+        trainable: the parameters the tuning method trains (optimised and averaged by the EMA).
+        process: the model's forward process.
+        target: the encoded target set; ``bank``/``bank_cond`` the knowledge bank (empty without one).
+        validation: the ControlNet fidelity check run at validation steps, or ``None``.
+        n_target, n_bank: samples per global batch of each stream.
+        state: the step and the index streams, saved with every checkpoint.
+    """
+
+    cfg: ExperimentConfig
+    loaded: LoadedModel
+    trainable: list[torch.nn.Parameter]
+    process: ForwardProcess
+    bank: torch.Tensor
+    bank_cond: Conditioning
+    target: TargetData
+    validation: Any
+    n_target: int
+    n_bank: int
+    state: LoopState
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.loaded.backbone
+
+    def batch(self, step: int, objective: Objective) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Draw]:
+        """The global batch of ``step``: x0 (B, C, H, W), conditions (guidance drop applied), is_bank (B,), draw.
+
+        Bank samples (or the target samples of the retention stream, with
+        ``objective.retention_data: target``) train the unconditional branch (docs/method.md §2):
+        their condition is dropped (``bank.condition: null``: the null label, the empty prompt; a
+        ControlNet keeps the control image), or kept (``own``).
+        """
+        g = step_generator(self.cfg.train.seed, step)
+        idx = self.state.target.take(self.n_target)
+        parts, conds = [self.target.draw(idx, g)], [self.target.cond.select(idx)]
+        if self.n_bank:
+            retained = self.state.bank.take(self.n_bank)
+            if self.cfg.uses_bank:
+                parts.append(self.bank[retained])
+                retained_cond = self.bank_cond.select(retained)
+            else:
+                parts.append(self.target.draw(retained, g))
+                retained_cond = self.target.cond.select(retained)
+            if self.cfg.bank.condition == "null":
+                retained_cond = self.backbone.drop(retained_cond, torch.ones(self.n_bank, dtype=torch.bool))
+            conds.append(retained_cond)
+        x0 = torch.cat(parts)
+        cond = Conditioning.cat(conds)
+        is_bank = torch.arange(x0.shape[0]) >= self.n_target
+        draw = objective.draw(self.n_target, self.n_bank, tuple(x0.shape[1:]), g)
+        return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
+
+    def summary(
+        self, accelerator: Accelerator, resume: Path | None, fit: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """What this run trains on and how: printed at the start and saved as ``run_summary.json``."""
+        cfg = self.cfg
+        n_trainable = sum(p.numel() for p in self.trainable)
+        n_total = sum(p.numel() for p in self.backbone.parameters())
+        return {
+            "model": cfg.model.pretrained,
+            "tuning": cfg.model.tuning,
+            "trainable_parameters": n_trainable,
+            "trainable_share": n_trainable / max(n_total, 1),
+            "target_samples": len(self.target),
+            "classes": {name: label for label, name in enumerate(self.target.class_names)},
+            "bank_samples": int(self.bank.shape[0]),
+            "retention": {"objective": cfg.objective.kind, "data": cfg.objective.retention_data},
+            "batch": {"target": self.n_target, "bank": self.n_bank},
+            "max_steps": cfg.train.max_steps,
+            "default_steps": cfg.default_steps,  # train.max_steps left out of the config
+            "resume_from": None if resume is None else {"checkpoint": str(resume), "step": self.state.step},
+            "processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "data_schedule": fit,
+        }
+
+
+def load_tuned_model(
+    cfg: ExperimentConfig, loaded: LoadedModel | None
+) -> tuple[LoadedModel, list[torch.nn.Parameter]]:
+    """The model to train (``loaded``, else ``cfg.model``) with its tuning method applied, and its trainable parameters."""
+    if loaded is None and adapter_directory(cfg.model.pretrained) is not None:  # train an adapter further
+        return continue_adapter(cfg.model.pretrained, cfg.model.tuning, cfg.tuning)
+    m = cfg.model
+    loaded = loaded or load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet)
+    return loaded, apply_tuning(loaded, m.tuning, cfg.tuning)
+
+
+def build_run(
+    cfg: ExperimentConfig, loaded: LoadedModel | None, accelerator: Accelerator, out: Path
+) -> RunParts:
+    """Load and prepare everything the run needs; a bad bank or target set is refused before training.
+
+    The bank is read before the target set is encoded, so that a mismatched or damaged bank is
+    refused first; the target cache is written by the main process first (``out/target_cache``
+    unless ``data.cache_dir``).
+    """
+    tc = cfg.train
+    loaded, trainable = load_tuned_model(cfg, loaded)
+    check_adapter_size(cfg.model.tuning, cfg.tuning, loaded.backbone)  # before anything is written
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded.backbone.inner)
+    process = build_process(loaded.scheduler_config)
+    check_validation(tc.validation_every, loaded.backbone, cfg.data.annotator)  # before anything is encoded
+    bank, bank_cond = training_bank(cfg, loaded)
+    with accelerator.main_process_first():
+        cache_dir = Path(cfg.data.cache_dir or out / "target_cache")
+        target = prepare_target(cfg.data, loaded, cache_dir, accelerator.device)
+    validation = fidelity_validation(cfg, loaded, target.cond, out)
+    n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
+    retention_pool = bank.shape[0] if cfg.uses_bank else len(target)
+    state = LoopState(
+        target=IndexStream(len(target), tc.seed),
+        bank=IndexStream(retention_pool, tc.seed + 1) if n_bank else None,
+    )
+    return RunParts(
+        cfg,
+        loaded,
+        trainable,
+        process,
+        bank,
+        bank_cond,
+        target,
+        validation,
+        tc.batch_size - n_bank,
+        n_bank,
+        state,
+    )
+
+
+def run_objective(
+    parts: RunParts, accelerator: Accelerator, model: torch.nn.Module, out: Path, resume: Path | None
+) -> tuple[Objective, DataSchedule | None, dict[str, Any] | None]:
+    """The run's objective, built once its data-driven schedules are fitted (main process; shared with
+    the others) or reloaded from the resumed run; also the fit and its record for ``run_summary.json``.
+    """
+    cfg = parts.cfg
+
+    def fit() -> DataSchedule:
+        return fit_for_run(
+            cfg,
+            accelerator.unwrap_model(model),
+            parts.loaded.scheduler_config,
+            parts.target,
+            parts.bank,
+            parts.bank_cond,
+            accelerator.device,
+        )
+
+    schedule, record = run_data_schedule(cfg, accelerator, fit, out, resume)
+    return build_objective(cfg.objective, parts.process, parts.backbone, schedule), schedule, record
+
+
+def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the run's settings; fused when non-finite steps are skipped (it reads the flag on the device)."""
+    return torch.optim.AdamW(
+        params, **optimizer_settings(tc), fused=True if tc.on_non_finite == "skip" else None
+    )
+
+
+def optimizer_settings(tc: TrainConfig) -> dict[str, Any]:
+    """The optimiser settings a resumed run applies over the checkpoint's (this run's, not the saved ones)."""
+    return {
+        "lr": tc.learning_rate,
+        "betas": (tc.adam_beta1, tc.adam_beta2),
+        "eps": tc.adam_eps,
+        "weight_decay": tc.weight_decay,
+    }
+
+
+def make_ema(params: list[torch.nn.Parameter], decay: float) -> EMAModel | None:
+    """The EMA of the trainable parameters (``None`` at decay 0): constant decay from the first step, as DiT."""
+    if decay <= 0:
+        return None
+    return EMAModel(params, decay=decay, min_decay=decay, update_after_step=-1, foreach=True)
