@@ -137,6 +137,7 @@ def test_registries_agree_with_their_light_names() -> None:
     from difftune import control, objectives, tuning
     from difftune.config.names import (
         FITTED_SCHEDULE_NAMES,
+        NOISE_LEVEL_SCHEDULE_NAMES,
         OBJECTIVE_NAMES,
         SCHEDULE_NAMES,
         SNR_SCHEDULE_NAMES,
@@ -147,6 +148,7 @@ def test_registries_agree_with_their_light_names() -> None:
     assert set(schedules.SCHEDULES) == set(SCHEDULE_NAMES)
     assert set(schedules.SNR_SCHEDULES) == set(SNR_SCHEDULE_NAMES)
     assert set(schedules.FITTED_SCHEDULES) == set(FITTED_SCHEDULE_NAMES)
+    assert set(schedules.NOISE_LEVEL_SCHEDULES) == set(NOISE_LEVEL_SCHEDULE_NAMES)
     assert set(objectives.OBJECTIVES) == set(OBJECTIVE_NAMES)
     assert set(tuning.TUNING_METHODS) == set(TUNING_METHOD_NAMES)
     for package in (tuning, objectives, control):

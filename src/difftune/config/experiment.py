@@ -20,6 +20,7 @@ from difftune.config.files import parse_value, read_config_file, yaml_problem
 from difftune.config.names import (
     FITTED_SCHEDULE_NAMES,
     OBJECTIVE_NAMES,
+    SCHEDULE_AXES,
     TUNING_METHOD_NAMES,
     is_schedule_name,
     schedule_names,
@@ -105,9 +106,10 @@ class ObjectiveConfig:
         target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
             (psi(t) grows with t), ``"uniform"``, or the weightings of other methods ``"min_snr"``
             (min-SNR-γ) and ``"inverse_snr"`` (x0 supervision), built from the model's noise levels,
-            or ``"data_driven"``: fitted from the pre-trained model's transfer gap before training
+            ``"logit_normal_up"`` (its pre-training density moved toward noise), or ``"data_driven"``: fitted from the pre-trained model's transfer gap before training
             (docs/method.md §10; needs a bank).
-        bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"`` or ``"data_driven"``.
+        bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"``,
+            ``"logit_normal_down"`` or ``"data_driven"``.
         target_exponent: exponent s of the target power schedule (paper default 1).
         bank_exponent: exponent s of the bank power schedule (paper default 1).
         realisation: ``"sample"`` (importance-sample t, the authors' code) or ``"weight"`` (uniform
@@ -121,6 +123,14 @@ class ObjectiveConfig:
         retention_data: what the retention stream holds: ``"bank"`` (the knowledge bank) or
             ``"target"`` (target samples, with the null condition; no bank needed).
         snr_gamma: γ of the ``min_snr`` schedule (Hang et al. 2023 use 5).
+        schedule_axis: the axis the power schedules (``power_up``, ``power_down``) act on:
+            ``"index"`` (the paper's: a power law over the normalised index (t + 1) / T) or
+            ``"log_snr"`` (the DDPM-linear power law carried over to the model's process by
+            matching log-SNR; docs/method.md §12). ``uniform`` stays uniform over the index.
+        target_offset: shift, in logit(σ_flow) = -log-SNR / 2 units, of ``logit_normal_up`` from the
+            model's pre-training density toward noise (docs/method.md §12); must be >= 0.
+        bank_offset: shift of ``logit_normal_down`` from the pre-training density toward data (it
+            shifts by ``-bank_offset``); must be >= 0.
         teacher_dtype: ``kind: distillation`` with full fine-tuning keeps a frozen copy of the
             pre-trained model as its teacher, in ``float32`` or ``bfloat16`` (half the memory);
             parameter-efficient methods need no copy (their adapters are switched off instead).
@@ -142,6 +152,9 @@ class ObjectiveConfig:
     retention_data: str = "bank"
     teacher_dtype: str = "float32"
     snr_gamma: float = 5.0
+    schedule_axis: str = "index"
+    target_offset: float = 1.1
+    bank_offset: float = 1.1
     data_schedule_bins: int = 20
     data_schedule_draws: int = 8
 
@@ -160,6 +173,15 @@ class ObjectiveConfig:
         _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
         _check(self.target_exponent >= 0 and self.bank_exponent >= 0, "objective exponents must be >= 0")
         _check(self.snr_gamma > 0, f"objective.snr_gamma={self.snr_gamma} must be > 0")
+        _check(
+            self.schedule_axis in SCHEDULE_AXES,
+            f"objective.schedule_axis={self.schedule_axis!r}: use one of {list(SCHEDULE_AXES)}",
+        )
+        _check(
+            self.target_offset >= 0 and self.bank_offset >= 0,
+            f"objective.target_offset={self.target_offset} and objective.bank_offset={self.bank_offset} "
+            "must be >= 0 (logit_normal_down shifts by -bank_offset)",
+        )
         for key in ("target_schedule", "bank_schedule"):
             name = getattr(self, key)
             _check(

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 SCHEDULE_NAMES = ("uniform", "power_up", "power_down")  # built from T alone
 SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr")  # built from the model's noise levels
+# built from the model's pre-training density, shifted in log-SNR (objective.target_offset / bank_offset)
+NOISE_LEVEL_SCHEDULE_NAMES = ("logit_normal_up", "logit_normal_down")
+SCHEDULE_AXES = ("index", "log_snr")  # objective.schedule_axis: what the power schedules act on
 FITTED_SCHEDULE_NAMES = ("data_driven",)  # fitted from data before training
 OBJECTIVE_NAMES = ("diff_tuning", "distillation")
 TUNING_METHOD_NAMES = ("full", "lora", "loha", "lokr", "bitfit", "difffit", "adaptformer", "vpt", "svdiff")
@@ -17,7 +20,7 @@ TUNING_METHOD_NAMES = ("full", "lora", "loha", "lokr", "bitfit", "difffit", "ada
 
 def schedule_names() -> list[str]:
     """Every registered schedule name (a ``"package.module:function"`` density is valid too)."""
-    return sorted(SCHEDULE_NAMES + SNR_SCHEDULE_NAMES + FITTED_SCHEDULE_NAMES)
+    return sorted(SCHEDULE_NAMES + SNR_SCHEDULE_NAMES + NOISE_LEVEL_SCHEDULE_NAMES + FITTED_SCHEDULE_NAMES)
 
 
 def is_schedule_name(name: str) -> bool:

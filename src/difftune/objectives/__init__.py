@@ -47,15 +47,20 @@ def _diff_tuning(
     **extra: Any,
 ) -> DiffTuningLoss:
     from difftune.objectives.diff_tuning import DiffTuningLoss
-    from difftune.schedules.base import NoiseLevels, build_schedule
+    from difftune.schedules.base import build_schedule
 
     T = process.num_timesteps
-    noise = NoiseLevels(process.equivalent_alphas_cumprod(), process.prediction_type)
+    noise = process.noise_levels()
     psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
+    axis = cfg.schedule_axis
     return (kind or DiffTuningLoss)(
         process,
-        build_schedule(cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma, fitted=psi),
-        build_schedule(cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma, fitted=xi),
+        build_schedule(
+            cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma, psi, axis, cfg.target_offset
+        ),
+        build_schedule(
+            cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma, xi, axis, cfg.bank_offset
+        ),
         realisation=cfg.realisation,
         bank_weight=cfg.bank_weight,
         cfg_dropout=cfg.cfg_dropout,

@@ -62,13 +62,18 @@ def process_name(scheduler_config: dict[str, Any]) -> str:
     """``ddpm``, ``flow`` or ``edm``: the process a scheduler config describes.
 
     A class outside :data:`SCHEDULER_CLASSES` whose config states a β schedule (LCM, TCD, ...) is of
-    the DDPM family too.
+    the DDPM family too. A config that names no class (a scheduler's own ``.config``) is read by its
+    keys: ``sigma_data`` is EDM's, a ``shift`` without a β schedule rectified flow's, anything else DDPM.
 
     Raises:
         UserError: its class is none of :data:`SCHEDULER_CLASSES` and it states no β schedule (the
             message lists the classes).
     """
-    cls = scheduler_config.get("_class_name") or DEFAULT_SCHEDULER_CLASS
+    cls = scheduler_config.get("_class_name")
+    if not cls:
+        if "sigma_data" in scheduler_config:
+            return "edm"
+        return "flow" if "shift" in scheduler_config and "beta_schedule" not in scheduler_config else "ddpm"
     for name, classes in SCHEDULER_CLASSES.items():
         if cls in classes:
             return name

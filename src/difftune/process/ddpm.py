@@ -28,6 +28,14 @@ PREDICTIONS = {
 }
 
 
+# the loss of a prediction type, times this, is the x0 (clean-sample) loss ||x0 - x0_hat||^2 (docs/method.md §8)
+X0_FACTOR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda snr: 1.0 / snr,
+    "v_prediction": lambda snr: 1.0 / (snr + 1.0),
+    "sample": lambda snr: torch.ones_like(snr),
+}
+
+
 class DDPMProcess(ForwardProcess):
     """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε, computed by diffusers' ``DDPMScheduler.add_noise``.
 
@@ -76,6 +84,12 @@ class DDPMProcess(ForwardProcess):
     def equivalent_alphas_cumprod(self) -> torch.Tensor:
         return self.alphas_cumprod  # its own table, exactly
 
-    def log_snr(self) -> torch.Tensor:
+    def snr(self) -> torch.Tensor:
         abar = self.alphas_cumprod.double()
-        return (abar / (1 - abar)).log()
+        return abar / (1 - abar)
+
+    def log_snr(self) -> torch.Tensor:
+        return self.snr().log()
+
+    def x0_factor(self) -> torch.Tensor:
+        return X0_FACTOR[self.prediction_type](self.snr())

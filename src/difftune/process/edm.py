@@ -69,6 +69,11 @@ class EDMProcess(ForwardProcess):
     def log_snr(self) -> torch.Tensor:
         return -2 * self.sigmas.log()  # data of unit scale: SNR = 1 / σ²
 
+    def x0_factor(self) -> torch.Tensor:
+        # x̂0 = c_skip·x + c_out·F̂, so ‖F̂ − F‖² = ‖x̂0 − x0‖² / c_out², c_out² = σ²σ_d² / (σ² + σ_d²)
+        sigma2, sd2 = self.sigmas**2, self.sigma_data**2
+        return sigma2 * sd2 / (sigma2 + sd2)
+
     def pretraining_density(self) -> torch.Tensor:
         """p(t) (T,) float64 of EDM's log-normal σ density over this index (log σ is uniform in t)."""
         z = (self.sigmas.log() - P_MEAN) / P_STD

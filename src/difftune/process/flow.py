@@ -57,3 +57,13 @@ class FlowProcess(ForwardProcess):
 
     def log_snr(self) -> torch.Tensor:
         return 2 * ((1 - self.sigmas) / self.sigmas).log()
+
+    def snr(self) -> torch.Tensor:
+        return ((1 - self.sigmas) / self.sigmas) ** 2  # 0 at the last index (σ = 1)
+
+    def x0_factor(self) -> torch.Tensor:
+        # x̂0 = x_t − σ·v̂, so ‖v̂ − v‖² = ‖x̂0 − x0‖² / σ² = (1 + √SNR)²·‖x̂0 − x0‖²
+        return self.sigmas**2
+
+    # pretraining_density: uniform over the index (σ = shift((t + 1) / T)). A scheduler config does not say
+    # how the model was trained; SD3's logit-normal, for one, would have to be stated (docs/method.md §12)

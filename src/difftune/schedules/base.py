@@ -21,13 +21,35 @@ the pre-trained model's transfer gap by :mod:`difftune.schedules.data_driven`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from difftune.config.names import schedule_names
+from difftune.config.names import SCHEDULE_AXES, schedule_names
 from difftune.errors import UserError
 from difftune.plugins import import_object
+from difftune.process.base import NoiseLevels
+from difftune.schedules import noise_level
+
+__all__ = [
+    "AXES",
+    "FITTED_SCHEDULES",
+    "NOISE_LEVEL_SCHEDULES",
+    "SCHEDULES",
+    "SNR_SCHEDULES",
+    "NoiseLevels",
+    "TimestepSchedule",
+    "build_schedule",
+    "inverse_snr",
+    "logit_normal_down",
+    "logit_normal_up",
+    "min_snr",
+    "on_log_snr",
+    "power_down",
+    "power_up",
+    "tabulated",
+    "timestep_bins",
+    "uniform",
+]
 
 
 class TimestepSchedule:
@@ -116,53 +138,43 @@ def power_down(num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
     )
 
 
-# the loss of a prediction type, times this, is the x0 (clean-sample) loss: ||x0 - x0_hat||^2
-X0_FACTOR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "epsilon": lambda snr: 1.0 / snr,
-    "v_prediction": lambda snr: 1.0 / (snr + 1.0),
-    "sample": lambda snr: torch.ones_like(snr),
-}
-
-
-@dataclass(frozen=True)
-class NoiseLevels:
-    """What an SNR-based schedule needs of the model's noise schedule.
-
-    Attributes:
-        alphas_cumprod: ᾱ_t for t = 0..T-1 (a diffusers scheduler's ``alphas_cumprod``).
-        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``: the loss the weights apply to.
-    """
-
-    alphas_cumprod: torch.Tensor
-    prediction_type: str = "epsilon"
-
-    def snr(self) -> torch.Tensor:
-        """SNR(t) = ᾱ_t / (1 - ᾱ_t), float64."""
-        a = self.alphas_cumprod.double()
-        return a / (1.0 - a)
-
-    def x0_factor(self) -> torch.Tensor:
-        """Per-t factor that turns this prediction type's loss into the x0 loss."""
-        if self.prediction_type not in X0_FACTOR:
-            raise UserError(
-                f"SNR weighting: prediction type {self.prediction_type!r} is not one of {sorted(X0_FACTOR)}"
-            )
-        return X0_FACTOR[self.prediction_type](self.snr())
-
-
 def min_snr(noise: NoiseLevels, gamma: float = 5.0) -> TimestepSchedule:
-    """Min-SNR-γ (Hang et al. 2023): the x0 loss weighted by min(SNR(t), γ), as a weight on the model's own loss."""
+    """Min-SNR-γ (Hang et al. 2023): the x0 loss weighted by min(SNR(t), γ), as a weight on the model's own
+    loss (any process: ``noise.x0_factor`` turns it into the x0 loss; docs/method.md §8)."""
     return TimestepSchedule.from_table(
-        noise.snr().clamp(max=gamma) * noise.x0_factor(), name=f"min_snr(gamma={gamma:g})"
+        noise.snr.clamp(max=gamma) * noise.x0_factor, name=f"min_snr(gamma={gamma:g})"
     )
 
 
 def inverse_snr(noise: NoiseLevels, gamma: float = 0.0) -> TimestepSchedule:
-    """x0 supervision: the model's loss weighted so that it equals the x0 loss (for ε: 1 / SNR(t)).
+    """x0 supervision: the model's loss weighted so that it equals the x0 loss (for ε: 1 / SNR(t);
+    for the rectified-flow velocity: σ²). ``gamma`` is accepted and ignored."""
+    return TimestepSchedule.from_table(noise.x0_factor, name="inverse_snr")
 
-    It puts most of the weight on the highest noise levels. ``gamma`` is accepted and ignored.
-    """
-    return TimestepSchedule.from_table(noise.x0_factor(), name="inverse_snr")
+
+def logit_normal_up(noise: NoiseLevels, offset: float = 1.1) -> TimestepSchedule:
+    """ψ over the noise level: the model's pre-training density moved toward noise by ``offset`` in
+    logit(σ_flow) = −log-SNR / 2 (docs/method.md §12)."""
+    table = noise_level.shifted(noise.pretraining, noise.log_snr, offset)
+    return TimestepSchedule.from_table(table, name=f"logit_normal_up(offset={offset:g})")
+
+
+def logit_normal_down(noise: NoiseLevels, offset: float = 1.1) -> TimestepSchedule:
+    """ξ over the noise level: the model's pre-training density moved toward data by ``offset``."""
+    table = noise_level.shifted(noise.pretraining, noise.log_snr, -offset)
+    return TimestepSchedule.from_table(table, name=f"logit_normal_down(offset={offset:g})")
+
+
+def on_log_snr(schedule: TimestepSchedule, noise: NoiseLevels) -> TimestepSchedule:
+    """``schedule``, a density over the index of the DDPM linear β schedule (T = 1000), carried to the
+    model whose noise levels are ``noise`` so that both give the same distribution of log-SNR
+    (the ``log_snr`` axis; docs/method.md §12). On that DDPM schedule itself it is ``schedule``."""
+    if schedule.num_timesteps != noise_level.REFERENCE_T:
+        raise ValueError(
+            f"a log-SNR port starts from the {noise_level.REFERENCE_T} steps of the DDPM reference"
+        )
+    table = noise_level.ported(schedule.probs(), noise.log_snr)
+    return TimestepSchedule.from_table(table, name=f"{schedule.name}@log_snr")
 
 
 def timestep_bins(num_timesteps: int, num_bins: int) -> torch.Tensor:
@@ -195,6 +207,12 @@ SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
     "min_snr": min_snr,
     "inverse_snr": inverse_snr,
 }
+# the model's pre-training density moved along log-SNR (by objective.target_offset / bank_offset)
+NOISE_LEVEL_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
+    "logit_normal_up": logit_normal_up,
+    "logit_normal_down": logit_normal_down,
+}
+AXES = SCHEDULE_AXES  # what the power schedules act on (objective.schedule_axis)
 # schedules fitted from data before training: built from a table of per-bin weights over t
 FITTED_SCHEDULES: dict[str, Callable[[Sequence[float], int], TimestepSchedule]] = {
     "data_driven": lambda weights, num_timesteps: tabulated(weights, num_timesteps, "data_driven"),
@@ -208,18 +226,26 @@ def build_schedule(
     noise: NoiseLevels | None = None,
     snr_gamma: float = 5.0,
     fitted: Sequence[float] | None = None,
+    axis: str = "index",
+    offset: float = 1.1,
 ) -> TimestepSchedule:
     """Build a schedule by registry name, or from ``"package.module:function"`` (a density over u).
 
     Args:
-        name: a name in :data:`SCHEDULES`, :data:`SNR_SCHEDULES` or :data:`FITTED_SCHEDULES`, or
-            ``"package.module:function"``.
+        name: a name in :data:`SCHEDULES`, :data:`SNR_SCHEDULES`, :data:`NOISE_LEVEL_SCHEDULES` or
+            :data:`FITTED_SCHEDULES`, or ``"package.module:function"``.
         num_timesteps: T.
         exponent: s of the power schedules.
-        noise: the model's noise levels (needed by :data:`SNR_SCHEDULES`).
+        noise: the model's noise levels (:meth:`ForwardProcess.noise_levels`; needed by
+            :data:`SNR_SCHEDULES`, :data:`NOISE_LEVEL_SCHEDULES` and the ``log_snr`` axis).
         snr_gamma: γ of ``min_snr``.
         fitted: the per-bin weights a :data:`FITTED_SCHEDULES` schedule was fitted to (for
             ``data_driven``: ψ or ξ of a :class:`~difftune.schedules.data_driven.DataSchedule`).
+        axis: ``index`` (the power law over the normalised index, the paper's) or ``log_snr`` (the
+            paper's power law on the DDPM linear schedule, carried to the model by log-SNR).
+            ``uniform``, custom, fitted and noise-level schedules are the same on both axes.
+        offset: the shift of :data:`NOISE_LEVEL_SCHEDULES` in logit(σ_flow) units (>= 0; ``_down``
+            shifts toward data).
 
     Raises:
         ValueError: unknown name (the message lists the valid names), or a fitted schedule without its fit.
@@ -233,12 +259,25 @@ def build_schedule(
         return FITTED_SCHEDULES[name](fitted, num_timesteps)
     if ":" in name:
         return TimestepSchedule(import_object(name, "schedule"), num_timesteps, name=name)
+    if axis not in AXES:
+        raise UserError(f"schedule axis {axis!r} is unknown; valid: {list(AXES)}")
+    needs_noise = (
+        name in SNR_SCHEDULES or name in NOISE_LEVEL_SCHEDULES or (axis == "log_snr" and name != "uniform")
+    )
+    if needs_noise and (noise is None or noise.num_timesteps != num_timesteps):
+        raise UserError(f"schedule {name!r} needs the model's {num_timesteps} noise levels")
     if name in SNR_SCHEDULES:
-        if noise is None or noise.alphas_cumprod.shape != (num_timesteps,):
-            raise UserError(f"schedule {name!r} needs the model's {num_timesteps} noise levels")
         return SNR_SCHEDULES[name](noise, snr_gamma)
+    if name in NOISE_LEVEL_SCHEDULES:
+        if offset < 0:
+            raise UserError(
+                f"schedule {name!r}: offset={offset:g} must be >= 0 (its name gives the direction)"
+            )
+        return NOISE_LEVEL_SCHEDULES[name](noise, offset)
     if name not in SCHEDULES:
         raise UserError(
             f"unknown schedule {name!r}; valid names: {schedule_names()} or 'package.module:function'"
         )
+    if axis == "log_snr" and name != "uniform":  # uniform stays uniform over the index
+        return on_log_snr(SCHEDULES[name](noise_level.REFERENCE_T, exponent), noise)
     return SCHEDULES[name](num_timesteps, exponent)

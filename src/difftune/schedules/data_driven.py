@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_write_json
+from difftune.process import build_process
 from difftune.schedules.base import timestep_bins
 from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 
@@ -205,7 +205,8 @@ def fit_data_schedule(
 
     Args:
         backbone: the pre-trained model (for a tuned model: with its adapters switched off).
-        scheduler_config: its noise schedule (a diffusers scheduler config, or a scheduler).
+        scheduler_config: its noise schedule (a diffusers scheduler config, or a scheduler): any forward
+            process (DDPM, rectified flow, EDM; :func:`~difftune.process.build_process`).
         target_x0, target_cond: target samples in the diffusion space (N, C, H, W) and the
             conditions training gives them.
         bank_x0, bank_cond: bank samples (M, C, H, W) and the conditions training gives them
@@ -219,7 +220,9 @@ def fit_data_schedule(
     Raises:
         UserError: an empty set, or more bins than timesteps.
     """
-    scheduler = DDPMScheduler.from_config(getattr(scheduler_config, "config", scheduler_config))
+    if hasattr(scheduler_config, "config"):  # a scheduler: its config does not name its class
+        scheduler_config = {"_class_name": type(scheduler_config).__name__, **scheduler_config.config}
+    process = build_process(scheduler_config)
     if len(target_x0) == 0 or len(bank_x0) == 0:
         raise UserError(
             "a data-driven schedule needs target samples and bank samples; neither set may be empty"
@@ -230,7 +233,7 @@ def fit_data_schedule(
     try:
         measured = binned_denoising_loss(
             (Evaluation(backbone, target_x0, target_cond), Evaluation(backbone, bank_x0, bank_cond)),
-            scheduler.config,
+            scheduler_config,
             num_bins,
             draws_per_bin,
             seed,
@@ -265,7 +268,7 @@ def fit_data_schedule(
         )
     edges = measured.edges.tolist()
     return DataSchedule(
-        num_timesteps=scheduler.config.num_train_timesteps,
+        num_timesteps=process.num_timesteps,
         t_low=edges[:-1],
         t_high=[e - 1 for e in edges[1:]],
         loss_target=loss_target.tolist(),
@@ -275,7 +278,7 @@ def fit_data_schedule(
         psi=psi.tolist(),
         xi=xi.tolist(),
         uniform=uniform,
-        prediction_type=scheduler.config.prediction_type,
+        prediction_type=process.prediction_type,
         draws_per_bin=draws_per_bin,
         rows_per_draw=rows,
         forward_passes=measured.forward_passes,
