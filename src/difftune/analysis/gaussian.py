@@ -198,10 +198,10 @@ def optimal_score(gmm: GaussianMixture, x_t: torch.Tensor, abar: float | torch.T
 
 
 def ddpm_alphas_cumprod() -> torch.Tensor:
-    """abar (T=1000,) float64 of diffusers' ``DDPMScheduler()`` (linear betas 1e-4..0.02); t=0 least noisy."""
-    from diffusers import DDPMScheduler  # lazy: nothing heavy at import time
+    """abar (T=1000,) float64 of the default DDPM schedule (linear betas 1e-4..0.02); t=0 least noisy."""
+    from difftune.process.schedulers import linear_alphas_cumprod  # lazy: nothing heavy at import time
 
-    return DDPMScheduler().alphas_cumprod.to(torch.float64)
+    return linear_alphas_cumprod()
 
 
 def transfer_gaps(

@@ -12,7 +12,7 @@ from pathlib import Path
 from difftune.backbones.adapters import ADAPTER
 from difftune.backbones.base import ClassConditionalBackbone
 from difftune.backbones.loading import LoadedModel
-from difftune.backbones.noise_schedule import DEFAULT_NOISE_SCHEDULE
+from difftune.process.schedulers import DEFAULT_NOISE_SCHEDULE
 
 CARD = "README.md"
 FOLDER = "THIS_FOLDER"

@@ -22,32 +22,12 @@ from typing import Any
 
 from difftune.errors import shown_path
 from difftune.process import DEFAULT_SCHEDULER_CLASS
+from difftune.process.schedulers import DEFAULT_NOISE_SCHEDULE, read_scheduler_config
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_FILE = "scheduler_config.json"
 
-# The schedule difftune gives a model that comes without one: DDPM's linear betas over 1000 steps,
-# epsilon prediction, with every key stated (these are DDPMScheduler's defaults, and what difftune's
-# saved models have always recorded), so every sampler class builds the same timestep grid from it.
-DEFAULT_NOISE_SCHEDULE: dict[str, Any] = {
-    "_class_name": "DDPMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "variance_type": "fixed_small",
-    "clip_sample": True,
-    "prediction_type": "epsilon",
-    "thresholding": False,
-    "dynamic_thresholding_ratio": 0.995,
-    "clip_sample_range": 1.0,
-    "sample_max_value": 1.0,
-    "timestep_spacing": "leading",
-    "steps_offset": 0,
-    "rescale_betas_zero_snr": False,
-}
 _warned: set[str] = set()
 
 
@@ -60,13 +40,11 @@ def read_noise_schedule(
     beside the model in ``subfolder``. A model without one gets :data:`DEFAULT_NOISE_SCHEDULE`, with
     a warning once per model and process.
     """
-    from diffusers import DDPMScheduler
-
     if in_pipeline:
-        return stated_keys(DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+        return stated_keys(read_scheduler_config(pretrained, subfolder="scheduler", revision=revision))
     beside = Path(pretrained) / (subfolder or "")
     if (beside / SCHEDULER_FILE).is_file():
-        return stated_keys(DDPMScheduler.load_config(str(beside)))
+        return stated_keys(read_scheduler_config(str(beside)))
     if pretrained not in _warned:
         _warned.add(pretrained)
         logger.warning(
@@ -101,7 +79,7 @@ def write_noise_schedule(schedule: dict[str, Any], directory: str | os.PathLike)
 
 
 def scheduler_class_name(schedule: dict[str, Any]) -> str:
-    """The diffusers scheduler class ``schedule`` was written for (``DDPMScheduler`` when unknown)."""
+    """The diffusers scheduler class ``schedule`` was written for (the default DDPM one when unknown)."""
     import diffusers
 
     name = schedule.get("_class_name")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
@@ -41,6 +41,7 @@ from difftune.demos.digits import pretraining_config
 from difftune.demos.report import environment
 from difftune.io.atomic import atomic_write_json, atomic_write_text
 from difftune.io.store import user_cache_dir
+from difftune.process.schedulers import make_scheduler
 from difftune.testing.models import tiny_text_encoder
 from difftune.training.loop import Trainer
 
@@ -127,7 +128,7 @@ def _source_pipeline(root: Path, s: ControlDemoSettings) -> Path:
     unet.save_pretrained(init / "unet")
     text_encoder.save_pretrained(init / "text_encoder")
     tokenizer.save_pretrained(init / "tokenizer")
-    DDPMScheduler().save_pretrained(init / "scheduler")
+    make_scheduler().save_pretrained(init / "scheduler")
     return init
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 
 from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
 from difftune.backbones import load_pretrained, load_trained
@@ -41,6 +41,7 @@ from difftune.demos.report import environment, plot_curves, report_markdown, uni
 from difftune.demos.settings import DemoSettings
 from difftune.io.atomic import atomic_write_json, atomic_write_text
 from difftune.io.images import save_grid
+from difftune.process.schedulers import make_scheduler
 from difftune.sampling.generate import build_scheduler, to_unit_range
 from difftune.training.loop import Trainer, list_checkpoints
 
@@ -89,7 +90,7 @@ def pretrain_source(s: DemoSettings) -> Path:
         norm_num_groups=1,
     )
     model.save_pretrained(init / "transformer")
-    DDPMScheduler().save_pretrained(init / "scheduler")
+    make_scheduler().save_pretrained(init / "scheduler")
     cfg = pretraining_config(
         init,
         s.source_data_config(),

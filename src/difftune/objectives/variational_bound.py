@@ -51,7 +51,7 @@ class VariationalBound:
     """Per-sample L_vb for a model with learned-range variance, from a DDPM beta schedule.
 
     Args:
-        betas: (T,) the noise schedule's betas (``DDPMScheduler.betas``).
+        betas: (T,) the noise schedule's betas (the DDPM scheduler's ``betas``).
     """
 
     def __init__(self, betas: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 from difftune.process import process_name, sampler_for
+from difftune.process.schedulers import ANCESTRAL_DDPM_SAMPLER
 
 
 def scheduler_names() -> list[str]:
@@ -53,7 +54,7 @@ def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMix
     cls = getattr(diffusers, name)
     overrides: dict[str, Any] = {}
     if "variance_type" in inspect.signature(cls.__init__).parameters:
-        overrides["variance_type"] = "fixed_small" if name == "DDPMScheduler" else None
+        overrides["variance_type"] = "fixed_small" if name == ANCESTRAL_DDPM_SAMPLER else None
     return cls.from_config(scheduler_config, **overrides)
 
 
@@ -175,7 +176,7 @@ def load_guide(path: str, model: Any, vae: str | None = None) -> Backbone:
             f"{tuple(model.backbone.sample_shape)}; guide with the model it was fine-tuned from"
         )
     # the schedule's values and its process; not its class name (a final/ saved before 2026-12-03 names
-    # DDPMScheduler for a base whose schedule is a PNDMScheduler's)
+    # the DDPM scheduler for a base whose schedule is a PNDM one's)
     keys = ("num_train_timesteps", "prediction_type", "beta_schedule", "beta_start", "beta_end")
     keys += ("shift", "sigma_min", "sigma_max", "sigma_data")  # flow and EDM
     theirs, ours = guide.scheduler_config, model.scheduler_config

@@ -16,11 +16,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
-    DDPMScheduler,
     DiTTransformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
+
+from difftune.process.schedulers import make_scheduler
 
 __all__ = [
     "save_pipeline_dir",
@@ -94,7 +95,7 @@ def save_pipeline_dir(
 ) -> Path:
     """Write a pipeline-like directory: <subfolder>/, scheduler/ and optionally vae/."""
     model.save_pretrained(root / subfolder)
-    DDPMScheduler(num_train_timesteps=num_train_timesteps).save_pretrained(root / "scheduler")
+    make_scheduler(num_train_timesteps=num_train_timesteps).save_pretrained(root / "scheduler")
     if vae is not None:
         vae.save_pretrained(root / "vae")
     return root
@@ -176,7 +177,7 @@ def save_sd_pipeline(
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "unet": unet,
-        "scheduler": DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
+        "scheduler": make_scheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
         "safety_checker": None,
         "feature_extractor": None,
         "requires_safety_checker": False,
