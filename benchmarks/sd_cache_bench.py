@@ -3,10 +3,10 @@
 difftune encodes a text-conditional target set once, before training (``difftune.data.targets.prepare_target``
 -> ``encode_and_cache`` with :class:`~difftune.data.conditions.TargetConditions`): each image's VAE
 posterior mean and std, and its caption's CLIP embedding (float16). A training step then only draws
-``mean + std * noise`` and reads the embeddings (``Trainer._batch``). This script measures what that
+``mean + std * noise`` and reads the embeddings (``RunParts.batch``). This script measures what that
 saves, in one process and one run, on one random-init Stable Diffusion pipeline (nothing downloaded):
 
-* ``cached``: the batch as ``Trainer._batch`` makes it, from the cache that ``prepare_target`` wrote:
+* ``cached``: the batch as ``RunParts.batch`` makes it, from the cache that ``prepare_target`` wrote:
   ``TargetData.draw`` (a fresh posterior draw) and the cached embeddings (``cond.select``);
 * ``uncached``: every step loads the batch's images from the PNG files of a captioned folder
   (``metadata.jsonl``; ``caption_folder(...).images``, i.e. :func:`difftune.io.images.load_square_image`
@@ -335,7 +335,7 @@ def batch(bench: Bench, mode: str, idx: torch.Tensor, g: torch.Generator, laps: 
     from difftune.backbones.conditioning import Conditioning
     from difftune.backbones.stable_diffusion import PROMPTS
 
-    if mode == "cached":  # Trainer._batch
+    if mode == "cached":  # RunParts.batch
         x0, cond = bench.target.draw(idx, g), bench.target.cond.select(idx)
         laps.lap("data")
         return x0, cond
