@@ -1,4 +1,5 @@
-"""min-SNR-γ and inverse-SNR (x0 supervision) as schedules of the target stream."""
+"""min-SNR-γ and inverse-SNR (x0 supervision) as schedules of the target stream, on every process and
+prediction target (docs/method.md §8)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from difftune.config.experiment import ConfigError, ObjectiveConfig
 from difftune.errors import UserError
@@ -14,10 +15,24 @@ from difftune.objectives import DiffTuningLoss
 from difftune.objectives.base import Draw
 from difftune.process import build_process
 from difftune.schedules.base import NoiseLevels, build_schedule, uniform
+from difftune.schedules.noise_level import flow_sigma
 from difftune.training.loop import Trainer
 from test_training import make_cfg, metrics
 
 T = 1000
+PROCESSES = {
+    "ddpm-epsilon": DDPMScheduler(),
+    "ddpm-v": DDPMScheduler(prediction_type="v_prediction"),
+    "ddpm-sample": DDPMScheduler(prediction_type="sample"),
+    "flow": FlowMatchEulerDiscreteScheduler(),
+    "flow-shift3": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    "edm": EDMEulerScheduler(),
+}
+
+
+def _process(name: str):
+    scheduler = PROCESSES[name]
+    return build_process({"_class_name": type(scheduler).__name__, **scheduler.config})
 
 
 def _noise(prediction_type: str = "epsilon") -> NoiseLevels:
@@ -89,3 +104,82 @@ def test_a_run_with_min_snr_on_the_target_stream(dit_dir: Path, tmp_path: Path) 
         make_cfg(dit_dir, run, None, "objective.target_schedule=min_snr", "objective.realisation=weight")
     ).train()
     assert all(m["loss/total"] > 0 for m in metrics(run))
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_the_x0_factor_is_the_squared_slope_of_x0_in_the_prediction(name: str) -> None:
+    process = _process(name)
+    t = torch.arange(T)
+    zeros = torch.zeros(T, 1, 1, 1, dtype=torch.float64)
+    slope = process.x0(zeros + 1, zeros, t) - process.x0(zeros, zeros, t)  # x0 is affine in the prediction
+    torch.testing.assert_close(process.x0_factor(), slope.flatten() ** 2, rtol=1e-10, atol=0)
+    snr = process.snr()
+    if name == "ddpm-v":
+        torch.testing.assert_close(snr.clamp(max=5.0) * process.x0_factor(), snr.clamp(max=5.0) / (snr + 1))
+    if name.startswith("flow"):  # ‖v̂ − v‖² = (1 + √SNR)²·‖x̂0 − x0‖²
+        torch.testing.assert_close(1 / process.x0_factor(), (1 + snr.sqrt()) ** 2, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_min_snr_is_min_snr_gamma_over_snr_of_the_epsilon_loss_on_every_process(name: str) -> None:
+    """Under ``weight``, min-SNR-γ turns the model's own loss into min(SNR, γ)·(x0 loss) = min(SNR, γ)/SNR·(ε loss),
+    and inverse-SNR into the x0 loss, each up to the one constant of the table's normalisation."""
+    process = _process(name)
+    noise = process.noise_levels()
+    g = torch.Generator().manual_seed(0)
+    x0, noise_draw = torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 200, 400, 600, 800, 990, 998])
+    prediction = torch.randn(8, 1, 4, 4, generator=g)
+    x_t = process.noised(x0, noise_draw, t)
+    x0_hat = process.x0(prediction, x_t, t)
+    ones = torch.ones(1, 1, 1, 1)
+    a = torch.stack([process.noised(ones, 0 * ones, t[i : i + 1]) for i in range(8)]).flatten()
+    s = torch.stack([process.noised(0 * ones, ones, t[i : i + 1]) for i in range(8)]).flatten()
+    eps_hat = (x_t - a.view(-1, 1, 1, 1) * x0_hat) / s.view(-1, 1, 1, 1)
+    mse = lambda u, v: (u - v).double().pow(2).flatten(1).mean(1)  # noqa: E731
+    snr = noise.snr[t]
+    for kind, expected in [
+        ("min_snr", snr.clamp(max=5.0) / snr * mse(eps_hat, noise_draw)),
+        ("min_snr", snr.clamp(max=5.0) * mse(x0_hat, x0)),
+        ("inverse_snr", mse(x0_hat, x0)),
+    ]:
+        schedule = build_schedule(kind, T, noise=noise, snr_gamma=5.0)
+        objective = DiffTuningLoss(process, schedule, uniform(T), realisation="weight", cfg_dropout=0.0)
+        draw = Draw(t, noise_draw, torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool))
+        loss = objective(lambda *_: prediction, x0, None, draw.bank, draw).loss.double()
+        ratio = loss / expected
+        torch.testing.assert_close(ratio, ratio[:1].expand(8), rtol=2e-4, atol=0)
+
+
+def test_min_snr_and_inverse_snr_are_finite_where_flow_is_pure_noise() -> None:
+    noise = _process("flow").noise_levels()
+    assert noise.snr[-1] == 0 and noise.log_snr[-1] == float("-inf")
+    assert build_schedule("min_snr", T, noise=noise).weights()[-1] == 0  # min(0, γ)·σ² = 0
+    inverse = build_schedule("inverse_snr", T, noise=noise).weights()
+    assert torch.isfinite(inverse).all() and inverse.argmax() == T - 1  # σ² is largest at σ = 1
+
+
+def test_which_end_snr_weightings_lean_to_depends_on_the_target() -> None:
+    """Mean σ_flow of each density (docs/method.md §8): inverse-SNR leans toward noise wherever the target is not x0
+    itself (there it is uniform); min-SNR-γ leans toward noise only for ε: for v, the velocity, x0 and EDM's F it caps
+    the high-noise end too, and leans toward data."""
+    measured = {}
+    for name in sorted(PROCESSES):
+        noise = _process(name).noise_levels()
+        sigma = flow_sigma(noise.log_snr)
+        measured[name] = [
+            round(float((probs * sigma).sum()), 3)
+            for probs in (
+                uniform(T).probs(),
+                build_schedule("min_snr", T, noise=noise).probs(),
+                build_schedule("inverse_snr", T, noise=noise).probs(),
+            )
+        ]
+    assert measured == {
+        "ddpm-epsilon": [0.693, 0.746, 0.987],
+        "ddpm-v": [0.693, 0.448, 0.822],
+        "ddpm-sample": [0.693, 0.276, 0.693],
+        "edm": [0.415, 0.338, 0.769],
+        "flow": [0.501, 0.405, 0.75],
+        "flow-shift3": [0.677, 0.464, 0.83],
+    }

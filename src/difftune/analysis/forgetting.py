@@ -5,8 +5,12 @@
   paper finds the score flat for small f and worse and worse as f grows: transferability of the
   pre-trained denoiser decreases monotonically along the reverse process.
 * :func:`transfer_gap`: the cheap probe, no sampling: the denoising loss (in the models' own
-  parameterisation: epsilon-MSE for epsilon models) of the pre-trained and the fine-tuned model on
-  held-out target data, binned over t, with the same noise for both.
+  parameterisation: epsilon-MSE for epsilon models, the velocity MSE for rectified flow, the MSE of
+  EDM's F) of the pre-trained and the fine-tuned model on held-out target data, binned over t, with
+  the same noise for both.
+
+Both work on every forward process: the sampler (its own steps, noisiest first) and the binned loss
+(:func:`~difftune.process.build_process`) carry what the process is.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ def transfer_gap(
     Returns:
         ``[{"t_low", "t_high", "pretrained", "finetuned", "gap", "ratio"}, ...]`` per bin: gap = pre-trained
         loss minus fine-tuned loss, ratio = pre-trained loss / fine-tuned loss. The epsilon-MSE of any
-        model shrinks as t grows, so the absolute gap shrinks too; the ratio is the scale-free view.
+        model shrinks as t grows, so the absolute gap shrinks too (other targets scale otherwise); the
+        ratio is the scale-free view.
     """
     pre = Evaluation(pretrained, x0, pretrained.unconditional(x0.shape[0]))
     fine = Evaluation(finetuned, x0, cond)
