@@ -1,7 +1,7 @@
 """Stable Diffusion training step with cached latents and prompt embeddings vs encoding every step.
 
 difftune encodes a text-conditional target set once, before training (``difftune.data.targets.prepare_target``
--> ``encode_and_cache`` with :class:`~difftune.data.conditions.TargetConditions`): each image's VAE
+-> ``encode_and_cache`` with the model family's target conditioner): each image's VAE
 posterior mean and std, and its caption's CLIP embedding (float16). A training step then only draws
 ``mean + std * noise`` and reads the embeddings (``RunParts.batch``). This script measures what that
 saves, in one process and one run, on one random-init Stable Diffusion pipeline (nothing downloaded):
@@ -251,7 +251,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Bench:
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{Path(sys.argv[0]).name}: --device cuda but CUDA is not available")
     loaded = load_pretrained(str(build_pipeline(work / "pipeline", args.size, args.seed)))
-    backbone, codec, prompts = loaded.backbone, loaded.codec, loaded.prompts
+    backbone, codec, prompts = loaded.backbone, loaded.codec, loaded.parts.prompts  # SD's text encoder
     assert prompts is not None and codec.vae is not None
     resolution = codec.image_size(backbone.sample_shape)
     folder = write_captioned_folder(work / "captioned", args.images, args.image_size or resolution, args.seed)
@@ -339,7 +339,7 @@ def batch(bench: Bench, mode: str, idx: torch.Tensor, g: torch.Generator, laps: 
         x0, cond = bench.target.draw(idx, g), bench.target.cond.select(idx)
         laps.lap("data")
         return x0, cond
-    codec, prompts = bench.loaded.codec, bench.loaded.prompts
+    codec, prompts = bench.loaded.codec, bench.loaded.parts.prompts
     assert prompts is not None
     pixels = bench.images.images(idx, bench.resolution, 3)
     laps.lap("load")

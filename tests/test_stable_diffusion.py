@@ -164,7 +164,7 @@ def test_captions_the_text_encoder_truncates_are_counted_in_one_warning(
         row["text"] = "a red circle on black"  # 19 tokens with the start and end tokens
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_pretrained(str(sd_dir))
-    assert loaded.prompts.max_length == 16
+    assert loaded.parts.prompts.max_length == 16
     cfg = DataConfig(source="captions", path=str(data), hflip=True)  # each chunk's captions encoded twice
     with caplog.at_level("WARNING"):
         prepare_target(cfg, loaded, tmp_path / "cache")
@@ -191,7 +191,7 @@ def test_text_to_image_diff_tuning_run_loads_in_the_stock_pipeline(
     generate_bank(loaded, cfg.bank, progress=False)
     bank = load_bank(cfg.bank.path, loaded)
     # sample i was generated from caption i mod 8 (the bank's prompts are the data's captions)
-    expected = loaded.prompts.encode([CAPTIONS[i % 8 % 4] for i in range(6)]).half()
+    expected = loaded.parts.prompts.encode([CAPTIONS[i % 8 % 4] for i in range(6)]).half()
     assert torch.equal(bank[PROMPTS], expected)
 
     final = train_model(cfg)
@@ -418,7 +418,7 @@ def test_a_v_prediction_pipeline_trains_on_the_velocity(tmp_path: Path, captions
     )
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 4, 4, generator=g)
-    cond = Conditioning({PROMPTS: loaded.prompts.encode(["a red circle", "a blue square"])})
+    cond = Conditioning({PROMPTS: loaded.parts.prompts.encode(["a red circle", "a blue square"])})
     draw = objective.draw(2, 0, (4, 4, 4), g)
     with torch.no_grad():
         terms = objective(loaded.backbone, x0, cond, torch.zeros(2, dtype=torch.bool), draw)
@@ -433,32 +433,6 @@ def test_a_v_prediction_pipeline_trains_on_the_velocity(tmp_path: Path, captions
     assert (
         StableDiffusionPipeline.from_pretrained(str(final)).scheduler.config.prediction_type == "v_prediction"
     )
-
-
-def test_class_label_commands_refuse_a_text_model_in_one_line(
-    sd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    real = tmp_path / "real" / "a"
-    real.mkdir(parents=True)
-    Image.new("RGB", (32, 32)).save(real / "0.png")
-    assert (
-        main(
-            ["eval", "fid", "--checkpoint", str(sd_dir), "--real", str(real.parent), "--features", "digits:x"]
-        )
-        == 2
-    )
-    assert "text-conditional; eval fid samples class labels only" in capsys.readouterr().err
-    args = [
-        "forgetting",
-        "--finetuned",
-        str(sd_dir),
-        "--pretrained",
-        str(sd_dir),
-        "--heldout",
-        str(real.parent),
-    ]
-    assert main([*args, "--out", str(tmp_path / "f")]) == 2
-    assert "probes class-conditional models only" in capsys.readouterr().err
 
 
 def test_gradient_checkpointing_trains_to_the_same_weights(

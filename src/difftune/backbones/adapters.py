@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from difftune.backbones.family import absolute_source
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
-from difftune.config.experiment import NEW_CONTROLNET_TRAINS_IN_FULL
 from difftune.errors import UserError, shown_path
 from difftune.tuning import Switchable, TuningConfig, build_tuning, trainable_parameters
 from difftune.tuning.lora import ADAPTER_NAME, PeftTuning
@@ -52,8 +52,7 @@ def apply_tuning(
     """
     settings = settings or TuningConfig()
     tuning = build_tuning(method, settings)
-    if tuning.adapter and loaded.controlnet == "from_unet":
-        raise UserError(NEW_CONTROLNET_TRAINS_IN_FULL)
+    loaded.family.check_tuning(loaded.parts, tuning.adapter)
     fingerprint = ""
     if tuning.adapter:
         fingerprint = base_fingerprint or model_fingerprint(loaded.backbone.inner)
@@ -67,16 +66,11 @@ def apply_tuning(
             "subfolder": loaded.weights[1],
             "vae": absolute_source(loaded.vae_source),
             "vae_subfolder": loaded.vae_subfolder,
-            "controlnet": absolute_source(loaded.controlnet),
+            **loaded.family.tuning_base(loaded.parts),  # the load options that rebuild the family's parts
         },
         tuning.adapter,
     )
     return params
-
-
-def absolute_source(source: str | None) -> str | None:
-    """A local path made absolute (an adapter is loaded from anywhere); a hub id as it is."""
-    return str(Path(source).resolve()) if source and Path(source).exists() else source
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,7 +101,7 @@ def save_adapter(loaded: LoadedModel, directory: Path) -> None:
             {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
             str(directory / "adapter_model.safetensors"),
         )
-        config = tuning.peft_config(inner)
+        config = tuning.peft_config(inner, loaded.backbone.adapter_targets)
         config.base_model_name_or_path = record.base.get("source")
         config.save_pretrained(str(directory))
 

@@ -29,11 +29,14 @@ class Backbone(nn.Module):
         pipeline_class: the stock diffusers pipeline that can run a saved model of this kind (with
             a VAE), or ``None``.
         condition_names: the names of the tensors a condition bundle holds.
+        family: the model family this adapter belongs to
+            (:class:`~difftune.backbones.family.ModelFamily`; set by the family's module).
     """
 
     inner: nn.Module
     pipeline_class: str | None = None
     condition_names: tuple[str, ...] = ()
+    family: Any = None
     learns_variance: bool
     sample_shape: tuple[int, int, int]
     subfolder: str
@@ -60,6 +63,11 @@ class Backbone(nn.Module):
 
     def check_condition(self, cond: Conditioning) -> None:
         """Refuse a condition bundle this model cannot consume (ValueError with the fix)."""
+
+    @property
+    def adapter_targets(self) -> dict[str, list[str]]:
+        """Method (``lora``, ``svdiff``) -> the modules of :attr:`inner` it adapts by default (the family's)."""
+        return {key: list(names) for key, names in self.family.adapter_targets.items()}
 
     @property
     def source_model(self) -> nn.Module:

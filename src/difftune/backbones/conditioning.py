@@ -74,6 +74,11 @@ class Conditioning(Mapping[str, torch.Tensor]):
             out[name] = torch.where(m, other[name].to(t.device), t)
         return Conditioning(out, self._size)
 
+    def spread(self, count: int) -> Conditioning:
+        """``count`` rows spread evenly over the bundle (all rows when it has fewer), in order."""
+        index = torch.linspace(0, self._size - 1, min(count, self._size)).round().long().unique()
+        return self.select(index)
+
     def distinct(self) -> Conditioning:
         """The distinct rows, in sorted order (for class labels: each label once, ascending)."""
         if self._size == 0:

@@ -1,4 +1,4 @@
-"""Load a pre-trained class-conditional model (hub id or local directory) and save trained ones.
+"""Load a pre-trained model (hub id or local directory) through the family of its diffusers class.
 
 A "model directory" is either a diffusers pipeline (``model_index.json`` with a ``transformer``
 or ``unet`` component, optionally ``vae`` and ``scheduler``), a directory with those sub-folders
@@ -16,44 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    DiffusionPipeline,
-    DiTTransformer2DModel,
-    UNet2DConditionModel,
-    UNet2DModel,
-)
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
-from difftune.backbones.controlnet import ControlNetBackbone
-from difftune.backbones.dit import DiTBackbone
+from difftune.backbones.families import family_for_class
+from difftune.backbones.family import LoadContext, ModelFamily
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.noise_schedule import read_noise_schedule
-from difftune.backbones.sd_parts import (
-    attach_text,
-    controlnet_backbone,
-    frozen_unet_location,
-    load_prompt_encoder,
-    sd_pipeline,
-)
-from difftune.backbones.stable_diffusion import TextConditionalBackbone
-from difftune.backbones.text import PromptEncoder
-from difftune.backbones.unet import UNetBackbone
 from difftune.config.checks import check_model_path
 from difftune.errors import UserError
 from difftune.tuning.record import TuningRecord
 
-# diffusers class name in config.json -> (diffusers class, adapter)
-BACKBONES: dict[str, tuple[type, type[Backbone]]] = {
-    "DiTTransformer2DModel": (DiTTransformer2DModel, DiTBackbone),
-    "Transformer2DModel": (DiTTransformer2DModel, DiTBackbone),  # original DiT checkpoints
-    "UNet2DModel": (UNet2DModel, UNetBackbone),
-    "UNet2DConditionModel": (UNet2DConditionModel, TextConditionalBackbone),
-    "ControlNetModel": (ControlNetModel, ControlNetBackbone),  # with the UNet of its pipeline
-}
-FROM_UNET = "from_unet"  # model.controlnet: a new ControlNet initialised from the UNet
 SOURCE_FILE = "difftune_source.json"
 
 
@@ -74,12 +48,8 @@ class LoadedModel:
             (:func:`~difftune.backbones.adapters.apply_tuning`).
         weights: ``(path or hub id, sub-folder)`` the backbone's weights were read from (``source``
             is where they came from originally, which a difftune directory records).
-        prompts: the text encoder of a text-conditional model, or ``None``.
-        pipeline: the Stable Diffusion pipeline (path or hub id) a text-conditional model's text
-            encoder and tokenizer come from; ``None`` otherwise.
-        frozen_unet: ``(path or hub id, sub-folder)`` of a ControlNet's frozen UNet; ``None`` otherwise.
-        controlnet: where a ControlNet trained over ``pretrained`` starts from (``model.controlnet``:
-            ``from_unet`` or a path or hub id); ``None`` otherwise.
+        parts: what the model's family keeps beside the denoiser (a text model's text encoder, a
+            ControlNet's frozen UNet, ...), or ``None``; only the family's hooks read it.
     """
 
     backbone: Backbone
@@ -90,10 +60,12 @@ class LoadedModel:
     vae_subfolder: str | None = None
     tuning: TuningRecord | None = None
     weights: tuple[str, str | None] = ("", None)
-    prompts: PromptEncoder | None = None
-    pipeline: str | None = None
-    frozen_unet: tuple[str, str | None] | None = None
-    controlnet: str | None = None
+    parts: Any = None
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model's family (:mod:`difftune.backbones.family`): its loading, conditions and saving."""
+        return self.backbone.family
 
     def fingerprint(self) -> str:
         """The fingerprint of the pre-trained weights (taken before a parameter-efficient method
@@ -212,8 +184,8 @@ def _pickle_refusal(cls: type, where: str) -> UserError:
 
 def _model_config(
     pretrained: str, subfolder: str | None, revision: str | None, local_only: bool = False
-) -> tuple[dict[str, Any], str | None, dict[str, Any], type, type[Backbone]]:
-    """(pipeline components, model sub-folder, model config, diffusers class, adapter class).
+) -> tuple[dict[str, Any], str | None, dict[str, Any], ModelFamily]:
+    """(pipeline components, model sub-folder, model config, the family that loads it).
 
     With ``local_only`` a hub model is read from the local cache only (no network).
     """
@@ -228,11 +200,7 @@ def _model_config(
         raise FileNotFoundError(
             f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}"
         ) from None
-    class_name = config.get("_class_name", "")
-    if class_name not in BACKBONES:
-        raise UserError(f"model class {class_name!r} is not supported; supported: {sorted(BACKBONES)}")
-    model_cls, adapter_cls = BACKBONES[class_name]
-    return components, sub, config, model_cls, adapter_cls
+    return components, sub, config, family_for_class(config.get("_class_name", ""))
 
 
 def peek_backbone(
@@ -249,24 +217,17 @@ def peek_backbone(
         FileNotFoundError: no model config there (with ``local_only``: not in the local hub cache either).
         UserError: a local model has pickle weights only (loading it would be refused).
     """
-    components, sub, config, model_cls, adapter_cls = _model_config(
-        pretrained, subfolder, revision, local_only
-    )
+    components, sub, config, family = _model_config(pretrained, subfolder, revision, local_only)
     local = Path(pretrained) / (sub or "")
     if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
-        raise _pickle_refusal(model_cls, str(local))  # what loading would refuse, found from the listing
+        # what loading would refuse, found from the listing
+        raise _pickle_refusal(family.model_class, str(local))
+    record = _source_record(pretrained)
+    ctx = LoadContext(
+        pretrained, sub, revision, components, record, config, controlnet, local_only=local_only
+    )
     with torch.device("meta"):
-        model = model_cls.from_config(config)
-        if adapter_cls is ControlNetBackbone:
-            unet_root, unet_sub = frozen_unet_location(pretrained, components, _source_record(pretrained))
-            unet_config = UNet2DConditionModel.load_config(
-                unet_root, subfolder=unet_sub, local_files_only=local_only
-            )
-            return ControlNetBackbone(model, UNet2DConditionModel.from_config(unet_config))
-        backbone = adapter_cls(model)
-        if controlnet is not None and isinstance(backbone, TextConditionalBackbone):
-            return ControlNetBackbone(ControlNetModel.from_unet(model), model)
-        return backbone
+        return family.peek(ctx, family.model_class.from_config(config))
 
 
 def _load_model(cls: type, source: str, subfolder: str | None, revision: str | None) -> Any:
@@ -280,8 +241,9 @@ def load_pretrained(
     revision: str | None = None,
     controlnet: str | None = None,
 ) -> LoadedModel:
-    """Load a DiT, UNet2DModel or Stable Diffusion UNet (optionally with a ControlNet), with its VAE,
-    text encoder (text-conditional models) and noise schedule.
+    """Load a model of a registered family (DiT, UNet2DModel, a Stable Diffusion UNet, optionally
+    with a ControlNet) with its VAE, the parts its family keeps (a text encoder, a frozen UNet) and
+    its noise schedule.
 
     Args:
         pretrained: hub id or local directory.
@@ -298,11 +260,11 @@ def load_pretrained(
         FileNotFoundError: the path holds no diffusers model.
         ValueError: the model class is not supported (the message lists supported classes).
     """
-    components, sub, config, model_cls, adapter_cls = _model_config(pretrained, subfolder, revision)
+    components, sub, config, family = _model_config(pretrained, subfolder, revision)
     record = _source_record(pretrained)
     if vae is not None:  # a typo costs one line, not the model's loading first
         check_model_path(vae, "vae")
-    model = load_safetensors_model(model_cls, pretrained, sub, revision)
+    model = load_safetensors_model(family.model_class, pretrained, sub, revision)
     vae_source = vae
     vae_sub: str | None = None
     if vae_source is None and "vae" in components:
@@ -315,28 +277,10 @@ def load_pretrained(
         vae_source, vae_sub = record["vae"], record.get("vae_subfolder")
 
     codec = LatentCodec(vae_model, vae_source)
-
-    frozen_unet: tuple[str, str | None] | None = None
-    if adapter_cls is ControlNetBackbone:  # a trained ControlNet, beside the UNet it was trained with
-        frozen_unet = frozen_unet_location(pretrained, components, record)
-        unet = load_safetensors_model(UNet2DConditionModel, *frozen_unet, revision)
-        backbone: Backbone = ControlNetBackbone(model, unet)
-    elif controlnet is not None:
-        if adapter_cls is not TextConditionalBackbone:
-            raise UserError(
-                f"model.controlnet needs a Stable Diffusion UNet, but {pretrained!r} holds a {config['_class_name']}"
-            )
-        backbone = controlnet_backbone(controlnet, model, revision, _load_model, codec.downsample)
-        frozen_unet = (pretrained, sub)
-    else:
-        backbone = adapter_cls(model)
-    prompts, pipeline = None, None
-    if isinstance(backbone, TextConditionalBackbone):
-        text_root = sd_pipeline(pretrained, components, record, "text_encoder")
-        prompts = load_prompt_encoder(text_root, revision, _load_model)
-        attach_text(backbone, prompts)
-        pipeline = text_root
-
+    ctx = LoadContext(
+        pretrained, sub, revision, components, record, config, controlnet, codec.downsample, _load_model
+    )
+    backbone, parts = family.load(ctx, model)
     scheduler_config = read_noise_schedule(pretrained, sub, "scheduler" in components, revision)
     return LoadedModel(
         backbone=backbone,
@@ -346,8 +290,5 @@ def load_pretrained(
         vae_source=vae_source,
         vae_subfolder=vae_sub,
         weights=(pretrained, sub),
-        prompts=prompts,
-        pipeline=record.get("pipeline") or pipeline,
-        frozen_unet=frozen_unet,
-        controlnet=controlnet,
+        parts=parts,
     )

@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 
 from difftune.backbones.adapters import ADAPTER
-from difftune.backbones.base import ClassConditionalBackbone
+from difftune.backbones.family import CARD_FOLDER
 from difftune.backbones.loading import LoadedModel
 from difftune.process.schedulers import DEFAULT_NOISE_SCHEDULE
 
 CARD = "README.md"
-FOLDER = "THIS_FOLDER"
-IMAGENET_NULL_LABEL = 1000  # the null label stock DiTPipeline hard-codes for guidance
+FOLDER = CARD_FOLDER
 
 
 def write_model_card(loaded: LoadedModel, directory: str | Path) -> None:
@@ -45,9 +44,7 @@ def write_model_card(loaded: LoadedModel, directory: str | Path) -> None:
         "",
         *_schedule_lines(loaded),
     ]
-    caveat = _stock_guidance_caveat(loaded, directory)
-    if caveat:
-        lines += ["", "## Guidance in the stock `DiTPipeline`", "", caveat]
+    lines += loaded.family.card_notes(loaded, directory)  # what the family's stock pipeline cannot do
     (directory / CARD).write_text("\n".join(lines) + "\n")
 
 
@@ -87,11 +84,7 @@ def _load_lines(loaded: LoadedModel, directory: Path) -> list[str]:
 
 
 def _condition_flag(loaded: LoadedModel) -> str:
-    if isinstance(loaded.backbone, ClassConditionalBackbone):
-        return "--labels 0,1 --per-label 8"
-    return '--prompt "a photo"' + (
-        " --control-image control.png" if "control" in loaded.backbone.condition_names else ""
-    )
+    return loaded.family.sample_flags(loaded)
 
 
 def _schedule_lines(loaded: LoadedModel) -> list[str]:
@@ -107,19 +100,3 @@ def _schedule_lines(loaded: LoadedModel) -> list[str]:
             "`timestep_spacing` leading), which difftune gives a model saved without a schedule.",
         ]
     return lines
-
-
-def _stock_guidance_caveat(loaded: LoadedModel, directory: Path) -> str:
-    """Why stock ``DiTPipeline`` cannot guide this model, or ``""`` when it can (or is not offered)."""
-    backbone = loaded.backbone
-    if backbone.pipeline_class != "DiTPipeline" or not (directory / "model_index.json").is_file():
-        return ""
-    null = getattr(backbone, "null_label", IMAGENET_NULL_LABEL)
-    if null == IMAGENET_NULL_LABEL:
-        return ""
-    return (
-        f"`DiTPipeline` uses ImageNet's null label {IMAGENET_NULL_LABEL} for classifier-free guidance, but this "
-        f"model's null label is {null} ({null} classes). The stock pipeline therefore fails at its default "
-        "`guidance_scale=4.0`; call it with `guidance_scale=1` (no guidance), and sample with guidance "
-        f"through `difftune sample --model {FOLDER} --guidance-scale 1.5`."
-    )

@@ -15,13 +15,7 @@ from typing import Any
 
 from diffusers.training_utils import EMAModel
 
-from difftune.backbones.adapters import (
-    ADAPTER,
-    absolute_source,
-    adapter_directory,
-    load_adapter,
-    save_adapter,
-)
+from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, save_adapter
 from difftune.backbones.loading import SOURCE_FILE, LoadedModel, load_pretrained
 from difftune.backbones.model_card import write_model_card
 from difftune.backbones.noise_schedule import scheduler_class_name, write_noise_schedule
@@ -97,10 +91,7 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
                 ema.restore(params)
         write_noise_schedule(loaded.scheduler_config, tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
-        if loaded.pipeline is not None:  # where the text encoder is read from
-            record["pipeline"] = absolute_source(loaded.pipeline)
-        if loaded.frozen_unet is not None:  # a ControlNet's UNet
-            record["unet"] = [absolute_source(loaded.frozen_unet[0]), loaded.frozen_unet[1]]
+        record.update(loaded.family.source_record(loaded.parts))  # where the family's parts are read from
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -138,11 +129,7 @@ def _write_pipeline_index(loaded: LoadedModel, directory: Path, class_names: lis
     backbone, codec = loaded.backbone, loaded.codec
     import diffusers
 
-    parts: dict[str, Any] = {"vae": codec.vae}
-    if loaded.prompts is not None:
-        parts.update(text_encoder=loaded.prompts.text_encoder, tokenizer=loaded.prompts.tokenizer)
-    if backbone.source_model is not backbone.inner:  # a ControlNet: the UNet it steers
-        parts["unet"] = backbone.source_model
+    parts: dict[str, Any] = {"vae": codec.vae, **loaded.family.pipeline_parts(loaded)}
     for name, part in parts.items():
         part.save_pretrained(directory / name)
     index: dict[str, Any] = {
@@ -153,10 +140,5 @@ def _write_pipeline_index(loaded: LoadedModel, directory: Path, class_names: lis
     }
     for name, part in parts.items():
         index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-    if loaded.prompts is not None:
-        index.update(
-            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False
-        )
-    else:
-        index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
+    index.update(loaded.family.pipeline_extras(loaded, class_names))
     (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

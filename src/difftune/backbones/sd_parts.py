@@ -11,9 +11,7 @@ from typing import Any
 
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from difftune.backbones.base import Backbone
 from difftune.backbones.controlnet import ControlNetBackbone
-from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.backbones.text import PromptEncoder, check_tokenizer_fits
 from difftune.config.checks import check_model_path
 from difftune.errors import UserError
@@ -58,12 +56,6 @@ def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> Promp
     text_encoder = load(CLIPTextModel, pipeline, "text_encoder", revision)
     check_tokenizer_fits(tokenizer, text_encoder, pipeline)
     return PromptEncoder(text_encoder, tokenizer, pipeline)
-
-
-def attach_text(backbone: Backbone, prompts: PromptEncoder) -> None:
-    """Give a text-conditional backbone its unconditional form, the empty prompt's embedding."""
-    if isinstance(backbone, TextConditionalBackbone):
-        backbone.set_null_prompt(prompts.encode([""]))
 
 
 def controlnet_backbone(

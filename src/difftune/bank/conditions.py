@@ -1,5 +1,6 @@
-"""What a text-conditional model's knowledge bank is generated from: its prompts, and for a ControlNet
-the annotator that turns each generated image into its control image."""
+"""What a knowledge bank's conditions are made from, given to the model's family: the bank's prompts
+(``bank.prompts`` or the target's captions) and the annotator that turns each generated image into its
+control image; the check of a bank's conditions against the model; the bank a run replays."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
-from difftune.backbones.controlnet import CONTROL, ControlNetBackbone
+from difftune.backbones.family import BankInputs
 from difftune.backbones.loading import LoadedModel
-from difftune.backbones.stable_diffusion import TextConditionalBackbone
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 
@@ -40,52 +40,43 @@ def bank_prompts(cfg: ExperimentConfig) -> list[str]:
 
 
 def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> None:
-    """Give a text-conditional backbone its bank prompts (embedded) and a ControlNet its annotator."""
-    backbone = loaded.backbone
-    if not isinstance(backbone, TextConditionalBackbone):
-        return
-    assert loaded.prompts is not None
-    prompts = bank_prompts(cfg)
-    loaded.prompts.warn_truncated(prompts, "bank prompts")
-    backbone.set_bank_prompts(prompts, loaded.prompts.encode(prompts))
-    if isinstance(backbone, ControlNetBackbone):
-        if not cfg.data.annotator:  # also refused by `difftune bank` before loading anything
-            raise UserError(
-                "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
-            )
-        from difftune.control import build_annotator
+    """Give the backbone what its family's bank conditions need (a text model's prompts, embedded; a
+    ControlNet's annotator), read from ``cfg`` only when the family asks for it."""
+    loaded.family.prepare_bank(loaded, BankInputs(lambda: bank_prompts(cfg), lambda: _bank_annotator(cfg)))
 
-        backbone.annotator = build_annotator(cfg.data.annotator)
+
+def _bank_annotator(cfg: ExperimentConfig) -> Any:
+    """The annotator that makes control images from a bank's samples (``data.annotator``)."""
+    if not cfg.data.annotator:  # also refused by `difftune bank` before loading anything
+        raise UserError(
+            "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
+        )
+    from difftune.control import build_annotator
+
+    return build_annotator(cfg.data.annotator)
 
 
 def check_bank_conditions(
     manifest: dict[str, Any], backbone: Backbone, annotator: str | None, path: str
 ) -> None:
-    """Refuse a bank that lacks a condition the model needs, or whose control images another annotator made.
+    """Refuse a bank whose conditions the model's family cannot train on: one that lacks a condition the
+    model needs, or whose control images another annotator made than the target's.
 
     ``annotator`` is the target data's (``data.annotator``); ``None`` means precomputed controls, which no
-    bank matches. Banks of class-conditional models record no condition names: they hold labels.
+    bank matches.
 
     Raises:
         UserError: the message names what the bank holds and how to make a matching one.
     """
-    held = manifest.get("conditions", ["labels"])
-    missing = [name for name in backbone.condition_names if name not in held]
-    if missing:
-        raise UserError(
-            f"bank {path} holds {held} but the model needs {list(backbone.condition_names)}; regenerate the "
-            "bank with this config (difftune bank)"
-        )
-    if CONTROL in backbone.condition_names:
+
+    def wanted() -> dict[str, Any] | None:
+        if not annotator:
+            return None
         from difftune.control import build_annotator
 
-        wanted = build_annotator(annotator).record() if annotator else None
-        if manifest.get("annotator") != wanted or wanted is None:
-            raise UserError(
-                f"bank {path} holds control images made by {manifest.get('annotator')}, the target's come from "
-                f"{wanted or 'the data (data.control_column)'}; a ControlNet bank must use the target's annotator: "
-                "set data.annotator and regenerate the bank, or set objective.retention_data=target"
-            )
+        return build_annotator(annotator).record()
+
+    backbone.family.check_bank(manifest, backbone, wanted, path)
 
 
 def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> tuple[torch.Tensor, Conditioning]:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 CHECKPOINT_ONLY = (
     "num_per_class",
     "labels",
+    "prompts",
+    "control_image",
     "subfolder",
     "vae",
     "domain_guidance",
@@ -65,11 +67,30 @@ def _check_args(args: argparse.Namespace) -> None:
             args.num_per_class = DEFAULT_NUM_PER_CLASS
         if args.num_per_class < 1:
             raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+        check_condition_inputs(args.labels, args.prompts, args.control_image)
         spec = sampling_spec_from_args(args)
         check_scheduler(spec.scheduler)
         check_model_flags(args, "checkpoint", "vae")
         check_domain_guidance(args.domain_guidance, spec.guidance_scale)
         vars(args).update(asdict(spec))  # the values used, also in the --out-json settings
+
+
+def check_condition_inputs(labels: str | None, prompts_file: str | None, controls: list[str] | None) -> None:
+    """Refuse condition flags that exclude each other or name missing files, before anything is loaded:
+    ``--labels`` (class-conditional models) with ``--prompts`` (text-conditional ones), ``--control-image``
+    without prompts, an unreadable prompts file, and control images that are neither one nor one per prompt."""
+    from difftune.commands.sample import check_control_images, read_prompts
+
+    if labels is not None and prompts_file is not None:
+        raise UserError(
+            "--labels (class-conditional models) and --prompts (text-conditional models) exclude each other; "
+            "give only the one your model takes"
+        )
+    if controls and prompts_file is None:
+        raise UserError(
+            "--control-image goes with --prompts (a ControlNet is text-conditional); add the prompts"
+        )
+    check_control_images(controls or (), read_prompts(None, prompts_file, "--prompts"))
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> int:
@@ -157,10 +178,10 @@ def _evaluate(
         batches = folder_batches(inputs.fake_paths, mine, args.batch_size, args.resize, args.workers)
         desc = "generated features"
     else:
-        loaded, labels, scheduler, guide = inputs.model  # type: ignore[misc]
+        loaded, cond, scheduler, guide = inputs.model  # type: ignore[misc]
         spec = sampling_spec_from_args(args)
         batches = sampled_batches(
-            loaded, labels, mine, scheduler, spec, args.batch_size, args.resize, device, guide
+            loaded, cond, mine, scheduler, spec, args.batch_size, args.resize, device, guide
         )
         desc = "sampling + features"
     keep = bool(args.export_npz)
@@ -242,14 +263,26 @@ def add_parser(subparsers: Any) -> None:
     src.add_argument(
         "--checkpoint", help="model directory (or hub id) to sample from, as `difftune sample --model`"
     )
-    g = f.add_argument_group("sampling (with --checkpoint; image i, in label-major order, uses seed + i)")
+    g = f.add_argument_group(
+        "sampling (with --checkpoint; image i, in label-major (or prompt-major) order, uses seed + i)"
+    )
     add_model_args(g)
     g.add_argument(
         "--num-per-class",
         type=int,
-        help=f"images per label (default {DEFAULT_NUM_PER_CLASS}: 50K for 1000 classes)",
+        help=f"images per label or per prompt (default {DEFAULT_NUM_PER_CLASS}: 50K for 1000 classes)",
     )
     g.add_argument("--labels", help="comma-separated class labels (default: all classes)")
+    g.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a text-conditional model's prompts: a text file, one prompt per line",
+    )
+    g.add_argument(
+        "--control-image",
+        action="append",
+        help="a ControlNet's control image: one for all prompts, or one per prompt",
+    )
     g.add_argument(
         "--domain-guidance",
         metavar="PRETRAINED",

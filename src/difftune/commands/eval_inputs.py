@@ -15,29 +15,33 @@ from difftune.errors import UserError
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from difftune.backbones.conditioning import Conditioning
     from difftune.metrics.fid import FeatureStats
 
 
-def load_model_to_sample(args: argparse.Namespace) -> tuple[Any, Tensor, Any, Any]:
-    """The model of ``--checkpoint`` (EMA weights by default), the label of every item, the scheduler,
+def load_model_to_sample(args: argparse.Namespace) -> tuple[Any, Conditioning, Any, Any]:
+    """The model of ``--checkpoint`` (EMA weights by default), the condition of every item (each label, or
+    each prompt of ``--prompts`` with its ``--control-image``, ``--num-per-class`` times), the scheduler,
     and the ``--domain-guidance`` model (or None)."""
     import torch
 
-    from difftune.backbones import load_trained
-    from difftune.commands.sample import parse_labels
+    from difftune.backbones import ConditionRequest, load_trained
+    from difftune.commands.sample import parse_labels, read_prompts
     from difftune.sampling.generate import build_scheduler, load_guide
 
     loaded = load_trained(args.checkpoint, args.subfolder, not args.no_ema, args.vae)
-    if "labels" not in loaded.backbone.condition_names:
-        raise UserError(
-            f"--checkpoint {args.checkpoint} is text-conditional; eval fid samples class labels only: generate "
-            "with `difftune sample --prompts-file ...` and score that folder with --fake"
-        )
-    num_classes = loaded.backbone.num_classes
-    labels = list(range(num_classes)) if args.labels is None else parse_labels(args.labels, num_classes)
+    request = ConditionRequest(
+        labels=None if args.labels is None else parse_labels(args.labels),
+        prompts=read_prompts(None, args.prompts, "--prompts"),
+        controls=args.control_image or (),
+        model=args.checkpoint,
+        prompt_flag="--prompts",
+    )
+    rows, _ = loaded.family.sample_conditions(loaded, request)  # every class when no labels are given
     scheduler = build_scheduler(args.scheduler, loaded.scheduler_config)
     guide = load_guide(args.domain_guidance, loaded, args.vae) if args.domain_guidance else None
-    return loaded, torch.tensor(labels).repeat_interleave(args.num_per_class), scheduler, guide
+    cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(args.num_per_class))
+    return loaded, cond, scheduler, guide
 
 
 @dataclass
@@ -48,7 +52,8 @@ class EvalInputs:
     real_paths: list[Path] | None
     real_images: Tensor | None  # a built-in dataset, uint8 RGB (N, 3, H, W)
     fake_paths: list[Path] | None
-    model: tuple[Any, Tensor, Any, Any] | None  # (loaded model, label of each item (N,), scheduler, guide)
+    # (loaded model, condition of each item, scheduler, guide)
+    model: tuple[Any, Conditioning, Any, Any] | None
     real_cache: Path | None = None  # where the reference set's statistics are (or will be) cached
     cache_hit: bool = False
 
@@ -62,9 +67,9 @@ class EvalInputs:
 
     @property
     def n_fake(self) -> int:
-        return (
-            len(self.fake_paths) if self.fake_paths is not None else len(self.model[1]) if self.model else 0
-        )
+        if self.fake_paths is not None:
+            return len(self.fake_paths)
+        return self.model[1].batch_size if self.model else 0
 
 
 def resolve_inputs(args: argparse.Namespace) -> EvalInputs:

@@ -5,7 +5,11 @@
 
 ``--heldout`` is an image folder with one sub-directory per target class (sorted names give the
 labels, as in training). It is the FID reference of the swap probe and the data of the
-transfer-gap curve.
+transfer-gap curve. A text-conditional model (Stable Diffusion, a ControlNet) takes its conditions
+from ``--prompts FILE`` (one prompt per line: one for every class, or one per class in the sorted
+order of the class folders) and, for a ControlNet, ``--control-image`` (one for all prompts, or one
+per prompt): class ``c``'s condition samples the swap probe and conditions class ``c``'s held-out
+images in the transfer gap.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     check_model_flags(args, "finetuned", "pretrained", "vae")
     if not Path(args.heldout).is_dir():
         raise FileNotFoundError(f"--heldout {args.heldout!r} is not a directory of class sub-folders")
+    from difftune.commands.eval_fid import check_condition_inputs
+
+    check_condition_inputs(None, args.prompts, args.control_image)
     check_scheduler(spec.scheduler)
     from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
 
@@ -52,7 +59,8 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     start_torch()
     import torch
 
-    from difftune.backbones import load_trained
+    from difftune.backbones import ConditionRequest, load_trained
+    from difftune.commands.sample import read_prompts
     from difftune.config.experiment import DataConfig
     from difftune.data.targets import load_target_images
     from difftune.metrics import compute_feature_stats, fid_from_stats
@@ -61,11 +69,14 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     finetuned = load_trained(args.finetuned, args.subfolder, not args.no_ema, args.vae)
+    request = ConditionRequest(
+        prompts=read_prompts(None, args.prompts, "--prompts"),
+        controls=args.control_image or (),
+        model=args.finetuned,
+        prompt_flag="--prompts",
+    )
+    finetuned.family.check_request(request)  # before the second model and the held-out set are read
     pretrained = load_trained(args.pretrained, args.pretrained_subfolder, True, args.vae)
-    if "labels" not in finetuned.backbone.condition_names:
-        raise UserError(
-            f"{args.finetuned} is text-conditional; difftune forgetting probes class-conditional models only"
-        )
     backbone, codec = finetuned.backbone.to(device).eval(), finetuned.codec.to(device)
     resolution = args.resolution or codec.image_size(backbone.sample_shape)
     heldout = load_target_images(
@@ -73,7 +84,8 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         resolution,
         codec.image_channels(backbone.sample_shape),
     )
-    backbone.check_condition(heldout.conditioning())
+    num_classes = len(heldout.class_names)
+    heldout_cond = finetuned.family.heldout_conditions(finetuned, heldout.labels, num_classes, request)
     extractor = build_extractor(args.features, args.inception_weights)
     reference = compute_feature_stats(to_unit_range(heldout.images), extractor, device=device, progress=True)
 
@@ -81,7 +93,8 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         images = torch.cat([to_unit_range(codec.decode(chunk)) for chunk in x.split(args.batch_size)])
         return fid_from_stats(reference, compute_feature_stats(images, extractor, device=device))
 
-    classes = heldout.conditioning().distinct()  # one row per class present in the held-out set
+    present = heldout.labels.unique()  # one row per class present in the held-out set, ascending
+    classes = finetuned.family.heldout_conditions(finetuned, present, num_classes, request)
     cond = classes.select(torch.arange(classes.batch_size).repeat_interleave(args.num_per_class))
     swap = swap_probe(
         backbone,
@@ -112,7 +125,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         pretrained.backbone,
         finetuned.scheduler_config,
         x0,
-        heldout.conditioning(),
+        heldout_cond,
         args.gap_bins,
         args.gap_draws,
         spec.seed,
@@ -143,6 +156,16 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--pretrained", required=True, help="the pre-trained source model (hub id or directory)")
     p.add_argument("--heldout", required=True, help="held-out target images, one sub-directory per class")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a text-conditional model's prompts, one per line: one for all classes, or one per class",
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        help="a ControlNet's control image: one for all prompts, or one per prompt",
+    )
     p.add_argument("--subfolder", help="sub-folder of the fine-tuned model (default: EMA weights if present)")
     p.add_argument("--no-ema", action="store_true", help="use the fine-tuned model's trained weights")
     p.add_argument("--pretrained-subfolder", help="sub-folder of the pre-trained model")

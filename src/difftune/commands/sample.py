@@ -46,7 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_model_flags(args, "model", "vae")
     check_domain_guidance(args.domain_guidance, spec.guidance_scale)
     check_scheduler(spec.scheduler)  # imports diffusers: after the checks that need no library
-    _check_model_conditions(args, bool(prompts))
+    _check_model_conditions(args, prompts)
     guided = f", domain guidance from {args.domain_guidance}" if args.domain_guidance else ""
     if prompts:
         return _sample_prompts(args, prompts, spec, guided)
@@ -62,15 +62,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         return 0
     start_torch()
-    from difftune.backbones import load_trained
-    from difftune.data.prompts import check_condition_flags
+    from difftune.backbones import ConditionRequest, load_trained
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     guide = _guide(args, loaded)
-    check_condition_flags(loaded.backbone.condition_names, args.model, prompts=False)
-    labels = parse_labels(labels_text, loaded.backbone.num_classes)
-    path = sample_to_folder(
-        loaded, labels, args.per_label, args.out, spec, args.batch_size, overwrite=args.overwrite, guide=guide
+    cond, tags = loaded.family.sample_conditions(loaded, ConditionRequest(labels=labels, model=args.model))
+    path = sample_conditions(
+        loaded,
+        cond,
+        tags,
+        args.per_label,
+        args.out,
+        spec,
+        args.batch_size,
+        overwrite=args.overwrite,
+        guide=guide,
     )
     print(f"wrote {len(labels) * args.per_label} images and {path}")
     return 0
@@ -92,14 +98,14 @@ def _check_condition_flags(args: argparse.Namespace) -> None:
         )
 
 
-def _check_model_conditions(args: argparse.Namespace, prompts: bool) -> None:
+def _check_model_conditions(args: argparse.Namespace, prompts: Sequence[str]) -> None:
     """Refuse what ``--model`` cannot take (prompts or labels, control images) from its config alone,
     before any weights are read. A model that only loading tells about (an adapter, which loads onto
     its base; a hub model not in the local cache) is checked once it is loaded."""
+    from difftune.backbones import ConditionRequest
     from difftune.backbones.adapters import adapter_directory
     from difftune.backbones.loading import peek_backbone
     from difftune.backbones.saving import inference_subfolder
-    from difftune.data.prompts import check_condition_flags
 
     if adapter_directory(args.model, not args.no_ema and args.subfolder is None) is not None:
         return
@@ -108,15 +114,15 @@ def _check_model_conditions(args: argparse.Namespace, prompts: bool) -> None:
         backbone = peek_backbone(args.model, subfolder, local_only=not Path(args.model).exists())
     except OSError:  # not in the local hub cache, or a part only loading finds: loading reports it
         return
-    check_condition_flags(backbone.condition_names, args.model, prompts, args.control_image or ())
+    request = ConditionRequest(prompts=prompts, controls=args.control_image or (), model=args.model)
+    backbone.family.check_request(request)
 
 
-def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
-    """Comma-separated labels -> list; with ``num_classes``, each checked against 0..num_classes
-    (``num_classes`` itself is the unconditional label).
+def parse_labels(text: str) -> list[int]:
+    """Comma-separated labels -> list (the model's family checks them against its classes).
 
     Raises:
-        ValueError: not integers, empty, or out of range.
+        ValueError: not integers, or empty.
     """
     try:
         labels = [int(x) for x in text.split(",") if x.strip()]
@@ -124,12 +130,6 @@ def parse_labels(text: str, num_classes: int | None = None) -> list[int]:
         labels = []
     if not labels:
         raise UserError(f"--labels {text!r} must be comma-separated integers, e.g. 0,1,2")
-    for label in labels:
-        if num_classes is not None and not 0 <= label <= num_classes:
-            raise UserError(
-                f"label {label} is out of range: the model has labels 0..{num_classes - 1} "
-                f"(and {num_classes} = unconditional)"
-            )
     return labels
 
 
@@ -155,10 +155,9 @@ def sample_to_folder(
     Raises:
         UserError: ``out`` holds images (of an earlier run without ``overwrite``, or of someone else).
     """
-    import torch
+    from difftune.backbones import ConditionRequest
 
-    cond = loaded.backbone.condition(torch.tensor(labels))
-    tags = [f"label{label}" for label in labels]
+    cond, tags = loaded.family.sample_conditions(loaded, ConditionRequest(labels=list(labels)))
     return sample_conditions(loaded, cond, tags, per_label, out, spec, batch_size, device, overwrite, guide)
 
 
@@ -223,8 +222,11 @@ def _guide(args: argparse.Namespace, loaded: LoadedModel) -> Backbone | None:
     return load_guide(args.domain_guidance, loaded, args.vae)
 
 
-def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
-    """The prompts of ``--prompt`` (repeatable) and ``--prompts-file`` (one per line), in that order.
+def read_prompts(
+    prompts: Sequence[str] | None, prompts_file: str | None, flag: str = "--prompts-file"
+) -> list[str]:
+    """The prompts of ``--prompt`` (repeatable) and ``--prompts-file`` (one per line; ``flag`` names it in
+    messages), in that order.
 
     Raises:
         UserError: the prompts file is missing, or holds no prompt (only blank lines).
@@ -234,26 +236,35 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
         path = Path(prompts_file)
         if not path.is_file():
             raise UserError(
-                f"--prompts-file {prompts_file!r} does not exist; give a text file with one prompt per line"
+                f"{flag} {prompts_file!r} does not exist; give a text file with one prompt per line"
             )
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not lines:
             raise UserError(
-                f"--prompts-file {prompts_file!r} holds no prompts (it is empty or blank); "
-                "write one prompt per line"
+                f"{flag} {prompts_file!r} holds no prompts (it is empty or blank); write one prompt per line"
             )
         found += lines
     return found
 
 
-def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: SamplingSpec, guided: str) -> int:
-    """``difftune sample --prompt ...``: a text-conditional model (with ``--control-image`` for a ControlNet)."""
-    controls = list(args.control_image or [])
+def check_control_images(controls: Sequence[str], prompts: Sequence[str]) -> list[str]:
+    """``--control-image`` files: one for all prompts or one per prompt, each an existing file.
+
+    Raises:
+        UserError: another count, or a missing file.
+    """
+    controls = list(controls)
     if controls and len(controls) not in (1, len(prompts)):
         raise UserError(f"give one --control-image, or one per prompt ({len(prompts)}); got {len(controls)}")
     missing = [c for c in controls if not Path(c).is_file()]
     if missing:
         raise UserError(f"--control-image {missing[0]!r} does not exist")
+    return controls
+
+
+def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: SamplingSpec, guided: str) -> int:
+    """``difftune sample --prompt ...``: a text-conditional model (with ``--control-image`` for a ControlNet)."""
+    controls = check_control_images(args.control_image or (), prompts)
     total = len(prompts) * args.per_label
     if args.dry_run:
         print(
@@ -262,12 +273,11 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: Sampling
         )
         return 0
     start_torch()
-    from difftune.backbones import load_trained
-    from difftune.data.prompts import prompt_conditions
+    from difftune.backbones import ConditionRequest, load_trained
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
-    cond = prompt_conditions(loaded, prompts, controls)
-    tags = [f"prompt{k}" for k in range(len(prompts))]
+    request = ConditionRequest(prompts=prompts, controls=controls, model=loaded.weights[0] or loaded.source)
+    cond, tags = loaded.family.sample_conditions(loaded, request)
     path = sample_conditions(
         loaded,
         cond,

@@ -23,12 +23,11 @@ from difftune.control.log import append_fidelity
 from difftune.errors import UserError
 from difftune.sampling.generate import generate_with_spec
 
-CONTROL = "control"
-
 
 def check_validation(validation_every: int, backbone: Backbone, annotator: str | None) -> None:
-    """Refuse ``train.validation_every`` where fidelity cannot be measured (not a ControlNet, no annotator)."""
-    if validation_every and (CONTROL not in backbone.condition_names or not annotator):
+    """Refuse ``train.validation_every`` where fidelity cannot be measured (a model that follows no control
+    images, or no annotator)."""
+    if validation_every and (not backbone.family.has_control() or not annotator):
         raise UserError(
             "train.validation_every measures how well images follow their control image, re-extracted by "
             "data.annotator: it needs a ControlNet and data.annotator (or set train.validation_every=0)"
@@ -37,9 +36,7 @@ def check_validation(validation_every: int, backbone: Backbone, annotator: str |
 
 def validation_pairs(cond: Conditioning, count: int) -> Conditioning:
     """``count`` conditions spread evenly over the target set (the same ones in every run on it)."""
-    n = cond.batch_size
-    index = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
-    return cond.select(index)
+    return cond.spread(count)
 
 
 class FidelityValidation:
@@ -86,7 +83,8 @@ class FidelityValidation:
         finally:
             backbone.train(was_training)
         generated = self.annotator(images.float().cpu())
-        return condition_fidelity(generated, self.pairs[CONTROL].float().cpu() / 255.0, self.edge_tolerance)
+        controls = backbone.family.control_images(self.pairs)
+        return condition_fidelity(generated, controls, self.edge_tolerance)
 
     def log(self, backbone: Backbone, step: int, device: torch.device | str) -> dict[str, float]:
         """Score ``backbone`` and append the scores for ``step`` to the run's ``fidelity.jsonl``."""

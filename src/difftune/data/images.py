@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from difftune.backbones.conditioning import Conditioning
 from difftune.data.captions import template_captions
 
 
@@ -49,7 +48,3 @@ class TargetImages:
     def images(self) -> torch.Tensor:
         """All images at once (N, C, H, W); for small sets."""
         return self.load(torch.arange(len(self)))
-
-    def conditioning(self) -> Conditioning:
-        """The images' conditions: their class labels, ``{"labels": (N,)}``."""
-        return Conditioning({"labels": self.labels})

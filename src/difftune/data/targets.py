@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difftune.backbones.base import ClassConditionalBackbone
 from difftune.backbones.codec import LatentCodec
 from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.family import TargetConditioner
 from difftune.backbones.loading import LoadedModel
 from difftune.config.data import BUILT_IN_SOURCES, DataConfig
 from difftune.data.builtin import (
@@ -32,7 +34,7 @@ from difftune.data.builtin import (
     load_sklearn_digits,
 )
 from difftune.data.captions import caption_folder, saved_dataset
-from difftune.data.conditions import TargetConditions
+from difftune.data.conditions import target_conditions
 from difftune.data.images import TargetImages
 from difftune.errors import UserError
 from difftune.io.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
@@ -238,7 +240,7 @@ def encode_and_cache(
     batch_size: int = 32,
     shard_size: int = 4096,
     device: torch.device | str = "cpu",
-    conditions: TargetConditions | None = None,
+    conditions: TargetConditioner | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode target images once into the diffusion space and cache them; reuse a matching cache.
 
@@ -246,11 +248,12 @@ def encode_and_cache(
     encoding resumes where it stopped. With ``hflip`` every image is cached a second time, mirrored
     (DiT's random horizontal flip, done once instead of at every step).
 
-    ``conditions`` makes each image's condition tensors (default: its class label).
+    ``conditions`` makes each image's condition tensors (the model family's
+    :meth:`~difftune.backbones.family.ModelFamily.target_conditioner`; default: its class label).
 
     Returns:
         ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w)}`` and the
-        condition tensors (``"labels"`` (M,) by default), with M = N, or 2N with ``hflip``.
+        condition tensors (class labels (M,) by default), with M = N, or 2N with ``hflip``.
     """
     n = len(target)
     manifest = {
@@ -290,7 +293,7 @@ def _encode_shards(
     batch_size: int,
     shard_size: int,
     device: torch.device | str,
-    conditions: TargetConditions | None,
+    conditions: TargetConditioner | None,
 ) -> None:
     """Encode and write the shards numbered ``missing`` (each shard written whole, or not at all)."""
     n = len(target)
@@ -307,7 +310,9 @@ def _encode_shards(
                 variant = images.flip(-1) if flipped else images
                 mean, std = codec.encode(variant.to(device))
                 conds = (
-                    conditions(chunk, variant, flipped) if conditions else {"labels": target.labels[chunk]}
+                    conditions(chunk, variant, flipped)
+                    if conditions
+                    else ClassConditionalBackbone.condition(target.labels[chunk])
                 )
                 for key, value in {"samples": mean.cpu(), "std": std.cpu(), **conds}.items():
                     parts.setdefault(key, []).append(value)
@@ -328,9 +333,8 @@ def prepare_target(
     images = load_target_images(
         cfg, resolution, codec.image_channels(backbone.sample_shape), Path(cache_dir) / HEADER_MEMO
     )
-    if "labels" in backbone.condition_names:
-        backbone.check_condition(images.conditioning())  # before anything is encoded
-    conditions = TargetConditions(cfg, loaded, images, resolution)
+    # the model's family makes the conditions (and checks the set before anything is encoded)
+    conditions = target_conditions(cfg, loaded, images, resolution)
     cached = encode_and_cache(
         images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device, conditions=conditions
     )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from difftune.backbones.conditioning import Conditioning
 from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path
@@ -122,7 +123,7 @@ class WorkDir:
 @torch.no_grad()
 def sampled_batches(
     loaded: Any,
-    labels: Tensor,
+    cond: Conditioning,
     indices: Sequence[int],
     scheduler: Any,
     spec: SamplingSpec,
@@ -131,9 +132,10 @@ def sampled_batches(
     device: torch.device | str,
     guide: Any = None,
 ) -> Batches:
-    """Generate items ``indices`` of a class-conditional model as uint8 RGB batches.
+    """Generate items ``indices`` of a model as uint8 RGB batches.
 
-    Item ``i`` has label ``labels[i]`` and seed ``spec.seed + i`` (guidance and steps from ``spec``;
+    Item ``i`` has condition ``cond[i]`` (a class label, a prompt, ...; made by the model's family) and
+    seed ``spec.seed + i`` (guidance and steps from ``spec``;
     ``guide``: the pre-trained model for domain guidance), optionally resized; the images are rounded
     to 8 bits as PNG files are.
     """
@@ -147,7 +149,7 @@ def sampled_batches(
         x = generate(
             backbone,
             scheduler,
-            backbone.condition(labels[idx]),
+            cond.select(torch.from_numpy(idx)),
             [spec.seed + int(i) for i in idx],
             guidance_scale=spec.guidance_scale,
             num_inference_steps=spec.steps,

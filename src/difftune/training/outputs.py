@@ -48,14 +48,11 @@ def save_sample_grid(
     device: torch.device | str,
     per_class: int = 8,
 ) -> None:
-    """A grid of samples of ``backbone``, fixed seeds: one row per distinct class label, or (text
-    conditions, every image its own) per one of 8 target conditions spread over the set."""
+    """A grid of samples of ``backbone``, fixed seeds: one row per condition its family picks from the
+    target's (one per class label; for text conditions, every image its own, 8 spread over the set)."""
     was_training = backbone.training
     backbone.eval()
-    if "labels" in backbone.condition_names:
-        rows = target_cond.distinct()
-    else:
-        rows = validation_pairs(target_cond, 8)
+    rows = loaded.family.grid_conditions(target_cond)
     cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
     x = generate_with_spec(backbone, loaded.scheduler_config, spec, cond, device=device)
     images = to_unit_range(loaded.codec.decode(x))

@@ -12,10 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from difftune.backbones.adapters import adapter_directory, read_record
-from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.family import PreflightFacts
 from difftune.backbones.loading import peek_backbone
 from difftune.bank.conditions import check_bank_conditions
 from difftune.config.data import BUILT_IN_SOURCES
@@ -90,19 +88,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
             *_output_lines(cfg),
         ]
     check_validation(cfg.train.validation_every, backbone, cfg.data.annotator)
-    if "labels" in backbone.condition_names:
-        backbone.check_condition(Conditioning({"labels": torch.arange(classes)}))
-        lines = [
-            f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, "
-            f"{getattr(backbone, 'num_classes', '?')} classes; the target has {classes}",
-        ]
-    else:
-        lines = [
-            f"model      {type(backbone.inner).__name__}, samples {tuple(backbone.sample_shape)}, conditioned on "
-            f"{', '.join(backbone.condition_names)}; {_target_line(cfg, classes)}",
-        ]
-        if "control" in backbone.condition_names:
-            lines.append(_control_line(cfg))
+    facts = PreflightFacts(classes, lambda: _target_line(cfg, classes), lambda: _control_line(cfg))
+    lines = backbone.family.preflight_lines(backbone, facts)  # refuses a target the model cannot take
     if cfg.uses_bank:
         manifest = LatentStore(cfg.bank.path).manifest
         if manifest.get("kind") != "bank":

@@ -50,10 +50,15 @@ class AdapterMethod:
 
     def __init__(self, settings: TuningConfig) -> None:
         self.settings = settings
+        self.defaults: dict[str, list[str]] = {}  # the backbone's default target modules, by method
 
     def prepare(self, model: nn.Module) -> list[nn.Parameter]:
-        """Freeze ``model`` (a backbone), add the method's pieces to its diffusers model, return them."""
+        """Freeze ``model`` (a backbone), add the method's pieces to its diffusers model, return them.
+
+        The default target modules are the backbone's (its family's ``adapter_targets``).
+        """
         model.requires_grad_(False)
+        self.defaults = dict(getattr(model, "adapter_targets", None) or {})
         self.add(model.inner)
         return trainable_parameters(model)
 

@@ -14,7 +14,7 @@ from torch import nn
 from difftune.config.tuning import TuningConfig
 from difftune.errors import UserError
 from difftune.tuning.base import AdapterMethod
-from difftune.tuning.targets import DEFAULT_TARGETS, default_targets
+from difftune.tuning.targets import default_targets
 
 ADAPTER_NAME = "default"
 
@@ -26,12 +26,14 @@ class PeftTuning(AdapterMethod):
         super().__init__(settings)
         self.kind = kind
 
-    def peft_config(self, model: nn.Module) -> Any:
-        """The peft config this method injects into ``model``."""
+    def peft_config(self, model: nn.Module, defaults: dict[str, list[str]] | None = None) -> Any:
+        """The peft config this method injects into ``model`` (``defaults``: the backbone's default targets;
+        those it was prepared with when not given)."""
         import peft
 
         s = self.settings
-        targets = s.lora_targets or default_targets(model, DEFAULT_TARGETS, "lora_targets")
+        defaults = self.defaults if defaults is None else defaults
+        targets = s.lora_targets or default_targets(model, defaults, "lora", "lora_targets")
         if self.kind == "lora":
             return peft.LoraConfig(
                 r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets

@@ -7,7 +7,7 @@ from torch import nn
 from difftune.errors import UserError
 from difftune.tuning.base import AdapterMethod
 from difftune.tuning.reparam import SpectralShift, reparametrize
-from difftune.tuning.targets import DEFAULT_SVDIFF_TARGETS, default_targets, matches
+from difftune.tuning.targets import default_targets, matches
 
 
 class SVDiffTuning(AdapterMethod):
@@ -15,7 +15,7 @@ class SVDiffTuning(AdapterMethod):
 
     def add(self, inner: nn.Module) -> None:
         targets = self.settings.svdiff_targets or default_targets(
-            inner, DEFAULT_SVDIFF_TARGETS, "svdiff_targets"
+            inner, self.defaults, "svdiff", "svdiff_targets"
         )
         layers = [
             m

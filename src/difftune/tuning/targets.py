@@ -1,37 +1,30 @@
-"""Where a method goes in each backbone: default target modules, blocks and residual branches.
+"""Where a method goes in each backbone: target modules, blocks and residual branches.
 
 Methods find their places by module type (diffusers' ``Attention``, ``FeedForward`` and
 ``BasicTransformerBlock``), so any backbone built from those works; a backbone without the
-pieces a method needs gets a one-line error that names the methods that do apply.
+pieces a method needs gets a one-line error that names the methods that do apply. The modules LoRA
+and SVDiff adapt by default are the model family's (``Backbone.adapter_targets``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from difftune.errors import UserError
 
-# diffusers class -> names (or suffixes) of the linear layers LoRA and SVDiff adapt by default
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "DiTTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
-    "UNet2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
-    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],  # diffusers' SD LoRA training
-    "ControlNetModel": ["to_q", "to_k", "to_v", "to_out.0"],
-}
-DEFAULT_SVDIFF_TARGETS: dict[str, list[str]] = {
-    "DiTTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "UNet2DModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-    "ControlNetModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-}
 
-
-def default_targets(model: nn.Module, table: dict[str, list[str]], key: str) -> list[str]:
-    """The default target names of ``model``'s class, or an error that asks for ``tuning.<key>``."""
-    name = type(model).__name__
-    if name not in table:
-        raise UserError(f"difftune has no default targets for {name}; set tuning.{key} to module names")
-    return table[name]
+def default_targets(
+    model: nn.Module, defaults: Mapping[str, Sequence[str]] | None, key: str, setting: str
+) -> list[str]:
+    """The default target names of method ``key`` (``lora``, ``svdiff``) in ``defaults`` (the model family's,
+    ``Backbone.adapter_targets``), or an error that asks for the setting ``tuning.<setting>``."""
+    if not defaults or key not in defaults:
+        raise UserError(
+            f"difftune has no default targets for {type(model).__name__}; set tuning.{setting} to module names"
+        )
+    return list(defaults[key])
 
 
 def matches(name: str, targets: list[str]) -> bool:

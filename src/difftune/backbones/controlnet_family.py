@@ -1,0 +1,137 @@
+"""The ControlNet family: a trainable ControlNet over a frozen Stable Diffusion UNet.
+
+Everything of the Stable Diffusion family (text encoder, prompts), plus control images: from the
+target data or an annotator (targets), from the annotator run on the bank's own samples (the bank),
+or from image files (sampling). A trained ControlNet reloads over the UNet it was trained with,
+which its ``difftune_source.json`` records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.controlnet import CONTROL, ControlNetBackbone, to_uint8
+from difftune.backbones.family import ConditionRequest, LoadContext, PreflightFacts, TargetSource
+from difftune.backbones.sd_family import ATTENTION, StableDiffusionFamily, TextParts, _Prompts
+from difftune.backbones.sd_parts import frozen_unet_location
+from difftune.config.experiment import NEW_CONTROLNET_TRAINS_IN_FULL
+from difftune.errors import UserError
+from difftune.io.images import load_square_image
+
+NEEDS_CONTROLS = "a ControlNet needs control images: set data.annotator (e.g. canny) or data.control_column"
+
+
+class _PromptsAndControls(_Prompts):
+    """Prompt embeddings and control images (uint8): the data's own, or the annotator's of each image."""
+
+    def __init__(self, prompts: Any, source: TargetSource) -> None:
+        super().__init__(prompts, source)
+        self.annotator = source.annotator()
+        if self.annotator is not None:
+            self.parts.append(f"annotator:{self.annotator.record()}")
+        elif not source.has_controls:
+            raise UserError(NEEDS_CONTROLS)
+        else:
+            self.parts.append("controls:data")
+        self.identity = ";".join(self.parts)
+
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor, flipped: bool) -> dict[str, torch.Tensor]:
+        out = super().__call__(indices, images, flipped)
+        if self.annotator is not None:
+            control = self.annotator(images.cpu().float())
+        else:
+            control = self.source.controls(indices, flipped)
+        out[CONTROL] = to_uint8(control)
+        return out
+
+
+class ControlNetFamily(StableDiffusionFamily):
+    """A ControlNet (what trains) steering a frozen Stable Diffusion UNet."""
+
+    name = "controlnet"
+    model_classes = ("ControlNetModel",)  # with the UNet of its pipeline
+    model_class = ControlNetModel
+    adapter = ControlNetBackbone
+    adapter_targets = {"lora": ATTENTION, "svdiff": ATTENTION + ["conv1", "conv2"]}
+    conditioner = _PromptsAndControls
+
+    # loading
+    def load(self, ctx: LoadContext, model: Any) -> tuple[ControlNetBackbone, TextParts]:
+        """A trained ControlNet, beside the UNet it was trained with."""
+        frozen_unet = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record)
+        assert ctx.load is not None
+        unet = ctx.load(UNet2DConditionModel, *frozen_unet, ctx.revision)
+        backbone = ControlNetBackbone(model, unet)
+        return backbone, self.text_parts(ctx, backbone, frozen_unet)
+
+    def peek(self, ctx: LoadContext, model: Any) -> ControlNetBackbone:
+        unet_root, unet_sub = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record)
+        unet_config = UNet2DConditionModel.load_config(
+            unet_root, subfolder=unet_sub, local_files_only=ctx.local_only
+        )
+        return ControlNetBackbone(model, UNet2DConditionModel.from_config(unet_config))
+
+    def check_tuning(self, parts: TextParts | None, adapter: bool) -> None:
+        """A new ControlNet (``from_unet``) has random layers an adapter would not save: it trains in full."""
+        if adapter and parts is not None and parts.controlnet == "from_unet":
+            raise UserError(NEW_CONTROLNET_TRAINS_IN_FULL)
+
+    # conditions
+    def check_request(self, request: ConditionRequest) -> None:
+        if not request.prompts:
+            super().check_request(request)
+        if not request.controls:
+            raise UserError("a ControlNet needs --control-image (one for all prompts, or one per prompt)")
+
+    def sample_conditions(self, loaded: Any, request: ConditionRequest) -> tuple[Conditioning, list[str]]:
+        """The prompts' embeddings with their control images (files used as they are: an edge map, ...)."""
+        cond, tags = super().sample_conditions(loaded, request)
+        backbone = loaded.backbone
+        side = backbone.sample_shape[1] * backbone.control_downsample
+        images = torch.stack([(load_square_image(path, side, 3) + 1) / 2 for path in request.controls])
+        if images.shape[0] == 1:
+            images = images.expand(len(request.prompts), -1, -1, -1)
+        return Conditioning({**cond, CONTROL: to_uint8(images)}), tags
+
+    def prepare_bank(self, loaded: Any, inputs: Any) -> None:
+        """The prompts of the bank, and the annotator that makes control images from its samples."""
+        super().prepare_bank(loaded, inputs)
+        loaded.backbone.annotator = inputs.annotator()
+
+    def check_bank(
+        self, manifest: dict[str, Any], backbone: Any, annotator: Callable[[], Any], path: str
+    ) -> None:
+        """Also refuse control images another annotator made than the target's."""
+        super().check_bank(manifest, backbone, annotator, path)
+        wanted = annotator()
+        if manifest.get("annotator") != wanted or wanted is None:
+            raise UserError(
+                f"bank {path} holds control images made by {manifest.get('annotator')}, the target's come from "
+                f"{wanted or 'the data (data.control_column)'}; a ControlNet bank must use the target's annotator: "
+                "set data.annotator and regenerate the bank, or set objective.retention_data=target"
+            )
+
+    def preflight_lines(self, backbone: Any, facts: PreflightFacts) -> list[str]:
+        return [*super().preflight_lines(backbone, facts), facts.control_line()]
+
+    def has_control(self) -> bool:
+        return True
+
+    def control_images(self, cond: Conditioning) -> torch.Tensor:
+        return cond[CONTROL].float().cpu() / 255.0
+
+    # saved models
+    def pipeline_parts(self, loaded: Any) -> dict[str, Any]:
+        return {**super().pipeline_parts(loaded), "unet": loaded.backbone.source_model}  # the UNet it steers
+
+    def sample_flags(self, loaded: Any) -> str:
+        return super().sample_flags(loaded) + " --control-image control.png"
+
+
+CONTROLNET = ControlNetFamily()
+ControlNetBackbone.family = CONTROLNET
