@@ -4,7 +4,7 @@ distillation with a LoRA student against the same LoRA run without distillation.
 Two comparisons in one run, through :class:`difftune.training.loop.Trainer` itself, with the machinery of
 ``benchmarks/step_time.py`` (same source models, bank, target cache and timing):
 
-* methods: every tuning method of :data:`difftune.tuning.TUNING_METHODS` (``model.tuning``: full,
+* methods: every tuning method of :data:`difftune.tuning.TUNING_METHODS` (``tuning.method``: full,
   lora, loha, lokr, bitfit, difffit, adaptformer, vpt, svdiff), each with its default ``tuning``
   settings and the Diff-Tuning objective defaults (``power_up`` / ``power_down``, ``bank_share=0.2``,
   ``bank_weight=0.1``); the parameter-efficient ones at 3e-3, full fine-tuning at 1e-4, as in
@@ -153,7 +153,9 @@ def configurations(args: argparse.Namespace) -> dict[str, step_time.Run]:
         sys.exit(f"{Path(sys.argv[0]).name}: unknown --methods {unknown}; valid: {sorted(TUNING_METHODS)}")
     names = [BASE, STUDENT] + [m for m in TUNING_METHODS if m in chosen and m not in (BASE, STUDENT)]
     runs = {
-        name: step_time.Run(tuning=name, learning_rate=None if name == BASE else PEFT_LEARNING_RATE)
+        name: step_time.Run(
+            tuning={"method": name}, learning_rate=None if name == BASE else PEFT_LEARNING_RATE
+        )
         for name in names
     }
     runs[DISTILLED] = dataclasses.replace(runs[STUDENT], objective={"kind": "distillation"})

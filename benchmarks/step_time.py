@@ -233,6 +233,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
     from difftune.config.experiment import BankConfig
+    from difftune.config.sampling import SamplingSpec
 
     device = args.device
     if device == "auto":
@@ -244,10 +245,9 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
     bank_cfg = BankConfig(
         path=str(bank),
         num_samples=args.bank_samples,
-        num_inference_steps=args.bank_steps,
+        sampling=SamplingSpec(steps=args.bank_steps, seed=args.seed),
         shard_size=args.bank_samples,
         batch_size=args.bank_samples,
-        seed=args.seed,
     )
     generate_bank(load_pretrained(str(source)), bank_cfg, device=device, progress=args.verbose)
     return Setup(source, bank, work / "target_cache", description, device)
@@ -255,13 +255,12 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
 
 @dataclass(frozen=True)
 class Run:
-    """What one measured configuration changes: ``objective`` fields, ``model.tuning``, the ``tuning``
-    section and the learning rate (``None``: the ``train`` default). This script's two methods differ
+    """What one measured configuration changes: ``objective`` settings, the ``tuning`` section (its
+    ``method`` and settings) and the learning rate (``None``: the ``train`` default). This script's two methods differ
     only in ``objective``; everything else (model, data, bank, batch, seed, EMA) is shared."""
 
     objective: dict[str, Any] = field(default_factory=dict)
-    tuning: str = "full"
-    tuning_settings: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)
     learning_rate: float | None = None
 
 
@@ -274,20 +273,20 @@ def make_config(
         DataConfig,
         ExperimentConfig,
         ModelConfig,
-        ObjectiveConfig,
         TrainConfig,
+        section_from_dict,
     )
-    from difftune.tuning import TuningConfig
+    from difftune.config.sampling import SamplingSpec
 
     rate = {} if run.learning_rate is None else {"learning_rate": run.learning_rate}
     return ExperimentConfig(
-        model=ModelConfig(pretrained=str(setup.source), tuning=run.tuning),
+        model=ModelConfig(pretrained=str(setup.source)),
         data=DataConfig(source="digits", classes=TARGET_CLASSES, cache_dir=str(setup.cache), seed=args.seed),
         bank=BankConfig(
-            path=str(setup.bank), num_samples=args.bank_samples, num_inference_steps=args.bank_steps
+            path=str(setup.bank), num_samples=args.bank_samples, sampling=SamplingSpec(steps=args.bank_steps)
         ),
-        objective=ObjectiveConfig(**run.objective),
-        tuning=TuningConfig(**run.tuning_settings),
+        objective=section_from_dict("objective", run.objective),
+        tuning=section_from_dict("tuning", run.tuning),
         train=TrainConfig(
             output_dir=str(out),
             batch_size=args.batch_size,

@@ -139,15 +139,15 @@ def _quiet() -> Iterator[None]:
 
 def bank_settings(path: Path) -> dict[str, object]:
     """The ``bank`` section of the recipe: 20 samples, shards of 8, 3 sampling steps."""
-    return {"path": str(path), "num_samples": 20, "shard_size": 8, "num_inference_steps": 3, "batch_size": 8}
+    return {"path": str(path), "num_samples": 20, "shard_size": 8, "sampling": {"steps": 3}, "batch_size": 8}
 
 
 def _generate_bank(model: Path, path: Path) -> None:
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
-    from difftune.config.experiment import BankConfig
+    from difftune.config.experiment import section_from_dict
 
-    generate_bank(load_pretrained(str(model)), BankConfig(**bank_settings(path)), progress=False)
+    generate_bank(load_pretrained(str(model)), section_from_dict("bank", bank_settings(path)), progress=False)
 
 
 def recipe(model: Path, output_dir: Path, bank: Path | None = None, folder: Path | None = None) -> dict:
@@ -440,7 +440,7 @@ def _duplicate_yaml_key(ws: Workspace) -> list[str]:
 
 def _oversized_lora(ws: Workspace) -> list[str]:
     # the rank is checked against the model's layers once they are loaded: a real run
-    return ws.train("model.tuning=lora", "tuning.lora_rank=100000", dry_run=False)
+    return ws.train("tuning.method=lora", "tuning.lora.rank=100000", dry_run=False)
 
 
 def _config_with(section: str, values: dict[str, object]) -> Callable[[Workspace], list[str]]:
@@ -781,10 +781,10 @@ CASES: list[Case] = [
     Case(
         "tuning setting of another method",
         "configs",
-        _override("tuning.lora_rank=4"),
-        problem=r"tuning\.lora_rank=4 is a setting of model\.tuning=lora/loha/lokr, "
-        r"but model\.tuning=full ignores it",
-        fix=r"set model\.tuning=lora \(or loha, lokr\), or remove tuning\.lora_rank",
+        _override("tuning.lora.rank=4"),
+        problem=r"tuning\.lora\.rank=4 is a setting of tuning\.method=lora/loha/lokr, "
+        r"but tuning\.method=full ignores it",
+        fix=r"set tuning\.method=lora \(or loha, lokr\), or remove tuning\.lora\.rank",
     ),
     Case(
         "distillation without a retention share",
@@ -798,8 +798,8 @@ CASES: list[Case] = [
         "LoRA rank above every layer's full rank",
         "configs",
         _oversized_lora,
-        problem=r"tuning\.lora_rank=100000 is above the full rank min\(in, out\) of every layer",
-        fix=r"set tuning\.lora_rank to at most 16",
+        problem=r"tuning\.lora\.rank=100000 is above the full rank min\(in, out\) of every layer",
+        fix=r"set tuning\.lora\.rank to at most 16",
     ),
     Case(
         "missing config file",

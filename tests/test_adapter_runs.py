@@ -17,7 +17,7 @@ from difftune.testing.models import save_pipeline_dir, tiny_dit
 from difftune.training.loop import Trainer
 from test_training import make_cfg, metrics
 
-LORA = ("model.tuning=lora", "train.learning_rate=1e-2")
+LORA = ("tuning.method=lora", "train.learning_rate=1e-2")
 
 
 def _output(loaded) -> torch.Tensor:
@@ -69,8 +69,8 @@ def test_an_adapter_trains_further_from_its_own_weights(dit_dir: Path, tmp_path:
     assert (
         load_trained(str(second)).tuning.base_fingerprint == load_trained(str(first)).tuning.base_fingerprint
     )
-    with pytest.raises(UserError, match="holds a lora adapter.*model.tuning=lora"):
-        Trainer(make_cfg(first, tmp_path / "third", None, "model.tuning=bitfit"))
+    with pytest.raises(UserError, match="holds a lora adapter.*tuning.method=lora"):
+        Trainer(make_cfg(first, tmp_path / "third", None, "tuning.method=bitfit"))
 
 
 def test_a_run_moved_with_its_base_finds_the_base_beside_it(

@@ -16,6 +16,7 @@ from conftest import save_pipeline_dir, tiny_dit
 from difftune.backbones import LoadedModel, load_pretrained, model_fingerprint
 from difftune.bank import generate_bank, load_bank
 from difftune.config.experiment import BankConfig, load_config
+from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 from difftune.io.store import LatentStore
 from difftune.sampling.generate import build_scheduler, generate
@@ -26,15 +27,12 @@ DROP = object()  # a manifest edit that removes the field
 
 
 def bank_cfg(path: Path, **kwargs) -> BankConfig:
-    settings = {
-        "num_samples": NUM,
-        "shard_size": SHARD,
-        "num_inference_steps": STEPS,
-        "seed": SEED,
-        "batch_size": 8,
-    }
-    settings.update(kwargs)
-    return BankConfig(path=str(path), **settings)
+    """The test bank's settings; ``scheduler``, ``steps``, ``guidance_scale`` and ``seed`` are its ``sampling``."""
+    sampling = {"steps": STEPS, "seed": SEED}
+    settings = {"num_samples": NUM, "shard_size": SHARD, "batch_size": 8}
+    for key, value in kwargs.items():
+        (sampling if key in ("scheduler", "steps", "guidance_scale", "seed") else settings)[key] = value
+    return BankConfig(path=str(path), sampling=SamplingSpec(**sampling), **settings)
 
 
 def assert_banks_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
@@ -225,7 +223,7 @@ def test_manifest_with_a_wrong_field_refused(
 @pytest.mark.parametrize(
     "key,value,named",
     [
-        ("num_inference_steps", 4, "num_inference_steps"),
+        ("steps", 4, "num_inference_steps"),
         ("guidance_scale", 2.0, "guidance_scale"),
         ("seed", 8, "seed"),
         ("scheduler", "DDIMScheduler", "scheduler"),

@@ -108,7 +108,11 @@ def test_yaml_round_trip(cfg_file: Path, tmp_path: Path) -> None:
         (["objective.realisation=foo"], ["objective.realisation", "'foo'", "sample", "weight"]),
         (["objective.cfg_dropout=1.0"], ["objective.cfg_dropout"]),
         (["objective.bank_weight=-1"], ["objective.bank_weight", ">= 0"]),
-        (["objective.target_exponent=-1"], ["exponents"]),
+        (["objective.power_up.exponent=-1"], ["objective.power_up.exponent=-1 must be >= 0"]),
+        (
+            ["objective.target_exponent=-1"],
+            ["objective.power_up.exponent=-1 must be >= 0"],
+        ),  # an old spelling
         (["train.batch_size=0"], ["train.batch_size", "> 0"]),
         (["train.ema_decay=1.0"], ["train.ema_decay"]),
         (["train.mixed_precision=fp8"], ["train.mixed_precision", "bf16"]),
@@ -116,7 +120,8 @@ def test_yaml_round_trip(cfg_file: Path, tmp_path: Path) -> None:
         (["data.source=folder"], ["data.path"]),
         (["data.per_class=0"], ["data.per_class"]),
         (["model.pretrained="], ["model.pretrained"]),
-        (["bank.guidance_scale=0.5"], ["bank.guidance_scale"]),
+        (["bank.sampling.guidance_scale=0.5"], ["bank.sampling.guidance_scale=0.5 must be >= 1"]),
+        (["bank.guidance_scale=0.5"], ["bank.sampling.guidance_scale=0.5 must be >= 1"]),  # an old spelling
         (["objective.bank_share=0.2"], ["bank.path", "bank_share"]),  # bank share without a bank
         (["train.colour=red"], ["unknown key", "train.colour", "batch_size"]),
         (["training.max_steps=3"], ["section.key", "train"]),
@@ -227,9 +232,9 @@ def test_train_dry_run_prints_config_and_plan(dit_dir: Path, tmp_path: Path, cap
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.sample_scheduler=Nope", "train.sample_scheduler 'Nope' is unknown"),
-        ("train.sample_steps=0", "train.sample_steps=0 must be >= 1"),
-        ("train.sample_guidance_scale=0.5", "train.sample_guidance_scale=0.5 must be >= 1"),
+        ("train.sampling.scheduler=Nope", "train.sampling.scheduler 'Nope' is unknown"),
+        ("train.sampling.steps=0", "train.sampling.steps=0 must be a positive integer"),
+        ("train.sampling.guidance_scale=0.5", "train.sampling.guidance_scale=0.5 must be >= 1"),
     ],
 )
 def test_train_dry_run_checks_the_grid_sampling(
@@ -403,7 +408,7 @@ def test_config_commands_user_errors(case: str, dit_dir: Path, tmp_path: Path, c
         command, expect = "bank", "bank.path"
     elif case == "bank_bad_scheduler":
         command = "bank"
-        extra = ["--set", f"bank.path={tmp_path / 'b'}", "--set", "bank.scheduler=NoSuchScheduler"]
+        extra = ["--set", f"bank.path={tmp_path / 'b'}", "--set", "bank.sampling.scheduler=NoSuchScheduler"]
         expect = "NoSuchScheduler"
     assert main([command, "--config", str(cfg), "--dry-run", *extra]) == 2
     line = _one_error_line(capsys)
@@ -501,7 +506,7 @@ def test_paper_recipes_hold_the_papers_hyper_parameters(config: Path) -> None:
         assert cfg.objective.target_schedule == "uniform" and cfg.bank_count == 0
     else:
         oc = cfg.objective
-        assert (oc.target_schedule, oc.bank_schedule, oc.target_exponent, oc.bank_exponent) == (
+        assert (oc.target_schedule, oc.bank_schedule, oc.power_up.exponent, oc.power_down.exponent) == (
             "power_up",
             "power_down",
             1.0,

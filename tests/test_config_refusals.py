@@ -56,8 +56,10 @@ def test_a_set_value_that_is_not_yaml_is_one_line(capsys: pytest.CaptureFixture[
 
 
 def test_every_tuning_setting_belongs_to_registered_methods() -> None:
-    for f in dataclasses.fields(TuningConfig):
-        assert set(methods_using(f.name)) <= set(TUNING_METHODS), f.name
+    groups = [f.name for f in dataclasses.fields(TuningConfig) if f.name != "method"]
+    assert set(groups) == set(SETTING_USERS)  # every sub-section is some methods' settings
+    for group in groups:
+        assert set(methods_using(group)) <= set(TUNING_METHODS), group
     assert all(users for users in SETTING_USERS.values())
 
 
@@ -66,43 +68,43 @@ def test_every_tuning_setting_belongs_to_registered_methods() -> None:
     [
         (
             "full",
-            "tuning.lora_rank=4",
-            "tuning.lora_rank=4 is a setting of model.tuning=lora/loha/lokr, but model.tuning=full ignores it; "
-            "set model.tuning=lora (or loha, lokr), or remove tuning.lora_rank",
+            "tuning.lora.rank=4",
+            "tuning.lora.rank=4 is a setting of tuning.method=lora/loha/lokr, but tuning.method=full ignores it; "
+            "set tuning.method=lora (or loha, lokr), or remove tuning.lora.rank",
         ),
         (
             "bitfit",
-            "tuning.difffit_blocks=[0]",
-            "tuning.difffit_blocks=[0] is a setting of model.tuning=difffit, but model.tuning=bitfit ignores it; "
-            "set model.tuning=difffit, or remove tuning.difffit_blocks",
+            "tuning.difffit.blocks=[0]",
+            "tuning.difffit.blocks=[0] is a setting of tuning.method=difffit, but tuning.method=bitfit ignores it; "
+            "set tuning.method=difffit, or remove tuning.difffit.blocks",
         ),
         (
             "lora",
-            "tuning.vpt_tokens=8",  # the default, but given explicitly: it counts
-            "tuning.vpt_tokens=8 is a setting of model.tuning=vpt, but model.tuning=lora ignores it",
+            "tuning.vpt.tokens=8",  # the default, but given explicitly: it counts
+            "tuning.vpt.tokens=8 is a setting of tuning.method=vpt, but tuning.method=lora ignores it",
         ),
     ],
 )
 def test_tuning_settings_of_another_method_are_refused(method: str, setting: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [*BASE, f"model.tuning={method}", setting])
+        load_config(None, [*BASE, f"tuning.method={method}", setting])
     assert str(info.value).startswith(message)
 
 
 def test_tuning_settings_of_several_methods_are_named_together() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [*BASE, "tuning.lora_rank=8", "tuning.adaptformer_dim=3"])
+        load_config(None, [*BASE, "tuning.lora.rank=8", "tuning.adaptformer.dim=3"])
     assert str(info.value) == (
-        "tuning.lora_rank=8, tuning.adaptformer_dim=3 are settings of model.tuning=adaptformer and "
-        "lora/loha/lokr, but model.tuning=full ignores them; set model.tuning to the method they are for, "
+        "tuning.lora.rank=8, tuning.adaptformer.dim=3 are settings of tuning.method=adaptformer and "
+        "lora/loha/lokr, but tuning.method=full ignores them; set tuning.method to the method they are for, "
         "or remove them"
     )
 
 
 @pytest.mark.parametrize("method", ["lora", "loha", "lokr"])
 def test_a_shared_setting_is_accepted_by_each_method_that_reads_it(method: str) -> None:
-    cfg = load_config(None, [*BASE, f"model.tuning={method}", "tuning.lora_rank=4", "tuning.lora_alpha=2"])
-    assert cfg.tuning.lora_rank == 4
+    cfg = load_config(None, [*BASE, f"tuning.method={method}", "tuning.lora.rank=4", "tuning.lora.alpha=2"])
+    assert cfg.tuning.lora.rank == 4
 
 
 def test_a_full_config_written_by_difftune_loads_again(tmp_path: Path) -> None:
@@ -110,10 +112,10 @@ def test_a_full_config_written_by_difftune_loads_again(tmp_path: Path) -> None:
     cfg = load_config(None, BASE)
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
-    lora = load_config(None, [*BASE, "model.tuning=lora", "tuning.lora_rank=4"])
+    lora = load_config(None, [*BASE, "tuning.method=lora", "tuning.lora.rank=4"])
     lora.save(tmp_path / "lora.yaml")
-    with pytest.raises(ConfigError, match="tuning.lora_rank=4 is a setting of model.tuning=lora/loha/lokr"):
-        load_config(tmp_path / "lora.yaml", ["model.tuning=full"])  # a value that differs counts
+    with pytest.raises(ConfigError, match="tuning.lora.rank=4 is a setting of tuning.method=lora/loha/lokr"):
+        load_config(tmp_path / "lora.yaml", ["tuning.method=full"])  # a value that differs counts
 
 
 # -------------------------------------------------------------------------------------- duplicate keys
@@ -156,11 +158,14 @@ def test_one_key_in_several_mappings_and_aliases_are_fine(tmp_path: Path) -> Non
         "tuning: {difffit_blocks: *c}\n"
     )
     with pytest.raises(
-        ConfigError, match="tuning.difffit_blocks=\\[1, 2\\] is a setting of model.tuning=difffit"
+        ConfigError, match="tuning.difffit.blocks=\\[1, 2\\] is a setting of tuning.method=difffit"
     ):
         load_config(path)
-    cfg = load_config(path, ["model.tuning=difffit"])
-    assert cfg.bank.seed == cfg.train.seed == 1 and cfg.data.classes == cfg.tuning.difffit_blocks == [1, 2]
+    cfg = load_config(path, ["tuning.method=difffit"])
+    assert (
+        cfg.bank.sampling.seed == cfg.train.seed == 1
+        and cfg.data.classes == cfg.tuning.difffit.blocks == [1, 2]
+    )
 
 
 # ------------------------------------------------------------------------------- the default max_steps

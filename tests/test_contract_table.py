@@ -70,7 +70,7 @@ def _config(family: str, base: Path, tmp: Path) -> Path:
     raw = {
         "model": model,
         "data": data,
-        "bank": {"path": str(tmp / "bank"), "num_samples": 4, "num_inference_steps": 2, "batch_size": 4},
+        "bank": {"path": str(tmp / "bank"), "num_samples": 4, "sampling": {"steps": 2}, "batch_size": 4},
         "objective": {"bank_share": 0.25},
         "train": {
             "output_dir": str(tmp / "run"),
@@ -141,7 +141,7 @@ def test_tuning_method_on_family(family: str, method: str, tmp_path: Path, capsy
     config = _config(family, base, tmp_path)
     overrides = [
         "--set",
-        f"model.tuning={method}",
+        f"tuning.method={method}",
         "--set",
         "objective.bank_share=0",
         "--set",
@@ -151,7 +151,7 @@ def test_tuning_method_on_family(family: str, method: str, tmp_path: Path, capsy
     if (family, method) in REFUSED:
         assert code == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("difftune: error")]
-        assert len(errors) == 1 and "model.tuning" in errors[0]  # one line naming the setting to change
+        assert len(errors) == 1 and "tuning.method" in errors[0]  # one line naming the setting to change
         return
     assert code == 0
     run = tmp_path / "run"

@@ -39,8 +39,8 @@ T = 1000
 DATA_DRIVEN = (
     "objective.target_schedule=data_driven",
     "objective.bank_schedule=data_driven",
-    "objective.data_schedule_bins=4",
-    "objective.data_schedule_draws=2",
+    "objective.data_driven.bins=4",
+    "objective.data_driven.draws=2",
 )
 TARGET_X0, BANK_X0 = 0.5, -0.5  # the fake model's clean samples: target rows, bank (null-label) rows
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from difftune.backbones import Conditioning, apply_tuning, load_pretrained, load_trained, merged_model
 from difftune.cli import main
 from difftune.config.experiment import ConfigError, ObjectiveConfig, load_config
+from difftune.config.objective import DistillationSettings
 from difftune.objectives import DiffTuningLoss, DistillationLoss, build_objective
 from difftune.process import build_process
 from difftune.training.loop import Trainer
@@ -72,7 +73,7 @@ def test_full_tuning_distils_from_a_frozen_copy(dtype: str, dit_dir: Path) -> No
     apply_tuning(loaded, "full")
     loaded.backbone.eval()
     objective = build_objective(
-        ObjectiveConfig(kind="distillation", teacher_dtype=dtype),
+        ObjectiveConfig(kind="distillation", distillation=DistillationSettings(teacher_dtype=dtype)),
         build_process(loaded.scheduler_config),
         loaded.backbone,
     )
@@ -96,7 +97,7 @@ def test_lora_distillation_on_target_data_trains_without_a_bank(dit_dir: Path, t
         dit_dir,
         run,
         None,
-        "model.tuning=lora",
+        "tuning.method=lora",
         "objective.kind=distillation",
         "objective.retention_data=target",
         "objective.bank_share=0.2",
@@ -117,7 +118,7 @@ def test_lora_distillation_on_target_data_trains_without_a_bank(dit_dir: Path, t
 def test_distillation_trains_micro_batches_without_retention_rows(dit_dir: Path, tmp_path: Path) -> None:
     # 8 target + 2 retention rows in 5 micro-batches of 2 (rows i and i + 5): three hold no retention row
     common = (
-        "model.tuning=lora",
+        "tuning.method=lora",
         "objective.kind=distillation",
         "objective.retention_data=target",
         "objective.bank_share=0.2",
@@ -141,10 +142,12 @@ def test_distillation_trains_micro_batches_without_retention_rows(dit_dir: Path,
 
 
 def test_retention_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="objective.retention_data='bnak': use 'bank' or 'target'"):
+    with pytest.raises(
+        ConfigError, match=r"objective.retention_data='bnak': use one of \['bank', 'target'\]"
+    ):
         ObjectiveConfig(retention_data="bnak")
-    with pytest.raises(ConfigError, match="objective.teacher_dtype='int8'"):
-        ObjectiveConfig(teacher_dtype="int8")
+    with pytest.raises(ConfigError, match="objective.distillation.teacher_dtype='int8'"):
+        ObjectiveConfig(distillation=DistillationSettings(teacher_dtype="int8"))
     with pytest.raises(ConfigError, match="bank.path is empty"):
         load_config(None, ["model.pretrained=x/y", "data.source=digits"])
     cfg = load_config(None, ["model.pretrained=x/y", "data.source=digits", "objective.retention_data=target"])
@@ -152,7 +155,7 @@ def test_retention_settings_are_checked() -> None:
 
 
 def _lora_run(dit_dir: Path, tmp_path: Path) -> Path:
-    cfg = make_cfg(dit_dir, tmp_path / "run", None, "model.tuning=lora", "train.learning_rate=1e-2")
+    cfg = make_cfg(dit_dir, tmp_path / "run", None, "tuning.method=lora", "train.learning_rate=1e-2")
     return Trainer(cfg).train()
 
 

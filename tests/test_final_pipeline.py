@@ -53,7 +53,7 @@ def test_merged_lora_of_a_latent_dit_loads_as_a_stock_pipeline(latent_dit_dir: P
         None,
         "data.resolution=16",
         "train.max_steps=2",
-        "model.tuning=lora",
+        "tuning.method=lora",
         "train.learning_rate=1e-2",
     )
     final = Trainer(cfg).train()
@@ -97,7 +97,7 @@ def test_a_merged_pixel_export_says_how_stock_diffusers_loads_it(
 ) -> None:
     from difftune.cli import main
 
-    cfg = make_cfg(dit_dir, tmp_path / "run", None, "model.tuning=bitfit", "train.max_steps=1")
+    cfg = make_cfg(dit_dir, tmp_path / "run", None, "tuning.method=bitfit", "train.max_steps=1")
     final = Trainer(cfg).train()
     out = tmp_path / "merged"
     assert main(["export", str(final), "--out", str(out), "--merge"]) == 0

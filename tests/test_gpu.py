@@ -27,7 +27,7 @@ def test_bf16_diff_tuning_on_gpu(dit_dir: Path, tmp_path: Path) -> None:
             "data.per_class=4",
             f"bank.path={tmp_path / 'bank'}",
             "bank.num_samples=16",
-            "bank.num_inference_steps=3",
+            "bank.sampling.steps=3",
             f"train.output_dir={tmp_path / 'run'}",
             "train.max_steps=4",
             "train.batch_size=10",

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from difftune.config.experiment import ConfigError, ObjectiveConfig
+from difftune.config.objective import LogitNormalSchedule, PowerAxis, PowerSchedule
 from difftune.errors import UserError
 from difftune.objectives import build_objective
 from difftune.process import build_process
@@ -213,7 +214,7 @@ class _Backbone:
 @pytest.mark.parametrize("process", ["flow-shift3", "edm"])
 def test_the_config_picks_the_axis_and_each_streams_offset(process: str) -> None:
     noise = _noise(process)
-    ported = ObjectiveConfig(schedule_axis="log_snr", target_exponent=1.5)
+    ported = ObjectiveConfig(power=PowerAxis(axis="log_snr"), power_up=PowerSchedule(exponent=1.5))
     objective = build_objective(ported, build_process(PROCESSES[process]), _Backbone())
     for schedule, name, exponent in zip(
         objective.schedules, ("power_up", "power_down"), (1.5, 1.0), strict=True
@@ -224,8 +225,8 @@ def test_the_config_picks_the_axis_and_each_streams_offset(process: str) -> None
     shifted = ObjectiveConfig(
         target_schedule="logit_normal_up",
         bank_schedule="logit_normal_down",
-        target_offset=0.7,
-        bank_offset=1.6,
+        logit_normal_up=LogitNormalSchedule(offset=0.7),
+        logit_normal_down=LogitNormalSchedule(offset=1.6),
     )
     objective = build_objective(shifted, build_process(PROCESSES[process]), _Backbone())
     for schedule, name, offset in zip(
@@ -242,12 +243,10 @@ def test_the_default_config_builds_the_index_schedules_exactly() -> None:
 
 
 def test_axes_and_offsets_are_checked() -> None:
-    with pytest.raises(
-        ConfigError, match=r"objective.schedule_axis='sigma': use one of \['index', 'log_snr'\]"
-    ):
-        ObjectiveConfig(schedule_axis="sigma")
-    with pytest.raises(ConfigError, match="objective.bank_offset=-1.0 must be >= 0"):
-        ObjectiveConfig(bank_offset=-1.0)
+    with pytest.raises(ConfigError, match=r"objective.power.axis='sigma': use one of \['index', 'log_snr'\]"):
+        ObjectiveConfig(power=PowerAxis(axis="sigma"))
+    with pytest.raises(ConfigError, match="objective.logit_normal_down.offset=-1.0 must be >= 0"):
+        ObjectiveConfig(logit_normal_down=LogitNormalSchedule(offset=-1.0))
     assert ObjectiveConfig(bank_schedule="logit_normal_down").bank_schedule == "logit_normal_down"
     with pytest.raises(UserError, match="schedule 'power_up' needs the model's 1000 noise levels"):
         build_schedule("power_up", T, axis="log_snr")

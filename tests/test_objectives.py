@@ -461,7 +461,7 @@ def test_unknown_objective_kind_lists_the_valid_ones() -> None:
     from difftune.config.experiment import ConfigError, ObjectiveConfig
 
     with pytest.raises(
-        ConfigError, match=r"objective.kind='distil' is unknown; valid: \['diff_tuning', 'distillation'\]"
+        ConfigError, match=r"objective.kind='distil': use one of \['diff_tuning', 'distillation'\]"
     ):
         ObjectiveConfig(kind="distil")
 

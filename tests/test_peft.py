@@ -23,6 +23,7 @@ from difftune.backbones import (
 )
 from difftune.backbones.adapters import load_adapter
 from difftune.config.experiment import ConfigError
+from difftune.config.tuning import AdaptFormerSettings, DiffFitSettings, LoraSettings
 from difftune.errors import UserError
 from difftune.testing.models import save_pipeline_dir, tiny_dit
 from difftune.training.loop import Trainer
@@ -78,7 +79,7 @@ def _ema_output(trainer: Trainer) -> torch.Tensor:
 
 
 def _train(pretrained: Path, out: Path, method: str, *extra: str) -> tuple[Trainer, Path]:
-    trainer = Trainer(make_cfg(pretrained, out, None, f"model.tuning={method}", *TRAIN, *extra))
+    trainer = Trainer(make_cfg(pretrained, out, None, f"tuning.method={method}", *TRAIN, *extra))
     return trainer, trainer.train()
 
 
@@ -122,7 +123,7 @@ def test_switched_off_is_the_pretrained_model(kind: str, method: str, request: p
 )
 def test_transformer_only_methods_refuse_the_unet(unet_dir: Path, method: str, needs: str) -> None:
     backbone = load_pretrained(str(unet_dir)).backbone
-    with pytest.raises(UserError, match=rf"model.tuning={method} needs {needs}, and UNet2DModel has none"):
+    with pytest.raises(UserError, match=rf"tuning.method={method} needs {needs}, and UNet2DModel has none"):
         prepare_tuning(backbone, method)
 
 
@@ -138,11 +139,11 @@ def test_trainable_counts_and_run_summary(dit_dir: Path, tmp_path: Path) -> None
     }
     for method, count in expected.items():
         loaded = load_pretrained(str(dit_dir))
-        params = apply_tuning(loaded, method, TuningConfig(lora_rank=rank))
+        params = apply_tuning(loaded, method, TuningConfig(lora=LoraSettings(rank=rank)))
         assert sum(p.numel() for p in params) == count, method
 
         run = tmp_path / method
-        rank_setting = [f"tuning.lora_rank={rank}"] if method == "lora" else []  # bitfit refuses it
+        rank_setting = [f"tuning.lora.rank={rank}"] if method == "lora" else []  # bitfit refuses it
         _train(dit_dir, run, method, *rank_setting, "train.max_steps=1")
         summary = json.loads((run / "run_summary.json").read_text())
         assert summary["tuning"] == method
@@ -155,31 +156,35 @@ def test_a_lora_rank_above_every_layers_full_rank_is_refused(dit_dir: Path, tmp_
     # the tiny DiT's attention projections are 16 x 16: rank 16 is their full rank, 17 adds nothing
     run = tmp_path / "run"
     with pytest.raises(UserError) as info:
-        Trainer(make_cfg(dit_dir, run, None, "model.tuning=loha", "tuning.lora_rank=17"))
+        Trainer(make_cfg(dit_dir, run, None, "tuning.method=loha", "tuning.lora.rank=17"))
     assert str(info.value) == (
-        "tuning.lora_rank=17 is above the full rank min(in, out) of every layer model.tuning=loha adapts "
-        "(at most 16), so it adds parameters and no capacity; set tuning.lora_rank to at most 16"
+        "tuning.lora.rank=17 is above the full rank min(in, out) of every layer tuning.method=loha adapts "
+        "(at most 16), so it adds parameters and no capacity; set tuning.lora.rank to at most 16"
     )
     assert not run.exists()  # refused before anything is written
-    Trainer(make_cfg(dit_dir, run, None, "model.tuning=lora", "tuning.lora_rank=16"))
+    Trainer(make_cfg(dit_dir, run, None, "tuning.method=lora", "tuning.lora.rank=16"))
 
 
 def test_a_lora_rank_above_some_layers_full_rank_is_reported(
     dit_dir: Path, unet_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     loaded = load_pretrained(str(dit_dir))
-    settings = TuningConfig(lora_rank=12, lora_targets=["to_q", "proj_out_2"])  # 16 x 16 twice, 8 x 16
+    settings = TuningConfig(
+        lora=LoraSettings(rank=12, targets=["to_q", "proj_out_2"])
+    )  # 16 x 16 twice, 8 x 16
     apply_tuning(loaded, "lora", settings)
     assert full_ranks(loaded.backbone) == [16, 16, 8]
     with caplog.at_level(logging.WARNING):
         check_adapter_size("lora", settings, loaded.backbone)
     assert [r.getMessage() for r in caplog.records] == [
-        "tuning.lora_rank=12 is above the full rank min(in, out) of 1 of the 3 layers model.tuning=lora "
+        "tuning.lora.rank=12 is above the full rank min(in, out) of 1 of the 3 layers tuning.method=lora "
         "adapts (down to 8): there it adds parameters and no capacity"
     ]
     loaded = load_pretrained(str(unet_dir))  # a convolution's full rank: min(out, in x kernel)
     apply_tuning(
-        loaded, "lora", TuningConfig(lora_targets=["conv_in", "down_blocks.1.resnets.0.conv_shortcut"])
+        loaded,
+        "lora",
+        TuningConfig(lora=LoraSettings(targets=["conv_in", "down_blocks.1.resnets.0.conv_shortcut"])),
     )
     assert full_ranks(loaded.backbone) == [min(8, 1 * 3 * 3), min(16, 8 * 1 * 1)]
 
@@ -190,15 +195,15 @@ def test_an_adapter_larger_than_half_the_model_is_reported(
     n_base = sum(p.numel() for p in load_pretrained(str(dit_dir)).backbone.parameters())
     for dim, warned in ((64, False), (300, True)):  # 4,256 and 19,832 parameters beside the base's
         loaded = load_pretrained(str(dit_dir))
-        settings = TuningConfig(adaptformer_dim=dim)
+        settings = TuningConfig(adaptformer=AdaptFormerSettings(dim=dim))
         n = sum(p.numel() for p in apply_tuning(loaded, "adaptformer", settings))
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             check_adapter_size("adaptformer", settings, loaded.backbone)
         expected = [
-            f"model.tuning=adaptformer trains {n:,} parameters, {100 * n / n_base:.0f}% of the base model's "
-            f"{n_base:,} (which full fine-tuning, model.tuning=full, trains): not parameter-efficient; lower "
-            "tuning.adaptformer_dim (now 300) or train in full"
+            f"tuning.method=adaptformer trains {n:,} parameters, {100 * n / n_base:.0f}% of the base model's "
+            f"{n_base:,} (which full fine-tuning, tuning.method=full, trains): not parameter-efficient; lower "
+            "tuning.adaptformer.dim (now 300) or train in full"
         ]
         assert [r.getMessage() for r in caplog.records] == (expected if warned else []), dim
     check_adapter_size("full", TuningConfig(), load_pretrained(str(dit_dir)).backbone)  # nothing to check
@@ -291,8 +296,8 @@ def test_added_modules_cannot_be_merged(method: str, dit_dir: Path) -> None:
 @pytest.mark.parametrize("dropout", [0.0, 0.2])  # with dropout, the resumed run must restore the RNG too
 def test_lora_resume_is_exact(dropout: float, dit_dir: Path, tmp_path: Path) -> None:
     common = (
-        "model.tuning=lora",
-        f"tuning.lora_dropout={dropout}",
+        "tuning.method=lora",
+        f"tuning.lora.dropout={dropout}",
         "train.learning_rate=1e-2",
         "train.ema_decay=0.5",
         "train.checkpoint_every=2",
@@ -321,21 +326,21 @@ def test_lora_resume_is_exact(dropout: float, dit_dir: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("tuning.lora_rank=0", "tuning.lora_rank=0 must be > 0"),
-        ("tuning.lora_targets=[]", "tuning.lora_targets="),
+        ("tuning.lora.rank=0", "tuning.lora.rank=0 must be > 0"),
+        ("tuning.lora.targets=[]", "tuning.lora.targets="),
     ],
 )
 def test_config_refuses_empty_lora(override: str, message: str, dit_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
-        make_cfg(dit_dir, tmp_path / "run", None, "model.tuning=lora", override)
+        make_cfg(dit_dir, tmp_path / "run", None, "tuning.method=lora", override)
 
 
 def test_methods_refuse_settings_that_do_not_fit_the_model(dit_dir: Path) -> None:
     backbone = load_pretrained(str(dit_dir)).backbone
     with pytest.raises(
-        UserError, match=r"tuning.difffit_blocks=\[99\] names blocks \[99\], but the model has 2"
+        UserError, match=r"tuning.difffit.blocks=\[99\] names blocks \[99\], but the model has 2"
     ):
-        prepare_tuning(backbone, "difffit", TuningConfig(difffit_blocks=[99]))
+        prepare_tuning(backbone, "difffit", TuningConfig(difffit=DiffFitSettings(blocks=[99])))
     backbone = load_pretrained(str(dit_dir)).backbone
-    with pytest.raises(UserError, match="tuning.lora_targets"):
-        prepare_tuning(backbone, "lora", TuningConfig(lora_targets=["no_such_layer"]))
+    with pytest.raises(UserError, match="tuning.lora.targets"):
+        prepare_tuning(backbone, "lora", TuningConfig(lora=LoraSettings(targets=["no_such_layer"])))

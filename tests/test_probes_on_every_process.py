@@ -163,8 +163,8 @@ def test_a_data_driven_run_fits_through_the_models_process(name: str, tmp_path: 
     settings = (
         "objective.target_schedule=data_driven",
         "objective.bank_schedule=data_driven",
-        "objective.data_schedule_bins=4",
-        "objective.data_schedule_draws=2",
+        "objective.data_driven.bins=4",
+        "objective.data_driven.draws=2",
         "train.max_steps=2",
     )
     cfg = make_cfg(base, run, bank, *settings)

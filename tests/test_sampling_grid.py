@@ -47,7 +47,7 @@ def test_an_adapter_run_its_merged_export_and_its_base_with_the_merged_delta_sam
     tmp_path: Path,
 ) -> None:
     base_dir = _bare_model(tmp_path / "base")
-    cfg = make_cfg(base_dir, tmp_path / "run", None, "model.tuning=bitfit", "train.learning_rate=1e-2")
+    cfg = make_cfg(base_dir, tmp_path / "run", None, "tuning.method=bitfit", "train.learning_rate=1e-2")
     final = Trainer(cfg).train()
     assert main(["export", str(final), "--out", str(tmp_path / "merged"), "--merge"]) == 0
 
@@ -72,7 +72,7 @@ def test_a_full_run_samples_on_the_grid_of_its_base_and_its_bank(tmp_path: Path)
     generate_bank(base, cfg.bank, progress=False)
     final = Trainer(cfg).train()
     trained, checkpoint = load_trained(str(final)), load_trained(str(final), use_ema=False)
-    for sampler in {*SAMPLERS, cfg.bank.scheduler}:
+    for sampler in {*SAMPLERS, cfg.bank.sampling.scheduler}:
         assert _grid(trained, sampler) == _grid(checkpoint, sampler) == _grid(base, sampler), sampler
 
     # the base model with the final weights draws the final model's images

@@ -16,7 +16,7 @@ from difftune.config.sampling import (
 
 
 def test_defaults_live_in_one_place() -> None:
-    from difftune.config.experiment import BankConfig, TrainConfig
+    from difftune.config.experiment import BankConfig, TrainConfig, section_from_dict
 
     spec = SamplingSpec()
     assert (spec.scheduler, spec.steps, spec.guidance_scale, spec.seed) == (
@@ -27,7 +27,9 @@ def test_defaults_live_in_one_place() -> None:
     )
     assert BankConfig().sampling == spec
     assert TrainConfig().sampling == spec
-    assert BankConfig(seed=7, num_inference_steps=3).sampling == SamplingSpec(steps=3, seed=7)
+    assert section_from_dict("bank", {"sampling": {"seed": 7, "steps": 3}}).sampling == SamplingSpec(
+        steps=3, seed=7
+    )
     assert spec.seeds(5, 3) == [5, 6, 7] and SamplingSpec(seed=100).seeds(0, 2) == [100, 101]
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from difftune.cli import main
 from difftune.config.experiment import load_config
+from difftune.config.sections import flatten
 from difftune.testing.models import save_sd_pipeline
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -77,7 +78,7 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _small_bank() -> list[str]:
-    return ["--set", "bank.num_samples=2", "--set", "bank.num_inference_steps=2"]
+    return ["--set", "bank.num_samples=2", "--set", "bank.sampling.steps=2"]
 
 
 def _sets(*assignments: str) -> list[str]:
@@ -105,7 +106,7 @@ def test_every_sd_recipe_is_listed() -> None:
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_loads_with_its_numbers(name: str) -> None:
     cfg = load_config(_recipe(name))
-    assert cfg.model.pretrained == HUB_ID and cfg.model.tuning == "full"
+    assert cfg.model.pretrained == HUB_ID and cfg.tuning.method == "full"
     assert cfg.data.source == "captions" and cfg.data.caption_column == "text" and cfg.data.resolution == 512
     tc, oc = cfg.train, cfg.objective
     assert tc.batch_size == 32 and tc.mixed_precision == "bf16" and tc.learning_rate == pytest.approx(1e-5)
@@ -115,7 +116,7 @@ def test_recipe_loads_with_its_numbers(name: str) -> None:
         assert (tc.max_steps, tc.ema_decay, tc.weight_decay) == (10000, 0.0, 0.01)
         if "_canny" in name:  # condition fidelity (fidelity.jsonl) re-extracts the edges of generated images
             assert cfg.data.annotator == "canny" and cfg.data.control_column is None
-            assert (tc.validation_every, tc.validation_samples, tc.sample_guidance_scale) == (100, 16, 7.5)
+            assert (tc.validation_every, tc.validation_samples, tc.sampling.guidance_scale) == (100, 16, 7.5)
         else:  # no annotator to re-extract the condition with
             assert cfg.data.annotator is None and cfg.data.control_column == "conditioning_image"
             assert tc.validation_every == 0
@@ -127,8 +128,8 @@ def test_recipe_loads_with_its_numbers(name: str) -> None:
         schedules = (
             oc.target_schedule,
             oc.bank_schedule,
-            oc.target_exponent,
-            oc.bank_exponent,
+            oc.power_up.exponent,
+            oc.power_down.exponent,
             oc.realisation,
         )
         assert schedules == ("power_up", "power_down", 1.0, 1.0, "sample")
@@ -137,7 +138,7 @@ def test_recipe_loads_with_its_numbers(name: str) -> None:
         assert oc.retention_data == ("target" if name in NO_BANK else "bank")
         assert cfg.uses_bank == (name not in NO_BANK)
         bank = cfg.bank  # kept, so that --set objective.retention_data=bank gives the bank variant
-        assert (bank.num_samples, bank.guidance_scale, bank.num_inference_steps) == (10000, 7.5, 25)
+        assert (bank.num_samples, bank.sampling.guidance_scale, bank.sampling.steps) == (10000, 7.5, 25)
         assert bank.prompts is None and bank.condition == "null" and bank.path.startswith("banks/sd15-")
     elif name in PLAIN:
         assert oc.target_schedule == "uniform" and cfg.bank_count == 0
@@ -146,13 +147,9 @@ def test_recipe_loads_with_its_numbers(name: str) -> None:
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> set[str]:
-    """The ``section.key`` names whose values differ between two resolved configs."""
-    return {
-        f"{section}.{key}"
-        for section in a.keys() | b.keys()
-        for key in a.get(section, {}).keys() | b.get(section, {}).keys()
-        if a.get(section, {}).get(key) != b.get(section, {}).get(key)
-    }
+    """The ``section.key`` (``section.sub.key``) names whose values differ between two resolved configs."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    return {key for key in flat_a.keys() | flat_b.keys() if flat_a.get(key) != flat_b.get(key)}
 
 
 @pytest.mark.parametrize("name", DIFF_TUNING)
@@ -164,7 +161,7 @@ def test_baseline_differs_only_in_the_objective_and_the_bank(name: str) -> None:
     expected = {"objective.target_schedule", "objective.bank_share"}
     if name in NO_BANK:  # the Diff-Tuning recipe retains on target data; the baseline has no retention
         expected.add("objective.retention_data")
-    assert diff - {f"bank.{key}" for key in method["bank"]} == expected
+    assert {key for key in diff if not key.startswith("bank.")} == expected
 
 
 def test_rival_differs_from_the_baseline_only_in_the_target_weighting() -> None:
@@ -177,7 +174,7 @@ def test_rival_differs_from_the_baseline_only_in_the_target_weighting() -> None:
 def test_the_five_conditions_differ_only_in_their_data(suffix: str) -> None:
     configs = [load_config(_recipe(f"{name}{suffix}")).to_dict() for name in CONTROLNET]
     data_keys = {f"data.{key}" for key in configs[0]["data"]}
-    validation = {"train.validation_every", "train.validation_samples", "train.sample_guidance_scale"}
+    validation = {"train.validation_every", "train.validation_samples", "train.sampling.guidance_scale"}
     retention = {"objective.retention_data"} if suffix == "" else set()  # canny's bank vs target data
     for other in configs[1:]:
         diff = _differences(configs[0], other)

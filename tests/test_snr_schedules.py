@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from difftune.config.experiment import ConfigError, ObjectiveConfig
+from difftune.config.objective import MinSNRSchedule
 from difftune.errors import UserError
 from difftune.objectives import DiffTuningLoss
 from difftune.objectives.base import Draw
@@ -93,8 +94,8 @@ def test_inverse_snr_turns_the_epsilon_loss_into_the_x0_loss() -> None:
 def test_snr_schedules_are_checked() -> None:
     with pytest.raises(UserError, match="needs the model's 1000 noise levels"):
         build_schedule("min_snr", T)
-    with pytest.raises(ConfigError, match="objective.snr_gamma=0.0 must be > 0"):
-        ObjectiveConfig(target_schedule="min_snr", snr_gamma=0.0)
+    with pytest.raises(ConfigError, match="objective.min_snr.gamma=0.0 must be > 0"):
+        ObjectiveConfig(target_schedule="min_snr", min_snr=MinSNRSchedule(gamma=0.0))
     assert ObjectiveConfig(target_schedule="inverse_snr").target_schedule == "inverse_snr"
 
 

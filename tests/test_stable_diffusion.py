@@ -72,7 +72,7 @@ def _config(sd_dir: Path, images: Path, out: Path, **sections: dict) -> object:
     raw = {
         "model": {"pretrained": str(sd_dir)},
         "data": {"source": "captions", "path": str(images)},
-        "bank": {"path": str(out / "bank"), "num_samples": 6, "num_inference_steps": 2, "batch_size": 4},
+        "bank": {"path": str(out / "bank"), "num_samples": 6, "sampling": {"steps": 2}, "batch_size": 4},
         "objective": {"bank_share": 0.25},
         "train": {
             "output_dir": str(out / "run"),
@@ -80,11 +80,11 @@ def _config(sd_dir: Path, images: Path, out: Path, **sections: dict) -> object:
             "max_steps": 2,
             "checkpoint_every": 0,
             "log_every": 1,
-            "sample_steps": 2,
+            "sampling": {"steps": 2},
         },
     }
     for name, values in sections.items():
-        raw[name] = {**raw[name], **values}
+        raw[name] = {**raw.get(name, {}), **values}
     return config_from_dict(raw)
 
 
@@ -461,7 +461,8 @@ def test_lora_on_an_existing_controlnet_reloads_onto_its_base(captions: Path, tm
         pipe,
         captions,
         tmp_path,
-        model={"controlnet": str(pipe / "controlnet"), "tuning": "lora"},
+        model={"controlnet": str(pipe / "controlnet")},
+        tuning={"method": "lora"},
         data={"annotator": "canny"},
         objective={"bank_share": 0.0},
         train={"learning_rate": 1e-2, "ema_decay": 0.0},
@@ -490,7 +491,8 @@ def test_a_new_controlnet_refuses_an_adapter_method_at_config_time() -> None:
     with pytest.raises(UserError, match="train it in full"):
         config_from_dict(
             {
-                "model": {"pretrained": "x", "controlnet": "from_unet", "tuning": "lora"},
+                "model": {"pretrained": "x", "controlnet": "from_unet"},
+                "tuning": {"method": "lora"},
                 "data": {"source": "digits"},
                 "objective": {"bank_share": 0},
             }

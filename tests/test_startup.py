@@ -64,7 +64,7 @@ def test_help_imports_no_heavy_library(args: list[str], tmp_path: Path) -> None:
 BAD_CONFIGS = {
     "unknown key": ({"model": {"bogus": 1}}, r"unknown key\(s\) \['bogus'\] in section 'model'"),
     "bad value": ({"train": {"learning_rate": -1}}, r"train\.learning_rate=-1 must be > 0"),
-    "unknown tuning": ({"model": {"tuning": "loraa"}}, r"model\.tuning='loraa' is unknown"),
+    "unknown tuning": ({"tuning": {"method": "loraa"}}, r"tuning\.method='loraa' is unknown"),
     "unknown schedule": (
         {"objective": {"target_schedule": "powerup"}},
         r"objective\.target_schedule='powerup' is unknown",

@@ -48,7 +48,7 @@ def overrides(pretrained: Path, out: Path, bank: Path | None, *extra: str) -> li
             f"bank.path={bank}",
             "bank.num_samples=20",
             "bank.shard_size=8",
-            "bank.num_inference_steps=3",
+            "bank.sampling.steps=3",
             "objective.bank_share=0.2",
         ]
     return items + list(extra)
@@ -474,7 +474,7 @@ def test_ddp_lora_with_distillation_matches_one_process(dit_dir: Path, tmp_path:
         "train.checkpoint_every=0",
         "objective.bank_share=0.3",
         "objective.kind=distillation",
-        "model.tuning=lora",
+        "tuning.method=lora",
         "train.learning_rate=1e-2",
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

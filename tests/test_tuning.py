@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from difftune.backbones import load_pretrained, save_model
-from difftune.config.experiment import ConfigError, ModelConfig, load_config
+from difftune.config.experiment import ConfigError, TuningConfig, load_config
 from difftune.training.loop import Trainer
 from difftune.tuning import build_tuning, prepare_tuning, trainable_parameters
 
@@ -35,9 +35,9 @@ class FreezeOne:
 def test_registry_fails_loudly_and_config_checks_the_name() -> None:
     with pytest.raises(ValueError, match=r"unknown tuning method 'lorra'; valid: \['adaptformer', 'bitfit'"):
         build_tuning("lorra")
-    with pytest.raises(ConfigError, match=r"model.tuning='lorra' is unknown; valid: \['adaptformer'"):
-        ModelConfig(pretrained="x/y", tuning="lorra")
-    assert ModelConfig(pretrained="x/y").tuning == "full"
+    with pytest.raises(ConfigError, match=r"tuning.method='lorra' is unknown; valid: \['adaptformer'"):
+        TuningConfig(method="lorra")
+    assert TuningConfig().method == "full"
 
 
 def test_full_tuning_trains_every_parameter_in_module_order(dit_dir: Path) -> None:
@@ -85,7 +85,7 @@ def test_trainer_trains_only_what_the_method_names(dit_dir: Path, tmp_path: Path
         None,
         [
             f"model.pretrained={dit_dir}",
-            "model.tuning=test_tuning:FreezeOne",  # a user's method, by import path
+            "tuning.method=test_tuning:FreezeOne",  # a user's method, by import path
             "data.source=digits",
             "data.classes=[5,6]",
             "data.per_class=4",

@@ -22,6 +22,7 @@ from torch import nn
 from difftune.backbones.family import absolute_source
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.config.tuning import settings_from_record
 from difftune.errors import UserError, shown_path
 from difftune.tuning import Switchable, TuningConfig, build_tuning, trainable_parameters
 from difftune.tuning.lora import ADAPTER_NAME, PeftTuning
@@ -92,7 +93,7 @@ def save_adapter(loaded: LoadedModel, directory: Path) -> None:
         record, base={**record.base, RELATIVE: _relative_places(record.base, directory)}
     )
     (directory / TUNING_FILE).write_text(json.dumps(dataclasses.asdict(saved), indent=2) + "\n")
-    tuning = build_tuning(record.method, TuningConfig(**record.settings))
+    tuning = build_tuning(record.method, settings_from_record(record.method, record.settings))
     if isinstance(tuning, PeftTuning):
         from peft import get_peft_model_state_dict
 
@@ -195,7 +196,9 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
             f"the adapter in {directory} was trained on a base with fingerprint {record.base_fingerprint} "
             f"({record.base.get('source')}); {base.source} has {found}; load it onto that base"
         )
-    apply_tuning(base, record.method, TuningConfig(**record.settings), base_fingerprint=found)
+    apply_tuning(
+        base, record.method, settings_from_record(record.method, record.settings), base_fingerprint=found
+    )
     state = load_file(str(directory / ADAPTER_WEIGHTS))
     params = dict(base.backbone.inner.named_parameters())
     trainable = {name for name, p in params.items() if p.requires_grad}
@@ -231,10 +234,10 @@ def continue_adapter(
     """
     directory = adapter_directory(path)
     record = read_record(directory)
-    if record.method != method or record.settings != dataclasses.asdict(settings):
+    if record.method != method or settings_from_record(record.method, record.settings) != settings:
         raise UserError(
             f"{path} holds a {record.method} adapter with settings {record.settings}; to train it further set "
-            f"model.tuning={record.method} and the same tuning settings"
+            f"tuning.method={record.method} and the same tuning settings"
         )
     loaded = load_adapter(directory)
     return loaded, trainable_parameters(loaded.backbone)

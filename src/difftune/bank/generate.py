@@ -44,11 +44,11 @@ def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
         "shape": list(backbone.sample_shape),
         "dtype": "float32",
         **backbone.bank_record(),
-        "scheduler": sampler_for(cfg.scheduler, loaded.scheduler_config),  # the sampler that ran
+        "scheduler": sampler_for(cfg.sampling.scheduler, loaded.scheduler_config),  # the sampler that ran
         "noise_schedule": loaded.scheduler_config,
-        "num_inference_steps": cfg.num_inference_steps,
-        "guidance_scale": cfg.guidance_scale,
-        "seed": cfg.seed,
+        "num_inference_steps": cfg.sampling.steps,
+        "guidance_scale": cfg.sampling.guidance_scale,
+        "seed": cfg.sampling.seed,
         "seed_rule": "seed + i",
         "num_samples": cfg.num_samples,
         "shard_size": cfg.shard_size,
@@ -103,7 +103,7 @@ def generate_bank(
             for key, value in {"samples": samples, **cond, **extras}.items():
                 parts.setdefault(key, []).append(value.cpu())
         tensors = {key: torch.cat(values) for key, values in parts.items()}
-        store.write_shard(shard, {**tensors, "seeds": cfg.seed + indices})
+        store.write_shard(shard, {**tensors, "seeds": cfg.sampling.seed + indices})
         bar.update(1)
     bar.close()
     state.wait_for_everyone()

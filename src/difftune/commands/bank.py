@@ -22,13 +22,15 @@ def cmd_bank(args: argparse.Namespace) -> int:
         raise ConfigError(
             "a ControlNet bank computes its control images from its samples: set data.annotator (e.g. canny)"
         )
-    check_scheduler(cfg.bank.scheduler, "bank.scheduler", ConfigError)  # imports diffusers: the last check
+    check_scheduler(
+        cfg.bank.sampling.scheduler, "bank.sampling.scheduler", ConfigError
+    )  # imports diffusers: the last check
     if args.dry_run:
-        b = cfg.bank
+        b, spec = cfg.bank, cfg.bank.sampling
         print(
             f"would generate {b.num_samples} samples from {cfg.model.pretrained} into {b.path} "
-            f"({-(-b.num_samples // b.shard_size)} shards; {b.scheduler}, {b.num_inference_steps} steps, "
-            f"guidance {b.guidance_scale:g}, seeds {b.seed}..{b.seed + b.num_samples - 1})"
+            f"({-(-b.num_samples // b.shard_size)} shards; {spec.describe()}, "
+            f"seeds {spec.seed}..{spec.seed + b.num_samples - 1})"
         )
         return 0
     start_torch()

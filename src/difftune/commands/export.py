@@ -37,7 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if weights is None:
         raise UserError(
             f"{source} holds no adapter (no {ADAPTER}/difftune_tuning.json); export is for runs with a "
-            "parameter-efficient model.tuning (a full fine-tuning final/ already is a diffusers model)"
+            "parameter-efficient tuning.method (a full fine-tuning final/ already is a diffusers model)"
         )
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {out} is not empty; choose another folder or pass --overwrite")

@@ -22,12 +22,12 @@ def _schedule(name: str, exponent: float) -> str:
 def _plan(cfg: ExperimentConfig) -> str:
     oc, tc = cfg.objective, cfg.train
     lines = [
-        f"model      {cfg.model.pretrained}, {cfg.model.tuning} tuning",
+        f"model      {cfg.model.pretrained}, {cfg.tuning.method} tuning",
         f"batch      {tc.batch_size} = {tc.batch_size - cfg.bank_count} target + {cfg.bank_count} "
         f"{'bank' if cfg.uses_bank or not cfg.bank_count else 'retention (target data)'} "
         f"(x{tc.gradient_accumulation} accumulation)",
-        f"schedules  target {_schedule(oc.target_schedule, oc.target_exponent)}, "
-        f"bank {_schedule(oc.bank_schedule, oc.bank_exponent)}, realisation {oc.realisation}",
+        f"schedules  target {_schedule(oc.target_schedule, oc.exponent(oc.target_schedule))}, "
+        f"bank {_schedule(oc.bank_schedule, oc.exponent(oc.bank_schedule))}, realisation {oc.realisation}",
         f"loss       {oc.kind}: mean(target) + {oc.bank_weight:g} * mean("
         f"{'distance to the pre-trained model' if oc.kind == 'distillation' else 'bank'}); "
         f"cfg dropout {oc.cfg_dropout:g}",
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "or set objective.bank_share=0 for plain fine-tuning"
         )
     if cfg.train.sample_every:  # found now, not at the first grid, hours into a run
-        check_scheduler(cfg.train.sample_scheduler, "train.sample_scheduler", ConfigError)
+        check_scheduler(cfg.train.sampling.scheduler, "train.sampling.scheduler", ConfigError)
     if args.dry_run:
         from difftune.training.preflight import preflight
 

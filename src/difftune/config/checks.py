@@ -1,11 +1,14 @@
-"""The checks every config section runs: one-line errors, declared types, finite numbers, model paths."""
+"""The checks every config section runs: one-line errors, declared types (a ``Literal``'s values among
+them), finite numbers, model paths."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, Union, get_args, get_origin, get_type_hints
 
 from difftune.errors import UserError
 
@@ -24,41 +27,68 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (int, float),
-    "str": (str,),
-    "bool": (bool,),
-    "None": (type(None),),
-    "list[int]": (list,),
-    "list[float]": (list,),
-    "list[str]": (list,),
-}
-_ELEMENTS: dict[str, tuple[type, ...]] = {
-    "list[int]": (int,),
-    "list[float]": (int, float),
-    "list[str]": (str,),
-}
+@cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The declared type of each field of the dataclass ``cls`` (its string annotations resolved)."""
+    return get_type_hints(cls)
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The types a union is made of (``tp`` alone when it is not a union)."""
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def choices(tp: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` type allows (also as part of ``Literal[...] | None``), or ``None``."""
+    literals = [arg for member in _members(tp) if get_origin(member) is Literal for arg in get_args(member)]
+    return tuple(literals) if literals else None
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if get_origin(tp) is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """``value`` is of the (non-Literal) type ``tp``; a bool is no number, an int is a float."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_accepts(member, value) for member in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp in (int, float):
+        return isinstance(value, int if tp is int else (int, float)) and not isinstance(value, bool)
+    if get_origin(tp) is list:
+        return isinstance(value, list) and all(_accepts(get_args(tp)[0], v) for v in value)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def check_value(key: str, value: Any, tp: Any) -> None:
+    """``value`` of the config key ``key`` is of the declared type ``tp``: one of a ``Literal``'s values
+    (the message lists them), a number that is finite, a list of the declared elements.
+
+    Raises:
+        ConfigError: the message names the key, the value and what it must be.
+    """
+    allowed = choices(tp)
+    if allowed is not None:
+        optional = type(None) in _members(tp)
+        ok = (optional and value is None) or any(value == a and type(value) is type(a) for a in allowed)
+        _check(ok, f"{key}={value!r}: use one of {list(allowed)}" + (" or null" if optional else ""))
+        return
+    _check(_accepts(tp, value), f"{key}={value!r} must be {' or '.join(_type_name(m) for m in _members(tp))}")
+    if isinstance(value, float):
+        _check(math.isfinite(value), f"{key}={value!r} must be a finite number")
 
 
 def _check_fields(obj: Any, section: str) -> None:
-    """Each field has a value of its declared type (no 2.5 for an int, no text for a number) and
-    every number is finite; the message names the key."""
+    """Each field of the dataclass ``obj`` has a value of its declared type (:func:`check_value`): no
+    2.5 for an int, no text for a number, a ``Literal``'s own values; the message names the key."""
+    hints = field_types(type(obj))
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        allowed = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
-        is_bool = isinstance(value, bool)
-        ok = isinstance(value, allowed) and (not is_bool or bool in allowed)
-        _check(ok, f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}")
-        if isinstance(value, float):
-            _check(math.isfinite(value), f"{section}.{f.name}={value!r} must be a finite number")
-        if isinstance(value, list):
-            element = next(_ELEMENTS[k] for k in kinds if k in _ELEMENTS)
-            _check(
-                all(isinstance(v, element) and not isinstance(v, bool) for v in value),
-                f"{section}.{f.name}={value!r} must be {' or '.join(kinds)}",
-            )
+        check_value(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
 
 
 def check_model_path(path: str, what: str = "model") -> None:

@@ -1,5 +1,6 @@
 """The names a config may choose from: timestep schedules (``objective.target_schedule``,
-``objective.bank_schedule``), objectives (``objective.kind``) and tuning methods (``model.tuning``).
+``objective.bank_schedule``), objectives (``objective.kind``) and tuning methods (``tuning.method``). A choice with a fixed
+set of values is a ``Literal`` type (the config's checks list its values).
 
 A config is checked against these without importing torch or the registries that build them:
 :mod:`difftune.schedules.base`, :mod:`difftune.objectives` and :mod:`difftune.tuning` register one
@@ -8,13 +9,17 @@ builder under each name (``tests/test_startup.py`` checks that each pair agrees)
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 SCHEDULE_NAMES = ("uniform", "power_up", "power_down")  # built from T alone
 SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr")  # built from the model's noise levels
-# built from the model's pre-training density, shifted in log-SNR (objective.target_offset / bank_offset)
+# built from the model's pre-training density, shifted in log-SNR (objective.logit_normal_up.offset / _down.offset)
 NOISE_LEVEL_SCHEDULE_NAMES = ("logit_normal_up", "logit_normal_down")
-SCHEDULE_AXES = ("index", "log_snr")  # objective.schedule_axis: what the power schedules act on
+ScheduleAxis = Literal["index", "log_snr"]  # objective.power.axis: what the power schedules act on
+SCHEDULE_AXES: tuple[str, ...] = get_args(ScheduleAxis)
 FITTED_SCHEDULE_NAMES = ("data_driven",)  # fitted from data before training
-OBJECTIVE_NAMES = ("diff_tuning", "distillation")
+ObjectiveKind = Literal["diff_tuning", "distillation"]
+OBJECTIVE_NAMES: tuple[str, ...] = get_args(ObjectiveKind)
 TUNING_METHOD_NAMES = ("full", "lora", "loha", "lokr", "bitfit", "difffit", "adaptformer", "vpt", "svdiff")
 
 

@@ -45,7 +45,9 @@ class SamplingSpec:
         for name, (ok, rule) in _RULES.items():
             value = getattr(self, name)
             if not ok(value):
-                raise UserError(f"sampling {name.replace('_', ' ')} {rule}, got {value!r}")
+                err = UserError(f"sampling {name.replace('_', ' ')} {rule}, got {value!r}")
+                err.key, err.rule = name, rule  # a config section that holds the spec names its own key
+                raise err
 
     def seeds(self, start: int, count: int) -> list[int]:
         """Seeds of samples ``start .. start + count - 1``."""

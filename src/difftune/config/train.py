@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from difftune.config.checks import _check, _check_fields
 from difftune.config.sampling import SamplingSpec
 
-NON_FINITE_POLICIES = ("stop", "skip")
+NonFinitePolicy = Literal["stop", "skip"]
+NON_FINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 
 
 def default_steps_note(steps: int) -> str:
@@ -38,8 +40,9 @@ class TrainConfig:
         keep_checkpoints: most recent checkpoints kept (older ones are deleted).
         log_every: steps between scalar logs.
         sample_every: steps between sample grids (0 = never).
-        sample_steps, sample_scheduler, sample_guidance_scale: how the grids (and the validation
-            images) are sampled.
+        sampling: how the grids (and the validation images) are sampled (``scheduler``, ``steps``,
+            ``guidance_scale``, ``seed``: :class:`SamplingSpec`; image i of a grid uses seed
+            ``sampling.seed + i``).
         validation_every: a ControlNet run with an annotator (``data.annotator``) measures condition
             fidelity at step 0 and every this many steps (0 = never), into ``fidelity.jsonl``.
         validation_samples: how many fixed (prompt, control) pairs of the target set it generates.
@@ -73,43 +76,34 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 0.0
     ema_decay: float = 0.9999
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 2000
     keep_checkpoints: int = 3
     log_every: int = 50
     sample_every: int = 0
-    sample_steps: int = SamplingSpec.steps
-    sample_scheduler: str = SamplingSpec.scheduler
-    sample_guidance_scale: float = SamplingSpec.guidance_scale
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
     validation_every: int = 0
     validation_samples: int = 8
-    validation_prompts: str = "own"
+    validation_prompts: Literal["own", "empty"] = "own"
     validation_edge_tolerance: int = 1
     resume: str | None = None
     overwrite: bool = False
     accept_config_changes: bool = False
-    on_non_finite: str = "stop"
+    on_non_finite: NonFinitePolicy = "stop"
     max_non_finite_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
             self.mixed_precision = "no"
         _check_fields(self, "train")
+        _check_fields(self.sampling, "train.sampling")
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
         _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
         _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")
         _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
         _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
-        _check(
-            self.mixed_precision in ("no", "fp16", "bf16"),
-            f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16",
-        )
-        _check(
-            self.on_non_finite in NON_FINITE_POLICIES,
-            f"train.on_non_finite={self.on_non_finite!r}: use one of {', '.join(NON_FINITE_POLICIES)}",
-        )
         _check(
             self.max_non_finite_steps >= 0,
             f"train.max_non_finite_steps={self.max_non_finite_steps} must be >= 0",
@@ -121,13 +115,3 @@ class TrainConfig:
         _check(
             self.validation_samples >= 1, f"train.validation_samples={self.validation_samples} must be >= 1"
         )
-        _check(self.sample_steps >= 1, f"train.sample_steps={self.sample_steps} must be >= 1")
-        _check(
-            self.sample_guidance_scale >= 1.0,
-            f"train.sample_guidance_scale={self.sample_guidance_scale} must be >= 1 (1 = no guidance)",
-        )
-
-    @property
-    def sampling(self) -> SamplingSpec:
-        """How the training sample grids are drawn (fixed seeds from 0)."""
-        return SamplingSpec(self.sample_scheduler, self.sample_steps, self.sample_guidance_scale)

@@ -32,9 +32,10 @@ from difftune.config.experiment import (
     DataConfig,
     ExperimentConfig,
     ModelConfig,
-    ObjectiveConfig,
     TrainConfig,
+    section_from_dict,
 )
+from difftune.config.sampling import SamplingSpec
 from difftune.control import read_fidelity
 from difftune.control.report import fidelity_curve, format_table, plot_fidelity, summary_rows
 from difftune.demos.digits import pretraining_config
@@ -164,9 +165,11 @@ def _config(s: ControlDemoSettings, name: str, source: Path, bank: Path) -> Expe
         model=ModelConfig(pretrained=str(source), subfolder="ema/unet", controlnet="from_unet"),
         data=_data(s, s.per_class),
         bank=BankConfig(
-            path=str(bank), num_samples=s.bank_samples, num_inference_steps=s.sample_steps, seed=s.seed
+            path=str(bank),
+            num_samples=s.bank_samples,
+            sampling=SamplingSpec(steps=s.sample_steps, seed=s.seed),
         ),
-        objective=ObjectiveConfig(**{"cfg_dropout": s.cfg_dropout, **s.methods[name]}),
+        objective=section_from_dict("objective", {"cfg_dropout": s.cfg_dropout, **s.methods[name]}),
         train=TrainConfig(
             output_dir=str(s.out / "runs" / name),
             batch_size=s.batch,
@@ -177,7 +180,7 @@ def _config(s: ControlDemoSettings, name: str, source: Path, bank: Path) -> Expe
             keep_checkpoints=1,
             log_every=25,
             seed=s.seed,
-            sample_steps=s.sample_steps,
+            sampling=SamplingSpec(steps=s.sample_steps),
             validation_every=s.validate_every,
             validation_samples=s.validation_samples,
             validation_prompts="empty",  # a digit's caption alone fixes most of its edges

@@ -35,7 +35,9 @@ from difftune.config.experiment import (
     ObjectiveConfig,
     TrainConfig,
     TuningConfig,
+    section_from_dict,
 )
+from difftune.config.sampling import SamplingSpec
 from difftune.demos.evaluation import DigitsEvaluator
 from difftune.demos.report import environment, plot_curves, report_markdown, uniform_t_loss
 from difftune.demos.settings import DemoSettings
@@ -108,9 +110,11 @@ def pretrain_source(s: DemoSettings) -> Path:
 class MethodSpec:
     """One method of the demo: objective overrides, plus which parameters train and how fast.
 
-    A method's entry in :attr:`DemoSettings.methods` holds :class:`ObjectiveConfig` fields and,
-    optionally, ``tuning`` (a name in :data:`difftune.tuning.TUNING_METHODS`), ``tuning_settings``
-    (fields of :class:`TuningConfig`) and ``learning_rate`` (default: the demo's).
+    A method's entry in :attr:`DemoSettings.methods` holds ``objective`` settings (``bank_share: 0``,
+    ``power_up: {exponent: 0.5}``) and, optionally, ``tuning`` (the ``tuning`` section, e.g.
+    ``{method: lora, lora: {rank: 4}}``, or only the method's name: ``tuning: lora``) and
+    ``learning_rate`` (default: the demo's). Old spellings are upgraded with a deprecation line each
+    (``target_exponent``; ``tuning_settings``, whose ``lora_rank`` and the like are the ``tuning`` section's).
     """
 
     objective: ObjectiveConfig
@@ -122,10 +126,12 @@ class MethodSpec:
     def parse(cls, spec: dict[str, Any], source: str = "source") -> MethodSpec:
         """Validate one entry (raises ``ConfigError`` on an unknown field or value)."""
         rest = dict(spec)
-        model = ModelConfig(pretrained=source, subfolder="ema/transformer", tuning=rest.pop("tuning", "full"))
-        tuning = TuningConfig(**rest.pop("tuning_settings", {}))
+        tuning = rest.pop("tuning", "full")
+        tuning = {"method": tuning} if isinstance(tuning, str) else dict(tuning or {})
+        tuning = section_from_dict("tuning", {**tuning, **rest.pop("tuning_settings", {})})
         learning_rate = rest.pop("learning_rate", None)
-        return cls(ObjectiveConfig(**rest), model, tuning, learning_rate)
+        model = ModelConfig(pretrained=source, subfolder="ema/transformer")
+        return cls(section_from_dict("objective", rest), model, tuning, learning_rate)
 
 
 def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
@@ -208,7 +214,10 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     source_model = load_pretrained(str(source), subfolder="ema/transformer")
     bank = s.resolved_cache() / f"demo-source-{s.source_key()}" / f"bank-{s.bank_samples}-seed{s.seed}"
     print(f"[demo] knowledge bank: {s.bank_samples} samples of the source model")
-    generate_bank(source_model, BankConfig(path=str(bank), num_samples=s.bank_samples, seed=s.seed))
+    generate_bank(
+        source_model,
+        BankConfig(path=str(bank), num_samples=s.bank_samples, sampling=SamplingSpec(seed=s.seed)),
+    )
     print("[demo] training the evaluation classifier on held-out digits")
     evaluator = DigitsEvaluator.build(s)
     results: dict[str, dict[str, Any]] = {

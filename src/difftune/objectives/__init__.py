@@ -52,15 +52,15 @@ def _diff_tuning(
     T = process.num_timesteps
     noise = process.noise_levels()
     psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
-    axis = cfg.schedule_axis
+
+    def schedule(name: str, fitted: Any) -> Any:  # a schedule with the settings of its sub-section
+        gamma, axis = cfg.min_snr.gamma, cfg.power.axis
+        return build_schedule(name, T, cfg.exponent(name), noise, gamma, fitted, axis, cfg.offset(name))
+
     return (kind or DiffTuningLoss)(
         process,
-        build_schedule(
-            cfg.target_schedule, T, cfg.target_exponent, noise, cfg.snr_gamma, psi, axis, cfg.target_offset
-        ),
-        build_schedule(
-            cfg.bank_schedule, T, cfg.bank_exponent, noise, cfg.snr_gamma, xi, axis, cfg.bank_offset
-        ),
+        schedule(cfg.target_schedule, psi),
+        schedule(cfg.bank_schedule, xi),
         realisation=cfg.realisation,
         bank_weight=cfg.bank_weight,
         cfg_dropout=cfg.cfg_dropout,
@@ -82,7 +82,7 @@ def _distillation(
     teacher = (
         switched_off_teacher(backbone)
         if can_switch_off(backbone)
-        else frozen_copy_teacher(backbone, getattr(torch, cfg.teacher_dtype))
+        else frozen_copy_teacher(backbone, getattr(torch, cfg.distillation.teacher_dtype))
     )
     return _diff_tuning(cfg, process, backbone, fit, DistillationLoss, teacher=teacher)
 

@@ -207,12 +207,12 @@ SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
     "min_snr": min_snr,
     "inverse_snr": inverse_snr,
 }
-# the model's pre-training density moved along log-SNR (by objective.target_offset / bank_offset)
+# the model's pre-training density moved along log-SNR (by objective.logit_normal_up.offset / _down.offset)
 NOISE_LEVEL_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
     "logit_normal_up": logit_normal_up,
     "logit_normal_down": logit_normal_down,
 }
-AXES = SCHEDULE_AXES  # what the power schedules act on (objective.schedule_axis)
+AXES = SCHEDULE_AXES  # what the power schedules act on (objective.power.axis)
 # schedules fitted from data before training: built from a table of per-bin weights over t
 FITTED_SCHEDULES: dict[str, Callable[[Sequence[float], int], TimestepSchedule]] = {
     "data_driven": lambda weights, num_timesteps: tabulated(weights, num_timesteps, "data_driven"),

@@ -260,7 +260,7 @@ def fit_data_schedule(
     elif gap_se is not None and gap[top] < 2 * gap_se[top]:
         logger.warning(
             "the largest transfer gap (%.3g at t %d-%d) is within two standard errors (%.3g) of zero: the shape "
-            "of the data-driven ψ and ξ may be noise; more draws per bin (objective.data_schedule_draws) tell",
+            "of the data-driven ψ and ξ may be noise; more draws per bin (objective.data_driven.draws) tell",
             float(gap[top]),
             int(measured.edges[top]),
             int(measured.edges[top + 1]) - 1,

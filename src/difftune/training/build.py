@@ -104,7 +104,7 @@ class RunParts:
         n_total = sum(p.numel() for p in self.backbone.parameters())
         return {
             "model": cfg.model.pretrained,
-            "tuning": cfg.model.tuning,
+            "tuning": cfg.tuning.method,
             "trainable_parameters": n_trainable,
             "trainable_share": n_trainable / max(n_total, 1),
             "target_samples": len(self.target),
@@ -126,10 +126,10 @@ def load_tuned_model(
 ) -> tuple[LoadedModel, list[torch.nn.Parameter]]:
     """The model to train (``loaded``, else ``cfg.model``) with its tuning method applied, and its trainable parameters."""
     if loaded is None and adapter_directory(cfg.model.pretrained) is not None:  # train an adapter further
-        return continue_adapter(cfg.model.pretrained, cfg.model.tuning, cfg.tuning)
+        return continue_adapter(cfg.model.pretrained, cfg.tuning.method, cfg.tuning)
     m = cfg.model
     loaded = loaded or load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet)
-    return loaded, apply_tuning(loaded, m.tuning, cfg.tuning)
+    return loaded, apply_tuning(loaded, cfg.tuning.method, cfg.tuning)
 
 
 def build_run(
@@ -143,7 +143,7 @@ def build_run(
     """
     tc = cfg.train
     loaded, trainable = load_tuned_model(cfg, loaded)
-    check_adapter_size(cfg.model.tuning, cfg.tuning, loaded.backbone)  # before anything is written
+    check_adapter_size(cfg.tuning.method, cfg.tuning, loaded.backbone)  # before anything is written
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone.inner)
     process = build_process(loaded.scheduler_config)

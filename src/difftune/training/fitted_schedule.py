@@ -45,10 +45,10 @@ def rows_per_pass(cfg: ExperimentConfig) -> int:
 def planned_fit(cfg: ExperimentConfig) -> str:
     """What the fit will cost, in one line (for ``train --dry-run``)."""
     oc = cfg.objective
-    passes = SETS * oc.data_schedule_bins * oc.data_schedule_draws
+    passes = SETS * oc.data_driven.bins * oc.data_driven.draws
     return (
         f"{' and '.join(oc.fitted_schedules)} data_driven: fitted before training: {passes} forward passes "
-        f"({SETS} sets x {oc.data_schedule_bins} bins x {oc.data_schedule_draws} draws) of up to "
+        f"({SETS} sets x {oc.data_driven.bins} bins x {oc.data_driven.draws} draws) of up to "
         f"{rows_per_pass(cfg)} samples, no gradients"
     )
 
@@ -72,7 +72,7 @@ def fit_for_run(
     oc, seed = cfg.objective, cfg.train.seed
     rows = min(rows_per_pass(cfg), len(target), bank.shape[0])
     g = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(target), generator=g)[: oc.data_schedule_bins * oc.data_schedule_draws * rows]
+    chosen = torch.randperm(len(target), generator=g)[: oc.data_driven.bins * oc.data_driven.draws * rows]
     if cfg.bank.condition == "null":
         bank_cond = backbone.drop(bank_cond, torch.ones(bank_cond.batch_size, dtype=torch.bool))
     with adapters_off(backbone):
@@ -83,8 +83,8 @@ def fit_for_run(
             target.cond.select(chosen),
             bank,
             bank_cond,
-            num_bins=oc.data_schedule_bins,
-            draws_per_bin=oc.data_schedule_draws,
+            num_bins=oc.data_driven.bins,
+            draws_per_bin=oc.data_driven.draws,
             seed=seed,
             batch_size=rows,
             device=device,

@@ -16,6 +16,7 @@ from difftune.backbones.loading import LoadedModel
 from difftune.backbones.saving import save_pipeline_index
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
+from difftune.config.sections import flatten
 from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
 from difftune.io.atomic import atomic_directory
 from difftune.io.images import save_grid
@@ -30,12 +31,12 @@ def append_history(out: Path, step: int, scalars: dict[str, float]) -> None:
 
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Config flattened to scalars for TensorBoard's hyper-parameter table."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    """Config flattened to scalars for TensorBoard's hyper-parameter table, one per dotted key
+    (``objective.distillation.teacher_dtype``); a list or ``None`` is written as text."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for key, value in flatten(cfg.to_dict()).items()
+    }
 
 
 @torch.no_grad()

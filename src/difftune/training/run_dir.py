@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from difftune.config.renames import upgrade
+from difftune.config.sections import flatten
 from difftune.config.train import TrainConfig, default_steps_note
 from difftune.control.log import FIDELITY_FILE
 from difftune.errors import UserError
@@ -226,37 +228,42 @@ def _logged_step(line: str) -> float:
 
 # keys of the command that runs, not of the run: where its folder is (a moved run folder resumes) and
 # how this command starts it; they differ between a checkpoint and its resumption as a rule, unreported
-INVOCATION_KEYS = {"train": {"output_dir", "resume", "overwrite", "accept_config_changes"}}
+INVOCATION_KEYS = {"train.output_dir", "train.resume", "train.overwrite", "train.accept_config_changes"}
 # keys that may change between a checkpoint and the run resuming it: how often things are written,
 # how long to run, and how grids are drawn; the optimiser's keys are applied to the restored
 # optimiser. Any other change (data, model, objective, batch, seed, ...) would make the resumed run a
 # different run, and needs train.accept_config_changes.
 RESUMABLE_CHANGES = {
-    "train": {
-        "max_steps",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "log_every",
-        "sample_every",
-        "sample_steps",
-        "sample_scheduler",
-        "sample_guidance_scale",
-        "learning_rate",
-        "weight_decay",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_eps",
-        "max_grad_norm",
-        "on_non_finite",
-        "max_non_finite_steps",
-    },
-    "data": {"cache_dir"},
-    "bank": {"batch_size"},
+    *(
+        f"train.{key}"
+        for key in (
+            "max_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "sample_every",
+            "sampling.steps",
+            "sampling.scheduler",
+            "sampling.guidance_scale",
+            "sampling.seed",
+            "learning_rate",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_eps",
+            "max_grad_norm",
+            "on_non_finite",
+            "max_non_finite_steps",
+        )
+    ),
+    "data.cache_dir",
+    "bank.batch_size",
 }
 
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """The differences between a checkpoint's config and the resuming run's, as ``section.key: old -> new``.
+    """The differences between a checkpoint's config and the resuming run's (both nested mappings in
+    the new spelling), as ``section.key: old -> new`` (``section.sub.key`` in a sub-section).
 
     The keys of :data:`INVOCATION_KEYS` (``train.output_dir``, ``train.resume``, ...) are not compared.
 
@@ -264,14 +271,13 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         (changes that resuming allows, changes that make it another run).
     """
     allowed, other = [], []
-    for section in sorted(set(saved) | set(current)):
-        old, new = saved.get(section) or {}, current.get(section) or {}
-        for key in sorted(set(old) | set(new)):
-            if key not in old or key in INVOCATION_KEYS.get(section, set()):
-                continue  # not a setting of the run, or added to difftune since (its default applies)
-            if old.get(key) != new.get(key):
-                line = f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
-                (allowed if key in RESUMABLE_CHANGES.get(section, set()) else other).append(line)
+    old, new = flatten(saved), flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if key not in old or key in INVOCATION_KEYS:
+            continue  # not a setting of the run, or added to difftune since (its default applies)
+        if old[key] != new.get(key):
+            line = f"{key}: {old[key]!r} -> {new.get(key)!r}"
+            (allowed if key in RESUMABLE_CHANGES else other).append(line)
     return allowed, other
 
 
@@ -307,7 +313,9 @@ def check_resume_config(cfg: ExperimentConfig, checkpoint: Path) -> None:
     path = checkpoint / "config.yaml"
     if not path.is_file():
         return
-    saved = yaml.safe_load(path.read_text()) or {}
+    # a checkpoint of an older difftune spells some keys the old way: compared in the new spelling,
+    # without deprecation lines (the file is the run's, not the user's to change)
+    saved = upgrade(yaml.safe_load(path.read_text()) or {}, warn=False)
     allowed, other = config_changes(saved, cfg.to_dict())
     if allowed or other:
         logger.warning("resuming %s with changed settings: %s", checkpoint.name, "; ".join(allowed + other))

@@ -1,6 +1,6 @@
 """Which parameters train: a tuning method prepares a model and names its trainable parameters.
 
-``model.tuning`` in the config picks one by name from :data:`TUNING_METHODS`. The trainer calls
+``tuning.method`` in the config picks one by name from :data:`TUNING_METHODS`. The trainer calls
 :func:`prepare_tuning` once and optimises (and keeps the EMA of) exactly the parameters it returns;
 nothing else in the loop knows which method is used. A new method (LoRA, BitFit, ...) is a new
 module here with a class that implements :class:`TuningMethod`, added to the registry. Every
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from difftune.tuning.base import TuningMethod
 
 # the module of each public name that needs torch: imported on first use, so that a config is checked
-# (``model.tuning`` against :data:`TUNING_METHODS`, ``tuning.*`` by :class:`TuningConfig`) without torch
+# (``tuning.method`` against :data:`TUNING_METHODS`, ``tuning.*`` by :class:`TuningConfig`) without torch
 __getattr__ = lazy_exports(
     __name__,
     {
@@ -74,7 +74,7 @@ def build_tuning(name: str, settings: TuningConfig | None = None) -> TuningMetho
         UserError: unknown name (the message lists the valid ones), or a class that cannot be imported.
     """
     if ":" in name:
-        return import_object(name, "model.tuning")(settings or TuningConfig())
+        return import_object(name, "tuning.method")(settings or TuningConfig())
     if name not in TUNING_METHODS:
         raise UserError(f"unknown tuning method {name!r}; valid: {sorted(TUNING_METHODS)}")
     return TUNING_METHODS[name](settings or TuningConfig())

@@ -49,6 +49,6 @@ class AdaptFormerTuning(AdapterMethod):
         for host in require(feed_forward_modules(inner), "adaptformer", "feed-forward blocks", inner):
             first = host.net[0].proj if hasattr(host.net[0], "proj") else host.net[0]
             adapter = ParallelAdapter(
-                first.in_features, self.settings.adaptformer_dim, self.settings.adaptformer_scale
+                first.in_features, self.settings.adaptformer.dim, self.settings.adaptformer.scale
             )
             adapter.to(device=first.weight.device, dtype=first.weight.dtype).attach(host)

@@ -22,4 +22,4 @@ class BitFitTuning(AdapterMethod):
 
     def add(self, inner: nn.Module) -> None:
         if not add_bias_deltas(inner):
-            raise UserError(f"model.tuning=bitfit: {type(inner).__name__} has no bias terms")
+            raise UserError(f"tuning.method=bitfit: {type(inner).__name__} has no bias terms")

@@ -32,12 +32,12 @@ def add_scale_factors(model: nn.Module, blocks: list[int] | None) -> int:
     """Scale factors on the branch ends of the chosen blocks of ``model``; returns how many."""
     candidates = transformer_blocks(model) or attention_modules(model)
     if not candidates:
-        raise UserError(f"model.tuning=difffit: {type(model).__name__} has no attention blocks to scale")
+        raise UserError(f"tuning.method=difffit: {type(model).__name__} has no attention blocks to scale")
     chosen = list(range(len(candidates) // 2 or 1)) if blocks is None else blocks
     bad = [i for i in chosen if not 0 <= i < len(candidates)]
     if bad:
         raise UserError(
-            f"tuning.difffit_blocks={blocks} names blocks {bad}, but the model has {len(candidates)} "
+            f"tuning.difffit.blocks={blocks} names blocks {bad}, but the model has {len(candidates)} "
             f"(0-{len(candidates) - 1})"
         )
     count = 0
@@ -58,7 +58,7 @@ class DiffFitTuning(AdapterMethod):
 
     def add(self, inner: nn.Module) -> None:
         add_bias_deltas(inner)
-        add_scale_factors(inner, self.settings.difffit_blocks)  # after: it scales bias + delta
+        add_scale_factors(inner, self.settings.difffit.blocks)  # after: it scales bias + delta
         for module in inner.modules():
             if isinstance(module, NORMS) and isinstance(module.weight, nn.Parameter):
                 reparametrize(module, "weight", AdditiveDelta(module.weight))

@@ -31,15 +31,15 @@ class PeftTuning(AdapterMethod):
         those it was prepared with when not given)."""
         import peft
 
-        s = self.settings
+        s = self.settings.lora
         defaults = self.defaults if defaults is None else defaults
-        targets = s.lora_targets or default_targets(model, defaults, "lora", "lora_targets")
+        targets = s.targets or default_targets(model, defaults, "lora", "lora.targets")
         if self.kind == "lora":
             return peft.LoraConfig(
-                r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets
+                r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=targets
             )
         config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[self.kind]
-        return config(r=s.lora_rank, alpha=s.lora_alpha, rank_dropout=s.lora_dropout, target_modules=targets)
+        return config(r=s.rank, alpha=s.alpha, rank_dropout=s.dropout, target_modules=targets)
 
     def add(self, inner: nn.Module) -> None:
         """Inject the adapters into the diffusers model."""
@@ -50,6 +50,6 @@ class PeftTuning(AdapterMethod):
             peft.inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
         except ValueError as err:  # no module matched the targets
             raise UserError(
-                f"model.tuning={self.kind}: {str(err).splitlines()[0]}; set tuning.lora_targets to module names "
+                f"tuning.method={self.kind}: {str(err).splitlines()[0]}; set tuning.lora.targets to module names "
                 f"of {type(inner).__name__}"
             ) from None

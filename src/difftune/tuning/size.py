@@ -21,13 +21,13 @@ logger = logging.getLogger(__name__)
 MAX_ADAPTER_SHARE = 0.5  # trainable parameters / the base model's, above which an adapter is reported
 # the setting that sets each method's size (methods without one cannot outgrow their base)
 SIZE_SETTINGS = {
-    "lora": "lora_rank",
-    "loha": "lora_rank",
-    "lokr": "lora_rank",
-    "adaptformer": "adaptformer_dim",
-    "vpt": "vpt_tokens",
+    "lora": ("lora", "rank"),
+    "loha": ("lora", "rank"),
+    "lokr": ("lora", "rank"),
+    "adaptformer": ("adaptformer", "dim"),
+    "vpt": ("vpt", "tokens"),
 }
-RANKED = ("lora", "loha")  # their update's rank is at most lora_rank (LoKr's rank means another thing)
+RANKED = ("lora", "loha")  # their update's rank is at most tuning.lora.rank (LoKr's rank means another thing)
 
 
 def full_ranks(model: nn.Module) -> list[int]:
@@ -43,7 +43,7 @@ def full_ranks(model: nn.Module) -> list[int]:
 
 
 def check_rank(method: str, rank: int, model: nn.Module) -> None:
-    """Refuse a ``tuning.lora_rank`` above the full rank of every layer ``method`` adapted in ``model``;
+    """Refuse a ``tuning.lora.rank`` above the full rank of every layer ``method`` adapted in ``model``;
     report one above that of some of them.
 
     Raises:
@@ -55,12 +55,12 @@ def check_rank(method: str, rank: int, model: nn.Module) -> None:
         return
     if len(over) == len(ranks):
         raise UserError(
-            f"tuning.lora_rank={rank} is above the full rank min(in, out) of every layer model.tuning={method} "
-            f"adapts (at most {max(ranks)}), so it adds parameters and no capacity; set tuning.lora_rank to at "
+            f"tuning.lora.rank={rank} is above the full rank min(in, out) of every layer tuning.method={method} "
+            f"adapts (at most {max(ranks)}), so it adds parameters and no capacity; set tuning.lora.rank to at "
             f"most {max(ranks)}"
         )
     logger.warning(
-        "tuning.lora_rank=%d is above the full rank min(in, out) of %d of the %d layers model.tuning=%s "
+        "tuning.lora.rank=%d is above the full rank min(in, out) of %d of the %d layers tuning.method=%s "
         "adapts (down to %d): there it adds parameters and no capacity",
         rank,
         len(over),
@@ -81,18 +81,19 @@ def check_adapter_size(method: str, settings: TuningConfig, model: nn.Module) ->
     """
     if method not in SIZE_SETTINGS:
         return
-    check_rank(method, settings.lora_rank, model)
+    check_rank(method, settings.lora.rank, model)
     trainable = sum(p.numel() for p in trainable_parameters(model))
     base = sum(p.numel() for p in model.parameters()) - trainable
     if trainable > MAX_ADAPTER_SHARE * base:
-        key = SIZE_SETTINGS[method]
+        group, key = SIZE_SETTINGS[method]
         logger.warning(
-            "model.tuning=%s trains %s parameters, %.0f%% of the base model's %s (which full fine-tuning, "
-            "model.tuning=full, trains): not parameter-efficient; lower tuning.%s (now %s) or train in full",
+            "tuning.method=%s trains %s parameters, %.0f%% of the base model's %s (which full fine-tuning, "
+            "tuning.method=full, trains): not parameter-efficient; lower tuning.%s.%s (now %s) or train in full",
             method,
             f"{trainable:,}",
             100 * trainable / max(base, 1),
             f"{base:,}",
+            group,
             key,
-            getattr(settings, key),
+            getattr(getattr(settings, group), key),
         )

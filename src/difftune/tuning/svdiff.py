@@ -14,8 +14,8 @@ class SVDiffTuning(AdapterMethod):
     """Spectral shifts of the target layers' weights train; the model stays frozen."""
 
     def add(self, inner: nn.Module) -> None:
-        targets = self.settings.svdiff_targets or default_targets(
-            inner, self.defaults, "svdiff", "svdiff_targets"
+        targets = self.settings.svdiff.targets or default_targets(
+            inner, self.defaults, "svdiff", "svdiff.targets"
         )
         layers = [
             m
@@ -24,8 +24,8 @@ class SVDiffTuning(AdapterMethod):
         ]
         if not layers:
             raise UserError(
-                f"model.tuning=svdiff: no linear or convolution layer of {type(inner).__name__} matches "
-                f"tuning.svdiff_targets={targets}"
+                f"tuning.method=svdiff: no linear or convolution layer of {type(inner).__name__} matches "
+                f"tuning.svdiff.targets={targets}"
             )
         for layer in layers:
             reparametrize(layer, "weight", SpectralShift(layer.weight))

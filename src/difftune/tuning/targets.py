@@ -54,7 +54,7 @@ def require(found: list[nn.Module], method: str, what: str, model: nn.Module) ->
     """``found``, or a one-line error: ``method`` needs ``what`` and the model has none."""
     if not found:
         raise UserError(
-            f"model.tuning={method} needs {what}, and {type(model).__name__} has none; use lora, bitfit, "
+            f"tuning.method={method} needs {what}, and {type(model).__name__} has none; use lora, bitfit, "
             "difffit or svdiff for it"
         )
     return found

@@ -52,5 +52,5 @@ class VPTTuning(AdapterMethod):
     def add(self, inner: nn.Module) -> None:
         for block in require(transformer_blocks(inner), "vpt", "transformer blocks", inner):
             query = block.attn1.to_q  # its input width is the block's token width
-            prompts = DeepPrompts(self.settings.vpt_tokens, query.in_features)
+            prompts = DeepPrompts(self.settings.vpt.tokens, query.in_features)
             prompts.to(device=query.weight.device, dtype=query.weight.dtype).attach(block)

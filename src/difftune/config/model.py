@@ -1,0 +1,44 @@
+"""The ``model`` section of the experiment config: which pre-trained model to transfer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from difftune.config.checks import _check, _check_fields
+
+NEW_CONTROLNET_TRAINS_IN_FULL = (
+    "a parameter-efficient method saves an adapter to load onto its base, and a new ControlNet "
+    "(model.controlnet: from_unet) has random layers that are not saved: train it in full (tuning.method: full), "
+    "or give an existing ControlNet as model.controlnet"
+)
+
+
+@dataclass
+class ModelConfig:
+    """Which pre-trained model to transfer (which of its parameters train is ``tuning.method``).
+
+    Attributes:
+        pretrained: hub id or local directory of a diffusers pipeline (``model_index.json``) or of a
+            single model (``config.json`` of a ``DiTTransformer2DModel`` or ``UNet2DModel``).
+        subfolder: model subfolder inside a pipeline directory; ``None`` picks ``transformer`` or
+            ``unet`` automatically.
+        vae: optional hub id / directory of an ``AutoencoderKL`` for latent-space models; ``None``
+            uses the pipeline's ``vae`` if there is one, else the model works in pixel space.
+        revision: optional hub revision.
+        controlnet: train a ControlNet over the Stable Diffusion UNet of ``pretrained`` (which stays
+            frozen): ``from_unet`` makes a new one from the UNet's weights, as ControlNet's training
+            does; a hub id or directory continues an existing ControlNet; ``None``: no ControlNet.
+    """
+
+    pretrained: str = ""
+    subfolder: str | None = None
+    vae: str | None = None
+    revision: str | None = None
+    controlnet: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model")
+        _check(
+            bool(self.pretrained),
+            "model.pretrained is empty: set it to a hub id or a local diffusers directory",
+        )

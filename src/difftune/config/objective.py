@@ -1,0 +1,224 @@
+"""The ``objective`` section of the experiment config: the loss, its two streams and their schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from difftune.config.checks import _check, _check_fields
+from difftune.config.names import (
+    FITTED_SCHEDULE_NAMES,
+    ObjectiveKind,
+    ScheduleAxis,
+    is_schedule_name,
+    schedule_names,
+)
+
+
+@dataclass
+class DistillationSettings:
+    """``objective.distillation``: settings that only ``kind: distillation`` reads.
+
+    Attributes:
+        teacher_dtype: with full fine-tuning the teacher is a frozen copy of the pre-trained model,
+            in ``float32`` or ``bfloat16`` (half the memory); parameter-efficient methods need no
+            copy (their adapters are switched off instead).
+    """
+
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "objective.distillation")
+
+
+POWER_SCHEDULES = ("power_up", "power_down")  # they read objective.<name>.exponent and objective.power.axis
+LOGIT_NORMAL_SCHEDULES = ("logit_normal_up", "logit_normal_down")  # they read objective.<name>.offset
+
+
+@dataclass
+class PowerSchedule:
+    """``objective.power_up`` / ``objective.power_down``: ψ(t) ∝ ((t + 1) / T)^s and ξ(t) ∝ (1 − t / T)^s.
+
+    Attributes:
+        exponent: the exponent s (paper default 1; 0 is uniform); must be >= 0.
+    """
+
+    exponent: float = 1.0
+
+
+@dataclass
+class PowerAxis:
+    """``objective.power``: what both power schedules act on.
+
+    Attributes:
+        axis: ``"index"`` (the paper's: a power law over the normalised index (t + 1) / T) or
+            ``"log_snr"`` (the DDPM-linear power law carried over to the model's process by matching
+            log-SNR; docs/method.md §12). ``uniform`` stays uniform over the index.
+    """
+
+    axis: ScheduleAxis = "index"
+
+
+@dataclass
+class MinSNRSchedule:
+    """``objective.min_snr``: min-SNR-γ, the weighting min(SNR, γ) / SNR (Hang et al. 2023).
+
+    Attributes:
+        gamma: γ (Hang et al. use 5); must be > 0.
+    """
+
+    gamma: float = 5.0
+
+
+@dataclass
+class LogitNormalSchedule:
+    """``objective.logit_normal_up`` / ``objective.logit_normal_down``: the model's pre-training
+    density, moved toward noise (``_up``) or toward data (``_down``; docs/method.md §12).
+
+    Attributes:
+        offset: the shift, in logit(σ_flow) = −log-SNR / 2 units; must be >= 0 (the name gives the direction).
+    """
+
+    offset: float = 1.1
+
+
+@dataclass
+class DataDrivenSchedule:
+    """``objective.data_driven``: ψ and ξ fitted from the pre-trained model's transfer gap (docs/method.md §10).
+
+    Attributes:
+        bins: bins of t the schedule is measured and tabulated over.
+        draws: forward passes per bin and per set (target, bank) of its fit, each on up to
+            ``train.batch_size // train.gradient_accumulation`` samples.
+    """
+
+    bins: int = 20
+    draws: int = 8
+
+
+# objective.<sub-section> -> (its setting, the rule, its test): checked with the sub-section's own key
+_RULES = {
+    "power_up": ("exponent", ">= 0", lambda v: v >= 0),
+    "power_down": ("exponent", ">= 0", lambda v: v >= 0),
+    "min_snr": ("gamma", "> 0", lambda v: v > 0),
+    "logit_normal_up": ("offset", ">= 0 (the name gives the direction)", lambda v: v >= 0),
+    "logit_normal_down": ("offset", ">= 0 (logit_normal_down shifts by -offset)", lambda v: v >= 0),
+}
+
+
+@dataclass
+class ObjectiveConfig:
+    """The Diff-Tuning objective (docs/method.md §2).
+
+    ``loss = mean(target terms) + bank_weight * mean(bank terms)``; target timesteps follow
+    ``target_schedule``, bank timesteps ``bank_schedule``. Plain fine-tuning is
+    ``target_schedule: uniform, bank_share: 0``. A schedule's settings are the sub-section named
+    after it (``power_up: {exponent: 1.0}``), read by whichever stream uses that schedule.
+
+    Attributes:
+        kind: the objective (a name in :data:`difftune.config.names.OBJECTIVE_NAMES`).
+        target_schedule: schedule name for the target (reconsolidation) stream, e.g. ``"power_up"``
+            (psi(t) grows with t), ``"uniform"``, or the weightings of other methods ``"min_snr"``
+            (min-SNR-γ) and ``"inverse_snr"`` (x0 supervision), built from the model's noise levels,
+            ``"logit_normal_up"`` (its pre-training density moved toward noise), or ``"data_driven"``:
+            fitted from the pre-trained model's transfer gap before training (docs/method.md §10; needs a bank).
+        bank_schedule: schedule name for the bank (retention) stream, e.g. ``"power_down"``,
+            ``"logit_normal_down"`` or ``"data_driven"``.
+        realisation: ``"sample"`` (importance-sample t, the authors' code) or ``"weight"`` (uniform
+            t, loss multiplied by the schedule weight).
+        bank_share: fraction r of the global batch taken from the bank; bank count = int(r * B).
+        bank_weight: lambda, the weight of the retention loss (paper default 0.1).
+        cfg_dropout: probability of replacing a target label by the null label (classifier-free
+            guidance training), applied once per target sample.
+        learn_variance: train the variance channels with the variational-bound term when the model
+            predicts them (DiT); ``False`` leaves them out of the loss.
+        retention_data: what the retention stream holds: ``"bank"`` (the knowledge bank) or
+            ``"target"`` (target samples, with the null condition; no bank needed).
+        power_up, power_down: the power schedules' exponents (:class:`PowerSchedule`).
+        power: what both power schedules act on (:class:`PowerAxis`).
+        min_snr: γ of ``min_snr`` (:class:`MinSNRSchedule`).
+        logit_normal_up, logit_normal_down: their offsets (:class:`LogitNormalSchedule`).
+        data_driven: how a ``data_driven`` schedule is fitted (:class:`DataDrivenSchedule`).
+        distillation: the settings of ``kind: distillation`` (:class:`DistillationSettings`).
+    """
+
+    kind: ObjectiveKind = "diff_tuning"
+    target_schedule: str = "power_up"
+    bank_schedule: str = "power_down"
+    realisation: Literal["sample", "weight"] = "sample"
+    bank_share: float = 0.2
+    bank_weight: float = 0.1
+    cfg_dropout: float = 0.1
+    learn_variance: bool = True
+    retention_data: Literal["bank", "target"] = "bank"
+    power_up: PowerSchedule = field(default_factory=PowerSchedule)
+    power_down: PowerSchedule = field(default_factory=PowerSchedule)
+    power: PowerAxis = field(default_factory=PowerAxis)
+    min_snr: MinSNRSchedule = field(default_factory=MinSNRSchedule)
+    logit_normal_up: LogitNormalSchedule = field(default_factory=LogitNormalSchedule)
+    logit_normal_down: LogitNormalSchedule = field(default_factory=LogitNormalSchedule)
+    data_driven: DataDrivenSchedule = field(default_factory=DataDrivenSchedule)
+    distillation: DistillationSettings = field(default_factory=DistillationSettings)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "objective")
+        for (
+            name
+        ) in _SUB_SECTIONS:  # each sub-section's values, with their keys (a shared class does not know them)
+            _check_fields(getattr(self, name), f"objective.{name}")
+        for name, (key, rule, ok) in _RULES.items():
+            value = getattr(getattr(self, name), key)
+            _check(ok(value), f"objective.{name}.{key}={value} must be {rule}")
+        _check(0.0 <= self.bank_share < 1.0, f"objective.bank_share={self.bank_share} must be in [0, 1)")
+        _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
+        _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
+        for key in ("target_schedule", "bank_schedule"):
+            name = getattr(self, key)
+            _check(
+                is_schedule_name(name),
+                f"objective.{key}={name!r} is unknown; valid: {schedule_names()} or 'package.module:function'",
+            )
+        d = self.data_driven
+        _check(
+            d.bins >= 1 and d.draws >= 1,
+            f"objective.data_driven.bins={d.bins} and objective.data_driven.draws={d.draws} must be >= 1",
+        )
+        _check(
+            self.kind != "distillation" or self.bank_share > 0,
+            "objective.kind=distillation distils on the retention share of each batch, and "
+            "objective.bank_share=0 gives it none; set objective.bank_share > 0 (with "
+            f"objective.retention_data={self.retention_data} that share is "
+            f"{'target images, no bank needed' if self.retention_data == 'target' else 'bank samples'}), "
+            "or use objective.kind=diff_tuning",
+        )
+
+    @property
+    def fitted_schedules(self) -> list[str]:
+        """The streams (``target_schedule``, ``bank_schedule``) whose schedule is fitted from data."""
+        return [k for k in ("target_schedule", "bank_schedule") if getattr(self, k) in FITTED_SCHEDULE_NAMES]
+
+    def exponent(self, schedule: str) -> float:
+        """The exponent s of the power schedule ``schedule`` (``objective.<schedule>.exponent``); 1 for
+        any other schedule, which has none."""
+        return getattr(self, schedule).exponent if schedule in POWER_SCHEDULES else 1.0
+
+    def offset(self, schedule: str) -> float:
+        """The offset of the logit-normal schedule ``schedule`` (``objective.<schedule>.offset``); the
+        default for any other schedule, which has none."""
+        return (
+            getattr(self, schedule).offset
+            if schedule in LOGIT_NORMAL_SCHEDULES
+            else LogitNormalSchedule.offset
+        )
+
+
+_SUB_SECTIONS = (
+    "power_up",
+    "power_down",
+    "power",
+    "min_snr",
+    "logit_normal_up",
+    "logit_normal_down",
+    "data_driven",
+    "distillation",
+)
