@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
-REFERENCE_BETAS = (1e-4, 0.02)  # the DDPM linear β schedule of DiT and the paper
-REFERENCE_T = 1000
+from difftune.process.schedulers import linear_alphas_cumprod
+
+REFERENCE_T = 1000  # the DDPM linear β schedule of DiT and the paper: 1e-4..0.02 over 1000 steps
 CHUNK = 256  # target cells per block of the overlap computation (memory CHUNK × T)
 
 
@@ -38,10 +39,9 @@ def flow_sigma(log_snr: torch.Tensor) -> torch.Tensor:
 
 
 def reference_log_snr() -> torch.Tensor:
-    """log SNR (1000,) float64 of the DDPM linear β schedule, computed as diffusers' ``DDPMScheduler``
-    does (float32 β and ᾱ), so a model with that schedule has exactly this table."""
-    betas = torch.linspace(*REFERENCE_BETAS, REFERENCE_T, dtype=torch.float32)
-    abar = torch.cumprod(1.0 - betas, dim=0).double()
+    """log SNR (1000,) float64 of the DDPM linear β schedule, computed as the DDPM scheduler does
+    (float32 β and ᾱ), so a model with that schedule has exactly this table."""
+    abar = linear_alphas_cumprod()
     return (abar / (1 - abar)).log()
 
 
