@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,25 +61,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
-    start_torch()
-    from difftune.backbones import ConditionRequest, load_trained
-
-    loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
-    guide = _guide(args, loaded)
-    cond, tags = loaded.family.sample_conditions(loaded, ConditionRequest(labels=labels, model=args.model))
-    path = sample_conditions(
-        loaded,
-        cond,
-        tags,
-        args.per_label,
-        args.out,
-        spec,
-        args.batch_size,
-        overwrite=args.overwrite,
-        guide=guide,
-    )
-    print(f"wrote {len(labels) * args.per_label} images and {path}")
-    return 0
+    return _load_and_sample(args, spec, len(labels) * args.per_label, lambda loaded: {"labels": labels})
 
 
 def _check_condition_flags(args: argparse.Namespace) -> None:
@@ -272,12 +254,30 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: Sampling
             f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
+    return _load_and_sample(
+        args,
+        spec,
+        total,
+        lambda loaded: {
+            "prompts": prompts,
+            "controls": controls,
+            "model": loaded.weights[0] or loaded.source,
+        },
+    )
+
+
+def _load_and_sample(
+    args: argparse.Namespace, spec: SamplingSpec, total: int, request: Callable[[Any], dict[str, Any]]
+) -> int:
+    """Load the model and write ``total`` samples: ``request(loaded)`` gives the fields of the family's
+    :class:`~difftune.backbones.ConditionRequest` (``model`` defaults to ``--model``)."""
     start_torch()
     from difftune.backbones import ConditionRequest, load_trained
 
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
-    request = ConditionRequest(prompts=prompts, controls=controls, model=loaded.weights[0] or loaded.source)
-    cond, tags = loaded.family.sample_conditions(loaded, request)
+    guide = _guide(args, loaded)
+    fields = {"model": args.model, **request(loaded)}
+    cond, tags = loaded.family.sample_conditions(loaded, ConditionRequest(**fields))
     path = sample_conditions(
         loaded,
         cond,
@@ -287,7 +287,7 @@ def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: Sampling
         spec,
         args.batch_size,
         overwrite=args.overwrite,
-        guide=_guide(args, loaded),
+        guide=guide,
     )
     print(f"wrote {total} images and {path}")
     return 0

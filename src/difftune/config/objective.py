@@ -162,9 +162,8 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "objective")
-        for (
-            name
-        ) in _SUB_SECTIONS:  # each sub-section's values, with their keys (a shared class does not know them)
+        # each sub-section's values, with their keys (a shared class does not know them)
+        for name in _SUB_SECTIONS:
             _check_fields(getattr(self, name), f"objective.{name}")
         for name, (key, rule, ok) in _RULES.items():
             value = getattr(getattr(self, name), key)
