@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from difftune.config.experiment import ConfigError, ObjectiveConfig
 from difftune.config.objective import LogitNormalSchedule, PowerAxis, PowerSchedule
@@ -16,22 +15,11 @@ from difftune.objectives import build_objective
 from difftune.process import build_process
 from difftune.schedules import noise_level
 from difftune.schedules.base import build_schedule, power_down, power_up, uniform
+from test_process_contract import PROCESSES
 
 T = 1000
 
 
-def _config(scheduler) -> dict:
-    return {"_class_name": type(scheduler).__name__, **dict(scheduler.config)}
-
-
-PROCESSES = {
-    "ddpm-epsilon": _config(DDPMScheduler()),
-    "ddpm-v": _config(DDPMScheduler(prediction_type="v_prediction")),
-    "ddpm-sample": _config(DDPMScheduler(prediction_type="sample")),
-    "flow": _config(FlowMatchEulerDiscreteScheduler()),
-    "flow-shift3": _config(FlowMatchEulerDiscreteScheduler(shift=3.0)),
-    "edm": _config(EDMEulerScheduler()),
-}
 DDPM = PROCESSES["ddpm-epsilon"]
 
 
