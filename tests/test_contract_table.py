@@ -175,3 +175,59 @@ def test_objective_on_family_on_flow(family: str, objective: str, tmp_path: Path
     assert all(np.isfinite(row["loss/total"]) for row in history)
     if objective == "distillation":  # the retention stream regresses on the frozen model's predictions
         assert all(row["loss/bank"] >= 0 for row in history)
+
+
+@pytest.fixture(scope="module")
+def digit_probe_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Held-out digits of classes 0 and 1 (one folder per class) and a small digit classifier's features."""
+    from difftune.data.builtin import load_sklearn_digits
+    from difftune.metrics import save_classifier, train_digit_classifier
+
+    root = tmp_path_factory.mktemp("probe")
+    images, labels = load_sklearn_digits()
+    for k in (0, 1):
+        (root / "heldout" / f"class{k}").mkdir(parents=True)
+        for i, image in enumerate(images[labels == k][:6]):
+            pixels = (image[0].numpy() * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "heldout" / f"class{k}" / f"{i}.png")
+    save_classifier(train_digit_classifier(images, labels, steps=30), root / "clf.safetensors")
+    return {"heldout": root / "heldout", "features": root / "clf.safetensors"}
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+def test_evaluation_commands_on_process(
+    process: str, digit_probe_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``forgetting`` (swap probe and transfer gap), ``eval fid --checkpoint`` and domain guidance on every process."""
+    family = "unet" if process == "edm" else "dit"
+    pretrained = _base(family, process, tmp_path / "pre")
+    config = _config(family, pretrained, tmp_path)
+    far = ["--set", "objective.bank_share=0", "--set", "train.learning_rate=0.05"]  # a model unlike its base
+    assert main(["train", "--config", str(config), *far]) == 0
+    finetuned, features = tmp_path / "run" / "final", f"digits:{digit_probe_inputs['features']}"
+    common = ["--num-per-class", "2", "--steps", "2", "--features", features]
+
+    out = tmp_path / "forgetting"
+    probe = ["forgetting", "--finetuned", str(finetuned), "--pretrained", str(pretrained)]
+    probe += ["--heldout", str(digit_probe_inputs["heldout"]), "--fractions", "0,1", "--gap-bins", "2"]
+    assert main([*probe, "--gap-draws", "1", "--out", str(out), *common]) == 0
+    gap = json.loads((out / "forgetting_gap.json").read_text())
+    assert len(gap["rows"]) == 2 and all(
+        r["gap"] == pytest.approx(r["pretrained"] - r["finetuned"]) for r in gap["rows"]
+    )
+    swap = json.loads((out / "forgetting_swap.json").read_text())
+    assert [r["fraction"] for r in swap["rows"]] == [0.0, 1.0] and all(r["fid"] >= 0 for r in swap["rows"])
+
+    report = tmp_path / "fid.json"
+    fid = ["eval", "fid", "--real", str(digit_probe_inputs["heldout"]), "--checkpoint", str(finetuned)]
+    assert main([*fid, *common, "--out-json", str(report)]) == 0
+    assert json.loads(report.read_text())["fid"] >= 0
+
+    sample = ["sample", "--model", str(finetuned), "--labels", "0", "--per-label", "1", "--steps", "10"]
+    sample += ["--guidance-scale", "2"]
+    assert main([*sample, "--domain-guidance", str(pretrained), "--out", str(tmp_path / "guided")]) == 0
+    assert main([*sample, "--out", str(tmp_path / "plain")]) == 0
+    guided, plain = (
+        np.asarray(Image.open(tmp_path / d / "00000_label0_seed0.png")) for d in ("guided", "plain")
+    )
+    assert guided.shape == plain.shape and not np.array_equal(guided, plain)  # the guide's branch is used
