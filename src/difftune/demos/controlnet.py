@@ -40,10 +40,10 @@ from difftune.control import read_fidelity
 from difftune.control.report import fidelity_curve, format_table, plot_fidelity, summary_rows
 from difftune.demos.digits import pretraining_config
 from difftune.demos.report import environment
+from difftune.demos.text_encoder import tiny_text_encoder
 from difftune.io.atomic import atomic_write_json, atomic_write_text
 from difftune.io.store import user_cache_dir
 from difftune.process.schedulers import make_scheduler
-from difftune.testing.models import tiny_text_encoder
 from difftune.training.loop import Trainer
 
 CAPTION = "digit {}"
