@@ -53,8 +53,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     start_torch()
     loaded = load_adapter(weights)
-    backbone = type(loaded.backbone)(merged_model(loaded.backbone.inner))
-    plain = dataclasses.replace(loaded, backbone=backbone, tuning=None)
+    # the merged model replaces the tuned one inside the loaded backbone, which keeps what else it
+    # holds (a ControlNet's frozen UNet, the empty prompt): an adapter's constructor may need them
+    backbone = loaded.backbone
+    backbone.inner = merged_model(backbone.inner)
+    plain = dataclasses.replace(loaded, tuning=None)
     save_model(plain, out)
     names_file = source / "class_names.json"
     if names_file.is_file():
