@@ -125,6 +125,24 @@ _SECTIONS = {
 }
 
 
+def setting_default(key: str) -> Any:
+    """The default of the setting at the dotted ``key`` (``section.key``, ``section.sub.key``), or
+    ``dataclasses.MISSING`` for a key that is unknown or has no default (``model.pretrained``)."""
+    section, *parts = key.split(".")
+    value: Any = _SECTIONS.get(section)
+    for i, part in enumerate(parts):
+        if i == 0:  # a section's field: its default, or what its factory makes (a sub-section)
+            f = {f.name: f for f in dataclasses.fields(value)}.get(part) if value else None
+            if f is None or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+                return dataclasses.MISSING
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        elif dataclasses.is_dataclass(value) and hasattr(value, part):
+            value = getattr(value, part)
+        else:
+            return dataclasses.MISSING
+    return dataclasses.MISSING if not parts or dataclasses.is_dataclass(value) else value
+
+
 def _sections_of(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with each known section copied (a missing one empty), unknown sections kept for the check."""
     for name in _SECTIONS:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from difftune.config.experiment import setting_default
 from difftune.config.renames import upgrade
 from difftune.config.sections import flatten
 from difftune.config.train import TrainConfig, default_steps_note
@@ -273,10 +275,14 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     allowed, other = [], []
     old, new = flatten(saved), flatten(current)
     for key in sorted(set(old) | set(new)):
-        if key not in old or key in INVOCATION_KEYS:
-            continue  # not a setting of the run, or added to difftune since (its default applies)
-        if old[key] != new.get(key):
-            line = f"{key}: {old[key]!r} -> {new.get(key)!r}"
+        if key in INVOCATION_KEYS:
+            continue  # not a setting of the run
+        # a setting added to difftune since the checkpoint was written: the run had its default
+        before = old[key] if key in old else setting_default(key)
+        if before is dataclasses.MISSING:
+            continue
+        if before != new.get(key):
+            line = f"{key}: {before!r} -> {new.get(key)!r}"
             (allowed if key in RESUMABLE_CHANGES else other).append(line)
     return allowed, other
 
