@@ -189,6 +189,7 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
             record.base.get("subfolder"),
             vae=None if vae == source else vae,  # None: the pipeline's own VAE
             controlnet=record.base.get("controlnet"),
+            vae_subfolder=record.base.get("vae_subfolder"),  # a pipeline's vae/ (a saved model's record)
         )
     found = model_fingerprint(base.backbone.inner)
     if found != record.base_fingerprint:

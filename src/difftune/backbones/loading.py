@@ -240,6 +240,7 @@ def load_pretrained(
     vae: str | None = None,
     revision: str | None = None,
     controlnet: str | None = None,
+    vae_subfolder: str | None = None,
 ) -> LoadedModel:
     """Load a model of a registered family (DiT, UNet2DModel, a Stable Diffusion UNet, optionally
     with a ControlNet) with its VAE, the parts its family keeps (a text encoder, a frozen UNet) and
@@ -255,6 +256,7 @@ def load_pretrained(
         controlnet: train a ControlNet over the Stable Diffusion UNet of ``pretrained``:
             ``"from_unet"`` makes a new one from the UNet's weights, else a ControlNet's hub id or
             directory; ``None`` for none.
+        vae_subfolder: the sub-folder of ``vae`` that holds it (a pipeline's ``vae/``).
 
     Raises:
         FileNotFoundError: the path holds no diffusers model.
@@ -266,7 +268,7 @@ def load_pretrained(
         check_model_path(vae, "vae")
     model = load_safetensors_model(family.model_class, pretrained, sub, revision)
     vae_source = vae
-    vae_sub: str | None = None
+    vae_sub: str | None = vae_subfolder if vae is not None else None
     if vae_source is None and "vae" in components:
         vae_source, vae_sub = pretrained, "vae"
     elif vae_source is None and record.get("vae"):
