@@ -123,3 +123,64 @@ def test_bank_diff_tuning_resume_sample_and_stock_load(name: str, tmp_path: Path
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert type(stock) is type(SCHEDULERS[name]) and public(stock.config) == public(SCHEDULERS[name].config)
     assert not (whole / "model_index.json").exists()
+
+
+def test_a_dynamic_shift_is_fixed_for_the_sample_size_as_diffusers_does() -> None:
+    """Flux's resolution-dependent shift: μ from the token count, and the σ grid of the fixed shift e^μ is
+    the one diffusers' own dynamic scheduler samples with ``set_timesteps(mu=μ)``."""
+    import math
+
+    from difftune.errors import UserError
+    from difftune.process.flow import fixed_shift
+
+    dynamic = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}
+    shape = (16, 64, 64)  # 32 x 32 = 1024 tokens of 2x2 patches
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)
+    fixed = fixed_shift(dynamic, shape)
+    assert not fixed["use_dynamic_shifting"] and fixed["shift"] == pytest.approx(math.exp(mu), rel=1e-12)
+    reference = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    reference.set_timesteps(20, mu=mu)
+    ours = build_scheduler("FlowMatchEulerDiscreteScheduler", dynamic, shape)
+    ours.set_timesteps(20)
+    torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=0, atol=0)
+    process = build_process(dynamic, shape)
+    static = build_process({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": math.exp(mu)})
+    torch.testing.assert_close(process.sigmas, static.sigmas, rtol=1e-12, atol=0)
+    assert (
+        process.sigmas.mean()
+        > build_process({"_class_name": "FlowMatchEulerDiscreteScheduler"}).sigmas.mean()
+    )  # e^μ > 1 moves σ toward noise
+    with pytest.raises(UserError, match="depends on the resolution"):
+        build_process(dynamic)
+
+
+def test_a_flow_model_with_a_dynamic_shift_trains_samples_and_keeps_its_config(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    tiny_dit(learn_sigma=False).save_pretrained(base / "transformer")
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).save_pretrained(base / "scheduler")
+    bank = tmp_path / "bank"
+    cfg = make_cfg(base, tmp_path / "run", bank, "train.max_steps=2", "train.checkpoint_every=0")
+    generate_bank(load_pretrained(str(base)), cfg.bank, progress=False)
+    final = Trainer(cfg).train()
+    saved = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["use_dynamic_shifting"] is True  # stock loaders fix μ per resolution themselves
+    out = tmp_path / "samples"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(final),
+                "--labels",
+                "0",
+                "--per-label",
+                "1",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (out / "00000_label0_seed0.png").is_file()

@@ -99,7 +99,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     swap = swap_probe(
         backbone,
         pretrained.backbone.to(device).eval(),
-        build_scheduler(spec.scheduler, finetuned.scheduler_config),
+        build_scheduler(spec.scheduler, finetuned.scheduler_config, finetuned.backbone.sample_shape),
         cond,
         spec.seeds(0, cond.batch_size),
         score,

@@ -170,7 +170,7 @@ def _forgetting_probes(
     swap = swap_probe(
         backbone,
         source.backbone.eval(),
-        build_scheduler(spec.scheduler, final.scheduler_config),
+        build_scheduler(spec.scheduler, final.scheduler_config, final.backbone.sample_shape),
         cond,
         spec.seeds(0, cond.batch_size),
         lambda x: evaluator.fid(to_unit_range(x)),

@@ -83,13 +83,16 @@ def process_name(scheduler_config: dict[str, Any]) -> str:
     raise UserError(f"scheduler class {cls!r} names no forward process difftune knows; valid: {valid}")
 
 
-def build_process(scheduler_config: dict[str, Any]) -> ForwardProcess:
-    """The forward process of a model whose noise schedule is ``scheduler_config``."""
+def build_process(
+    scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None
+) -> ForwardProcess:
+    """The forward process of a model whose noise schedule is ``scheduler_config``; ``sample_shape``
+    (C, H, W) fixes a flow model's resolution-dependent shift (:func:`difftune.process.flow.fixed_shift`)."""
     name = process_name(scheduler_config)
     if name == "flow":
         from difftune.process.flow import FlowProcess
 
-        return FlowProcess(scheduler_config)
+        return FlowProcess(scheduler_config, sample_shape)
     if name == "edm":
         from difftune.process.edm import EDMProcess
 

@@ -3,10 +3,17 @@
 σ comes from diffusers' ``FlowMatchEulerDiscreteScheduler`` with the model's ``shift``
 (σ' = s·σ / (1 + (s − 1)·σ), which adds ln s to logit σ). Index t (0 least noisy) has
 σ_t = shifted((t + 1) / T), and the model receives σ_t·T, as in diffusers' SD3 and Flux scripts.
+
+A resolution-dependent (dynamic) shift, as Flux uses, is fixed once for the size of the model's samples
+(:func:`fixed_shift`): μ grows linearly with the token count from ``base_shift`` at
+``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (diffusers' Flux pipelines compute it
+the same way), and the exponential time shift by μ is the static shift s = e^μ (a linear one: s = μ).
+Training and sampling then use that one σ grid.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,28 +23,24 @@ from difftune.process.base import ForwardProcess, per_sample
 
 
 class FlowProcess(ForwardProcess):
-    """Rectified flow with a static shift.
+    """Rectified flow with the model's shift.
 
     Args:
         scheduler_config: a ``FlowMatchEulerDiscreteScheduler`` config.
+        sample_shape: (C, H, W) of the samples; needed only when the config's shift depends on the
+            resolution (``use_dynamic_shifting``), and fixes it (:func:`fixed_shift`).
 
     Raises:
-        UserError: the config asks for a resolution-dependent (dynamic) shift, which needs the
-            sample's size to fix σ (not supported yet).
+        UserError: a dynamic shift without ``sample_shape``.
     """
 
     name = "flow"
     prediction_type = "velocity"
 
-    def __init__(self, scheduler_config: dict[str, Any]) -> None:
+    def __init__(self, scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        if scheduler.config.use_dynamic_shifting:
-            raise UserError(
-                "this flow model's scheduler uses a resolution-dependent shift (use_dynamic_shifting), which "
-                "difftune does not train yet; set a fixed shift in its scheduler config"
-            )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(fixed_shift(scheduler_config, sample_shape))
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.sigmas = scheduler.sigmas[: self.num_timesteps].flip(0).double()  # σ_t, increasing in t
         self.shift = float(scheduler.config.shift)
@@ -67,3 +70,43 @@ class FlowProcess(ForwardProcess):
 
     # pretraining_density: uniform over the index (σ = shift((t + 1) / T)). A scheduler config does not say
     # how the model was trained; SD3's logit-normal, for one, would have to be stated (docs/method.md §12)
+
+
+def resolution_mu(scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None) -> float | None:
+    """μ of a resolution-dependent (dynamic) shift for samples of ``sample_shape`` (``(C, H, W)``), or
+    ``None`` when the config's shift is static.
+
+    The token count is that of a transformer with 2x2 patches, (H / 2)·(W / 2), as Flux counts its
+    packed latents; μ is linear in it, as diffusers' Flux pipelines compute it.
+
+    Raises:
+        UserError: a dynamic shift and no ``sample_shape``.
+    """
+    if not scheduler_config.get("use_dynamic_shifting"):
+        return None
+    if sample_shape is None:
+        raise UserError(
+            "this flow model's shift depends on the resolution (use_dynamic_shifting), and no sample size "
+            "was given to fix it; pass the model's sample shape"
+        )
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).config
+    tokens = (sample_shape[-2] // 2) * (sample_shape[-1] // 2)
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return cfg.base_shift + slope * (tokens - cfg.base_image_seq_len)
+
+
+def fixed_shift(scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None) -> dict[str, Any]:
+    """``scheduler_config`` with a resolution-dependent shift fixed for samples of ``sample_shape``: the
+    static shift whose training σ grid is the dynamic one's at that size (e^μ; μ for a linear time
+    shift). Any other config is returned unchanged.
+
+    Raises:
+        UserError: a dynamic shift and no ``sample_shape``.
+    """
+    mu = resolution_mu(scheduler_config, sample_shape)
+    if mu is None:
+        return scheduler_config
+    exponential = scheduler_config.get("time_shift_type", "exponential") == "exponential"
+    return {**scheduler_config, "use_dynamic_shifting": False, "shift": math.exp(mu) if exponential else mu}

@@ -8,6 +8,7 @@ conditions pass through untouched: the backbone says what "unconditional" is.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +36,12 @@ def scheduler_names() -> list[str]:
     )
 
 
-def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:
-    """Instantiate a diffusers scheduler class by name from the model's noise-schedule config.
+def build_scheduler(
+    name: str, scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None
+) -> SchedulerMixin:
+    """Instantiate a diffusers scheduler class by name from the model's noise-schedule config;
+    ``sample_shape`` (C, H, W) fixes a flow model's resolution-dependent shift, as in training
+    (:func:`difftune.process.flow.fixed_shift`).
 
     The variance channels of a learned-variance model are dropped before the scheduler sees the
     output (as diffusers' DiT pipeline does), so the scheduler is told to use a fixed variance.
@@ -55,7 +60,14 @@ def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMix
     overrides: dict[str, Any] = {}
     if "variance_type" in inspect.signature(cls.__init__).parameters:
         overrides["variance_type"] = "fixed_small" if name == ANCESTRAL_DDPM_SAMPLER else None
-    return cls.from_config(scheduler_config, **overrides)
+    from difftune.process.flow import fixed_shift, resolution_mu
+
+    mu = resolution_mu(scheduler_config, sample_shape)
+    if mu is None or "mu" not in inspect.signature(cls.set_timesteps).parameters:
+        return cls.from_config(fixed_shift(scheduler_config, sample_shape), **overrides)
+    scheduler = cls.from_config(scheduler_config, **overrides)  # samples as diffusers' Flux pipelines do
+    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, mu=mu)
+    return scheduler
 
 
 def _model_input_timestep(t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
@@ -150,7 +162,7 @@ def generate_with_spec(
     ``guide``: the pre-trained model for domain guidance."""
     return generate(
         backbone,
-        build_scheduler(spec.scheduler, scheduler_config),
+        build_scheduler(spec.scheduler, scheduler_config, backbone.sample_shape),
         cond,
         spec.seeds(first_index, cond.batch_size),
         spec.guidance_scale,

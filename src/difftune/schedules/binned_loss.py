@@ -88,7 +88,7 @@ def binned_denoising_loss(
         rows_per_draw: rows per draw; ``None``: the smallest set's size.
     """
     start = time.perf_counter()
-    process = build_process(scheduler_config)
+    process = build_process(scheduler_config, tuple(evaluations[0].x0.shape[1:]))
     edges = timestep_bins(process.num_timesteps, num_bins)
     n = rows_per_draw or min(e.x0.shape[0] for e in evaluations)
     shape = tuple(evaluations[0].x0.shape[1:])

@@ -222,7 +222,7 @@ def fit_data_schedule(
     """
     if hasattr(scheduler_config, "config"):  # a scheduler: its config does not name its class
         scheduler_config = {"_class_name": type(scheduler_config).__name__, **scheduler_config.config}
-    process = build_process(scheduler_config)
+    process = build_process(scheduler_config, tuple(target_x0.shape[1:]))
     if len(target_x0) == 0 or len(bank_x0) == 0:
         raise UserError(
             "a data-driven schedule needs target samples and bank samples; neither set may be empty"

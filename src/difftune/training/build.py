@@ -146,7 +146,7 @@ def build_run(
     check_adapter_size(cfg.tuning.method, cfg.tuning, loaded.backbone)  # before anything is written
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone.inner)
-    process = build_process(loaded.scheduler_config)
+    process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape)
     check_validation(tc.validation_every, loaded.backbone, cfg.data.annotator)  # before anything is encoded
     bank, bank_cond = training_bank(cfg, loaded)
     with accelerator.main_process_first():
