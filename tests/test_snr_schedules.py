@@ -184,3 +184,19 @@ def test_which_end_snr_weightings_lean_to_depends_on_the_target() -> None:
         "flow": [0.501, 0.405, 0.75],
         "flow-shift3": [0.677, 0.464, 0.83],
     }
+
+
+def test_a_zero_snr_epsilon_model_gets_the_min_snr_limit_and_a_clear_inverse_snr_refusal() -> None:
+    """With rescale_betas_zero_snr the last step has SNR 0: min-SNR's weight SNR·(1/SNR) is 1 there (its
+    limit, as at every SNR below γ for ε), and inverse-SNR's 1/SNR is infinite, refused in one line."""
+    zero = build_process(
+        {"_class_name": "DDPMScheduler", **DDPMScheduler(rescale_betas_zero_snr=True).config}
+    ).noise_levels()
+    assert zero.snr[-1] == 0
+    gamma = 5.0
+    schedule = build_schedule("min_snr", 1000, noise=zero, snr_gamma=gamma)
+    weights = schedule.probs() * 1000
+    expected = torch.where(zero.snr <= gamma, torch.ones_like(zero.snr), gamma / zero.snr)
+    torch.testing.assert_close(weights, expected / expected.mean(), rtol=1e-12, atol=0)
+    with pytest.raises(UserError, match="infinite at this schedule's zero-SNR step"):
+        build_schedule("inverse_snr", 1000, noise=zero)

@@ -140,15 +140,29 @@ def power_down(num_timesteps: int, exponent: float = 1.0) -> TimestepSchedule:
 
 def min_snr(noise: NoiseLevels, gamma: float = 5.0) -> TimestepSchedule:
     """Min-SNR-γ (Hang et al. 2023): the x0 loss weighted by min(SNR(t), γ), as a weight on the model's own
-    loss (any process: ``noise.x0_factor`` turns it into the x0 loss; docs/method.md §8)."""
-    return TimestepSchedule.from_table(
-        noise.snr.clamp(max=gamma) * noise.x0_factor, name=f"min_snr(gamma={gamma:g})"
-    )
+    loss (any process: ``noise.x0_factor`` turns it into the x0 loss; docs/method.md §8).
+
+    Where SNR ≤ γ the weight is SNR·x0_factor, which is 1 for an ε model at every SNR, including a
+    zero-SNR last step (``rescale_betas_zero_snr``), where 0·(1/0) would be undefined.
+    """
+    below = noise.snr * noise.x0_factor
+    below = torch.where((noise.snr == 0) & torch.isinf(noise.x0_factor), 1.0, below)  # ε: SNR·(1/SNR) = 1
+    weights = torch.where(noise.snr <= gamma, below, gamma * noise.x0_factor)
+    return TimestepSchedule.from_table(weights, name=f"min_snr(gamma={gamma:g})")
 
 
 def inverse_snr(noise: NoiseLevels, gamma: float = 0.0) -> TimestepSchedule:
     """x0 supervision: the model's loss weighted so that it equals the x0 loss (for ε: 1 / SNR(t);
-    for the rectified-flow velocity: σ²). ``gamma`` is accepted and ignored."""
+    for the rectified-flow velocity: σ²). ``gamma`` is accepted and ignored.
+
+    Raises:
+        UserError: an ε model with a zero-SNR step, whose weight 1 / SNR is infinite there.
+    """
+    if torch.isinf(noise.x0_factor).any():
+        raise UserError(
+            "inverse_snr weights an ε model's loss by 1/SNR, which is infinite at this schedule's zero-SNR "
+            "step (rescale_betas_zero_snr); use min_snr, or a v-prediction model"
+        )
     return TimestepSchedule.from_table(noise.x0_factor, name="inverse_snr")
 
 
