@@ -160,3 +160,31 @@ def test_a_scheduler_class_is_mapped_to_its_process_or_refused_by_name() -> None
     with pytest.raises(UserError, match=r"'SomeScheduler' names no forward process .*valid: DDPMScheduler"):
         process_name({"_class_name": "SomeScheduler", "sigma_max": 1.0})
     assert all(classes for classes in SCHEDULER_CLASSES.values())
+
+
+SAMPLERS = [
+    (name, sampler) for name in sorted(PROCESSES) for sampler in SCHEDULER_CLASSES[name.split("-")[0]]
+]
+
+
+@pytest.mark.parametrize(("name", "sampler"), SAMPLERS, ids=[f"{n}-{s}" for n, s in SAMPLERS])
+def test_every_sampler_walks_from_the_noise_end_to_the_data_end(name: str, sampler: str) -> None:
+    """The noise-end convention of sampling, for every sampler class of every process: the steps run from
+    the noisy end to the clean end (never back up; second-order samplers repeat a step), start near pure
+    noise and end near the data (log-SNR of the first step < -3, of the last > 2, on the training grid)."""
+    from difftune.sampling.generate import build_scheduler, scheduler_names
+
+    if sampler not in scheduler_names():
+        pytest.skip(f"{sampler} needs a package this environment lacks")
+    scheduler = build_scheduler(sampler, PROCESSES[name])
+    scheduler.set_timesteps(12)
+    process = build_process(PROCESSES[name])
+    steps = scheduler.timesteps.double()
+    assert (steps[1:] <= steps[:-1]).all() and steps[-1] < steps[0], (
+        "the steps must go from noise toward data"
+    )
+    # the model-time of each step -> the nearest training index -> its log-SNR
+    model_time = process.model_input(torch.zeros(1), torch.arange(process.num_timesteps))[1].double()
+    index = (steps[:, None] - model_time[None, :]).abs().argmin(dim=1)
+    log_snr = process.log_snr()[index]
+    assert log_snr[0] < -3 and log_snr[-1] > 2
