@@ -76,11 +76,18 @@ class Trainer:
         RunLock(self.out).check_free()  # every process, before the target cache is written into the folder
         set_seed(tc.seed)
         self.parts = build_run(cfg, loaded, self.accelerator, self.out)
-        self.loaded, self.backbone, self.process = self.parts.loaded, self.parts.backbone, self.parts.process
-        self.target, self.bank, self.state = self.parts.target, self.parts.bank, self.parts.state
-        self.n_target, self.n_bank = self.parts.n_target, self.parts.n_bank
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.data_schedule: DataSchedule | None = None  # set by train() when a schedule is data_driven
+
+    # the run's parts, as the loop and its callers name them
+    loaded = property(lambda self: self.parts.loaded)
+    backbone = property(lambda self: self.parts.backbone)
+    process = property(lambda self: self.parts.process)
+    target = property(lambda self: self.parts.target)
+    bank = property(lambda self: self.parts.bank)
+    state = property(lambda self: self.parts.state)
+    n_target = property(lambda self: self.parts.n_target)
+    n_bank = property(lambda self: self.parts.n_bank)
 
     def _validate(self, step: int) -> None:
         """Log condition fidelity at ``step`` when it is a validation step (main process only)."""
