@@ -230,10 +230,6 @@ def peek_backbone(
         return family.peek(ctx, family.model_class.from_config(config))
 
 
-def _load_model(cls: type, source: str, subfolder: str | None, revision: str | None) -> Any:
-    return load_safetensors_model(cls, source, subfolder, revision)
-
-
 def load_pretrained(
     pretrained: str,
     subfolder: str | None = None,
@@ -280,7 +276,15 @@ def load_pretrained(
 
     codec = LatentCodec(vae_model, vae_source)
     ctx = LoadContext(
-        pretrained, sub, revision, components, record, config, controlnet, codec.downsample, _load_model
+        pretrained,
+        sub,
+        revision,
+        components,
+        record,
+        config,
+        controlnet,
+        codec.downsample,
+        load_safetensors_model,
     )
     backbone, parts = family.load(ctx, model)
     scheduler_config = read_noise_schedule(pretrained, sub, "scheduler" in components, revision)
