@@ -7,7 +7,9 @@
 * :func:`transfer_gap`: the cheap probe, no sampling: the denoising loss (in the models' own
   parameterisation: epsilon-MSE for epsilon models, the velocity MSE for rectified flow, the MSE of
   EDM's F) of the pre-trained and the fine-tuned model on held-out target data, binned over t, with
-  the same noise for both.
+  the same noise for both. With ``axis="log_snr"`` the bins are ranges of log-SNR shared by every
+  process (:data:`LOG_SNR_EDGES`) and the loss is that of the implied x0 estimate: at equal log-SNR the
+  noisy inputs of two processes differ only in scale, so these rows compare across processes.
 
 Both work on every forward process: the sampler (its own steps, noisiest first) and the binned loss
 (:func:`~difftune.process.build_process`) carry what the process is.
@@ -15,6 +17,7 @@ Both work on every forward process: the sampler (its own steps, noisiest first) 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,10 +32,41 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
+from difftune.process import build_process
+from difftune.process.base import ForwardProcess
 from difftune.sampling.generate import generate
 from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
+# inner edges of the log-SNR bins of transfer_gap(axis="log_snr"); the outer bins are open-ended. Every
+# process difftune builds by default (DDPM linear: -10.1..9.2, flow at shift 1: -inf..13.8, EDM: -8.8..12.4)
+# has indices in each of the 10 bins
+LOG_SNR_EDGES = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
+
+
+def log_snr_bins(process: ForwardProcess, inner_edges: Sequence[float] = LOG_SNR_EDGES) -> list[dict[str, Any]]:
+    """The ranges of t whose log-SNR falls in each bin, from the highest log-SNR (least noise) down.
+
+    Returns:
+        ``[{"log_snr_high", "log_snr_low", "t_low", "t_high"}, ...]``: bin b holds the t with
+        ``log_snr_low <= log-SNR(t) < log_snr_high`` (``None``: open-ended), ``t_low..t_high`` inclusive.
+        Bins no index falls in are left out.
+    """
+    log_snr = process.log_snr()
+    bounds = [math.inf, *sorted(inner_edges, reverse=True), -math.inf]
+    rows = []
+    for high, low in zip(bounds[:-1], bounds[1:], strict=True):
+        inside = ((log_snr < high) & (log_snr >= low)).nonzero().flatten()
+        if inside.numel():  # log-SNR falls with t, so the indices of a bin are a range
+            rows.append(
+                {
+                    "log_snr_high": high if math.isfinite(high) else None,
+                    "log_snr_low": low if math.isfinite(low) else None,
+                    "t_low": int(inside[0]),
+                    "t_high": int(inside[-1]),
+                }
+            )
+    return rows
 
 
 def swap_probe(
@@ -95,10 +129,12 @@ def transfer_gap(
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    axis: str = "index",
 ) -> list[dict[str, float]]:
     """Per-bin denoising MSE of both models on held-out target data, with shared t and noise.
 
-    For each of ``num_bins`` equal ranges of t, every sample gets a t drawn uniformly within the
+    For each of ``num_bins`` equal ranges of t (``axis="index"``), or each log-SNR bin of
+    :func:`log_snr_bins` scored in x0 space (``axis="log_snr"``; ``num_bins`` is not read), every sample gets a t drawn uniformly within the
     range and fresh noise (``draws_per_bin`` times); both models see the same x_t. The fine-tuned
     model gets the target condition, the pre-trained model its unconditional form.
 
@@ -107,20 +143,40 @@ def transfer_gap(
         cond: their target conditions (N).
 
     Returns:
-        ``[{"t_low", "t_high", "pretrained", "finetuned", "gap", "ratio"}, ...]`` per bin: gap = pre-trained
+        ``[{"t_low", "t_high", "pretrained", "finetuned", "gap", "ratio"}, ...]`` per bin (on the log-SNR
+        axis also ``log_snr_high`` and ``log_snr_low``, least noisy bin first): gap = pre-trained
         loss minus fine-tuned loss, ratio = pre-trained loss / fine-tuned loss. The epsilon-MSE of any
         model shrinks as t grows, so the absolute gap shrinks too (other targets scale otherwise); the
         ratio is the scale-free view.
+
+    Raises:
+        UserError: an axis other than ``index`` or ``log_snr``.
     """
+    if axis not in ("index", "log_snr"):
+        raise UserError(f"transfer-gap axis {axis!r} is unknown: use 'index' or 'log_snr'")
+    bins, edges = None, None
+    if axis == "log_snr":
+        bins = log_snr_bins(build_process(scheduler_config, tuple(x0.shape[1:])))
+        edges = torch.tensor([b["t_low"] for b in bins] + [bins[-1]["t_high"] + 1])
     pre = Evaluation(pretrained, x0, pretrained.unconditional(x0.shape[0]))
     fine = Evaluation(finetuned, x0, cond)
     measured = binned_denoising_loss(
-        (pre, fine), scheduler_config, num_bins, draws_per_bin, seed, batch_size, device, desc="transfer gap"
+        (pre, fine),
+        scheduler_config,
+        num_bins,
+        draws_per_bin,
+        seed,
+        batch_size,
+        device,
+        desc="transfer gap",
+        edges=edges,
+        x0_space=axis == "log_snr",
     )
     rows = []
     for b, (pre_loss, fine_loss) in enumerate(measured.losses.tolist()):
         rows.append(
             {
+                **(bins[b] if bins is not None else {}),
                 "t_low": int(measured.edges[b]),
                 "t_high": int(measured.edges[b + 1]) - 1,
                 "pretrained": pre_loss,
@@ -166,3 +222,21 @@ def save_probe(
     with atomic_path(path.with_suffix(".png")) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def save_transfer_gap(rows: list[dict[str, Any]], axis: str, path: str | os.PathLike) -> None:
+    """Write the rows of :func:`transfer_gap` on ``axis`` with :func:`save_probe`: each row gains where it
+    sits on the axis (``t_mid``; ``log_snr_mid``, an open-ended bin 1 beyond its finite edge)."""
+    if axis == "index":
+        middle, rows = "t_mid", [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in rows]
+    else:
+
+        def centre(r: dict[str, Any]) -> float:
+            high, low = r["log_snr_high"], r["log_snr_low"]
+            return low + 1 if high is None else high - 1 if low is None else (high + low) / 2
+
+        middle, rows = "log_snr_mid", [{**r, "log_snr_mid": centre(r)} for r in rows]
+    space = "" if axis == "index" else " (x0 space)"
+    xlabel = "t" if axis == "index" else "log-SNR"
+    title = f"denoising loss on held-out target data{space}"
+    save_probe(rows, middle, ["pretrained", "finetuned", "gap", "ratio"], path, title, xlabel)

@@ -5,6 +5,8 @@
 second test bed; its pre-training took about 25 minutes on one CPU thread, once, then it is cached).
 ``controlnet``: a ControlNet on digit edge maps, plain vs Diff-Tuning vs inverse-SNR weighting, by how
 soon generated digits follow their edges.
+``--process flow|edm``: the digits or photos demo with a rectified-flow DiT or an EDM-preconditioned UNet
+as the source model (pre-trained by difftune and cached like the DDPM one).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from difftune.commands import start_torch
+from difftune.errors import UserError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the chosen demo (or print its plan); return the exit code."""
     if args.which == "controlnet":
+        if args.process != "ddpm":
+            raise UserError(f"the controlnet demo is a DDPM model; --process {args.process} is for digits or photos")
         from difftune.demos.controlnet import ControlDemoSettings as Settings
         from difftune.demos.controlnet import run_control_demo as run
 
@@ -28,8 +33,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from difftune.demos.settings import PHOTO_TEST_BED
         from difftune.demos.settings import DemoSettings as Settings
 
-        default_out = "demo_photos_out" if args.which == "photos" else "demo_out"
-        preset = PHOTO_TEST_BED if args.which == "photos" else {}
+        base = "demo_photos" if args.which == "photos" else "demo"
+        default_out = f"{base}_out" if args.process == "ddpm" else f"{base}_{args.process}_out"
+        preset = {**(PHOTO_TEST_BED if args.which == "photos" else {}), "process": args.process}
     settings = Settings(
         **preset,
         out=Path(args.out or default_out),
@@ -65,6 +71,13 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--cache-dir", help="where the pre-trained source model is cached (default ~/.cache/difftune)"
+    )
+    p.add_argument(
+        "--process",
+        choices=["ddpm", "flow", "edm"],
+        default="ddpm",
+        help="the source model's forward process (digits and photos): ddpm (a DiT, the default), flow (a "
+        "rectified-flow DiT, SiT-style) or edm (an EDM-preconditioned UNet); output default demo_<process>_out",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the whole demo")
     p.add_argument("--dry-run", action="store_true", help="print the demo's plan, do nothing")

@@ -45,7 +45,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
 
     check_condition_inputs(None, args.prompts, args.control_image)
     check_scheduler(spec.scheduler)
-    from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, swap_probe, transfer_gap
+    from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, save_transfer_gap, swap_probe, transfer_gap
 
     if fractions is None:
         fractions = list(DEFAULT_FRACTIONS)
@@ -131,15 +131,9 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         spec.seed,
         args.batch_size,
         device,
+        axis=args.gap_axis,
     )
-    save_probe(
-        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap],
-        "t_mid",
-        ["pretrained", "finetuned", "gap", "ratio"],
-        out / "forgetting_gap.json",
-        "denoising loss on held-out target data",
-        "t",
-    )
+    save_transfer_gap(gap, args.gap_axis, out / "forgetting_gap.json")
     for r in swap:
         print(f"f={r['fraction']:.2f}  fid {r['score']:.3f}")
     print(f"wrote {out / 'forgetting_swap.json'} and {out / 'forgetting_gap.json'} (+ PNGs)")
@@ -176,6 +170,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num-per-class", type=int, default=50, help="samples per class for each fraction")
     add_sampling_args(p)  # the guidance applies to the fine-tuned model; every fraction uses the same seeds
     p.add_argument("--gap-bins", type=int, default=10, help="bins of t for the transfer gap")
+    p.add_argument(
+        "--gap-axis",
+        choices=["index", "log_snr"],
+        default="index",
+        help="bins of the transfer gap: equal ranges of t (--gap-bins of them), or fixed log-SNR ranges scored "
+        "in x0 space, which compare across processes",
+    )
     p.add_argument("--gap-draws", type=int, default=4, help="noise draws per sample and bin")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="decode / encode batch size")

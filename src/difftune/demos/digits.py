@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel
 
-from difftune.analysis.forgetting import save_probe, swap_probe, transfer_gap
+from difftune.analysis.forgetting import save_probe, save_transfer_gap, swap_probe, transfer_gap
 from difftune.backbones import load_pretrained, load_trained
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
@@ -41,9 +40,9 @@ from difftune.config.sampling import SamplingSpec
 from difftune.demos.evaluation import DigitsEvaluator
 from difftune.demos.report import environment, plot_curves, report_markdown, uniform_t_loss
 from difftune.demos.settings import DemoSettings
+from difftune.demos.sources import build_source_architecture
 from difftune.io.atomic import atomic_write_json, atomic_write_text
 from difftune.io.images import save_grid
-from difftune.process.schedulers import make_scheduler
 from difftune.sampling.generate import build_scheduler, to_unit_range
 from difftune.training.loop import Trainer, list_checkpoints
 
@@ -76,23 +75,14 @@ def pretrain_source(s: DemoSettings) -> Path:
     """Train the source model on its source data (or reuse the cached one); returns its directory."""
     root = s.resolved_cache() / f"demo-source-{s.source_key()}"
     final = root / "run" / "final"
-    if (final / "ema" / "transformer" / "config.json").is_file():
+    if (final / "ema" / s.model_folder / "config.json").is_file():
         return final
     init = root / "init"
-    torch.manual_seed(s.pretrain_seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=s.model_width,
-        in_channels=1,
-        out_channels=2,
-        num_layers=s.model_layers,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=s.source_class_count,
-        norm_num_groups=1,
+    architecture = build_source_architecture(
+        s.process, s.source_class_count, s.model_width, s.model_layers, s.pretrain_seed
     )
-    model.save_pretrained(init / "transformer")
-    make_scheduler().save_pretrained(init / "scheduler")
+    architecture.model.save_pretrained(init / architecture.folder)
+    architecture.scheduler.save_pretrained(init / "scheduler")
     cfg = pretraining_config(
         init,
         s.source_data_config(),
@@ -123,19 +113,19 @@ class MethodSpec:
     learning_rate: float | None = None
 
     @classmethod
-    def parse(cls, spec: dict[str, Any], source: str = "source") -> MethodSpec:
+    def parse(cls, spec: dict[str, Any], source: str = "source", folder: str = "transformer") -> MethodSpec:
         """Validate one entry (raises ``ConfigError`` on an unknown field or value)."""
         rest = dict(spec)
         tuning = rest.pop("tuning", "full")
         tuning = {"method": tuning} if isinstance(tuning, str) else dict(tuning or {})
         tuning = section_from_dict("tuning", {**tuning, **rest.pop("tuning_settings", {})})
         learning_rate = rest.pop("learning_rate", None)
-        model = ModelConfig(pretrained=source, subfolder="ema/transformer")
+        model = ModelConfig(pretrained=source, subfolder=f"ema/{folder}")
         return cls(section_from_dict("objective", rest), model, tuning, learning_rate)
 
 
 def _finetune(s: DemoSettings, name: str, source: Path, bank: Path) -> Path:
-    method = MethodSpec.parse(s.methods[name], str(source))
+    method = MethodSpec.parse(s.methods[name], str(source), s.model_folder)
     cfg = ExperimentConfig(
         model=method.model,
         data=DataConfig(source="digits", classes=s.target_classes, per_class=s.per_class, seed=s.seed),
@@ -186,24 +176,19 @@ def _forgetting_probes(
         "pre-trained model takes the last fraction f",
         "hand-over fraction f",
     )
-    gap = transfer_gap(
-        final.backbone,
-        source.backbone,
-        final.scheduler_config,
-        evaluator.reference_images * 2 - 1,
-        backbone.condition(evaluator.reference_labels),
-        num_bins=10,
-        draws_per_bin=4,
-        seed=s.seed,
-    )
-    save_probe(
-        [{**r, "t_mid": (r["t_low"] + r["t_high"]) / 2} for r in gap],
-        "t_mid",
-        ["pretrained", "finetuned", "gap", "ratio"],
-        s.out / "forgetting_gap.json",
-        "denoising loss on held-out target data",
-        "t",
-    )
+    for axis, name in (("index", "forgetting_gap"), ("log_snr", "forgetting_gap_log_snr")):
+        gap = transfer_gap(
+            final.backbone,
+            source.backbone,
+            final.scheduler_config,
+            evaluator.reference_images * 2 - 1,
+            backbone.condition(evaluator.reference_labels),
+            num_bins=10,
+            draws_per_bin=4,
+            seed=s.seed,
+            axis=axis,
+        )
+        save_transfer_gap(gap, axis, s.out / f"{name}.json")
 
 
 def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
@@ -211,12 +196,14 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     start = time.time()
     s.out.mkdir(parents=True, exist_ok=True)
     source = pretrain_source(s)
-    source_model = load_pretrained(str(source), subfolder="ema/transformer")
+    source_model = load_pretrained(str(source), subfolder=f"ema/{s.model_folder}")
     bank = s.resolved_cache() / f"demo-source-{s.source_key()}" / f"bank-{s.bank_samples}-seed{s.seed}"
     print(f"[demo] knowledge bank: {s.bank_samples} samples of the source model")
     generate_bank(
         source_model,
-        BankConfig(path=str(bank), num_samples=s.bank_samples, sampling=SamplingSpec(seed=s.seed)),
+        BankConfig(
+            path=str(bank), num_samples=s.bank_samples, sampling=SamplingSpec(scheduler=s.sampler, seed=s.seed)
+        ),
     )
     print("[demo] training the evaluation classifier on held-out digits")
     evaluator = DigitsEvaluator.build(s)

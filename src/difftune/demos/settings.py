@@ -11,6 +11,7 @@ from difftune.config.data import DataConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.data.builtin import PHOTOS
 from difftune.data.targets import PATCH_FORMAT
+from difftune.demos.sources import PROCESSES, SAMPLERS, model_folder
 from difftune.errors import UserError
 from difftune.io.store import user_cache_dir
 
@@ -36,6 +37,7 @@ class DemoSettings:
     seed: int = 0
     source_seed: int | None = None  # seed of the source model's pre-training; None = ``seed``
     source_data: str = "digits"  # the source domain: "digits" (source_classes) or "photo_patches"
+    process: str = "ddpm"  # the source model's forward process: "ddpm", "flow" or "edm" (demos/sources.py)
     source_classes: list[int] = field(default_factory=lambda: list(SOURCE_CLASSES))
     patches_per_photo: int = 1200  # source_data "photo_patches": patches cut from each bundled photo
     target_classes: list[int] = field(default_factory=lambda: list(TARGET_CLASSES))
@@ -68,6 +70,8 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if self.source_data not in SOURCE_DATA:
             raise UserError(f"source_data={self.source_data!r} is unknown: use one of {list(SOURCE_DATA)}")
+        if self.process not in PROCESSES:
+            raise UserError(f"process={self.process!r} is unknown: use one of {list(PROCESSES)}")
 
     def source_key(self) -> str:
         """Cache key of the pre-trained source model (changes with anything that changes it)."""
@@ -82,6 +86,8 @@ class DemoSettings:
         )
         if self.source_data != "digits":  # the digits source keeps the key it always had
             fields = (*fields, self.source_data, self.patches_per_photo, PATCH_FORMAT)
+        if self.process != "ddpm":  # so does the DDPM source
+            fields = (*fields, self.process)
         return hashlib.sha256(repr(("v2", fields)).encode()).hexdigest()[:12]
 
     def source_description(self) -> str:
@@ -109,9 +115,21 @@ class DemoSettings:
         return self.seed if self.source_seed is None else self.source_seed
 
     @property
+    def model_folder(self) -> str:
+        """The subfolder of the source model's directory that holds the denoiser."""
+        return model_folder(self.process)
+
+    @property
+    def sampler(self) -> str:
+        """The scheduler class that samples this demo's models (:data:`~difftune.demos.sources.SAMPLERS`)."""
+        return SAMPLERS[self.process]
+
+    @property
     def sampling(self) -> SamplingSpec:
         """How evaluation samples are drawn: the same seeds (from 10000) for every model."""
-        return SamplingSpec(steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=10_000)
+        return SamplingSpec(
+            scheduler=self.sampler, steps=self.sample_steps, guidance_scale=self.guidance_scale, seed=10_000
+        )
 
     def resolved_cache(self) -> Path:
         """The cache directory (default ``$XDG_CACHE_HOME/difftune`` or ``~/.cache/difftune``)."""
@@ -119,10 +137,17 @@ class DemoSettings:
             return Path(self.cache_dir)
         return user_cache_dir()
 
+    def architecture_description(self) -> str:
+        """The source model and its process in words."""
+        if self.process == "edm":
+            return "an EDM-preconditioned UNet (40/80 channels)"
+        model = f"a DiT (4 heads x {self.model_width}, {self.model_layers} layers)"
+        return model if self.process == "ddpm" else f"{model} with rectified flow"
+
     def describe(self) -> str:
         """A human-readable plan."""
         return (
-            f"pre-train a DiT (4 heads x {self.model_width}, {self.model_layers} layers) on {self.source_description()} "
+            f"pre-train {self.architecture_description()} on {self.source_description()} "
             f"for {self.pretrain_steps} steps (cached in {self.resolved_cache() / ('demo-source-' + self.source_key())}); "
             f"bank of {self.bank_samples} samples; fine-tune on {self.per_class} images per class of digits "
             f"{self.target_classes} for {self.finetune_steps} steps, batch {self.finetune_batch}, with methods "

@@ -68,6 +68,8 @@ def binned_denoising_loss(
     device: torch.device | str = "cpu",
     rows_per_draw: int | None = None,
     desc: str = "denoising loss",
+    edges: torch.Tensor | None = None,
+    x0_space: bool = False,
 ) -> BinnedLoss:
     """Mean denoising MSE (in the model's own parameterisation) of each evaluation per bin of t.
 
@@ -86,10 +88,16 @@ def binned_denoising_loss(
         batch_size: rows per model call.
         device: where the models run.
         rows_per_draw: rows per draw; ``None``: the smallest set's size.
+        edges: bin b is ``edges[b] <= t < edges[b + 1]`` (increasing, from 0 to T); ``None``: ``num_bins``
+            equal ranges. Bins of equal log-SNR width are ranges of t too, since log-SNR falls with t.
+        x0_space: score the squared error of the implied x0 estimate instead of the raw output's (the raw
+            error times the process's ``x0_factor``), which compares across processes at equal log-SNR.
     """
     start = time.perf_counter()
     process = build_process(scheduler_config, tuple(evaluations[0].x0.shape[1:]))
-    edges = timestep_bins(process.num_timesteps, num_bins)
+    edges = timestep_bins(process.num_timesteps, num_bins) if edges is None else edges
+    num_bins = len(edges) - 1
+    factor = process.x0_factor() if x0_space else torch.ones(process.num_timesteps, dtype=torch.float64)
     n = rows_per_draw or min(e.x0.shape[0] for e in evaluations)
     shape = tuple(evaluations[0].x0.shape[1:])
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +117,8 @@ def binned_denoising_loss(
                     x_in, time_in = process.model_input(process.noised(x, noise, t), t)
                     target = process.target(x, noise, t).float()
                     pred = e.model(x_in, time_in, e.cond.select(rows).to(device))[:, : x.shape[1]].float()
-                    total = (pred - target).pow(2).flatten(1).mean(1).double().sum().cpu()
+                    squared = (pred - target).pow(2).flatten(1).mean(1).double().cpu()
+                    total = (squared * factor[t.cpu()]).sum()
                     losses[b, k] += total
                     per_draw[b, d, k] += total
                     calls += 1
