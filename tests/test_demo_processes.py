@@ -31,7 +31,9 @@ def test_each_source_is_of_its_process_and_of_the_demo_size(process: str) -> Non
     assert source.model.config.out_channels == (2 if process == "ddpm" else 1)
     # the same seed builds the same weights
     again = build_source_architecture(process, classes=5, width=32, layers=4, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(source.model.parameters(), again.model.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.model.parameters(), again.model.parameters(), strict=True)
+    )
 
 
 def test_process_is_checked_and_keys_the_source_cache_without_moving_the_ddpm_key() -> None:
@@ -108,7 +110,9 @@ def test_x0_space_loss_is_the_raw_loss_times_the_process_factor(dit_dir) -> None
     factor = build_process(config).x0_factor()
     # bins of one index: the x0-space loss is the raw loss times that index's factor exactly
     for b, t in ((0, 0), (3, 999)):
-        assert x0_space.losses[b, 0].item() == pytest.approx(raw.losses[b, 0].item() * factor[t].item(), rel=1e-9)
+        assert x0_space.losses[b, 0].item() == pytest.approx(
+            raw.losses[b, 0].item() * factor[t].item(), rel=1e-9
+        )
     assert raw.edges.tolist() == edges.tolist()
 
 

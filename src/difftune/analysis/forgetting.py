@@ -44,7 +44,9 @@ DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
 LOG_SNR_EDGES = (-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
 
 
-def log_snr_bins(process: ForwardProcess, inner_edges: Sequence[float] = LOG_SNR_EDGES) -> list[dict[str, Any]]:
+def log_snr_bins(
+    process: ForwardProcess, inner_edges: Sequence[float] = LOG_SNR_EDGES
+) -> list[dict[str, Any]]:
     """The ranges of t whose log-SNR falls in each bin, from the highest log-SNR (least noise) down.
 
     Returns:

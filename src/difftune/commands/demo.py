@@ -23,7 +23,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the chosen demo (or print its plan); return the exit code."""
     if args.which == "controlnet":
         if args.process != "ddpm":
-            raise UserError(f"the controlnet demo is a DDPM model; --process {args.process} is for digits or photos")
+            raise UserError(
+                f"the controlnet demo is a DDPM model; --process {args.process} is for digits or photos"
+            )
         from difftune.demos.controlnet import ControlDemoSettings as Settings
         from difftune.demos.controlnet import run_control_demo as run
 

@@ -45,7 +45,13 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
 
     check_condition_inputs(None, args.prompts, args.control_image)
     check_scheduler(spec.scheduler)
-    from difftune.analysis.forgetting import DEFAULT_FRACTIONS, save_probe, save_transfer_gap, swap_probe, transfer_gap
+    from difftune.analysis.forgetting import (
+        DEFAULT_FRACTIONS,
+        save_probe,
+        save_transfer_gap,
+        swap_probe,
+        transfer_gap,
+    )
 
     if fractions is None:
         fractions = list(DEFAULT_FRACTIONS)

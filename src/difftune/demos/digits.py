@@ -202,7 +202,9 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     generate_bank(
         source_model,
         BankConfig(
-            path=str(bank), num_samples=s.bank_samples, sampling=SamplingSpec(scheduler=s.sampler, seed=s.seed)
+            path=str(bank),
+            num_samples=s.bank_samples,
+            sampling=SamplingSpec(scheduler=s.sampler, seed=s.seed),
         ),
     )
     print("[demo] training the evaluation classifier on held-out digits")

@@ -44,7 +44,9 @@ def model_folder(process: str) -> str:
     return "unet" if process == "edm" else "transformer"
 
 
-def build_source_architecture(process: str, classes: int, width: int, layers: int, seed: int) -> SourceArchitecture:
+def build_source_architecture(
+    process: str, classes: int, width: int, layers: int, seed: int
+) -> SourceArchitecture:
     """The untrained source model of ``process`` for ``classes`` labels (+ the null row).
 
     ``width`` (attention head dimension) and ``layers`` size the DiTs; the EDM UNet has a fixed size
@@ -63,7 +65,9 @@ def build_source_architecture(process: str, classes: int, width: int, layers: in
             norm_num_groups=8,
             num_class_embeds=classes + 1,
         )
-        scheduler = make_scheduler("edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon")
+        scheduler = make_scheduler(
+            "edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon"
+        )
         return SourceArchitecture(unet, scheduler, model_folder(process))
     dit = DiTTransformer2DModel(
         num_attention_heads=4,
