@@ -75,6 +75,15 @@ def test_forgetting_probes_write_json_and_plots(setup: dict[str, Path]) -> None:
     ).is_file()
 
 
+def test_gap_in_log_snr_bins_covers_the_chain_least_noise_first(setup: dict[str, Path]) -> None:
+    assert main(_args(setup, "--fractions", "0,1", "--gap-axis", "log_snr")) == 0
+    rows = json.loads((setup["out"] / "forgetting_gap.json").read_text())["rows"]
+    # DDPM linear: log-SNR from 9.2 down to -10.1, so all 10 bins of the shared edges (--gap-bins unread)
+    assert len(rows) == 10 and rows[0]["t_low"] == 0 and rows[-1]["t_high"] == 999
+    assert [r["log_snr_high"] for r in rows] == [None, 8.0, 6.0, 4.0, 2.0, 0.0, -2.0, -4.0, -6.0, -8.0]
+    assert all(r["log_snr_mid"] < (r["log_snr_high"] or 99) for r in rows)
+
+
 def test_same_model_has_no_gap(setup: dict[str, Path]) -> None:
     args = _args(setup, "--fractions", "0,1")
     args[args.index("--pretrained") + 1] = str(setup["finetuned"])

@@ -1,0 +1,217 @@
+"""Diff-Tuning across forward processes: the premise and the verdicts on DDPM, flow and EDM sources.
+
+    python scripts/reproduce.py configs/reproduction/flow_digits.yaml      # the runs (each seed once)
+    python scripts/reproduce.py configs/reproduction/edm_digits.yaml
+    python scripts/reproduce.py configs/reproduction/ddpm_digits_premise.yaml
+    python scripts/guidance_scales.py docs/reproduction/flow_digits --seeds 0 1 2 3 4 --scales 1.0 \\
+        --json docs/reproduction/flow_digits/scales.json                 # unguided FIDs (optional)
+    python scripts/process_study.py      # reads docs/reproduction, writes processes.md and processes.json
+
+All three test beds are the demo's transfer (digits 0-4 -> few-shot digits 5-9) from a source model
+of about 1.4M parameters pre-trained by difftune on digits 0-4 (``difftune demo --process ...``).
+
+* **Premise.** The swap probe's FID cost at f = 0.1/0.3/0.5 and the transfer-gap ratio (source model's
+  x0 error on held-out target digits / the plain fine-tuned model's) in the log-SNR bins every process
+  shares, each with a 95% t interval over seeds.
+* **Ports.** How ψ/ξ travel to a process: each port's final FID paired with plain fine-tuning seed by
+  seed, each at its own best way of sampling (:mod:`study_grid`). The recommended port of a process is
+  the one with the lowest mean difference.
+* **Across processes.** Every method against plain on each process, side by side. The DDPM column
+  comes from the study grid's digits cell (there the log-SNR port is the index port itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_grid import FRACTIONS, Cell, _cell_text, cell_markdown, cell_result  # noqa: E402
+
+from difftune.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from difftune.stats import paired_ci  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PORTS = ("diff-tuning", "log-snr", "logit-normal", "data-driven")
+PORT_NAMES = {
+    "diff-tuning": "power law over the index (the paper's)",
+    "log-snr": "power law matched on log-SNR",
+    "logit-normal": "logit-normal ±1.1 around the pre-training density",
+    "data-driven": "data-driven",
+}
+METHODS = ("plain", *PORTS, "s=0.5", "retention-only", "distillation")
+# process -> (the experiment with the premise probes, the cell with every method's runs)
+PROCESSES: dict[str, tuple[str, Cell]] = {
+    "DDPM": (
+        "ddpm_digits_premise",
+        Cell(
+            "DDPM",
+            "digits 0-4 -> 5-9",
+            {
+                "plain": "digits_domain_guidance",
+                "diff-tuning": "digits_domain_guidance",
+                **dict.fromkeys(("s=0.5", "retention-only", "data-driven"), "digits_grid"),
+                **dict.fromkeys(("logit-normal", "distillation"), "ddpm_digits_premise"),
+            },
+        ),
+    ),
+    "flow": (
+        "flow_digits",
+        Cell("flow", "digits 0-4 -> 5-9", {m: "flow_digits" for m in METHODS if m != "s=0.5"}),
+    ),
+    "EDM": (
+        "edm_digits",
+        Cell("EDM", "digits 0-4 -> 5-9", {m: "edm_digits" for m in METHODS if m != "s=0.5"}),
+    ),
+}
+
+
+def _bin_name(row: dict[str, Any]) -> str:
+    high, low = row["log_snr_high"], row["log_snr_low"]
+    if high is None:
+        return f"≥ {low:g}"
+    return f"< {high:g}" if low is None else f"{low:g}..{high:g}"
+
+
+def premise(out: Path, experiment: str) -> dict[str, Any] | None:
+    """Swap-probe costs at :data:`FRACTIONS` and the transfer-gap ratio per log-SNR bin, with 95% t
+    intervals over the seeds that have both probes."""
+    seed_dirs = [
+        d
+        for d in sorted((out / experiment).glob("seed*"))
+        if (d / "forgetting_swap.json").is_file() and (d / "forgetting_gap_log_snr.json").is_file()
+    ]
+    if not seed_dirs:
+        return None
+    costs: dict[float, list[float]] = {f: [] for f in FRACTIONS}
+    ratios: dict[str, list[float]] = {}
+    for d in seed_dirs:
+        swap = {
+            round(r["fraction"], 2): r["fid"]
+            for r in json.loads((d / "forgetting_swap.json").read_text())["rows"]
+        }
+        for f in FRACTIONS:
+            costs[f].append(swap[f] / swap[0.0] - 1)
+        for row in json.loads((d / "forgetting_gap_log_snr.json").read_text())["rows"]:
+            ratios.setdefault(_bin_name(row), []).append(row["pretrained"] / row["finetuned"])
+    return {
+        "seeds": [int(d.name.removeprefix("seed")) for d in seed_dirs],
+        "swap_cost": {str(f): [float(x) for x in paired_ci(v)] for f, v in costs.items()},
+        "gap_ratio": {
+            b: [float(x) for x in paired_ci(v)] if len(v) > 1 else [v[0]] * 3 for b, v in ratios.items()
+        },
+    }
+
+
+def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The swap costs and the log-SNR gap ratios of every process, side by side."""
+    lines = [
+        "### The premise on each process",
+        "",
+        "FID cost of letting the source model take the last fraction f of the plain fine-tuned model's "
+        "sampling chain (FID(f) / FID(0) − 1), mean [95% t interval] over seeds:",
+        "",
+        "| process | seeds | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |",
+        "|---|---|" + "---|" * len(FRACTIONS),
+    ]
+    for name, r in results.items():
+        cells = ["{:+.0%} [{:+.0%}, {:+.0%}]".format(*r["swap_cost"][str(f)]) for f in FRACTIONS]
+        lines.append(f"| {name} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    bins = list(next(iter(results.values()))["gap_ratio"])
+    lines += [
+        "",
+        "Transfer-gap ratio per log-SNR bin, least noise first: the source model's x0 error on held-out "
+        "target digits over the plain fine-tuned model's, with the same noisy inputs; mean [95% t interval] "
+        "over seeds. Above 1: the source denoises the target worse than the fine-tuned model at that noise "
+        "level.",
+        "",
+        "| process | " + " | ".join(bins) + " |",
+        "|---|" + "---|" * len(bins),
+    ]
+    for name, r in results.items():
+        cells = []
+        for b in bins:
+            mean, low, high = r["gap_ratio"].get(b, [float("nan")] * 3)
+            cells.append(f"{mean:.2f} [{low:.2f}, {high:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def recommended_port(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The port with the lowest mean FID difference from plain (each at its best way of sampling)."""
+    measured = {
+        p: cell["methods"][p]["vs_plain_each_at_best"]
+        for p in PORTS
+        if p in cell["methods"] and cell["methods"][p]["vs_plain_each_at_best"] is not None
+    }
+    if not measured:
+        return None
+    best = min(measured, key=lambda p: measured[p]["mean"])
+    return {"port": best, **measured[best]}
+
+
+def comparison_markdown(cells: dict[str, dict[str, Any]]) -> list[str]:
+    """Every method against plain on every process, and each process's recommended port."""
+    done = {name: c for name, c in cells.items() if c["seeds"]}
+    lines = [
+        "### Every method against plain fine-tuning, per process",
+        "",
+        "Method − plain per seed, each at its own best way of sampling: mean [95% t interval], seeds "
+        "better, **sig.** where the interval excludes 0; negative = better. – : not run on that process "
+        "(on DDPM's linear schedule the log-SNR port is the index port itself).",
+        "",
+        "| method | " + " | ".join(f"{n} ({len(c['seeds'])} seeds)" for n, c in done.items()) + " |",
+        "|---|" + "---|" * len(done),
+    ]
+    for method in METHODS[1:]:
+        row = [_cell_text(c["methods"].get(method, {}).get("vs_plain_each_at_best")) for c in done.values()]
+        label = f"{method}: {PORT_NAMES[method]}" if method in PORT_NAMES else method
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    lines += ["", "Recommended port (lowest mean difference from plain among the ports):", ""]
+    for name, c in done.items():
+        rec = recommended_port(c)
+        if rec is not None:
+            verdict = (
+                "beats plain significantly"
+                if rec["significant"] and rec["mean"] < 0
+                else (
+                    "loses to plain significantly"
+                    if rec["significant"]
+                    else "no significant difference from plain"
+                )
+            )
+            lines.append(
+                f"- **{name}:** {rec['port']} ({PORT_NAMES[rec['port']]}): {_cell_text(rec)}; {verdict}."
+            )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reproduction", help="results folder")
+    args = parser.parse_args()
+    premises = {n: p for n, (exp, _) in PROCESSES.items() if (p := premise(args.out, exp)) is not None}
+    cells = {n: cell_result(args.out, cell) for n, (_, cell) in PROCESSES.items()}
+    lines = ["# Diff-Tuning across forward processes", ""]
+    if premises:
+        lines += premise_markdown(premises)
+    if any(c["seeds"] for c in cells.values()):
+        lines += comparison_markdown(cells)
+    for name, cell in cells.items():
+        if cell["seeds"] and name != "DDPM":  # the DDPM cell's tables are in grid.md
+            lines += cell_markdown(cell)
+    text = "\n".join(lines)
+    atomic_write_text(args.out / "processes.md", text)
+    recommended = {n: recommended_port(c) for n, c in cells.items() if c["seeds"]}
+    atomic_write_json(
+        args.out / "processes.json", {"premise": premises, "cells": cells, "recommended_port": recommended}
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
