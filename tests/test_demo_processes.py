@@ -13,6 +13,7 @@ from difftune.analysis.forgetting import LOG_SNR_EDGES, log_snr_bins, transfer_g
 from difftune.backbones import load_pretrained
 from difftune.cli import main
 from difftune.demos.digits import run_demo
+from difftune.demos.report import study_finding
 from difftune.demos.settings import DemoSettings
 from difftune.demos.sources import PROCESSES, SAMPLERS, build_source_architecture
 from difftune.errors import UserError
@@ -58,6 +59,7 @@ def test_demo_runs_end_to_end_on_a_continuous_time_source(tiny_demo: DemoSetting
         forgetting_fractions=[0.0, 0.5],
         methods={
             "plain": {"target_schedule": "uniform", "bank_share": 0.0},
+            "diff-tuning": {},
             "log-snr": {"power": {"axis": "log_snr"}},
             "logit-normal": {"target_schedule": "logit_normal_up", "bank_schedule": "logit_normal_down"},
         },
@@ -79,6 +81,9 @@ def test_demo_runs_end_to_end_on_a_continuous_time_source(tiny_demo: DemoSetting
     assert all(a["t_high"] + 1 == b["t_low"] for a, b in zip(gap, gap[1:], strict=False))
     assert all(r["ratio"] == pytest.approx(r["pretrained"] / r["finetuned"]) for r in gap)
     assert (settings.out / "forgetting_gap_log_snr.png").is_file()
+    # the report quotes the study's verdict on this test bed, not another's
+    report = (settings.out / "report.md").read_text()
+    assert study_finding("digits", process) in report and study_finding("digits", "ddpm") not in report
 
 
 @pytest.mark.parametrize("process", PROCESSES)

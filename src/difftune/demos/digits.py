@@ -246,7 +246,9 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
     meta = {"settings": settings, "seconds": seconds, "environment": environment()}
     atomic_write_json(s.out / "run_info.json", meta)
-    atomic_write_text(s.out / "report.md", report_markdown(results, s.describe(), seconds, s.source_data))
+    atomic_write_text(
+        s.out / "report.md", report_markdown(results, s.describe(), seconds, s.source_data, s.process)
+    )
     atomic_write_json(s.out / "results.json", results)  # last: its presence marks a finished run
     print(f"\n{'method':<26}{'FID':>10}")
     for name, r in results.items():

@@ -77,16 +77,16 @@ def environment() -> dict[str, Any]:
     return env
 
 
-# what the reproduction study found on each test bed (by the demo's ``source_data``), so that one demo
-# run is not read as the answer
-STUDY_FINDINGS = {
-    "digits": (
+# what the reproduction study found on each test bed (the demo's ``source_data`` and ``process``), so that
+# one demo run is not read as the answer
+STUDY_FINDINGS: dict[tuple[str, str], str] = {
+    ("digits", "ddpm"): (
         "One run is not a verdict: over 5 seeds of this transfer the study finds Diff-Tuning's difference from "
         "plain fine-tuning not significant at this guidance scale (1.5: -2.5 FID, 95% CI [-8.0, +3.0]) and "
         "significantly worse without guidance (+16.5 [+10.8, +22.3]); with each method at its own best guidance, "
         "no variant beats plain fine-tuning; see docs/reproduction.md, sections 9 to 12."
     ),
-    "photo_patches": (
+    ("photo_patches", "ddpm"): (
         "One run is not a verdict: over 5 seeds of this transfer from the photo source the study finds, at "
         "this guidance scale (1.5), Diff-Tuning significantly worse than plain fine-tuning (+68.1 FID, 95% CI "
         "[+44.9, +91.3]) and data-driven schedules significantly better (-22.0 [-33.3, -10.6]); see "
@@ -95,11 +95,24 @@ STUDY_FINDINGS = {
 }
 
 
+def study_finding(source_data: str, process: str) -> str:
+    """The study's verdict on one test bed, in one sentence (or that it has not been studied)."""
+    return STUDY_FINDINGS.get(
+        (source_data, process),
+        f"One run is not a verdict, and this test bed ({source_data} source, {process} process) has not been "
+        "studied over seeds yet; see docs/reproduction.md for the test beds that have.",
+    )
+
+
 def report_markdown(
-    results: dict[str, dict[str, Any]], description: str, seconds: float, source_data: str = "digits"
+    results: dict[str, dict[str, Any]],
+    description: str,
+    seconds: float,
+    source_data: str = "digits",
+    process: str = "ddpm",
 ) -> str:
     """The demo's ``report.md``: a table of FIDs per method, the change vs plain fine-tuning, the study's
-    finding on the test bed of ``source_data``, the plots."""
+    finding on the test bed of ``source_data`` and ``process``, the plots."""
     lines = [
         "# difftune demo: plain fine-tuning vs Diff-Tuning on handwritten digits",
         "",
@@ -117,7 +130,7 @@ def report_markdown(
             "",
             f"Diff-Tuning vs plain fine-tuning: {change:+.1f}% FID (negative = Diff-Tuning better).",
             "",
-            STUDY_FINDINGS[source_data],
+            study_finding(source_data, process),
         ]
     lines += ["", f"Total time: {seconds:.0f} s. Lower FID is better.", "", "![curves](curves.png)", ""]
     lines += [f"![{name}](samples_{name}.png)" for name, r in results.items() if "fid_curve" in r]
