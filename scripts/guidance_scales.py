@@ -51,6 +51,13 @@ def main() -> None:
     parser.add_argument("experiment", type=Path, help="folder with seed<k>/ demo outputs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument(
+        "--guidance",
+        nargs="+",
+        choices=["classifier-free", "domain"],
+        default=["classifier-free", "domain"],
+        help="which guidance to score (default both)",
+    )
     parser.add_argument("--out", type=Path, help="markdown table to write (default: print only)")
     parser.add_argument("--json", type=Path, help="per-seed FIDs to write (JSON)")
     args = parser.parse_args()
@@ -58,14 +65,16 @@ def main() -> None:
     per_seed: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for seed in args.seeds:
         settings = _settings(args.experiment / f"seed{seed}")
-        source = load_pretrained(str(pretrain_source(settings)), subfolder="ema/transformer").backbone
+        source = load_pretrained(
+            str(pretrain_source(settings)), subfolder=f"ema/{settings.model_folder}"
+        ).backbone
         evaluator = DigitsEvaluator.build(settings)
         for method in settings.methods:
             final = load_trained(str(settings.out / "runs" / method / "final"))
             for scale in args.scales:
                 evaluator.settings = replace(settings, guidance_scale=scale)
                 for kind, guide in (("classifier-free", None), ("domain", source)):
-                    if kind == "domain" and scale == 1.0:
+                    if kind not in args.guidance or (kind == "domain" and scale == 1.0):
                         continue  # at scale 1 both are the fine-tuned model alone
                     fid = evaluator.fid(evaluator.samples(final, guide=guide))
                     fids.setdefault((method, kind, scale), []).append(fid)
