@@ -234,7 +234,10 @@ def test_set_takes_the_old_and_the_new_spelling(caplog: pytest.LogCaptureFixture
             "unknown key 'objective.bank_share.x': objective.bank_share is a setting",
         ),
         ("objective.power_up.exponent=-1", "objective.power_up.exponent=-1 must be >= 0"),
-        ("objective.power.axis=sigma", "objective.power.axis='sigma': use one of ['index', 'log_snr']"),
+        (
+            "objective.power.axis=sigma",
+            "objective.power.axis='sigma': use one of ['auto', 'index', 'log_snr', 'offsets']",
+        ),
         ("tuning.lora.rank=2.5", "tuning.lora.rank=2.5 must be int"),
         ("bank.sampling.steps=0", "bank.sampling.steps=0 must be a positive integer"),
         ("objective.min_snr=5", "config section 'objective.min_snr' must be a mapping of key: value"),
@@ -373,7 +376,7 @@ def test_unset_names_the_nested_keys_left_to_their_defaults() -> None:
 def test_flat_config_flattens_the_nested_keys() -> None:
     flat = flat_config(load_config(None, BASE))
     assert flat["objective.distillation.teacher_dtype"] == "float32" and flat["bank.sampling.steps"] == 25
-    assert flat["tuning.lora.targets"] == "None" and flat["objective.power.axis"] == "index"
+    assert flat["tuning.lora.targets"] == "None" and flat["objective.power.axis"] == "auto"
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
 
 

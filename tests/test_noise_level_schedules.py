@@ -231,7 +231,10 @@ def test_the_default_config_builds_the_index_schedules_exactly() -> None:
 
 
 def test_axes_and_offsets_are_checked() -> None:
-    with pytest.raises(ConfigError, match=r"objective.power.axis='sigma': use one of \['index', 'log_snr'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"objective.power.axis='sigma': use one of \['auto', 'index', 'log_snr', 'offsets'\]",
+    ):
         ObjectiveConfig(power=PowerAxis(axis="sigma"))
     with pytest.raises(ConfigError, match="objective.logit_normal_down.offset=-1.0 must be >= 0"):
         ObjectiveConfig(logit_normal_down=LogitNormalSchedule(offset=-1.0))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from difftune.backbones import Conditioning, load_pretrained
@@ -15,6 +16,7 @@ from difftune.bank import generate_bank
 from difftune.cli import main
 from difftune.process import DEFAULT_SAMPLERS, build_process
 from difftune.sampling.generate import build_scheduler, generate
+from difftune.schedules.ports import RECOMMENDED_AXIS
 from difftune.testing.models import tiny_dit, tiny_unet
 from difftune.training.loop import Trainer
 from test_training import assert_all_equal, changed, make_cfg, metrics, weights
@@ -86,6 +88,11 @@ def test_bank_diff_tuning_resume_sample_and_stock_load(name: str, tmp_path: Path
     assert manifest["scheduler"] == DEFAULT_SAMPLERS[name]  # the sampler that ran, not the one asked for
 
     whole = Trainer(cfg).train()
+    # the run records the port objective.power.axis: auto chose for its process, not "auto"
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert (
+        cfg.objective.power.axis == "auto" and saved["objective"]["power"]["axis"] == RECOMMENDED_AXIS[name]
+    )
     Trainer(make_cfg(base, tmp_path / "b", bank, *args[1:], "train.max_steps=2")).train()
     resumed = Trainer(make_cfg(base, tmp_path / "b", bank, *args, "train.resume=latest")).train()
     sub = "unet" if name == "edm" else "transformer"

@@ -15,7 +15,8 @@ SCHEDULE_NAMES = ("uniform", "power_up", "power_down")  # built from T alone
 SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr")  # built from the model's noise levels
 # built from the model's pre-training density, shifted in log-SNR (objective.logit_normal_up.offset / _down.offset)
 NOISE_LEVEL_SCHEDULE_NAMES = ("logit_normal_up", "logit_normal_down")
-ScheduleAxis = Literal["index", "log_snr"]  # objective.power.axis: what the power schedules act on
+# objective.power.axis: how the power schedules travel to the model's process (schedules/ports.py)
+ScheduleAxis = Literal["auto", "index", "log_snr", "offsets"]
 SCHEDULE_AXES: tuple[str, ...] = get_args(ScheduleAxis)
 FITTED_SCHEDULE_NAMES = ("data_driven",)  # fitted from data before training
 ObjectiveKind = Literal["diff_tuning", "distillation"]

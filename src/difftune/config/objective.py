@@ -48,15 +48,17 @@ class PowerSchedule:
 
 @dataclass
 class PowerAxis:
-    """``objective.power``: what both power schedules act on.
+    """``objective.power``: how both power schedules travel to the model's process.
 
     Attributes:
-        axis: ``"index"`` (the paper's: a power law over the normalised index (t + 1) / T) or
-            ``"log_snr"`` (the DDPM-linear power law carried over to the model's process by matching
-            log-SNR; docs/method.md §12). ``uniform`` stays uniform over the index.
+        axis: ``"auto"`` (the default: the port recommended for the model's process,
+            :data:`difftune.schedules.ports.RECOMMENDED_AXIS`), ``"index"`` (the paper's: a power law over
+            the normalised index (t + 1) / T), ``"log_snr"`` (the DDPM-linear power law carried over to
+            the model's process by matching log-SNR) or ``"offsets"`` (the model's pre-training density
+            moved by ``logit_normal_up/down.offset``); docs/method.md §12. ``uniform`` stays uniform.
     """
 
-    axis: ScheduleAxis = "index"
+    axis: ScheduleAxis = "auto"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from difftune.config.names import SCHEDULE_AXES, schedule_names
+from difftune.config.names import schedule_names
 from difftune.errors import UserError
 from difftune.plugins import import_object
 from difftune.process.base import NoiseLevels
@@ -226,7 +226,10 @@ NOISE_LEVEL_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule
     "logit_normal_up": logit_normal_up,
     "logit_normal_down": logit_normal_down,
 }
-AXES = SCHEDULE_AXES  # what the power schedules act on (objective.power.axis)
+AXES = (
+    "index",
+    "log_snr",
+)  # what a power schedule is built on (schedules/ports.py makes a config's axis one)
 # schedules fitted from data before training: built from a table of per-bin weights over t
 FITTED_SCHEDULES: dict[str, Callable[[Sequence[float], int], TimestepSchedule]] = {
     "data_driven": lambda weights, num_timesteps: tabulated(weights, num_timesteps, "data_driven"),

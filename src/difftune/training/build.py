@@ -9,7 +9,7 @@ The loop (:mod:`difftune.training.loop`) only steps, logs and checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from difftune.objectives import Draw, Objective, build_objective
 from difftune.process import build_process
 from difftune.process.base import ForwardProcess
 from difftune.schedules.data_driven import DataSchedule
+from difftune.schedules.ports import resolve_port
 from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.outputs import fidelity_validation
 from difftune.training.state import LoopState
@@ -147,6 +148,9 @@ def build_run(
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone.inner)
     process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape)
+    cfg = replace(
+        cfg, objective=resolve_port(cfg.objective, process.name)
+    )  # the run records its concrete port
     check_validation(tc.validation_every, loaded.backbone, cfg.data.annotator)  # before anything is encoded
     bank, bank_cond = training_bank(cfg, loaded)
     with accelerator.main_process_first():

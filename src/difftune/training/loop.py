@@ -76,6 +76,7 @@ class Trainer:
         RunLock(self.out).check_free()  # every process, before the target cache is written into the folder
         set_seed(tc.seed)
         self.parts = build_run(cfg, loaded, self.accelerator, self.out)
+        self.cfg = self.parts.cfg  # objective.power.axis: auto made concrete for the model's process
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.data_schedule: DataSchedule | None = None  # set by train() when a schedule is data_driven
 

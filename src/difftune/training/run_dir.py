@@ -263,6 +263,12 @@ RESUMABLE_CHANGES = {
 }
 
 
+# settings whose default has changed since they were added: what a checkpoint without them ran with
+# (objective.power.axis was added as index; its default is now auto, which a run resolves to a concrete
+# port before comparing, index on DDPM)
+DEFAULTS_WHEN_ADDED = {"objective.power.axis": "index"}
+
+
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """The differences between a checkpoint's config and the resuming run's (both nested mappings in
     the new spelling), as ``section.key: old -> new`` (``section.sub.key`` in a sub-section).
@@ -277,8 +283,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     for key in sorted(set(old) | set(new)):
         if key in INVOCATION_KEYS:
             continue  # not a setting of the run
-        # a setting added to difftune since the checkpoint was written: the run had its default
-        before = old[key] if key in old else setting_default(key)
+        # a setting added to difftune since the checkpoint was written: the run had its default then
+        before = old[key] if key in old else DEFAULTS_WHEN_ADDED.get(key, setting_default(key))
         if before is dataclasses.MISSING:
             continue
         if before != new.get(key):

@@ -1,0 +1,60 @@
+"""How the paper's ψ and ξ travel to a model's forward process (``objective.power.axis``), and which
+port ``auto`` picks for each process.
+
+The power schedules ``power_up``/``power_down`` are the paper's ψ/ξ, defined on the DDPM linear
+schedule. On another process they can mean three things (docs/method.md §12.1):
+
+- ``index``: the power law over the model's own index (the paper's code, unchanged on DDPM);
+- ``log_snr``: the DDPM power law carried to the model by matching log-SNR;
+- ``offsets``: the model's own pre-training density moved toward noise and toward data, i.e.
+  ``power_up`` is ``logit_normal_up`` and ``power_down`` is ``logit_normal_down``, with the offsets of
+  ``objective.logit_normal_up/down.offset`` (default 1.1, the shift of the paper's s = 1 in logit σ).
+
+``auto`` (the default) is the port difftune recommends for the model's process
+(:data:`RECOMMENDED_AXIS`, from the study in docs/reproduction.md §14). A run resolves it once its
+process is known and saves the concrete axis in its ``config.yaml``, so a run's record does not change
+when a recommendation does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from difftune.config.objective import ObjectiveConfig
+from difftune.errors import UserError
+
+# the port of each process: the lowest mean FID difference from plain fine-tuning over 5 seeds of the
+# demo's transfer on that process (docs/reproduction.md §14)
+RECOMMENDED_AXIS = {"ddpm": "index", "flow": "index", "edm": "index"}
+# what the power schedules become on the offsets port
+OFFSET_SCHEDULES = {"power_up": "logit_normal_up", "power_down": "logit_normal_down"}
+
+
+def concrete_axis(axis: str, process: str) -> str:
+    """``axis``, with ``auto`` replaced by the recommended port of ``process`` (``ddpm``, ``flow``, ``edm``).
+
+    Raises:
+        UserError: ``auto`` for a process without a recommendation.
+    """
+    if axis != "auto":
+        return axis
+    if process not in RECOMMENDED_AXIS:
+        raise UserError(
+            f"objective.power.axis=auto has no recommended port for the {process!r} process; set "
+            "objective.power.axis to index, log_snr or offsets"
+        )
+    return RECOMMENDED_AXIS[process]
+
+
+def resolve_port(cfg: ObjectiveConfig, process: str) -> ObjectiveConfig:
+    """``cfg`` with ``objective.power.axis: auto`` made concrete for ``process`` (any other value is kept)."""
+    axis = concrete_axis(cfg.power.axis, process)
+    return cfg if axis == cfg.power.axis else replace(cfg, power=replace(cfg.power, axis=axis))
+
+
+def ported_schedule(name: str, axis: str) -> tuple[str, str]:
+    """The schedule to build for ``name`` on a concrete ``axis``, and the axis to build it on: the offsets
+    port turns the power schedules into the noise-level ones; every other schedule is built as named."""
+    if axis == "offsets":
+        return OFFSET_SCHEDULES.get(name, name), "index"
+    return name, axis
