@@ -178,10 +178,16 @@ def test_checkpoints_rotate_and_load_in_diffusers(dit_dir: Path, tmp_path: Path)
     for ckpt in ckpts.iterdir():
         for sub in ("model/transformer", "model/ema/transformer", "model/scheduler", "state"):
             assert (ckpt / sub).is_dir(), ckpt / sub
-        assert load_config(ckpt / "config.yaml").to_dict() == cfg.to_dict()
+        # the run's config, with objective.power.axis: auto made concrete (index on this DDPM model)
+        saved = load_config(ckpt / "config.yaml").to_dict()
+        assert saved["objective"]["power"] == {"axis": "index"} and cfg.objective.power.axis == "auto"
+        assert saved == {
+            **cfg.to_dict(),
+            "objective": {**cfg.to_dict()["objective"], "power": {"axis": "index"}},
+        }
     assert final == run / "final"
     assert not (run / "final.tmp").exists()
-    assert load_config(final / "config.yaml").to_dict() == cfg.to_dict()
+    assert load_config(final / "config.yaml").to_dict() == saved
 
     stock = DiTTransformer2DModel.from_pretrained(final, subfolder="transformer")
     last = weights(ckpts / "checkpoint-0000004" / "model")
