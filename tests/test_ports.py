@@ -44,6 +44,14 @@ def test_auto_is_the_recommended_port_of_each_process_and_explicit_axes_stay() -
     resolved = resolve_port(cfg, "edm")
     assert resolved.power.axis == RECOMMENDED_AXIS["edm"] and cfg.power.axis == "auto"  # a copy
     assert resolve_port(resolved, "edm") is resolved
+    # the offsets port is saved as what it runs: the noise-level schedules with their offsets
+    offsets = resolve_port(section_from_dict("objective", {"power": {"axis": "offsets"}}), "flow")
+    assert (offsets.target_schedule, offsets.bank_schedule) == ("logit_normal_up", "logit_normal_down")
+    assert offsets.power.axis == "index" and resolve_port(offsets, "flow") is offsets
+    kept = resolve_port(
+        section_from_dict("objective", {"power": {"axis": "offsets"}, "bank_schedule": "uniform"}), "edm"
+    )
+    assert (kept.target_schedule, kept.bank_schedule) == ("logit_normal_up", "uniform")
 
 
 @pytest.mark.parametrize("process_name", ["ddpm", "flow", "edm"])

@@ -48,18 +48,16 @@ def _diff_tuning(
 ) -> DiffTuningLoss:
     from difftune.objectives.diff_tuning import DiffTuningLoss
     from difftune.schedules.base import build_schedule
-    from difftune.schedules.ports import concrete_axis, ported_schedule
+    from difftune.schedules.ports import resolve_port
 
+    cfg = resolve_port(cfg, process.name)  # a run's config is resolved already; a caller's may not be
     T = process.num_timesteps
-    axis = concrete_axis(cfg.power.axis, process.name)
     noise = process.noise_levels()
     psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
 
     def schedule(name: str, fitted: Any) -> Any:  # a schedule with the settings of its sub-section
-        name, on = ported_schedule(name, axis)
-        return build_schedule(
-            name, T, cfg.exponent(name), noise, cfg.min_snr.gamma, fitted, on, cfg.offset(name)
-        )
+        gamma, axis = cfg.min_snr.gamma, cfg.power.axis
+        return build_schedule(name, T, cfg.exponent(name), noise, gamma, fitted, axis, cfg.offset(name))
 
     return (kind or DiffTuningLoss)(
         process,

@@ -11,9 +11,10 @@ schedule. On another process they can mean three things (docs/method.md §12.1):
   ``objective.logit_normal_up/down.offset`` (default 1.1, the shift of the paper's s = 1 in logit σ).
 
 ``auto`` (the default) is the port difftune recommends for the model's process
-(:data:`RECOMMENDED_AXIS`, from the study in docs/reproduction.md §14). A run resolves it once its
-process is known and saves the concrete axis in its ``config.yaml``, so a run's record does not change
-when a recommendation does.
+(:data:`RECOMMENDED_AXIS`, from the study in docs/reproduction.md §14). A run resolves the axis once its
+process is known (:func:`resolve_port`) and saves what it ran in its ``config.yaml``: the concrete axis,
+and on the offsets port the noise-level schedules themselves, so a run's record does not change when a
+recommendation does.
 """
 
 from __future__ import annotations
@@ -47,14 +48,13 @@ def concrete_axis(axis: str, process: str) -> str:
 
 
 def resolve_port(cfg: ObjectiveConfig, process: str) -> ObjectiveConfig:
-    """``cfg`` with ``objective.power.axis: auto`` made concrete for ``process`` (any other value is kept)."""
+    """``cfg`` as it runs on ``process``: ``objective.power.axis: auto`` made concrete, and on the offsets
+    port the power schedules replaced by the noise-level ones (axis ``index``, which nothing then reads).
+    A concrete config is returned as it is."""
     axis = concrete_axis(cfg.power.axis, process)
-    return cfg if axis == cfg.power.axis else replace(cfg, power=replace(cfg.power, axis=axis))
-
-
-def ported_schedule(name: str, axis: str) -> tuple[str, str]:
-    """The schedule to build for ``name`` on a concrete ``axis``, and the axis to build it on: the offsets
-    port turns the power schedules into the noise-level ones; every other schedule is built as named."""
     if axis == "offsets":
-        return OFFSET_SCHEDULES.get(name, name), "index"
-    return name, axis
+        target, bank = (OFFSET_SCHEDULES.get(n, n) for n in (cfg.target_schedule, cfg.bank_schedule))
+        return replace(
+            cfg, target_schedule=target, bank_schedule=bank, power=replace(cfg.power, axis="index")
+        )
+    return cfg if axis == cfg.power.axis else replace(cfg, power=replace(cfg.power, axis=axis))
