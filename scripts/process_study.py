@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_grid import FRACTIONS, Cell, _cell_text, cell_markdown, cell_result  # noqa: E402
+from study_grid import FRACTIONS, Cell, _cell_text, cell_markdown, cell_result, swap_cost_lines  # noqa: E402
 
 from difftune.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from difftune.stats import paired_ci  # noqa: E402
@@ -114,18 +114,7 @@ def premise(out: Path, experiment: str) -> dict[str, Any] | None:
 
 def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
     """The swap costs and the log-SNR gap ratios of every process, side by side."""
-    lines = [
-        "### The premise on each process",
-        "",
-        "FID cost of letting the source model take the last fraction f of the plain fine-tuned model's "
-        "sampling chain (FID(f) / FID(0) − 1), mean [95% t interval] over seeds:",
-        "",
-        "| process | seeds | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |",
-        "|---|---|" + "---|" * len(FRACTIONS),
-    ]
-    for name, r in results.items():
-        cells = ["{:+.0%} [{:+.0%}, {:+.0%}]".format(*r["swap_cost"][str(f)]) for f in FRACTIONS]
-        lines.append(f"| {name} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    lines = ["### The premise on each process", "", *swap_cost_lines(results, "process")]
     bins = list(next(iter(results.values()))["gap_ratio"])
     lines += [
         "",

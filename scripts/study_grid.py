@@ -307,20 +307,25 @@ def premise(out: Path, experiment: str) -> dict[str, Any] | None:
     }
 
 
-def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
-    """The swap-probe costs and the gap ratios of each test bed, side by side."""
+def swap_cost_lines(results: dict[str, dict[str, Any]], label: str) -> list[str]:
+    """The swap-probe cost table at :data:`FRACTIONS`, one row per entry of ``results`` (named in column ``label``)."""
     lines = [
-        "### The premise: what handing the low-noise end to the source model costs",
-        "",
         "FID cost of letting the source model take the last fraction f of the sampling chain of the plain "
         "fine-tuned model (FID(f) / FID(0) − 1), mean [95% t interval] over seeds:",
         "",
-        "| test bed | seeds | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |",
+        f"| {label} | seeds | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |",
         "|---|---|" + "---|" * len(FRACTIONS),
     ]
     for name, r in results.items():
         cells = ["{:+.0%} [{:+.0%}, {:+.0%}]".format(*r["swap_cost"][str(f)]) for f in FRACTIONS]
         lines.append(f"| {name} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The swap-probe costs and the gap ratios of each test bed, side by side."""
+    lines = ["### The premise: what handing the low-noise end to the source model costs", ""]
+    lines += swap_cost_lines(results, "test bed")
     bins = list(next(iter(results.values()))["gap_ratio"])
     lines += [
         "",
