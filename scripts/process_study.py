@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study_grid import FRACTIONS, Cell, _cell_text, cell_markdown, cell_result, swap_cost_lines  # noqa: E402
+from study_grid import FRACTIONS, SAMPLING, Cell, _cell_text, cell_markdown, cell_result, swap_cost_lines  # noqa: E402
 
 from difftune.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from difftune.stats import paired_ci  # noqa: E402
@@ -219,7 +219,8 @@ def main() -> None:
         lines += comparison_markdown(cells)
     for name, cell in cells.items():
         if cell["seeds"] and name != "DDPM":  # the DDPM cell's tables are in grid.md
-            lines += cell_markdown(cell)
+            ways = [w for w in SAMPLING if any(m["fid"][w] for m in cell["methods"].values())]
+            lines += cell_markdown(cell, ways)
     text = "\n".join(lines)
     atomic_write_text(args.out / "processes.md", text)
     recommended = {n: recommended_port(c) for n, c in cells.items() if c["seeds"]}

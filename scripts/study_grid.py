@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,21 +149,21 @@ def cell_result(out: Path, cell: Cell) -> dict[str, Any]:
     return result
 
 
-def cell_markdown(result: dict[str, Any]) -> list[str]:
-    """The FID table and the paired table of one cell."""
+def cell_markdown(result: dict[str, Any], ways: Sequence[str] = SAMPLING) -> list[str]:
+    """The FID table and the paired table of one cell, in the columns of ``ways`` of sampling."""
     seeds = result["seeds"]
     lines = [
         f"### {result['test_bed']}: {result['pair']} (seeds {seeds})",
         "",
         "Final FID, mean ± std over seeds:",
         "",
-        "| method | " + " | ".join(SAMPLING) + " | best |",
-        "|---|" + "---|" * (len(SAMPLING) + 1),
+        "| method | " + " | ".join(ways) + " | best |",
+        "|---|" + "---|" * (len(ways) + 1),
     ]
     for method, r in result["methods"].items():
         cells = [
             _mean_std([r["fid"][name][s] for s in seeds]) if all(s in r["fid"][name] for s in seeds) else "–"
-            for name in SAMPLING
+            for name in ways
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {r['best'] or '–'} |")
     lines += [
@@ -171,15 +172,13 @@ def cell_markdown(result: dict[str, Any]) -> list[str]:
         "the interval excludes 0. The last column pairs each method at its own best way of sampling "
         "with plain at its own best.",
         "",
-        "| method | " + " | ".join(SAMPLING) + " | each at its best |",
-        "|---|" + "---|" * (len(SAMPLING) + 1),
+        "| method | " + " | ".join(ways) + " | each at its best |",
+        "|---|" + "---|" * (len(ways) + 1),
     ]
     for method, r in result["methods"].items():
         if method == "plain":
             continue
-        cells = [_cell_text(r["vs_plain"][name]) for name in SAMPLING] + [
-            _cell_text(r["vs_plain_each_at_best"])
-        ]
+        cells = [_cell_text(r["vs_plain"][name]) for name in ways] + [_cell_text(r["vs_plain_each_at_best"])]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines + [""]
 
