@@ -19,11 +19,13 @@ recommendation does.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from difftune.config.objective import ObjectiveConfig
 from difftune.errors import UserError
 
+logger = logging.getLogger(__name__)
 # the port of each process: the lowest mean FID difference from plain fine-tuning over 5 seeds of the
 # demo's transfer on that process (docs/reproduction.md §14)
 RECOMMENDED_AXIS = {"ddpm": "index", "flow": "index", "edm": "index"}
@@ -52,6 +54,10 @@ def resolve_port(cfg: ObjectiveConfig, process: str) -> ObjectiveConfig:
     port the power schedules replaced by the noise-level ones (axis ``index``, which nothing then reads).
     A concrete config is returned as it is."""
     axis = concrete_axis(cfg.power.axis, process)
+    if axis != cfg.power.axis and {"power_up", "power_down"} & {cfg.target_schedule, cfg.bank_schedule}:
+        logger.info(
+            "objective.power.axis: auto is the %s port, the one recommended for %s models", axis, process
+        )
     if axis == "offsets":
         target, bank = (OFFSET_SCHEDULES.get(n, n) for n in (cfg.target_schedule, cfg.bank_schedule))
         return replace(
