@@ -46,6 +46,8 @@ PORT_NAMES = {
     "data-driven": "data-driven",
 }
 METHODS = ("plain", *PORTS, "s=0.5", "retention-only", "distillation")
+# the demo's process of each column
+PROCESS_NAMES = {"DDPM": "ddpm", "flow": "flow", "EDM": "edm"}
 # process -> (the experiment with the premise probes, the cell with every method's runs)
 PROCESSES: dict[str, tuple[str, Cell]] = {
     "DDPM": (
@@ -112,9 +114,31 @@ def premise(out: Path, experiment: str) -> dict[str, Any] | None:
     }
 
 
+def handover_log_snr(process: str, steps: int = 25) -> dict[float, float]:
+    """Where the source model takes over at each of :data:`FRACTIONS` with the demo's sampler of ``process``."""
+    from difftune.analysis.forgetting import step_log_snr
+    from difftune.demos.sources import SAMPLERS, build_source_architecture
+    from difftune.sampling.generate import build_scheduler, handover_step
+
+    config = dict(build_source_architecture(process, 5, 8, 1, 0).scheduler.config)
+    log_snr = step_log_snr(build_scheduler(SAMPLERS[process], config, (1, 8, 8)), steps)
+    return {f: log_snr[handover_step(steps, f)] for f in FRACTIONS}
+
+
 def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
     """The swap costs and the log-SNR gap ratios of every process, side by side."""
     lines = ["### The premise on each process", "", *swap_cost_lines(results, "process")]
+    lines += [
+        "",
+        "A fraction of the steps is not a noise level: the log-SNR at which the source model takes over, "
+        "per f, with each process's sampler (25 steps). Compare costs at similar log-SNR, not at equal f:",
+        "",
+        "| process | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |",
+        "|---|" + "---|" * len(FRACTIONS),
+    ]
+    for name in results:
+        starts = handover_log_snr(PROCESS_NAMES[name])
+        lines.append(f"| {name} | " + " | ".join(f"{starts[f]:+.1f}" for f in FRACTIONS) + " |")
     bins = list(next(iter(results.values()))["gap_ratio"])
     lines += [
         "",

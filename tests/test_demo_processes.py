@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difftune.analysis.forgetting import LOG_SNR_EDGES, log_snr_bins, transfer_gap
+from difftune.analysis.forgetting import LOG_SNR_EDGES, log_snr_bins, step_log_snr, transfer_gap
 from difftune.backbones import load_pretrained
 from difftune.cli import main
 from difftune.demos.digits import run_demo
@@ -18,6 +18,8 @@ from difftune.demos.settings import DemoSettings
 from difftune.demos.sources import PROCESSES, SAMPLERS, build_source_architecture
 from difftune.errors import UserError
 from difftune.process import build_process, process_name
+from difftune.process.schedulers import make_scheduler
+from difftune.sampling.generate import build_scheduler, handover_step
 from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 
 
@@ -74,6 +76,13 @@ def test_demo_runs_end_to_end_on_a_continuous_time_source(tiny_demo: DemoSetting
     swap = json.loads((settings.out / "forgetting_swap.json").read_text())
     # f = 0 never hands over: the plain model's own final samples
     assert swap["rows"][0]["fid"] == pytest.approx(results["plain"]["fid"], rel=1e-6)
+    # where the source took over: nowhere at f = 0; at f = 0.5 the log-SNR of the 2nd of 3 steps
+    assert swap["rows"][0]["handover_log_snr"] is None
+    sampler = build_scheduler(settings.sampler, source.scheduler_config, (1, 8, 8))
+    steps = step_log_snr(sampler, settings.sample_steps)
+    assert swap["rows"][1]["handover_log_snr"] == pytest.approx(
+        steps[handover_step(settings.sample_steps, 0.5)]
+    )
     gap = json.loads((settings.out / "forgetting_gap_log_snr.json").read_text())["rows"]
     assert len(gap) == len(LOG_SNR_EDGES) + 1  # every log-SNR bin has indices on the demo's processes
     assert gap[0]["t_low"] == 0 and gap[-1]["t_high"] == 999
@@ -101,6 +110,25 @@ def test_log_snr_bins_partition_the_index_by_log_snr(process: str) -> None:
     assert all(a["t_high"] + 1 == b["t_low"] for a, b in zip(bins, bins[1:], strict=False))
     # bins no index falls in are left out
     assert [b["log_snr_high"] for b in log_snr_bins(proc, [100.0, 0.0])] == [100.0, 0.0]
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+def test_sampling_steps_walk_up_in_log_snr_and_fractions_are_not_noise_levels(process: str) -> None:
+    config = dict(build_source_architecture(process, 5, 8, 1, 0).scheduler.config)
+    steps = step_log_snr(build_scheduler(SAMPLERS[process], config, (1, 8, 8)), 25)
+    assert len(steps) == 25 and all(a < b for a, b in zip(steps, steps[1:], strict=False))
+    # the last 10% of the steps starts at a different noise level on each process's sampler
+    start = steps[handover_step(25, 0.1)]
+    assert start == pytest.approx({"ddpm": 1.77, "flow": 4.77, "edm": 8.81}[process], abs=0.01)
+
+
+def test_step_log_snr_of_a_scheduler_without_sigmas_reads_its_alphas() -> None:
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(dict(make_scheduler().config))
+    steps = step_log_snr(ddim, 10)
+    alpha = ddim.alphas_cumprod[ddim.timesteps.long()].double()
+    assert steps == pytest.approx((alpha / (1 - alpha)).log().tolist())
 
 
 def test_x0_space_loss_is_the_raw_loss_times_the_process_factor(dit_dir) -> None:

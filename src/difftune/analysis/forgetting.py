@@ -32,9 +32,9 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
-from difftune.process import build_process
+from difftune.process import build_process, process_name
 from difftune.process.base import ForwardProcess
-from difftune.sampling.generate import generate
+from difftune.sampling.generate import generate, handover_step
 from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -71,6 +71,26 @@ def log_snr_bins(
     return rows
 
 
+def step_log_snr(scheduler: SchedulerMixin, num_steps: int) -> list[float]:
+    """The log-SNR of the sample each of ``num_steps`` sampling steps starts from, noisiest first: where
+    a hand-over at each step begins, comparable across processes (a fraction of the steps is not: the
+    last 10% of the demos' 25 steps starts at log-SNR 1.8 on DDPM's DPM-Solver++, 4.8 on flow's Euler
+    and 8.8 on EDM's DPM-Solver++ over Karras' σ).
+
+    Read from the scheduler's σ after ``set_timesteps``: ``−2·log σ`` for DDPM (σ² = (1 − ᾱ)/ᾱ) and EDM,
+    ``2·log((1 − σ)/σ)`` for flow; a DDPM scheduler without σ (DDIM, ...) from ᾱ at its timesteps.
+    """
+    scheduler.set_timesteps(num_steps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None:  # DDIM and its kin: the timesteps are indices of ᾱ
+        alpha = scheduler.alphas_cumprod[scheduler.timesteps.long()].double()
+        return (alpha / (1 - alpha)).log().tolist()
+    sigma = torch.as_tensor(sigmas[:num_steps]).double()
+    if process_name(dict(scheduler.config)) == "flow":
+        return (2 * ((1 - sigma) / sigma).log()).tolist()
+    return (-2 * sigma.log()).tolist()
+
+
 def swap_probe(
     finetuned: Backbone,
     pretrained: Backbone,
@@ -95,7 +115,9 @@ def swap_probe(
         fractions: the hand-over fractions f in [0, 1].
 
     Returns:
-        ``[{"fraction": f, "score": s}, ...]`` in the order of ``fractions``.
+        ``[{"fraction": f, "score": s, "handover_log_snr": λ}, ...]`` in the order of ``fractions``; λ is
+        the log-SNR where the pre-trained model takes over (:func:`step_log_snr`; ``None`` for no hand-over
+        or from pure noise).
     """
     if finetuned.sample_shape != pretrained.sample_shape:
         raise UserError(
@@ -116,7 +138,10 @@ def swap_probe(
             handover=pretrained,
             handover_fraction=f,
         )
-        out.append({"fraction": float(f), "score": float(score(x))})
+        first = handover_step(num_inference_steps, f)
+        log_snr = step_log_snr(scheduler, num_inference_steps)
+        start = log_snr[first] if first < num_inference_steps and math.isfinite(log_snr[first]) else None
+        out.append({"fraction": float(f), "score": float(score(x)), "handover_log_snr": start})
     return out
 
 

@@ -116,7 +116,10 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     save_probe(
-        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap],
+        [
+            {"fraction": r["fraction"], "fid": r["score"], "handover_log_snr": r["handover_log_snr"]}
+            for r in swap
+        ],
         "fraction",
         ["fid"],
         out / "forgetting_swap.json",

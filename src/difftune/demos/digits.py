@@ -169,7 +169,10 @@ def _forgetting_probes(
         spec.steps,
     )
     save_probe(
-        [{"fraction": r["fraction"], "fid": r["score"]} for r in swap],
+        [
+            {"fraction": r["fraction"], "fid": r["score"], "handover_log_snr": r["handover_log_snr"]}
+            for r in swap
+        ],
         "fraction",
         ["fid"],
         s.out / "forgetting_swap.json",

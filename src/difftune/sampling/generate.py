@@ -70,6 +70,11 @@ def build_scheduler(
     return scheduler
 
 
+def handover_step(num_steps: int, fraction: float) -> int:
+    """The first of ``num_steps`` sampling steps that a hand-over model takes for the last ``fraction``."""
+    return round((1.0 - fraction) * num_steps)
+
+
 def _model_input_timestep(t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(t, device=device)
     return t.reshape(1).expand(n)
@@ -127,7 +132,7 @@ def generate(
         both = Conditioning.cat([cond, backbone.drop(cond, torch.ones(n, dtype=torch.bool))])
     guide_cond = guide.unconditional(n, device) if guide is not None else None
     handover_cond = handover.unconditional(n, device) if handover is not None else None
-    switch_at = round((1.0 - handover_fraction) * len(scheduler.timesteps))
+    switch_at = handover_step(len(scheduler.timesteps), handover_fraction)
     for i, t in enumerate(scheduler.timesteps):
         x_in = scale(x, t)
         if handover is not None and i >= switch_at:
