@@ -41,13 +41,20 @@ def test_auto_is_the_recommended_port_of_each_process_and_explicit_axes_stay() -
         concrete_axis("auto", "vp")
     cfg = section_from_dict("objective", {})
     assert cfg.power.axis == "auto"
-    resolved = resolve_port(cfg, "edm")
-    assert resolved.power.axis == RECOMMENDED_AXIS["edm"] and cfg.power.axis == "auto"  # a copy
-    assert resolve_port(resolved, "edm") is resolved
+    resolved = resolve_port(cfg, "flow")
+    assert resolved.power.axis == RECOMMENDED_AXIS["flow"] and cfg.power.axis == "auto"  # a copy
+    assert resolve_port(resolved, "flow") is resolved
     # the offsets port is saved as what it runs: the noise-level schedules with their offsets
     offsets = resolve_port(section_from_dict("objective", {"power": {"axis": "offsets"}}), "flow")
     assert (offsets.target_schedule, offsets.bank_schedule) == ("logit_normal_up", "logit_normal_down")
     assert offsets.power.axis == "index" and resolve_port(offsets, "flow") is offsets
+    # EDM's recommended port is the offsets port (docs/reproduction.md §14)
+    edm = resolve_port(cfg, "edm")
+    assert (edm.target_schedule, edm.bank_schedule, edm.power.axis) == (
+        "logit_normal_up",
+        "logit_normal_down",
+        "index",
+    )
     kept = resolve_port(
         section_from_dict("objective", {"power": {"axis": "offsets"}, "bank_schedule": "uniform"}), "edm"
     )

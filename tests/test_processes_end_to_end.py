@@ -16,7 +16,7 @@ from difftune.bank import generate_bank
 from difftune.cli import main
 from difftune.process import DEFAULT_SAMPLERS, build_process
 from difftune.sampling.generate import build_scheduler, generate
-from difftune.schedules.ports import RECOMMENDED_AXIS
+from difftune.schedules.ports import RECOMMENDED_AXIS, resolve_port
 from difftune.testing.models import tiny_dit, tiny_unet
 from difftune.training.loop import Trainer
 from test_training import assert_all_equal, changed, make_cfg, metrics, weights
@@ -90,9 +90,13 @@ def test_bank_diff_tuning_resume_sample_and_stock_load(name: str, tmp_path: Path
     whole = Trainer(cfg).train()
     # the run records the port objective.power.axis: auto chose for its process, not "auto"
     saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    ran = resolve_port(cfg.objective, name)
     assert (
-        cfg.objective.power.axis == "auto" and saved["objective"]["power"]["axis"] == RECOMMENDED_AXIS[name]
+        cfg.objective.power.axis == "auto" and saved["objective"]["power"]["axis"] == ran.power.axis != "auto"
     )
+    offsets = RECOMMENDED_AXIS[name] == "offsets"  # saved as the noise-level schedules themselves
+    expected = ("logit_normal_up", "logit_normal_down") if offsets else ("power_up", "power_down")
+    assert (saved["objective"]["target_schedule"], saved["objective"]["bank_schedule"]) == expected
     Trainer(make_cfg(base, tmp_path / "b", bank, *args[1:], "train.max_steps=2")).train()
     resumed = Trainer(make_cfg(base, tmp_path / "b", bank, *args, "train.resume=latest")).train()
     sub = "unet" if name == "edm" else "transformer"
