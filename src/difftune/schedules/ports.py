@@ -26,11 +26,12 @@ from difftune.config.objective import ObjectiveConfig
 from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
-# the port of each process (docs/reproduction.md §14; 5 seeds of the demo's transfer on each process): the
-# paper's index port unless another beats it significantly. On EDM the offsets port did (-4.6 FID against
-# the index port, 95% CI [-8.4, -0.9], 5 of 5 seeds); on flow none did (log_snr was significantly worse);
-# on DDPM the index port is the paper's code
-RECOMMENDED_AXIS = {"ddpm": "index", "flow": "index", "edm": "offsets"}
+# the port of each process (docs/reproduction.md §14; 5 seeds of the demo's transfer on each process, each
+# method at its own best guidance): the paper's index port unless another beats it significantly. None
+# did: on flow and EDM the log_snr port was significantly worse than index, and offsets and data-driven
+# schedules were within noise of it (offsets beat index on EDM at guidance 1.5, -4.6 FID [-8.4, -0.9], but
+# not unguided, where every EDM model was best: -1.8 [-7.1, +3.5])
+RECOMMENDED_AXIS = {"ddpm": "index", "flow": "index", "edm": "index"}
 # what the power schedules become on the offsets port
 OFFSET_SCHEDULES = {"power_up": "logit_normal_up", "power_down": "logit_normal_down"}
 
