@@ -92,6 +92,18 @@ STUDY_FINDINGS: dict[tuple[str, str], str] = {
         "[+44.9, +91.3]) and data-driven schedules significantly better (-22.0 [-33.3, -10.6]); see "
         "docs/reproduction.md, sections 11 to 13."
     ),
+    ("digits", "flow"): (
+        "One run is not a verdict: over 5 seeds of this transfer on the rectified-flow source, every method is "
+        "best unguided, and there no variant beats plain fine-tuning (Diff-Tuning +1.3 FID, 95% CI [-0.8, +3.3]; "
+        "ψ/ξ ported by log-SNR significantly worse, +6.0 [+3.4, +8.6]), although handing the last 10% of the "
+        "steps to the source costs nothing here (-2% [-6%, +3%]); see docs/reproduction.md, section 14."
+    ),
+    ("digits", "edm"): (
+        "One run is not a verdict: over 5 seeds of this transfer on the EDM source, every method is best "
+        "unguided, and there no variant beats plain fine-tuning (Diff-Tuning +1.2 FID, 95% CI [-1.3, +3.7]; "
+        "ψ/ξ ported by log-SNR significantly worse, +3.5 [+1.1, +5.8]), although handing the last 30% of the "
+        "steps to the source costs nothing here (-1% [-11%, +9%]); see docs/reproduction.md, section 14."
+    ),
 }
 
 
