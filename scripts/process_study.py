@@ -25,7 +25,6 @@ of about 1.4M parameters pre-trained by difftune on digits 0-4 (``difftune demo 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_grid import FRACTIONS, SAMPLING, Cell, _cell_text, cell_markdown, cell_result, swap_cost_lines  # noqa: E402
+from study_grid import premise as grid_premise  # noqa: E402
 
 from difftune.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from difftune.stats import paired_ci  # noqa: E402
@@ -89,29 +89,7 @@ def _interval(values: list[float]) -> list[float]:
 def premise(out: Path, experiment: str) -> dict[str, Any] | None:
     """Swap-probe costs at :data:`FRACTIONS` and the transfer-gap ratio per log-SNR bin, with 95% t
     intervals over the seeds that have both probes."""
-    seed_dirs = [
-        d
-        for d in sorted((out / experiment).glob("seed*"))
-        if (d / "forgetting_swap.json").is_file() and (d / "forgetting_gap_log_snr.json").is_file()
-    ]
-    if not seed_dirs:
-        return None
-    costs: dict[float, list[float]] = {f: [] for f in FRACTIONS}
-    ratios: dict[str, list[float]] = {}
-    for d in seed_dirs:
-        swap = {
-            round(r["fraction"], 2): r["fid"]
-            for r in json.loads((d / "forgetting_swap.json").read_text())["rows"]
-        }
-        for f in FRACTIONS:
-            costs[f].append(swap[f] / swap[0.0] - 1)
-        for row in json.loads((d / "forgetting_gap_log_snr.json").read_text())["rows"]:
-            ratios.setdefault(_bin_name(row), []).append(row["pretrained"] / row["finetuned"])
-    return {
-        "seeds": [int(d.name.removeprefix("seed")) for d in seed_dirs],
-        "swap_cost": {str(f): _interval(v) for f, v in costs.items()},
-        "gap_ratio": {b: _interval(v) for b, v in ratios.items()},
-    }
+    return grid_premise(out, experiment, "forgetting_gap_log_snr.json", _bin_name, _interval)
 
 
 def handover_log_snr(process: str, steps: int = 25) -> dict[float, float]:

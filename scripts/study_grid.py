@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,10 +280,24 @@ def overview_markdown(cells: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def premise(out: Path, experiment: str) -> dict[str, Any] | None:
-    """Swap-probe FID cost at :data:`FRACTIONS` (relative to f = 0) and the mean transfer-gap ratio per t bin."""
+def _t_bin(row: dict[str, Any]) -> str:
+    return f"{row['t_low']}-{row['t_high']}"
+
+
+def premise(
+    out: Path,
+    experiment: str,
+    gap_file: str = "forgetting_gap.json",
+    bin_name: Callable[[dict[str, Any]], str] = _t_bin,
+    summarise: Callable[[list[float]], Any] = statistics.fmean,
+) -> dict[str, Any] | None:
+    """Swap-probe FID cost at :data:`FRACTIONS` (relative to f = 0, with a 95% t interval) and the
+    transfer-gap ratio per bin of ``gap_file`` (named by ``bin_name``, over seeds by ``summarise``: the
+    mean), over the seeds of ``experiment`` that have both probes."""
     seed_dirs = [
-        d for d in sorted((out / experiment).glob("seed*")) if (d / "forgetting_swap.json").is_file()
+        d
+        for d in sorted((out / experiment).glob("seed*"))
+        if (d / "forgetting_swap.json").is_file() and (d / gap_file).is_file()
     ]
     if not seed_dirs:
         return None
@@ -296,13 +310,12 @@ def premise(out: Path, experiment: str) -> dict[str, Any] | None:
         }
         for f in FRACTIONS:
             costs[f].append(swap[f] / swap[0.0] - 1)
-        for row in json.loads((d / "forgetting_gap.json").read_text())["rows"]:
-            ratio = row["pretrained"] / row["finetuned"]
-            ratios.setdefault(f"{row['t_low']}-{row['t_high']}", []).append(ratio)
+        for row in json.loads((d / gap_file).read_text())["rows"]:
+            ratios.setdefault(bin_name(row), []).append(row["pretrained"] / row["finetuned"])
     return {
         "seeds": [int(d.name.removeprefix("seed")) for d in seed_dirs],
         "swap_cost": {str(f): [float(x) for x in paired_ci(v)] for f, v in costs.items()},
-        "gap_ratio": {t: statistics.fmean(v) for t, v in ratios.items()},
+        "gap_ratio": {name: summarise(v) for name, v in ratios.items()},
     }
 
 
