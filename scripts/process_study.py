@@ -95,10 +95,10 @@ def premise(out: Path, experiment: str) -> dict[str, Any] | None:
 def handover_log_snr(process: str, steps: int = 25) -> dict[float, float]:
     """Where the source model takes over at each of :data:`FRACTIONS` with the demo's sampler of ``process``."""
     from difftune.analysis.forgetting import step_log_snr
-    from difftune.demos.sources import SAMPLERS, build_source_architecture
+    from difftune.demos.sources import SAMPLERS, source_scheduler
     from difftune.sampling.generate import build_scheduler, handover_step
 
-    config = dict(build_source_architecture(process, 5, 8, 1, 0).scheduler.config)
+    config = dict(source_scheduler(process).config)
     log_snr = step_log_snr(build_scheduler(SAMPLERS[process], config, (1, 8, 8)), steps)
     return {f: log_snr[handover_step(steps, f)] for f in FRACTIONS}
 

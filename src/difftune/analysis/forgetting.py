@@ -126,6 +126,7 @@ def swap_probe(
     if any(not 0.0 <= f <= 1.0 for f in fractions):
         raise UserError(f"hand-over fractions must be in [0, 1], got {list(fractions)}")
     out = []
+    log_snr = step_log_snr(scheduler, num_inference_steps)  # where each step starts; the same for every f
     for f in tqdm(fractions, desc="swap probe"):
         x = generate(
             finetuned,
@@ -139,7 +140,6 @@ def swap_probe(
             handover_fraction=f,
         )
         first = handover_step(num_inference_steps, f)
-        log_snr = step_log_snr(scheduler, num_inference_steps)
         start = log_snr[first] if first < num_inference_steps and math.isfinite(log_snr[first]) else None
         out.append({"fraction": float(f), "score": float(score(x)), "handover_log_snr": start})
     return out
@@ -249,6 +249,21 @@ def save_probe(
     with atomic_path(path.with_suffix(".png")) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def save_swap_probe(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Write the rows of :func:`swap_probe` with :func:`save_probe`, the score named ``fid``."""
+    save_probe(
+        [
+            {"fraction": r["fraction"], "fid": r["score"], "handover_log_snr": r["handover_log_snr"]}
+            for r in rows
+        ],
+        "fraction",
+        ["fid"],
+        path,
+        "pre-trained model takes the last fraction f",
+        "hand-over fraction f",
+    )
 
 
 def save_transfer_gap(rows: list[dict[str, Any]], axis: str, path: str | os.PathLike) -> None:

@@ -47,7 +47,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     check_scheduler(spec.scheduler)
     from difftune.analysis.forgetting import (
         DEFAULT_FRACTIONS,
-        save_probe,
+        save_swap_probe,
         save_transfer_gap,
         swap_probe,
         transfer_gap,
@@ -115,17 +115,7 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
         device,
     )
     out = Path(args.out)
-    save_probe(
-        [
-            {"fraction": r["fraction"], "fid": r["score"], "handover_log_snr": r["handover_log_snr"]}
-            for r in swap
-        ],
-        "fraction",
-        ["fid"],
-        out / "forgetting_swap.json",
-        "pre-trained model takes the last fraction f",
-        "hand-over fraction f",
-    )
+    save_swap_probe(swap, out / "forgetting_swap.json")
     x0 = torch.cat(
         [codec.encode(chunk.to(device))[0].cpu() for chunk in heldout.images.split(args.batch_size)]
     )

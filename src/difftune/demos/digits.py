@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from difftune.analysis.forgetting import save_probe, save_transfer_gap, swap_probe, transfer_gap
+from difftune.analysis.forgetting import save_swap_probe, save_transfer_gap, swap_probe, transfer_gap
 from difftune.backbones import load_pretrained, load_trained
 from difftune.backbones.loading import LoadedModel
 from difftune.bank import generate_bank
@@ -168,17 +168,7 @@ def _forgetting_probes(
         spec.guidance_scale,
         spec.steps,
     )
-    save_probe(
-        [
-            {"fraction": r["fraction"], "fid": r["score"], "handover_log_snr": r["handover_log_snr"]}
-            for r in swap
-        ],
-        "fraction",
-        ["fid"],
-        s.out / "forgetting_swap.json",
-        "pre-trained model takes the last fraction f",
-        "hand-over fraction f",
-    )
+    save_swap_probe(swap, s.out / "forgetting_swap.json")
     for axis, name in (("index", "forgetting_gap"), ("log_snr", "forgetting_gap_log_snr")):
         gap = transfer_gap(
             final.backbone,

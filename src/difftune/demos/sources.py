@@ -44,6 +44,15 @@ def model_folder(process: str) -> str:
     return "unet" if process == "edm" else "transformer"
 
 
+def source_scheduler(process: str) -> SchedulerMixin:
+    """The noise schedule of a demo source model of ``process`` (its training scheduler)."""
+    if process == "edm":
+        return make_scheduler(
+            "edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon"
+        )
+    return make_scheduler() if process == "ddpm" else make_scheduler("flow", shift=1.0)
+
+
 def build_source_architecture(
     process: str, classes: int, width: int, layers: int, seed: int
 ) -> SourceArchitecture:
@@ -65,10 +74,7 @@ def build_source_architecture(
             norm_num_groups=8,
             num_class_embeds=classes + 1,
         )
-        scheduler = make_scheduler(
-            "edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon"
-        )
-        return SourceArchitecture(unet, scheduler, model_folder(process))
+        return SourceArchitecture(unet, source_scheduler(process), model_folder(process))
     dit = DiTTransformer2DModel(
         num_attention_heads=4,
         attention_head_dim=width,
@@ -80,5 +86,4 @@ def build_source_architecture(
         num_embeds_ada_norm=classes,
         norm_num_groups=1,
     )
-    scheduler = make_scheduler() if process == "ddpm" else make_scheduler("flow", shift=1.0)
-    return SourceArchitecture(dit, scheduler, model_folder(process))
+    return SourceArchitecture(dit, source_scheduler(process), model_folder(process))

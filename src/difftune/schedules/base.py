@@ -226,10 +226,8 @@ NOISE_LEVEL_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule
     "logit_normal_up": logit_normal_up,
     "logit_normal_down": logit_normal_down,
 }
-AXES = (
-    "index",
-    "log_snr",
-)  # what a power schedule is built on (schedules/ports.py makes a config's axis one)
+# what a power schedule is built on (schedules/ports.py makes a config's axis one of these)
+AXES = ("index", "log_snr")
 # schedules fitted from data before training: built from a table of per-bin weights over t
 FITTED_SCHEDULES: dict[str, Callable[[Sequence[float], int], TimestepSchedule]] = {
     "data_driven": lambda weights, num_timesteps: tabulated(weights, num_timesteps, "data_driven"),
