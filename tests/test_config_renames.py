@@ -401,6 +401,7 @@ def test_every_choice_is_a_literal_and_its_check_lists_the_values() -> None:
         "train.mixed_precision",
         "train.on_non_finite",
         "train.validation_prompts",
+        "train.keep_best",
         "bank.condition",
         "data.source",
         "data.on_bad_file",
@@ -408,7 +409,10 @@ def test_every_choice_is_a_literal_and_its_check_lists_the_values() -> None:
     for key, tp in literal.items():
         with pytest.raises(ConfigError) as info:
             load_config(None, [*BASE, f"{key}=nonsense"])
-        assert str(info.value) == f"{key}='nonsense': use one of {list(choices(tp))}"
+        optional = type(None) in get_args(tp)  # train.keep_best: a choice, or null for none
+        assert str(info.value) == f"{key}='nonsense': use one of {list(choices(tp))}" + (
+            " or null" if optional else ""
+        )
 
 
 def test_the_rename_table_names_keys_that_exist_only_in_their_new_spelling() -> None:

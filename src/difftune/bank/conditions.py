@@ -1,9 +1,11 @@
 """What a knowledge bank's conditions are made from, given to the model's family: the bank's prompts
 (``bank.prompts`` or the target's captions) and the annotator that turns each generated image into its
-control image; the check of a bank's conditions against the model; the bank a run replays."""
+control image; the check of a bank's conditions against the model; the bank a run replays (and
+evaluates forgetting on)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import BankInputs
 from difftune.backbones.loading import LoadedModel
 from difftune.config.experiment import ExperimentConfig
+from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 
 
@@ -79,9 +82,33 @@ def check_bank_conditions(
     backbone.family.check_bank(manifest, backbone, wanted, path)
 
 
-def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> tuple[torch.Tensor, Conditioning]:
-    """The bank a run replays: its samples (N, C, H, W) and their conditions, checked against the model
-    (shape, space, weights, conditions) before the target set is encoded; empty without a bank.
+@dataclass
+class RunBank:
+    """The knowledge bank of a run (empty without one).
+
+    Attributes:
+        samples: the bank's samples in the diffusion space (N, C, H, W).
+        cond: the condition each was generated with (N).
+        seeds: the seed each was generated from (N,).
+        sampling: how they were generated (scheduler, steps, guidance; from the manifest), or ``None``.
+    """
+
+    samples: torch.Tensor
+    cond: Conditioning
+    seeds: torch.Tensor
+    sampling: SamplingSpec | None
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[0])
+
+    def split(self, keep: torch.Tensor) -> RunBank:
+        """The samples at indices ``keep`` (their conditions and seeds with them)."""
+        return RunBank(self.samples[keep], self.cond.select(keep), self.seeds[keep], self.sampling)
+
+
+def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
+    """The bank a run replays or evaluates forgetting on (``train.evaluation``), checked against the
+    model (shape, space, weights, conditions) before the target set is encoded; empty without a bank.
 
     Raises:
         UserError: the bank is missing, incomplete, damaged or does not match the model.
@@ -89,10 +116,21 @@ def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> tuple[torch.Ten
     from difftune.bank.generate import load_bank
     from difftune.io.store import LatentStore
 
-    bank = {"samples": torch.empty(0)}
-    if cfg.uses_bank:
+    bank: dict[str, torch.Tensor] = {"samples": torch.empty(0), "seeds": torch.empty(0, dtype=torch.long)}
+    sampling = None
+    evaluates = cfg.train.eval_every > 0 and cfg.train.evaluation.reads_bank and bool(cfg.bank.path)
+    if cfg.uses_bank or evaluates:
         bank = load_bank(cfg.bank.path, loaded)
         manifest = LatentStore(cfg.bank.path).manifest
         check_bank_conditions(manifest, loaded.backbone, cfg.data.annotator, cfg.bank.path)
+        sampling = SamplingSpec(
+            scheduler=manifest["scheduler"],
+            steps=manifest["num_inference_steps"],
+            guidance_scale=manifest["guidance_scale"],
+            seed=manifest["seed"],
+        )
     names = [name for name in loaded.backbone.condition_names if name in bank]
-    return bank["samples"], Conditioning({name: bank[name] for name in names}, bank["samples"].shape[0])
+    n = bank["samples"].shape[0]
+    return RunBank(
+        bank["samples"], Conditioning({name: bank[name] for name in names}, n), bank["seeds"], sampling
+    )

@@ -91,6 +91,13 @@ class ExperimentConfig:
             "objective.retention_data=bank, or choose another schedule",
         )
 
+        evaluation = self.train.evaluation
+        _check(
+            not (evaluation.bank_holdout or self.train.keep_best == "forgetting") or bool(self.bank.path),
+            "train.evaluation.bank_holdout and train.keep_best=forgetting score the knowledge bank, but bank.path "
+            "is empty: set bank.path (a bank of the pre-trained model, `difftune bank`)",
+        )
+
     @property
     def uses_bank(self) -> bool:
         """The retention stream reads the knowledge bank (not the target set)."""

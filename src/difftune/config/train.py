@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from difftune.config.checks import _check, _check_fields
+from difftune.config.evaluation import BestMetric, EvaluationSpec
 from difftune.config.sampling import SamplingSpec
 
 NonFinitePolicy = Literal["stop", "skip"]
@@ -51,6 +52,13 @@ class TrainConfig:
             layout, e.g. digits).
         validation_edge_tolerance: pixels an edge may be off and still count in edge F1 (1 suits
             512-pixel images; 0 for tiny ones, where one pixel is a large share of the image).
+        eval_every: steps between evaluations (0 = never): at step 0, every this many steps and at the
+            last step, the model (its EMA weights when ``ema_decay`` > 0) is scored as
+            ``evaluation`` says, into TensorBoard and ``metrics.jsonl`` (``eval/...`` keys).
+        keep_best: ``fid``, ``kid``, ``loss`` (held-out target loss) or ``forgetting``: keep the
+            model that scored lowest at an evaluation in ``best/`` beside ``final/``, with its step and
+            score in ``best/best.json``; ``None``: no ``best/``.
+        evaluation: what an evaluation measures (:class:`~difftune.config.evaluation.EvaluationSpec`).
         resume: ``"latest"``, a checkpoint directory, or ``None``.
         overwrite: let a fresh run replace an earlier run's checkpoints, ``final/`` and logs in
             ``output_dir`` (or a resumed run delete the checkpoints newer than its own); without it
@@ -88,6 +96,9 @@ class TrainConfig:
     validation_samples: int = 8
     validation_prompts: Literal["own", "empty"] = "own"
     validation_edge_tolerance: int = 1
+    eval_every: int = 0
+    keep_best: BestMetric | None = None
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     resume: str | None = None
     overwrite: bool = False
     accept_config_changes: bool = False
@@ -99,6 +110,7 @@ class TrainConfig:
             self.mixed_precision = "no"
         _check_fields(self, "train")
         _check_fields(self.sampling, "train.sampling")
+        _check_fields(self.evaluation, "train.evaluation")
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
         _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
         _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")
@@ -112,6 +124,18 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every must be > 0")
         _check(self.sample_every >= 0, f"train.sample_every={self.sample_every} must be >= 0 (0 = no grids)")
         _check(self.validation_every >= 0, f"train.validation_every={self.validation_every} must be >= 0")
+        _check(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0 (0 = no evaluation)")
+        _check(
+            self.keep_best is None or self.eval_every > 0,
+            f"train.keep_best={self.keep_best} picks among evaluations: set train.eval_every (e.g. 500)",
+        )
+        held = self.evaluation.holdout or self.evaluation.bank_holdout
+        _check(
+            not held or self.eval_every > 0,
+            "train.evaluation.holdout and bank_holdout keep samples out of training for evaluations, but "
+            "train.eval_every=0: set train.eval_every (e.g. 500), or the hold-outs to 0",
+        )
+        self.evaluation.check_best(self.keep_best)
         _check(
             self.validation_samples >= 1, f"train.validation_samples={self.validation_samples} must be >= 1"
         )

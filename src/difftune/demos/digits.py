@@ -217,7 +217,8 @@ def run_demo(s: DemoSettings) -> dict[str, dict[str, Any]]:
             0, 1
         )
         save_grid(grid, s.out / f"samples_{name}.png", nrow=per_row, upscale=4)
-        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        history = [h for h in logged if "loss/total" in h]  # training logs, not evaluations
         summary = json.loads((run / "run_summary.json").read_text())
         results[name] = {
             "trainable_parameters": summary["trainable_parameters"],

@@ -31,6 +31,7 @@ from difftune.process import build_process
 from difftune.process.base import ForwardProcess
 from difftune.schedules.data_driven import DataSchedule
 from difftune.schedules.ports import resolve_port
+from difftune.training.evaluation import TrainingEvaluation, split_bank, split_target, training_evaluation
 from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.outputs import fidelity_validation
 from difftune.training.state import LoopState
@@ -48,6 +49,7 @@ class RunParts:
         process: the model's forward process.
         target: the encoded target set; ``bank``/``bank_cond`` the knowledge bank (empty without one).
         validation: the ControlNet fidelity check run at validation steps, or ``None``.
+        evaluation: the measurements of ``train.eval_every``, or ``None``.
         n_target, n_bank: samples per global batch of each stream.
         state: the step and the index streams, saved with every checkpoint.
     """
@@ -60,6 +62,7 @@ class RunParts:
     bank_cond: Conditioning
     target: TargetData
     validation: Any
+    evaluation: TrainingEvaluation | None
     n_target: int
     n_bank: int
     state: LoopState
@@ -152,13 +155,20 @@ def build_run(
         cfg, objective=resolve_port(cfg.objective, process.name)
     )  # the run records its concrete port
     check_validation(tc.validation_every, loaded.backbone, cfg.data.annotator)  # before anything is encoded
-    bank, bank_cond = training_bank(cfg, loaded)
+    spec = tc.evaluation
+    bank, held_bank = split_bank(training_bank(cfg, loaded), spec.bank_holdout, spec.seed)
     with accelerator.main_process_first():
         cache_dir = Path(cfg.data.cache_dir or out / "target_cache")
         target = prepare_target(cfg.data, loaded, cache_dir, accelerator.device)
+    target, held_target = split_target(target, spec.holdout, spec.seed)
     validation = fidelity_validation(cfg, loaded, target.cond, out)
+    evaluation = None
+    if tc.eval_every and accelerator.is_main_process:
+        evaluation = training_evaluation(
+            spec, loaded, tc.sampling, target, held_target, bank, held_bank, cfg.bank.condition
+        )
     n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
-    retention_pool = bank.shape[0] if cfg.uses_bank else len(target)
+    retention_pool = len(bank) if cfg.uses_bank else len(target)
     state = LoopState(
         target=IndexStream(len(target), tc.seed),
         bank=IndexStream(retention_pool, tc.seed + 1) if n_bank else None,
@@ -168,10 +178,11 @@ def build_run(
         loaded,
         trainable,
         process,
-        bank,
-        bank_cond,
+        bank.samples,
+        bank.cond,
         target,
         validation,
+        evaluation,
         tc.batch_size - n_bank,
         n_bank,
         state,

@@ -25,10 +25,12 @@ from difftune.objectives.term_log import TermLog
 from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
 from difftune.training.divergence import NonFiniteGuard
+from difftune.training.evaluation import BEST_DIR, BestModel
 from difftune.training.outputs import (
     append_history,
     flat_config,
     save_sample_grid,
+    write_best,
     write_final,
 )
 from difftune.training.run_dir import (
@@ -79,6 +81,7 @@ class Trainer:
         self.cfg = self.parts.cfg  # objective.power.axis: auto made concrete for the model's process
         self.guard: NonFiniteGuard | None = None  # set by train()
         self.data_schedule: DataSchedule | None = None  # set by train() when a schedule is data_driven
+        self.best: BestModel | None = None  # set by train() with train.keep_best, on the main process
 
     # the run's parts, as the loop and its callers name them
     loaded = property(lambda self: self.parts.loaded)
@@ -97,6 +100,32 @@ class Trainer:
             return
         scores = validation.log(self.accelerator.unwrap_model(self.model), step, self.accelerator.device)
         self.accelerator.log({f"fidelity/{key}": value for key, value in scores.items()}, step=step)
+
+    def _evaluate(self, step: int) -> None:
+        """Score the model at ``step`` when it is an evaluation step (main process only; with its EMA
+        weights when it has an EMA), log the scores, and keep it in ``best/`` when it is the best so far."""
+        tc, evaluation, acc = self.cfg.train, self.parts.evaluation, self.accelerator
+        if evaluation is None or (step % tc.eval_every and step != tc.max_steps):
+            return
+        params = self.parts.trainable
+        if self.ema is not None:
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device)
+            if self.best is not None and self.best.improves(scores):
+                write_best(
+                    self.out / BEST_DIR,
+                    self.loaded,
+                    self.target.class_names,
+                    self.cfg,
+                    self.best.record(step, scores),
+                )
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
+        acc.log(scores, step=step)
+        append_history(self.out, step, scores)
 
     def train(self) -> Path:
         """Run the loop to ``train.max_steps``; returns the directory of the final model.
@@ -134,6 +163,11 @@ class Trainer:
             write_run_summary(self.out, self.parts.summary(acc, resume, fit))
             rewind_logs(self.out, self.state.step)
         acc.init_trackers("difftune", config=flat_config(cfg))
+        self.best = (
+            BestModel(self.out, tc.keep_best, self.state.step)
+            if tc.keep_best and acc.is_main_process
+            else None
+        )
         log = TermLog(self.process.num_timesteps)
         self.guard = NonFiniteGuard(self.process.num_timesteps, tc.on_non_finite, tc.max_non_finite_steps)
         # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
@@ -141,8 +175,9 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
         chunks = acc.num_processes * tc.gradient_accumulation
         try:
-            if self.state.step == 0:
-                self._validate(0)  # the curve starts from the model before training
+            if self.state.step == 0:  # the curves start from the model before training
+                self._validate(0)
+                self._evaluate(0)
             model.train()
             while self.state.step < tc.max_steps:
                 x0, cond, is_bank, draw = self.parts.batch(self.state.step, objective)
@@ -185,6 +220,7 @@ class Trainer:
                     grid = self.out / "samples" / f"step-{step:07d}.png"
                     backbone = acc.unwrap_model(model)
                     save_sample_grid(backbone, self.loaded, self.target.cond, tc.sampling, grid, acc.device)
+                self._evaluate(step)
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
                     self.save_checkpoint()
         finally:

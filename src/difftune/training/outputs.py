@@ -13,15 +13,17 @@ import torch
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel
-from difftune.backbones.saving import save_pipeline_index
+from difftune.backbones.saving import save_model, save_pipeline_index
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.config.sections import flatten
 from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
-from difftune.io.atomic import atomic_directory
+from difftune.io.atomic import atomic_directory, atomic_write_json
 from difftune.io.images import save_grid
 from difftune.sampling.generate import generate_with_spec, to_unit_range
 from difftune.training.run_dir import HISTORY
+
+BEST_FILE = "best.json"  # in best/: the metric, its score and the step
 
 
 def append_history(out: Path, step: int, scalars: dict[str, float]) -> None:
@@ -92,5 +94,22 @@ def write_final(
     once (a crash never leaves a half-written ``final/``)."""
     with atomic_directory(final) as staging:
         shutil.copytree(checkpoint / "model", staging, dirs_exist_ok=True)
-        save_pipeline_index(loaded, staging, class_names)
-        cfg.save(staging / "config.yaml")
+        _describe(staging, loaded, class_names, cfg)
+
+
+def write_best(
+    best: Path, loaded: LoadedModel, class_names: list[str], cfg: ExperimentConfig, record: dict[str, Any]
+) -> None:
+    """Write ``best/`` as ``final/`` is written, from the live model: its weights in place (the caller
+    has put the EMA's averages there, so they are what loads by default), and ``best.json``
+    (``record``: the metric, its score and the step)."""
+    with atomic_directory(best) as staging:
+        save_model(loaded, staging)
+        _describe(staging, loaded, class_names, cfg)
+        atomic_write_json(staging / BEST_FILE, record)
+
+
+def _describe(folder: Path, loaded: LoadedModel, class_names: list[str], cfg: ExperimentConfig) -> None:
+    """What makes a saved model folder a run's output: its pipeline index and the run's config."""
+    save_pipeline_index(loaded, folder, class_names)
+    cfg.save(folder / "config.yaml")

@@ -54,7 +54,7 @@ HISTORY = "metrics.jsonl"  # the logged scalars, one JSON line per log step
 LOG_FILES = (HISTORY, FIDELITY_FILE)
 # written by a run; replaced by an overwriting run
 RUN_FILES = (*LOG_FILES, "config.yaml", DATA_SCHEDULE_FILE)
-RUN_DIRS = (CHECKPOINTS, "final", "samples", "difftune")  # the last is TensorBoard's
+RUN_DIRS = (CHECKPOINTS, "final", "best", "samples", "difftune")  # the last is TensorBoard's
 DELETING = ".deleting"  # suffix of a checkpoint that rotation is deleting
 
 
@@ -244,6 +244,8 @@ RESUMABLE_CHANGES = {
             "keep_checkpoints",
             "log_every",
             "sample_every",
+            "eval_every",
+            "keep_best",
             "sampling.steps",
             "sampling.scheduler",
             "sampling.guidance_scale",
