@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_grid import FRACTIONS, SAMPLING, Cell, _cell_text, cell_markdown, cell_result, swap_cost_lines  # noqa: E402
+from study_grid import METHODS as GRID_METHODS  # noqa: E402
 from study_grid import premise as grid_premise  # noqa: E402
 
 from difftune.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
@@ -46,15 +48,32 @@ PORT_NAMES = {
     "data-driven": "data-driven",
 }
 METHODS = ("plain", *PORTS, "s=0.5", "retention-only", "distillation")
-# the demo's process of each column
-PROCESS_NAMES = {"DDPM": "ddpm", "flow": "flow", "EDM": "edm"}
-# process -> (the experiment with the premise probes, the cell with every method's runs)
-PROCESSES: dict[str, tuple[str, Cell]] = {
-    "DDPM": (
+
+
+@dataclass(frozen=True)
+class Column:
+    """One process on one test bed: the demo's process, the experiment with the premise probes (if
+    any), and the cell with every method's runs."""
+
+    process: str
+    premise: str | None
+    cell: Cell
+
+
+def _one(process: str, pair: str, experiment: str) -> Cell:
+    """A cell whose methods all ran in one experiment."""
+    return Cell(process, pair, {m: experiment for m in METHODS if m != "s=0.5"})
+
+
+FORWARD, REVERSE, PHOTOS = "digits 0-4 -> 5-9", "digits 5-9 -> 0-4", "photo patches -> digits 5-9"
+# column label -> what it is; grouped into one comparison table per test bed (the cell's pair)
+PROCESSES: dict[str, Column] = {
+    "DDPM": Column(
+        "ddpm",
         "ddpm_digits_premise",
         Cell(
             "DDPM",
-            "digits 0-4 -> 5-9",
+            FORWARD,
             {
                 "plain": "digits_domain_guidance",
                 "diff-tuning": "digits_domain_guidance",
@@ -63,14 +82,18 @@ PROCESSES: dict[str, tuple[str, Cell]] = {
             },
         ),
     ),
-    "flow": (
-        "flow_digits",
-        Cell("flow", "digits 0-4 -> 5-9", {m: "flow_digits" for m in METHODS if m != "s=0.5"}),
+    "flow": Column("flow", "flow_digits", _one("flow", FORWARD, "flow_digits")),
+    "EDM": Column("edm", "edm_digits", _one("EDM", FORWARD, "edm_digits")),
+    "DDPM (5-9 -> 0-4)": Column(
+        "ddpm", None, Cell("DDPM", REVERSE, dict.fromkeys(GRID_METHODS, "digits_reverse_grid"))
     ),
-    "EDM": (
-        "edm_digits",
-        Cell("EDM", "digits 0-4 -> 5-9", {m: "edm_digits" for m in METHODS if m != "s=0.5"}),
+    "flow (5-9 -> 0-4)": Column("flow", None, _one("flow", REVERSE, "flow_digits_reverse")),
+    "EDM (5-9 -> 0-4)": Column("edm", None, _one("EDM", REVERSE, "edm_digits_reverse")),
+    "DDPM (photos)": Column(
+        "ddpm", None, Cell("DDPM", PHOTOS, dict.fromkeys(GRID_METHODS, "photos_main"))
     ),
+    "flow (photos)": Column("flow", "photos_flow", _one("flow", PHOTOS, "photos_flow")),
+    "EDM (photos)": Column("edm", "photos_edm", _one("EDM", PHOTOS, "photos_edm")),
 }
 
 
@@ -115,7 +138,7 @@ def premise_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
         "|---|" + "---|" * len(FRACTIONS),
     ]
     for name in results:
-        starts = handover_log_snr(PROCESS_NAMES[name])
+        starts = handover_log_snr(PROCESSES[name].process)
         lines.append(f"| {name} | " + " | ".join(f"{starts[f]:+.1f}" for f in FRACTIONS) + " |")
     bins = list(next(iter(results.values()))["gap_ratio"])
     lines += [
@@ -161,10 +184,10 @@ def recommended_port(cell: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def comparison_markdown(cells: dict[str, dict[str, Any]]) -> list[str]:
-    """Every method against plain on every process, and each process's recommended port."""
+    """Every method against plain on every process of one test bed, and each process's recommended port."""
     done = {name: c for name, c in cells.items() if c["seeds"]}
     lines = [
-        "### Every method against plain fine-tuning, per process",
+        f"### Every method against plain fine-tuning, per process: {next(iter(done.values()))['pair']}",
         "",
         "Method − plain per seed, each at its own best way of sampling: mean [95% t interval], seeds "
         "better, **sig.** where the interval excludes 0; negative = better. – : not run on that process "
@@ -212,15 +235,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reproduction", help="results folder")
     args = parser.parse_args()
-    premises = {n: p for n, (exp, _) in PROCESSES.items() if (p := premise(args.out, exp)) is not None}
-    cells = {n: cell_result(args.out, cell) for n, (_, cell) in PROCESSES.items()}
+    premises = {
+        n: p for n, c in PROCESSES.items() if c.premise and (p := premise(args.out, c.premise)) is not None
+    }
+    cells = {n: cell_result(args.out, c.cell) for n, c in PROCESSES.items()}
     lines = ["# Diff-Tuning across forward processes", ""]
     if premises:
         lines += premise_markdown(premises)
-    if any(c["seeds"] for c in cells.values()):
-        lines += comparison_markdown(cells)
+    for pair in dict.fromkeys(c.cell.pair for c in PROCESSES.values()):
+        same = {n: c for n, c in cells.items() if c["pair"] == pair}
+        if any(c["seeds"] for c in same.values()):
+            lines += comparison_markdown(same)
     for name, cell in cells.items():
-        if cell["seeds"] and name != "DDPM":  # the DDPM cell's tables are in grid.md
+        if cell["seeds"] and PROCESSES[name].process != "ddpm":  # the DDPM cells' tables are in grid.md
             ways = [w for w in SAMPLING if any(m["fid"][w] for m in cell["methods"].values())]
             lines += cell_markdown(cell, ways)
     text = "\n".join(lines)
