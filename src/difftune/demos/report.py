@@ -98,6 +98,13 @@ STUDY_FINDINGS: dict[tuple[str, str], str] = {
         "ψ/ξ ported by log-SNR significantly worse, +6.0 [+3.4, +8.6]), although handing the last 10% of the "
         "steps to the source costs nothing here (-2% [-6%, +3%]); see docs/reproduction.md, section 14."
     ),
+    ("photo_patches", "flow"): (
+        "One run is not a verdict: over 5 seeds of this transfer from the rectified-flow photo source, every "
+        "method but the log-SNR port is best unguided, and there no variant beats plain fine-tuning "
+        "(Diff-Tuning +2.1 FID, 95% CI [-3.4, +7.5]; retention only significantly worse, +4.5 [+1.3, +7.7]), "
+        "although handing the last 10% of the steps to the source costs nothing here (-0% [-4%, +4%]); see "
+        "docs/reproduction.md, section 14.4."
+    ),
     ("digits", "edm"): (
         "One run is not a verdict: over 5 seeds of this transfer on the EDM source, every method is best "
         "unguided, and there no variant beats plain fine-tuning (Diff-Tuning +1.2 FID, 95% CI [-1.3, +3.7]; "
