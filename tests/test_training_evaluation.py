@@ -204,3 +204,23 @@ def test_a_fresh_run_drops_an_earlier_runs_best(dit_dir: Path, tmp_path: Path) -
     Trainer(make_cfg(dit_dir, run, None, "train.overwrite=true")).train()
     assert not (run / "best").exists()
     assert evaluations(run) == []
+
+
+def test_dry_run_states_the_evaluation_and_checks_the_bank_a_plain_run_evaluates_on(
+    dit_dir: Path, bank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from difftune.cli import main
+    from test_training import overrides
+
+    settings = (*EVAL, "train.evaluation.holdout=5", "train.evaluation.samples=4", "train.keep_best=forgetting")
+    plain = [*overrides(dit_dir, tmp_path / "run", bank, *settings), "objective.bank_share=0"]
+    assert main(["train", "--dry-run", *(f"--set={item}" for item in plain)]) == 0
+    out = capsys.readouterr().out
+    assert "bank       20 samples from" in out  # read for the forgetting probe although not replayed
+    assert (
+        "evaluate   every 2 steps: loss of 5 held-out target images, forgetting on 4 bank samples; "
+        "best/ by forgetting" in out
+    )
+    assert not (tmp_path / "run").exists()
+    missing = [*plain, f"bank.path={tmp_path / 'no-bank'}"]
+    assert main(["train", "--dry-run", *(f"--set={item}" for item in missing)]) == 2

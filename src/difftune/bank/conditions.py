@@ -118,8 +118,7 @@ def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
 
     bank: dict[str, torch.Tensor] = {"samples": torch.empty(0), "seeds": torch.empty(0, dtype=torch.long)}
     sampling = None
-    evaluates = cfg.train.eval_every > 0 and cfg.train.evaluation.reads_bank and bool(cfg.bank.path)
-    if cfg.uses_bank or evaluates:
+    if cfg.reads_bank:
         bank = load_bank(cfg.bank.path, loaded)
         manifest = LatentStore(cfg.bank.path).manifest
         check_bank_conditions(manifest, loaded.backbone, cfg.data.annotator, cfg.bank.path)

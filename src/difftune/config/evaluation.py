@@ -26,6 +26,8 @@ class EvaluationSpec:
             for the forgetting score (conditions and seeds of bank samples); 0 = neither.
         features: the FID/KID feature extractor (``inception``, ``digits:PATH``, ``module:function``,
             as ``difftune eval fid --features``); ``None``: no FID/KID.
+        inception_weights: a local file of the FID Inception's weights (``features: inception`` only; as
+            ``difftune eval fid --inception-weights``), for machines that cannot download them.
         reference: FID reference statistics (a ``.npz`` of ``difftune eval fid --save-real-stats``) in
             place of the held-out target images (of the training images without ``holdout``).
         seed: seed of the hold-out choice and of the loss's timesteps and noise.
@@ -38,6 +40,7 @@ class EvaluationSpec:
     bins: int = 10
     samples: int = 0
     features: str | None = None
+    inception_weights: str | None = None
     reference: str | None = None
     seed: int = 0
     batch_size: int = 64
@@ -54,6 +57,10 @@ class EvaluationSpec:
             self.features is None or self.samples >= 2,
             f"train.evaluation.features={self.features!r} scores generated images, but "
             f"train.evaluation.samples={self.samples}: set it to 2 or more (e.g. 256)",
+        )
+        _check(
+            self.inception_weights is None or self.features == "inception",
+            "train.evaluation.inception_weights only applies to train.evaluation.features=inception",
         )
         _check(
             self.reference is None or self.features is not None,

@@ -104,6 +104,12 @@ class ExperimentConfig:
         return self.bank_count > 0 and self.objective.retention_data == "bank"
 
     @property
+    def reads_bank(self) -> bool:
+        """The run reads the knowledge bank: to replay it, or to evaluate on it (``train.evaluation``)."""
+        evaluates = self.train.eval_every > 0 and self.train.evaluation.reads_bank and bool(self.bank.path)
+        return self.uses_bank or evaluates
+
+    @property
     def bank_count(self) -> int:
         """Bank samples per global batch, int(r * B) as in the authors' code."""
         return int(self.objective.bank_share * self.train.batch_size)

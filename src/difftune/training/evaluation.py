@@ -130,7 +130,7 @@ class TrainingEvaluation:
         if spec.features is not None:
             from difftune.metrics.extractors import build_extractor
 
-            self.extractor = build_extractor(spec.features).eval()
+            self.extractor = build_extractor(spec.features, spec.inception_weights).eval()
             if spec.reference is not None:
                 from difftune.metrics.fid import FeatureStats
 

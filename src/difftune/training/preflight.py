@@ -90,7 +90,7 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
     check_validation(cfg.train.validation_every, backbone, cfg.data.annotator)
     facts = PreflightFacts(classes, lambda: _target_line(cfg, classes), lambda: _control_line(cfg))
     lines = backbone.family.preflight_lines(backbone, facts)  # refuses a target the model cannot take
-    if cfg.uses_bank:
+    if cfg.reads_bank:
         manifest = LatentStore(cfg.bank.path).manifest
         if manifest.get("kind") != "bank":
             raise UserError(f"{cfg.bank.path} is not a knowledge bank (kind={manifest.get('kind')!r})")
@@ -111,7 +111,26 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         from difftune.training.fitted_schedule import planned_fit
 
         lines.append(f"schedules  {planned_fit(cfg)}")
+    if cfg.train.eval_every:
+        lines.append(f"evaluate   {_evaluation_line(cfg)}")
     return lines + _output_lines(cfg)
+
+
+def _evaluation_line(cfg: ExperimentConfig) -> str:
+    """What ``train.eval_every`` measures, in one line."""
+    tc, spec = cfg.train, cfg.train.evaluation
+    parts = []
+    if spec.holdout:
+        parts.append(f"loss of {spec.holdout} held-out target images")
+    if spec.bank_holdout:
+        parts.append(f"loss of {spec.bank_holdout} held-out bank samples")
+    if spec.features:
+        parts.append(f"FID/KID of {spec.samples} samples on {spec.features} features")
+    if spec.samples and cfg.bank.path:
+        parts.append(f"forgetting on {spec.samples} bank samples")
+    best = f"; best/ by {tc.keep_best}" if tc.keep_best else ""
+    what = ", ".join(parts) or "nothing (set train.evaluation: holdout, bank_holdout, samples, features)"
+    return f"every {tc.eval_every} steps: {what}{best}"
 
 
 def _target_line(cfg: ExperimentConfig, count: int) -> str:
