@@ -1,0 +1,14 @@
+"""``difftune report``: one self-contained HTML page per training run, or one comparing several.
+
+:mod:`~difftune.report.run` reads a run folder (``config.yaml``, ``metrics.jsonl``, ``best/best.json``,
+``samples/``), :mod:`~difftune.report.densities` rebuilds the ψ and ξ it trained with,
+:mod:`~difftune.report.figures` draws the figures and :mod:`~difftune.report.page` writes the page.
+Importing this package imports neither torch nor matplotlib.
+"""
+
+from __future__ import annotations
+
+from difftune.report.page import render_page, write_report
+from difftune.report.run import RunRecord, check_run, load_run, load_runs
+
+__all__ = ["RunRecord", "check_run", "load_run", "load_runs", "render_page", "write_report"]
