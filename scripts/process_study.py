@@ -89,9 +89,7 @@ PROCESSES: dict[str, Column] = {
     ),
     "flow (5-9 -> 0-4)": Column("flow", None, _one("flow", REVERSE, "flow_digits_reverse")),
     "EDM (5-9 -> 0-4)": Column("edm", None, _one("EDM", REVERSE, "edm_digits_reverse")),
-    "DDPM (photos)": Column(
-        "ddpm", None, Cell("DDPM", PHOTOS, dict.fromkeys(GRID_METHODS, "photos_main"))
-    ),
+    "DDPM (photos)": Column("ddpm", None, Cell("DDPM", PHOTOS, dict.fromkeys(GRID_METHODS, "photos_main"))),
     "flow (photos)": Column("flow", "photos_flow", _one("flow", PHOTOS, "photos_flow")),
     "EDM (photos)": Column("edm", "photos_edm", _one("EDM", PHOTOS, "photos_edm")),
 }

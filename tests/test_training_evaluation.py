@@ -212,7 +212,12 @@ def test_dry_run_states_the_evaluation_and_checks_the_bank_a_plain_run_evaluates
     from difftune.cli import main
     from test_training import overrides
 
-    settings = (*EVAL, "train.evaluation.holdout=5", "train.evaluation.samples=4", "train.keep_best=forgetting")
+    settings = (
+        *EVAL,
+        "train.evaluation.holdout=5",
+        "train.evaluation.samples=4",
+        "train.keep_best=forgetting",
+    )
     plain = [*overrides(dit_dir, tmp_path / "run", bank, *settings), "objective.bank_share=0"]
     assert main(["train", "--dry-run", *(f"--set={item}" for item in plain)]) == 0
     out = capsys.readouterr().out
