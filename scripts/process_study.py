@@ -65,7 +65,8 @@ def _one(process: str, pair: str, experiment: str) -> Cell:
     return Cell(process, pair, {m: experiment for m in METHODS if m != "s=0.5"})
 
 
-FORWARD, REVERSE, PHOTOS = "digits 0-4 -> 5-9", "digits 5-9 -> 0-4", "photo patches -> digits 5-9"
+FORWARD, REVERSE = "digits 0-4 -> 5-9", "digits 5-9 -> 0-4"
+PHOTOS, PHOTOS_REVERSE = "photo patches -> digits 5-9", "photo patches -> digits 0-4"
 # column label -> what it is; grouped into one comparison table per test bed (the cell's pair)
 PROCESSES: dict[str, Column] = {
     "DDPM": Column(
@@ -92,6 +93,11 @@ PROCESSES: dict[str, Column] = {
     "DDPM (photos)": Column("ddpm", None, Cell("DDPM", PHOTOS, dict.fromkeys(GRID_METHODS, "photos_main"))),
     "flow (photos)": Column("flow", "photos_flow", _one("flow", PHOTOS, "photos_flow")),
     "EDM (photos)": Column("edm", "photos_edm", _one("EDM", PHOTOS, "photos_edm")),
+    "DDPM (photos -> 0-4)": Column(
+        "ddpm", None, Cell("DDPM", PHOTOS_REVERSE, dict.fromkeys(GRID_METHODS, "photos_reverse"))
+    ),
+    "flow (photos -> 0-4)": Column("flow", None, _one("flow", PHOTOS_REVERSE, "photos_flow_reverse")),
+    "EDM (photos -> 0-4)": Column("edm", None, _one("EDM", PHOTOS_REVERSE, "photos_edm_reverse")),
 }
 
 
