@@ -65,6 +65,11 @@ def _one(process: str, pair: str, experiment: str) -> Cell:
     return Cell(process, pair, {m: experiment for m in METHODS if m != "s=0.5"})
 
 
+def _ddpm_grid(pair: str, experiment: str) -> Column:
+    """A DDPM cell of the study grid (its methods, one experiment), without premise probes."""
+    return Column("ddpm", None, Cell("DDPM", pair, dict.fromkeys(GRID_METHODS, experiment)))
+
+
 FORWARD, REVERSE = "digits 0-4 -> 5-9", "digits 5-9 -> 0-4"
 PHOTOS, PHOTOS_REVERSE = "photo patches -> digits 5-9", "photo patches -> digits 0-4"
 # column label -> what it is; grouped into one comparison table per test bed (the cell's pair)
@@ -85,17 +90,13 @@ PROCESSES: dict[str, Column] = {
     ),
     "flow": Column("flow", "flow_digits", _one("flow", FORWARD, "flow_digits")),
     "EDM": Column("edm", "edm_digits", _one("EDM", FORWARD, "edm_digits")),
-    "DDPM (5-9 -> 0-4)": Column(
-        "ddpm", None, Cell("DDPM", REVERSE, dict.fromkeys(GRID_METHODS, "digits_reverse_grid"))
-    ),
+    "DDPM (5-9 -> 0-4)": _ddpm_grid(REVERSE, "digits_reverse_grid"),
     "flow (5-9 -> 0-4)": Column("flow", None, _one("flow", REVERSE, "flow_digits_reverse")),
     "EDM (5-9 -> 0-4)": Column("edm", None, _one("EDM", REVERSE, "edm_digits_reverse")),
-    "DDPM (photos)": Column("ddpm", None, Cell("DDPM", PHOTOS, dict.fromkeys(GRID_METHODS, "photos_main"))),
+    "DDPM (photos)": _ddpm_grid(PHOTOS, "photos_main"),
     "flow (photos)": Column("flow", "photos_flow", _one("flow", PHOTOS, "photos_flow")),
     "EDM (photos)": Column("edm", "photos_edm", _one("EDM", PHOTOS, "photos_edm")),
-    "DDPM (photos -> 0-4)": Column(
-        "ddpm", None, Cell("DDPM", PHOTOS_REVERSE, dict.fromkeys(GRID_METHODS, "photos_reverse"))
-    ),
+    "DDPM (photos -> 0-4)": _ddpm_grid(PHOTOS_REVERSE, "photos_reverse"),
     "flow (photos -> 0-4)": Column("flow", None, _one("flow", PHOTOS_REVERSE, "photos_flow_reverse")),
     "EDM (photos -> 0-4)": Column("edm", None, _one("EDM", PHOTOS_REVERSE, "photos_edm_reverse")),
 }

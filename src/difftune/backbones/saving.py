@@ -7,9 +7,10 @@ EMA weights, ``scheduler/`` and ``difftune_source.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +84,26 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
                     f"the EMA holds {len(ema.shadow_params)} averages but the model has {len(params)} trainable "
                     "parameters; build the EMA from difftune.tuning.trainable_parameters(backbone)"
                 )
-            ema.store(params)
-            ema.copy_to(params)
-            try:
+            with ema_weights(ema, params):
                 write(tmp / "ema")
-            finally:
-                ema.restore(params)
         write_noise_schedule(loaded.scheduler_config, tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
         record.update(loaded.family.source_record(loaded.parts))  # where the family's parts are read from
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel | None, params: list[Any]) -> Iterator[None]:
+    """Within the block, ``params`` hold the EMA's averages (as they are without an EMA); restored after."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class_names: list[str]) -> None:

@@ -40,6 +40,7 @@ from difftune.io.images import to_uint8_rgb
 from difftune.sampling.generate import build_scheduler, generate, to_unit_range
 from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 from difftune.training.outputs import BEST_FILE
+from difftune.training.run_dir import BEST_DIR
 
 # train.keep_best -> the score it keeps the lowest of
 BEST_KEYS = {
@@ -48,7 +49,6 @@ BEST_KEYS = {
     "loss": "eval/loss/target",
     "forgetting": "eval/forgetting",
 }
-BEST_DIR = "best"
 
 
 def fixed_choice(total: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +127,8 @@ class TrainingEvaluation:
         self.extractor: nn.Module | None = None
         self.reference_features: torch.Tensor | None = None
         self.reference_stats: Any = None
+        self.probe_images: torch.Tensor | None = None  # the probe's bank images, decoded once
+        self.probe_stats: Any = None  # and their feature statistics
         if spec.features is not None:
             from difftune.metrics.extractors import build_extractor
 
@@ -244,16 +246,19 @@ class TrainingEvaluation:
         probe = self.probe
         assert probe is not None and probe.sampling is not None
         n = min(self.spec.samples, len(probe))
+        if self.probe_images is None:  # the bank's side never changes: decoded (and featurised) once
+            self.probe_images = self._images(probe.samples[:n], device)
+            if self.extractor is not None and n >= 2:
+                self.probe_stats = stats_from_features(self._features(self.probe_images, device))
         rows = torch.arange(n)
         again = self._sample(
             backbone, probe.sampling, probe.cond.select(rows), probe.seeds[:n].tolist(), device
         )
-        new, old = self._images(again, device), self._images(probe.samples[:n], device)
-        scores = {"eval/forgetting": float((new - old).pow(2).mean())}
-        if self.extractor is not None and n >= 2:
+        new = self._images(again, device)
+        scores = {"eval/forgetting": float((new - self.probe_images).pow(2).mean())}
+        if self.probe_stats is not None:
             scores["eval/forgetting_fid"] = fid_from_stats(
-                stats_from_features(self._features(new, device)),
-                stats_from_features(self._features(old, device)),
+                stats_from_features(self._features(new, device)), self.probe_stats
             )
         return scores
 

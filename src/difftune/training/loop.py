@@ -18,14 +18,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from difftune.backbones.loading import LoadedModel
-from difftune.backbones.saving import save_model
+from difftune.backbones.saving import ema_weights, save_model
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 from difftune.objectives.term_log import TermLog
 from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
 from difftune.training.divergence import NonFiniteGuard
-from difftune.training.evaluation import BEST_DIR, BestModel
+from difftune.training.evaluation import BestModel
 from difftune.training.outputs import (
     append_history,
     flat_config,
@@ -34,6 +34,7 @@ from difftune.training.outputs import (
     write_final,
 )
 from difftune.training.run_dir import (
+    BEST_DIR,
     DATA_SCHEDULE_FILE,
     RunLock,
     check_resume_config,
@@ -107,11 +108,7 @@ class Trainer:
         tc, evaluation, acc = self.cfg.train, self.parts.evaluation, self.accelerator
         if evaluation is None or (step % tc.eval_every and step != tc.max_steps):
             return
-        params = self.parts.trainable
-        if self.ema is not None:
-            self.ema.store(params)
-            self.ema.copy_to(params)
-        try:
+        with ema_weights(self.ema, self.parts.trainable):
             scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device)
             if self.best is not None and self.best.improves(scores):
                 write_best(
@@ -121,9 +118,6 @@ class Trainer:
                     self.cfg,
                     self.best.record(step, scores),
                 )
-        finally:
-            if self.ema is not None:
-                self.ema.restore(params)
         acc.log(scores, step=step)
         append_history(self.out, step, scores)
 

@@ -54,7 +54,8 @@ HISTORY = "metrics.jsonl"  # the logged scalars, one JSON line per log step
 LOG_FILES = (HISTORY, FIDELITY_FILE)
 # written by a run; replaced by an overwriting run
 RUN_FILES = (*LOG_FILES, "config.yaml", DATA_SCHEDULE_FILE)
-RUN_DIRS = (CHECKPOINTS, "final", "best", "samples", "difftune")  # the last is TensorBoard's
+BEST_DIR = "best"  # train.keep_best's model
+RUN_DIRS = (CHECKPOINTS, "final", BEST_DIR, "samples", "difftune")  # the last is TensorBoard's
 DELETING = ".deleting"  # suffix of a checkpoint that rotation is deleting
 
 
