@@ -2,11 +2,14 @@
 
     difftune report runs/x                                  # writes runs/x/report.html
     difftune report runs/plain runs/difftune --out compare.html
+    difftune report runs/sequence                           # a task sequence: its stages' runs too
 
 The page needs no other file: every figure (training loss per quarter of t, validation loss per bin
 of t, ψ and ξ, FID/KID/forgetting over steps, FID against forgetting) and every sample grid is
 embedded as a PNG. One run's page goes to ``<run>/report.html``; several runs' to ``report.html`` in
-the current folder unless ``--out`` says otherwise.
+the current folder unless ``--out`` says otherwise. A task sequence folder (its ``measures.json``)
+adds its stages' runs and a section with the heat map of its scores after each stage and its summary
+(average score, forgetting, backward and forward transfer).
 """
 
 from __future__ import annotations
@@ -36,17 +39,17 @@ def output_path(runs: list[Path], out: str | None) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Check the run folders, then write the report page."""
-    from difftune.report.run import check_run
+    """Check the run and sequence folders, then write the report page."""
+    from difftune.report.sequence import check_path
 
     if args.max_grids < 0:
         raise UserError(f"--max-grids must be >= 0, got {args.max_grids}")
     runs = [Path(run) for run in args.runs]
     for run in runs:
-        check_run(run)
+        check_path(run)
     out = output_path(runs, args.out)
     if args.dry_run:
-        print(f"would write the report of {len(runs)} run(s) to {out}")
+        print(f"would write the report of {len(runs)} run or sequence folder(s) to {out}")
         return 0
     from difftune.report.page import write_report
 
@@ -64,7 +67,12 @@ def add_parser(subparsers: Any) -> None:
         "several: training loss per quarter of t, validation loss per bin of t, the ψ/ξ densities, "
         "FID/KID/forgetting over steps, FID against forgetting, sample grids and a summary table.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by difftune train")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folders written by difftune train, or task sequence folders (with measures.json)",
+    )
     p.add_argument(
         "--out",
         metavar="PAGE.html",

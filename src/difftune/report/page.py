@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from difftune.io.atomic import atomic_write_text
-from difftune.report.run import RunRecord, evenly_spaced, load_runs
+from difftune.report.run import RunRecord, evenly_spaced
+from difftune.report.sequence import MEANINGS, SequenceRecord, load_report, summary_rows
 
 DEFAULT_MAX_GRIDS = 12
 STYLE = """
@@ -145,18 +146,44 @@ def grids_section(runs: list[RunRecord], max_grids: int) -> str:
     return _section("samples", "Sample grids over steps", "\n".join(parts))
 
 
-def render_page(runs: list[RunRecord], max_grids: int = DEFAULT_MAX_GRIDS) -> str:
-    """The report of ``runs`` as one HTML page (a comparison page when there are several)."""
+def sequence_section(index: int, sequence: SequenceRecord) -> str:
+    """A task sequence: the heat map of its scores, its summary's measures and what their signs mean."""
+    from difftune.continual.heatmap import heat_map_png
+
+    data = base64.b64encode(heat_map_png(sequence.matrix)).decode("ascii")
+    rows = "\n".join(
+        f"<tr><td>{_e(label)}</td><td>{'–' if value is None else _e(value)}</td></tr>"
+        for label, value in summary_rows(sequence.matrix)
+    )
+    meanings = "\n".join(f"<li><b>{_e(term)}</b>: {_e(text)}</li>" for term, text in MEANINGS)
+    stages = ", ".join(sequence.runs) or "none"
+    notes = "".join(f'<p class="note">{_e(note)}</p>\n' for note in sequence.notes)
+    body = (
+        f"<p>{_e(sequence.path)}: the {_e(sequence.matrix.metric.upper())} of the model after each stage "
+        f"on every task seen so far (column 0: the source). Stage runs in this report: {_e(stages)}.</p>\n"
+        f"{notes}{_img(data, f'scores of {sequence.name}', f'fig-sequence-{index}')}\n"
+        f'<table id="sequence-table-{index}">\n<tr><th>measure</th><th>value</th></tr>\n{rows}\n</table>\n'
+        f"<ul>\n{meanings}\n</ul>"
+    )
+    return _section(f"sequence-{index}", f"Task sequence: {sequence.name}", body)
+
+
+def render_page(
+    runs: list[RunRecord],
+    max_grids: int = DEFAULT_MAX_GRIDS,
+    sequences: list[SequenceRecord] | None = None,
+) -> str:
+    """The report of ``runs`` (and of task ``sequences``, their stage runs among ``runs``) as one HTML
+    page (a comparison page when there are several runs)."""
     from difftune.report import figures
     from difftune.report.densities import timestep_densities
 
+    sequences = sequences or []
     densities = [timestep_densities(run) for run in runs]
     several = len(runs) > 1
-    title = (
-        f"difftune report: {', '.join(r.name for r in runs)}"
-        if several
-        else f"difftune report: {runs[0].name}"
-    )
+    staged = {name for sequence in sequences for name in sequence.runs}
+    shown = [s.name for s in sequences] + [r.name for r in runs if r.name not in staged]
+    title = f"difftune report: {', '.join(shown)}"
     notes = [f"{run.name}: {note}" if several else note for run in runs for note in run.notes]
     notes += [
         f"{run.name}: {d}" if several else d
@@ -213,14 +240,17 @@ def render_page(runs: list[RunRecord], max_grids: int = DEFAULT_MAX_GRIDS) -> st
     ]
     body = [f"<h1>{_e(title)}</h1>"]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    folders = ", ".join(str(r.path) for r in runs)
+    folders = ", ".join(str(r.path) for r in [*sequences, *runs])
     body.append(f"<p>Written {_e(stamp)} from {_e(folders)}.</p>")
-    body.append(_section("summary", "Summary", summary_table(runs, densities)))
+    if runs:
+        body.append(_section("summary", "Summary", summary_table(runs, densities)))
     if notes:
         items = "\n".join(f'<li class="note">{_e(n)}</li>' for n in notes)
         body.append(_section("notes", "Notes", f"<ul>\n{items}\n</ul>"))
-    body += [_figure_section(i, t, about, draw(), missing) for i, t, about, draw, missing in sections]
-    body.append(grids_section(runs, max_grids))
+    body += [sequence_section(i, sequence) for i, sequence in enumerate(sequences, start=1)]
+    if runs:
+        body += [_figure_section(i, t, about, draw(), missing) for i, t, about, draw, missing in sections]
+        body.append(grids_section(runs, max_grids))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
@@ -230,11 +260,13 @@ def render_page(runs: list[RunRecord], max_grids: int = DEFAULT_MAX_GRIDS) -> st
 
 
 def write_report(paths: list[Path], out: Path, max_grids: int = DEFAULT_MAX_GRIDS) -> Path:
-    """Read the run folders ``paths`` and write their report to ``out`` atomically; returns ``out``.
+    """Read the run and task sequence folders ``paths`` and write their report to ``out`` atomically;
+    returns ``out``.
 
     Raises:
-        UserError: a path is not a run folder (see :func:`~difftune.report.run.load_runs`).
+        UserError: a path is neither a run nor a sequence folder (see
+            :func:`~difftune.report.sequence.load_report`).
     """
-    runs = load_runs(paths)
-    atomic_write_text(out, render_page(runs, max_grids))
+    runs, sequences = load_report(paths)
+    atomic_write_text(out, render_page(runs, max_grids, sequences))
     return out

@@ -176,8 +176,12 @@ def run_names(paths: list[Path]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def load_runs(paths: list[Path]) -> list[RunRecord]:
+def load_runs(paths: list[Path], names: list[str] | None = None) -> list[RunRecord]:
     """Check every path first (the first bad one is refused), then read each run.
+
+    Args:
+        paths: the run folders.
+        names: the name each run is shown under (default: :func:`run_names`).
 
     Raises:
         UserError: a path is not a run folder, or a run is given twice.
@@ -189,7 +193,8 @@ def load_runs(paths: list[Path]) -> list[RunRecord]:
         if path.resolve() in seen:
             raise UserError(f"{path} is given twice (as {seen[path.resolve()]}); give each run once")
         seen[path.resolve()] = path
-    return [load_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)]
+    names = run_names(paths) if names is None else names
+    return [load_run(path, name) for path, name in zip(paths, names, strict=True)]
 
 
 def evenly_spaced(items: list[Any], cap: int) -> list[Any]:
