@@ -1,4 +1,4 @@
-"""Command-line interface: ``difftune {train,bank,sample,demo,eval,forgetting,export,convergence,report}``.
+"""Command-line interface: ``difftune {train,continual,bank,sample,demo,eval,forgetting,export,convergence,report}``.
 
 The subcommands live in :mod:`difftune.commands`, one module each; this module assembles the parser
 and runs the chosen command. Every subcommand takes ``--dry-run``: it validates its inputs, prints what
@@ -17,13 +17,24 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from difftune.commands import bank, convergence, demo, eval_fid, export, forgetting, report, sample, train
+from difftune.commands import (
+    bank,
+    continual,
+    convergence,
+    demo,
+    eval_fid,
+    export,
+    forgetting,
+    report,
+    sample,
+    train,
+)
 from difftune.errors import UserError
 
 # bad input: UserError (ConfigError among them), and the OS's own errors for missing or protected paths
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
-COMMANDS = (train, bank, sample, demo, eval_fid, forgetting, export, convergence, report)
+COMMANDS = (train, continual, bank, sample, demo, eval_fid, forgetting, export, convergence, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

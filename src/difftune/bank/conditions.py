@@ -119,7 +119,7 @@ def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
     bank: dict[str, torch.Tensor] = {"samples": torch.empty(0), "seeds": torch.empty(0, dtype=torch.long)}
     sampling = None
     if cfg.reads_bank:
-        bank = load_bank(cfg.bank.path, loaded)
+        bank = load_bank(cfg.bank.path, loaded, cfg.bank.made_by == "this_model")
         manifest = LatentStore(cfg.bank.path).manifest
         check_bank_conditions(manifest, loaded.backbone, cfg.data.annotator, cfg.bank.path)
         sampling = SamplingSpec(

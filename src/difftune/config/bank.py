@@ -25,6 +25,11 @@ class BankConfig:
         condition: the condition bank samples are trained with: ``"null"`` (the unconditional
             form: the empty prompt; a ControlNet keeps each sample's control image) or ``"own"``
             (the condition each sample was generated with).
+        made_by: ``"this_model"``: the bank must come from the very weights being fine-tuned (checked by
+            their fingerprint, and its label count against the model's). ``"earlier_model"``: it comes
+            from an earlier model of the same line (a task sequence's ``pretrained``, ``previous`` or
+            ``accumulate`` bank, made before the model moved on and its label table grew): shape,
+            space and conditions are still checked, the weights and label count are not.
     """
 
     path: str = ""
@@ -34,6 +39,7 @@ class BankConfig:
     batch_size: int = 64
     prompts: str | None = None
     condition: Literal["null", "own"] = "null"
+    made_by: Literal["this_model", "earlier_model"] = "this_model"
 
     def __post_init__(self) -> None:
         _check_fields(self, "bank")

@@ -32,7 +32,7 @@ class DataConfig:
             with scikit-image and scikit-learn, cut at the model's size; the second test bed's source).
         path: root of the image folder or saved dataset.
         classes: digit classes (``source: digits``) or photo indices (``photo_patches``) to keep;
-            labels are re-indexed 0..K-1.
+            labels are re-indexed 0..K-1 (plus ``label_offset``).
         per_class: keep at most this many images per class (few-shot); ``None`` keeps all. For
             ``photo_patches``: the number of patches cut from each photo (default 1200).
         resolution: images are resized and centre-cropped to this size; ``None`` = model's size.
@@ -48,6 +48,9 @@ class DataConfig:
         control_column: the column naming each image's control image (a file in ``metadata.jsonl``,
             an image in a saved dataset), for a ControlNet with precomputed conditions.
         annotator: compute each image's control image with this annotator (e.g. ``canny``) instead.
+        label_offset: a class-conditional model sees the target's classes as label rows
+            ``label_offset .. label_offset + K - 1`` instead of ``0 .. K - 1``: new classes take rows
+            that the source's classes do not use (a task sequence sets it for each stage).
     """
 
     source: DataSource = "folder"
@@ -64,6 +67,7 @@ class DataConfig:
     caption_template: str = "{}"
     control_column: str | None = None
     annotator: str | None = None
+    label_offset: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
@@ -82,4 +86,10 @@ class DataConfig:
         )
         _check(
             self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null"
+        )
+        _check(self.label_offset >= 0, f"data.label_offset={self.label_offset} must be >= 0")
+        _check(
+            self.label_offset == 0 or self.source not in ("captions", "hf_dataset"),
+            f"data.label_offset moves class labels, but data.source={self.source} has captions, not classes: "
+            "leave data.label_offset at 0",
         )

@@ -44,6 +44,7 @@ __all__ = [
     "TuningConfig",
     "apply_overrides",
     "config_from_dict",
+    "config_from_mapping",
     "load_config",
     "section_from_dict",
 ]
@@ -222,6 +223,10 @@ def config_from_dict(
     """
     raw = (upgrade or Upgrade()).mapping(raw)
     unknown = set(raw) - set(_SECTIONS)
+    if unknown & {"tasks", "continual"}:
+        raise ConfigError(
+            "this config lists a task sequence (tasks:, continual:): run it with `difftune continual --config ...`"
+        )
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
     sections, unset = {}, set()
@@ -239,7 +244,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     An old spelling (:data:`difftune.config.renames.RENAMES`), in the file or in an override, gives
     one deprecation line per key and load.
     """
-    raw, overrides = read_config_file(path) if path is not None else {}, overrides or []
+    return config_from_mapping(read_config_file(path) if path is not None else {}, overrides)
+
+
+def config_from_mapping(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """:func:`load_config` of a mapping already read (a config file's sections, old spellings allowed)."""
+    overrides = overrides or []
     upgrade = Upgrade(schedules=_overridden_schedules(overrides))
     raw, overridden = _override(upgrade.mapping(raw), overrides, upgrade)
     return config_from_dict(raw, overridden, upgrade)

@@ -27,7 +27,7 @@ class _Source:
 
     def __init__(self, cfg: DataConfig, target: TargetImages, resolution: int) -> None:
         self.cfg, self.target, self.resolution = cfg, target, resolution
-        self.labels = target.labels
+        self.labels = target.labels + cfg.label_offset  # the label rows the model sees
         self.has_controls = target.controls is not None
 
     def captions(self) -> list[str]:

@@ -55,7 +55,8 @@ class TargetData:
         samples: posterior means (M, C, h, w) (the samples themselves in pixel space).
         std: posterior standard deviations (M, C, h, w) (zeros in pixel space).
         cond: the samples' conditions (M).
-        class_names: names of the target classes.
+        class_names: the name of each label row up to the last target class (``label<i>`` for rows below
+            ``data.label_offset``).
     """
 
     samples: torch.Tensor
@@ -143,7 +144,7 @@ def load_target_images(
     ``header_memo``: where an image folder's header checks are remembered between runs.
     """
     if cfg.source in BUILT_IN_SOURCES:
-        return _built_in_images(cfg, resolution, channels)
+        return _offset(_built_in_images(cfg, resolution, channels), cfg.label_offset)
     if cfg.source in ("captions", "hf_dataset"):
         return _captioned_images(cfg, resolution, channels, header_memo)
     root = Path(cfg.path or "")
@@ -161,7 +162,17 @@ def load_target_images(
     def load(indices: torch.Tensor) -> torch.Tensor:
         return load_each(lambda i: load_square_image(files[i], resolution, channels), indices)
 
-    return TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load)
+    return _offset(
+        TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load), cfg.label_offset
+    )
+
+
+def _offset(images: TargetImages, label_offset: int) -> TargetImages:
+    """``images`` whose cache identity says that their conditions take label rows from ``label_offset``
+    (the labels themselves stay 0..K-1: they index the class names)."""
+    if label_offset:
+        images.identity = f"{images.identity}:labels+{label_offset}"
+    return images
 
 
 def _built_in_images(cfg: DataConfig, resolution: int, channels: int) -> TargetImages:
@@ -345,4 +356,5 @@ def prepare_target(
         )
     cond = Conditioning({key: value for key, value in cached.items() if key not in ("samples", "std")})
     backbone.check_condition(cond)
-    return TargetData(cached["samples"], cached["std"], cond, images.class_names)
+    names = [f"label{row}" for row in range(cfg.label_offset)] + images.class_names  # one per label row
+    return TargetData(cached["samples"], cached["std"], cond, names)

@@ -1,0 +1,157 @@
+"""A task sequence's plan: its config read and checked, and the experiment config of each stage.
+
+The sequence folder (``train.output_dir``) holds one run folder per stage, ``stage<k>-<task>/``, a
+regular training run (resumable, reportable), the banks in ``banks/``, the grown start models in
+``starts/``, ``sequence.json`` (the plan's fingerprint and the stages done) and ``measures.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftune.config.checks import ConfigError, _check
+from difftune.config.continual import ContinualSpec, TaskSpec, tasks_from_list
+from difftune.config.data import DataConfig
+from difftune.config.experiment import ExperimentConfig, config_from_mapping
+from difftune.config.files import parse_value, read_config_file
+from difftune.config.sections import build_section, set_nested
+
+_NO_BANK = "<the sequence's own bank>"  # bank.path while the config leaves it to the sequence
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """The model a stage starts from: a directory and its weights' subfolder (``ema/transformer``...)."""
+
+    path: str
+    subfolder: str | None
+
+
+@dataclass
+class SequencePlan:
+    """A task sequence read from its config.
+
+    Attributes:
+        base: the experiment config every stage starts from (its ``data`` under each task's).
+        tasks: the tasks, in order.
+        spec: the ``continual`` section.
+        own_bank: the original model's bank given as ``bank.path`` (``pretrained`` policy), or ``None``:
+            the sequence makes it.
+        digest: a fingerprint of what the stages train on: a sequence folder refuses another plan.
+    """
+
+    base: ExperimentConfig
+    tasks: list[TaskSpec]
+    spec: ContinualSpec
+    own_bank: str | None
+    digest: str
+
+    @property
+    def out(self) -> Path:
+        """The sequence folder."""
+        return Path(self.base.train.output_dir)
+
+    def stage_dir(self, k: int) -> Path:
+        """The run folder of stage ``k`` (1-based)."""
+        return self.out / f"stage{k}-{self.tasks[k - 1].name}"
+
+    def task_data(self, k: int, label_offset: int = 0) -> DataConfig:
+        """The ``data`` section of task ``k`` (1-based): the config's, with the task's settings over it."""
+        base = dataclasses.asdict(self.base.data)
+        merged = {**base, **self.tasks[k - 1].data, "label_offset": label_offset}
+        if self.base.data.cache_dir:  # one target cache per stage: each task is other data
+            merged["cache_dir"] = str(Path(self.base.data.cache_dir) / self.stage_dir(k).name)
+        return build_section(DataConfig, merged, f"tasks[{k}].data")[0]
+
+    def stage_config(
+        self, k: int, start: StartModel, label_offset: int, bank: str | None, resume: bool
+    ) -> ExperimentConfig:
+        """The experiment config of stage ``k``: its task's data at ``label_offset``, from ``start``,
+        replaying ``bank`` (a bank of an earlier model), into its run folder, resuming when asked."""
+        cfg, task = self.base, self.tasks[k - 1]
+        model = dataclasses.replace(cfg.model, pretrained=start.path, subfolder=start.subfolder)
+        bank_cfg = dataclasses.replace(cfg.bank, path=bank or "", made_by="earlier_model")
+        train = dataclasses.replace(
+            cfg.train,
+            output_dir=str(self.stage_dir(k)),
+            max_steps=task.steps or cfg.train.max_steps,
+            resume="latest" if resume else None,
+        )
+        unset = cfg.unset - {"train.max_steps"} if task.steps else cfg.unset
+        return ExperimentConfig(
+            model, self.task_data(k, label_offset), bank_cfg, cfg.objective, train, cfg.tuning, unset=unset
+        )
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """The ``continual.*`` overrides and the others (the experiment config's)."""
+    own = [item for item in overrides if item.split("=", 1)[0].strip().startswith("continual.")]
+    return own, [item for item in overrides if item not in own]
+
+
+def load_sequence(path: str | os.PathLike, overrides: list[str] | None = None) -> SequencePlan:
+    """Read a task-sequence config (an experiment config with ``tasks:`` and ``continual:``) and check
+    every stage's data settings.
+
+    Raises:
+        ConfigError: no ``tasks``, a bad task or ``continual`` setting, a tuning method other than
+            ``full``, or a bank policy that the objective does not read.
+    """
+    raw = read_config_file(path)
+    if "tasks" not in raw:
+        raise ConfigError(
+            f"config file {str(path)!r} lists no tasks: add tasks: (one mapping per task), or train it "
+            "with `difftune train`"
+        )
+    tasks = tasks_from_list(raw.pop("tasks"))
+    continual_raw = raw.pop("continual", None) or {}
+    _check(isinstance(continual_raw, dict), "continual must be a mapping of key: value")
+    own, others = _split_overrides(overrides or [])
+    for item in own:
+        key, _, value = item.partition("=")
+        set_nested(continual_raw, key.strip().split(".")[1:], parse_value(value))
+    spec = build_section(ContinualSpec, continual_raw, "continual")[0]
+
+    sections = {name: dict(value or {}) for name, value in raw.items()}
+    sections.setdefault("bank", {}).setdefault("path", "")
+    if not sections["bank"]["path"]:
+        sections["bank"]["path"] = _NO_BANK
+    base = config_from_mapping(sections, others)
+    own_bank = None if base.bank.path == _NO_BANK else base.bank.path
+    _check(
+        base.tuning.method == "full",
+        f"a task sequence starts each stage from the previous stage's whole model; tuning.method="
+        f"{base.tuning.method} saves an adapter only: use tuning.method=full",
+    )
+    _check(
+        own_bank is None or spec.bank_policy == "pretrained",
+        f"bank.path gives the original model's bank, which only bank_policy=pretrained replays; remove "
+        f"bank.path (continual.bank_policy={spec.bank_policy} makes its own banks)",
+    )
+    _check(
+        base.reads_bank or spec.bank_policy == "pretrained",
+        f"continual.bank_policy={spec.bank_policy} makes banks, but this objective replays none "
+        "(objective.bank_share=0): leave the policy at pretrained",
+    )
+    plan = SequencePlan(base, tasks, spec, own_bank, "")
+    for k in range(1, len(tasks) + 1):
+        plan.task_data(k)  # every task's data settings checked now, not stages later
+    plan.digest = _digest(base, tasks, spec)
+    return plan
+
+
+def _digest(base: ExperimentConfig, tasks: list[TaskSpec], spec: ContinualSpec) -> str:
+    """What the stages' weights depend on (the output folder and the measures' settings excluded)."""
+    record: dict[str, Any] = base.to_dict()
+    record["train"] = {
+        k: v for k, v in record["train"].items() if k not in ("output_dir", "resume", "overwrite")
+    }
+    record["tasks"] = [dataclasses.asdict(task) for task in tasks]
+    record["bank_policy"], record["bank_cap"], record["seed"] = spec.bank_policy, spec.bank_cap, spec.seed
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
