@@ -178,7 +178,9 @@ def test_reservoir_is_uniform_and_extends_its_prefix() -> None:
     first = reservoir(stream[:8], 6, seed=0)  # stage 1's bank
     longer = reservoir(stream, 6, seed=0)  # stage 2's: the same draws, then the new samples' own
     assert len(longer) == 6 and len(set(longer)) == 6
-    assert all(a == b for a, b in zip(first, longer) if b[0] == 0)  # a kept old sample stays in its slot
+    assert all(
+        a == b for a, b in zip(first, longer, strict=True) if b[0] == 0
+    )  # a kept old sample stays in its slot
     counts = torch.zeros(16)
     for seed in range(2000):
         for j, i in reservoir(stream, 4, seed):
