@@ -293,3 +293,32 @@ def test_previous_policy_replays_the_previous_model_s_bank(workspace: Path, tmp_
     assert not (out / "measures.json").exists()
     stage2 = ExperimentConfig  # the stage's own config reloads as a plain training config
     assert isinstance(load_config(out / "stage2-4-5" / "config.yaml"), stage2)
+
+
+def test_shared_labels_reuse_rows_and_the_table_does_not_grow(workspace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    config = sequence_config(workspace, out, "pretrained", labels="shared")
+    assert main(["continual", "--config", str(config), "--set", "train.max_steps=1"]) == 0
+    stage2 = yaml.safe_load((out / "stage2-4-5" / "config.yaml").read_text())
+    assert stage2["data"]["label_offset"] == 0 and not (out / "starts" / "stage2").exists()
+    config = json.loads((out / "stage2-4-5" / "final" / "ema" / "transformer" / "config.json").read_text())
+    assert config["num_embeds_ada_norm"] == 2  # tasks of 2 classes fit the source's 2 rows
+
+
+def test_the_time_split_recipe_dry_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = (
+        Path(__file__).resolve().parents[1] / "configs" / "paper" / "continual_evolving_image_search.yaml"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["continual", "--config", str(recipe), "--dry-run"]) == 2
+    assert (
+        "task 2009: data.path 'data/evolving_image_search/2009' is not a directory" in capsys.readouterr().err
+    )
+    for task in load_sequence(recipe).tasks:
+        Path(task.data["path"]).mkdir(parents=True)
+    assert main(["continual", "--config", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 stages" in out and "label rows shared by the tasks" in out and "stage 6    2014" in out
+    plan = load_sequence(recipe)
+    assert plan.base.model.pretrained == "facebook/DiT-XL-2-256" and plan.base.bank_count == 6
+    assert plan.task_data(3).path == "data/evolving_image_search/2011" and plan.spec.labels == "shared"

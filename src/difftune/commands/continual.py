@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from difftune.commands import add_config_args, start_torch
@@ -19,6 +20,13 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
     plan = load_sequence(args.config, args.overrides)
     check_model_paths(plan.base.model)
+    for k, task in enumerate(plan.tasks, start=1):
+        data = plan.task_data(k)
+        if data.source in ("folder", "captions", "hf_dataset") and not Path(data.path or "").is_dir():
+            raise FileNotFoundError(
+                f"task {task.name}: data.path {data.path!r} is not a directory; point tasks[{k}].data.path "
+                "at the task's images"
+            )
     from difftune.continual.runner import describe
 
     if args.dry_run:

@@ -49,6 +49,10 @@ class ContinualSpec:
             ``accumulate`` (every stage's ``previous`` bank merged, reservoir-style, under ``bank_cap``;
             each sample records the stage it came from).
         bank_cap: the merged bank's size for ``accumulate``; ``None``: ``bank.num_samples``.
+        labels: where a class-conditional model puts each task's classes: ``new`` (the label rows
+            after those in use, the table growing as needed: a class-incremental stream) or
+            ``shared`` (rows ``0..K-1`` for every task, as a single transfer does: the same classes
+            seen again, e.g. one dataset split by time).
         features: the FID feature extractor of the measures after every stage (``inception``,
             ``digits:PATH``, ``module:function``, as ``difftune eval fid --features``); ``None``: no
             measures.
@@ -66,6 +70,7 @@ class ContinualSpec:
 
     bank_policy: BankPolicy = "pretrained"
     bank_cap: int | None = None
+    labels: Literal["new", "shared"] = "new"
     features: str | None = None
     inception_weights: str | None = None
     samples_per_class: int = 32

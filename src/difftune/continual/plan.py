@@ -119,6 +119,8 @@ def load_sequence(path: str | os.PathLike, overrides: list[str] | None = None) -
     spec = build_section(ContinualSpec, continual_raw, "continual")[0]
 
     sections = {name: dict(value or {}) for name, value in raw.items()}
+    if not sections.setdefault("data", {}).get("path") and all(task.data.get("path") for task in tasks):
+        sections["data"]["path"] = "<each task's data.path>"  # never read: every task gives its own
     sections.setdefault("bank", {}).setdefault("path", "")
     if not sections["bank"]["path"]:
         sections["bank"]["path"] = _NO_BANK
@@ -154,4 +156,6 @@ def _digest(base: ExperimentConfig, tasks: list[TaskSpec], spec: ContinualSpec) 
     }
     record["tasks"] = [dataclasses.asdict(task) for task in tasks]
     record["bank_policy"], record["bank_cap"], record["seed"] = spec.bank_policy, spec.bank_cap, spec.seed
+    if spec.labels != "new":
+        record["labels"] = spec.labels
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,8 +1,8 @@
 """Run a task sequence: stage after stage, each a regular training run, with the measures between.
 
 Stage ``k`` starts from the final model (its EMA weights) of stage ``k - 1`` (stage 1: the
-configured model). Its task's classes take the label rows after those in use; the label table grows
-when it has no free rows (:mod:`difftune.backbones.label_table`), into ``starts/stage<k>``. Its
+configured model). Its task's classes take the label rows after those in use (``continual.labels:
+new``) or rows ``0..K-1`` (``shared``); the label table grows when it is too small (:mod:`difftune.backbones.label_table`), into ``starts/stage<k>``. Its
 bank follows ``continual.bank_policy`` (:mod:`difftune.continual.banks`). Running the command
 again resumes: finished stages (``final/`` written) are kept, an interrupted stage resumes from its
 latest checkpoint (exactly, as ``train.resume=latest`` does), and measures already taken are kept.
@@ -199,19 +199,20 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
     for k in bar:
         run_dir = plan.stage_dir(k)
         count = class_count(plan, k) if class_conditional else 0
-        tasks.append(TaskClasses(rows, count))
+        first = rows if plan.spec.labels == "new" else 0
+        tasks.append(TaskClasses(first, count))
         for j in banks_needed(plan, k) if plan.base.reads_bank else []:
             make_model_bank(plan, j, models[j], progress)
-        start = start_model(plan, k, models[k - 1], rows + count)
+        start = start_model(plan, k, models[k - 1], max(rows, first + count))
         if measures is not None:
             measures.before(
                 k, load_pretrained(start.path, start.subfolder, base.vae, base.revision), tasks[k]
             )
         if not (run_dir / "final").is_dir():
             resume = bool(list_checkpoints(run_dir))
-            train_model(plan.stage_config(k, start, rows, stage_bank(plan, k), resume))
+            train_model(plan.stage_config(k, start, first, stage_bank(plan, k), resume))
         models.append(final_model(run_dir))
-        rows += count
+        rows = max(rows, first + count)
         if measures is not None:
             final = models[-1]
             measures.row(
@@ -222,7 +223,10 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
 
 def describe(plan: SequencePlan) -> list[str]:
     """The dry run's lines: each stage's task, steps, bank and folder."""
-    lines = [f"sequence   {len(plan.tasks)} stages into {plan.out}, bank policy {plan.spec.bank_policy}"]
+    lines = [
+        f"sequence   {len(plan.tasks)} stages into {plan.out}, bank policy {plan.spec.bank_policy}, "
+        f"{'new label rows per task' if plan.spec.labels == 'new' else 'label rows shared by the tasks'}"
+    ]
     for k, task in enumerate(plan.tasks, start=1):
         bank: Any = (
             "none"

@@ -104,10 +104,13 @@ class TaskScorer:
 
     @torch.no_grad()
     def images(self, loaded: LoadedModel, classes: TaskClasses) -> torch.Tensor:
-        """``samples_per_class`` images in ``[0, 1]`` of each class of a task, at fixed seeds."""
+        """``samples_per_class`` images in ``[0, 1]`` of each class of a task, at fixed seeds (at most
+        ``max_reference`` in all: a task of many classes gets its classes in turn)."""
         spec, backbone = self.plan.spec, loaded.backbone.to(self.device).eval()
         codec = loaded.codec.to(self.device)
         labels = classes.rows.repeat_interleave(spec.samples_per_class)
+        if labels.numel() > spec.max_reference:  # many classes (ImageNet's 1000): spread evenly instead
+            labels = classes.rows[torch.arange(spec.max_reference) % classes.count]
         out = []
         for start in range(0, labels.numel(), spec.batch_size):
             cond = backbone.condition(labels[start : start + spec.batch_size])
