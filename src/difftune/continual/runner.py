@@ -10,6 +10,7 @@ latest checkpoint (exactly, as ``train.resume=latest`` does), and measures alrea
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,6 @@ def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
     """
     out, record = plan.out, plan.out / SEQUENCE_FILE
     if record.is_file():
-        import json
-
         if json.loads(record.read_text()).get("digest") != plan.digest:
             if not overwrite:
                 raise UserError(
@@ -67,7 +66,10 @@ def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
                     "choose another train.output_dir, or pass --overwrite to replace it"
                 )
             for path in [*out.glob("stage*-*"), *(out / name for name in OWN_PATHS)]:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
     elif (out / "config.yaml").is_file() or list_checkpoints(out):
         raise UserError(
             f"{out} holds a training run, not a task sequence; choose another train.output_dir for the sequence"
@@ -80,16 +82,14 @@ def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
 
 
 def start_model(plan: SequencePlan, k: int, previous: StartModel, rows: int) -> StartModel:
-    """The model stage ``k`` starts from: ``previous``, its label table grown to ``rows`` class rows
-    (written to ``starts/stage<k>``) when it has fewer."""
+    """``previous`` with its label table grown to ``rows`` class rows, written to ``starts/stage<k>``
+    (kept from an earlier call): the model stage ``k`` starts from when its classes need new rows."""
     grown = plan.out / "starts" / f"stage{k}"
-    if grown.is_dir():
-        return StartModel(str(grown), None)
-    loaded = load_pretrained(previous.path, previous.subfolder, plan.base.model.vae, plan.base.model.revision)
-    if not isinstance(loaded.backbone, ClassConditionalBackbone) or loaded.backbone.num_classes >= rows:
-        return previous
-    grow_label_table(loaded.backbone.inner, rows)
-    save_model(loaded, grown)
+    if not grown.is_dir():
+        model = plan.base.model
+        loaded = load_pretrained(previous.path, previous.subfolder, model.vae, model.revision)
+        grow_label_table(loaded.backbone.inner, rows)
+        save_model(loaded, grown)
     return StartModel(str(grown), None)
 
 
@@ -141,19 +141,24 @@ class Measures:
         self._reference(task)
         return self.scorer.score(loaded, task, classes)
 
-    def before(self, k: int, start: LoadedModel, classes: TaskClasses) -> None:
+    def _load(self, model: StartModel) -> LoadedModel:
+        config = self.plan.base.model
+        return load_pretrained(model.path, model.subfolder, config.vae, config.revision)
+
+    def before(self, k: int, start: StartModel, classes: TaskClasses) -> None:
         """Score task ``k`` with the model that starts stage ``k`` and with the source grown alike."""
         if self.matrix.before[k] is not None:
             return
-        self.matrix.before[k] = self.score(start, k, classes)
+        self.matrix.before[k] = self.score(self._load(start), k, classes)
         baseline = self._grown_source(classes.first_row + classes.count)
         self.matrix.baseline[k] = self.score(baseline, k, classes)
         self.save()
 
-    def row(self, i: int, loaded: LoadedModel, tasks: list[TaskClasses], stage_dir: str | None) -> None:
-        """Row ``i``: the model after stage ``i`` on the source and tasks ``1..i`` (``tasks[j]``)."""
+    def row(self, i: int, model: StartModel, tasks: list[TaskClasses], stage_dir: str | None) -> None:
+        """Row ``i``: ``model`` (the model after stage ``i``) on the source and tasks ``1..i`` (``tasks[j]``)."""
         if len(self.matrix.stages) > i:
             return
+        loaded = self.source if i == 0 else self._load(model)
         width = len(self.matrix.tasks)
         scores: list[float | None] = [self.score(loaded, j, tasks[j]) for j in range(i + 1)]
         self.matrix.scores.append(scores + [None] * (width - i - 1))
@@ -163,8 +168,7 @@ class Measures:
 
     def _grown_source(self, rows: int) -> LoadedModel:
         """The source model loaded again, its label table grown to ``rows`` class rows."""
-        model = self.plan.base.model
-        copy = load_pretrained(self.source_start.path, self.source_start.subfolder, model.vae, model.revision)
+        copy = self._load(self.source_start)
         if copy.backbone.num_classes < rows:
             grow_label_table(copy.backbone.inner, rows)
             copy.backbone.num_classes = rows
@@ -179,45 +183,55 @@ class Measures:
 
 def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = True) -> Path:
     """Train every stage of ``plan`` (resuming what an earlier call left), measuring after each;
-    return the sequence folder."""
+    return the sequence folder. Under ``accelerate launch`` every process trains and makes banks;
+    the main process alone writes the sequence's own files and measures."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from difftune.training.loop import train_model
 
-    claim_folder(plan, overwrite)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    main = state.is_main_process
+    if main:
+        claim_folder(plan, overwrite)
+    state.wait_for_everyone()
     base = plan.base.model
     models = [StartModel(base.pretrained, base.subfolder)]
     source = load_pretrained(base.pretrained, base.subfolder, base.vae, base.revision)
     class_conditional = isinstance(source.backbone, ClassConditionalBackbone)
     rows = source.backbone.num_classes if class_conditional else 0
     tasks = [TaskClasses(0, rows)]
-    measures = Measures(plan, source, models[0], device) if plan.spec.features else None
+    if plan.spec.features and (plan.base.reads_bank or plan.spec.source_data is None):
+        make_model_bank(plan, 0, models[0], progress)  # also the source's reference without source_data
+    measures = Measures(plan, source, models[0], state.device) if plan.spec.features and main else None
     if measures is not None:
-        if plan.base.reads_bank or plan.spec.source_data is None:
-            make_model_bank(plan, 0, models[0], progress)  # the source's reference without source_data
-        measures.row(0, source, tasks, None)
-    bar = tqdm(range(1, len(plan.tasks) + 1), desc="stages", disable=not progress)
-    for k in bar:
+        measures.row(0, models[0], tasks, None)
+    for k in tqdm(range(1, len(plan.tasks) + 1), desc="stages", disable=not (progress and main)):
         run_dir = plan.stage_dir(k)
         count = class_count(plan, k) if class_conditional else 0
         first = rows if plan.spec.labels == "new" else 0
         tasks.append(TaskClasses(first, count))
         for j in banks_needed(plan, k) if plan.base.reads_bank else []:
             make_model_bank(plan, j, models[j], progress)
-        start = start_model(plan, k, models[k - 1], max(rows, first + count))
+        start = models[k - 1]
+        if first + count > rows:
+            if main:
+                start_model(plan, k, start, first + count)
+            state.wait_for_everyone()
+            start = StartModel(str(plan.out / "starts" / f"stage{k}"), None)
+        bank = stage_bank(plan, k) if main else None
+        state.wait_for_everyone()
+        bank = bank or stage_bank(plan, k)  # the merged bank the main process wrote, found again
         if measures is not None:
-            measures.before(
-                k, load_pretrained(start.path, start.subfolder, base.vae, base.revision), tasks[k]
-            )
+            measures.before(k, start, tasks[k])
         if not (run_dir / "final").is_dir():
             resume = bool(list_checkpoints(run_dir))
-            train_model(plan.stage_config(k, start, first, stage_bank(plan, k), resume))
+            train_model(plan.stage_config(k, start, first, bank, resume))
         models.append(final_model(run_dir))
         rows = max(rows, first + count)
         if measures is not None:
-            final = models[-1]
-            measures.row(
-                k, load_pretrained(final.path, final.subfolder, base.vae, base.revision), tasks, run_dir.name
-            )
+            measures.row(k, models[-1], tasks, run_dir.name)
+        state.wait_for_everyone()
     return plan.out
 
 
