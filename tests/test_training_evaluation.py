@@ -229,3 +229,21 @@ def test_dry_run_states_the_evaluation_and_checks_the_bank_a_plain_run_evaluates
     assert not (tmp_path / "run").exists()
     missing = [*plain, f"bank.path={tmp_path / 'no-bank'}"]
     assert main(["train", "--dry-run", *(f"--set={item}" for item in missing)]) == 2
+
+
+def test_dry_run_refuses_missing_reference_statistics(
+    dit_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from difftune.cli import main
+    from test_training import overrides
+
+    settings = [
+        *overrides(dit_dir, tmp_path / "run", None, *EVAL),
+        "objective.bank_share=0",
+        "train.evaluation.samples=4",
+        "train.evaluation.features=inception",
+        f"train.evaluation.reference={tmp_path / 'stats.npz'}",
+    ]
+    assert main(["train", "--dry-run", *(f"--set={item}" for item in settings)]) == 2
+    err = capsys.readouterr().err
+    assert "train.evaluation.reference" in err and "does not exist" in err

@@ -125,6 +125,11 @@ def _evaluation_line(cfg: ExperimentConfig) -> str:
         parts.append(f"loss of {spec.holdout} held-out target images")
     if spec.bank_holdout:
         parts.append(f"loss of {spec.bank_holdout} held-out bank samples")
+    if spec.reference and not Path(spec.reference).is_file():  # found now, not at the first evaluation
+        raise UserError(
+            f"train.evaluation.reference {spec.reference!r} does not exist; give the .npz of "
+            "`difftune eval fid --save-real-stats`, or leave it out to score against held-out target images"
+        )
     if spec.features:
         parts.append(f"FID/KID of {spec.samples} samples on {spec.features} features")
     if spec.samples and cfg.bank.path:
