@@ -322,3 +322,21 @@ def test_the_time_split_recipe_dry_runs(tmp_path: Path, monkeypatch, capsys) -> 
     plan = load_sequence(recipe)
     assert plan.base.model.pretrained == "facebook/DiT-XL-2-256" and plan.base.bank_count == 6
     assert plan.task_data(3).path == "data/evolving_image_search/2011" and plan.spec.labels == "shared"
+
+
+def test_a_bank_path_of_another_model_is_refused(
+    workspace: Path, dit_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from difftune.backbones.loading import load_pretrained
+    from difftune.bank.generate import generate_bank
+    from difftune.config.bank import BankConfig
+    from difftune.config.sampling import SamplingSpec
+
+    bank = tmp_path / "other-bank"
+    generate_bank(
+        load_pretrained(str(dit_dir)), BankConfig(str(bank), 4, SamplingSpec(steps=2)), progress=False
+    )
+    config = sequence_config(workspace, tmp_path / "seq", "pretrained", features=None)
+    assert main(["continual", "--config", str(config), "--set", f"bank.path={bank}"]) == 2
+    assert "was made by another model" in capsys.readouterr().err
+    assert not (tmp_path / "seq" / "stage1-2-3").exists()

@@ -30,6 +30,7 @@ from difftune.continual.scoring import TaskClasses, TaskScorer, reference_images
 from difftune.data.targets import load_target_images
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_write_json
+from difftune.io.store import LatentStore
 from difftune.training.state import list_checkpoints
 
 SEQUENCE_FILE = "sequence.json"
@@ -79,6 +80,26 @@ def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
         record,
         {"digest": plan.digest, "tasks": [task.name for task in plan.tasks], "config": plan.base.to_dict()},
     )
+
+
+def check_own_bank(path: str, source: LoadedModel) -> None:
+    """The bank given as ``bank.path`` is the configured model's (the stages, trained from later models,
+    no longer check it against their own weights).
+
+    Raises:
+        UserError: it is missing, or another model made it.
+    """
+    store = LatentStore(path)
+    if not (store.root / "manifest.json").is_file():
+        raise UserError(
+            f"bank.path {path!r} holds no bank: make it with `difftune bank`, or leave bank.path out"
+        )
+    made_by = store.manifest["source_fingerprint"]
+    if made_by != source.fingerprint():
+        raise UserError(
+            f"bank.path {path!r} was made by another model (fingerprint {made_by}, the configured model is "
+            f"{source.fingerprint()}); leave bank.path out and the sequence makes the original model's bank"
+        )
 
 
 def start_model(plan: SequencePlan, k: int, previous: StartModel, rows: int) -> StartModel:
@@ -198,6 +219,8 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
     base = plan.base.model
     models = [StartModel(base.pretrained, base.subfolder)]
     source = load_pretrained(base.pretrained, base.subfolder, base.vae, base.revision)
+    if plan.own_bank and plan.base.reads_bank:
+        check_own_bank(plan.own_bank, source)
     class_conditional = isinstance(source.backbone, ClassConditionalBackbone)
     rows = source.backbone.num_classes if class_conditional else 0
     tasks = [TaskClasses(0, rows)]
