@@ -4,7 +4,8 @@ An adapter directory holds ``difftune_adapter.safetensors`` (the method's traina
 name in the diffusers model) and ``difftune_tuning.json`` (the method, its settings, and the
 base: where it came from and the fingerprint of its weights). LoRA, LoHa and LoKr adapters are
 also written in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``), which
-``peft.PeftModel.from_pretrained(base_model, directory)`` loads as it is.
+``peft.PeftModel.from_pretrained(base_model, directory)`` loads as it is; a LoRA of the Stable
+Diffusion family also in diffusers' layout (:mod:`difftune.backbones.lora_layout`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def save_adapter(loaded: LoadedModel, directory: Path) -> None:
         config = tuning.peft_config(inner, loaded.backbone.adapter_targets)
         config.base_model_name_or_path = record.base.get("source")
         config.save_pretrained(str(directory))
+        if tuning.kind == "lora":  # diffusers' layout too, where the family's stock loader reads it
+            loaded.family.save_lora(inner, directory)
 
 
 def is_adapter(directory: str | Path) -> bool:

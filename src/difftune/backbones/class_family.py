@@ -174,6 +174,10 @@ class ClassFamily(ModelFamily):
             f"guidance through `difftune sample --model {CARD_FOLDER} --guidance-scale 1.5`.",
         ]
 
+    def save_lora(self, model: Any, directory: Path) -> None:
+        """Nothing: peft's format, which the adapter folder holds, is what loads a LoRA into these models."""
+        return None
+
 
 DIT = ClassFamily(
     "dit",

@@ -9,6 +9,7 @@ which its ``difftune_source.json`` records.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,14 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.controlnet import CONTROL, ControlNetBackbone, to_uint8
-from difftune.backbones.family import ConditionRequest, LoadContext, PreflightFacts, TargetSource
+from difftune.backbones.family import (
+    ConditionRequest,
+    LoadContext,
+    PreflightFacts,
+    TargetSource,
+    absolute_source,
+)
+from difftune.backbones.lora_layout import lora_card, save_model_lora
 from difftune.backbones.sd_family import ATTENTION, StableDiffusionFamily, TextParts, _Prompts
 from difftune.backbones.sd_parts import frozen_unet_location
 from difftune.config.experiment import NEW_CONTROLNET_TRAINS_IN_FULL
@@ -131,6 +139,22 @@ class ControlNetFamily(StableDiffusionFamily):
 
     def sample_flags(self, loaded: Any) -> str:
         return super().sample_flags(loaded) + " --control-image control.png"
+
+    def card_notes(self, loaded: Any, directory: Path) -> list[str]:
+        """How a stock ControlNet loads the LoRA of an adapter run, if it has one."""
+        return lora_card(
+            directory,
+            "ControlNetModel, StableDiffusionControlNetPipeline",
+            [
+                f'controlnet = ControlNetModel.from_pretrained("{absolute_source(loaded.parts.controlnet)}")',
+                'controlnet.load_lora_adapter("{folder}", prefix=None, use_safetensors=True)',
+                f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{absolute_source(loaded.source)}", controlnet=controlnet)',
+            ],
+        )
+
+    def save_lora(self, model: Any, directory: Path) -> None:
+        """The layout of the ControlNet's own ``save_lora_adapter``: no pipeline loads a ControlNet's LoRA."""
+        save_model_lora(model, directory)
 
 
 CONTROLNET = ControlNetFamily()

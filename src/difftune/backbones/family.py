@@ -50,6 +50,7 @@ HOOKS = (
     "pipeline_extras",
     "sample_flags",
     "card_notes",
+    "save_lora",
 )
 ADAPTER_TARGET_KEYS = ("lora", "svdiff")  # the methods a family names default target modules for
 LABEL_BANK = ["labels"]  # what a bank without recorded condition names holds (class-conditional banks)
@@ -306,6 +307,11 @@ class ModelFamily:
 
     def card_notes(self, loaded: Any, directory: Path) -> list[str]:
         """Extra model-card sections (lines), or none."""
+        raise NotImplementedError
+
+    def save_lora(self, model: Any, directory: Path) -> None:
+        """Write the LoRA of the denoiser ``model`` (peft layers injected) into the adapter ``directory`` in
+        the layout the family's stock diffusers loader reads; nothing where peft's format is that loader."""
         raise NotImplementedError
 
 
