@@ -26,6 +26,7 @@ from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
 from difftune.training.divergence import NonFiniteGuard
 from difftune.training.evaluation import BestModel
+from difftune.training.model_state import compact_model_state
 from difftune.training.outputs import (
     append_history,
     flat_config,
@@ -133,7 +134,8 @@ class Trainer:
         """
         lock = RunLock(self.out)
         try:
-            return self._train(claim_run_folder(self.accelerator, lock, self.out, self.cfg.train))
+            with compact_model_state(self.accelerator, self.backbone):  # checkpoints hold what trains
+                return self._train(claim_run_folder(self.accelerator, lock, self.out, self.cfg.train))
         finally:
             lock.release()
 

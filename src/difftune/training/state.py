@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import yaml
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
@@ -215,10 +216,8 @@ def load_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> No
         try:
             loop.load_state_dict(json.loads((state_dir / LOOP_FILE).read_text()))
             if ema is not None:
-                settings = json.loads((state_dir / EMA_SETTINGS_FILE).read_text())
-                tensors = load_file(str(state_dir / EMA_FILE))
-                shadow = [tensors[k] for k in sorted(tensors)]
-                ema.load_state_dict({**settings, "shadow_params": shadow})
+                ema.load_state_dict(json.loads((state_dir / EMA_SETTINGS_FILE).read_text()))
+                load_ema_in_place(ema, state_dir / EMA_FILE)
         except (OSError, ValueError, KeyError) as err:
             if isinstance(err, UserError):
                 raise
@@ -239,6 +238,30 @@ def load_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> No
         )
     for obj, path in zip(objects, legacy, strict=True):
         obj.load_state_dict(_load_tensors_only(path))
+
+
+def load_ema_in_place(ema: EMAModel, path: Path) -> None:
+    """Copy the averages of ``path`` into ``ema``'s own tensors, one at a time: diffusers'
+    ``EMAModel.load_state_dict`` deep-copies its argument, which holds a model's size twice more.
+
+    Raises:
+        UserError: the file holds another number of averages, or one of another shape.
+    """
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = sorted(f.keys())
+        if len(keys) != len(ema.shadow_params):
+            raise UserError(
+                f"{path} holds {len(keys)} averages, this run's EMA {len(ema.shadow_params)}: the checkpoint "
+                "was written with other trainable parameters; resume with the run's own tuning settings"
+            )
+        with torch.no_grad():
+            for key, average in zip(keys, ema.shadow_params, strict=True):
+                value = f.get_tensor(key)
+                if value.shape != average.shape:
+                    raise UserError(
+                        f"{path}: average {key} has shape {tuple(value.shape)}, the EMA's {tuple(average.shape)}"
+                    )
+                average.copy_(value)
 
 
 def _legacy_files(state_dir: Path) -> list[Path]:
