@@ -82,6 +82,7 @@ def _section_classes() -> dict[str, type]:
                 "objective.target_schedule=power_up)",
                 "objective.bank_exponent is deprecated: use objective.power_down.exponent (the exponent of "
                 "objective.bank_schedule=power_down)",
+                "bank.prompts=null is deprecated: use bank.prompts=captions",
             ],
         ),
     ],
@@ -107,7 +108,8 @@ def test_an_old_runs_saved_config_loads_and_saves_in_the_new_spelling(
         cfg = load_config(path)
         lines = _said(caplog)
     keys = old_keys(read_config_file(path))
-    assert len(keys) == 26 and [line.split(" ", 1)[0] for line in lines] == keys  # once each, in order
+    # once each, in order (an old value's line names its key and the value: bank.prompts=null)
+    assert len(keys) == 27 and [re.split("[ =]", line, maxsplit=1)[0] for line in lines] == keys
     assert "objective.teacher_dtype is deprecated: use objective.distillation.teacher_dtype" in lines
     assert "model.tuning is deprecated: use tuning.method" in lines
     assert (cfg.tuning.method, cfg.tuning.lora) == ("lora", LoraSettings(rank=4, alpha=4))

@@ -139,7 +139,7 @@ def test_recipe_loads_with_its_numbers(name: str) -> None:
         assert cfg.uses_bank == (name not in NO_BANK)
         bank = cfg.bank  # kept, so that --set objective.retention_data=bank gives the bank variant
         assert (bank.num_samples, bank.sampling.guidance_scale, bank.sampling.steps) == (10000, 7.5, 25)
-        assert bank.prompts is None and bank.condition == "null" and bank.path.startswith("banks/sd15-")
+        assert bank.prompts == "captions" and bank.condition == "null" and bank.path.startswith("banks/sd15-")
     elif name in PLAIN:
         assert oc.target_schedule == "uniform" and cfg.bank_count == 0
     else:

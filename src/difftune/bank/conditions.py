@@ -1,12 +1,11 @@
 """What a knowledge bank's conditions are made from, given to the model's family: the bank's prompts
-(``bank.prompts`` or the target's captions) and the annotator that turns each generated image into its
-control image; the check of a bank's conditions against the model; the bank a run replays (and
+(``bank.prompts``: :mod:`difftune.bank.prompts`) and the annotator that turns each generated image into
+its control image; the check of a bank's conditions against the model; the bank a run replays (and
 evaluates forgetting on)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,37 +14,33 @@ from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import BankInputs
 from difftune.backbones.loading import LoadedModel
+from difftune.bank.prompts import check_prompt_mode, choose_prompts
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 
 
-def bank_prompts(cfg: ExperimentConfig) -> list[str]:
-    """``bank.prompts`` (a text file, one prompt per line) or, when unset, the target set's captions.
+def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> str | None:
+    """Give the backbone what its family's bank conditions need (a text model's prompts, embedded; a
+    ControlNet's annotator), read from ``cfg`` only when the family asks for it.
+
+    Returns:
+        The line that says where the bank's prompts come from, or ``None`` for a model that reads none.
 
     Raises:
-        UserError: the prompt file is missing or empty.
+        UserError: a ``bank.prompts`` other than ``captions`` for a model whose bank takes no prompts, or
+            prompts that cannot be read (:func:`~difftune.bank.prompts.choose_prompts`).
     """
-    if cfg.bank.prompts:
-        path = Path(cfg.bank.prompts)
-        if not path.is_file():
-            raise UserError(
-                f"bank.prompts {str(path)!r} does not exist; give a text file with one prompt per line"
-            )
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"bank.prompts {str(path)!r} holds no prompts; write one prompt per line")
-        return prompts
-    from difftune.data.targets import load_target_images
+    check_prompt_mode(cfg.bank, loaded.backbone, cfg.model.pretrained)
+    lines: list[str] = []
 
-    images = load_target_images(cfg.data, 8, 3)  # captions only: nothing is decoded at this size
-    return images.caption_list(cfg.data.caption_template)
+    def prompts() -> list[str]:
+        chosen = choose_prompts(cfg)
+        lines.append(chosen.line)
+        return chosen.prompts
 
-
-def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> None:
-    """Give the backbone what its family's bank conditions need (a text model's prompts, embedded; a
-    ControlNet's annotator), read from ``cfg`` only when the family asks for it."""
-    loaded.family.prepare_bank(loaded, BankInputs(lambda: bank_prompts(cfg), lambda: _bank_annotator(cfg)))
+    loaded.family.prepare_bank(loaded, BankInputs(prompts, lambda: _bank_annotator(cfg)))
+    return lines[0] if lines else None
 
 
 def _bank_annotator(cfg: ExperimentConfig) -> Any:

@@ -22,6 +22,7 @@ from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from difftune.backbones.loading import LoadedModel
+from difftune.bank.prompts import prompts_record, reads_prompts, unrecorded_prompt_mode
 from difftune.config.experiment import BankConfig
 from difftune.errors import UserError
 from difftune.io.store import LatentStore
@@ -32,7 +33,8 @@ BANK_FORMAT = 1
 
 
 def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
-    """The manifest describing a bank generated from ``loaded`` with settings ``cfg``."""
+    """The manifest describing a bank generated from ``loaded`` with settings ``cfg`` (a text model's
+    also says which ``bank.prompts`` mode chose its prompts: :func:`~difftune.bank.prompts.prompts_record`)."""
     backbone = loaded.backbone
     return {
         "kind": "bank",
@@ -44,6 +46,7 @@ def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
         "shape": list(backbone.sample_shape),
         "dtype": "float32",
         **backbone.bank_record(),
+        **(prompts_record(cfg) if reads_prompts(backbone) else {}),
         "scheduler": sampler_for(cfg.sampling.scheduler, loaded.scheduler_config),  # the sampler that ran
         "noise_schedule": loaded.scheduler_config,
         "num_inference_steps": cfg.sampling.steps,
@@ -79,8 +82,10 @@ def generate_bank(
     manifest = bank_manifest(loaded, cfg)
     if state.is_main_process:
         # the weights' fingerprint identifies the model; its path may change between runs
-        # the noise schedule is a record (banks made before it was recorded resume too)
-        LatentStore.create(cfg.path, manifest, informational=("source", "vae", "noise_schedule"))
+        # the noise schedule is a record (banks made before it was recorded resume too), and so is the
+        # prompt mode of a bank made before it was recorded (its prompts' count and hash still must match)
+        informational = ("source", "vae", "noise_schedule", *unrecorded_prompt_mode(cfg.path))
+        LatentStore.create(cfg.path, manifest, informational=informational)
     state.wait_for_everyone()
     store = LatentStore(cfg.path)
     backbone = loaded.backbone.to(device).eval()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from difftune.commands import add_config_command, check_scheduler, start_torch
 from difftune.config.checks import ConfigError, check_model_paths
-from difftune.config.experiment import load_config
+from difftune.config.experiment import ExperimentConfig, load_config
 
 HELP = "generate (or resume) the knowledge bank from the frozen pre-trained model"
 
@@ -27,11 +28,14 @@ def cmd_bank(args: argparse.Namespace) -> int:
     )  # imports diffusers: the last check
     if args.dry_run:
         b, spec = cfg.bank, cfg.bank.sampling
+        line = _planned_prompts(cfg)
         print(
             f"would generate {b.num_samples} samples from {cfg.model.pretrained} into {b.path} "
             f"({-(-b.num_samples // b.shard_size)} shards; {spec.describe()}, "
             f"seeds {spec.seed}..{spec.seed + b.num_samples - 1})"
         )
+        if line:
+            print(f"prompts: {line}")
         return 0
     start_torch()
     from difftune.backbones import load_pretrained
@@ -41,10 +45,36 @@ def cmd_bank(args: argparse.Namespace) -> int:
     loaded = load_pretrained(
         cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision, cfg.model.controlnet
     )
-    prepare_bank_conditions(loaded, cfg)
+    line = prepare_bank_conditions(loaded, cfg)
+    if line:
+        print(f"prompts: {line}")
     store = generate_bank(loaded, cfg.bank)
     print(f"bank complete: {store.root} ({cfg.bank.num_samples} samples)")
     return 0
+
+
+def _planned_prompts(cfg: ExperimentConfig) -> str | None:
+    """The dry run's line on a ``bank.prompts`` other than the default ``captions``, whose prompts are read
+    now; such a mode is refused for a model whose config says its bank takes no prompts (a hub model not
+    in the local cache is checked once it is loaded)."""
+    if cfg.bank.prompts == "captions":
+        return None
+    from difftune.backbones.loading import peek_backbone
+    from difftune.bank.prompts import check_prompt_mode, choose_prompts
+
+    try:
+        backbone = peek_backbone(
+            cfg.model.pretrained,
+            cfg.model.subfolder,
+            cfg.model.revision,
+            local_only=not Path(cfg.model.pretrained).exists(),
+            controlnet=cfg.model.controlnet,
+        )
+    except OSError:
+        backbone = None
+    if backbone is not None:
+        check_prompt_mode(cfg.bank, backbone, cfg.model.pretrained)
+    return choose_prompts(cfg).line
 
 
 def add_parser(subparsers: Any) -> None:

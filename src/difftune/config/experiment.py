@@ -179,13 +179,15 @@ def _override(
             continue
         check_key(_SECTIONS, key)
         try:
-            set_nested(out, key.split("."), parse_value(value))
+            parsed = parse_value(value)
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"--set {item!r}: the value is not valid YAML ({yaml_problem(err)}); fix it (a list is "
                 f"written [1, 2]), or quote it to give it as text: --set '{given}=\"{value}\"'"
             ) from None
-        keys.append(key)
+        for name, setting in upgrade.new_values(key, parsed).items():  # an old value: what it stands for
+            set_nested(out, name.split("."), setting)
+            keys.append(name)
     return out, keys
 
 

@@ -3,16 +3,21 @@ config (a file, a checkpoint's saved ``config.yaml``, the ``--set`` keys) to the
 
 A config is upgraded before it is validated, so an old file and an old run's ``config.yaml`` still
 load: each old key gives one deprecation line, once per load, that names its new spelling
-(``objective.teacher_dtype is deprecated: use objective.distillation.teacher_dtype``). A file that
-gives one setting in both spellings is refused in one line. Resuming compares the upgraded forms.
+(``objective.teacher_dtype is deprecated: use objective.distillation.teacher_dtype``). A setting whose
+old values are spelled differently now (:data:`OLD_VALUES`: ``bank.prompts`` held a prompt file's path,
+now ``bank.prompts: file`` with ``bank.prompts_file``) is upgraded the same way, one line per old value.
+A file that gives one setting in both spellings is refused in one line. Resuming compares the upgraded
+forms.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from difftune.config.bank import PROMPT_MODES
 from difftune.config.checks import ConfigError
 from difftune.config.objective import LOGIT_NORMAL_SCHEDULES, POWER_SCHEDULES, ObjectiveConfig
 from difftune.config.sections import set_nested
@@ -55,6 +60,22 @@ PER_SCHEDULE: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "objective.bank_offset": ("bank_schedule", "offset", LOGIT_NORMAL_SCHEDULES),
 }
 STREAMS = ("target_schedule", "bank_schedule")
+
+
+def _bank_prompts(value: Any) -> dict[str, Any] | None:
+    """``bank.prompts`` was null (the target's captions) or a prompt file's path: a string that is no
+    mode and has a folder or an extension in it, or names a file (another string is a wrong mode)."""
+    if value is None:
+        return {"bank.prompts": "captions"}
+    named = isinstance(value, str) and (any(mark in value for mark in "/\\.") or Path(value).is_file())
+    if named and value not in PROMPT_MODES:
+        return {"bank.prompts": "file", "bank.prompts_file": value}
+    return None
+
+
+# settings whose old values are spelled differently now: key -> the settings an old value stands for
+# (``None`` for a value in the new spelling)
+OLD_VALUES: dict[str, Callable[[Any], dict[str, Any] | None]] = {"bank.prompts": _bank_prompts}
 
 
 def _get(raw: Mapping[str, Any], key: str) -> Any:
@@ -115,12 +136,25 @@ class Upgrade:
         )
         return None
 
+    def new_values(self, key: str, value: Any) -> dict[str, Any]:
+        """The settings (dotted key -> value) that ``value`` of the (new-spelling) ``key`` stands for:
+        ``{key: value}`` itself unless it is an old value (:data:`OLD_VALUES`), whose deprecation is
+        said the first time."""
+        new = OLD_VALUES[key](value) if key in OLD_VALUES else None
+        if new is None:
+            return {key: value}
+        use = " and ".join(f"{name}={_shown(setting)}" for name, setting in new.items())
+        self._say(f"{key}={_shown(value)}", f"use {use}")
+        return new
+
     def mapping(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """``raw`` (sections of settings) with every old key moved to its new spelling.
+        """``raw`` (sections of settings) with every old key moved to its new spelling, and every old
+        value replaced by the settings it stands for (:data:`OLD_VALUES`).
 
         Raises:
-            ConfigError: a setting given in both spellings (or twice through two old stream settings,
-                with different values), or an old key whose new place is not a mapping.
+            ConfigError: a setting given in both spellings (an old key or value and what it becomes; or
+                twice through two old stream settings, with different values), or an old key whose new
+                place is not a mapping.
         """
         objective = raw.get("objective")
         for stream in STREAMS:
@@ -150,12 +184,32 @@ class Upgrade:
             _place(out, new)
             set_nested(out, new.split("."), value)
             moved[new] = (old, value)
+        for key in OLD_VALUES:
+            value = _get(out, key)
+            if value is _MISSING:
+                continue
+            for name, setting in self.new_values(key, value).items():
+                if name != key and _get(out, name) is not _MISSING:
+                    raise ConfigError(
+                        f"{key}={_shown(value)} is the old spelling of {name}, which is given too; keep "
+                        f"{name} only"
+                    )
+                set_nested(out, name.split("."), setting)
         return out
 
 
+def _shown(value: Any) -> str:
+    """A setting's value as a config states it (``null`` for ``None``)."""
+    return "null" if value is None else str(value)
+
+
 def old_keys(raw: Mapping[str, Any]) -> list[str]:
-    """The old keys ``raw`` holds, in the tables' order."""
-    return [key for key in (*RENAMES, *PER_SCHEDULE) if _get(raw, key) is not _MISSING]
+    """The old keys ``raw`` holds, and the keys of the old values it holds, in the tables' order."""
+    keys = [key for key in (*RENAMES, *PER_SCHEDULE) if _get(raw, key) is not _MISSING]
+    values = ((key, _get(raw, key)) for key in OLD_VALUES)
+    return keys + [
+        key for key, value in values if value is not _MISSING and OLD_VALUES[key](value) is not None
+    ]
 
 
 def _place(out: dict[str, Any], key: str) -> None:

@@ -16,6 +16,7 @@ from difftune.backbones.adapters import adapter_directory, read_record
 from difftune.backbones.family import PreflightFacts
 from difftune.backbones.loading import peek_backbone
 from difftune.bank.conditions import check_bank_conditions
+from difftune.bank.prompts import check_prompt_mode
 from difftune.config.data import BUILT_IN_SOURCES
 from difftune.config.experiment import ExperimentConfig
 from difftune.control.validation import check_validation
@@ -88,6 +89,9 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
             *_output_lines(cfg),
         ]
     check_validation(cfg.train.validation_every, backbone, cfg.data.annotator)
+    check_prompt_mode(
+        cfg.bank, backbone, cfg.model.pretrained
+    )  # the config's `difftune bank` would refuse it
     facts = PreflightFacts(classes, lambda: _target_line(cfg, classes), lambda: _control_line(cfg))
     lines = backbone.family.preflight_lines(backbone, facts)  # refuses a target the model cannot take
     if cfg.reads_bank:
