@@ -340,3 +340,17 @@ def test_a_bank_path_of_another_model_is_refused(
     assert main(["continual", "--config", str(config), "--set", f"bank.path={bank}"]) == 2
     assert "was made by another model" in capsys.readouterr().err
     assert not (tmp_path / "seq" / "stage1-2-3").exists()
+
+
+def test_a_sequence_written_by_an_older_difftune_is_compared_setting_by_setting(
+    workspace: Path, accumulated: Path
+) -> None:
+    plan = load_sequence(workspace / "acc.yaml")
+    record = json.loads((accumulated / "sequence.json").read_text())
+    older = json.loads(json.dumps(record))
+    del older["config"]["bank"]["made_by"]  # a setting added since: it ran with its default
+    del older["continual"]["labels"]
+    assert plan.changes_from(older) == []
+    other = load_sequence(workspace / "acc.yaml", ["data.per_class=7", "continual.bank_cap=10"])
+    changes = other.changes_from(record)
+    assert "data.per_class: 5 -> 7" in changes and "continual.bank_cap: 12 -> 10" in changes

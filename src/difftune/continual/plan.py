@@ -8,8 +8,6 @@ regular training run (resumable, reportable), the banks in ``banks/``, the grown
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,13 @@ from difftune.config.experiment import ExperimentConfig, config_from_mapping
 from difftune.config.files import parse_value, read_config_file
 from difftune.config.sections import build_section, set_nested
 
-_NO_BANK = "<the sequence's own bank>"  # bank.path while the config leaves it to the sequence
+_NO_BANK = "<the sequence's own bank>"
+SEQUENCE_KEYS = (
+    "bank_policy",
+    "bank_cap",
+    "labels",
+    "seed",
+)  # the continual settings the weights depend on  # bank.path while the config leaves it to the sequence
 
 
 @dataclass(frozen=True)
@@ -43,19 +47,45 @@ class SequencePlan:
         spec: the ``continual`` section.
         own_bank: the original model's bank given as ``bank.path`` (``pretrained`` policy), or ``None``:
             the sequence makes it.
-        digest: a fingerprint of what the stages train on: a sequence folder refuses another plan.
     """
 
     base: ExperimentConfig
     tasks: list[TaskSpec]
     spec: ContinualSpec
     own_bank: str | None
-    digest: str
 
     @property
     def out(self) -> Path:
         """The sequence folder."""
         return Path(self.base.train.output_dir)
+
+    def record(self) -> dict[str, Any]:
+        """What the stages' weights depend on, as ``sequence.json`` keeps it (:meth:`changes_from`)."""
+        return {
+            "config": self.base.to_dict(),
+            "task_settings": [dataclasses.asdict(task) for task in self.tasks],
+            "continual": {key: getattr(self.spec, key) for key in SEQUENCE_KEYS},
+        }
+
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """How this plan differs from the ``record`` of the sequence in its folder, as ``key: old -> new``;
+        settings that resuming a run allows (:func:`~difftune.training.run_dir.config_changes`) and
+        settings added to difftune since (at their defaults) are not differences."""
+        from difftune.config.renames import upgrade
+        from difftune.training.run_dir import config_changes
+
+        changes = config_changes(upgrade(saved.get("config") or {}, warn=False), self.base.to_dict())[1]
+        now = self.record()
+        tasks = saved.get("task_settings")
+        if tasks is None:  # a record of the first layout: the task names only
+            names = [task.name for task in self.tasks]
+            changes += [f"tasks: {saved.get('tasks')} -> {names}"] if saved.get("tasks") != names else []
+        elif tasks != now["task_settings"]:
+            changes.append(f"tasks: {tasks} -> {now['task_settings']}")
+        for key, value in (saved.get("continual") or {}).items():
+            if now["continual"].get(key, value) != value:
+                changes.append(f"continual.{key}: {value!r} -> {now['continual'][key]!r}")
+        return changes
 
     def stage_dir(self, k: int) -> Path:
         """The run folder of stage ``k`` (1-based)."""
@@ -141,21 +171,7 @@ def load_sequence(path: str | os.PathLike, overrides: list[str] | None = None) -
         f"continual.bank_policy={spec.bank_policy} makes banks, but this objective replays none "
         "(objective.bank_share=0): leave the policy at pretrained",
     )
-    plan = SequencePlan(base, tasks, spec, own_bank, "")
+    plan = SequencePlan(base, tasks, spec, own_bank)
     for k in range(1, len(tasks) + 1):
         plan.task_data(k)  # every task's data settings checked now, not stages later
-    plan.digest = _digest(base, tasks, spec)
     return plan
-
-
-def _digest(base: ExperimentConfig, tasks: list[TaskSpec], spec: ContinualSpec) -> str:
-    """What the stages' weights depend on (the output folder and the measures' settings excluded)."""
-    record: dict[str, Any] = base.to_dict()
-    record["train"] = {
-        k: v for k, v in record["train"].items() if k not in ("output_dir", "resume", "overwrite")
-    }
-    record["tasks"] = [dataclasses.asdict(task) for task in tasks]
-    record["bank_policy"], record["bank_cap"], record["seed"] = spec.bank_policy, spec.bank_cap, spec.seed
-    if spec.labels != "new":
-        record["labels"] = spec.labels
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -60,12 +60,14 @@ def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
     """
     out, record = plan.out, plan.out / SEQUENCE_FILE
     if record.is_file():
-        if json.loads(record.read_text()).get("digest") != plan.digest:
-            if not overwrite:
-                raise UserError(
-                    f"{out} holds a task sequence with other settings (tasks, data, objective or training); "
-                    "choose another train.output_dir, or pass --overwrite to replace it"
-                )
+        changes = plan.changes_from(json.loads(record.read_text()))
+        if changes and not overwrite:
+            raise UserError(
+                f"{out} holds a task sequence with other settings ({'; '.join(changes[:3])}"
+                f"{'; ...' if len(changes) > 3 else ''}); choose another train.output_dir, or pass --overwrite "
+                "to replace it"
+            )
+        if changes:
             for path in [*out.glob("stage*-*"), *(out / name for name in OWN_PATHS)]:
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -76,10 +78,7 @@ def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
             f"{out} holds a training run, not a task sequence; choose another train.output_dir for the sequence"
         )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        record,
-        {"digest": plan.digest, "tasks": [task.name for task in plan.tasks], "config": plan.base.to_dict()},
-    )
+    atomic_write_json(record, {"tasks": [task.name for task in plan.tasks], **plan.record()})
 
 
 def check_own_bank(path: str, source: LoadedModel) -> None:
