@@ -130,6 +130,44 @@ def _cell(values: list[float]) -> str:
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{' sig.' if significant else ''}"
 
 
+def plot_stages(out: Path, results: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """``stages.png``: mean over seeds, after each stage, of the average FID over the tasks seen and of
+    the FID on the source, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method in [m for m in METHODS if m in results]:
+        runs = list(results[method].values())
+        stages = range(len(runs[0]["scores"]))
+        curves = {
+            "average FID over the tasks seen": [
+                statistics.fmean(statistics.fmean(r["scores"][i][1 : i + 1]) for r in runs)
+                for i in stages
+                if i
+            ],
+            "FID on the newest task": [
+                statistics.fmean(r["scores"][i][i] for r in runs) for i in stages if i
+            ],
+            "FID on the source (digits 0-1)": [
+                statistics.fmean(r["scores"][i][0] for r in runs) for i in stages
+            ],
+        }
+        for ax, (title, values) in zip(axes, curves.items(), strict=True):
+            first = 0 if title.startswith("FID on the source") else 1
+            ax.plot(range(first, first + len(values)), values, marker="o", label=method)
+            ax.set_title(title)
+            ax.set_xticks(range(len(TASKS) + 1))
+            ax.set_xlabel("after stage (0 = the source model)")
+    axes[0].set_ylabel("FID (lower is better)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "stages.png", dpi=100)
+    plt.close(fig)
+
+
 def summarise(out: Path) -> dict[str, Any]:
     """Per-method means and method − plain paired intervals; writes summary.json and summary.md."""
     from difftune.demos.report import environment
@@ -178,6 +216,7 @@ def summarise(out: Path) -> dict[str, Any]:
             *legend,
         ]
     )
+    plot_stages(out, results)
     summary = {"methods": table, "environment": environment(), "tasks": TASKS}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(text + "\n")
