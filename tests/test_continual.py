@@ -354,3 +354,44 @@ def test_a_sequence_written_by_an_older_difftune_is_compared_setting_by_setting(
     other = load_sequence(workspace / "acc.yaml", ["data.per_class=7", "continual.bank_cap=10"])
     changes = other.changes_from(record)
     assert "data.per_class: 5 -> 7" in changes and "continual.bank_cap: 12 -> 10" in changes
+
+
+def test_a_text_to_image_sequence_replays_the_previous_model_s_bank_of_its_captions(tmp_path: Path) -> None:
+    from difftune.testing.models import save_sd_pipeline
+    from test_stable_diffusion import _caption_folder
+
+    sd = save_sd_pipeline(tmp_path / "pipe")
+    first, second = _caption_folder(tmp_path / "a"), _caption_folder(tmp_path / "b", n=6)
+    raw = {
+        "model": {"pretrained": str(sd)},
+        "data": {"source": "captions"},
+        "bank": {"num_samples": 6, "sampling": {"steps": 2}, "batch_size": 4},
+        "objective": {"bank_share": 0.25},
+        "train": {
+            "output_dir": str(tmp_path / "out"),
+            "batch_size": 4,
+            "max_steps": 2,
+            "sampling": {"steps": 2},
+        },
+        "tasks": [{"name": "a", "data": {"path": str(first)}}, {"name": "b", "data": {"path": str(second)}}],
+        "continual": {"bank_policy": "previous"},
+    }
+    (tmp_path / "seq.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["continual", "--config", str(tmp_path / "seq.yaml")]) == 0
+    out = tmp_path / "out"
+    banks = [LatentStore(out / "banks" / f"model{j}").manifest for j in (0, 1)]
+    from difftune.backbones.loading import load_pretrained
+
+    stage1 = load_pretrained(str(out / "stage1-a" / "final"), "ema/unet")
+    assert banks[1]["source_fingerprint"] == stage1.fingerprint() != banks[0]["source_fingerprint"]
+    assert [b["num_prompts"] for b in banks] == [8, 6]  # the captions of the stage that replays each
+    stage2 = yaml.safe_load((out / "stage2-b" / "config.yaml").read_text())
+    assert stage2["model"]["pretrained"] == str(out / "stage1-a" / "final") and stage2["data"]["path"] == str(
+        second
+    )
+    with pytest.raises(UserError, match="class-conditional"):
+        from difftune.backbones.loading import load_pretrained
+        from difftune.continual.runner import Measures
+
+        plan = load_sequence(tmp_path / "seq.yaml", ["continual.features=inception"])
+        Measures(plan, load_pretrained(str(sd)), plan_start(plan), "cpu")

@@ -36,7 +36,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
     from difftune.continual.runner import run_sequence
 
     out = run_sequence(plan, overwrite=args.overwrite)
-    print(f"sequence: {out} (measures.json, heatmap.png; `difftune report {out}`)")
+    measured = "measures.json, heatmap.png; " if plan.spec.features else ""
+    print(f"sequence: {out} ({measured}`difftune report {out}`)")
     return 0
 
 

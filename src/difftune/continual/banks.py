@@ -54,7 +54,8 @@ def make_model_bank(plan: SequencePlan, j: int, model: StartModel, progress: boo
     if (path / "manifest.json").is_file() and not store.unfinished_shards(warn=False):
         return path
     loaded = load_pretrained(model.path, model.subfolder, plan.base.model.vae, plan.base.model.revision)
-    prepare_bank_conditions(loaded, plan.base)
+    # a text model's bank prompts come from the data of the first stage that replays the bank
+    prepare_bank_conditions(loaded, dataclasses.replace(plan.base, data=plan.task_data(j + 1)))
     generate_bank(loaded, dataclasses.replace(plan.base.bank, path=str(path)), progress=progress)
     return path
 
