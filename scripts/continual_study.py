@@ -47,6 +47,7 @@ MEASURES = {  # summary key -> (label, better when)
     "average_forgetting": ("average forgetting of tasks 1-3 (FID rise since their best)", "lower"),
     "source": ("FID on the source digits 0-1 after the last stage", "lower"),
     "source_forgetting": ("source forgetting (FID rise since the pre-trained model)", "lower"),
+    "learning": ("mean FID of each task right after its own stage (plasticity)", "lower"),
     "bwt": ("backward transfer (mean FID gain of tasks 1-3 from later stages)", "higher"),
     "fwt": ("forward transfer (FID gain of a new task before its stage vs the source)", "higher"),
 }
@@ -177,8 +178,10 @@ def summarise(out: Path) -> dict[str, Any]:
         seed, method = int(path.parent.parent.name[4:]), path.parent.name
         matrix = ScoreMatrix.read(path)
         if len(matrix.stages) == len(TASKS) + 1:
+            summary = matrix.to_dict()["summary"]
+            summary["learning"] = statistics.fmean(matrix.scores[j][j] for j in range(1, len(TASKS) + 1))
             results.setdefault(method, {})[seed] = {
-                "summary": matrix.to_dict()["summary"],
+                "summary": summary,
                 "scores": matrix.scores,
             }
     plain = results.get("plain", {})
