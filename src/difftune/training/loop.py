@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from difftune.backbones.loading import LoadedModel
@@ -259,10 +260,13 @@ class Trainer:
                     self.data_schedule.save(tmp / "state" / DATA_SCHEDULE_FILE)
                 save_model(self.loaded, tmp / "model", self.ema)
                 self.cfg.save(tmp / "config.yaml")
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
             shutil.rmtree(tmp, ignore_errors=True)
+            reason = (
+                getattr(err, "strerror", None) or str(err).split("I/O error: ")[-1].split(" (os error")[0]
+            )
             raise UserError(
-                f"could not write {final.name} ({err.strerror or err}); the last complete checkpoint is "
+                f"could not write {final.name} ({reason}); the last complete checkpoint is "
                 f"{self._last_good()}; free space or fix the folder, then resume with train.resume=latest"
             ) from None
         if acc.is_main_process:
