@@ -53,6 +53,7 @@ from difftune.training.state import (
 )
 
 logger = logging.getLogger(__name__)
+FULL_DISK_BYTES = 64 * 2**20  # less free space than this after a failed write: the disk was full
 
 
 class Trainer:
@@ -260,11 +261,14 @@ class Trainer:
                     self.data_schedule.save(tmp / "state" / DATA_SCHEDULE_FILE)
                 save_model(self.loaded, tmp / "model", self.ema)
                 self.cfg.save(tmp / "config.yaml")
-        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        except Exception as err:
+            # a full disk comes as an OSError, a SafetensorError or torch.save's RuntimeError: judged by
+            # the free space left, before the half-written checkpoint is removed
+            full = shutil.disk_usage(root).free < FULL_DISK_BYTES
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = (
-                getattr(err, "strerror", None) or str(err).split("I/O error: ")[-1].split(" (os error")[0]
-            )
+            if not (full or isinstance(err, (OSError, SafetensorError))):
+                raise
+            reason = "No space left on device" if full else getattr(err, "strerror", None) or str(err)
             raise UserError(
                 f"could not write {final.name} ({reason}); the last complete checkpoint is "
                 f"{self._last_good()}; free space or fix the folder, then resume with train.resume=latest"
