@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "train.batch_size=2",
             "objective.bank_share=0.5",
             "train.checkpoint_every=0",
+            "train.keep_checkpoints=1",  # a DiT-XL/2 checkpoint is about 18 GB
             "train.sample_every=0",
             "train.log_every=1",
         ]
