@@ -51,6 +51,22 @@ def test_bug_is_not_reported_as_bad_input(
     assert "difftune: error" not in capsys.readouterr().err
 
 
+def test_a_full_disk_is_one_line_whatever_library_reports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors import SafetensorError
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(difftune.demos.settings, "DemoSettings", full)
+    assert main(["demo", "--dry-run", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device (SafetensorError); free space" in err
+    with pytest.raises(SafetensorError):  # -v shows where
+        main(["-v", "demo", "--dry-run", "--out", str(tmp_path / "demo")])
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

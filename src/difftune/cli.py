@@ -34,6 +34,7 @@ from difftune.errors import UserError
 # bad input: UserError (ConfigError among them), and the OS's own errors for missing or protected paths
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError)
 
+FULL_DISK = "No space left on device"
 COMMANDS = (train, continual, bank, sample, demo, eval_fid, forgetting, export, convergence, report)
 
 
@@ -70,6 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difftune: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # a full disk, as safetensors or torch reports it, is the user's to fix
+        if FULL_DISK not in str(err) or args.verbose:
+            raise
+        print(
+            f"difftune: error: {FULL_DISK} ({type(err).__name__}); free space, then run the same command "
+            "again (a bank resumes by itself, a training run with --set train.resume=latest)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":
