@@ -128,7 +128,7 @@ class Measures:
             )
         spec = plan.spec
         assert spec.features is not None
-        self.plan, self.source, self.source_start = plan, source, source_start
+        self.plan, self.source_start = plan, source_start
         self.scorer = TaskScorer(plan, build_extractor(spec.features, spec.inception_weights), device)
         shape = source.backbone.sample_shape
         self.resolution, self.channels = source.codec.image_size(shape), source.codec.image_channels(shape)
@@ -141,17 +141,22 @@ class Measures:
         )
         if self.matrix.tasks != names:
             raise UserError(f"{path} scores other tasks ({self.matrix.tasks}); delete it to measure again")
+        self._reference(0, source)  # the one use of the source's weights: it is not kept
+        if not self.matrix.stages:
+            self._append_row(source, [TaskClasses(0, source.backbone.num_classes)], None)
 
-    def _reference(self, task: int) -> None:
+    def _reference(self, task: int, source: LoadedModel | None = None) -> None:
+        """Compute task ``task``'s reference once (the source's, task 0, decodes with ``source``)."""
         if self.scorer.has_reference(task):
             return
         if task == 0:
+            assert source is not None
             bank = (
                 str(model_bank_dir(self.plan, 0))
                 if (model_bank_dir(self.plan, 0) / "manifest.json").is_file()
                 else None
             )
-            images = source_reference(self.plan, self.source, self.resolution, self.channels, bank)
+            images = source_reference(self.plan, source, self.resolution, self.channels, bank)
         else:
             images = reference_images(self.plan, self.plan.task_data(task), self.resolution, self.channels)
         self.scorer.add_reference(task, images)
@@ -174,12 +179,14 @@ class Measures:
         self.matrix.baseline[k] = self.score(baseline, k, classes)
         self.save()
 
-    def row(self, i: int, model: StartModel, tasks: list[TaskClasses], stage_dir: str | None) -> None:
-        """Row ``i``: ``model`` (the model after stage ``i``) on the source and tasks ``1..i`` (``tasks[j]``)."""
-        if len(self.matrix.stages) > i:
-            return
-        loaded = self.source if i == 0 else self._load(model)
-        width = len(self.matrix.tasks)
+    def row(self, i: int, model: StartModel, tasks: list[TaskClasses], stage_dir: str) -> None:
+        """Row ``i`` >= 1: ``model`` (the model after stage ``i``) on the source and tasks ``1..i``
+        (``tasks[j]``), unless it is measured already."""
+        if len(self.matrix.stages) <= i:
+            self._append_row(self._load(model), tasks[: i + 1], stage_dir)
+
+    def _append_row(self, loaded: LoadedModel, tasks: list[TaskClasses], stage_dir: str | None) -> None:
+        i, width = len(self.matrix.stages), len(self.matrix.tasks)
         scores: list[float | None] = [self.score(loaded, j, tasks[j]) for j in range(i + 1)]
         self.matrix.scores.append(scores + [None] * (width - i - 1))
         self.matrix.stages.append(self.matrix.tasks[i])
@@ -226,8 +233,7 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
     if plan.spec.features and (plan.base.reads_bank or plan.spec.source_data is None):
         make_model_bank(plan, 0, models[0], progress)  # also the source's reference without source_data
     measures = Measures(plan, source, models[0], state.device) if plan.spec.features and main else None
-    if measures is not None:
-        measures.row(0, models[0], tasks, None)
+    del source  # not held through the stages: a real-size model would sit beside each stage's own
     for k in tqdm(range(1, len(plan.tasks) + 1), desc="stages", disable=not (progress and main)):
         run_dir = plan.stage_dir(k)
         count = class_count(plan, k) if class_conditional else 0
