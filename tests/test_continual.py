@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -126,6 +127,15 @@ def test_label_offset_moves_the_target_labels(dit_dir: Path, tmp_path: Path) -> 
     assert target.class_names == ["label0", "label1", "7", "9"]
     with pytest.raises(ConfigError, match="label_offset"):
         load_config(None, ["model.pretrained=x/y", "data.source=digits", "data.label_offset=-1"])
+    named = dataclasses.replace(cfg.data, label_names=["zero", "one"])
+    assert prepare_target(named, load_pretrained(str(dit_dir)), tmp_path / "named").class_names == [
+        "zero",
+        "one",
+        "7",
+        "9",
+    ]
+    with pytest.raises(ConfigError, match="names 1 rows"):
+        dataclasses.replace(cfg.data, label_names=["zero"])
 
 
 # ---------------------------------------------------------------- config
@@ -135,7 +145,8 @@ def test_sequence_config_refusals(workspace: Path, tmp_path: Path) -> None:
     path = sequence_config(workspace, tmp_path / "seq", "previous")
     plan = load_sequence(path, ["continual.samples_per_class=2"])
     assert [t.name for t in plan.tasks] == ["2-3", "4-5"] and plan.spec.samples_per_class == 2
-    assert plan.stage_config(2, plan_start(plan), 4, "b", False).data.label_offset == 4
+    data = plan.stage_config(2, plan_start(plan), ["0", "1", "2", "3"], "b", False).data
+    assert (data.label_offset, data.label_names, data.classes) == (4, ["0", "1", "2", "3"], [4, 5])
     with pytest.raises(ConfigError, match="difftune continual"):
         load_config(path)
     raw = yaml.safe_load(path.read_text())
@@ -223,7 +234,14 @@ def accumulated(workspace: Path) -> Path:
 def test_accumulate_sequence_grows_labels_merges_banks_and_measures(accumulated: Path) -> None:
     out = accumulated
     summary = json.loads((out / "stage2-4-5" / "run_summary.json").read_text())
-    assert summary["classes"] == {"label0": 0, "label1": 1, "label2": 2, "label3": 3, "4": 4, "5": 5}
+    # the source (no class_names.json) names its rows label<i>; the tasks' names are passed on
+    assert summary["classes"] == {"label0": 0, "label1": 1, "2": 2, "3": 3, "4": 4, "5": 5}
+    assert json.loads((out / "stage2-4-5" / "final" / "class_names.json").read_text())[2:] == [
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
     config = json.loads((out / "stage2-4-5" / "final" / "ema" / "transformer" / "config.json").read_text())
     assert config["num_embeds_ada_norm"] == 6  # 2 source rows + 2 + 2
     merged = LatentStore(out / "banks" / "merged2").load()

@@ -51,6 +51,8 @@ class DataConfig:
         label_offset: a class-conditional model sees the target's classes as label rows
             ``label_offset .. label_offset + K - 1`` instead of ``0 .. K - 1``: new classes take rows
             that the source's classes do not use (a task sequence sets it for each stage).
+        label_names: the names of the label rows below ``label_offset``, for the saved model's
+            ``class_names.json`` (``None``: ``label<i>``; a task sequence passes on the earlier names).
     """
 
     source: DataSource = "folder"
@@ -68,6 +70,7 @@ class DataConfig:
     control_column: str | None = None
     annotator: str | None = None
     label_offset: int = 0
+    label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
@@ -88,6 +91,11 @@ class DataConfig:
             self.per_class is None or self.per_class > 0, "data.per_class must be a positive integer or null"
         )
         _check(self.label_offset >= 0, f"data.label_offset={self.label_offset} must be >= 0")
+        _check(
+            self.label_names is None or len(self.label_names) == self.label_offset,
+            f"data.label_names names {len(self.label_names or [])} rows, but data.label_offset="
+            f"{self.label_offset} rows come before the target's: give one name per row, or leave it out",
+        )
         _check(
             self.label_offset == 0 or self.source not in ("captions", "hf_dataset"),
             f"data.label_offset moves class labels, but data.source={self.source} has captions, not classes: "

@@ -91,19 +91,21 @@ class SequencePlan:
         """The run folder of stage ``k`` (1-based)."""
         return self.out / f"stage{k}-{self.tasks[k - 1].name}"
 
-    def task_data(self, k: int, label_offset: int = 0) -> DataConfig:
-        """The ``data`` section of task ``k`` (1-based): the config's, with the task's settings over it."""
+    def task_data(self, k: int, label_offset: int = 0, label_names: list[str] | None = None) -> DataConfig:
+        """The ``data`` section of task ``k`` (1-based): the config's, with the task's settings over it,
+        its classes on the rows from ``label_offset`` (those below named ``label_names``)."""
         base = dataclasses.asdict(self.base.data)
-        merged = {**base, **self.tasks[k - 1].data, "label_offset": label_offset}
+        merged = {**base, **self.tasks[k - 1].data, "label_offset": label_offset, "label_names": label_names}
         if self.base.data.cache_dir:  # one target cache per stage: each task is other data
             merged["cache_dir"] = str(Path(self.base.data.cache_dir) / self.stage_dir(k).name)
         return build_section(DataConfig, merged, f"tasks[{k}].data")[0]
 
     def stage_config(
-        self, k: int, start: StartModel, label_offset: int, bank: str | None, resume: bool
+        self, k: int, start: StartModel, label_names: list[str], bank: str | None, resume: bool
     ) -> ExperimentConfig:
-        """The experiment config of stage ``k``: its task's data at ``label_offset``, from ``start``,
-        replaying ``bank`` (a bank of an earlier model), into its run folder, resuming when asked."""
+        """The experiment config of stage ``k``: its task's data on the rows after ``label_names`` (the
+        names of the rows before them), from ``start``, replaying ``bank`` (a bank of an earlier model),
+        into its run folder, resuming when asked."""
         cfg, task = self.base, self.tasks[k - 1]
         model = dataclasses.replace(cfg.model, pretrained=start.path, subfolder=start.subfolder)
         bank_cfg = dataclasses.replace(cfg.bank, path=bank or "", made_by="earlier_model")
@@ -115,7 +117,13 @@ class SequencePlan:
         )
         unset = cfg.unset - {"train.max_steps"} if task.steps else cfg.unset
         return ExperimentConfig(
-            model, self.task_data(k, label_offset), bank_cfg, cfg.objective, train, cfg.tuning, unset=unset
+            model,
+            self.task_data(k, len(label_names), label_names or None),
+            bank_cfg,
+            cfg.objective,
+            train,
+            cfg.tuning,
+            unset=unset,
         )
 
 

@@ -46,9 +46,18 @@ def final_model(run_dir: Path) -> StartModel:
     return StartModel(str(final), sub)
 
 
-def class_count(plan: SequencePlan, k: int) -> int:
-    """The number of classes of task ``k`` (1-based), read from its data without decoding images."""
-    return len(load_target_images(plan.task_data(k), 8, 1).class_names)
+def class_names(plan: SequencePlan, k: int) -> list[str]:
+    """The class names of task ``k`` (1-based), read from its data without decoding images."""
+    return load_target_images(plan.task_data(k), 8, 1).class_names
+
+
+def source_names(model: StartModel, rows: int) -> list[str]:
+    """The names of the source's label rows: its ``class_names.json`` (a difftune model), else ``label<i>``."""
+    path = Path(model.path) / "class_names.json"
+    names = json.loads(path.read_text()) if path.is_file() else []
+    if not (isinstance(names, list) and len(names) == rows and all(isinstance(n, str) for n in names)):
+        names = [f"label{row}" for row in range(rows)]
+    return names
 
 
 def claim_folder(plan: SequencePlan, overwrite: bool) -> None:
@@ -230,13 +239,15 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
     class_conditional = isinstance(source.backbone, ClassConditionalBackbone)
     rows = source.backbone.num_classes if class_conditional else 0
     tasks = [TaskClasses(0, rows)]
+    names = source_names(models[0], rows)  # one per label row in use
     if plan.spec.features and (plan.base.reads_bank or plan.spec.source_data is None):
         make_model_bank(plan, 0, models[0], progress)  # also the source's reference without source_data
     measures = Measures(plan, source, models[0], state.device) if plan.spec.features and main else None
     del source  # not held through the stages: a real-size model would sit beside each stage's own
     for k in tqdm(range(1, len(plan.tasks) + 1), desc="stages", disable=not (progress and main)):
         run_dir = plan.stage_dir(k)
-        count = class_count(plan, k) if class_conditional else 0
+        new_names = class_names(plan, k) if class_conditional else []
+        count = len(new_names)
         first = rows if plan.spec.labels == "new" else 0
         tasks.append(TaskClasses(first, count))
         for j in banks_needed(plan, k) if plan.base.reads_bank else []:
@@ -254,9 +265,10 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
             measures.before(k, start, tasks[k])
         if not (run_dir / "final").is_dir():
             resume = bool(list_checkpoints(run_dir))
-            train_model(plan.stage_config(k, start, first, bank, resume))
+            train_model(plan.stage_config(k, start, names[:first], bank, resume))
         models.append(final_model(run_dir))
         rows = max(rows, first + count)
+        names = names[:first] + new_names + names[first + count :]
         if measures is not None:
             measures.row(k, models[-1], tasks, run_dir.name)
         state.wait_for_everyone()

@@ -55,8 +55,8 @@ class TargetData:
         samples: posterior means (M, C, h, w) (the samples themselves in pixel space).
         std: posterior standard deviations (M, C, h, w) (zeros in pixel space).
         cond: the samples' conditions (M).
-        class_names: the name of each label row up to the last target class (``label<i>`` for rows below
-            ``data.label_offset``).
+        class_names: the name of each label row up to the last target class (``data.label_names``, or
+            ``label<i>``, for the rows below ``data.label_offset``).
     """
 
     samples: torch.Tensor
@@ -356,5 +356,6 @@ def prepare_target(
         )
     cond = Conditioning({key: value for key, value in cached.items() if key not in ("samples", "std")})
     backbone.check_condition(cond)
-    names = [f"label{row}" for row in range(cfg.label_offset)] + images.class_names  # one per label row
+    below = cfg.label_names or [f"label{row}" for row in range(cfg.label_offset)]
+    names = below + images.class_names  # one per label row
     return TargetData(cached["samples"], cached["std"], cond, names)
