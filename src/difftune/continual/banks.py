@@ -45,7 +45,6 @@ def banks_needed(plan: SequencePlan, k: int) -> list[int]:
 
 def make_model_bank(plan: SequencePlan, j: int, model: StartModel, progress: bool = True) -> Path:
     """Make (or finish) the bank of model ``j`` and return its folder."""
-    from difftune.backbones.loading import load_pretrained
     from difftune.bank.conditions import prepare_bank_conditions
     from difftune.bank.generate import generate_bank
 
@@ -53,7 +52,7 @@ def make_model_bank(plan: SequencePlan, j: int, model: StartModel, progress: boo
     store = LatentStore(path)
     if (path / "manifest.json").is_file() and not store.unfinished_shards(warn=False):
         return path
-    loaded = load_pretrained(model.path, model.subfolder, plan.base.model.vae, plan.base.model.revision)
+    loaded = plan.load(model)
     # a text model's bank prompts come from the data of the first stage that replays the bank
     prepare_bank_conditions(loaded, dataclasses.replace(plan.base, data=plan.task_data(j + 1)))
     generate_bank(loaded, dataclasses.replace(plan.base.bank, path=str(path)), progress=progress)

@@ -59,6 +59,12 @@ class SequencePlan:
         """The sequence folder."""
         return Path(self.base.train.output_dir)
 
+    def load(self, model: StartModel) -> Any:
+        """A model of the sequence (``LoadedModel``), with the configured VAE and revision."""
+        from difftune.backbones.loading import load_pretrained
+
+        return load_pretrained(model.path, model.subfolder, self.base.model.vae, self.base.model.revision)
+
     def record(self) -> dict[str, Any]:
         """What the stages' weights depend on, as ``sequence.json`` keeps it (:meth:`changes_from`)."""
         return {

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from difftune.backbones.base import ClassConditionalBackbone
 from difftune.backbones.label_table import grow_label_table
-from difftune.backbones.loading import LoadedModel, load_pretrained
+from difftune.backbones.loading import LoadedModel
 from difftune.backbones.saving import save_model
 from difftune.continual.banks import banks_needed, make_model_bank, model_bank_dir, stage_bank
 from difftune.continual.heatmap import write_heat_map
@@ -115,8 +115,7 @@ def start_model(plan: SequencePlan, k: int, previous: StartModel, rows: int) -> 
     (kept from an earlier call): the model stage ``k`` starts from when its classes need new rows."""
     grown = plan.out / "starts" / f"stage{k}"
     if not grown.is_dir():
-        model = plan.base.model
-        loaded = load_pretrained(previous.path, previous.subfolder, model.vae, model.revision)
+        loaded = plan.load(previous)
         grow_label_table(loaded.backbone.inner, rows)
         save_model(loaded, grown)
     return StartModel(str(grown), None)
@@ -175,15 +174,11 @@ class Measures:
         self._reference(task)
         return self.scorer.score(loaded, task, classes)
 
-    def _load(self, model: StartModel) -> LoadedModel:
-        config = self.plan.base.model
-        return load_pretrained(model.path, model.subfolder, config.vae, config.revision)
-
     def before(self, k: int, start: StartModel, classes: TaskClasses) -> None:
         """Score task ``k`` with the model that starts stage ``k`` and with the source grown alike."""
         if self.matrix.before[k] is not None:
             return
-        self.matrix.before[k] = self.score(self._load(start), k, classes)
+        self.matrix.before[k] = self.score(self.plan.load(start), k, classes)
         baseline = self._grown_source(classes.first_row + classes.count)
         self.matrix.baseline[k] = self.score(baseline, k, classes)
         self.save()
@@ -192,7 +187,7 @@ class Measures:
         """Row ``i`` >= 1: ``model`` (the model after stage ``i``) on the source and tasks ``1..i``
         (``tasks[j]``), unless it is measured already."""
         if len(self.matrix.stages) <= i:
-            self._append_row(self._load(model), tasks[: i + 1], stage_dir)
+            self._append_row(self.plan.load(model), tasks[: i + 1], stage_dir)
 
     def _append_row(self, loaded: LoadedModel, tasks: list[TaskClasses], stage_dir: str | None) -> None:
         i, width = len(self.matrix.stages), len(self.matrix.tasks)
@@ -204,7 +199,7 @@ class Measures:
 
     def _grown_source(self, rows: int) -> LoadedModel:
         """The source model loaded again, its label table grown to ``rows`` class rows."""
-        copy = self._load(self.source_start)
+        copy = self.plan.load(self.source_start)
         if copy.backbone.num_classes < rows:
             grow_label_table(copy.backbone.inner, rows)
             copy.backbone.num_classes = rows
@@ -233,7 +228,7 @@ def run_sequence(plan: SequencePlan, overwrite: bool = False, progress: bool = T
     state.wait_for_everyone()
     base = plan.base.model
     models = [StartModel(base.pretrained, base.subfolder)]
-    source = load_pretrained(base.pretrained, base.subfolder, base.vae, base.revision)
+    source = plan.load(models[0])
     if plan.own_bank and plan.base.reads_bank:
         check_own_bank(plan.own_bank, source)
     class_conditional = isinstance(source.backbone, ClassConditionalBackbone)
