@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import torch
 from diffusers import AutoencoderKL
 
@@ -66,9 +70,11 @@ class LatentCodec:
         return f"{self.source}:{resolution}"
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LatentCodec:
-        """Move the VAE (if any) to ``device``."""
+        """Move the VAE (if any) to ``device``, and cast it to ``dtype`` unless that is ``None``
+        (:meth:`encode` and :meth:`decode` cast their inputs to it and give float32 back)."""
         if self.vae is not None:
-            self.vae.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+            with _without_empty_fp32_warning(self.vae):
+                self.vae.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
         return self
 
     @torch.no_grad()
@@ -91,3 +97,26 @@ class LatentCodec:
             return latents.clamp(-1, 1)
         z = latents / self.scaling + self.shift
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+class _DropEmptyFp32Warning(logging.Filter):
+    """diffusers warns on every cast of a model with ``to(dtype=...)`` that its modules "that should be kept
+    in float32" would be cast too, also when there are none (``[]``): for such a model it says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("There are modules in")
+
+
+@contextlib.contextmanager
+def _without_empty_fp32_warning(model: torch.nn.Module) -> Iterator[None]:
+    """Drop that warning while ``model`` is cast, unless it does have modules to keep in float32."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        yield
+        return
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    drop = _DropEmptyFp32Warning()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)

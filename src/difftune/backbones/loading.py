@@ -75,6 +75,19 @@ class LoadedModel:
             return self.tuning.base_fingerprint
         return model_fingerprint(source)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LoadedModel:
+        """Move the modules that sample, the backbone (with a ControlNet's frozen UNet) and the VAE, to
+        ``device``, and cast them to ``dtype`` unless it is ``None`` (``--dtype``: bfloat16 or float16
+        inference). Their callers cast what enters them (:func:`~difftune.sampling.generate.generate`, the
+        adapters and :class:`~difftune.backbones.codec.LatentCodec`) and give float32 back.
+
+        The family's :attr:`parts` (a text encoder) stay as loaded, float32 on the CPU: prompts are
+        encoded there once, before sampling, and their embeddings are cast where they enter the model.
+        """
+        self.backbone.to(device=device, dtype=dtype)  # an nn.Module: None keeps the dtypes
+        self.codec.to(device, dtype)
+        return self
+
 
 def _pipeline_components(pretrained: str, revision: str | None, local_only: bool = False) -> dict[str, Any]:
     """Component names of a pipeline (local or hub), or {} when it is not a pipeline."""

@@ -108,3 +108,43 @@ def start_torch() -> None:
     import torch
 
     torch.set_float32_matmul_precision("high")
+
+
+# ``--dtype`` of the commands that sample (``sample``, ``eval fid --checkpoint``): the first is the default
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser | Any, default: str | None = INFERENCE_DTYPES[0]) -> None:
+    """``--dtype``: the precision the model runs in while it samples (an invocation option, no config)."""
+    parser.add_argument(
+        "--dtype",
+        choices=INFERENCE_DTYPES,
+        default=default,
+        help="precision the model (denoiser, ControlNet, VAE) runs in while sampling (default float32); "
+        "bfloat16 or float16 halve its memory on a GPU; float16 needs a CUDA device",
+    )
+
+
+def default_device() -> str:
+    """Where ``difftune sample`` runs: the GPU when there is one, else the CPU (imports torch)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inference_dtype(name: str | None, device: Any) -> Any:
+    """The ``torch.dtype`` of ``--dtype name`` (``None``: float32) for sampling on ``device`` (imports torch).
+
+    Raises:
+        UserError: float16 on the CPU, whose kernels lack (or crawl at) much of float16.
+    """
+    import torch
+
+    name = name or INFERENCE_DTYPES[0]
+    if name not in INFERENCE_DTYPES:
+        raise UserError(f"--dtype {name!r} is unknown; valid: {', '.join(INFERENCE_DTYPES)}")
+    if name == "float16" and torch.device(device).type == "cpu":
+        raise UserError(
+            "--dtype float16 needs a CUDA device and this runs on the CPU; use --dtype bfloat16 on the CPU"
+        )
+    return getattr(torch, name)

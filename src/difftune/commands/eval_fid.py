@@ -19,11 +19,14 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from difftune.commands import (
+    INFERENCE_DTYPES,
+    add_dtype_arg,
     add_model_args,
     check_domain_guidance,
     check_model_flags,
     check_positive,
     check_scheduler,
+    inference_dtype,
     start_torch,
 )
 from difftune.commands.eval_inputs import EvalInputs, describe_plan, resolve_inputs
@@ -47,6 +50,7 @@ CHECKPOINT_ONLY = (
     "subfolder",
     "vae",
     "domain_guidance",
+    "dtype",
 )  # with the sampling flags and --no-ema
 DEFAULT_NUM_PER_CLASS = 50
 
@@ -67,12 +71,24 @@ def _check_args(args: argparse.Namespace) -> None:
             args.num_per_class = DEFAULT_NUM_PER_CLASS
         if args.num_per_class < 1:
             raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+        args.dtype = args.dtype or INFERENCE_DTYPES[0]
         check_condition_inputs(args.labels, args.prompts, args.control_image)
         spec = sampling_spec_from_args(args)
         check_scheduler(spec.scheduler)
+        inference_dtype(args.dtype, _process_device())  # float16 on the CPU: refused before any loading
         check_model_flags(args, "checkpoint", "vae")
         check_domain_guidance(args.domain_guidance, spec.guidance_scale)
         vars(args).update(asdict(spec))  # the values used, also in the --out-json settings
+
+
+def _process_device() -> str:
+    """The device type this process will sample on, as accelerate picks it once the inputs are checked
+    (:func:`cmd_eval_fid`): the CPU under ``ACCELERATE_USE_CPU`` or without an accelerator."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    accelerator = torch.accelerator.current_accelerator()
+    return "cpu" if parse_flag_from_env("ACCELERATE_USE_CPU") or accelerator is None else accelerator.type
 
 
 def check_condition_inputs(labels: str | None, prompts_file: str | None, controls: list[str] | None) -> None:
@@ -180,8 +196,9 @@ def _evaluate(
     else:
         loaded, cond, scheduler, guide = inputs.model  # type: ignore[misc]
         spec = sampling_spec_from_args(args)
+        dtype = inference_dtype(args.dtype, device)  # the models' precision; the extractor's stays float32
         batches = sampled_batches(
-            loaded, cond, mine, scheduler, spec, args.batch_size, args.resize, device, guide
+            loaded, cond, mine, scheduler, spec, args.batch_size, args.resize, device, guide, dtype
         )
         desc = "sampling + features"
     keep = bool(args.export_npz)
@@ -289,6 +306,7 @@ def add_parser(subparsers: Any) -> None:
         help="domain guidance: the pre-trained model as the guidance branch (with --guidance-scale > 1)",
     )
     add_sampling_args(g, with_defaults=False)
+    add_dtype_arg(g, default=None)
     g = f.add_argument_group("features and metrics")
     g.add_argument(
         "--features", default="inception", help="inception (default), digits:PATH or module:function"

@@ -135,7 +135,9 @@ def describe_plan(args: argparse.Namespace, inputs: EvalInputs) -> str:
         source = args.fake
     else:
         spec = sampling_spec_from_args(args)
-        source = f"{args.checkpoint} ({spec.describe()}, seeds {spec.seed}..{spec.seed + inputs.n_fake - 1})"
+        precision = f", in {args.dtype}" if args.dtype != "float32" else ""
+        seeds = f"seeds {spec.seed}..{spec.seed + inputs.n_fake - 1}"
+        source = f"{args.checkpoint} ({spec.describe()}{precision}, {seeds})"
     cache = f"; reference statistics cached in {inputs.real_cache}" if inputs.cache_hit else ""
     return (
         f"would score {inputs.n_fake} generated images from {source} against {inputs.n_real} reference images "

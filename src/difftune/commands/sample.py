@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.commands import (
+    add_dtype_arg,
     add_model_args,
     check_domain_guidance,
     check_model_flags,
     check_positive,
     check_scheduler,
+    default_device,
+    inference_dtype,
     start_torch,
 )
 from difftune.config.sampling import SamplingSpec, add_sampling_args, sampling_spec_from_args
@@ -30,6 +33,8 @@ GRID = "grid.png"
 DEFAULT_LABELS = "0"
 
 if TYPE_CHECKING:
+    import torch
+
     from difftune.backbones.base import Backbone
     from difftune.backbones.conditioning import Conditioning
     from difftune.backbones.loading import LoadedModel
@@ -46,10 +51,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_model_flags(args, "model", "vae")
     check_domain_guidance(args.domain_guidance, spec.guidance_scale)
     check_scheduler(spec.scheduler)  # imports diffusers: after the checks that need no library
+    inference_dtype(args.dtype, default_device())  # float16 on the CPU is refused before any loading
     _check_model_conditions(args, prompts)
-    guided = f", domain guidance from {args.domain_guidance}" if args.domain_guidance else ""
+    details = f", domain guidance from {args.domain_guidance}" if args.domain_guidance else ""
+    details += f", in {args.dtype}" if args.dtype != "float32" else ""
     if prompts:
-        return _sample_prompts(args, prompts, spec, guided)
+        return _sample_prompts(args, prompts, spec, details)
     if args.dry_run:
         total = len(labels) * args.per_label
         from difftune.backbones.saving import inference_subfolder
@@ -58,7 +65,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(
             f"would sample {total} images (labels {labels} x {args.per_label}) from {args.model}"
             f"{' [' + subfolder + ']' if subfolder else ''} "
-            f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
+            f"with {spec.describe()}{details}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
     return _load_and_sample(args, spec, len(labels) * args.per_label, lambda loaded: {"labels": labels})
@@ -125,6 +132,7 @@ def sample_to_folder(
     device: str | None = None,
     overwrite: bool = False,
     guide: Backbone | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Generate ``per_label`` images for each class label into ``out`` (one PNG each, plus ``grid.png``).
 
@@ -132,7 +140,9 @@ def sample_to_folder(
     defaults). ``out`` must hold no images, or only those of an earlier ``difftune sample`` with
     ``overwrite``. :data:`MANIFEST` lists the images written (``eval fid --fake`` scores exactly
     those, not the grid). ``guide``: the pre-trained model as the guidance branch (domain guidance,
-    :func:`~difftune.sampling.generate.generate`). Returns the grid's path.
+    :func:`~difftune.sampling.generate.generate`). ``dtype``: the model (and ``guide``) is cast to it to
+    sample (``--dtype``; ``None`` keeps it as loaded, float32); the images are float32 all the same.
+    Returns the grid's path.
 
     Raises:
         UserError: ``out`` holds images (of an earlier run without ``overwrite``, or of someone else).
@@ -140,7 +150,9 @@ def sample_to_folder(
     from difftune.backbones import ConditionRequest
 
     cond, tags = loaded.family.sample_conditions(loaded, ConditionRequest(labels=list(labels)))
-    return sample_conditions(loaded, cond, tags, per_label, out, spec, batch_size, device, overwrite, guide)
+    return sample_conditions(
+        loaded, cond, tags, per_label, out, spec, batch_size, device, overwrite, guide, dtype
+    )
 
 
 def sample_conditions(
@@ -154,6 +166,7 @@ def sample_conditions(
     device: str | None = None,
     overwrite: bool = False,
     guide: Backbone | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Generate ``per_condition`` images for each of the conditions ``cond`` (named by ``tags`` in
     the file names) into ``out``; the rules of :func:`sample_to_folder`. Returns the grid's path."""
@@ -161,13 +174,13 @@ def sample_conditions(
     from tqdm.auto import tqdm
 
     from difftune.io.images import save_grid, save_png
-    from difftune.sampling.generate import generate_with_spec, to_unit_range
+    from difftune.sampling.generate import generate_with_spec, model_dtype, to_unit_range
 
     spec = spec or SamplingSpec()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = loaded.backbone.to(device).eval()
-    guide = guide.to(device).eval() if guide is not None else None
-    codec = loaded.codec.to(device)
+    device = device or default_device()
+    backbone = loaded.to(device, dtype).backbone.eval()
+    guide = guide.to(device=device, dtype=dtype).eval() if guide is not None else None
+    codec = loaded.codec
     rows = torch.arange(cond.batch_size).repeat_interleave(per_condition)
     out = Path(out)
     _clear_sample_folder(out, overwrite)
@@ -191,6 +204,7 @@ def sample_conditions(
     settings = {"scheduler": sampler, "steps": spec.steps, "guidance_scale": spec.guidance_scale}
     settings["domain_guidance"] = guide is not None
     settings["noise_schedule"] = loaded.scheduler_config
+    settings["dtype"] = str(model_dtype(backbone)).removeprefix("torch.")  # the precision it ran in
     atomic_write_json(out / MANIFEST, {"images": names, "grid": GRID, "seed": spec.seed, **settings})
     return grid
 
@@ -244,14 +258,14 @@ def check_control_images(controls: Sequence[str], prompts: Sequence[str]) -> lis
     return controls
 
 
-def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: SamplingSpec, guided: str) -> int:
+def _sample_prompts(args: argparse.Namespace, prompts: list[str], spec: SamplingSpec, details: str) -> int:
     """``difftune sample --prompt ...``: a text-conditional model (with ``--control-image`` for a ControlNet)."""
     controls = check_control_images(args.control_image or (), prompts)
     total = len(prompts) * args.per_label
     if args.dry_run:
         print(
             f"would sample {total} images ({len(prompts)} prompts x {args.per_label}) from {args.model} "
-            f"with {spec.describe()}{guided}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
+            f"with {spec.describe()}{details}, seeds {spec.seed}..{spec.seed + total - 1} into {args.out}"
         )
         return 0
     return _load_and_sample(
@@ -274,6 +288,8 @@ def _load_and_sample(
     start_torch()
     from difftune.backbones import ConditionRequest, load_trained
 
+    device = default_device()
+    dtype = inference_dtype(args.dtype, device)
     loaded = load_trained(args.model, args.subfolder, not args.no_ema, args.vae)
     guide = _guide(args, loaded)
     fields = {"model": args.model, **request(loaded)}
@@ -286,8 +302,10 @@ def _load_and_sample(
         args.out,
         spec,
         args.batch_size,
+        device,
         overwrite=args.overwrite,
         guide=guide,
+        dtype=dtype,
     )
     print(f"wrote {total} images and {path}")
     return 0
@@ -350,6 +368,7 @@ def add_parser(subparsers: Any) -> None:
         "with --guidance-scale > 1",
     )
     add_sampling_args(p)
+    add_dtype_arg(p)
     p.add_argument(
         "--batch-size", type=int, default=64, help="images per forward pass (does not change results)"
     )

@@ -131,19 +131,21 @@ def sampled_batches(
     resize: int | None,
     device: torch.device | str,
     guide: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> Batches:
     """Generate items ``indices`` of a model as uint8 RGB batches.
 
     Item ``i`` has condition ``cond[i]`` (a class label, a prompt, ...; made by the model's family) and
     seed ``spec.seed + i`` (guidance and steps from ``spec``;
     ``guide``: the pre-trained model for domain guidance), optionally resized; the images are rounded
-    to 8 bits as PNG files are.
+    to 8 bits as PNG files are. ``dtype``: the models are cast to it to sample (``--dtype``; ``None``
+    keeps them as loaded); the decoded images, and so the features, are float32 all the same.
     """
     from difftune.sampling.generate import generate, to_unit_range
 
-    backbone = loaded.backbone.to(device).eval()
-    guide = guide.to(device).eval() if guide is not None else None
-    codec = loaded.codec.to(device)
+    backbone = loaded.to(device, dtype).backbone.eval()
+    guide = guide.to(device=device, dtype=dtype).eval() if guide is not None else None
+    codec = loaded.codec
     for start in range(0, len(indices), batch_size):
         idx = np.asarray(indices[start : start + batch_size], dtype=np.int64)
         x = generate(

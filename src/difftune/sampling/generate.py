@@ -113,6 +113,10 @@ def generate(
             ``guide(x, ∅) + guidance_scale * (backbone(x, c) - guide(x, ∅))``. With a guidance scale
             of 1 it has no effect.
 
+    The samples, the noise and the scheduler's step stay float32 whatever the models' dtype (a model
+    cast to bfloat16 or float16, ``--dtype``): only each model call's input is cast to that model's dtype,
+    and its output back to float32.
+
     Returns:
         Samples (N, C, H, W), float32, on ``device``.
     """
@@ -133,25 +137,42 @@ def generate(
     guide_cond = guide.unconditional(n, device) if guide is not None else None
     handover_cond = handover.unconditional(n, device) if handover is not None else None
     switch_at = handover_step(len(scheduler.timesteps), handover_fraction)
+    dtypes = {model: model_dtype(model) for model in (backbone, guide, handover) if model is not None}
+
+    def _predict(model: Backbone, x_in: torch.Tensor, t: torch.Tensor, bundle: Conditioning) -> torch.Tensor:
+        """``model``'s epsilon-like channels in float32, from ``x_in`` cast to the model's own dtype (the
+        conditions' tensors are the adapter's to cast: prompt embeddings, control images)."""
+        return model(x_in.to(dtypes[model]), t, bundle)[:, :C].float()
+
     for i, t in enumerate(scheduler.timesteps):
         x_in = scale(x, t)
         if handover is not None and i >= switch_at:
-            out = handover(x_in, _model_input_timestep(t, n, x.device), handover_cond)[:, :C].float()
+            out = _predict(handover, x_in, _model_input_timestep(t, n, x.device), handover_cond)
         elif use_cfg and guide is not None:
             steps = _model_input_timestep(t, n, x.device)
-            cond_out = backbone(x_in, steps, cond)[:, :C].float()
-            uncond_out = guide(x_in, steps, guide_cond)[:, :C].float()
+            cond_out = _predict(backbone, x_in, steps, cond)
+            uncond_out = _predict(guide, x_in, steps, guide_cond)
             out = uncond_out + guidance_scale * (cond_out - uncond_out)
         elif use_cfg:
-            out = backbone(torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), both)
-            cond_out, uncond_out = out[:, :C].float().chunk(2)
+            out = _predict(backbone, torch.cat([x_in, x_in]), _model_input_timestep(t, 2 * n, x.device), both)
+            cond_out, uncond_out = out.chunk(2)
             out = uncond_out + guidance_scale * (cond_out - uncond_out)
         else:
-            out = backbone(x_in, _model_input_timestep(t, n, x.device), cond)[:, :C].float()
+            out = _predict(backbone, x_in, _model_input_timestep(t, n, x.device), cond)
         x = scheduler.step(
             out, t, x, generator=generators if _accepts_generator(scheduler) else None
         ).prev_sample
     return x
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: its diffusers model's (``inner``), else its first floating-point
+    parameter's; float32 for a model without one."""
+    dtype = getattr(getattr(model, "inner", None), "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
 
 
 def generate_with_spec(
