@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    if not args.verbose:  # peft imports bitsandbytes when it is installed; its CPU backend warns of a 4-bit
+        logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)  # kernel difftune never uses
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -11,6 +11,16 @@ from difftune.config.sampling import SamplingSpec
 
 NonFinitePolicy = Literal["stop", "skip"]
 NON_FINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
+# diffusers.optimization.get_scheduler's schedules (all but piecewise_constant, which needs step rules)
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+OptimizerName = Literal["adamw", "adamw_fused", "adamw_8bit"]
+CompileMode = Literal["no", "full", "regional"]
+SdpaBackend = Literal["auto", "flash", "efficient", "cudnn", "math"]
+Tracker = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "none"
+]
 
 
 def default_steps_note(steps: int) -> str:
@@ -31,6 +41,28 @@ class TrainConfig:
         gradient_accumulation: micro-steps per optimiser step.
         max_steps: optimiser steps.
         learning_rate, weight_decay, adam_beta1, adam_beta2, adam_eps, max_grad_norm: AdamW.
+        lr_scheduler: how the learning rate moves over the steps, one of diffusers'
+            ``get_scheduler`` schedules (``constant``, ``constant_with_warmup``, ``linear``,
+            ``cosine``, ``cosine_with_restarts``, ``polynomial``); ``constant`` (the paper's) ignores
+            ``lr_warmup_steps``.
+        lr_warmup_steps: optimiser steps of linear warm-up from 0 to ``learning_rate``.
+        lr_num_cycles: restarts of ``cosine_with_restarts``; lr_power: the exponent of ``polynomial``.
+            The rate is a function of the step alone, so a resumed run continues the same curve.
+        optimizer: ``adamw`` (torch's, multi-tensor), ``adamw_fused`` (one fused kernel per step; the
+            one ``on_non_finite: skip`` uses in any case) or ``adamw_8bit`` (bitsandbytes' 8-bit
+            states: a quarter of AdamW's state memory; needs ``pip install bitsandbytes``).
+        allow_tf32: TensorFloat-32 matrix products and convolutions on Ampere or newer GPUs (the
+            authors' setting); no effect on a CPU.
+        compile: ``torch.compile`` the trained model in place: ``full`` (the whole model) or
+            ``regional`` (each repeated block, a much shorter compile); ``no``. Saved weights and
+            names are unchanged.
+        channels_last: keep the model's convolution weights in channels-last memory order (faster
+            convolutions for UNets on GPUs).
+        sdpa_backend: the kernel of PyTorch's scaled-dot-product attention in training: ``auto``
+            (PyTorch chooses), ``flash``, ``efficient``, ``cudnn`` or ``math``; a kernel the device
+            lacks is refused at start-up.
+        report_to: the accelerate tracker the scalars go to (``tensorboard``, ``wandb``, ``mlflow``,
+            ...; ``none``: only ``metrics.jsonl``); one that is not installed is refused.
         ema_decay: constant EMA decay (0 disables EMA).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate).
         gradient_checkpointing: recompute the trained model's activations in the backward pass
@@ -83,6 +115,16 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 0.0
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    optimizer: OptimizerName = "adamw"
+    allow_tf32: bool = True
+    compile: CompileMode = "no"
+    channels_last: bool = False
+    sdpa_backend: SdpaBackend = "auto"
+    report_to: Tracker = "tensorboard"
     ema_decay: float = 0.9999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -115,6 +157,22 @@ class TrainConfig:
         _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
         _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")
         _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
+        _check(
+            0 <= self.lr_warmup_steps < self.max_steps,
+            f"train.lr_warmup_steps={self.lr_warmup_steps} must be >= 0 and below train.max_steps={self.max_steps}",
+        )
+        _check(
+            self.lr_warmup_steps == 0 or self.lr_scheduler != "constant",
+            f"train.lr_warmup_steps={self.lr_warmup_steps} has no effect with train.lr_scheduler=constant; "
+            "use constant_with_warmup (or linear, cosine, ...)",
+        )
+        _check(self.lr_num_cycles >= 1, f"train.lr_num_cycles={self.lr_num_cycles} must be >= 1")
+        _check(self.lr_power > 0, f"train.lr_power={self.lr_power} must be > 0")
+        _check(
+            not (self.optimizer == "adamw_8bit" and self.on_non_finite == "skip"),
+            "train.on_non_finite=skip needs an optimiser that reads the skip flag on the device "
+            "(adamw or adamw_fused); bitsandbytes' adamw_8bit does not: use on_non_finite=stop",
+        )
         _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1)")
         _check(
             self.max_non_finite_steps >= 0,

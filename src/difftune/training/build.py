@@ -26,6 +26,7 @@ from difftune.config.experiment import ExperimentConfig
 from difftune.config.train import TrainConfig
 from difftune.control.validation import check_validation
 from difftune.data.targets import TargetData, prepare_target
+from difftune.errors import UserError
 from difftune.objectives import Draw, Objective, build_objective
 from difftune.process import build_process
 from difftune.process.base import ForwardProcess
@@ -212,11 +213,23 @@ def run_objective(
     return build_objective(cfg.objective, parts.process, parts.backbone, schedule), schedule, record
 
 
-def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the run's settings; fused when non-finite steps are skipped (it reads the flag on the device)."""
-    return torch.optim.AdamW(
-        params, **optimizer_settings(tc), fused=True if tc.on_non_finite == "skip" else None
-    )
+def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    """The run's AdamW (``train.optimizer``): torch's, fused (also whenever non-finite steps are
+    skipped: it reads the skip flag on the device), or bitsandbytes' 8-bit one.
+
+    Raises:
+        UserError: ``adamw_8bit`` without bitsandbytes installed.
+    """
+    if tc.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError(
+                "train.optimizer=adamw_8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)"
+            ) from None
+        return bitsandbytes.optim.AdamW8bit(params, **optimizer_settings(tc))
+    fused = tc.optimizer == "adamw_fused" or tc.on_non_finite == "skip"
+    return torch.optim.AdamW(params, **optimizer_settings(tc), fused=True if fused else None)
 
 
 def optimizer_settings(tc: TrainConfig) -> dict[str, Any]:

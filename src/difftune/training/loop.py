@@ -22,16 +22,19 @@ from difftune.backbones.loading import LoadedModel
 from difftune.backbones.saving import ema_weights, save_model
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
+from difftune.objectives import Objective
 from difftune.objectives.term_log import TermLog
 from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
 from difftune.training.divergence import NonFiniteGuard
 from difftune.training.evaluation import BestModel
+from difftune.training.lr_schedule import LearningRateSchedule
 from difftune.training.model_state import compact_model_state
 from difftune.training.outputs import (
     append_history,
     flat_config,
     save_sample_grid,
+    tracker,
     write_best,
     write_final,
 )
@@ -45,6 +48,7 @@ from difftune.training.run_dir import (
     rotate_checkpoints,
     write_run_summary,
 )
+from difftune.training.speed import apply_speed_settings, attention_kernel, autocast_dtype
 from difftune.training.state import (
     CHECKPOINTS,
     list_checkpoints,
@@ -72,7 +76,7 @@ class Trainer:
         tc = cfg.train
         self.out = Path(tc.output_dir)
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(self.out)
+            mixed_precision=tc.mixed_precision, log_with=tracker(tc.report_to), project_dir=str(self.out)
         )
         chunks = self.accelerator.num_processes * tc.gradient_accumulation
         if tc.batch_size < chunks:
@@ -146,6 +150,7 @@ class Trainer:
         params = self.parts.trainable
         optimizer = make_optimizer(params, tc)
         self.ema = make_ema(params, tc.ema_decay)
+        apply_speed_settings(self.backbone, tc)
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
         if resume is not None:
@@ -171,56 +176,38 @@ class Trainer:
         # only silence other ranks explicitly, so TQDM_DISABLE=1 still works on the main one
         quiet = {} if acc.is_local_main_process else {"disable": True}
         bar = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", **quiet)
-        chunks = acc.num_processes * tc.gradient_accumulation
+        learning_rate = LearningRateSchedule(tc)
+        attention = attention_kernel(tc.sdpa_backend, acc.device, autocast_dtype(tc.mixed_precision))
         try:
-            if self.state.step == 0:  # the curves start from the model before training
-                self._validate(0)
-                self._evaluate(0)
-            model.train()
-            while self.state.step < tc.max_steps:
-                x0, cond, is_bank, draw = self.parts.batch(self.state.step, objective)
-                for micro in range(tc.gradient_accumulation):
-                    sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
-                    last = micro == tc.gradient_accumulation - 1
-                    with contextlib.nullcontext() if last else acc.no_sync(model):
-                        terms = objective(
-                            model,
-                            x0[sel].to(acc.device),
-                            cond.select(sel).to(acc.device),
-                            is_bank[sel].to(acc.device),
-                            draw[sel],
+            with attention:
+                if self.state.step == 0:  # the curves start from the model before training
+                    self._validate(0)
+                    self._evaluate(0)
+                model.train()
+                while self.state.step < tc.max_steps:
+                    rate = self._optimizer_step(objective, log, learning_rate)
+                    if self.ema is not None:
+                        self.ema.step(self.parts.trainable)
+                    self.state.step += 1
+                    bar.update(1)
+                    step = self.state.step
+                    if step % tc.log_every == 0 or step == tc.max_steps:
+                        self.guard.check(acc, self._last_good())
+                        scalars = {**log.flush(acc, self.n_bank, objective.bank_weight), "lr": rate}
+                        acc.log(scalars, step=step)
+                        if acc.is_main_process:
+                            append_history(self.out, step, scalars)
+                        bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
+                    self._validate(step)
+                    if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
+                        grid = self.out / "samples" / f"step-{step:07d}.png"
+                        backbone = acc.unwrap_model(model)
+                        save_sample_grid(
+                            backbone, self.loaded, self.target.cond, tc.sampling, grid, acc.device
                         )
-                        # global-count normalisation x processes: DDP's gradient mean becomes the global mean
-                        loss = objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
-                        acc.backward(loss)
-                    log.add(terms)
-                    self.guard.observe(self.state.step, terms)
-                grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-                skip = self.guard.skip_flag(self.state.step, params, acc, grad_norm)
-                if skip is not None and acc.scaler is None:  # under fp16 the grad scaler skips by itself
-                    optimizer.optimizer.found_inf = skip
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.step(params)
-                self.state.step += 1
-                bar.update(1)
-                step = self.state.step
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    self.guard.check(acc, self._last_good())
-                    scalars = log.flush(acc, self.n_bank, objective.bank_weight)
-                    acc.log(scalars, step=step)
-                    if acc.is_main_process:
-                        append_history(self.out, step, scalars)
-                    bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
-                self._validate(step)
-                if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
-                    grid = self.out / "samples" / f"step-{step:07d}.png"
-                    backbone = acc.unwrap_model(model)
-                    save_sample_grid(backbone, self.loaded, self.target.cond, tc.sampling, grid, acc.device)
-                self._evaluate(step)
-                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
-                    self.save_checkpoint()
+                    self._evaluate(step)
+                    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
+                        self.save_checkpoint()
         finally:
             bar.close()  # also on an error, so its message starts on a line of its own
         final = self.out / "final"
@@ -229,6 +216,39 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
+
+    def _optimizer_step(
+        self, objective: Objective, log: TermLog, learning_rate: LearningRateSchedule
+    ) -> float:
+        """One optimiser step on the batch of the current step (every micro-batch's forward and backward,
+        clipping, the non-finite guard, the learning rate); returns the rate it stepped with."""
+        tc, acc, model, optimizer = self.cfg.train, self.accelerator, self.model, self.optimizer
+        params, chunks = self.parts.trainable, acc.num_processes * tc.gradient_accumulation
+        x0, cond, is_bank, draw = self.parts.batch(self.state.step, objective)
+        for micro in range(tc.gradient_accumulation):
+            sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
+            last = micro == tc.gradient_accumulation - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                terms = objective(
+                    model,
+                    x0[sel].to(acc.device),
+                    cond.select(sel).to(acc.device),
+                    is_bank[sel].to(acc.device),
+                    draw[sel],
+                )
+                # global-count normalisation x processes: DDP's gradient mean becomes the global mean
+                loss = objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
+                acc.backward(loss)
+            log.add(terms)
+            self.guard.observe(self.state.step, terms)
+        grad_norm = acc.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+        skip = self.guard.skip_flag(self.state.step, params, acc, grad_norm)
+        if skip is not None and acc.scaler is None:  # under fp16 the grad scaler skips by itself
+            optimizer.optimizer.found_inf = skip
+        rate = learning_rate.apply(optimizer, self.state.step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return rate
 
     def _last_good(self) -> str:
         found = list_checkpoints(self.out)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import imports as accelerate_imports
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
@@ -18,6 +19,7 @@ from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.config.sections import flatten
 from difftune.control.validation import FidelityValidation, check_validation, validation_pairs
+from difftune.errors import UserError
 from difftune.io.atomic import atomic_directory, atomic_write_json
 from difftune.io.images import save_grid
 from difftune.sampling.generate import generate_with_spec, to_unit_range
@@ -30,6 +32,22 @@ def append_history(out: Path, step: int, scalars: dict[str, float]) -> None:
     """Append the logged scalars to ``<out>/metrics.jsonl`` (one JSON object per log)."""
     with open(out / HISTORY, "a") as f:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's ``log_with`` for ``train.report_to`` (``None`` for ``none``).
+
+    Raises:
+        UserError: the tracker's package is not installed (accelerate would drop it with a warning).
+    """
+    if report_to == "none":
+        return None
+    if not bool(getattr(accelerate_imports, f"is_{report_to}_available")()):
+        raise UserError(
+            f"train.report_to={report_to}: the {report_to} package is not installed; pip install {report_to}, "
+            "or use train.report_to=tensorboard (or none)"
+        )
+    return report_to
 
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -234,8 +234,10 @@ def _logged_step(line: str) -> float:
 INVOCATION_KEYS = {"train.output_dir", "train.resume", "train.overwrite", "train.accept_config_changes"}
 # keys that may change between a checkpoint and the run resuming it: how often things are written,
 # how long to run, and how grids are drawn; the optimiser's keys are applied to the restored
-# optimiser. Any other change (data, model, objective, batch, seed, ...) would make the resumed run a
-# different run, and needs train.accept_config_changes.
+# optimiser (the learning rate is a function of the step, so its schedule may change too), and the
+# speed switches change how steps are computed, not what they compute. Any other change (data, model,
+# objective, batch, seed, optimiser kind, ...) would make the resumed run a different run, and needs
+# train.accept_config_changes.
 RESUMABLE_CHANGES = {
     *(
         f"train.{key}"
@@ -259,6 +261,15 @@ RESUMABLE_CHANGES = {
             "max_grad_norm",
             "on_non_finite",
             "max_non_finite_steps",
+            "lr_scheduler",
+            "lr_warmup_steps",
+            "lr_num_cycles",
+            "lr_power",
+            "allow_tf32",
+            "compile",
+            "channels_last",
+            "sdpa_backend",
+            "report_to",
         )
     ),
     "data.cache_dir",
