@@ -13,10 +13,11 @@ own process:
 4. ``sample``: 1 image, 2 steps, from ``final/``;
 5. the stock ``DiTPipeline.from_pretrained(final)``: 1 image, 2 steps.
 
-It prints the parameters (the transformer's, and the original DiT-XL/2's 675M for comparison), and for
-each phase its wall time (start-up, loading and encoding included: the resumed run's is one step plus
+It prints the dry run's memory estimate (``difftune train --dry-run``), the parameters (the
+transformer's, and the original DiT-XL/2's 675M for comparison), and for each phase its wall time (start-up, loading and encoding included: the resumed run's is one step plus
 the restore) and its peak resident memory (``ru_maxrss`` of that process alone). The last line is
-the same as JSON.
+the same as JSON. ``ratio estimated/measured train peak`` compares the estimate with the training
+phase's peak.
 
     python benchmarks/real_size.py                     # DiT-XL/2: about 20 GB of memory, 15-25 min on 2 cores
     python benchmarks/real_size.py --size dit-s        # DiT-S/2 (the same pipeline; a quick check)
@@ -107,6 +108,14 @@ def phase(name: str, argv: list[str]) -> dict:
     return {"phase": name, "seconds": seconds, "peak": peak}
 
 
+def dry_run_memory(argv: list[str]) -> str:
+    """The ``memory`` line of ``difftune train --dry-run``: the run's estimated memory per process."""
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"dry run failed:\n{result.stderr[-3000:]}")
+    return next(line.strip() for line in result.stdout.splitlines() if line.strip().startswith("memory"))
+
+
 STOCK = """
 import sys, torch
 from diffusers import DiTPipeline
@@ -143,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         cli = [sys.executable, "-m", "difftune"]
         config = ["--config", str(RECIPE), *(f"--set={item}" for item in sets)]
-        rows = []
+        rows = [phase("bank", [*cli, "bank", *config])]
+        print(
+            f"{'bank':<20} {rows[0]['seconds']:8.1f} s   peak RSS {rows[0]['peak'] / GIB:6.2f} GiB",
+            flush=True,
+        )
+        estimate = dry_run_memory([*cli, "train", *config, "--set=train.max_steps=2", "--dry-run"])
+        print(estimate, flush=True)
         for name, command in [
-            ("bank", [*cli, "bank", *config]),
             ("train 2 steps", [*cli, "train", *config, "--set=train.max_steps=2"]),
             (
                 "resume to step 3",
@@ -173,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
             row = phase(name, command)
             rows.append(row)
             print(f"{name:<20} {row['seconds']:8.1f} s   peak RSS {row['peak'] / GIB:6.2f} GiB", flush=True)
+    trained = rows[1]["peak"]
+    estimated = float(estimate.split("about ")[1].split(" GiB")[0]) * GIB if " GiB per" in estimate else 0.0
+    print(
+        f"ratio estimated/measured train peak {estimated / trained:.3f} (the estimate is device memory: it "
+        "leaves out the Python process, the data and the allocator)"
+    )
     print(
         f"transformer parameters {parameters:,} ({parameters / ORIGINAL_PARAMETERS[args.size]:.3f} x the "
         f"original DiT's {ORIGINAL_PARAMETERS[args.size]:,}: diffusers keeps an embedder per block)"
     )
-    print(json.dumps({"size": args.size, "parameters": parameters, "phases": rows}))
+    print(json.dumps({"size": args.size, "parameters": parameters, "estimate": estimate, "phases": rows}))
     return 0
 
 

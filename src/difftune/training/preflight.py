@@ -1,8 +1,8 @@
 """What ``difftune train --dry-run`` checks before anything is loaded, encoded or trained.
 
 The model's config (no weights: the network is built on the ``meta`` device), the number of target
-classes against the model's label rows, the bank's manifest against the model, and that the output
-folder can be written. Each problem is the one-line error a real run would meet later, after
+classes against the model's label rows, the bank's manifest against the model, the memory a process
+will need (:mod:`difftune.training.memory_estimate`), and that the output folder can be written. Each problem is the one-line error a real run would meet later, after
 minutes of loading and encoding.
 """
 
@@ -23,6 +23,7 @@ from difftune.control.validation import check_validation
 from difftune.data.builtin import built_in_class_count
 from difftune.errors import UserError
 from difftune.io.store import LatentStore
+from difftune.training.memory_estimate import estimate_training_memory
 
 
 def check_writable(folder: Path) -> None:
@@ -118,6 +119,9 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         lines.append(f"schedules  {planned_fit(cfg)}")
     if cfg.train.eval_every:
         lines.append(f"evaluate   {_evaluation_line(cfg)}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    root = Path(pretrained) if local else None
+    lines.append(estimate_training_memory(cfg, backbone, root, processes).line())  # last: it tunes backbone
     return lines + _output_lines(cfg)
 
 
