@@ -139,11 +139,11 @@ def test_a_damaged_cache_shard_is_encoded_again(
     dit_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = tmp_path / "cache"
-    first = Trainer(make_cfg(dit_dir, tmp_path / "a", None, f"data.cache_dir={cache}")).target.samples
+    first = Trainer(make_cfg(dit_dir, tmp_path / "a", None, f"data.cache_dir={cache}")).target.samples[:]
     shard = cache / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
     with caplog.at_level("WARNING", logger="difftune.io.store"):
-        again = Trainer(make_cfg(dit_dir, tmp_path / "b", None, f"data.cache_dir={cache}")).target.samples
+        again = Trainer(make_cfg(dit_dir, tmp_path / "b", None, f"data.cache_dir={cache}")).target.samples[:]
     assert torch.equal(again, first)
     assert [r.getMessage() for r in caplog.records if "shard-00000.safetensors" in r.getMessage()]
 

@@ -286,7 +286,7 @@ def test_latent_space_run_caches_target_latents(
         m.setattr(LatentCodec, "encode", no_encode)
         reused = Trainer(load_config(None, overrides(latent_dit_dir, run, None, "data.resolution=16")))
     target = reused.target
-    assert_all_equal({"samples": target.samples, "std": target.std, **target.cond}, cache)
+    assert_all_equal({"samples": target.samples[:], "std": target.std[:], **target.cond}, cache)
 
     # other data: the stale cache is replaced
     calls = []

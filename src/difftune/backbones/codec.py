@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 import torch
 from diffusers import AutoencoderKL
 
 from difftune.backbones.fingerprint import model_fingerprint
+from difftune.io.log_filters import dropping_messages
 
 
 class LatentCodec:
@@ -99,24 +99,13 @@ class LatentCodec:
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
 
-class _DropEmptyFp32Warning(logging.Filter):
-    """diffusers warns on every cast of a model with ``to(dtype=...)`` that its modules "that should be kept
-    in float32" would be cast too, also when there are none (``[]``): for such a model it says nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("There are modules in")
-
-
 @contextlib.contextmanager
 def _without_empty_fp32_warning(model: torch.nn.Module) -> Iterator[None]:
-    """Drop that warning while ``model`` is cast, unless it does have modules to keep in float32."""
+    """diffusers warns on every cast of a model with ``to(dtype=...)`` that its modules "that should be
+    kept in float32" would be cast too, also when there are none (``[]``): for such a model it says
+    nothing."""
     if getattr(model, "_keep_in_fp32_modules", None):
         yield
         return
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    drop = _DropEmptyFp32Warning()
-    log.addFilter(drop)
-    try:
+    with dropping_messages("diffusers.models.modeling_utils", "There are modules in"):
         yield
-    finally:
-        log.removeFilter(drop)

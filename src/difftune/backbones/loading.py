@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.noise_schedule import read_noise_schedule
 from difftune.config.checks import check_model_path
 from difftune.errors import UserError
+from difftune.io.log_filters import dropping_messages
 from difftune.tuning.record import TuningRecord
 
 SOURCE_FILE = "difftune_source.json"
@@ -125,22 +125,11 @@ def _source_record(pretrained: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-class _DropFetchErrors(logging.Filter):
-    """diffusers logs a missing safetensors file as an error before raising it; difftune reports it itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("An error occurred while trying to fetch")
-
-
 @contextlib.contextmanager
 def _without_fetch_errors() -> Iterator[None]:
-    log = logging.getLogger("diffusers.models.modeling_utils")
-    drop = _DropFetchErrors()
-    log.addFilter(drop)
-    try:
+    """diffusers logs a missing safetensors file as an error before raising it; difftune reports it itself."""
+    with dropping_messages("diffusers.models.modeling_utils", "An error occurred while trying to fetch"):
         yield
-    finally:
-        log.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from difftune.bank.prompts import check_prompt_mode, choose_prompts
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
+from difftune.io.mapped import MappedRows, rows
 
 
 def prepare_bank_conditions(loaded: LoadedModel, cfg: ExperimentConfig) -> str | None:
@@ -82,13 +83,13 @@ class RunBank:
     """The knowledge bank of a run (empty without one).
 
     Attributes:
-        samples: the bank's samples in the diffusion space (N, C, H, W).
+        samples: the bank's samples in the diffusion space (N, C, H, W), in memory or memory-mapped.
         cond: the condition each was generated with (N).
         seeds: the seed each was generated from (N,).
         sampling: how they were generated (scheduler, steps, guidance; from the manifest), or ``None``.
     """
 
-    samples: torch.Tensor
+    samples: torch.Tensor | MappedRows
     cond: Conditioning
     seeds: torch.Tensor
     sampling: SamplingSpec | None
@@ -98,7 +99,7 @@ class RunBank:
 
     def split(self, keep: torch.Tensor) -> RunBank:
         """The samples at indices ``keep`` (their conditions and seeds with them)."""
-        return RunBank(self.samples[keep], self.cond.select(keep), self.seeds[keep], self.sampling)
+        return RunBank(rows(self.samples, keep), self.cond.select(keep), self.seeds[keep], self.sampling)
 
 
 def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
@@ -114,7 +115,7 @@ def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
     bank: dict[str, torch.Tensor] = {"samples": torch.empty(0), "seeds": torch.empty(0, dtype=torch.long)}
     sampling = None
     if cfg.reads_bank:
-        bank = load_bank(cfg.bank.path, loaded, cfg.bank.made_by == "this_model")
+        bank = load_bank(cfg.bank.path, loaded, cfg.bank.made_by == "this_model", mapped=True)
         manifest = LatentStore(cfg.bank.path).manifest
         check_bank_conditions(manifest, loaded.backbone, cfg.data.annotator, cfg.bank.path)
         sampling = SamplingSpec(

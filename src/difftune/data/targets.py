@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +40,7 @@ from difftune.data.conditions import target_conditions
 from difftune.data.images import TargetImages
 from difftune.errors import UserError
 from difftune.io.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
+from difftune.io.mapped import MappedRows, rows
 from difftune.io.store import LatentStore, folder_identity
 
 CACHE_FORMAT = 1
@@ -47,30 +50,51 @@ HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of
 logger = logging.getLogger(__name__)
 
 
+RowReader = Callable[[str, "torch.Tensor | MappedRows", torch.Tensor], torch.Tensor]
+
+
+def _index(name: str, values: torch.Tensor | MappedRows, indices: torch.Tensor) -> torch.Tensor:
+    return values[indices]
+
+
 @dataclass
 class TargetData:
     """The target set in the diffusion space, ready for training.
 
     Attributes:
-        samples: posterior means (M, C, h, w) (the samples themselves in pixel space).
-        std: posterior standard deviations (M, C, h, w) (zeros in pixel space).
+        samples: posterior means (M, C, h, w) (the samples themselves in pixel space), in memory or
+            memory-mapped (:class:`~difftune.io.mapped.MappedRows`).
+        std: posterior standard deviations (M, C, h, w) (zeros in pixel space), the same way.
         cond: the samples' conditions (M).
         class_names: the name of each label row up to the last target class (``data.label_names``, or
             ``label<i>``, for the rows below ``data.label_offset``).
     """
 
-    samples: torch.Tensor
-    std: torch.Tensor
+    samples: torch.Tensor | MappedRows
+    std: torch.Tensor | MappedRows
     cond: Conditioning
     class_names: list[str]
 
     def __len__(self) -> int:
         return int(self.samples.shape[0])
 
-    def draw(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Samples ``indices``, each a fresh draw from its VAE posterior (the sample itself in pixel space)."""
-        mean, std = self.samples[indices], self.std[indices]
+    def draw(
+        self, indices: torch.Tensor, generator: torch.Generator, read: RowReader | None = None
+    ) -> torch.Tensor:
+        """Samples ``indices``, each a fresh draw from its VAE posterior (the sample itself in pixel space).
+
+        ``read(name, values, indices)`` reads the rows of ``samples`` and ``std`` (default: indexing;
+        a run passes its prefetcher's).
+        """
+        read = read or _index
+        mean, std = read("samples", self.samples, indices), read("std", self.std, indices)
         return mean + std * torch.randn(mean.shape, generator=generator)
+
+    def subset(self, indices: torch.Tensor) -> TargetData:
+        """The samples ``indices`` with their conditions (memory-mapped samples stay on disk)."""
+        return TargetData(
+            rows(self.samples, indices), rows(self.std, indices), self.cond.select(indices), self.class_names
+        )
 
 
 def load_digits_split(classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +276,8 @@ def encode_and_cache(
     shard_size: int = 4096,
     device: torch.device | str = "cpu",
     conditions: TargetConditioner | None = None,
-) -> dict[str, torch.Tensor]:
+    mapped: bool = False,
+) -> dict[str, Any]:
     """Encode target images once into the diffusion space and cache them; reuse a matching cache.
 
     Images are loaded and encoded one chunk at a time and written in shards, so an interrupted
@@ -264,7 +289,9 @@ def encode_and_cache(
 
     Returns:
         ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w)}`` and the
-        condition tensors (class labels (M,) by default), with M = N, or 2N with ``hflip``.
+        condition tensors (class labels (M,) by default), with M = N, or 2N with ``hflip``. With
+        ``mapped``, ``samples`` and ``std`` are :class:`~difftune.io.mapped.MappedRows` read from the
+        cache's files on demand.
     """
     n = len(target)
     manifest = {
@@ -292,7 +319,7 @@ def encode_and_cache(
         if fresh and len(store.missing_shards()) == manifest["num_shards"]:
             store.clear()  # nothing encoded yet: leave no cache that describes data it does not hold
         raise
-    return store.load()
+    return store.load(mapped=("samples", "std") if mapped else ())
 
 
 def _encode_shards(
@@ -331,9 +358,16 @@ def _encode_shards(
 
 
 def prepare_target(
-    cfg: DataConfig, loaded: LoadedModel, cache_dir: str | Path, device: torch.device | str = "cpu"
+    cfg: DataConfig,
+    loaded: LoadedModel,
+    cache_dir: str | Path,
+    device: torch.device | str = "cpu",
+    mapped: bool = False,
 ) -> TargetData:
     """Load the target set of ``cfg`` at the size the model's codec needs, encode it once and cache it.
+
+    With ``mapped`` (training), the samples and their posterior std stay in the cache's files and are
+    read a batch at a time (:class:`~difftune.io.mapped.MappedRows`).
 
     Raises:
         ValueError: the data does not fit the model (its conditions, or the encoded shape).
@@ -347,7 +381,14 @@ def prepare_target(
     # the model's family makes the conditions (and checks the set before anything is encoded)
     conditions = target_conditions(cfg, loaded, images, resolution)
     cached = encode_and_cache(
-        images, codec, cache_dir, codec.identity(resolution), cfg.hflip, device=device, conditions=conditions
+        images,
+        codec,
+        cache_dir,
+        codec.identity(resolution),
+        cfg.hflip,
+        device=device,
+        conditions=conditions,
+        mapped=mapped,
     )
     if tuple(cached["samples"].shape[1:]) != backbone.sample_shape:
         raise UserError(

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
@@ -270,8 +270,9 @@ class LatentStore:
         """Indices of shards named by the manifest's ``num_shards`` that are not written yet."""
         return [i for i in range(self.manifest["num_shards"]) if not self.has_shard(i)]
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """All shards concatenated, in shard order.
+    def load(self, mapped: Sequence[str] = ()) -> dict[str, Any]:
+        """All shards concatenated, in shard order; the keys in ``mapped`` as
+        :class:`~difftune.io.mapped.MappedRows` read from the files on demand (memory-mapped), not loaded.
 
         Raises:
             ValueError: shards are missing or unreadable (the message says how to fix it).
@@ -282,14 +283,21 @@ class LatentStore:
                 f"{self.root} is incomplete: {len(missing)} of {self.manifest['num_shards']} shards missing "
                 f"(first: {missing[0]}); run the same generation command again to finish it"
             )
+        paths = [self.shard_path(i) for i in range(self.manifest["num_shards"])]
         parts: dict[str, list[torch.Tensor]] = {}
-        for i in range(self.manifest["num_shards"]):
+        for path in paths:
             try:
-                shard = load_file(str(self.shard_path(i)))
+                with safe_open(str(path), framework="pt") as shard:
+                    for key in getattr(
+                        shard, "offset_keys", shard.keys
+                    )():  # the file's order, as load_file's
+                        if key not in mapped:
+                            parts.setdefault(key, []).append(shard.get_tensor(key))
             except (SafetensorError, OSError) as err:
-                raise UserError(
-                    f"{self.shard_path(i)} is corrupt ({err}); delete it and rerun generation"
-                ) from None
-            for key, value in shard.items():
-                parts.setdefault(key, []).append(value)
-        return {key: torch.cat(values) for key, values in parts.items()}
+                raise UserError(f"{path} is corrupt ({err}); delete it and rerun generation") from None
+        tensors: dict[str, Any] = {key: torch.cat(values) for key, values in parts.items()}
+        if mapped:
+            from difftune.io.mapped import MappedRows
+
+            tensors.update({key: MappedRows(paths, key) for key in mapped})
+        return tensors

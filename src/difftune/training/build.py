@@ -9,7 +9,7 @@ The loop (:mod:`difftune.training.loop`) only steps, logs and checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from difftune.config.train import TrainConfig
 from difftune.control.validation import check_validation
 from difftune.data.targets import TargetData, prepare_target
 from difftune.errors import UserError
+from difftune.io.mapped import MappedRows
 from difftune.objectives import Draw, Objective, build_objective
 from difftune.process import build_process
 from difftune.process.base import ForwardProcess
@@ -35,6 +36,7 @@ from difftune.schedules.ports import resolve_port
 from difftune.training.evaluation import TrainingEvaluation, split_bank, split_target, training_evaluation
 from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.outputs import fidelity_validation
+from difftune.training.prefetch import RowPrefetcher
 from difftune.training.state import LoopState
 from difftune.training.streams import IndexStream, step_generator
 from difftune.tuning.size import check_adapter_size
@@ -53,13 +55,14 @@ class RunParts:
         evaluation: the measurements of ``train.eval_every``, or ``None``.
         n_target, n_bank: samples per global batch of each stream.
         state: the step and the index streams, saved with every checkpoint.
+        prefetch: reads the next step's rows of memory-mapped sets while a step trains.
     """
 
     cfg: ExperimentConfig
     loaded: LoadedModel
     trainable: list[torch.nn.Parameter]
     process: ForwardProcess
-    bank: torch.Tensor
+    bank: torch.Tensor | MappedRows
     bank_cond: Conditioning
     target: TargetData
     validation: Any
@@ -67,6 +70,7 @@ class RunParts:
     n_target: int
     n_bank: int
     state: LoopState
+    prefetch: RowPrefetcher = field(default_factory=RowPrefetcher)
 
     @property
     def backbone(self) -> Backbone:
@@ -80,16 +84,16 @@ class RunParts:
         their condition is dropped (``bank.condition: null``: the null label, the empty prompt; a
         ControlNet keeps the control image), or kept (``own``).
         """
-        g = step_generator(self.cfg.train.seed, step)
+        g, ahead = step_generator(self.cfg.train.seed, step), self.prefetch
         idx = self.state.target.take(self.n_target)
-        parts, conds = [self.target.draw(idx, g)], [self.target.cond.select(idx)]
+        parts, conds = [self.target.draw(idx, g, ahead.reader("target"))], [self.target.cond.select(idx)]
         if self.n_bank:
             retained = self.state.bank.take(self.n_bank)
             if self.cfg.uses_bank:
-                parts.append(self.bank[retained])
+                parts.append(ahead.read("bank", self.bank, retained))
                 retained_cond = self.bank_cond.select(retained)
             else:
-                parts.append(self.target.draw(retained, g))
+                parts.append(self.target.draw(retained, g, ahead.reader("retained")))
                 retained_cond = self.target.cond.select(retained)
             if self.cfg.bank.condition == "null":
                 retained_cond = self.backbone.drop(retained_cond, torch.ones(self.n_bank, dtype=torch.bool))
@@ -98,7 +102,22 @@ class RunParts:
         cond = Conditioning.cat(conds)
         is_bank = torch.arange(x0.shape[0]) >= self.n_target
         draw = objective.draw(self.n_target, self.n_bank, tuple(x0.shape[1:]), g)
+        self._read_ahead()
         return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
+
+    def _read_ahead(self) -> None:
+        """Start reading the rows the next step will take (memory-mapped sets only)."""
+        ahead, target = self.prefetch, self.target
+        upcoming = {"target": self.state.target.peek(self.n_target)}
+        if self.n_bank:
+            retained = self.state.bank.peek(self.n_bank)
+            if self.cfg.uses_bank:
+                ahead.ask("bank", self.bank, retained)
+            else:
+                upcoming["retained"] = retained
+        for stream, rows in upcoming.items():
+            ahead.ask(f"{stream}/samples", target.samples, rows)
+            ahead.ask(f"{stream}/std", target.std, rows)
 
     def summary(
         self, accelerator: Accelerator, resume: Path | None, fit: dict[str, Any] | None
@@ -160,7 +179,7 @@ def build_run(
     bank, held_bank = split_bank(training_bank(cfg, loaded), spec.bank_holdout, spec.seed)
     with accelerator.main_process_first():
         cache_dir = Path(cfg.data.cache_dir or out / "target_cache")
-        target = prepare_target(cfg.data, loaded, cache_dir, accelerator.device)
+        target = prepare_target(cfg.data, loaded, cache_dir, accelerator.device, mapped=True)
     target, held_target = split_target(target, spec.holdout, spec.seed)
     validation = fidelity_validation(cfg, loaded, target.cond, out)
     evaluation = None

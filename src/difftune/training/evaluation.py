@@ -17,6 +17,7 @@ At fixed seeds, on samples the run never trains on:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -76,11 +77,9 @@ def split_target(target: TargetData, count: int, seed: int) -> tuple[TargetData,
     if not count:
         return target, None
     kept, held = hold_out(len(target), count, seed, "holdout")
-
-    def part(idx: torch.Tensor) -> TargetData:
-        return TargetData(target.samples[idx], target.std[idx], target.cond.select(idx), target.class_names)
-
-    return part(kept), part(held)
+    held_out = target.subset(held)
+    held_out = TargetData(held_out.samples[:], held_out.std[:], held_out.cond, held_out.class_names)
+    return target.subset(kept), held_out  # the few held-out samples in memory, for every evaluation
 
 
 def split_bank(bank: RunBank, count: int, seed: int) -> tuple[RunBank, RunBank | None]:
@@ -88,7 +87,8 @@ def split_bank(bank: RunBank, count: int, seed: int) -> tuple[RunBank, RunBank |
     if not count:
         return bank, None
     kept, held = hold_out(len(bank), count, seed, "bank_holdout")
-    return bank.split(kept), bank.split(held)
+    held_out = bank.split(held)
+    return bank.split(kept), dataclasses.replace(held_out, samples=held_out.samples[:])
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from difftune.backbones.conditioning import Conditioning
 from difftune.errors import UserError
+from difftune.io.mapped import MappedRows
 from difftune.schedules.data_driven import DataSchedule, fit_data_schedule
 from difftune.training.run_dir import DATA_SCHEDULE_FILE
 from difftune.tuning import adapters_off
@@ -58,7 +59,7 @@ def fit_for_run(
     backbone: Backbone,
     scheduler_config: dict[str, Any],
     target: TargetData,
-    bank: torch.Tensor,
+    bank: torch.Tensor | MappedRows,
     bank_cond: Conditioning,
     device: torch.device | str,
 ) -> DataSchedule:

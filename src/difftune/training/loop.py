@@ -48,7 +48,7 @@ from difftune.training.run_dir import (
     rotate_checkpoints,
     write_run_summary,
 )
-from difftune.training.speed import apply_speed_settings, attention_kernel, autocast_dtype
+from difftune.training.speed import apply_speed_settings, attention_kernel, autocast_dtype, to_device
 from difftune.training.state import (
     CHECKPOINTS,
     list_checkpoints,
@@ -209,6 +209,7 @@ class Trainer:
                     if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
                         self.save_checkpoint()
         finally:
+            self.parts.prefetch.close()
             bar.close()  # also on an error, so its message starts on a line of its own
         final = self.out / "final"
         if acc.is_main_process:
@@ -231,9 +232,9 @@ class Trainer:
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 terms = objective(
                     model,
-                    x0[sel].to(acc.device),
+                    to_device(x0[sel], acc.device),
                     cond.select(sel).to(acc.device),
-                    is_bank[sel].to(acc.device),
+                    to_device(is_bank[sel], acc.device),
                     draw[sel],
                 )
                 # global-count normalisation x processes: DDP's gradient mean becomes the global mean

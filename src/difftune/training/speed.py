@@ -1,4 +1,5 @@
-"""The speed switches of ``train``: TF32, channels-last, ``torch.compile`` and the attention kernel.
+"""The speed switches of ``train``: TF32, channels-last, ``torch.compile`` and the attention kernel;
+and how a batch reaches a GPU (pinned memory, no host wait).
 
 None of them changes what is trained or saved: TF32 and the attention kernel change how products
 are computed, channels-last only the memory order of convolution weights, and ``torch.compile``
@@ -96,6 +97,13 @@ def apply_speed_settings(backbone: nn.Module, tc: TrainConfig) -> None:
                 logger.info(
                     "torch.compile (%s): %d module(s) of %s", tc.compile, compiled, type(model).__name__
                 )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; on a GPU through pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def autocast_dtype(mixed_precision: str) -> torch.dtype:

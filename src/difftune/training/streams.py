@@ -7,6 +7,7 @@ several, and resuming at step k needs nothing but k and the index streams' posit
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
@@ -52,6 +53,10 @@ class IndexStream:
             self.offset += k
             n -= k
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    def peek(self, n: int) -> torch.Tensor:
+        """The indices the next :meth:`take` of ``n`` will return, without moving the stream."""
+        return copy.copy(self).take(n)
 
     def state_dict(self) -> dict[str, int]:
         """Position and identity of the stream."""

@@ -1,0 +1,150 @@
+"""Rows of a tensor stored across safetensors shards, read from memory-mapped files on demand.
+
+A run's target latents and its knowledge bank can be far larger than a process should hold. A
+:class:`MappedRows` keeps only each shard's header and a read-only ``numpy.memmap`` of its bytes;
+indexing it reads the rows asked for (the operating system pages them in and may drop them again),
+so a process's resident memory grows with the batch, not with the set, and processes on one machine
+share the page cache instead of holding a copy each. A safetensors file is an 8-byte little-endian
+header length, a JSON header naming each tensor's dtype, shape and byte range, then the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difftune.errors import UserError
+
+# safetensors dtype -> (numpy dtype the bytes are read as, torch dtype they are viewed as)
+DTYPES: dict[str, tuple[Any, torch.dtype]] = {
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: read the bits, view them in torch
+    "F64": (np.float64, torch.float64),
+    "I64": (np.int64, torch.int64),
+    "I32": (np.int32, torch.int32),
+    "I16": (np.int16, torch.int16),
+    "U8": (np.uint8, torch.uint8),
+    "I8": (np.int8, torch.int8),
+    "BOOL": (np.bool_, torch.bool),
+}
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    rows: int
+    offset: int  # of the tensor's first byte in the file
+
+
+def _shard(path: Path, key: str) -> tuple[_Shard, str, list[int]]:
+    """Where tensor ``key`` lies in the safetensors file ``path``, its dtype and its shape."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        entry = header[key]
+        start, end = entry["data_offsets"]
+        dtype, shape = entry["dtype"], list(entry["shape"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise UserError(
+            f"{path} is corrupt ({type(err).__name__}: {err}); delete it and rerun generation"
+        ) from None
+    if dtype not in DTYPES or not shape:
+        raise UserError(f"{path}: tensor {key!r} of dtype {dtype} and shape {shape} cannot be memory-mapped")
+    item = np.dtype(DTYPES[dtype][0]).itemsize
+    if end - start != item * int(np.prod(shape)) or path.stat().st_size < 8 + length + end:
+        raise UserError(f"{path} is truncated (tensor {key!r}); delete it and rerun generation")
+    return _Shard(path, shape[0], 8 + length + start), dtype, shape
+
+
+class MappedRows:
+    """The rows of tensor ``key`` of the shards ``paths`` (in order), as one memory-mapped (N, ...) set.
+
+    Indexing with an int, a slice, a list or a 1-D integer tensor returns a tensor holding just those
+    rows; :meth:`subset` returns another :class:`MappedRows` over some rows, without reading them.
+
+    Raises:
+        UserError: a shard is unreadable, truncated, or disagrees with the others on dtype or row shape.
+    """
+
+    def __init__(self, paths: Sequence[Path], key: str) -> None:
+        shards, dtypes, rows_shapes = [], set(), set()
+        for path in paths:
+            shard, dtype, shape = _shard(Path(path), key)
+            shards.append(shard)
+            dtypes.add(dtype)
+            rows_shapes.add(tuple(shape[1:]))
+        if len(dtypes) > 1 or len(rows_shapes) > 1:
+            raise UserError(f"the shards of {key!r} disagree on dtype or shape: {dtypes}, {rows_shapes}")
+        self.key = key
+        self._shards = shards
+        self._numpy_dtype, self.dtype = DTYPES[dtypes.pop()] if dtypes else (np.float32, torch.float32)
+        self._row_shape = rows_shapes.pop() if rows_shapes else ()
+        starts = np.cumsum([0] + [s.rows for s in shards])
+        self._starts = starts
+        self._index = torch.arange(int(starts[-1]))  # this view's rows, as rows of the shards
+        self._maps: list[np.memmap | None] = [None] * len(shards)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self._index), *self._row_shape))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _map(self, i: int) -> np.memmap:
+        if self._maps[i] is None:
+            shard = self._shards[i]
+            shape = (shard.rows, *self._row_shape)
+            self._maps[i] = np.memmap(
+                shard.path, dtype=self._numpy_dtype, mode="r", offset=shard.offset, shape=shape
+            )
+        return self._maps[i]
+
+    def _rows(self, index: Any) -> torch.Tensor:
+        """This view's rows ``index`` as rows of the underlying shards (a 1-D LongTensor)."""
+        if isinstance(index, int):
+            return self._index[index].reshape(1)
+        if isinstance(index, (slice, list)):
+            return self._index[index] if isinstance(index, slice) else self._index[torch.as_tensor(index)]
+        if torch.is_tensor(index) and index.dim() <= 1 and not index.is_floating_point():
+            return self._index[index.cpu()].reshape(-1)
+        raise TypeError(
+            f"MappedRows takes an int, a slice, a list or a 1-D integer tensor, not {type(index).__name__}"
+        )
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        rows = self._rows(index).numpy()
+        out = np.empty((len(rows), *self._row_shape), dtype=self._numpy_dtype)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for i in np.unique(shard_of):
+            here = shard_of == i
+            out[here] = self._map(int(i))[rows[here] - self._starts[i]]
+        tensor = torch.from_numpy(out)
+        if self.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.bfloat16)
+        return tensor[0] if isinstance(index, int) else tensor
+
+    def subset(self, index: Any) -> MappedRows:
+        """The rows ``index`` of this set, still on disk."""
+        view = object.__new__(MappedRows)
+        view.__dict__.update(self.__dict__)
+        view._index = self._rows(index)
+        return view
+
+    def materialise(self) -> torch.Tensor:
+        """Every row, read into memory."""
+        return self[:]
+
+
+def rows(values: torch.Tensor | MappedRows, index: torch.Tensor) -> torch.Tensor | MappedRows:
+    """Rows ``index`` of ``values``: a tensor's are indexed, a memory-mapped set's stay on disk."""
+    return values.subset(index) if isinstance(values, MappedRows) else values[index]
