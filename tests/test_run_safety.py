@@ -469,3 +469,12 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(
     clean = Trainer(make_cfg(dit_dir, tmp_path / "clean", None, *args)).train()
     a, b = weights(final), weights(clean)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_launch_whose_processes_do_not_join_is_refused(dit_dir: Path, tmp_path: Path, monkeypatch):
+    # what plain torchrun on a machine without a GPU does: 2 processes, each its own accelerate run
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="ACCELERATE_USE_CPU=1") as err:
+        Trainer(make_cfg(dit_dir, tmp_path / "run", None))
+    assert "launcher started 2 processes" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

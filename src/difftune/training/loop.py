@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(
             mixed_precision=tc.mixed_precision, log_with=tracker(tc.report_to), project_dir=str(self.out)
         )
+        check_world_size(self.accelerator.num_processes)
         chunks = self.accelerator.num_processes * tc.gradient_accumulation
         if tc.batch_size < chunks:
             raise UserError(
@@ -301,6 +303,22 @@ class Trainer:
             rotate_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
         return final
+
+
+def check_world_size(processes: int) -> None:
+    """Refuse a launch whose processes do not form one run: ``torchrun`` (or a cluster launcher) set
+    ``WORLD_SIZE`` but accelerate joined fewer processes, so each would train and write on its own.
+
+    Raises:
+        UserError: the launcher's world size differs from accelerate's process count.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != processes:
+        raise UserError(
+            f"the launcher started {world} processes (WORLD_SIZE) but accelerate runs {processes}, so they "
+            "would train apart; on a machine without a GPU set ACCELERATE_USE_CPU=1 (or use "
+            "`accelerate launch --multi_gpu`/`--num_processes` on GPUs)"
+        )
 
 
 def train_model(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> Path:
