@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from difftune.data.conditions import target_conditions
 from difftune.data.images import TargetImages
 from difftune.errors import UserError
 from difftune.io.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
-from difftune.io.mapped import MappedRows, rows
+from difftune.io.mapped import MappedRows, RowReader, index_rows, rows
 from difftune.io.store import LatentStore, folder_identity
 
 CACHE_FORMAT = 1
@@ -48,13 +47,6 @@ PATCHES_PER_PHOTO = 1200  # photo_patches without data.per_class
 PATCH_FORMAT = 1  # changes when the patch cutting changes (PHOTOS, PATCH_SCALES)
 HEADER_MEMO = "image_checks.json"  # beside a target cache: the header checks of its image folder
 logger = logging.getLogger(__name__)
-
-
-RowReader = Callable[[str, "torch.Tensor | MappedRows", torch.Tensor], torch.Tensor]
-
-
-def _index(name: str, values: torch.Tensor | MappedRows, indices: torch.Tensor) -> torch.Tensor:
-    return values[indices]
 
 
 @dataclass
@@ -86,7 +78,7 @@ class TargetData:
         ``read(name, values, indices)`` reads the rows of ``samples`` and ``std`` (default: indexing;
         a run passes its prefetcher's).
         """
-        read = read or _index
+        read = read or index_rows
         mean, std = read("samples", self.samples, indices), read("std", self.std, indices)
         return mean + std * torch.randn(mean.shape, generator=generator)
 

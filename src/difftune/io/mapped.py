@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,3 +148,12 @@ class MappedRows:
 def rows(values: torch.Tensor | MappedRows, index: torch.Tensor) -> torch.Tensor | MappedRows:
     """Rows ``index`` of ``values``: a tensor's are indexed, a memory-mapped set's stay on disk."""
     return values.subset(index) if isinstance(values, MappedRows) else values[index]
+
+
+# reads rows ``indices`` of the set named ``name`` (a run's prefetcher reads ahead by name)
+RowReader = Callable[[str, "torch.Tensor | MappedRows", torch.Tensor], torch.Tensor]
+
+
+def index_rows(name: str, values: torch.Tensor | MappedRows, indices: torch.Tensor) -> torch.Tensor:
+    """The :data:`RowReader` that reads on the spot."""
+    return values[indices]

@@ -13,8 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from difftune.data.targets import RowReader
-from difftune.io.mapped import MappedRows
+from difftune.io.mapped import MappedRows, RowReader
 
 
 class RowPrefetcher:
