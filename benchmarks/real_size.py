@@ -41,6 +41,16 @@ DIT = {
     "dit-s": {"num_attention_heads": 6, "attention_head_dim": 64, "num_layers": 12},
 }
 ORIGINAL_PARAMETERS = {"dit-xl2": 675_129_632, "dit-s": 32_955_296}  # the DiT paper's models (one embedder)
+# the SD-VAE's published configuration (stabilityai/sd-vae-ft-ema), less its sample_size
+SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
 GIB = 2**30
 
 
@@ -60,16 +70,7 @@ def build_pipeline(root: Path, size: str) -> int:
         norm_type="ada_norm_zero",
     )
     transformer.save_pretrained(root / "transformer")
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=256,
-    ).save_pretrained(root / "vae")
+    AutoencoderKL(**SD_VAE, sample_size=256).save_pretrained(root / "vae")
     DDPMScheduler(beta_schedule="linear", num_train_timesteps=1000).save_pretrained(root / "scheduler")
     return sum(p.numel() for p in transformer.parameters())
 

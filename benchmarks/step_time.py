@@ -227,7 +227,13 @@ def build_source(root: Path, size: str, seed: int) -> tuple[Path, str]:
     )
 
 
-def prepare(args: argparse.Namespace, work: Path) -> Setup:
+def prepare(
+    args: argparse.Namespace,
+    work: Path,
+    build: Callable[[Path, str, int], tuple[Path, str]] = build_source,
+) -> Setup:
+    """The source model (``build(root, args.size, args.seed)``: its directory and a description), its
+    knowledge bank generated once, and the target cache's directory."""
     import torch
 
     from difftune.backbones import load_pretrained
@@ -240,7 +246,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{Path(sys.argv[0]).name}: --device cuda but CUDA is not available")
-    source, description = build_source(work / "source", args.size, args.seed)
+    source, description = build(work / "source", args.size, args.seed)
     bank = work / "bank"
     bank_cfg = BankConfig(
         path=str(bank),
@@ -257,11 +263,13 @@ def prepare(args: argparse.Namespace, work: Path) -> Setup:
 class Run:
     """What one measured configuration changes: ``objective`` settings, the ``tuning`` section (its
     ``method`` and settings) and the learning rate (``None``: the ``train`` default). This script's two methods differ
-    only in ``objective``; everything else (model, data, bank, batch, seed, EMA) is shared."""
+    only in ``objective``; everything else (model, data, bank, batch, seed, EMA) is shared. ``data``
+    replaces settings of the ``data`` section (default: digits 5-9, cached in ``Setup.cache``)."""
 
     objective: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
     learning_rate: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def make_config(
@@ -281,7 +289,15 @@ def make_config(
     rate = {} if run.learning_rate is None else {"learning_rate": run.learning_rate}
     return ExperimentConfig(
         model=ModelConfig(pretrained=str(setup.source)),
-        data=DataConfig(source="digits", classes=TARGET_CLASSES, cache_dir=str(setup.cache), seed=args.seed),
+        data=DataConfig(
+            **{
+                "source": "digits",
+                "classes": TARGET_CLASSES,
+                "cache_dir": str(setup.cache),
+                "seed": args.seed,
+                **run.data,
+            }
+        ),
         bank=BankConfig(
             path=str(setup.bank), num_samples=args.bank_samples, sampling=SamplingSpec(steps=args.bank_steps)
         ),

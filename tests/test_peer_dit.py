@@ -1,0 +1,61 @@
+"""Smoke test of benchmarks/peer_dit.py: the tiny model, one repeat of one step; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def peer_dit():
+    """The script as a module; the process-wide settings its main() changes are restored afterwards."""
+    sys.path.insert(0, str(BENCHMARKS))
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with warnings.catch_warnings():
+            import peer_dit
+
+            yield peer_dit
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        logging.disable(logging.NOTSET)
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_tiny_run_prints_the_ratio_and_finite_losses(peer_dit, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "result.json"
+    argv = ["--size", "tiny", "--device", "cpu", "--batch-size", "5", "--images", "8", "--bank-samples", "2"]
+    # 3 timed steps: a tiny step (~5 ms) stands clear of the noise of two whole train() calls' CPU time
+    argv += ["--repeats", "1", "--steps", "3", "--warmup", "1", "--bank-steps", "2", "--json", str(out)]
+    assert peer_dit.main(argv) == 0
+    printed = capsys.readouterr().out
+    for label in ("device   cpu", "model    tiny", "batch    5 = 4 target + 1 bank", "difftune", "authors"):
+        assert label in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("ratio ")
+    printed_ratio = float(last.split()[1])
+    assert math.isfinite(printed_ratio) and printed_ratio > 0
+
+    result = json.loads(out.read_text())
+    assert result["ratio"] == pytest.approx(printed_ratio, abs=1e-3)
+    assert (result["n_target"], result["n_bank"]) == (4, 1)
+    for path in ("difftune", "authors"):
+        assert result["paths"][path]["median_ms"] > 0
+        losses = result["losses"][path]
+        assert losses and all(math.isfinite(x) for x in losses)
+    assert set(result["paths"]["authors"]["phases_ms"]) == {"load", "encode", "step"}
+    assert len(result["losses"]["authors"]) == 4  # the long run: 1 warm-up step and 3 timed steps
