@@ -21,18 +21,27 @@ from PIL import Image, ImageDraw
 from difftune.cli import main
 from difftune.process import DEFAULT_SAMPLERS, SCHEDULER_CLASSES
 from difftune.process.schedulers import make_scheduler
-from difftune.testing.models import save_sd_pipeline, tiny_dit, tiny_unet
+from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline, tiny_dit, tiny_unet
 from test_training import changed, metrics, weights
 
 PROCESSES = ("ddpm", "flow", "edm")
-FAMILIES = ("dit", "unet", "text", "controlnet")
+FAMILIES = ("dit", "unet", "text", "sdxl", "controlnet")
+TEXT = ("text", "sdxl", "controlnet")  # the families conditioned on prompts
 SCHEDULER_SETTINGS = {"ddpm": {}, "flow": {"shift": 3.0}, "edm": {}}
-MODEL_FOLDER = {"dit": "transformer", "unet": "unet", "text": "unet", "controlnet": "controlnet"}
+MODEL_FOLDER = {
+    "dit": "transformer",
+    "unet": "unet",
+    "text": "unet",
+    "sdxl": "unet",
+    "controlnet": "controlnet",
+}
 
 
 def _base(family: str, process: str, root: Path) -> Path:
     """A tiny base model of ``family`` whose scheduler/ is ``process``'s training scheduler."""
-    if family in ("text", "controlnet"):
+    if family == "sdxl":
+        save_sdxl_pipeline(root)
+    elif family in ("text", "controlnet"):
         save_sd_pipeline(root)
     else:
         model = tiny_dit(learn_sigma=process == "ddpm") if family == "dit" else tiny_unet()
@@ -59,7 +68,7 @@ def _captions(root: Path, n: int = 6) -> Path:
 
 
 def _config(family: str, base: Path, tmp: Path) -> Path:
-    if family in ("text", "controlnet"):
+    if family in TEXT:
         data = {"source": "captions", "path": str(_captions(tmp / "captions"))}
     else:
         data = {"source": "digits", "classes": [5, 6], "per_class": 4}
@@ -112,7 +121,7 @@ def test_family_on_process_bank_train_sample(family: str, process: str, tmp_path
     assert saved_scheduler["_class_name"] in SCHEDULER_CLASSES[process]
 
     args = ["sample", "--model", str(final), "--per-label", "1", "--steps", "2", "--out", str(tmp_path / "s")]
-    if family in ("text", "controlnet"):
+    if family in TEXT:
         args += ["--prompt", "a red circle"]
     else:
         args += ["--labels", "0"]

@@ -94,11 +94,12 @@ class Conditioning(Mapping[str, torch.Tensor]):
 
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate bundles with the same names along the batch dimension."""
+        """Concatenate bundles with the same names (in any order; the first's order is kept) along the
+        batch dimension."""
         if not parts:
             raise ValueError("nothing to concatenate: give at least one Conditioning")
         names = list(parts[0])
-        if any(list(p) != names for p in parts):
+        if any(set(p) != set(names) for p in parts):
             raise ValueError(
                 f"cannot concatenate conditioning with different names: {[list(p) for p in parts]}"
             )

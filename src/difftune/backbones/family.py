@@ -214,7 +214,8 @@ class ModelFamily:
 
     Attributes:
         name: the family's name (the registry key).
-        model_classes: the diffusers class names (``_class_name`` in ``config.json``) it loads.
+        model_classes: the diffusers class names (``_class_name`` in ``config.json``) it loads (every
+            config of them, or those :meth:`claims` accepts).
         model_class: the diffusers class its denoiser is loaded as.
         adapter: the backbone adapter class it builds.
         adapter_targets: method (:data:`ADAPTER_TARGET_KEYS`) -> the module names it adapts by default.
@@ -225,6 +226,14 @@ class ModelFamily:
     model_class: type
     adapter: type
     adapter_targets: Mapping[str, Sequence[str]] = {}
+
+    def claims(self, config: Mapping[str, Any]) -> bool:
+        """Whether this family loads a model of one of :attr:`model_classes` with ``config`` (its
+        ``config.json``). The *default* family of a class (which does not override this) loads every
+        config of it; a *narrower* family overrides it to claim only its own configs (SDXL: the
+        ``UNet2DConditionModel`` configs with ``addition_embed_type="text_time"``), and the registry
+        asks the narrower families of a class first (:func:`~difftune.backbones.families.family_for_config`)."""
+        return True
 
     # loading
     def load(self, ctx: LoadContext, model: Any) -> tuple[Any, Any]:
@@ -313,6 +322,11 @@ class ModelFamily:
         """Write the LoRA of the denoiser ``model`` (peft layers injected) into the adapter ``directory`` in
         the layout the family's stock diffusers loader reads; nothing where peft's format is that loader."""
         raise NotImplementedError
+
+
+def narrows(family: ModelFamily) -> bool:
+    """``family`` claims only some configs of its classes (it overrides :meth:`ModelFamily.claims`)."""
+    return type(family).claims is not ModelFamily.claims
 
 
 def missing_hooks(family: ModelFamily) -> list[str]:

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
 
 from difftune.backbones.base import Backbone
 from difftune.backbones.codec import LatentCodec
-from difftune.backbones.families import family_for_class
+from difftune.backbones.families import family_for_config
 from difftune.backbones.family import LoadContext, ModelFamily
 from difftune.backbones.fingerprint import model_fingerprint
 from difftune.backbones.noise_schedule import read_noise_schedule
@@ -202,7 +202,7 @@ def _model_config(
         raise FileNotFoundError(
             f"cannot read a model config from {pretrained!r}: {str(err).splitlines()[0]}"
         ) from None
-    return components, sub, config, family_for_class(config.get("_class_name", ""))
+    return components, sub, config, family_for_config(config)
 
 
 def peek_backbone(

@@ -1,7 +1,7 @@
-"""LoRA adapters in diffusers' own layout, for the stock loaders of the Stable Diffusion family.
+"""LoRA adapters in diffusers' own layout, for the stock loaders of the Stable Diffusion families.
 
 peft's format (``adapter_model.safetensors``) is what ``PeftModel.from_pretrained`` reads, and the
-stock loader of a DiT or a ``UNet2DModel``. A Stable Diffusion pipeline reads LoRA weights with
+stock loader of a DiT or a ``UNet2DModel``. A Stable Diffusion (or SDXL) pipeline reads LoRA weights with
 ``pipe.load_lora_weights(directory)``, a ``ControlNetModel`` (which no pipeline loads a LoRA into)
 with ``controlnet.load_lora_adapter(directory, prefix=None, use_safetensors=True)``; both read
 ``pytorch_lora_weights.safetensors``, which diffusers' own writers make here. Each file carries the
@@ -22,18 +22,19 @@ from difftune.tuning.lora import ADAPTER_NAME
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default name (LORA_WEIGHT_NAME_SAFE)
 
 
-def save_pipeline_lora(unet: nn.Module, directory: Path) -> None:
+def save_pipeline_lora(unet: nn.Module, directory: Path, pipeline: str = "StableDiffusionPipeline") -> None:
     """Write the LoRA of a Stable Diffusion ``unet`` (peft layers injected) for ``pipe.load_lora_weights``.
 
-    The keys are diffusers' (``unet.<module>.lora.down.weight``), written by
-    ``StableDiffusionPipeline.save_lora_weights`` with the adapter's peft config as metadata.
+    The keys are diffusers' (``unet.<module>.lora.down.weight``), written by ``pipeline``'s
+    ``save_lora_weights`` (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with the
+    adapter's peft config as metadata.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
-    StableDiffusionPipeline.save_lora_weights(
+    getattr(diffusers, pipeline).save_lora_weights(
         directory,
         unet_lora_layers={name: tensor.detach().cpu().contiguous() for name, tensor in layers.items()},
         weight_name=LORA_WEIGHTS,

@@ -12,7 +12,7 @@ from typing import Any
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from difftune.backbones.controlnet import ControlNetBackbone
-from difftune.backbones.text import PromptEncoder, check_tokenizer_fits
+from difftune.backbones.text import DualPromptEncoder, PromptEncoder, check_tokenizer_fits
 from difftune.config.checks import check_model_path
 from difftune.errors import UserError
 
@@ -56,6 +56,30 @@ def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> Promp
     text_encoder = load(CLIPTextModel, pipeline, "text_encoder", revision)
     check_tokenizer_fits(tokenizer, text_encoder, pipeline)
     return PromptEncoder(text_encoder, tokenizer, pipeline)
+
+
+def load_dual_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> DualPromptEncoder:
+    """SDXL's two CLIP text encoders and tokenizers of ``pipeline`` (``text_encoder``/``tokenizer`` and
+    ``text_encoder_2``/``tokenizer_2``; ``load``: safetensors-only ``from_pretrained``).
+
+    Raises:
+        UserError: the two encoders give prompt embeddings of different lengths.
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = []
+    for suffix, cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+        tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder=f"tokenizer{suffix}", revision=revision)
+        text_encoder = load(cls, pipeline, f"text_encoder{suffix}", revision)
+        check_tokenizer_fits(tokenizer, text_encoder, pipeline)
+        parts.append(PromptEncoder(text_encoder, tokenizer, pipeline))
+    if parts[0].max_length != parts[1].max_length:
+        raise UserError(
+            f"{pipeline}: tokenizer/ makes prompts of {parts[0].max_length} tokens but tokenizer_2/ of "
+            f"{parts[1].max_length}; SDXL concatenates both encoders' embeddings, so they must agree "
+            "(model_max_length in tokenizer_config.json)"
+        )
+    return DualPromptEncoder(parts[0], parts[1], pipeline)
 
 
 def controlnet_backbone(

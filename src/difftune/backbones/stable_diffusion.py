@@ -34,14 +34,18 @@ class TextConditionalBackbone(Backbone):
     subfolder = "unet"
     pipeline_class = "StableDiffusionPipeline"
     condition_names = (PROMPTS,)
+    addition_embed_type: str | None = (
+        None  # the UNet's extra conditioning this adapter feeds (SDXL's: text_time)
+    )
 
     def __init__(self, model: UNet2DConditionModel, null_prompt: torch.Tensor | None = None) -> None:
         super().__init__()
         cfg = model.config
-        if cfg.addition_embed_type is not None or cfg.class_embed_type is not None:
+        if cfg.addition_embed_type != self.addition_embed_type or cfg.class_embed_type is not None:
             raise UserError(
-                f"UNet2DConditionModel with extra conditioning (addition_embed_type={cfg.addition_embed_type!r}, "
-                f"class_embed_type={cfg.class_embed_type!r}, e.g. SDXL) is not supported; use an SD 1.x or 2.x UNet"
+                f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} and "
+                f"class_embed_type={cfg.class_embed_type!r} does not fit {type(self).__name__}; supported: "
+                "SD 1.x / 2.x UNets (neither set) and SDXL's (addition_embed_type='text_time'), without a ControlNet"
             )
         self.inner = model
         self.learns_variance = cfg.out_channels == 2 * cfg.in_channels

@@ -123,3 +123,89 @@ class PromptEncoder:
         if not out:
             return torch.zeros(0, self.max_length, self.width)
         return torch.cat(out)
+
+
+class DualPromptEncoder:
+    """Encode prompts as Stable Diffusion XL's pipeline does (``StableDiffusionXLPipeline.encode_prompt``),
+    with its two frozen text encoders.
+
+    The prompt embedding is the concatenation of both encoders' penultimate hidden states (N, L,
+    D1 + D2); the pooled embedding is the second encoder's projected output (N, P).
+
+    Args:
+        first: the first encoder's :class:`PromptEncoder` (``CLIPTextModel`` and ``tokenizer``).
+        second: the second's (``CLIPTextModelWithProjection`` and ``tokenizer_2``).
+        source: where they were loaded from (part of :meth:`identity`), or ``None``.
+    """
+
+    def __init__(self, first: PromptEncoder, second: PromptEncoder, source: str | None = None) -> None:
+        self.first, self.second = first, second
+        self.source = source
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt read by the first encoder (the two tokenizers' lengths agree in SDXL)."""
+        return self.first.max_length
+
+    @property
+    def width(self) -> int:
+        """Width D1 + D2 of a prompt-embedding token."""
+        return self.first.width + self.second.width
+
+    @property
+    def pooled_width(self) -> int:
+        """Width P of the pooled embedding (the second encoder's ``projection_dim``)."""
+        return int(self.second.text_encoder.config.projection_dim)
+
+    def count_truncated(self, prompts: Sequence[str]) -> int:
+        """How many of ``prompts`` either encoder cuts short."""
+        return max(self.first.count_truncated(prompts), self.second.count_truncated(prompts))
+
+    def warn_truncated(self, prompts: Sequence[str], what: str = "prompts") -> None:
+        """Warn once, with the count, when some of ``prompts`` are longer than the encoders read."""
+        count = self.count_truncated(prompts)
+        if count:
+            logger.warning(
+                "%d of %d %s are longer than the text encoder's %d tokens and are truncated",
+                count,
+                len(prompts),
+                what,
+                self.max_length,
+            )
+
+    def identity(self) -> str:
+        """A string that changes when encoding a prompt would give other embeddings."""
+        if self.source is not None:
+            return f"text-xl:{self.source}:{self.first.max_length}:{self.second.max_length}"
+        first, second = (model_fingerprint(p.text_encoder) for p in (self.first, self.second))
+        return f"text-xl-weights-{first}-{second}:{self.first.max_length}:{self.second.max_length}"
+
+    def to(self, device: torch.device | str) -> DualPromptEncoder:
+        """Move both text encoders to ``device``."""
+        self.first.to(device)
+        self.second.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts`` (N) -> ``(embeddings (N, L, D1 + D2), pooled (N, P))``, float32 on the CPU."""
+        hidden, pooled = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            states = []
+            for part in (self.first, self.second):
+                tokens = part.tokenizer(
+                    chunk,
+                    padding="max_length",
+                    max_length=part.max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+                device = next(part.text_encoder.parameters()).device
+                out = part.text_encoder(tokens.input_ids.to(device), output_hidden_states=True)
+                states.append(out.hidden_states[-2].float().cpu())
+            hidden.append(torch.cat(states, dim=-1))
+            pooled.append(out[0].float().cpu())  # the second encoder's projected text embedding
+        if not hidden:
+            return torch.zeros(0, self.max_length, self.width), torch.zeros(0, self.pooled_width)
+        return torch.cat(hidden), torch.cat(pooled)

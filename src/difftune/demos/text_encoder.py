@@ -14,10 +14,13 @@ import torch
 _TOKEN_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
-def tiny_text_encoder(width: int = 32, max_length: int = 16, seed: int = 0) -> tuple[Any, Any]:
+def tiny_text_encoder(
+    width: int = 32, max_length: int = 16, seed: int = 0, projection_dim: int | None = None
+) -> tuple[Any, Any]:
     """A 2-layer ``CLIPTextModel`` and a character-level ``CLIPTokenizer`` built from a vocabulary
-    written here (letters, digits, punctuation; no merges): ``(text_encoder, tokenizer)``."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    written here (letters, digits, punctuation; no merges): ``(text_encoder, tokenizer)``. With
+    ``projection_dim``, a ``CLIPTextModelWithProjection`` (SDXL's second text encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = {c: i for i, c in enumerate(_TOKEN_CHARS)}
     vocab.update({f"{c}</w>": len(_TOKEN_CHARS) + i for i, c in enumerate(_TOKEN_CHARS)})
@@ -40,5 +43,8 @@ def tiny_text_encoder(width: int = 32, max_length: int = 16, seed: int = 0) -> t
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,
+        **({} if projection_dim is None else {"projection_dim": projection_dim}),
     )
+    if projection_dim is not None:
+        return CLIPTextModelWithProjection(config), tokenizer
     return CLIPTextModel(config), tokenizer

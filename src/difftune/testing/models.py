@@ -24,9 +24,11 @@ from difftune.process.schedulers import make_scheduler
 __all__ = [
     "save_pipeline_dir",
     "save_sd_pipeline",
+    "save_sdxl_pipeline",
     "tiny_cond_unet",
     "tiny_controlnet",
     "tiny_dit",
+    "tiny_sdxl_unet",
     "tiny_text_encoder",
     "tiny_unet",
     "tiny_vae",
@@ -155,4 +157,67 @@ def save_sd_pipeline(
         )
     else:
         StableDiffusionPipeline(**parts).save_pretrained(root)
+    return root
+
+
+SDXL_TEXT_WIDTHS = (32, 48)  # the two tiny text encoders' widths: prompt embeddings are 80 wide
+SDXL_POOLED_WIDTH = 24  # the second encoder's projection
+SDXL_TIME_EMBED = 8  # addition_time_embed_dim: each of the 6 size ids embedded in 8 numbers
+
+
+def tiny_sdxl_unet(in_channels: int = 4, sample_size: int = 4, seed: int = 0) -> UNet2DConditionModel:
+    """An SDXL-style UNet2DConditionModel (``addition_embed_type="text_time"``) that takes the tiny
+    encoders' embeddings (:data:`SDXL_TEXT_WIDTHS` concatenated, :data:`SDXL_POOLED_WIDTH` pooled)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=sum(SDXL_TEXT_WIDTHS),
+        attention_head_dim=4,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + SDXL_POOLED_WIDTH,
+    )
+
+
+def save_sdxl_pipeline(
+    root: Path, unet: UNet2DConditionModel | None = None, seed: int = 0, scheduler: str = "euler"
+) -> Path:
+    """Write a stock ``StableDiffusionXLPipeline`` directory of tiny models (32x32 images, 4x4 latents):
+    :func:`tiny_sdxl_unet`, a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection`` with the local
+    character-level tokenizer, :func:`tiny_vae`, and SDXL's ``EulerDiscreteScheduler`` (``scheduler="ddpm"``:
+    a ``DDPMScheduler``)."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    text_encoder, tokenizer = tiny_text_encoder(SDXL_TEXT_WIDTHS[0], seed=seed)
+    text_encoder_2, tokenizer_2 = tiny_text_encoder(
+        SDXL_TEXT_WIDTHS[1], seed=seed + 1, projection_dim=SDXL_POOLED_WIDTH
+    )
+    betas = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+    }
+    schedulers = {
+        "euler": lambda: EulerDiscreteScheduler(**betas, steps_offset=1, timestep_spacing="leading"),
+        "ddpm": lambda: DDPMScheduler(**betas, steps_offset=1, clip_sample=False),
+    }
+    StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet or tiny_sdxl_unet(seed=seed),
+        scheduler=schedulers[scheduler](),
+        add_watermarker=False,
+    ).save_pretrained(root)
     return root
