@@ -285,3 +285,53 @@ def test_the_dry_run_checks_an_sdxl_run(
     refused["data"] = {**raw["data"], "annotator": "canny"}
     assert main(["train", "--config", str(_write(refused, tmp_path / "cn.yaml")), "--dry-run"]) == 2
     assert "SDXL" in capsys.readouterr().err
+
+
+def test_a_v_prediction_sdxl_trains_on_the_velocity(captions: Path, tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from difftune.backbones import Conditioning
+    from difftune.config.experiment import ObjectiveConfig
+    from difftune.objectives import build_objective
+    from difftune.process import build_process
+    from difftune.training.loop import train_model
+
+    root = save_sdxl_pipeline(tmp_path / "pipe")
+    euler = EulerDiscreteScheduler.from_pretrained(str(root / "scheduler"), prediction_type="v_prediction")
+    euler.save_pretrained(root / "scheduler")
+    loaded = load_pretrained(str(root))
+    reference = DDPMScheduler.from_config(loaded.scheduler_config)  # diffusers' own formulas
+    objective = build_objective(
+        ObjectiveConfig(bank_share=0.0, cfg_dropout=0.0),
+        build_process(loaded.scheduler_config),
+        loaded.backbone,
+    )
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 4, 4, generator=g)
+    cond, _ = loaded.family.sample_conditions(
+        loaded, ConditionRequest(prompts=["a red circle", "a blue square"])
+    )
+    draw = objective.draw(2, 0, (4, 4, 4), g)
+    with torch.no_grad():
+        terms = objective(loaded.backbone, x0, Conditioning(cond), torch.zeros(2, dtype=torch.bool), draw)
+        out = loaded.backbone(reference.add_noise(x0, draw.noise, draw.t), draw.t, cond)
+    velocity = reference.get_velocity(x0, draw.noise, draw.t)
+    torch.testing.assert_close(terms.terms["mse"], (out - velocity).square().mean(dim=(1, 2, 3)))
+    raw = _raw(
+        root, captions, tmp_path, objective={"bank_share": 0.0}, train={"max_steps": 1, "checkpoint_every": 0}
+    )
+    final = train_model(config_from_dict(raw))
+    assert (
+        StableDiffusionXLPipeline.from_pretrained(str(final)).scheduler.config.prediction_type
+        == "v_prediction"
+    )
+
+
+def test_the_readme_sdxl_example_is_a_valid_config() -> None:
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(model:\n  pretrained: stabilityai/stable-diffusion-xl.*?)\n```", text, re.S)
+    assert block is not None
+    cfg = config_from_dict(yaml.safe_load(block.group(1)))
+    assert cfg.tuning.method == "lora" and cfg.bank.prompts == "class_swap"

@@ -1,7 +1,7 @@
 """The family seam: one object per model family owns what differs between families.
 
-A family (class-conditional DiT, class-conditional UNet, Stable Diffusion, a ControlNet over Stable
-Diffusion) is registered once (:mod:`difftune.backbones.families`) and owns:
+A family (class-conditional DiT, class-conditional UNet, Stable Diffusion, SDXL, a ControlNet over
+Stable Diffusion) is registered once (:mod:`difftune.backbones.families`) and owns:
 
 * its loading: the parts besides the denoiser (text encoder, frozen UNet, where a ControlNet starts)
   that it keeps in ``LoadedModel.parts``, what a saved model's ``difftune_source.json`` records about

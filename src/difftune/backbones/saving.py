@@ -117,6 +117,7 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
 
     * DiT: ``DiTPipeline`` with ``vae/`` and ``id2label``;
     * Stable Diffusion: ``StableDiffusionPipeline`` with ``vae/``, ``text_encoder/`` and ``tokenizer/``;
+    * SDXL: ``StableDiffusionXLPipeline`` with ``vae/``, both text encoders and both tokenizers;
     * ControlNet: ``StableDiffusionControlNetPipeline`` with those and the frozen ``unet/``.
     """
     directory = Path(directory)
