@@ -51,6 +51,27 @@ def test_mapped_rows_equal_the_loaded_tensor(tmp_path: Path, dtype: torch.dtype)
     assert len(part) == 3 and torch.equal(part[torch.tensor([2, 0])], loaded["samples"][torch.tensor([6, 9])])
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_reading_rows_keeps_no_mapping_of_the_shards(tmp_path: Path):
+    """Rows are read, not mapped: a mapping's touched pages would stay in the run's resident memory."""
+    saved = store(tmp_path / "s", [50, 50])
+    rows = saved.load(mapped=("samples",))["samples"]
+    values = rows[torch.randint(0, 100, (64,))]
+    assert values.shape == (64, 2, 3, 3) and torch.equal(rows.materialise(), saved.load()["samples"])
+    maps = Path("/proc/self/maps").read_text()
+    assert str(saved.shard_path(0)) not in maps and str(saved.shard_path(1)) not in maps
+
+
+def test_shard_cut_short_after_opening_is_refused_in_one_line(tmp_path: Path):
+    saved = store(tmp_path / "s", [4, 4])
+    rows = saved.load(mapped=("samples",))["samples"]
+    shard = saved.shard_path(1)
+    shard.write_bytes(shard.read_bytes()[:-40])
+    with pytest.raises(UserError, match="cannot read") as err:
+        rows[torch.tensor([7])]
+    assert "\n" not in str(err.value)
+
+
 def test_truncated_shard_is_refused_in_one_line(tmp_path: Path):
     saved = store(tmp_path / "s", [4, 4])
     shard = saved.shard_path(1)
