@@ -14,6 +14,8 @@ from diffusers.optimization import get_scheduler
 from difftune.config.checks import ConfigError
 from difftune.config.train import TrainConfig
 from difftune.errors import UserError
+from difftune.training import speed
+from difftune.training.compile_check import compare_gradients
 from difftune.training.loop import Trainer
 from difftune.training.lr_schedule import LearningRateSchedule
 from difftune.training.speed import attention_kernel, repeated_blocks
@@ -152,6 +154,52 @@ def test_regional_compile_finds_the_repeated_blocks(tmp_path: Path):
         norm_num_groups=4,
     )
     assert repeated_blocks(unet) == [*unet.down_blocks, *unet.up_blocks, unet.mid_block]
+
+
+def test_compiled_unet_trains_as_eager_or_is_refused(unet_dir: Path, tmp_path: Path):
+    """A UNet's blocks of one class run at several resolutions (compiled with dynamic shapes, inductor
+    crashed). torch 2.13's inductor also zeroes the gradients through this UNet's lowest up block on a
+    CPU: the first-batch check must refuse that run rather than let half the model not train."""
+    eager = train(unet_dir, tmp_path / "eager")
+    try:
+        compiled = train(unet_dir, tmp_path / "regional", "train.compile=regional")
+    except UserError as err:
+        assert "differ from eager mode's" in str(err) and "\n" not in str(err)
+        assert not (tmp_path / "regional" / "checkpoints").exists()
+        return
+    assert losses(tmp_path / "regional") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+    start, a, b = weights(unet_dir, "unet"), weights(eager, "unet"), weights(compiled, "unet")
+    moved = sum((a[k] - start[k]).pow(2).sum() for k in a).sqrt()
+    assert sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt() < 0.05 * moved
+    UNet2DModel.from_pretrained(compiled / "unet")
+
+
+def test_compile_check_refuses_gradients_a_backend_loses(dit_dir: Path, tmp_path: Path, monkeypatch):
+    def zero_gradients(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        def run(*args: object) -> object:
+            out = gm(*args)
+            return [o.detach() + 0 * o if torch.is_tensor(o) and o.requires_grad else o for o in out]
+
+        return run
+
+    def compile_with_faulty_backend(model: torch.nn.Module, mode: str) -> int:
+        model.compile(backend=zero_gradients)
+        return 1
+
+    monkeypatch.setattr(speed, "compile_model", compile_with_faulty_backend)
+    with pytest.raises(UserError, match="no gradient reaches") as err:
+        train(dit_dir, tmp_path / "broken", "train.compile=full")
+    assert "\n" not in str(err.value)
+
+
+def test_gradient_comparison_tells_rounding_from_lost_gradients():
+    names = ["a", "b", "c"]
+    eager = [torch.ones(4), torch.full((2,), 0.5), torch.full((3,), 1e-9)]
+    assert compare_gradients(names, eager, [g * (1 + 1e-6) for g in eager]).holds(1e-2)
+    lost = compare_gradients(names, eager, [eager[0], torch.zeros(2), torch.zeros(3)])
+    assert lost.vanished == ["b"] and not lost.holds(1.0)  # c's gradient is rounding noise: not counted
+    off = compare_gradients(names, eager, [g * 1.1 for g in eager])
+    assert off.relative_difference == pytest.approx(0.1, rel=1e-4) and not off.holds(1e-2)
 
 
 def test_channels_last_unet_trains_to_the_same_weights(unet_dir: Path, tmp_path: Path):

@@ -27,6 +27,7 @@ from difftune.objectives import Objective
 from difftune.objectives.term_log import TermLog
 from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
+from difftune.training.compile_check import check_compiled_gradients
 from difftune.training.divergence import NonFiniteGuard
 from difftune.training.evaluation import BestModel
 from difftune.training.lr_schedule import LearningRateSchedule
@@ -153,6 +154,7 @@ class Trainer:
         optimizer = make_optimizer(params, tc)
         self.ema = make_ema(params, tc.ema_decay)
         apply_speed_settings(self.backbone, tc)
+        self._compile_unchecked = tc.compile != "no"
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
         if resume is not None:
@@ -231,14 +233,17 @@ class Trainer:
         for micro in range(tc.gradient_accumulation):
             sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
             last = micro == tc.gradient_accumulation - 1
+            inputs = (
+                to_device(x0[sel], acc.device),
+                cond.select(sel).to(acc.device),
+                to_device(is_bank[sel], acc.device),
+                draw[sel],
+            )
+            if self._compile_unchecked:
+                self._compile_unchecked = False
+                self._check_compile(objective, inputs)
             with contextlib.nullcontext() if last else acc.no_sync(model):
-                terms = objective(
-                    model,
-                    to_device(x0[sel], acc.device),
-                    cond.select(sel).to(acc.device),
-                    to_device(is_bank[sel], acc.device),
-                    draw[sel],
-                )
+                terms = objective(model, *inputs)
                 # global-count normalisation x processes: DDP's gradient mean becomes the global mean
                 loss = objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
                 acc.backward(loss)
@@ -252,6 +257,18 @@ class Trainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return rate
+
+    def _check_compile(self, objective: Objective, inputs: tuple) -> None:
+        """Refuse a compiled backbone whose gradients on ``inputs`` differ from eager mode's."""
+        acc, model = self.accelerator, self.model
+
+        def backward() -> None:
+            with acc.no_sync(model):
+                acc.backward(objective.reduce(objective(model, *inputs), self.n_target, self.n_bank))
+
+        trainable = {id(p) for p in self.parts.trainable}
+        named = [(n, p) for n, p in self.backbone.named_parameters() if id(p) in trainable]
+        check_compiled_gradients(backward, named, self.cfg.train.mixed_precision)
 
     def _last_good(self) -> str:
         found = list_checkpoints(self.out)

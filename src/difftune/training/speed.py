@@ -59,6 +59,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def compile_model(model: nn.Module, mode: str) -> int:
     """``torch.compile`` ``model`` in place (``full``) or each of its :func:`repeated_blocks` (``regional``).
 
+    Blocks are compiled for static shapes: a UNet's blocks of one class run at several sizes, and
+    compiling the second size with dynamic shapes made inductor fail (torch 2.13). Whether the compiled
+    code's gradients are right is checked on the first batch (:mod:`difftune.training.compile_check`).
+
     Returns:
         how many modules were compiled (0 for ``no``).
 
@@ -77,7 +81,7 @@ def compile_model(model: nn.Module, mode: str) -> int:
             "use train.compile=full"
         )
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=False)
     return len(blocks)
 
 
