@@ -1,7 +1,7 @@
-"""Peak memory of a training run against the size of its data (memory-mapped target latents and bank).
+"""Peak memory of a training run against the size of its data (target latents and bank read from disk).
 
 A run reads the target set's cached latents (``samples``, ``std``) and the knowledge bank's ``samples``
-from memory-mapped safetensors shards (:class:`~difftune.io.mapped.MappedRows`), a batch at a time,
+from its safetensors shards on disk (:class:`~difftune.io.mapped.MappedRows`), a batch at a time,
 and a background thread reads the next step's rows while a step trains
 (:class:`~difftune.training.prefetch.RowPrefetcher`). This script measures three things with the real
 ``Trainer`` on one random-init latent-space DiT (``step_time.py``'s ``build_source``: hidden 128,
@@ -10,7 +10,7 @@ and a background thread reads the next step's rows while a step trains
 1. the peak resident memory of a 2-process run (CPU, gloo, started by ``torch.distributed.run`` as
    ``tests/ddp_worker.py`` is) on a synthetic set of ``--samples-large`` samples against one of
    ``--samples-small``: same model, batch (Diff-Tuning: 26 target + 6 bank) and steps; once with the
-   sets memory-mapped (what a run does) and once loaded into memory (``LatentStore.load()``), to show
+   sets on disk (what a run does) and once loaded into memory (``LatentStore.load()``), to show
    what the mapping saves. Per run: the largest peak of the two processes, and their sum;
 2. Diff-Tuning's peak against plain fine-tuning's (``bank_share 0.2`` with the bank against
    ``bank_share 0`` and no bank; ``step_time.py``'s two configs), one process, on the large set;
@@ -39,13 +39,11 @@ real run.
 Peak memory is each training process's ``VmHWM`` (``/proc/self/status``) read when ``train()`` returns:
 the absolute peak of the process since it started (imports, model, data, training, the final
 checkpoint), so the ratios compare whole processes. ``base`` is ``VmRSS`` just before the ``Trainer``
-is built; ``RssAnon`` and ``RssFile`` are read when ``train()`` returns. A page of a memory-mapped file
-that a process has read stays mapped into it, and counts in its resident set (``RssFile``), for as
-long as the mapping lives; ``MappedRows`` keeps each shard's mapping for the whole run, so a mapped
-run's peak grows with the steps until every page of the set has been read (an epoch), and the sum
-over the 2 processes counts those pages twice, though they are one shared, clean, reclaimable copy in
-the page cache. To show where that ends without training for an epoch, the script also reads one
-epoch of the large set's batches (the run's index streams and batch, no model) from each set in a
+is built; ``RssAnon`` and ``RssFile`` are read when ``train()`` returns. ``MappedRows`` reads each
+batch's rows with positioned reads, so what a run has read stays in the page cache, not in its
+resident set; it once kept every shard memory-mapped, and then every page a process had read counted
+in its ``RssFile`` for the rest of the run (its peak grew with the steps toward the whole set). The
+script also reads one epoch of the large set's batches (the run's index streams and batch, no model) from each set in a
 fresh process and prints its ``RssFile`` and ``RssAnon`` afterwards. Before every run the shards are
 written back and dropped from the page cache (``posix_fadvise(DONTNEED)``), so every run reads its
 rows cold.
@@ -469,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"  {name}: done in {rows[-1]['wall_seconds']:.0f} s", flush=True)
         # one epoch of the large set's batches, read from each set as a run reads them: what a long
-        # run's memory-mapped rows add to a process's resident set
+        # run's reads add to a process's resident set
         epoch = -(-large // (args.batch_size - int(0.2 * args.batch_size)))
         epoch_reads = [measure_reads({**spec(n), "batches": epoch}, args.timeout) for n in (small, large)]
         print(f"  reads of {epoch} batches from each set: done", flush=True)
@@ -505,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     grown = [r["after"]["RssFile"] - r["before"]["RssFile"] for r in epoch_reads]
     print(
-        f"one epoch of reads maps {grown[1] / MIB:.0f} MiB of the {short(large)} set into the process "
-        f"(RssFile; {grown[0] / MIB:.0f} MiB of the {short(small)} set): a mapped run's peak RSS grows with "
-        "its steps toward that, its anonymous memory does not"
+        f"one epoch of reads grows the process's file-backed memory by {grown[1] / MIB:.0f} MiB on the "
+        f"{short(large)} set (RssFile; {grown[0] / MIB:.0f} MiB on the {short(small)} set): what a run reads "
+        "stays in the page cache, not in the process"
     )
     speedup = unprefetched["read_ms_mean"] / diff["read_ms_mean"]
     print(
