@@ -48,6 +48,11 @@ def bank_manifest(loaded: LoadedModel, cfg: BankConfig) -> dict[str, Any]:
         **backbone.bank_record(),
         **(prompts_record(cfg) if reads_prompts(backbone) else {}),
         "scheduler": sampler_for(cfg.sampling.scheduler, loaded.scheduler_config),  # the sampler that ran
+        **(
+            {"scheduler_options": dict(cfg.sampling.scheduler_options)}
+            if cfg.sampling.scheduler_options
+            else {}
+        ),
         "noise_schedule": loaded.scheduler_config,
         "num_inference_steps": cfg.sampling.steps,
         "guidance_scale": cfg.sampling.guidance_scale,

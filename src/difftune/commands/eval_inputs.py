@@ -38,7 +38,10 @@ def load_model_to_sample(args: argparse.Namespace) -> tuple[Any, Conditioning, A
         prompt_flag="--prompts",
     )
     rows, _ = loaded.family.sample_conditions(loaded, request)  # every class when no labels are given
-    scheduler = build_scheduler(args.scheduler, loaded.scheduler_config, loaded.backbone.sample_shape)
+    options = dict(getattr(args, "scheduler_options", None) or ())
+    scheduler = build_scheduler(
+        args.scheduler, loaded.scheduler_config, loaded.backbone.sample_shape, options
+    )
     guide = load_guide(args.domain_guidance, loaded, args.vae) if args.domain_guidance else None
     cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(args.num_per_class))
     return loaded, cond, scheduler, guide

@@ -105,7 +105,12 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
     swap = swap_probe(
         backbone,
         pretrained.backbone.to(device).eval(),
-        build_scheduler(spec.scheduler, finetuned.scheduler_config, finetuned.backbone.sample_shape),
+        build_scheduler(
+            spec.scheduler,
+            finetuned.scheduler_config,
+            finetuned.backbone.sample_shape,
+            spec.scheduler_options,
+        ),
         cond,
         spec.seeds(0, cond.batch_size),
         score,

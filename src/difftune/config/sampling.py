@@ -9,7 +9,8 @@ defaults are written once, here, and the command-line flags come from one helper
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from difftune.errors import UserError
@@ -31,6 +32,9 @@ class SamplingSpec:
 
     Attributes:
         scheduler: a diffusers scheduler class name (e.g. ``"DPMSolverMultistepScheduler"``).
+        scheduler_options: keyword arguments of that class's constructor that replace the model's own
+            scheduler config, e.g. ``{"algorithm_type": "sde-dpmsolver++"}`` (stochastic DPM-Solver++)
+            or ``{"thresholding": true}``; checked against the class when it is built.
         steps: number of inference steps (>= 1).
         guidance_scale: classifier-free guidance scale; 1 = no guidance.
         seed: seed of the first sample.
@@ -40,8 +44,14 @@ class SamplingSpec:
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     seed: int = 0
+    scheduler_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        options = self.scheduler_options
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            err = UserError(f"sampling scheduler options must be a mapping of option: value, got {options!r}")
+            err.key, err.rule = "scheduler_options", "must be a mapping of option: value"
+            raise err
         for name, (ok, rule) in _RULES.items():
             value = getattr(self, name)
             if not ok(value):
@@ -55,11 +65,14 @@ class SamplingSpec:
 
     def describe(self) -> str:
         """One line for plans and logs, e.g. ``DPMSolverMultistepScheduler, 25 steps, guidance 1.5``."""
-        return f"{self.scheduler}, {self.steps} steps, guidance {self.guidance_scale:g}"
+        options = "".join(f" {key}={value}" for key, value in self.scheduler_options.items())
+        name = f"{self.scheduler}({options.strip()})" if options else self.scheduler
+        return f"{name}, {self.steps} steps, guidance {self.guidance_scale:g}"
 
 
 _FLAGS = {
     "scheduler": "--scheduler",
+    "scheduler_options": "--scheduler-option",
     "steps": "--steps",
     "guidance_scale": "--guidance-scale",
     "seed": "--seed",
@@ -85,6 +98,15 @@ def add_sampling_args(
         help=f"diffusers scheduler class name (default {base['scheduler']})",
     )
     parser.add_argument(
+        "--scheduler-option",
+        dest="scheduler_options",
+        action="append",
+        type=_scheduler_option,
+        metavar="KEY=VALUE",
+        help="a scheduler constructor argument (repeatable; VALUE read as YAML), e.g. "
+        "--scheduler-option algorithm_type=sde-dpmsolver++",
+    )
+    parser.add_argument(
         "--steps", type=int, default=shown["steps"], help=f"sampling steps (default {base['steps']})"
     )
     parser.add_argument(
@@ -96,6 +118,16 @@ def add_sampling_args(
     parser.add_argument(
         "--seed", type=int, default=shown["seed"], help=f"image i uses seed + i (default {base['seed']})"
     )
+
+
+def _scheduler_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--scheduler-option``, the value read as YAML (``true``, ``1.5``, a word)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
 def given_sampling_flags(args: argparse.Namespace) -> list[str]:
@@ -112,6 +144,9 @@ def sampling_spec_from_args(args: argparse.Namespace, **defaults: Any) -> Sampli
     values = {}
     for f in fields(SamplingSpec):
         value = getattr(args, f.name, None)
+        if f.name == "scheduler_options":
+            values[f.name] = dict(value) if value else dict(defaults.get(f.name, {}))
+            continue
         values[f.name] = defaults.get(f.name, f.default) if value is None else value
     for name, (ok, rule) in _RULES.items():
         if not ok(values[name]):

@@ -160,7 +160,9 @@ def _forgetting_probes(
     swap = swap_probe(
         backbone,
         source.backbone.eval(),
-        build_scheduler(spec.scheduler, final.scheduler_config, final.backbone.sample_shape),
+        build_scheduler(
+            spec.scheduler, final.scheduler_config, final.backbone.sample_shape, spec.scheduler_options
+        ),
         cond,
         spec.seeds(0, cond.batch_size),
         lambda x: evaluator.fid(to_unit_range(x)),

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import diffusers
@@ -23,6 +24,8 @@ from difftune.config.sampling import SamplingSpec
 from difftune.errors import UserError
 from difftune.process import process_name, sampler_for
 from difftune.process.schedulers import ANCESTRAL_DDPM_SAMPLER
+
+logger = logging.getLogger(__name__)
 
 
 def scheduler_names() -> list[str]:
@@ -37,7 +40,10 @@ def scheduler_names() -> list[str]:
 
 
 def build_scheduler(
-    name: str, scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None
+    name: str,
+    scheduler_config: dict[str, Any],
+    sample_shape: tuple[int, ...] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> SchedulerMixin:
     """Instantiate a diffusers scheduler class by name from the model's noise-schedule config;
     ``sample_shape`` (C, H, W) fixes a flow model's resolution-dependent shift, as in training
@@ -47,19 +53,49 @@ def build_scheduler(
     output (as diffusers' DiT pipeline does), so the scheduler is told to use a fixed variance.
 
     A sampler of another process than the model's (DPM-Solver++ for a flow model) is replaced by
-    that process's own (:func:`difftune.process.sampler_for`, with a warning).
+    that process's own (:func:`difftune.process.sampler_for`, with a warning), and ``options`` are
+    then not applied.
+
+    Args:
+        options: constructor arguments of the class that replace the model's config
+            (``SamplingSpec.scheduler_options``), e.g. ``{"algorithm_type": "sde-dpmsolver++"}``.
 
     Raises:
-        ValueError: unknown scheduler name; the message lists valid names.
+        UserError: unknown scheduler name (the message lists valid names), an option the class does
+            not take (the message lists those it does), or a value the class refuses.
     """
     cls = getattr(diffusers, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, SchedulerMixin)):
         raise UserError(f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}")
-    name = sampler_for(name, scheduler_config)
+    asked, name = name, sampler_for(name, scheduler_config)
     cls = getattr(diffusers, name)
+    parameters = inspect.signature(cls.__init__).parameters
     overrides: dict[str, Any] = {}
-    if "variance_type" in inspect.signature(cls.__init__).parameters:
+    if "variance_type" in parameters:
         overrides["variance_type"] = "fixed_small" if name == ANCESTRAL_DDPM_SAMPLER else None
+    if options and name == asked:
+        unknown = sorted(set(options) - set(parameters) - {"self"})
+        if unknown:
+            valid = ", ".join(p for p in parameters if p not in ("self", "kwargs"))
+            raise UserError(f"{name} takes no scheduler option {unknown}; its options: {valid}")
+        overrides.update(options)
+    elif options:
+        logger.warning("scheduler options %s are for %s, not %s: not applied", dict(options), asked, name)
+    if not (options and name == asked):
+        return _instantiate(cls, scheduler_config, sample_shape, overrides)
+    try:
+        return _instantiate(cls, scheduler_config, sample_shape, overrides)
+    except (ValueError, NotImplementedError, TypeError) as err:
+        raise UserError(f"{name} refuses the scheduler options {dict(options)}: {err}") from None
+
+
+def _instantiate(
+    cls: type,
+    scheduler_config: dict[str, Any],
+    sample_shape: tuple[int, ...] | None,
+    overrides: dict[str, Any],
+) -> SchedulerMixin:
+    """``cls`` from the model's config with ``overrides``, a flow model's shift fixed for ``sample_shape``."""
     from difftune.process.flow import fixed_shift, resolution_mu
 
     mu = resolution_mu(scheduler_config, sample_shape)
@@ -188,7 +224,7 @@ def generate_with_spec(
     ``guide``: the pre-trained model for domain guidance."""
     return generate(
         backbone,
-        build_scheduler(spec.scheduler, scheduler_config, backbone.sample_shape),
+        build_scheduler(spec.scheduler, scheduler_config, backbone.sample_shape, spec.scheduler_options),
         cond,
         spec.seeds(first_index, cond.batch_size),
         spec.guidance_scale,

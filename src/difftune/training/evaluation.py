@@ -202,7 +202,9 @@ class TrainingEvaluation:
         seeds: list[int],
         device: torch.device | str,
     ) -> torch.Tensor:
-        scheduler = build_scheduler(spec.scheduler, self.loaded.scheduler_config, backbone.sample_shape)
+        scheduler = build_scheduler(
+            spec.scheduler, self.loaded.scheduler_config, backbone.sample_shape, spec.scheduler_options
+        )
         parts = []
         for start in range(0, len(seeds), self.spec.batch_size):
             rows = torch.arange(start, min(start + self.spec.batch_size, len(seeds)))
