@@ -478,3 +478,24 @@ def test_launch_whose_processes_do_not_join_is_refused(dit_dir: Path, tmp_path: 
         Trainer(make_cfg(dit_dir, tmp_path / "run", None))
     assert "launcher started 2 processes" in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharded_launch_is_refused_before_anything_is_written(dit_dir: Path, tmp_path: Path, kind: str):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    sharded = SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind])
+    with pytest.raises(UserError, match=f"configured for {kind}, and difftune trains data-parallel") as err:
+        Trainer(make_cfg(dit_dir, tmp_path / "run", None), accelerator=sharded)
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def test_data_parallel_launches_pass_the_sharding_check():
+    from accelerate.utils import DistributedType
+
+    from difftune.training.loop import check_data_parallel
+
+    for kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_data_parallel(str(DistributedType[kind]))

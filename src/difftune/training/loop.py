@@ -81,6 +81,7 @@ class Trainer:
             mixed_precision=tc.mixed_precision, log_with=tracker(tc.report_to), project_dir=str(self.out)
         )
         check_world_size(self.accelerator.num_processes)
+        check_data_parallel(str(self.accelerator.distributed_type))
         chunks = self.accelerator.num_processes * tc.gradient_accumulation
         if tc.batch_size < chunks:
             raise UserError(
@@ -335,6 +336,29 @@ def check_world_size(processes: int) -> None:
             f"the launcher started {world} processes (WORLD_SIZE) but accelerate runs {processes}, so they "
             "would train apart; on a machine without a GPU set ACCELERATE_USE_CPU=1 (or use "
             "`accelerate launch --multi_gpu`/`--num_processes` on GPUs)"
+        )
+
+
+# accelerate's distributed types that shard parameters, gradients or optimiser states across processes
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA_FSDP")
+
+
+def check_data_parallel(distributed_type: str) -> None:
+    """Refuse a launch that shards the model (accelerate's FSDP, DeepSpeed, Megatron-LM).
+
+    difftune trains data-parallel: every process holds the whole model, and its checkpoints, EMA,
+    compact model state and exact resume read and write whole parameters.
+
+    Raises:
+        UserError: ``distributed_type`` (``accelerator.distributed_type``) is a sharded one.
+    """
+    name = distributed_type.rsplit(".", 1)[-1]
+    if name in SHARDED:
+        raise UserError(
+            f"accelerate is configured for {name}, and difftune trains data-parallel only (its checkpoints, EMA "
+            "and exact resume hold whole parameters); launch with a multi-GPU config without sharding, and fit a "
+            "large model with LoRA, bf16, gradient checkpointing or adamw_8bit (difftune train --dry-run "
+            "estimates the memory)"
         )
 
 
