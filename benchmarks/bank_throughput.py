@@ -95,7 +95,8 @@ Usage (from the repository root, with the project's venv active)::
     python benchmarks/bank_throughput.py --schedulers DPMSolverMultistepScheduler,DDPMScheduler --authors-seed-sets 2
     python benchmarks/bank_throughput.py --skip-throughput --scaling-samples 2048   # scaling alone: 3 min
 
-Options: ``--samples``, ``--steps-sweep`` (comma-separated), ``--schedulers``, ``--authors-steps``,
+Options: ``--samples``, ``--steps-sweep`` (comma-separated), ``--schedulers``, ``--scheduler-option KEY=VALUE``
+(repeatable: ``bank.sampling.scheduler_options`` of every difftune path), ``--authors-steps``,
 ``--authors-seed-sets {1,2}``, ``--bootstrap``, ``--batch-size``, ``--model`` / ``--subfolder``,
 ``--classifier-steps``, ``--skip-scaling``, ``--skip-throughput``, ``--scaling-samples``,
 ``--threads``, ``--clock``, ``--device``, ``--seed``, ``--json``, ``--keep``, ``--verbose``. Run time is about linear in
@@ -130,6 +131,8 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from difftune.config.sampling import parse_scheduler_option
+
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -143,6 +146,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--schedulers",
         help="difftune samplers to sweep, comma-separated diffusers class names (bank.sampling.scheduler; "
         "default: the bank's default only)",
+    )
+    p.add_argument(
+        "--scheduler-option",
+        action="append",
+        type=parse_scheduler_option,
+        metavar="KEY=VALUE",
+        help="a constructor argument of every difftune sampler (bank.sampling.scheduler_options; repeatable), "
+        "e.g. algorithm_type=sde-dpmsolver++",
     )
     p.add_argument("--authors-steps", type=int, default=250, help="DDPM steps of the authors' path")
     p.add_argument(
@@ -301,6 +312,7 @@ class Plan:
     guidance: float
     seed: int
     device: str
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # bank.sampling.scheduler_options
 
 
 def labels_of(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -409,6 +421,7 @@ def run_difftune(source: Source, plan: Plan, scheduler: str, steps: int, root: P
             steps=steps,
             guidance_scale=defaults.sampling.guidance_scale,
             seed=plan.seed,
+            scheduler_options=plan.scheduler_options,
         ),
     )
     with timed(plan.device) as generate:
@@ -421,9 +434,9 @@ def run_difftune(source: Source, plan: Plan, scheduler: str, steps: int, root: P
     assert torch.equal(bank["labels"].long(), expected), "the bank's labels are not i mod K"
     phases = {"sample+write": generate, "read": read}
     short = "" if scheduler == defaults.sampling.scheduler else " " + scheduler.removesuffix("Scheduler")[:14]
-    return PathRun(
-        "difftune" + short, steps, phases, ((samples + 1) / 2).clamp(0, 1), extra={"sampler": scheduler}
-    )
+    short += " +options" if plan.scheduler_options else ""
+    extra = {"sampler": scheduler, "scheduler_options": plan.scheduler_options}
+    return PathRun("difftune" + short, steps, phases, ((samples + 1) / 2).clamp(0, 1), extra=extra)
 
 
 # -- FID and its noise ----------------------------------------------------------------------------
@@ -631,9 +644,10 @@ def throughput(args: argparse.Namespace, source: Source, work: Path, clock: str)
         guidance=defaults.sampling.guidance_scale,
         seed=args.seed,
         device=args.device,
+        scheduler_options=dict(args.scheduler_option or ()),
     )
     with quiet:  # warm-up: the first forward passes of each path pay one-time costs
-        warm = Plan(2, 2, plan.guidance, plan.seed, plan.device)
+        warm = Plan(2, 2, plan.guidance, plan.seed, plan.device, plan.scheduler_options)
         run_authors(source, warm, 2, plan.seed, work / "warm-authors")
         for i, scheduler in enumerate(schedulers):
             run_difftune(source, warm, scheduler, 2, work / f"warm-difftune-{i}")
@@ -666,6 +680,7 @@ def throughput(args: argparse.Namespace, source: Source, work: Path, clock: str)
         "bootstrap": args.bootstrap,
         "authors_sampler": f"DDPMScheduler, {args.authors_steps} steps, two forward passes per step",
         "difftune_samplers": schedulers,
+        "difftune_scheduler_options": plan.scheduler_options,
         "difftune_default": f"{defaults.sampling.scheduler}, {defaults.sampling.steps} steps",
         "runs": [row(r, clock) for r in [authors, *runs, *checks]],
         "headline": {

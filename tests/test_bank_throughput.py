@@ -70,3 +70,20 @@ def test_tiny_run_prints_the_ratio_and_finite_fids(
     assert set(runs[1]["phases_s"]) == {"sample+write", "read"}
     assert result["headline"]["ratio"] == pytest.approx(ratio, abs=5e-3)
     assert result["samples"] == 6 and result["guidance_scale"] == 1.5 and "scaling" not in result
+
+
+def test_scheduler_options_reach_every_difftune_path(bank_throughput, dit_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    argv = ["--model", str(dit_dir), "--samples", "4", "--batch-size", "4", "--steps-sweep", "2"]
+    argv += ["--authors-steps", "3", "--classifier-steps", "10", "--bootstrap", "5", "--skip-scaling"]
+    argv += [
+        "--scheduler-option",
+        "algorithm_type=sde-dpmsolver++",
+        "--scheduler-option",
+        "thresholding=true",
+    ]
+    assert bank_throughput.main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    options = {"algorithm_type": "sde-dpmsolver++", "thresholding": True}
+    assert result["difftune_scheduler_options"] == options
+    assert [r["path"] for r in result["runs"]] == ["authors", "difftune +options", "difftune +options"]

@@ -101,7 +101,7 @@ def add_sampling_args(
         "--scheduler-option",
         dest="scheduler_options",
         action="append",
-        type=_scheduler_option,
+        type=parse_scheduler_option,
         metavar="KEY=VALUE",
         help="a scheduler constructor argument (repeatable; VALUE read as YAML), e.g. "
         "--scheduler-option algorithm_type=sde-dpmsolver++",
@@ -120,7 +120,7 @@ def add_sampling_args(
     )
 
 
-def _scheduler_option(text: str) -> tuple[str, Any]:
+def parse_scheduler_option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` of ``--scheduler-option``, the value read as YAML (``true``, ``1.5``, a word)."""
     import yaml
 
