@@ -33,6 +33,7 @@ from difftune.backbones.family import HOOKS, BankInputs, ModelFamily, PreflightF
 from difftune.backbones.loading import LoadedModel
 from difftune.errors import UserError
 from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline
+from difftune.testing.sd3 import save_sd3_pipeline
 
 # family name -> writers of a model directory under the given root, one per layout worth checking
 BUILDERS: dict[str, list[Callable[[Path], Path]]] = {
@@ -46,6 +47,7 @@ BUILDERS: dict[str, list[Callable[[Path], Path]]] = {
     "unet": [lambda root: save_pipeline_dir(root, tiny_unet(), "unet")],
     "stable_diffusion": [save_sd_pipeline],
     "stable_diffusion_xl": [save_sdxl_pipeline],
+    "stable_diffusion_3": [save_sd3_pipeline],
     "controlnet": [lambda root: save_sd_pipeline(root, controlnet=True)],
 }
 # family name -> what a user asks to sample from it (CONTROL_FILE: a control image written by the test)
@@ -55,6 +57,7 @@ REQUESTS: dict[str, ConditionRequest] = {
     "unet": ConditionRequest(labels=[0, 3]),
     "stable_diffusion": ConditionRequest(prompts=["a red circle", "three digits"]),
     "stable_diffusion_xl": ConditionRequest(prompts=["a red circle", "three digits"]),
+    "stable_diffusion_3": ConditionRequest(prompts=["a red circle", "three digits"]),
     "controlnet": ConditionRequest(prompts=["a red circle", "three digits"], controls=[CONTROL_FILE]),
 }
 BANK_PROMPTS = ["a red circle", "a blue square", "", "three digits"]

@@ -22,17 +22,19 @@ from difftune.cli import main
 from difftune.process import DEFAULT_SAMPLERS, SCHEDULER_CLASSES
 from difftune.process.schedulers import make_scheduler
 from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline, tiny_dit, tiny_unet
+from difftune.testing.sd3 import save_sd3_pipeline
 from test_training import changed, metrics, weights
 
 PROCESSES = ("ddpm", "flow", "edm")
-FAMILIES = ("dit", "unet", "text", "sdxl", "controlnet")
-TEXT = ("text", "sdxl", "controlnet")  # the families conditioned on prompts
+FAMILIES = ("dit", "unet", "text", "sdxl", "sd3", "controlnet")
+TEXT = ("text", "sdxl", "sd3", "controlnet")  # the families conditioned on prompts
 SCHEDULER_SETTINGS = {"ddpm": {}, "flow": {"shift": 3.0}, "edm": {}}
 MODEL_FOLDER = {
     "dit": "transformer",
     "unet": "unet",
     "text": "unet",
     "sdxl": "unet",
+    "sd3": "transformer",
     "controlnet": "controlnet",
 }
 
@@ -41,6 +43,8 @@ def _base(family: str, process: str, root: Path) -> Path:
     """A tiny base model of ``family`` whose scheduler/ is ``process``'s training scheduler."""
     if family == "sdxl":
         save_sdxl_pipeline(root)
+    elif family == "sd3":
+        save_sd3_pipeline(root)
     elif family in ("text", "controlnet"):
         save_sd_pipeline(root)
     else:
@@ -141,6 +145,7 @@ REFUSED |= {
     ("unet", "vpt"),
     ("unet", "adaptformer"),
 }  # a class-conditional UNet2DModel has no transformer blocks
+REFUSED |= {("sd3", "vpt")}  # SD3's joint blocks are not the BasicTransformerBlocks VPT prompts
 
 
 @pytest.mark.parametrize("method", TUNING_METHODS)

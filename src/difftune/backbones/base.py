@@ -28,6 +28,8 @@ class Backbone(nn.Module):
         sample_shape: (C, H, W) of the space the diffusion runs in (latents or pixels).
         pipeline_class: the stock diffusers pipeline that can run a saved model of this kind (with
             a VAE), or ``None``.
+        pipeline_processes: the forward processes (:func:`difftune.process.process_name`) that
+            pipeline samples: a saved model of another process gets no stock pipeline index.
         condition_names: the names of the tensors a condition bundle holds.
         family: the model family this adapter belongs to
             (:class:`~difftune.backbones.family.ModelFamily`; set by the family's module).
@@ -35,6 +37,7 @@ class Backbone(nn.Module):
 
     inner: nn.Module
     pipeline_class: str | None = None
+    pipeline_processes: tuple[str, ...] = ("ddpm",)
     condition_names: tuple[str, ...] = ()
     family: Any = None
     learns_variance: bool

@@ -1,7 +1,7 @@
 """LoRA adapters in diffusers' own layout, for the stock loaders of the Stable Diffusion families.
 
 peft's format (``adapter_model.safetensors``) is what ``PeftModel.from_pretrained`` reads, and the
-stock loader of a DiT or a ``UNet2DModel``. A Stable Diffusion (or SDXL) pipeline reads LoRA weights with
+stock loader of a DiT or a ``UNet2DModel``. A Stable Diffusion (SDXL, SD3) pipeline reads LoRA weights with
 ``pipe.load_lora_weights(directory)``, a ``ControlNetModel`` (which no pipeline loads a LoRA into)
 with ``controlnet.load_lora_adapter(directory, prefix=None, use_safetensors=True)``; both read
 ``pytorch_lora_weights.safetensors``, which diffusers' own writers make here. Each file carries the
@@ -39,6 +39,27 @@ def save_pipeline_lora(unet: nn.Module, directory: Path, pipeline: str = "Stable
         unet_lora_layers={name: tensor.detach().cpu().contiguous() for name, tensor in layers.items()},
         weight_name=LORA_WEIGHTS,
         unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+    )
+
+
+def save_transformer_lora(
+    transformer: nn.Module, directory: Path, pipeline: str = "StableDiffusion3Pipeline"
+) -> None:
+    """Write the LoRA of a pipeline's ``transformer`` (peft layers injected) for ``pipe.load_lora_weights``.
+
+    The keys are peft's under ``transformer.``, written by ``pipeline``'s ``save_lora_weights``
+    (``StableDiffusion3Pipeline``) with the adapter's peft config as metadata, as diffusers' SD3 LoRA
+    training script saves them.
+    """
+    import diffusers
+    from peft import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    getattr(diffusers, pipeline).save_lora_weights(
+        directory,
+        transformer_lora_layers={name: tensor.detach().cpu().contiguous() for name, tensor in layers.items()},
+        weight_name=LORA_WEIGHTS,
+        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
     )
 
 

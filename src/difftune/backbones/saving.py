@@ -118,14 +118,16 @@ def save_pipeline_index(loaded: LoadedModel, directory: str | os.PathLike, class
     * DiT: ``DiTPipeline`` with ``vae/`` and ``id2label``;
     * Stable Diffusion: ``StableDiffusionPipeline`` with ``vae/``, ``text_encoder/`` and ``tokenizer/``;
     * SDXL: ``StableDiffusionXLPipeline`` with ``vae/``, both text encoders and both tokenizers;
+    * SD3: ``StableDiffusion3Pipeline`` with ``vae/``, the three text encoders and their tokenizers;
     * ControlNet: ``StableDiffusionControlNetPipeline`` with those and the frozen ``unet/``.
     """
     directory = Path(directory)
     (directory / "class_names.json").write_text(json.dumps(class_names, indent=2) + "\n")
     backbone, codec = loaded.backbone, loaded.codec
-    # an adapter becomes a stock pipeline through ``difftune export --merge``; the stock pipelines
-    # (DiTPipeline, StableDiffusionPipeline) sample DDPM-family schedules only
-    stock = process_name(loaded.scheduler_config) == "ddpm"
+    # an adapter becomes a stock pipeline through ``difftune export --merge``; a stock pipeline samples
+    # the processes its adapter names (DiTPipeline, StableDiffusionPipeline: DDPM-family schedules only;
+    # StableDiffusion3Pipeline: rectified flow)
+    stock = process_name(loaded.scheduler_config) in backbone.pipeline_processes
     if (
         stock
         and backbone.pipeline_class
