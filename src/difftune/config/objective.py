@@ -98,6 +98,66 @@ class DataDrivenSchedule:
     draws: int = 8
 
 
+@dataclass
+class BankCurriculum:
+    """``objective.bank_curriculum``: the bank's share of each step's batch over training.
+
+    Step k counts from 0 (optimiser step k + 1, logged as step k + 1), as the learning rate's
+    schedule does. The share of step k is 0 before ``start_step``; rises linearly from 0 at
+    ``start_step`` to ``bank_share`` at ``start_step + warmup_steps`` (the learning rate's warm-up
+    line); holds ``bank_share``; over the ``anneal_steps`` steps before ``end_step`` falls linearly
+    from ``bank_share`` toward ``final_share`` (the line's value at ``end_step``); and is 0 from
+    ``end_step`` on: those batches are all target samples. Step k draws int(share(k) * B) bank
+    samples. The defaults give today's constant share.
+
+    Attributes:
+        start_step: the first step that can draw bank samples (>= 0).
+        warmup_steps: steps of the linear ramp from 0 to ``bank_share`` (0: none).
+        end_step: the first step without bank samples; ``None``: the bank is used to the end.
+        anneal_steps: steps of the linear fall before ``end_step`` (0: none; needs ``end_step``).
+        final_share: where the fall heads, in [0, ``bank_share``].
+        scale_weight: also scale ``bank_weight`` by share(k) / ``bank_share``.
+    """
+
+    start_step: int = 0
+    warmup_steps: int = 0
+    end_step: int | None = None
+    anneal_steps: int = 0
+    final_share: float = 0.0
+    scale_weight: bool = False
+
+
+def _check_curriculum(c: BankCurriculum, bank_share: float) -> None:
+    """Refuse an ``objective.bank_curriculum`` that is negative, out of order or has no share to shape."""
+    key = "objective.bank_curriculum"
+    _check(
+        c == BankCurriculum() or bank_share > 0,
+        f"{key} shapes the bank's share, and objective.bank_share=0 gives it none; set "
+        f"objective.bank_share > 0 or leave {key} out",
+    )
+    for name in ("start_step", "warmup_steps", "anneal_steps", "end_step"):
+        value = getattr(c, name)
+        _check(value is None or value >= 0, f"{key}.{name}={value} must be >= 0")
+    _check(
+        0.0 <= c.final_share <= bank_share,
+        f"{key}.final_share={c.final_share} must be in [0, objective.bank_share={bank_share}]",
+    )
+    _check(
+        c.end_step is not None or c.anneal_steps == 0,
+        f"{key}.anneal_steps={c.anneal_steps} ends at end_step, which is null; set {key}.end_step",
+    )
+    if c.end_step is not None:
+        _check(
+            c.end_step > c.start_step,
+            f"{key}.end_step={c.end_step} must be after start_step={c.start_step}",
+        )
+        _check(
+            c.start_step + c.warmup_steps <= c.end_step - c.anneal_steps,
+            f"{key}: the warm-up (start_step + warmup_steps = {c.start_step + c.warmup_steps}) must end "
+            f"before the anneal starts (end_step - anneal_steps = {c.end_step - c.anneal_steps})",
+        )
+
+
 # objective.<sub-section> -> (its setting, the rule, its test): checked with the sub-section's own key
 _RULES = {
     "power_up": ("exponent", ">= 0", lambda v: v >= 0),
@@ -129,6 +189,8 @@ class ObjectiveConfig:
         realisation: ``"sample"`` (importance-sample t, the authors' code) or ``"weight"`` (uniform
             t, loss multiplied by the schedule weight).
         bank_share: fraction r of the global batch taken from the bank; bank count = int(r * B).
+        bank_curriculum: how that share changes over training steps (:class:`BankCurriculum`;
+            by default it is constant).
         bank_weight: lambda, the weight of the retention loss (paper default 0.1).
         cfg_dropout: probability of replacing a target label by the null label (classifier-free
             guidance training), applied once per target sample.
@@ -149,6 +211,7 @@ class ObjectiveConfig:
     bank_schedule: str = "power_down"
     realisation: Literal["sample", "weight"] = "sample"
     bank_share: float = 0.2
+    bank_curriculum: BankCurriculum = field(default_factory=BankCurriculum)
     bank_weight: float = 0.1
     cfg_dropout: float = 0.1
     learn_variance: bool = True
@@ -171,6 +234,7 @@ class ObjectiveConfig:
             value = getattr(getattr(self, name), key)
             _check(ok(value), f"objective.{name}.{key}={value} must be {rule}")
         _check(0.0 <= self.bank_share < 1.0, f"objective.bank_share={self.bank_share} must be in [0, 1)")
+        _check_curriculum(self.bank_curriculum, self.bank_share)
         _check(self.bank_weight >= 0.0, f"objective.bank_weight={self.bank_weight} must be >= 0")
         _check(0.0 <= self.cfg_dropout < 1.0, f"objective.cfg_dropout={self.cfg_dropout} must be in [0, 1)")
         for key in ("target_schedule", "bank_schedule"):
@@ -214,6 +278,7 @@ class ObjectiveConfig:
 
 
 _SUB_SECTIONS = (
+    "bank_curriculum",
     "power_up",
     "power_down",
     "power",

@@ -80,6 +80,9 @@ class Objective(Protocol):
         """Per-sample terms of one forward pass over clean samples ``x0`` (N, C, H, W) and their conditions."""
         ...
 
-    def reduce(self, terms: LossTerms, n_target: int, n_bank: int) -> torch.Tensor:
-        """The scalar to back-propagate, normalised by the *global* stream counts."""
+    def reduce(
+        self, terms: LossTerms, n_target: int, n_bank: int, bank_weight: float | None = None
+    ) -> torch.Tensor:
+        """The scalar to back-propagate, normalised by the *global* stream counts of the step;
+        ``bank_weight`` is the step's lambda (``None``: :attr:`bank_weight`)."""
         ...

@@ -138,15 +138,19 @@ class DiffTuningLoss:
             loss = loss * weight
         return LossTerms(loss=loss, t=t, is_bank=is_bank, terms={k: v.detach() for k, v in terms.items()})
 
-    def reduce(self, terms: LossTerms, n_target: int, n_bank: int) -> torch.Tensor:
+    def reduce(
+        self, terms: LossTerms, n_target: int, n_bank: int, bank_weight: float | None = None
+    ) -> torch.Tensor:
         """sum(target losses) / n_target + lambda * sum(bank losses) / n_bank.
 
-        ``n_target`` and ``n_bank`` are the global counts, so that sums over processes and
-        accumulation micro-steps add up to the global means exactly.
+        ``n_target`` and ``n_bank`` are the step's global counts, so that sums over processes and
+        accumulation micro-steps add up to the global means exactly; ``bank_weight`` is the step's
+        lambda (``None``: :attr:`bank_weight`; ``objective.bank_curriculum.scale_weight`` varies it).
         """
+        weight = self.bank_weight if bank_weight is None else bank_weight
         zero = torch.zeros_like(terms.loss)
         # torch.where, not boolean indexing: no host synchronisation between forward and backward
         total = torch.where(terms.is_bank, zero, terms.loss).sum() / max(n_target, 1)
         if n_bank > 0:
-            total = total + self.bank_weight * torch.where(terms.is_bank, terms.loss, zero).sum() / n_bank
+            total = total + weight * torch.where(terms.is_bank, terms.loss, zero).sum() / n_bank
         return total

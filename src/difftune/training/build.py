@@ -33,6 +33,7 @@ from difftune.process import build_process
 from difftune.process.base import ForwardProcess
 from difftune.schedules.data_driven import DataSchedule
 from difftune.schedules.ports import resolve_port
+from difftune.training.curriculum import step_counts
 from difftune.training.evaluation import TrainingEvaluation, split_bank, split_target, training_evaluation
 from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.outputs import fidelity_validation
@@ -53,7 +54,8 @@ class RunParts:
         target: the encoded target set; ``bank``/``bank_cond`` the knowledge bank (empty without one).
         validation: the ControlNet fidelity check run at validation steps, or ``None``.
         evaluation: the measurements of ``train.eval_every``, or ``None``.
-        n_target, n_bank: samples per global batch of each stream.
+        n_target, n_bank: samples per global batch of each stream at the bank's full share; a step's
+            own counts are :meth:`counts` (``objective.bank_curriculum``).
         state: the step and the index streams, saved with every checkpoint.
         prefetch: reads the next step's rows of memory-mapped sets while a step trains.
     """
@@ -76,19 +78,25 @@ class RunParts:
     def backbone(self) -> Backbone:
         return self.loaded.backbone
 
+    def counts(self, step: int) -> tuple[int, int]:
+        """``(n_target, n_bank)`` of the global batch of ``step`` (``objective.bank_curriculum``)."""
+        return step_counts(self.cfg, step)
+
     def batch(self, step: int, objective: Objective) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Draw]:
         """The global batch of ``step``: x0 (B, C, H, W), conditions (guidance drop applied), is_bank (B,), draw.
 
-        Bank samples (or the target samples of the retention stream, with
-        ``objective.retention_data: target``) train the unconditional branch (docs/method.md §2):
-        their condition is dropped (``bank.condition: null``: the null label, the empty prompt; a
-        ControlNet keeps the control image), or kept (``own``).
+        Its first n_target(step) rows are target samples, the other n_bank(step) bank samples (or
+        the target samples of the retention stream, with ``objective.retention_data: target``); those
+        train the unconditional branch (docs/method.md §2): their condition is dropped
+        (``bank.condition: null``: the null label, the empty prompt; a ControlNet keeps the control
+        image), or kept (``own``).
         """
         g, ahead = step_generator(self.cfg.train.seed, step), self.prefetch
-        idx = self.state.target.take(self.n_target)
+        n_target, n_bank = self.counts(step)
+        idx = self.state.target.take(n_target)
         parts, conds = [self.target.draw(idx, g, ahead.reader("target"))], [self.target.cond.select(idx)]
-        if self.n_bank:
-            retained = self.state.bank.take(self.n_bank)
+        if n_bank:
+            retained = self.state.bank.take(n_bank)
             if self.cfg.uses_bank:
                 parts.append(ahead.read("bank", self.bank, retained))
                 retained_cond = self.bank_cond.select(retained)
@@ -96,21 +104,22 @@ class RunParts:
                 parts.append(self.target.draw(retained, g, ahead.reader("retained")))
                 retained_cond = self.target.cond.select(retained)
             if self.cfg.bank.condition == "null":
-                retained_cond = self.backbone.drop(retained_cond, torch.ones(self.n_bank, dtype=torch.bool))
+                retained_cond = self.backbone.drop(retained_cond, torch.ones(n_bank, dtype=torch.bool))
             conds.append(retained_cond)
         x0 = torch.cat(parts)
         cond = Conditioning.cat(conds)
-        is_bank = torch.arange(x0.shape[0]) >= self.n_target
-        draw = objective.draw(self.n_target, self.n_bank, tuple(x0.shape[1:]), g)
-        self._read_ahead()
+        is_bank = torch.arange(x0.shape[0]) >= n_target
+        draw = objective.draw(n_target, n_bank, tuple(x0.shape[1:]), g)
+        self._read_ahead(step + 1)
         return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
 
-    def _read_ahead(self) -> None:
-        """Start reading the rows the next step will take (memory-mapped sets only)."""
+    def _read_ahead(self, step: int) -> None:
+        """Start reading the rows ``step`` will take (memory-mapped sets only)."""
         ahead, target = self.prefetch, self.target
-        upcoming = {"target": self.state.target.peek(self.n_target)}
-        if self.n_bank:
-            retained = self.state.bank.peek(self.n_bank)
+        n_target, n_bank = self.counts(step)
+        upcoming = {"target": self.state.target.peek(n_target)}
+        if n_bank:
+            retained = self.state.bank.peek(n_bank)
             if self.cfg.uses_bank:
                 ahead.ask("bank", self.bank, retained)
             else:

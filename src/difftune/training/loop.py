@@ -28,6 +28,7 @@ from difftune.objectives.term_log import TermLog
 from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
 from difftune.training.compile_check import check_compiled_gradients
+from difftune.training.curriculum import bank_weight_at
 from difftune.training.divergence import NonFiniteGuard
 from difftune.training.evaluation import BestModel
 from difftune.training.lr_schedule import LearningRateSchedule
@@ -158,6 +159,8 @@ class Trainer:
         self._compile_unchecked = tc.compile != "no"
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
+        if self.ema is not None:  # its averages were copied on the CPU; prepare moved the parameters
+            self.ema.to(acc.device)
         if resume is not None:
             check_resume_config(self.cfg, resume)
             restore_checkpoint(acc, resume, self.state, self.ema)
@@ -198,7 +201,9 @@ class Trainer:
                     step = self.state.step
                     if step % tc.log_every == 0 or step == tc.max_steps:
                         self.guard.check(acc, self._last_good())
-                        scalars = {**log.flush(acc, self.n_bank, objective.bank_weight), "lr": rate}
+                        weight = self._bank_weight(step - 1)  # the logged step's lambda
+                        weight = objective.bank_weight if weight is None else weight
+                        scalars = {**log.flush(acc, self.n_bank, weight), "lr": rate}
                         acc.log(scalars, step=step)
                         if acc.is_main_process:
                             append_history(self.out, step, scalars)
@@ -231,6 +236,8 @@ class Trainer:
         tc, acc, model, optimizer = self.cfg.train, self.accelerator, self.model, self.optimizer
         params, chunks = self.parts.trainable, acc.num_processes * tc.gradient_accumulation
         x0, cond, is_bank, draw = self.parts.batch(self.state.step, objective)
+        # this step's stream counts and lambda (objective.bank_curriculum)
+        counts = (*self.parts.counts(self.state.step), self._bank_weight(self.state.step))
         for micro in range(tc.gradient_accumulation):
             sel = torch.arange(x0.shape[0])[micro * acc.num_processes + acc.process_index :: chunks]
             last = micro == tc.gradient_accumulation - 1
@@ -242,11 +249,11 @@ class Trainer:
             )
             if self._compile_unchecked:
                 self._compile_unchecked = False
-                self._check_compile(objective, inputs)
+                self._check_compile(objective, inputs, counts)
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 terms = objective(model, *inputs)
                 # global-count normalisation x processes: DDP's gradient mean becomes the global mean
-                loss = objective.reduce(terms, self.n_target, self.n_bank) * acc.num_processes
+                loss = objective.reduce(terms, *counts) * acc.num_processes
                 acc.backward(loss)
             log.add(terms)
             self.guard.observe(self.state.step, terms)
@@ -259,13 +266,19 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return rate
 
-    def _check_compile(self, objective: Objective, inputs: tuple) -> None:
-        """Refuse a compiled backbone whose gradients on ``inputs`` differ from eager mode's."""
+    def _bank_weight(self, step: int) -> float | None:
+        """λ of ``step`` when ``objective.bank_curriculum.scale_weight`` varies it, else ``None`` (the objective's)."""
+        objective = self.cfg.objective
+        return bank_weight_at(objective, step) if objective.bank_curriculum.scale_weight else None
+
+    def _check_compile(self, objective: Objective, inputs: tuple, counts: tuple) -> None:
+        """Refuse a compiled backbone whose gradients on ``inputs`` differ from eager mode's
+        (``counts``: the step's ``n_target``, ``n_bank`` and lambda, as :meth:`Objective.reduce` takes them)."""
         acc, model = self.accelerator, self.model
 
         def backward() -> None:
             with acc.no_sync(model):
-                acc.backward(objective.reduce(objective(model, *inputs), self.n_target, self.n_bank))
+                acc.backward(objective.reduce(objective(model, *inputs), *counts))
 
         trainable = {id(p) for p in self.parts.trainable}
         named = [(n, p) for n, p in self.backbone.named_parameters() if id(p) in trainable]
