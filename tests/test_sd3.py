@@ -142,6 +142,20 @@ def test_conditions_unconditional_form_and_forward_are_the_stock_pipelines(sd3_d
         assert torch.equal(loaded.backbone.eval()(x, torch.tensor([5.0, 500.0]), cond), expected)
 
 
+def test_long_prompts_warn_once_with_the_count_and_the_pipelines_own_warnings_are_dropped(
+    sd3_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    loaded = load_pretrained(str(sd3_dir))
+    prompts = ["a red circle", "a very long prompt about a red circle on a blue square"]
+    assert loaded.parts.prompts.count_truncated(prompts) == 1  # longer than CLIP's 16 tokens here
+    with caplog.at_level("WARNING"):
+        loaded.family.sample_conditions(loaded, ConditionRequest(prompts=prompts))
+    said = [record.getMessage() for record in caplog.records]
+    assert said == [
+        "1 of 2 prompts are longer than the text encoders' 16 (CLIP) or 256 (T5) tokens and are truncated"
+    ]
+
+
 def test_training_and_sampling_use_sd3s_flow_with_shift_3(sd3_dir: Path) -> None:
     """Training draws σ on the shift-3 grid and feeds the model σ·1000; difftune's sampler is the
     pipeline's (same timesteps, same latents from the same seed with guidance)."""

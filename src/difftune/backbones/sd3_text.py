@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 CLIP_LENGTH = 77  # CLIP's prompt length (the pipeline's default when it has no tokenizer)
 PIPELINE_LOGGER = "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3"
+TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
@@ -117,7 +118,11 @@ class SD3PromptEncoder:
         """``prompts`` (N) -> ``(embeddings (N, L, D), pooled (N, P))``, float32 on the CPU."""
         device = next(self.pipeline.text_encoder.parameters()).device
         hidden, pooled = [], []
-        with dropping_messages(PIPELINE_LOGGER, "The following part of your input was truncated"):
+        # difftune warns once with the count (warn_truncated); the pipeline and the tokenizers warn per call
+        with (
+            dropping_messages(PIPELINE_LOGGER, "The following part of your input was truncated"),
+            dropping_messages(TOKENIZER_LOGGER, "Token indices sequence length is longer"),
+        ):
             for start in range(0, len(prompts), batch_size):
                 embeds, _, pool, _ = self.pipeline.encode_prompt(
                     prompt=list(prompts[start : start + batch_size]),
