@@ -112,3 +112,12 @@ def lora_card(directory: Path, imports: str, load_lines: list[str]) -> list[str]
         *(line.replace("{folder}", folder) for line in load_lines),
         "```",
     ]
+
+
+def pipeline_lora_card(directory: Path, pipeline: str, source: str) -> list[str]:
+    """:func:`lora_card` for a text-to-image pipeline: ``pipeline.from_pretrained(source)``, then the LoRA."""
+    return lora_card(
+        directory,
+        pipeline,
+        [f'pipe = {pipeline}.from_pretrained("{source}")', 'pipe.load_lora_weights("{folder}")'],
+    )

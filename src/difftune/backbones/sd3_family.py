@@ -19,7 +19,7 @@ from diffusers import SD3Transformer2DModel
 
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import ConditionRequest, LoadContext, TargetSource, absolute_source, named
-from difftune.backbones.lora_layout import lora_card, save_transformer_lora
+from difftune.backbones.lora_layout import pipeline_lora_card, save_transformer_lora
 from difftune.backbones.sd3 import SD3Backbone
 from difftune.backbones.sd3_text import CLIP_LENGTH, T5_LENGTH, SD3PromptEncoder, load_sd3_prompt_encoder
 from difftune.backbones.sd_family import StableDiffusionFamily, TextParts
@@ -120,14 +120,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
 
     def card_notes(self, loaded: Any, directory: Path) -> list[str]:
         """How a stock pipeline loads the LoRA of an adapter run, if it has one."""
-        return lora_card(
-            directory,
-            PIPELINE,
-            [
-                f'pipe = {PIPELINE}.from_pretrained("{absolute_source(loaded.source)}")',
-                'pipe.load_lora_weights("{folder}")',
-            ],
-        )
+        return pipeline_lora_card(directory, PIPELINE, absolute_source(loaded.source))
 
     def save_lora(self, model: Any, directory: Path) -> None:
         """diffusers' LoRA layout, which ``StableDiffusion3Pipeline.load_lora_weights`` reads."""

@@ -30,7 +30,7 @@ from difftune.backbones.family import (
     named,
     no_controlnet,
 )
-from difftune.backbones.lora_layout import lora_card, save_pipeline_lora
+from difftune.backbones.lora_layout import pipeline_lora_card, save_pipeline_lora
 from difftune.backbones.sd_parts import controlnet_backbone, load_prompt_encoder, sd_pipeline
 from difftune.backbones.stable_diffusion import PROMPTS, TextConditionalBackbone
 from difftune.backbones.text import PromptEncoder, prompts_digest
@@ -204,14 +204,7 @@ class StableDiffusionFamily(ModelFamily):
 
     def card_notes(self, loaded: Any, directory: Path) -> list[str]:
         """How a stock pipeline loads the LoRA of an adapter run, if it has one."""
-        return lora_card(
-            directory,
-            "StableDiffusionPipeline",
-            [
-                f'pipe = StableDiffusionPipeline.from_pretrained("{absolute_source(loaded.source)}")',
-                'pipe.load_lora_weights("{folder}")',
-            ],
-        )
+        return pipeline_lora_card(directory, "StableDiffusionPipeline", absolute_source(loaded.source))
 
     def save_lora(self, model: Any, directory: Path) -> None:
         """diffusers' LoRA layout, which ``StableDiffusionPipeline.load_lora_weights`` reads."""

@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import ConditionRequest, LoadContext, TargetSource, absolute_source, named
-from difftune.backbones.lora_layout import lora_card, save_pipeline_lora
+from difftune.backbones.lora_layout import pipeline_lora_card, save_pipeline_lora
 from difftune.backbones.sd_family import ATTENTION, StableDiffusionFamily, TextParts
 from difftune.backbones.sd_parts import load_dual_prompt_encoder, sd_pipeline
 from difftune.backbones.sdxl import POOLED, TIME_IDS, SDXLBackbone, size_time_ids
@@ -143,14 +143,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     def card_notes(self, loaded: Any, directory: Path) -> list[str]:
         """How a stock pipeline loads the LoRA of an adapter run, if it has one."""
-        return lora_card(
-            directory,
-            PIPELINE,
-            [
-                f'pipe = {PIPELINE}.from_pretrained("{absolute_source(loaded.source)}")',
-                'pipe.load_lora_weights("{folder}")',
-            ],
-        )
+        return pipeline_lora_card(directory, PIPELINE, absolute_source(loaded.source))
 
     def save_lora(self, model: Any, directory: Path) -> None:
         """diffusers' LoRA layout, which ``StableDiffusionXLPipeline.load_lora_weights`` reads."""

@@ -69,8 +69,9 @@ def tiny_unet(in_channels: int = 1, sample_size: int = 8, num_classes: int = 5, 
     )
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """An AutoencoderKL with 4 latent channels and an 8x downsampling (16x16 images -> 2x2)."""
+def tiny_vae(seed: int = 0, sample_size: int = 16, **config: Any) -> AutoencoderKL:
+    """An AutoencoderKL with 4 latent channels and an 8x downsampling (16x16 images -> 2x2); ``config``
+    adds to or replaces its configuration (e.g. SD3's ``shift_factor``)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -81,7 +82,8 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=4,
         layers_per_block=1,
-        sample_size=16,
+        sample_size=sample_size,
+        **config,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
 from difftune.demos.text_encoder import tiny_text_encoder
+from difftune.testing.models import tiny_vae
 
 SD3_CLIP_WIDTHS = (16, 24)  # the two CLIP encoders' widths: 40, padded to T5's
 SD3_CLIP_PROJECTIONS = (8, 16)  # their projections: pooled embeddings are 24 wide
@@ -82,20 +83,7 @@ def tiny_sd3_transformer(in_channels: int = 4, sample_size: int = 4, seed: int =
 
 def tiny_sd3_vae(seed: int = 0) -> AutoencoderKL:
     """An ``AutoencoderKL`` with 4 latent channels, an 8x downsampling and SD3's shift and scaling factors."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=32,
-        shift_factor=SD3_VAE_SHIFT,
-        scaling_factor=SD3_VAE_SCALE,
-    )
+    return tiny_vae(seed, sample_size=32, shift_factor=SD3_VAE_SHIFT, scaling_factor=SD3_VAE_SCALE)
 
 
 def save_sd3_pipeline(root: Path, transformer: SD3Transformer2DModel | None = None, seed: int = 0) -> Path:
