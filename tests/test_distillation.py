@@ -137,8 +137,8 @@ def test_distillation_trains_micro_batches_without_retention_rows(dit_dir: Path,
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     for m1, m5 in zip(metrics(tmp_path / "acc1"), metrics(tmp_path / "acc5"), strict=True):
         assert m1.keys() == m5.keys()
-        for key in m1:
-            assert m1[key] == pytest.approx(m5[key], rel=1e-5), key
+        for key in m1:  # micro-batches sum in another order: a bucket near 6e-5 moves by ~1e-9 on some CPUs
+            assert m1[key] == pytest.approx(m5[key], rel=1e-5, abs=1e-8), key
 
 
 def test_retention_settings_are_checked() -> None:
