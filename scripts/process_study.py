@@ -99,6 +99,10 @@ PROCESSES: dict[str, Column] = {
     "DDPM (photos -> 0-4)": _ddpm_grid(PHOTOS_REVERSE, "photos_reverse"),
     "flow (photos -> 0-4)": Column("flow", None, _one("flow", PHOTOS_REVERSE, "photos_flow_reverse")),
     "EDM (photos -> 0-4)": Column("edm", None, _one("EDM", PHOTOS_REVERSE, "photos_edm_reverse")),
+    # the EDM photo source pre-trained again and re-run (seeds as they finish), scored unguided as
+    # well: the first runs' models were lost before their unguided scoring (docs/reproduction.md 14.6)
+    "EDM (photos, re-run)": Column("edm", None, _one("EDM", PHOTOS, "photos_edm_rerun")),
+    "EDM (photos -> 0-4, re-run)": Column("edm", None, _one("EDM", PHOTOS_REVERSE, "photos_edm_reverse_rerun")),
 }
 
 
