@@ -102,7 +102,9 @@ PROCESSES: dict[str, Column] = {
     # the EDM photo source pre-trained again and re-run (seeds as they finish), scored unguided as
     # well: the first runs' models were lost before their unguided scoring (docs/reproduction.md 14.6)
     "EDM (photos, re-run)": Column("edm", None, _one("EDM", PHOTOS, "photos_edm_rerun")),
-    "EDM (photos -> 0-4, re-run)": Column("edm", None, _one("EDM", PHOTOS_REVERSE, "photos_edm_reverse_rerun")),
+    "EDM (photos -> 0-4, re-run)": Column(
+        "edm", None, _one("EDM", PHOTOS_REVERSE, "photos_edm_reverse_rerun")
+    ),
 }
 
 
