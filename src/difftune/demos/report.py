@@ -105,6 +105,12 @@ STUDY_FINDINGS: dict[tuple[str, str], str] = {
         "although handing the last 10% of the steps to the source costs nothing here (-0% [-4%, +4%]); see "
         "docs/reproduction.md, section 14.4."
     ),
+    ("photo_patches", "edm"): (
+        "One run is not a verdict: over 5 seeds of this transfer from the EDM photo source, at this guidance "
+        "scale (1.5), Diff-Tuning beats plain fine-tuning significantly (-6.3 FID, 95% CI [-12.3, -0.2]), the "
+        "only flow or EDM test bed where it does; but these models sample better unguided, and there the "
+        "comparison has 2 seeds so far, too few for a verdict; see docs/reproduction.md, section 14.6."
+    ),
     ("digits", "edm"): (
         "One run is not a verdict: over 5 seeds of this transfer on the EDM source, every method is best "
         "unguided, and there no variant beats plain fine-tuning (Diff-Tuning +1.2 FID, 95% CI [-1.3, +3.7]; "
