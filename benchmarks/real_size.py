@@ -244,12 +244,10 @@ def show(row: dict) -> None:
     print(f"{row['phase']:<24} {row['seconds']:8.1f} s   peak RSS {row['peak'] / GIB:6.2f} GiB", flush=True)
 
 
-def run_sd(args: argparse.Namespace, work: Path) -> int:
-    """The Stable Diffusion sizes (see the module docstring)."""
-    recipe, _, side, controlnet = SD[args.size]
-    parameters = build_sd_pipeline(work / "model", args.size)
-    data = captioned_images(work / "data", side)
-    sets = [
+def phase_overrides(work: Path, data: Path) -> list[str]:
+    """The overrides every size's recipe runs with: the model, data and folders under ``work``, a bank of
+    2 samples of 2 steps, batch 2 (1 target + 1 bank), one checkpoint kept (a DiT-XL/2 one is about 18 GB)."""
+    return [
         f"model.pretrained={work / 'model'}",
         f"data.path={data}",
         f"bank.path={work / 'bank'}",
@@ -258,13 +256,20 @@ def run_sd(args: argparse.Namespace, work: Path) -> int:
         "bank.sampling.steps=2",
         f"train.output_dir={work / 'run'}",
         "train.batch_size=2",
-        "train.gradient_accumulation=1",
         "objective.bank_share=0.5",
         "train.checkpoint_every=0",
         "train.keep_checkpoints=1",
         "train.sample_every=0",
         "train.log_every=1",
     ]
+
+
+def run_sd(args: argparse.Namespace, work: Path) -> int:
+    """The Stable Diffusion sizes (see the module docstring)."""
+    recipe, _, side, controlnet = SD[args.size]
+    parameters = build_sd_pipeline(work / "model", args.size)
+    data = captioned_images(work / "data", side)
+    sets = [*phase_overrides(work, data), "train.gradient_accumulation=1"]
     if side != 512:
         sets.append(f"data.resolution={side}")
     if controlnet:
@@ -341,21 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_sd(args, work)
         parameters = build_pipeline(work / "model", args.size)
         random_images(work / "data")
-        sets = [
-            f"model.pretrained={work / 'model'}",
-            f"data.path={work / 'data'}",
-            f"bank.path={work / 'bank'}",
-            "bank.num_samples=2",
-            "bank.batch_size=2",
-            "bank.sampling.steps=2",
-            f"train.output_dir={work / 'run'}",
-            "train.batch_size=2",
-            "objective.bank_share=0.5",
-            "train.checkpoint_every=0",
-            "train.keep_checkpoints=1",  # a DiT-XL/2 checkpoint is about 18 GB
-            "train.sample_every=0",
-            "train.log_every=1",
-        ]
+        sets = phase_overrides(work, work / "data")
         cli = [sys.executable, "-m", "difftune"]
         config = ["--config", str(RECIPE), *(f"--set={item}" for item in sets)]
         rows = [phase("bank", [*cli, "bank", *config])]
