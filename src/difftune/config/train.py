@@ -18,6 +18,8 @@ LrScheduler = Literal[
 OptimizerName = Literal["adamw", "adamw_fused", "adamw_8bit"]
 CompileMode = Literal["no", "full", "regional"]
 SdpaBackend = Literal["auto", "flash", "efficient", "cudnn", "math"]
+# the autocast type (train.mixed_precision) a 16-bit frozen base (train.frozen_dtype) runs under
+FROZEN_AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}
 Tracker = Literal[
     "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "none"
 ]
@@ -65,6 +67,9 @@ class TrainConfig:
             ...; ``none``: only ``metrics.jsonl``); one that is not installed is refused.
         ema_decay: constant EMA decay (0 disables EMA).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (accelerate).
+        frozen_dtype: the dtype of a parameter-efficient run's frozen base: ``"float32"`` (default),
+            or ``"bfloat16"`` / ``"float16"`` (half the base's memory; needs the matching
+            ``mixed_precision``, and an adapter method: :mod:`difftune.training.frozen_precision`).
         gradient_checkpointing: recompute the trained model's activations in the backward pass
             instead of keeping them (diffusers' ``enable_gradient_checkpointing``): less memory, about
             a third more compute; the same gradients.
@@ -127,6 +132,7 @@ class TrainConfig:
     report_to: Tracker = "tensorboard"
     ema_decay: float = 0.9999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 2000
@@ -153,6 +159,13 @@ class TrainConfig:
         _check_fields(self, "train")
         _check_fields(self.sampling, "train.sampling")
         _check_fields(self.evaluation, "train.evaluation")
+        _check(
+            self.frozen_dtype == "float32" or self.mixed_precision == FROZEN_AUTOCAST[self.frozen_dtype],
+            f"train.frozen_dtype={self.frozen_dtype} runs under train.mixed_precision="
+            f"{FROZEN_AUTOCAST.get(self.frozen_dtype)}, not {self.mixed_precision} (float32 activations would meet "
+            f"16-bit weights): set train.mixed_precision={FROZEN_AUTOCAST.get(self.frozen_dtype)} or "
+            "train.frozen_dtype=float32",
+        )
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size} must be > 0")
         _check(self.gradient_accumulation > 0, "train.gradient_accumulation must be > 0")
         _check(self.max_steps > 0, f"train.max_steps={self.max_steps} must be > 0")

@@ -36,6 +36,7 @@ from difftune.schedules.ports import resolve_port
 from difftune.training.curriculum import step_counts
 from difftune.training.evaluation import TrainingEvaluation, split_bank, split_target, training_evaluation
 from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
+from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
 from difftune.training.outputs import fidelity_validation
 from difftune.training.prefetch import RowPrefetcher
 from difftune.training.state import LoopState
@@ -135,11 +136,14 @@ class RunParts:
         cfg = self.cfg
         n_trainable = sum(p.numel() for p in self.trainable)
         n_total = sum(p.numel() for p in self.backbone.parameters())
+        trained = {id(p) for p in self.trainable}
+        frozen = sorted({str(p.dtype) for p in self.backbone.parameters() if id(p) not in trained})
         return {
             "model": cfg.model.pretrained,
             "tuning": cfg.tuning.method,
             "trainable_parameters": n_trainable,
             "trainable_share": n_trainable / max(n_total, 1),
+            "frozen_dtypes": [name.removeprefix("torch.") for name in frozen],  # train.frozen_dtype
             "target_samples": len(self.target),
             "classes": {name: label for label, name in enumerate(self.target.class_names)},
             "bank_samples": int(self.bank.shape[0]),
@@ -177,6 +181,8 @@ def build_run(
     tc = cfg.train
     loaded, trainable = load_tuned_model(cfg, loaded)
     check_adapter_size(cfg.tuning.method, cfg.tuning, loaded.backbone)  # before anything is written
+    check_frozen_dtype(tc.frozen_dtype, cfg.tuning.method, loaded.tuning.adapter)
+    cast_frozen(loaded.backbone, trainable, tc.frozen_dtype)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone.inner)
     process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape)

@@ -8,7 +8,8 @@ The estimate is the peak of these:
 
 * the trained parameters in float32 (accelerate keeps float32 master weights under mixed precision),
   their gradients, AdamW's two moments (float32, or one byte each for ``adamw_8bit``) and the EMA;
-* the frozen parameters of the backbone (a LoRA's base, a ControlNet's UNet) in float32;
+* the frozen parameters of the backbone (a LoRA's base, a ControlNet's UNet) in float32, or in
+  ``train.frozen_dtype`` (an adapter's base);
 * the frozen parts loaded beside it (VAE, text encoders) at the size of their safetensors files;
 * the saved activations of one micro-batch, halved under bf16/fp16 autocast (an approximation:
   normalisations and softmax keep float32 inputs), with attention saving what a fused kernel saves
@@ -37,6 +38,7 @@ from difftune.backbones.base import Backbone, enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
+from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
 from difftune.tuning import build_tuning
 
 GIB = 2**30
@@ -120,7 +122,10 @@ def estimate_training_memory(
         processes: data-parallel processes (each holds all of the above).
     """
     tc = cfg.train
-    trainable = build_tuning(cfg.tuning.method, cfg.tuning).prepare(backbone)
+    tuning = build_tuning(cfg.tuning.method, cfg.tuning)
+    trainable = tuning.prepare(backbone)
+    check_frozen_dtype(tc.frozen_dtype, cfg.tuning.method, tuning.adapter)
+    cast_frozen(backbone, trainable, tc.frozen_dtype)
     trained = sum(p.numel() for p in trainable)
     trained_ids = {id(p) for p in trainable}
     frozen = sum(p.numel() * p.element_size() for p in backbone.parameters() if id(p) not in trained_ids)
