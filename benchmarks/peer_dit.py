@@ -92,7 +92,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -372,12 +372,32 @@ class AuthorsLoop:
             laps.lap("step")
 
 
-def timed_authors(bench: Bench, args: argparse.Namespace, steps: int) -> dict[str, Any]:
-    """(wall, CPU) seconds of one fresh authors' run of ``steps`` steps, its phases and losses."""
+@dataclass(frozen=True)
+class Peer:
+    """What difftune's Trainer is measured against (``peer_sd.py`` passes its own): the loop, built
+    fresh for every run as ``loop(bench, args)``, with ``train(steps, laps)`` and ``losses``; its name
+    in the results and its phases (each ``laps.lap(phase)`` of a step); difftune's run (``None``:
+    :func:`difftune_run`) and a probe around each timed difftune ``train()`` besides the loss's."""
+
+    loop: Callable[[Any, argparse.Namespace], Any]
+    name: str = "authors"
+    phases: tuple[str, ...] = PHASES
+    run: step_time.Run | None = None
+    probe: step_time.Probe | None = None
+
+
+def authors_peer(peer: Peer | None) -> Peer:
+    return Peer(AuthorsLoop) if peer is None else peer
+
+
+def timed_authors(
+    bench: Any, args: argparse.Namespace, steps: int, peer: Peer | None = None
+) -> dict[str, Any]:
+    """(wall, CPU) seconds of one fresh authors' (or ``peer``'s) run of ``steps`` steps, its phases and losses."""
     import torch
 
     cuda = bench.setup.device == "cuda"
-    loop = AuthorsLoop(bench, args)
+    loop = authors_peer(peer).loop(bench, args)
     if cuda:
         torch.cuda.synchronize()
     laps = sd_cache_bench.Laps(cuda)
@@ -394,17 +414,18 @@ def timed_authors(bench: Bench, args: argparse.Namespace, steps: int) -> dict[st
     return {"total": [wall, cpu], "phases": laps.seconds, "losses": losses}
 
 
-def authors_seconds(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+def authors_seconds(bench: Any, args: argparse.Namespace, peer: Peer | None = None) -> dict[str, Any]:
     """Per-step seconds on each clock, and of each phase: (run(warmup + steps) - run(warmup)) / steps."""
-    short = timed_authors(bench, args, args.warmup)
-    long = timed_authors(bench, args, args.warmup + args.steps)
-    bench.losses["authors"].extend(long["losses"])
+    peer = authors_peer(peer)
+    short = timed_authors(bench, args, args.warmup, peer)
+    long = timed_authors(bench, args, args.warmup + args.steps, peer)
+    bench.losses[peer.name].extend(long["losses"])
 
     def per_step(a: list[float], b: list[float]) -> dict[str, float]:
         return {clock: (y - x) / args.steps for clock, x, y in zip(step_time.CLOCKS, a, b, strict=True)}
 
     out: dict[str, Any] = per_step(short["total"], long["total"])
-    out["phases"] = {phase: per_step(short["phases"][phase], long["phases"][phase]) for phase in PHASES}
+    out["phases"] = {phase: per_step(short["phases"][phase], long["phases"][phase]) for phase in peer.phases}
     return out
 
 
@@ -433,12 +454,23 @@ def quiet_stdout(args: argparse.Namespace) -> contextlib.AbstractContextManager[
     return contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(io.StringIO())
 
 
-def difftune_seconds(bench: Bench, args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
+def peer_run(bench: Any, peer: Peer) -> step_time.Run:
+    return difftune_run(bench) if peer.run is None else peer.run
+
+
+def difftune_seconds(
+    bench: Any, args: argparse.Namespace, work: Path, tag: str, peer: Peer | None = None
+) -> dict[str, Any]:
+    peer = authors_peer(peer)
     losses: list[float] = []
+
+    @contextlib.contextmanager
+    def probe(trainer: Trainer) -> Iterator[None]:
+        with loss_probe(trainer, losses), peer.probe(trainer) if peer.probe else contextlib.nullcontext():
+            yield
+
     with quiet_stdout(args):
-        seconds = step_time.step_seconds(
-            bench.setup, difftune_run(bench), args, work, tag, lambda trainer: loss_probe(trainer, losses)
-        )
+        seconds = step_time.step_seconds(bench.setup, peer_run(bench, peer), args, work, tag, probe)
     bench.losses["difftune"].append(losses[-1])
     return seconds
 
@@ -446,26 +478,31 @@ def difftune_seconds(bench: Bench, args: argparse.Namespace, work: Path, tag: st
 # -- the measurement --------------------------------------------------------------------------------
 
 
-def measure(bench: Bench, args: argparse.Namespace, work: Path) -> dict[str, list[dict[str, Any]]]:
+def measure(
+    bench: Any, args: argparse.Namespace, work: Path, peer: Peer | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """One discarded short run of each path (the target cache is encoded in difftune's), then the
     repeats, in alternating order."""
+    peer = authors_peer(peer)
     with quiet_stdout(args):
-        step_time.timed_train(bench.setup, difftune_run(bench), args, work / "run-discard", args.warmup)
-    timed_authors(bench, args, args.warmup)
-    times: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS}
+        step_time.timed_train(bench.setup, peer_run(bench, peer), args, work / "run-discard", args.warmup)
+    timed_authors(bench, args, args.warmup, peer)
+    paths = ("difftune", peer.name)
+    times: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for r in range(args.repeats):
-        for path in PATHS if r % 2 == 0 else PATHS[::-1]:
+        for path in paths if r % 2 == 0 else paths[::-1]:
             if path == "difftune":
-                times[path].append(difftune_seconds(bench, args, work, str(r)))
+                times[path].append(difftune_seconds(bench, args, work, str(r), peer))
             else:
-                times[path].append(authors_seconds(bench, args))
+                times[path].append(authors_seconds(bench, args, peer))
     return times
 
 
-def summarise(times: dict[str, list[dict[str, Any]]], clock: str) -> dict[str, Any]:
+def summarise(times: dict[str, list[dict[str, Any]]], clock: str, peer: Peer | None = None) -> dict[str, Any]:
+    peer = authors_peer(peer)
     other = "wall" if clock == "cpu" else "cpu"
     paths: dict[str, Any] = {}
-    for path in PATHS:
+    for path in ("difftune", peer.name):
         ms = [1000 * rep[clock] for rep in times[path]]
         paths[path] = {
             "median_ms": statistics.median(ms),
@@ -473,84 +510,118 @@ def summarise(times: dict[str, list[dict[str, Any]]], clock: str) -> dict[str, A
             "per_repeat_ms": ms,
             "other_clock_median_ms": statistics.median(1000 * rep[other] for rep in times[path]),
         }
-    paths["authors"]["phases_ms"] = {
-        phase: statistics.median(1000 * rep["phases"][phase][clock] for rep in times["authors"])
-        for phase in PHASES
+    theirs = paths[peer.name]
+    theirs["phases_ms"] = {
+        phase: statistics.median(1000 * rep["phases"][phase][clock] for rep in times[peer.name])
+        for phase in peer.phases
     }
     per_repeat = [
-        d / a
-        for d, a in zip(paths["difftune"]["per_repeat_ms"], paths["authors"]["per_repeat_ms"], strict=True)
+        d / a for d, a in zip(paths["difftune"]["per_repeat_ms"], theirs["per_repeat_ms"], strict=True)
     ]
     return {
         "paths": paths,
-        "ratio": paths["difftune"]["median_ms"] / paths["authors"]["median_ms"],
+        "ratio": paths["difftune"]["median_ms"] / theirs["median_ms"],
         "per_repeat_ratios": per_repeat,
-        "other_clock_ratio": paths["difftune"]["other_clock_median_ms"]
-        / paths["authors"]["other_clock_median_ms"],
+        "other_clock_ratio": paths["difftune"]["other_clock_median_ms"] / theirs["other_clock_median_ms"],
     }
 
 
-def report(args: argparse.Namespace, bench: Bench, result: dict[str, Any]) -> None:
-    v, clock, threads = result["versions"], result["clock"], result["threads"]
-    other = "wall" if clock == "cpu" else "cpu"
-    device = bench.setup.device
+def device_line(result: dict[str, Any], more: str = "") -> str:
+    """``device   cpu (1 thread); torch ..., diffusers ..., transformers ...`` and ``more``."""
+    v, device, threads = result["versions"], result["device"], result["threads"]
     cpu_threads = f" ({threads} thread{'s' if threads > 1 else ''})" if device == "cpu" else ""
+    return (
+        f"device   {device}{cpu_threads}; torch {v['torch']}, diffusers {v['diffusers']}, "
+        f"transformers {v['transformers']}{more}"
+    )
+
+
+def print_table(
+    args: argparse.Namespace, result: dict[str, Any], legend: str, peer: Peer | None = None
+) -> None:
+    """The timing line, then the table: median ms/step, IQR, the peer's phases, per-repeat values; ``legend`` below."""
+    peer = authors_peer(peer)
+    steps = f"(run({args.warmup + args.steps}) - run({args.warmup})) / {args.steps}"
+    print(
+        f"timing   {step_time.CLOCK_NAMES[result['clock']]}; {args.repeats} interleaved repeats of {steps} steps"
+    )
+    print()
+    print(
+        f"{'path':<10}{'ms/step':>10}{'IQR ms':>9}"
+        + "".join(f"{p:>9}" for p in peer.phases)
+        + "   per-repeat ms/step"
+    )
+    for path in ("difftune", peer.name):
+        m = result["paths"][path]
+        phases = m.get("phases_ms", {})
+        cells = "".join(f"{phases[p]:>9.1f}" if p in phases else f"{'-':>9}" for p in peer.phases)
+        print(
+            f"{path:<10}{m['median_ms']:>10.1f}{m['iqr_ms']:>9.1f}{cells}   "
+            + " ".join(f"{x:.1f}" for x in m["per_repeat_ms"])
+        )
+    print(legend)
+
+
+def print_tail(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    share: str,
+    peer: Peer | None = None,
+    more: Callable[[str], str] = lambda path: "",
+) -> None:
+    """Per-repeat ratios, the ``share`` line, the other clock, each path's losses (``more(path)`` after
+    them), and last the ratio."""
+    peer = authors_peer(peer)
+    other = "wall" if result["clock"] == "cpu" else "cpu"
+    a, d = result["paths"][peer.name], result["paths"]["difftune"]
+    print()
+    print(
+        f"per-repeat ratios difftune/{peer.name}  "
+        + " ".join(f"{x:.3f}" for x in result["per_repeat_ratios"])
+    )
+    print(share)
+    print(
+        f"{step_time.CLOCK_NAMES[other]} (cross-check): difftune {d['other_clock_median_ms']:.1f}, "
+        f"{peer.name} {a['other_clock_median_ms']:.1f} ms/step, ratio {result['other_clock_ratio']:.3f}"
+    )
+    for path in ("difftune", peer.name):
+        losses = result["losses"][path]
+        print(
+            f"losses   {path}: {len(losses)} values in [{min(losses):.4f}, {max(losses):.4f}], "
+            f"all finite: {all(map(math.isfinite, losses))}{more(path)}"
+        )
+    if args.json is not None:
+        print(f"json     {args.json}")
+    print(f"wall time {result['wall_s']:.0f} s")
+    print(f"ratio {result['ratio']:.3f}")
+
+
+def report(args: argparse.Namespace, bench: Bench, result: dict[str, Any]) -> None:
     print(
         "difftune training step vs the authors' per-step behaviour (DiT train.py fork), same model and batch"
     )
-    print(
-        f"device   {device}{cpu_threads}; torch {v['torch']}, diffusers {v['diffusers']}, "
-        f"transformers {v['transformers']}"
-    )
+    print(device_line(result))
     print(f"model    {args.size}: {bench.setup.description}")
     print(
         f"batch    {args.batch_size} = {bench.n_target} target + {bench.n_bank} bank; {args.images} target PNG "
         f"files of {args.image_size or bench.resolution} px, bank of {args.bank_samples}; authors' loaders: "
         f"{args.workers} workers"
     )
-    steps = f"(run({args.warmup + args.steps}) - run({args.warmup})) / {args.steps}"
-    print(f"timing   {step_time.CLOCK_NAMES[clock]}; {args.repeats} interleaved repeats of {steps} steps")
-    print()
-    print(
-        f"{'path':<10}{'ms/step':>10}{'IQR ms':>9}"
-        + "".join(f"{p:>9}" for p in PHASES)
-        + "   per-repeat ms/step"
-    )
-    for path in PATHS:
-        m = result["paths"][path]
-        phases = m.get("phases_ms", {})
-        cells = "".join(f"{phases[p]:>9.1f}" if p in phases else f"{'-':>9}" for p in PHASES)
-        print(
-            f"{path:<10}{m['median_ms']:>10.1f}{m['iqr_ms']:>9.1f}{cells}   "
-            + " ".join(f"{x:.1f}" for x in m["per_repeat_ms"])
-        )
-    print(
+    print_table(
+        args,
+        result,
         "(authors' phases, medians: load = both loaders' next batch (PNG decode, crop, flip, collate) and the "
         "copy to the device; encode = the two VAE encodes; step = draws, forward, loss, backward, AdamW, "
-        "EMA, loss.item())"
+        "EMA, loss.item())",
     )
     a, d = result["paths"]["authors"], result["paths"]["difftune"]
     encode = a["phases_ms"]["encode"]
-    print()
-    print("per-repeat ratios difftune/authors  " + " ".join(f"{x:.3f}" for x in result["per_repeat_ratios"]))
-    print(
+    print_tail(
+        args,
+        result,
         f"VAE encoding is {100 * encode / a['median_ms']:.1f}% of the authors' step; their model step alone "
-        f"(no load, no encode) is {a['phases_ms']['step'] / d['median_ms']:.3f} x difftune's whole step"
+        f"(no load, no encode) is {a['phases_ms']['step'] / d['median_ms']:.3f} x difftune's whole step",
     )
-    print(
-        f"{step_time.CLOCK_NAMES[other]} (cross-check): difftune {d['other_clock_median_ms']:.1f}, "
-        f"authors {a['other_clock_median_ms']:.1f} ms/step, ratio {result['other_clock_ratio']:.3f}"
-    )
-    for path in PATHS:
-        losses = result["losses"][path]
-        print(
-            f"losses   {path}: {len(losses)} values in [{min(losses):.4f}, {max(losses):.4f}], "
-            f"all finite: {all(map(math.isfinite, losses))}"
-        )
-    if args.json is not None:
-        print(f"json     {args.json}")
-    print(f"wall time {result['wall_s']:.0f} s")
-    print(f"ratio {result['ratio']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,12 +264,16 @@ class Run:
     """What one measured configuration changes: ``objective`` settings, the ``tuning`` section (its
     ``method`` and settings) and the learning rate (``None``: the ``train`` default). This script's two methods differ
     only in ``objective``; everything else (model, data, bank, batch, seed, EMA) is shared. ``data``
-    replaces settings of the ``data`` section (default: digits 5-9, cached in ``Setup.cache``)."""
+    replaces settings of the ``data`` section (default: digits 5-9, cached in ``Setup.cache``);
+    ``model`` adds settings of the ``model`` section (e.g. ``controlnet``) and ``train`` of the
+    ``train`` section (e.g. ``ema_decay``, ``mixed_precision``)."""
 
     objective: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
     learning_rate: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 def make_config(
@@ -288,7 +292,7 @@ def make_config(
 
     rate = {} if run.learning_rate is None else {"learning_rate": run.learning_rate}
     return ExperimentConfig(
-        model=ModelConfig(pretrained=str(setup.source)),
+        model=ModelConfig(pretrained=str(setup.source), **run.model),
         data=DataConfig(
             **{
                 "source": "digits",
@@ -312,6 +316,7 @@ def make_config(
             keep_checkpoints=1,
             log_every=10**9,  # one checkpoint, one log: at the end
             **rate,
+            **run.train,
         ),
     )
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import signal
 import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +27,27 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def benchmark_script() -> Iterator[Callable[[str], ModuleType]]:
+    """Imports a script of ``benchmarks/`` as a module (``benchmark_script("peer_sd")``); the
+    process-wide settings a script's main() changes (environment, threads, matmul precision, logging,
+    warning filters) are restored afterwards."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with warnings.catch_warnings():
+            yield importlib.import_module
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        logging.disable(logging.NOTSET)
+        sys.path.remove(folder)
 
 
 @pytest.fixture
