@@ -544,7 +544,7 @@ def report(args: argparse.Namespace, bench: Bench, result: dict[str, Any]) -> No
         result,
         "(peer's phases, medians: load = the loader's next batch (PNG decode, transforms, tokenising, collate) "
         "and the copy to the device; encode = VAE + text encoder; step = noise, forward, loss, its host sync, "
-        "backward, clipping, AdamW, EMA, the tracker's log)",
+        f"backward, clipping, AdamW, {'EMA, ' if SCRIPTS[args.mode].ema else ''}the tracker's log)",
         peer,
     )
     a, dt = result["paths"][PEER], result["paths"]["difftune"]
