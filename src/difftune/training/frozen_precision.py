@@ -33,6 +33,13 @@ def check_frozen_dtype(frozen_dtype: str, method: str, adapter: bool) -> None:
         )
 
 
+def frozen_bytes(param: torch.Tensor, frozen_dtype: str) -> int:
+    """Bytes per element of the frozen parameter ``param`` once :func:`cast_frozen` has cast it."""
+    dtype = FROZEN_DTYPES[frozen_dtype]
+    cast = param.is_floating_point() and dtype != torch.float32
+    return dtype.itemsize if cast else param.element_size()
+
+
 def cast_frozen(module: torch.nn.Module, trainable: list[torch.nn.Parameter], frozen_dtype: str) -> int:
     """Cast every floating-point parameter of ``module`` that is not in ``trainable`` to ``frozen_dtype``
     (in place; meta tensors too); returns the number of parameters cast. Buffers stay as they are (a

@@ -38,7 +38,7 @@ from difftune.backbones.base import Backbone, enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
-from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
+from difftune.training.frozen_precision import check_frozen_dtype, frozen_bytes
 from difftune.tuning import build_tuning
 
 GIB = 2**30
@@ -125,10 +125,13 @@ def estimate_training_memory(
     tuning = build_tuning(cfg.tuning.method, cfg.tuning)
     trainable = tuning.prepare(backbone)
     check_frozen_dtype(tc.frozen_dtype, cfg.tuning.method, tuning.adapter)
-    cast_frozen(backbone, trainable, tc.frozen_dtype)
     trained = sum(p.numel() for p in trainable)
     trained_ids = {id(p) for p in trainable}
-    frozen = sum(p.numel() * p.element_size() for p in backbone.parameters() if id(p) not in trained_ids)
+    frozen = sum(
+        p.numel() * frozen_bytes(p, tc.frozen_dtype)
+        for p in backbone.parameters()
+        if id(p) not in trained_ids
+    )
     micro_batch = max(1, tc.batch_size // (processes * tc.gradient_accumulation))
     fused = tc.sdpa_backend != "math"
     activations = _saved_activation_bytes(backbone, micro_batch, tc.gradient_checkpointing, fused)
@@ -205,12 +208,13 @@ class SavedActivations:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.parameters = {id(p) for p in module.parameters()}
-        self.saved: dict[int, int] = {}
+        # each saved tensor is kept (meta: no memory) so that its id is not reused by a later tensor
+        self.saved: dict[int, tuple[torch.Tensor, int]] = {}
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         root = tensor if tensor._base is None else tensor._base
         if id(root) not in self.parameters:
-            self.saved[id(tensor)] = tensor.numel() * tensor.element_size()
+            self.saved[id(tensor)] = (tensor, tensor.numel() * tensor.element_size())
         return tensor
 
     def hooks(self) -> Any:
@@ -218,7 +222,7 @@ class SavedActivations:
 
     @property
     def total(self) -> int:
-        return sum(self.saved.values())
+        return sum(size for _, size in self.saved.values())
 
 
 def _saved_activation_bytes(backbone: Backbone, n: int, checkpointing: bool, fused: bool) -> int | None:
