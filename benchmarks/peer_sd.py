@@ -73,7 +73,8 @@ images, text width 32, 16 tokens); ``small`` (default: ``sd_cache_bench.py``'s U
 with cross-attention, 18.2M params, on 4x8x8 latents of 64-px images, a VAE of blocks (64, 128, 128,
 128), a CLIP text encoder of hidden 256, 4 layers, 77 tokens); ``sd15`` (SD 1.5's UNet, the SD-VAE
 and CLIP ViT-L/14's text encoder at 512 px with random weights, ``gpu_throughput.build_sd``: for a
-GPU). Nothing is downloaded.
+GPU). Nothing is downloaded. The ``sd15`` size and ``--device cuda`` have NOT been run yet: this
+script was written and measured in a session without a GPU (CPU figures in ``benchmarks/README.md``).
 
 Usage (from the repository root, with the project's venv active)::
 
