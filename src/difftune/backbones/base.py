@@ -33,6 +33,8 @@ class Backbone(nn.Module):
         condition_names: the names of the tensors a condition bundle holds.
         family: the model family this adapter belongs to
             (:class:`~difftune.backbones.family.ModelFamily`; set by the family's module).
+        size_buckets: it trains and samples at other sizes than ``sample_shape`` with the same
+            conditions, so ``data.buckets`` may give its batches other aspect ratios.
     """
 
     inner: nn.Module
@@ -40,6 +42,7 @@ class Backbone(nn.Module):
     pipeline_processes: tuple[str, ...] = ("ddpm",)
     condition_names: tuple[str, ...] = ()
     family: Any = None
+    size_buckets: bool = False
     learns_variance: bool
     sample_shape: tuple[int, int, int]
     subfolder: str

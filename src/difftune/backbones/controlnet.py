@@ -32,6 +32,7 @@ class ControlNetBackbone(TextConditionalBackbone):
 
     subfolder = "controlnet"
     pipeline_class = "StableDiffusionControlNetPipeline"
+    size_buckets = False  # its control images are square
     condition_names = (PROMPTS, CONTROL)
 
     def __init__(

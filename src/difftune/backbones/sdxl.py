@@ -46,6 +46,7 @@ class SDXLBackbone(TextConditionalBackbone):
     pipeline_class = "StableDiffusionXLPipeline"
     condition_names = (PROMPTS, POOLED, TIME_IDS)
     addition_embed_type = "text_time"
+    size_buckets = False  # its size ids (time_ids) would have to follow each bucket: not done yet
 
     def __init__(self, model: UNet2DConditionModel, image_size: int | None = None) -> None:
         super().__init__(model)

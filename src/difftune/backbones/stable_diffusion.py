@@ -34,6 +34,7 @@ class TextConditionalBackbone(Backbone):
     subfolder = "unet"
     pipeline_class = "StableDiffusionPipeline"
     condition_names = (PROMPTS,)
+    size_buckets = True  # a UNet takes any latent size its down blocks divide
     addition_embed_type: str | None = (
         None  # the UNet's extra conditioning this adapter feeds (SDXL's: text_time)
     )

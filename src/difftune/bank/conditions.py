@@ -17,6 +17,7 @@ from difftune.backbones.loading import LoadedModel
 from difftune.bank.prompts import check_prompt_mode, choose_prompts
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
+from difftune.data.buckets import Bucket, BucketRows
 from difftune.errors import UserError
 from difftune.io.mapped import MappedRows, rows
 
@@ -87,12 +88,15 @@ class RunBank:
         cond: the condition each was generated with (N).
         seeds: the seed each was generated from (N,).
         sampling: how they were generated (scheduler, steps, guidance; from the manifest), or ``None``.
+        buckets: with ``data.buckets``, the bucket of each part of ``samples`` (a ``BucketRows``:
+            :mod:`difftune.bank.buckets`); ``None`` without.
     """
 
-    samples: torch.Tensor | MappedRows
+    samples: torch.Tensor | MappedRows | BucketRows
     cond: Conditioning
     seeds: torch.Tensor
     sampling: SamplingSpec | None
+    buckets: list[Bucket] | None = None
 
     def __len__(self) -> int:
         return int(self.samples.shape[0])
@@ -100,6 +104,16 @@ class RunBank:
     def split(self, keep: torch.Tensor) -> RunBank:
         """The samples at indices ``keep`` (their conditions and seeds with them)."""
         return RunBank(rows(self.samples, keep), self.cond.select(keep), self.seeds[keep], self.sampling)
+
+
+def manifest_sampling(manifest: dict[str, Any]) -> SamplingSpec:
+    """How a bank's samples were generated, from its manifest (scheduler, steps, guidance, seed)."""
+    return SamplingSpec(
+        scheduler=manifest["scheduler"],
+        steps=manifest["num_inference_steps"],
+        guidance_scale=manifest["guidance_scale"],
+        seed=manifest["seed"],
+    )
 
 
 def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
@@ -114,16 +128,15 @@ def training_bank(cfg: ExperimentConfig, loaded: LoadedModel) -> RunBank:
 
     bank: dict[str, torch.Tensor] = {"samples": torch.empty(0), "seeds": torch.empty(0, dtype=torch.long)}
     sampling = None
+    if cfg.reads_bank and cfg.data.buckets.enabled:
+        from difftune.bank.buckets import load_bucket_bank
+
+        return load_bucket_bank(cfg, loaded)
     if cfg.reads_bank:
         bank = load_bank(cfg.bank.path, loaded, cfg.bank.made_by == "this_model", mapped=True)
         manifest = LatentStore(cfg.bank.path).manifest
         check_bank_conditions(manifest, loaded.backbone, cfg.data.annotator, cfg.bank.path)
-        sampling = SamplingSpec(
-            scheduler=manifest["scheduler"],
-            steps=manifest["num_inference_steps"],
-            guidance_scale=manifest["guidance_scale"],
-            seed=manifest["seed"],
-        )
+        sampling = manifest_sampling(manifest)
     names = [name for name in loaded.backbone.condition_names if name in bank]
     n = bank["samples"].shape[0]
     return RunBank(

@@ -69,8 +69,13 @@ def generate_bank(
     cfg: BankConfig,
     device: torch.device | str | None = None,
     progress: bool = True,
+    shape: tuple[int, int, int] | None = None,
+    first_index: int = 0,
 ) -> LatentStore:
     """Generate (or finish) the bank at ``cfg.path``; splits shards across accelerate processes.
+
+    ``shape`` and ``first_index``: one bucket's bank (``data.buckets``, :mod:`difftune.bank.buckets`):
+    samples of that shape, whose condition and seed are those of index ``first_index + i``.
 
     Returns:
         The completed store (after all processes finished).
@@ -85,6 +90,8 @@ def generate_bank(
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = device or state.device
     manifest = bank_manifest(loaded, cfg)
+    if shape is not None:
+        manifest.update(shape=list(shape), first_index=first_index)
     if state.is_main_process:
         # the weights' fingerprint identifies the model; its path may change between runs
         # the noise schedule is a record (banks made before it was recorded resume too), and so is the
@@ -102,12 +109,12 @@ def generate_bank(
     bar = tqdm(total=len(mine), desc="bank shards", disable=not (progress and state.is_local_main_process))
     for shard in mine:
         start, stop = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, cfg.num_samples)
-        indices = torch.arange(start, stop)
+        indices = torch.arange(start, stop) + first_index
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in indices.split(cfg.batch_size):
             cond = generator.bank_condition(chunk)
             samples = generate_with_spec(
-                generator, loaded.scheduler_config, cfg.sampling, cond, int(chunk[0]), device
+                generator, loaded.scheduler_config, cfg.sampling, cond, int(chunk[0]), device, shape=shape
             )
             extras = backbone.bank_extras(loaded.codec.decode(samples)) if backbone is not generator else {}
             for key, value in {"samples": samples, **cond, **extras}.items():
@@ -121,13 +128,18 @@ def generate_bank(
 
 
 def load_bank(
-    path: str | os.PathLike, loaded: LoadedModel, same_weights: bool = True, mapped: bool = False
+    path: str | os.PathLike,
+    loaded: LoadedModel,
+    same_weights: bool = True,
+    mapped: bool = False,
+    shape: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
     """Load a complete bank and check it was made by this model for this sample space.
 
     ``same_weights=False`` (``bank.made_by: earlier_model``) skips the weights' fingerprint check: the
     bank comes from an earlier model of the same line. With ``mapped`` (training) the samples stay in
     the bank's files and are read a batch at a time (:class:`~difftune.io.mapped.MappedRows`).
+    ``shape``: the samples' shape (one bucket's, ``data.buckets``), default the model's.
 
     Returns:
         ``{"samples": (N, C, H, W) float32, "seeds": (N,)}`` and the tensors of the samples' conditions
@@ -145,7 +157,7 @@ def load_bank(
         ) from None
     if manifest.get("kind") != "bank":
         raise UserError(f"{path} is not a knowledge bank (kind={manifest.get('kind')!r})")
-    expected_shape = list(loaded.backbone.sample_shape)
+    expected_shape = list(shape or loaded.backbone.sample_shape)
     if manifest["shape"] != expected_shape:
         raise UserError(
             f"bank {path} holds samples of shape {manifest['shape']} but the model works on {expected_shape}; "

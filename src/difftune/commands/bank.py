@@ -36,21 +36,39 @@ def cmd_bank(args: argparse.Namespace) -> int:
         )
         if line:
             print(f"prompts: {line}")
+        if cfg.data.buckets.enabled:
+            print(f"buckets: {_planned_buckets(cfg)}")
         return 0
     start_torch()
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
     from difftune.bank.conditions import prepare_bank_conditions
 
-    loaded = load_pretrained(
-        cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision, cfg.model.controlnet
-    )
+    m = cfg.model
+    loaded = load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet, guidance=m.guidance)
     line = prepare_bank_conditions(loaded, cfg)
     if line:
         print(f"prompts: {line}")
+    if cfg.data.buckets.enabled:
+        from difftune.bank.buckets import generate_bucket_bank
+
+        plan = generate_bucket_bank(loaded, cfg)
+        print(f"bank complete: {cfg.bank.path} ({cfg.bank.num_samples} samples in the buckets {plan.line()})")
+        return 0
     store = generate_bank(loaded, cfg.bank)
     print(f"bank complete: {store.root} ({cfg.bank.num_samples} samples)")
     return 0
+
+
+def _planned_buckets(cfg: ExperimentConfig) -> str:
+    """The dry run's line on the target's buckets and the bank samples each would get."""
+    from difftune.data.buckets import bank_shares
+    from difftune.data.targets import planned_buckets
+
+    plan = planned_buckets(cfg.data)
+    shares = bank_shares(plan.counts, cfg.bank.num_samples)
+    each = ", ".join(f"{b.name} ({n})" for b, n in zip(plan.buckets, shares, strict=True))
+    return f"{plan.line()}; bank samples {each}"
 
 
 def _planned_prompts(cfg: ExperimentConfig) -> str | None:

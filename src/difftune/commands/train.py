@@ -51,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"data.path {cfg.data.path!r} is not a directory; point data.path at an image folder "
             "(one sub-directory per class)"
         )
-    if cfg.uses_bank and not (Path(cfg.bank.path) / "manifest.json").is_file():
+    index = "buckets.json" if cfg.data.buckets.enabled else "manifest.json"  # a bank per bucket: their list
+    if cfg.uses_bank and not (Path(cfg.bank.path) / index).is_file():
         raise FileNotFoundError(
             f"bank {cfg.bank.path!r} does not exist: run `difftune bank` with this config first, "
             "or set objective.bank_share=0 for plain fine-tuning"

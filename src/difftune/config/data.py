@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from difftune.config.checks import _check, _check_fields
@@ -17,6 +17,41 @@ DATA_SOURCES = {
     "photo_patches": "nothing (the built-in photo patches)",
 }
 BUILT_IN_SOURCES = ("digits", "photo_patches")
+
+
+@dataclass
+class BucketSettings:
+    """``data.buckets``: aspect-ratio buckets (as kohya's sd-scripts, SimpleTuner and OneTrainer have them).
+
+    Off by default: every image is resized and centre-cropped to a square. On, each image goes to the
+    bucket (width x height) nearest its aspect ratio, is resized to cover it and centre-cropped (never
+    stretched), and each training step takes its target rows, and its bank rows, from one bucket
+    (docs/architecture.md, "Aspect-ratio buckets"). The buckets are those of kohya's
+    ``make_bucket_resolutions`` at a budget of ``data.resolution``² pixels: every width from ``min_side``
+    to ``max_side`` in steps of ``step`` with the tallest height (a multiple of ``step``, at most
+    ``max_side``) that keeps within the budget, both ways round, and the square.
+
+    Attributes:
+        enabled: group the target images into buckets (needs ``data.resolution``, the budget's side).
+        step: bucket sides are multiples of this (64 for Stable Diffusion: its VAE's 8 times the UNet's 8);
+            it must be a multiple of the VAE's downsampling factor.
+        min_side: the shortest bucket side; ``None``: half of ``data.resolution`` (rounded down to ``step``).
+        max_side: the longest bucket side; ``None``: twice ``data.resolution``.
+    """
+
+    enabled: bool = False
+    step: int = 64
+    min_side: int | None = None
+    max_side: int | None = None
+
+    def sides(self, resolution: int) -> tuple[int, int]:
+        """``(min_side, max_side)`` for a budget of ``resolution``² pixels, the defaults filled in."""
+        low = (
+            self.min_side
+            if self.min_side is not None
+            else max(self.step, resolution // 2 // self.step * self.step)
+        )
+        return low, self.max_side if self.max_side is not None else 2 * resolution
 
 
 @dataclass
@@ -71,9 +106,12 @@ class DataConfig:
     annotator: str | None = None
     label_offset: int = 0
     label_names: list[str] | None = None
+    buckets: BucketSettings = field(default_factory=BucketSettings)
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
+        _check_fields(self.buckets, "data.buckets")
+        self._check_buckets()
         _check(
             self.source in BUILT_IN_SOURCES or bool(self.path),
             f"data.path is empty: set it to {DATA_SOURCES[self.source]}",
@@ -100,4 +138,41 @@ class DataConfig:
             self.label_offset == 0 or self.source not in ("captions", "hf_dataset"),
             f"data.label_offset moves class labels, but data.source={self.source} has captions, not classes: "
             "leave data.label_offset at 0",
+        )
+
+    def _check_buckets(self) -> None:
+        """Refuse bucket settings that cannot give buckets, each in one line."""
+        b = self.buckets
+        if not b.enabled:
+            return
+        _check(
+            self.source not in BUILT_IN_SOURCES,
+            f"data.buckets groups images by their own aspect ratio, and data.source={self.source} has only "
+            "square images: use an image folder (folder, captions or hf_dataset), or set data.buckets.enabled=false",
+        )
+        _check(
+            self.resolution is not None,
+            "data.buckets needs data.resolution: the buckets hold data.resolution² pixels (e.g. 512 for SD 1.5)",
+        )
+        resolution = int(self.resolution or 0)
+        _check(b.step > 0, f"data.buckets.step={b.step} must be a positive number of pixels (e.g. 64)")
+        _check(
+            resolution % b.step == 0,
+            f"data.resolution={resolution} is not a multiple of data.buckets.step={b.step}: the pixel budget "
+            f"is resolution², and bucket sides step by {b.step}; use e.g. {max(b.step, resolution // b.step * b.step)}",
+        )
+        low, high = b.sides(resolution)
+        for name, side in (("min_side", low), ("max_side", high)):
+            _check(
+                side > 0 and side % b.step == 0,
+                f"data.buckets.{name}={side} must be a positive multiple of data.buckets.step={b.step}",
+            )
+        _check(
+            low <= resolution <= high,
+            f"data.buckets.min_side={low} and max_side={high} must hold data.resolution={resolution} between them",
+        )
+        _check(
+            self.control_column is None and self.annotator is None,
+            "data.buckets is not supported with control images (data.control_column, data.annotator) yet: "
+            "a ControlNet's control images are square; set data.buckets.enabled=false",
         )

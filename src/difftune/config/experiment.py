@@ -92,6 +92,12 @@ class ExperimentConfig:
             "objective.retention_data=bank, or choose another schedule",
         )
 
+        _check(
+            not (self.data.buckets.enabled and (fitted or self.train.eval_every)),
+            "data.buckets is not supported with train.eval_every or a data_driven schedule yet (their rows would "
+            "mix bucket sizes): set train.eval_every=0 and another schedule, or data.buckets.enabled=false",
+        )
+
         evaluation = self.train.evaluation
         _check(
             not (evaluation.bank_holdout or self.train.keep_best == "forgetting") or bool(self.bank.path),

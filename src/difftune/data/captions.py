@@ -26,7 +26,7 @@ from PIL import Image
 
 from difftune.config.data import DataConfig
 from difftune.errors import UserError
-from difftune.io.images import check_images, load_each, load_square_image
+from difftune.io.images import check_images, image_size, load_cover_image, load_each, load_square_image
 
 METADATA = "metadata.jsonl"
 
@@ -128,7 +128,15 @@ class CaptionedImages:
 
     def images(self, indices: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
         """Images (n, channels, r, r) in [-1, 1]."""
-        return load_each(lambda i: load_square_image(self._image(i), resolution, channels), indices)
+        return self.sized_images(indices, (resolution, resolution), channels)
+
+    def sized_images(self, indices: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
+        """Images (n, channels, height, width) in [-1, 1], each covering ``size`` = (width, height), centre-cropped."""
+        return load_each(lambda i: load_cover_image(self._image(i), size, channels), indices)
+
+    def sizes(self, indices: torch.Tensor) -> list[tuple[int, int]]:
+        """(width, height) of the images ``indices`` (a file's from its header)."""
+        return [image_size(self._image(i)) for i in indices.tolist()]
 
     def controls(self, indices: torch.Tensor, resolution: int) -> torch.Tensor:
         """Control images (n, 3, r, r) in [0, 1], resized with the nearest pixel: a segmentation map's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,9 @@ class TargetImages:
         captions: the images' own captions (a captioned set), or ``None``.
         controls: ``(indices, resolution) -> control images (n, 3, r, r)`` in [0, 1], when the data
             brings its own.
+        sized: ``(indices, (width, height)) -> images (n, C, height, width)``, each resized to cover that
+            size and centre-cropped, for sets whose images have sizes of their own (``data.buckets``).
+        sizes: ``() -> [(width, height)]`` of every image, from the files' headers (with ``sized``).
     """
 
     labels: torch.Tensor
@@ -30,6 +35,8 @@ class TargetImages:
     loader: Callable[[torch.Tensor], torch.Tensor]
     captions: list[str] | None = None
     controls: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    sized: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None
+    sizes: Callable[[], list[tuple[int, int]]] | None = None
 
     def caption_list(self, template: str) -> list[str]:
         """The images' captions: their own, or ``template`` filled with each image's class name."""
@@ -48,3 +55,18 @@ class TargetImages:
     def images(self) -> torch.Tensor:
         """All images at once (N, C, H, W); for small sets."""
         return self.load(torch.arange(len(self)))
+
+    def bucket(self, indices: torch.Tensor, size: tuple[int, int], settings: str) -> TargetImages:
+        """The images ``indices`` at ``size`` = (width, height) (``data.buckets``), as a set of their own
+        whose identity names them, the size and the bucket ``settings``."""
+        if self.sized is None:
+            raise ValueError("this set's images have no sizes of their own")
+        sized, chosen = self.sized, indices.tolist()
+        digest = hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16]
+        return TargetImages(
+            self.labels[indices],
+            self.class_names,
+            f"{self.identity}:bucket:{size[0]}x{size[1]}:{settings}:{digest}",
+            lambda idx: sized(indices[idx], size),
+            None if self.captions is None else [self.captions[i] for i in chosen],
+        )

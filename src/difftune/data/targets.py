@@ -12,6 +12,7 @@ draws ``mean + std * noise`` afresh, as DiT's training does with ``latent_dist.s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import TargetConditioner
 from difftune.backbones.loading import LoadedModel
 from difftune.config.data import BUILT_IN_SOURCES, DataConfig
+from difftune.data.buckets import Bucket, BucketPlan, BucketRows, check_bucket_model, plan_buckets
 from difftune.data.builtin import (
     PHOTOS,
     built_in_class_count,
@@ -38,7 +40,14 @@ from difftune.data.captions import caption_folder, saved_dataset
 from difftune.data.conditions import target_conditions
 from difftune.data.images import TargetImages
 from difftune.errors import UserError
-from difftune.io.images import IMAGE_EXTENSIONS, check_images, image_files, load_each, load_square_image
+from difftune.io.images import (
+    IMAGE_EXTENSIONS,
+    check_images,
+    image_files,
+    image_size,
+    load_cover_image,
+    load_each,
+)
 from difftune.io.mapped import MappedRows, RowReader, index_rows, rows
 from difftune.io.store import LatentStore, folder_identity
 
@@ -60,12 +69,15 @@ class TargetData:
         cond: the samples' conditions (M).
         class_names: the name of each label row up to the last target class (``data.label_names``, or
             ``label<i>``, for the rows below ``data.label_offset``).
+        buckets: with ``data.buckets``, the bucket of each part of ``samples`` and ``std``
+            (:class:`~difftune.data.buckets.BucketRows`: the rows of bucket b follow those of bucket b - 1).
     """
 
-    samples: torch.Tensor | MappedRows
-    std: torch.Tensor | MappedRows
+    samples: torch.Tensor | MappedRows | BucketRows
+    std: torch.Tensor | MappedRows | BucketRows
     cond: Conditioning
     class_names: list[str]
+    buckets: list[Bucket] | None = None
 
     def __len__(self) -> int:
         return int(self.samples.shape[0])
@@ -84,6 +96,8 @@ class TargetData:
 
     def subset(self, indices: torch.Tensor) -> TargetData:
         """The samples ``indices`` with their conditions (memory-mapped samples stay on disk)."""
+        if self.buckets is not None:
+            raise ValueError("a bucketed target set is not split (data.buckets refuses held-out images)")
         return TargetData(
             rows(self.samples, indices), rows(self.std, indices), self.cond.select(indices), self.class_names
         )
@@ -175,12 +189,18 @@ def load_target_images(
     digest = hashlib.sha256(json.dumps(folder_identity(root, files)).encode()).hexdigest()[:16]
     identity = f"folder:{root.resolve()}:{digest}:{resolution}:{channels}"
 
-    def load(indices: torch.Tensor) -> torch.Tensor:
-        return load_each(lambda i: load_square_image(files[i], resolution, channels), indices)
+    def sized(indices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return load_each(lambda i: load_cover_image(files[i], size, channels), indices)
 
-    return _offset(
-        TargetImages(label_tensor[keep], [p.name for p in class_dirs], identity, load), cfg.label_offset
+    images = TargetImages(
+        label_tensor[keep],
+        [p.name for p in class_dirs],
+        identity,
+        lambda indices: sized(indices, (resolution, resolution)),
+        sized=sized,
+        sizes=lambda: [image_size(f) for f in files],
     )
+    return _offset(images, cfg.label_offset)
 
 
 def _offset(images: TargetImages, label_offset: int) -> TargetImages:
@@ -240,6 +260,8 @@ def _captioned_images(
         lambda idx: data.images(keep[idx], resolution, channels),
         [data.captions[i] for i in chosen],
         (lambda idx, size: data.controls(keep[idx], size)) if data.has_controls else None,
+        lambda idx, size: data.sized_images(keep[idx], size, channels),
+        lambda: data.sizes(keep),
     )
 
 
@@ -269,6 +291,7 @@ def encode_and_cache(
     device: torch.device | str = "cpu",
     conditions: TargetConditioner | None = None,
     mapped: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Encode target images once into the diffusion space and cache them; reuse a matching cache.
 
@@ -278,6 +301,7 @@ def encode_and_cache(
 
     ``conditions`` makes each image's condition tensors (the model family's
     :meth:`~difftune.backbones.family.ModelFamily.target_conditioner`; default: its class label).
+    ``record`` adds to the manifest (a bucket's size and settings), so that other values re-encode.
 
     Returns:
         ``{"samples": posterior mean (M, C, h, w), "std": posterior std (M, C, h, w)}`` and the
@@ -295,6 +319,7 @@ def encode_and_cache(
         "num_samples": n,
         "shard_size": shard_size,
         "num_shards": -(-n // shard_size),
+        **(record or {}),
     }
     if conditions is not None and conditions.identity is not None:
         manifest["conditions"] = conditions.identity
@@ -370,6 +395,8 @@ def prepare_target(
     images = load_target_images(
         cfg, resolution, codec.image_channels(backbone.sample_shape), Path(cache_dir) / HEADER_MEMO
     )
+    if cfg.buckets.enabled:
+        return _bucketed_target(cfg, loaded, images, resolution, Path(cache_dir), device, mapped)
     # the model's family makes the conditions (and checks the set before anything is encoded)
     conditions = target_conditions(cfg, loaded, images, resolution)
     cached = encode_and_cache(
@@ -389,6 +416,71 @@ def prepare_target(
         )
     cond = Conditioning({key: value for key, value in cached.items() if key not in ("samples", "std")})
     backbone.check_condition(cond)
-    below = cfg.label_names or [f"label{row}" for row in range(cfg.label_offset)]
-    names = below + images.class_names  # one per label row
-    return TargetData(cached["samples"], cached["std"], cond, names)
+    return TargetData(cached["samples"], cached["std"], cond, _label_names(cfg, images))
+
+
+def _label_names(cfg: DataConfig, images: TargetImages) -> list[str]:
+    """One name per label row: ``data.label_names`` (or ``label<i>``) below ``data.label_offset``, then the classes'."""
+    return (cfg.label_names or [f"label{row}" for row in range(cfg.label_offset)]) + images.class_names
+
+
+def target_buckets(cfg: DataConfig, images: TargetImages, resolution: int) -> BucketPlan:
+    """The buckets of the images of ``cfg`` (``data.buckets``), from their files' headers.
+
+    Raises:
+        UserError: the set's images have no sizes of their own (a built-in set).
+    """
+    if images.sizes is None:
+        raise UserError(f"data.buckets: data.source={cfg.source} has no image sizes of its own")
+    return plan_buckets(images.sizes(), resolution, cfg.buckets)
+
+
+def planned_buckets(cfg: DataConfig) -> BucketPlan:
+    """The buckets of the images of ``cfg`` (``data.buckets``, which needs ``data.resolution``), from the
+    files' headers alone: what ``difftune bank`` and ``train --dry-run`` report before anything is encoded."""
+    resolution = int(cfg.resolution or 0)
+    return target_buckets(cfg, load_target_images(cfg, resolution, 3), resolution)
+
+
+def _bucketed_target(
+    cfg: DataConfig,
+    loaded: LoadedModel,
+    images: TargetImages,
+    resolution: int,
+    cache_dir: Path,
+    device: torch.device | str,
+    mapped: bool,
+) -> TargetData:
+    """:func:`prepare_target` with ``data.buckets``: each bucket encoded and cached in a sub-folder of its
+    own (``bucket-<W>x<H>``), whose manifest names the bucket and its settings (a changed setting re-encodes)."""
+    backbone, codec = loaded.backbone, loaded.codec
+    check_bucket_model(backbone, codec.downsample, cfg.buckets)
+    plan = target_buckets(cfg, images, resolution)
+    settings = dataclasses.asdict(cfg.buckets) | {"resolution": resolution}
+    samples, stds, conds = [], [], []
+    for bucket, members in zip(plan.buckets, plan.members, strict=True):
+        part = images.bucket(members, (bucket.width, bucket.height), json.dumps(settings, sort_keys=True))
+        cached = encode_and_cache(
+            part,
+            codec,
+            cache_dir / bucket.folder,
+            codec.identity(resolution),
+            cfg.hflip,
+            device=device,
+            conditions=target_conditions(cfg, loaded, part, resolution),
+            mapped=mapped,
+            record={"bucket": [bucket.width, bucket.height], "buckets": settings},
+        )
+        shape = bucket.sample_shape(backbone.sample_shape[0], codec.downsample)
+        if tuple(cached["samples"].shape[1:]) != shape:
+            raise UserError(
+                f"the target's bucket {bucket.name} encodes to {tuple(cached['samples'].shape[1:])}, not "
+                f"{shape}; check data.buckets.step against the model"
+            )
+        samples.append(cached.pop("samples"))
+        stds.append(cached.pop("std"))
+        conds.append(Conditioning(cached))
+    cond = Conditioning.cat(conds)
+    backbone.check_condition(cond)
+    names = _label_names(cfg, images)
+    return TargetData(BucketRows(samples), BucketRows(stds), cond, names, plan.buckets)

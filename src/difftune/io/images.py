@@ -92,18 +92,49 @@ def load_square_image(
     Raises:
         ValueError: the file cannot be decoded (the message names it).
     """
+    return load_cover_image(source, (resolution, resolution), channels, resample)
+
+
+def load_cover_image(
+    source: str | os.PathLike[str] | Image.Image,
+    size: tuple[int, int],
+    channels: int,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> torch.Tensor:
+    """An image resized (with ``resample``, keeping its aspect ratio) to cover ``size`` = (width, height)
+    and centre-cropped to it, never stretched: ``(channels, height, width)`` in [-1, 1].
+
+    Raises:
+        ValueError: the file cannot be decoded (the message names it).
+    """
+    width, height = size
     mode = "RGB" if channels == 3 else "L"
     img = _convert(source, mode) if isinstance(source, Image.Image) else open_image(source, mode)
-    scale = resolution / min(img.size)
+    scale = max(width / img.width, height / img.height)
     img = img.resize(
-        (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+        (max(width, round(img.width * scale)), max(height, round(img.height * scale))),
         resample,
     )
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def image_size(source: str | os.PathLike[str] | Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an image: a file's from its header alone (nothing is decoded).
+
+    Raises:
+        ValueError: the file is not an image (the message names it).
+    """
+    if isinstance(source, Image.Image):
+        return source.size
+    try:
+        with Image.open(source) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"cannot read image {str(source)!r} ({err}); remove or replace the file") from None
 
 
 def load_each(load_one: Callable[[int], torch.Tensor], indices: torch.Tensor) -> torch.Tensor:

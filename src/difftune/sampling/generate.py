@@ -128,6 +128,7 @@ def generate(
     handover: Backbone | None = None,
     handover_fraction: float = 0.0,
     guide: Backbone | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Generate one sample per (condition, seed) in the diffusion space.
 
@@ -148,6 +149,8 @@ def generate(
             the guidance branch in place of ``backbone``'s own unconditional prediction:
             ``guide(x, ∅) + guidance_scale * (backbone(x, c) - guide(x, ∅))``. With a guidance scale
             of 1 it has no effect.
+        shape: (C, H, W) of the samples, for a model that samples at other sizes than its own
+            (``Backbone.size_buckets``: a bank's bucket); default ``backbone.sample_shape``.
 
     The samples, the noise and the scheduler's step stay float32 whatever the models' dtype (a model
     cast to bfloat16 or float16, ``--dtype``): only each model call's input is cast to that model's dtype,
@@ -160,7 +163,7 @@ def generate(
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} conditions; give one seed per sample")
     cond = cond.to(device)
-    sample_shape = tuple(backbone.sample_shape)
+    sample_shape = tuple(shape or backbone.sample_shape)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x = torch.stack([torch.randn(sample_shape, generator=g) for g in generators]).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -219,18 +222,22 @@ def generate_with_spec(
     first_index: int = 0,
     device: torch.device | str = "cpu",
     guide: Backbone | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """:func:`generate` as ``spec`` says: samples ``first_index ..`` get seeds ``spec.seed + first_index ..``;
-    ``guide``: the pre-trained model for domain guidance."""
+    ``guide``: the pre-trained model for domain guidance; ``shape``: the samples' (default the model's)."""
     return generate(
         backbone,
-        build_scheduler(spec.scheduler, scheduler_config, backbone.sample_shape, spec.scheduler_options),
+        build_scheduler(
+            spec.scheduler, scheduler_config, shape or backbone.sample_shape, spec.scheduler_options
+        ),
         cond,
         spec.seeds(first_index, cond.batch_size),
         spec.guidance_scale,
         spec.steps,
         device,
         guide=guide,
+        shape=shape,
     )
 
 

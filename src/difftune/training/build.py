@@ -21,10 +21,11 @@ from difftune.backbones.adapters import adapter_directory, apply_tuning, continu
 from difftune.backbones.base import Backbone, enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
-from difftune.bank.conditions import training_bank
+from difftune.bank.conditions import RunBank, training_bank
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.train import TrainConfig
 from difftune.control.validation import check_validation
+from difftune.data.buckets import bucket_weights
 from difftune.data.targets import TargetData, prepare_target
 from difftune.errors import UserError
 from difftune.io.mapped import MappedRows
@@ -40,7 +41,7 @@ from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
 from difftune.training.outputs import fidelity_validation
 from difftune.training.prefetch import RowPrefetcher
 from difftune.training.state import LoopState
-from difftune.training.streams import IndexStream, step_generator
+from difftune.training.streams import BucketStreams, IndexStream, step_bucket, step_generator
 from difftune.tuning.size import check_adapter_size
 
 
@@ -59,6 +60,8 @@ class RunParts:
             own counts are :meth:`counts` (``objective.bank_curriculum``).
         state: the step and the index streams, saved with every checkpoint.
         prefetch: reads the next step's rows of memory-mapped sets while a step trains.
+        bucket_weights: with ``data.buckets``, how often a step draws its rows from each bucket
+            (:func:`~difftune.training.streams.step_bucket`); ``None`` without.
     """
 
     cfg: ExperimentConfig
@@ -74,6 +77,7 @@ class RunParts:
     n_bank: int
     state: LoopState
     prefetch: RowPrefetcher = field(default_factory=RowPrefetcher)
+    bucket_weights: torch.Tensor | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -94,10 +98,11 @@ class RunParts:
         """
         g, ahead = step_generator(self.cfg.train.seed, step), self.prefetch
         n_target, n_bank = self.counts(step)
-        idx = self.state.target.take(n_target)
+        bucket = self.bucket(step)
+        idx = _take(self.state.target, n_target, bucket)
         parts, conds = [self.target.draw(idx, g, ahead.reader("target"))], [self.target.cond.select(idx)]
         if n_bank:
-            retained = self.state.bank.take(n_bank)
+            retained = _take(self.state.bank, n_bank, bucket)
             if self.cfg.uses_bank:
                 parts.append(ahead.read("bank", self.bank, retained))
                 retained_cond = self.bank_cond.select(retained)
@@ -118,9 +123,10 @@ class RunParts:
         """Start reading the rows ``step`` will take (memory-mapped sets only)."""
         ahead, target = self.prefetch, self.target
         n_target, n_bank = self.counts(step)
-        upcoming = {"target": self.state.target.peek(n_target)}
+        bucket = self.bucket(step)
+        upcoming = {"target": _take(self.state.target, n_target, bucket, ahead=True)}
         if n_bank:
-            retained = self.state.bank.peek(n_bank)
+            retained = _take(self.state.bank, n_bank, bucket, ahead=True)
             if self.cfg.uses_bank:
                 ahead.ask("bank", self.bank, retained)
             else:
@@ -128,6 +134,12 @@ class RunParts:
         for stream, rows in upcoming.items():
             ahead.ask(f"{stream}/samples", target.samples, rows)
             ahead.ask(f"{stream}/std", target.std, rows)
+
+    def bucket(self, step: int) -> int | None:
+        """The bucket ``step`` takes its rows from (``data.buckets``), or ``None`` without buckets."""
+        if self.bucket_weights is None:
+            return None
+        return step_bucket(self.cfg.train.seed, step, self.bucket_weights)
 
     def summary(
         self, accelerator: Accelerator, resume: Path | None, fit: dict[str, Any] | None
@@ -145,6 +157,7 @@ class RunParts:
             "trainable_share": n_trainable / max(n_total, 1),
             "frozen_dtypes": [name.removeprefix("torch.") for name in frozen],  # train.frozen_dtype
             "target_samples": len(self.target),
+            "buckets": bucket_summary(self.target, self.bucket_weights),
             "classes": {name: label for label, name in enumerate(self.target.class_names)},
             "bank_samples": int(self.bank.shape[0]),
             "retention": {"objective": cfg.objective.kind, "data": cfg.objective.retention_data},
@@ -158,6 +171,26 @@ class RunParts:
         }
 
 
+def _take(
+    stream: IndexStream | BucketStreams, n: int, bucket: int | None, ahead: bool = False
+) -> torch.Tensor:
+    """The next ``n`` indices of ``stream`` (of ``bucket`` with ``data.buckets``); ``ahead``: without moving it."""
+    args = (n,) if bucket is None else (n, bucket)
+    return stream.peek(*args) if ahead else stream.take(*args)
+
+
+def bucket_summary(target: TargetData, weights: torch.Tensor | None) -> dict[str, Any] | None:
+    """The target's buckets and their rows (each image's, and its mirror's with ``data.hflip``), and the
+    ones left out of training (fewer rows than a step takes); ``None`` without buckets."""
+    if target.buckets is None or weights is None:
+        return None
+    rows = [len(part) for part in target.samples.parts]
+    return {
+        "rows": {b.name: n for b, n in zip(target.buckets, rows, strict=True)},
+        "left_out": [b.name for b, w in zip(target.buckets, weights.tolist(), strict=True) if not w],
+    }
+
+
 def load_tuned_model(
     cfg: ExperimentConfig, loaded: LoadedModel | None
 ) -> tuple[LoadedModel, list[torch.nn.Parameter]]:
@@ -165,7 +198,9 @@ def load_tuned_model(
     if loaded is None and adapter_directory(cfg.model.pretrained) is not None:  # train an adapter further
         return continue_adapter(cfg.model.pretrained, cfg.tuning.method, cfg.tuning)
     m = cfg.model
-    loaded = loaded or load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet)
+    loaded = loaded or load_pretrained(
+        m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet, guidance=m.guidance
+    )
     return loaded, apply_tuning(loaded, cfg.tuning.method, cfg.tuning)
 
 
@@ -203,11 +238,15 @@ def build_run(
             spec, loaded, tc.sampling, target, held_target, bank, held_bank, cfg.bank.condition
         )
     n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
-    retention_pool = len(bank) if cfg.uses_bank else len(target)
-    state = LoopState(
-        target=IndexStream(len(target), tc.seed),
-        bank=IndexStream(retention_pool, tc.seed + 1) if n_bank else None,
-    )
+    if target.buckets is not None:
+        state, weights = bucket_streams(cfg, target, bank)
+    else:
+        retention_pool = len(bank) if cfg.uses_bank else len(target)
+        state = LoopState(
+            target=IndexStream(len(target), tc.seed),
+            bank=IndexStream(retention_pool, tc.seed + 1) if n_bank else None,
+        )
+        weights = None
     return RunParts(
         cfg,
         loaded,
@@ -221,7 +260,34 @@ def build_run(
         tc.batch_size - n_bank,
         n_bank,
         state,
+        bucket_weights=weights,
     )
+
+
+def bucket_streams(
+    cfg: ExperimentConfig, target: TargetData, bank: RunBank
+) -> tuple[LoopState, torch.Tensor]:
+    """The index streams of a bucketed run (one per bucket, target and retention) and each bucket's weight.
+
+    Raises:
+        UserError: the bank was not generated for the target's buckets, or no bucket holds a step's target rows.
+    """
+    buckets = target.buckets or []
+    sizes = [len(part) for part in target.samples.parts]
+    need = max(step_counts(cfg, step)[0] for step in range(cfg.train.max_steps))
+    weights = bucket_weights(sizes, need, buckets)
+    retention = None
+    if cfg.uses_bank:
+        if bank.buckets != buckets:
+            found = ", ".join(b.name for b in bank.buckets or []) or "none"
+            raise UserError(
+                f"bank {cfg.bank.path} holds samples of the buckets {found}, the target's are "
+                f"{', '.join(b.name for b in buckets)}; generate the bank with this data.buckets (`difftune bank`)"
+            )
+        retention = BucketStreams([len(part) for part in bank.samples.parts], cfg.train.seed + 1)
+    elif cfg.bank_count:
+        retention = BucketStreams(sizes, cfg.train.seed + 1)
+    return LoopState(target=BucketStreams(sizes, cfg.train.seed), bank=retention), weights
 
 
 def run_objective(

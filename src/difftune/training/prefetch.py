@@ -24,8 +24,9 @@ class RowPrefetcher:
         self._pending: dict[str, tuple[torch.Tensor, Future[torch.Tensor]]] = {}
 
     def ask(self, name: str, values: torch.Tensor | MappedRows, indices: torch.Tensor) -> None:
-        """Start reading rows ``indices`` of ``values`` (a no-op for a tensor in memory)."""
-        if not isinstance(values, MappedRows):
+        """Start reading rows ``indices`` of ``values`` (a no-op for a tensor in memory; sets on disk:
+        :class:`~difftune.io.mapped.MappedRows`, or one per bucket, ``BucketRows``)."""
+        if isinstance(values, torch.Tensor):
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="difftune-prefetch")

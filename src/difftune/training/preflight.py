@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from difftune.backbones.adapters import adapter_directory, read_record
 from difftune.backbones.family import PreflightFacts
@@ -95,7 +96,11 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
     )  # the config's `difftune bank` would refuse it
     facts = PreflightFacts(classes, lambda: _target_line(cfg, classes), lambda: _control_line(cfg))
     lines = backbone.family.preflight_lines(backbone, facts)  # refuses a target the model cannot take
-    if cfg.reads_bank:
+    if cfg.data.buckets.enabled:
+        lines.append(_bucket_line(cfg, backbone))
+    if cfg.reads_bank and cfg.data.buckets.enabled:
+        lines.append(_bucket_bank_line(cfg, backbone))
+    elif cfg.reads_bank:
         manifest = LatentStore(cfg.bank.path).manifest
         if manifest.get("kind") != "bank":
             raise UserError(f"{cfg.bank.path} is not a knowledge bank (kind={manifest.get('kind')!r})")
@@ -123,6 +128,30 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
     root = Path(pretrained) if local else None
     lines.append(estimate_training_memory(cfg, backbone, root, processes).line())  # last: it tunes backbone
     return lines + _output_lines(cfg)
+
+
+def _bucket_line(cfg: ExperimentConfig, backbone: Any) -> str:
+    """The target's buckets and their image counts (``data.buckets``), from the images' headers."""
+    from difftune.data.buckets import check_bucket_model
+    from difftune.data.targets import planned_buckets
+
+    check_bucket_model(backbone, 1, cfg.data.buckets)  # the VAE's factor is checked by the run
+    return f"buckets    {planned_buckets(cfg.data).line()}"
+
+
+def _bucket_bank_line(cfg: ExperimentConfig, backbone: Any) -> str:
+    """The bank of every bucket (``data.buckets``), each checked against the model's conditions."""
+    from difftune.bank.buckets import bank_buckets
+
+    buckets, total = bank_buckets(Path(cfg.bank.path)), 0
+    for bucket in buckets:
+        path = str(Path(cfg.bank.path) / bucket.folder)
+        manifest = LatentStore(path).manifest
+        if manifest.get("kind") != "bank":
+            raise UserError(f"{path} is not a knowledge bank (kind={manifest.get('kind')!r})")
+        check_bank_conditions(manifest, backbone, cfg.data.annotator, path)
+        total += manifest["num_samples"]
+    return f"bank       {total} samples in the buckets {', '.join(b.name for b in buckets)}"
 
 
 def _evaluation_line(cfg: ExperimentConfig) -> str:

@@ -325,6 +325,15 @@ def write_run_summary(output_dir: Path, summary: dict) -> None:
         f"({100 * summary['trainable_share']:.1f}%); "
         + (f"resuming at step {resumed['step']}" if resumed else "fresh run")
     )
+    buckets = summary.get("buckets")
+    if buckets:  # data.buckets: each step's rows come from one of them
+        rows = ", ".join(f"{name} ({n})" for name, n in buckets["rows"].items())
+        left_out = (
+            f"; left out (too few for a step): {', '.join(buckets['left_out'])}"
+            if buckets["left_out"]
+            else ""
+        )
+        print(f"[difftune] target rows per bucket: {rows}{left_out}")
     if summary.get("default_steps"):
         print(f"[difftune] {default_steps_note(summary['max_steps'])}")
 

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
 from difftune.io.store import safetensors_problem
-from difftune.training.streams import IndexStream
+from difftune.training.streams import BucketStreams, IndexStream
 
 CHECKPOINTS = "checkpoints"
 logger = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class LoopState:
     """What the loop itself must resume: the step and the positions of the data streams."""
 
     step: int = 0
-    target: IndexStream | None = None
-    bank: IndexStream | None = None
+    target: IndexStream | BucketStreams | None = None
+    bank: IndexStream | BucketStreams | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -71,3 +71,48 @@ class IndexStream:
             )
         self.seed, self.epoch, self.offset = state["seed"], state["epoch"], state["offset"]
         self._perm = self._permutation(self.epoch)
+
+
+def step_bucket(seed: int, step: int, weights: torch.Tensor) -> int:
+    """The bucket step ``step`` draws from (``data.buckets``): bucket b with probability ``weights[b]``
+    over their sum, from the step's own generator, so a resumed run draws the same buckets."""
+    return int(torch.multinomial(weights, 1, generator=step_generator(seed, step, "bucket")))
+
+
+class BucketStreams:
+    """One :class:`IndexStream` per bucket of a set whose buckets' rows follow each other (``sizes[b]``
+    rows each, from ``starts[b]``): a step takes its indices from one bucket.
+
+    Its positions are the streams' positions, saved in checkpoints to resume exactly.
+
+    Args:
+        sizes: rows of each bucket (> 0 each).
+        seed: seed of the permutations (each bucket's own is derived from it).
+    """
+
+    def __init__(self, sizes: list[int], seed: int) -> None:
+        self.streams = [IndexStream(size, seed + 1_000_003 * (b + 1)) for b, size in enumerate(sizes)]
+        self.starts = [sum(sizes[:b]) for b in range(len(sizes))]
+
+    def take(self, n: int, bucket: int) -> torch.Tensor:
+        """The next ``n`` indices of ``bucket`` (indices of the whole set)."""
+        return self.starts[bucket] + self.streams[bucket].take(n)
+
+    def peek(self, n: int, bucket: int) -> torch.Tensor:
+        """The indices the next :meth:`take` of ``n`` from ``bucket`` will return, without moving it."""
+        return self.starts[bucket] + self.streams[bucket].peek(n)
+
+    def state_dict(self) -> dict[str, list[dict[str, int]]]:
+        """Positions of every bucket's stream."""
+        return {"buckets": [stream.state_dict() for stream in self.streams]}
+
+    def load_state_dict(self, state: dict[str, list[dict[str, int]]]) -> None:
+        """Restore positions saved by :meth:`state_dict` (the same buckets, of the same sizes)."""
+        saved = state.get("buckets") if isinstance(state, dict) else None
+        if saved is None or len(saved) != len(self.streams):
+            raise UserError(
+                f"checkpoint was made with {'no' if saved is None else len(saved)} buckets, this run has "
+                f"{len(self.streams)}; resume with the same data and data.buckets"
+            )
+        for stream, position in zip(self.streams, saved, strict=True):
+            stream.load_state_dict(position)
