@@ -44,8 +44,9 @@ def cmd_bank(args: argparse.Namespace) -> int:
     from difftune.bank import generate_bank
     from difftune.bank.conditions import prepare_bank_conditions
 
-    m = cfg.model
-    loaded = load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet, guidance=m.guidance)
+    loaded = load_pretrained(
+        cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision, cfg.model.controlnet
+    )
     line = prepare_bank_conditions(loaded, cfg)
     if line:
         print(f"prompts: {line}")
