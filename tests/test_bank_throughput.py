@@ -4,37 +4,16 @@ no timing assertions."""
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
-def bank_throughput():
-    """The script as a module; the process-wide settings its main() changes are restored afterwards."""
-    sys.path.insert(0, str(BENCHMARKS))
-    environ, threads = dict(os.environ), torch.get_num_threads()
-    precision = torch.get_float32_matmul_precision()
-    try:
-        with warnings.catch_warnings():
-            import bank_throughput
-
-            yield bank_throughput
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        torch.set_num_threads(threads)
-        torch.set_float32_matmul_precision(precision)
-        logging.disable(logging.NOTSET)
-        sys.path.remove(str(BENCHMARKS))
+def bank_throughput(benchmark_script):
+    """The script as a module; conftest's ``benchmark_script`` restores the settings its main() changes."""
+    return benchmark_script("bank_throughput")
 
 
 def test_tiny_run_prints_the_ratio_and_finite_fids(

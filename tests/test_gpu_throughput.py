@@ -4,38 +4,18 @@ steps per row; no timing assertions. The auto-batch search and the --batch-size 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODELS = ("dit-xl2", "sd15-unet", "controlnet")
 
 
 @pytest.fixture
-def gpu_throughput():
-    """The script as a module; the process-wide settings its main() changes are restored afterwards."""
-    sys.path.insert(0, str(BENCHMARKS))
-    environ, threads = dict(os.environ), torch.get_num_threads()
-    precision = torch.get_float32_matmul_precision()
-    try:
-        with warnings.catch_warnings():
-            import gpu_throughput
-
-            yield gpu_throughput
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        torch.set_num_threads(threads)
-        torch.set_float32_matmul_precision(precision)
-        logging.disable(logging.NOTSET)
-        sys.path.remove(str(BENCHMARKS))
+def gpu_throughput(benchmark_script):
+    """The script as a module; conftest's ``benchmark_script`` restores the settings its main() changes."""
+    return benchmark_script("gpu_throughput")
 
 
 def test_tiny_run_prints_rows_mfu_and_ratios(gpu_throughput, tmp_path: Path, capsys) -> None:
