@@ -33,6 +33,7 @@ from difftune.backbones.family import HOOKS, BankInputs, ModelFamily, PreflightF
 from difftune.backbones.loading import LoadedModel
 from difftune.errors import UserError
 from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline
+from difftune.testing.flux import save_flux_pipeline
 from difftune.testing.sd3 import save_sd3_pipeline
 
 # family name -> writers of a model directory under the given root, one per layout worth checking
@@ -48,6 +49,7 @@ BUILDERS: dict[str, list[Callable[[Path], Path]]] = {
     "stable_diffusion": [save_sd_pipeline],
     "stable_diffusion_xl": [save_sdxl_pipeline],
     "stable_diffusion_3": [save_sd3_pipeline],
+    "flux": [save_flux_pipeline, lambda root: save_flux_pipeline(root, guidance_embeds=False)],
     "controlnet": [lambda root: save_sd_pipeline(root, controlnet=True)],
 }
 # family name -> what a user asks to sample from it (CONTROL_FILE: a control image written by the test)
@@ -58,6 +60,7 @@ REQUESTS: dict[str, ConditionRequest] = {
     "stable_diffusion": ConditionRequest(prompts=["a red circle", "three digits"]),
     "stable_diffusion_xl": ConditionRequest(prompts=["a red circle", "three digits"]),
     "stable_diffusion_3": ConditionRequest(prompts=["a red circle", "three digits"]),
+    "flux": ConditionRequest(prompts=["a red circle", "three digits"]),
     "controlnet": ConditionRequest(prompts=["a red circle", "three digits"], controls=[CONTROL_FILE]),
 }
 BANK_PROMPTS = ["a red circle", "a blue square", "", "three digits"]

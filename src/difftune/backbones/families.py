@@ -17,6 +17,7 @@ from typing import Any
 from difftune.backbones.class_family import DIT, UNET
 from difftune.backbones.controlnet_family import CONTROLNET
 from difftune.backbones.family import ModelFamily, missing_hooks, narrows
+from difftune.backbones.flux_family import FLUX
 from difftune.backbones.sd3_family import STABLE_DIFFUSION_3
 from difftune.backbones.sd_family import STABLE_DIFFUSION
 from difftune.backbones.sdxl_family import STABLE_DIFFUSION_XL
@@ -88,5 +89,5 @@ def family_for_class(class_name: str) -> ModelFamily:
     return family_for_config({"_class_name": class_name})
 
 
-for _family in (DIT, UNET, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, CONTROLNET):
+for _family in (DIT, UNET, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX, CONTROLNET):
     register_family(_family)

@@ -77,6 +77,8 @@ class LoadContext:
         downsample: the codec's downsampling factor (1 in pixel space).
         load: ``(cls, source, subfolder, revision) -> model``, the safetensors-only ``from_pretrained``.
         local_only: read hub configs from the local cache only (:func:`peek_backbone`).
+        guidance: ``model.guidance``, the guidance embedding's value of a guidance-distilled model
+            (Flux.1-dev); ``None``: what the saved model records, else the family's default.
     """
 
     pretrained: str
@@ -89,6 +91,7 @@ class LoadContext:
     downsample: int = 8
     load: Callable[..., Any] | None = None
     local_only: bool = False
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,7 @@ def load_pretrained(
     revision: str | None = None,
     controlnet: str | None = None,
     vae_subfolder: str | None = None,
+    guidance: float | None = None,
 ) -> LoadedModel:
     """Load a model of a registered family (DiT, UNet2DModel, a Stable Diffusion UNet, optionally
     with a ControlNet) with its VAE, the parts its family keeps (a text encoder, a frozen UNet) and
@@ -255,6 +256,8 @@ def load_pretrained(
             ``"from_unet"`` makes a new one from the UNet's weights, else a ControlNet's hub id or
             directory; ``None`` for none.
         vae_subfolder: the sub-folder of ``vae`` that holds it (a pipeline's ``vae/``).
+        guidance: the guidance embedding's value of a guidance-distilled model (Flux.1-dev,
+            ``model.guidance``); ``None``: what a saved model records, else the family's default.
 
     Raises:
         FileNotFoundError: the path holds no diffusers model.
@@ -287,8 +290,14 @@ def load_pretrained(
         controlnet,
         codec.downsample,
         load_safetensors_model,
+        guidance=guidance,
     )
     backbone, parts = family.load(ctx, model)
+    if guidance is not None and "guidance" not in backbone.condition_names:
+        raise UserError(
+            f"model.guidance is set but {pretrained} has no guidance embedding (only a guidance-distilled "
+            "model such as Flux.1-dev reads it): remove model.guidance"
+        )
     scheduler_config = read_noise_schedule(pretrained, sub, "scheduler" in components, revision)
     return LoadedModel(
         backbone=backbone,

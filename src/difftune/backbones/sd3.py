@@ -40,13 +40,19 @@ class SD3Backbone(Backbone):
     pipeline_processes = ("flow",)
     condition_names = (PROMPTS, POOLED)
 
-    def __init__(self, model: SD3Transformer2DModel) -> None:
+    label = "SD3"  # the model's name in messages
+
+    def __init__(
+        self, model: SD3Transformer2DModel, sample_shape: tuple[int, int, int] | None = None
+    ) -> None:
         super().__init__()
         cfg = model.config
         self.inner = model
         self.learns_variance = False
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        self.sample_shape = (int(cfg.in_channels), int(size), int(size))
+        if sample_shape is None:
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            sample_shape = (int(cfg.in_channels), int(size), int(size))
+        self.sample_shape = sample_shape
         self.register_buffer("null_prompt", torch.zeros(0), persistent=False)
         self.register_buffer("null_pooled", torch.zeros(0), persistent=False)
         self.bank_prompts = torch.zeros(0)
@@ -97,7 +103,9 @@ class SD3Backbone(Backbone):
 
     def unconditional(self, n: int, device: torch.device | str = "cpu") -> Conditioning:
         if self.null_prompt.numel() == 0:
-            raise UserError("this SD3 model has no text encoders attached: load it with its pipeline")
+            raise UserError(
+                f"this {self.label} model has no text encoders attached: load it with its pipeline"
+            )
         return Conditioning(
             {
                 PROMPTS: self.null_prompt.to(device).expand(n, -1, -1),
@@ -109,7 +117,7 @@ class SD3Backbone(Backbone):
         missing = [name for name in self.condition_names if name not in cond]
         if missing:
             raise UserError(
-                f"an SD3 model needs {list(self.condition_names)}, got a condition with {list(cond)}"
+                f"this {self.label} model needs {list(self.condition_names)}, got a condition with {list(cond)}"
             )
         self._check_widths(cond[PROMPTS], cond[POOLED], "the condition's embeddings are")
 
@@ -128,7 +136,7 @@ class SD3Backbone(Backbone):
     def bank_condition(self, indices: torch.Tensor) -> Conditioning:
         """Prompt ``i mod P`` of the bank's prompts (:meth:`set_bank_prompts`)."""
         if self.bank_prompts.numel() == 0:
-            raise UserError("no prompts set for the knowledge bank of an SD3 model")
+            raise UserError(f"no prompts set for the knowledge bank of this {self.label} model")
         rows = indices % self.bank_prompts.shape[0]
         return Conditioning({PROMPTS: self.bank_prompts[rows], POOLED: self.bank_pooled[rows]})
 

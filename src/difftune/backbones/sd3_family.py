@@ -70,26 +70,48 @@ class StableDiffusion3Family(StableDiffusionFamily):
     model_class = SD3Transformer2DModel
     adapter: type[SD3Backbone] = SD3Backbone  # type: ignore[assignment]
     adapter_targets = {"lora": ATTENTION, "svdiff": ATTENTION}
+    pipeline = PIPELINE  # the stock pipeline (its LoRA loader, the model card)
+    label = "SD3"  # the model's name in messages
+    null_length = CLIP_LENGTH + T5_LENGTH  # tokens of a prompt embedding (the dry run's null embedding)
 
     # loading
     def load(self, ctx: LoadContext, model: Any) -> tuple[SD3Backbone, TextParts]:  # type: ignore[override]
-        _refuse_controlnet(ctx)
-        backbone = SD3Backbone(model)
+        self._refuse_controlnet(ctx)
+        backbone = self.backbone(ctx, model)
         text_root = sd_pipeline(ctx.pretrained, ctx.components, ctx.record, "text_encoder")
         components = ctx.components if text_root == ctx.pretrained else {}
-        prompts = load_sd3_prompt_encoder(text_root, components, ctx.revision, ctx.load)
+        prompts = self.prompt_encoder(text_root, components, ctx)
         backbone.set_null(*prompts.encode([""]))  # the pipeline encodes "" for its negative branch
-        return backbone, TextParts(prompts, ctx.record.get("pipeline") or text_root)  # type: ignore[arg-type]
+        return backbone, self.parts(ctx, prompts, ctx.record.get("pipeline") or text_root)
+
+    def backbone(self, ctx: LoadContext, model: Any) -> SD3Backbone:
+        """The adapter around the denoiser ``model``."""
+        return SD3Backbone(model)
+
+    def prompt_encoder(self, text_root: str, components: dict[str, Any], ctx: LoadContext) -> Any:
+        """The text encoders of the pipeline ``text_root`` (``components``: its index, when it is the model's)."""
+        return load_sd3_prompt_encoder(text_root, components, ctx.revision, ctx.load)
+
+    def parts(self, ctx: LoadContext, prompts: Any, pipeline: str) -> TextParts:
+        """What the loaded model keeps beside the denoiser."""
+        return TextParts(prompts, pipeline)
 
     def peek(self, ctx: LoadContext, model: Any) -> SD3Backbone:  # type: ignore[override]
         """Built on the meta device, with null embeddings of the pipeline's lengths (CLIP's and T5's)."""
-        _refuse_controlnet(ctx)
-        backbone = SD3Backbone(model)
-        tokens = CLIP_LENGTH + T5_LENGTH
+        self._refuse_controlnet(ctx)
+        backbone = self.backbone(ctx, model)
         backbone.set_null(
-            torch.zeros(1, tokens, backbone.joint_attention_dim), torch.zeros(1, backbone.pooled_width)
+            torch.zeros(1, self.null_length, backbone.joint_attention_dim),
+            torch.zeros(1, backbone.pooled_width),
         )
         return backbone
+
+    def _refuse_controlnet(self, ctx: LoadContext) -> None:
+        if ctx.controlnet is not None:
+            raise UserError(
+                f"{ctx.pretrained} holds a {self.model_classes[0]}; difftune trains a ControlNet over SD 1.x / 2.x "
+                f"only (the {self.label} ControlNet is not supported yet): remove model.controlnet"
+            )
 
     # conditions
     def sample_conditions(self, loaded: Any, request: ConditionRequest) -> tuple[Conditioning, list[str]]:
@@ -97,9 +119,12 @@ class StableDiffusion3Family(StableDiffusionFamily):
         self.check_request(request)
         prompts = _encoder(loaded)
         prompts.warn_truncated(request.prompts)
-        embeds, pooled = prompts.encode(list(request.prompts))
-        cond = Conditioning({PROMPTS: embeds, POOLED: pooled})
+        cond = self.conditions(loaded, *prompts.encode(list(request.prompts)))
         return cond, [f"prompt{k}" for k in range(len(request.prompts))]
+
+    def conditions(self, loaded: Any, embeds: torch.Tensor, pooled: torch.Tensor) -> Conditioning:
+        """The condition of prompts embedded ``embeds`` (N, L, D) and ``pooled`` (N, P)."""
+        return Conditioning({PROMPTS: embeds, POOLED: pooled})
 
     def target_conditioner(self, loaded: Any, source: TargetSource) -> _SD3Prompts:  # type: ignore[override]
         return _SD3Prompts(loaded.parts.prompts if loaded.parts is not None else None, source)
@@ -120,25 +145,17 @@ class StableDiffusion3Family(StableDiffusionFamily):
 
     def card_notes(self, loaded: Any, directory: Path) -> list[str]:
         """How a stock pipeline loads the LoRA of an adapter run, if it has one."""
-        return pipeline_lora_card(directory, PIPELINE, absolute_source(loaded.source))
+        return pipeline_lora_card(directory, self.pipeline, absolute_source(loaded.source))
 
     def save_lora(self, model: Any, directory: Path) -> None:
-        """diffusers' LoRA layout, which ``StableDiffusion3Pipeline.load_lora_weights`` reads."""
-        save_transformer_lora(model, directory, PIPELINE)
-
-
-def _refuse_controlnet(ctx: LoadContext) -> None:
-    if ctx.controlnet is not None:
-        raise UserError(
-            f"{ctx.pretrained} is an SD3 transformer; difftune trains a ControlNet over SD 1.x / 2.x only "
-            "(an SD3 ControlNet is not supported yet): remove model.controlnet"
-        )
+        """diffusers' LoRA layout, which the pipeline's ``load_lora_weights`` reads."""
+        save_transformer_lora(model, directory, self.pipeline)
 
 
 def _encoder(loaded: Any) -> SD3PromptEncoder:
-    """The text encoders of a loaded SD3 model."""
+    """The text encoders of a loaded SD3 (or Flux) model."""
     if loaded.parts is None:
-        raise UserError("an SD3 model was loaded without its text encoders: load it with its pipeline")
+        raise UserError("this model was loaded without its text encoders: load it with its pipeline")
     return loaded.parts.prompts
 
 

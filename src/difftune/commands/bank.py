@@ -44,9 +44,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
     from difftune.bank import generate_bank
     from difftune.bank.conditions import prepare_bank_conditions
 
-    loaded = load_pretrained(
-        cfg.model.pretrained, cfg.model.subfolder, cfg.model.vae, cfg.model.revision, cfg.model.controlnet
-    )
+    m = cfg.model
+    loaded = load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet, guidance=m.guidance)
     line = prepare_bank_conditions(loaded, cfg)
     if line:
         print(f"prompts: {line}")

@@ -28,6 +28,10 @@ class ModelConfig:
         controlnet: train a ControlNet over the Stable Diffusion UNet of ``pretrained`` (which stays
             frozen): ``from_unet`` makes a new one from the UNet's weights, as ControlNet's training
             does; a hub id or directory continues an existing ControlNet; ``None``: no ControlNet.
+        guidance: the guidance embedding's value of a guidance-distilled model (Flux.1-dev,
+            ``guidance_embeds``): the bank is generated with it (each sample stores it, and trains
+            with it) and the target trains with it; ``None``: what a saved model records, else
+            ``FluxPipeline``'s default 3.5. Refused for a model without a guidance embedding.
     """
 
     pretrained: str = ""
@@ -35,9 +39,14 @@ class ModelConfig:
     vae: str | None = None
     revision: str | None = None
     controlnet: str | None = None
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "model")
+        _check(
+            self.guidance is None or 0 <= self.guidance < 1e3,
+            f"model.guidance must be a number in [0, 1000) (FluxPipeline's default is 3.5), got {self.guidance!r}",
+        )
         _check(
             bool(self.pretrained),
             "model.pretrained is empty: set it to a hub id or a local diffusers directory",

@@ -73,17 +73,17 @@ def tiny_vae(seed: int = 0, sample_size: int = 16, **config: Any) -> Autoencoder
     """An AutoencoderKL with 4 latent channels and an 8x downsampling (16x16 images -> 2x2); ``config``
     adds to or replaces its configuration (e.g. SD3's ``shift_factor``)."""
     torch.manual_seed(seed)
+    defaults: dict[str, Any] = {"latent_channels": 4}
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
         block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=4,
         layers_per_block=1,
         sample_size=sample_size,
-        **config,
+        **{**defaults, **config},
     )
 
 

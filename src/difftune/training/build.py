@@ -198,7 +198,9 @@ def load_tuned_model(
     if loaded is None and adapter_directory(cfg.model.pretrained) is not None:  # train an adapter further
         return continue_adapter(cfg.model.pretrained, cfg.tuning.method, cfg.tuning)
     m = cfg.model
-    loaded = loaded or load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet)
+    loaded = loaded or load_pretrained(
+        m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet, guidance=m.guidance
+    )
     return loaded, apply_tuning(loaded, cfg.tuning.method, cfg.tuning)
 
 
