@@ -340,6 +340,7 @@ def test_a_lora_run_resumes_exactly_and_stock_diffusers_loads_its_lora(
         stock = _out(pipe.transformer)
         torch.testing.assert_close(stock, ours, **TIGHT)
         assert (stock - base).abs().max() > 1e3 * TIGHT["atol"]  # the LoRA is on, at its trained scale
+    assert load_trained(str(whole)).backbone.guidance == 4.0  # the adapter's base samples with its value
     card = (whole / "README.md").read_text()
     assert (
         "FluxPipeline.from_pretrained" in card and "load_lora_weights" in card and "guidance_scale=4" in card

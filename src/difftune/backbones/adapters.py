@@ -193,6 +193,7 @@ def load_adapter(directory: str | Path, base: LoadedModel | None = None) -> Load
             vae=None if vae == source else vae,  # None: the pipeline's own VAE
             controlnet=record.base.get("controlnet"),
             vae_subfolder=record.base.get("vae_subfolder"),  # a pipeline's vae/ (a saved model's record)
+            guidance=record.base.get("guidance"),  # a guidance-distilled base's value (Flux.1-dev)
         )
     found = model_fingerprint(base.backbone.inner)
     if found != record.base_fingerprint:

@@ -31,6 +31,7 @@ from difftune.backbones.flux import FLUX_GUIDANCE, FLUX_SAMPLE_SIZE, GUIDANCE, F
 from difftune.backbones.sd3_family import StableDiffusion3Family, _SD3Prompts
 from difftune.backbones.sd3_text import FLUX_T5_LENGTH, FluxPromptEncoder, load_flux_prompt_encoder
 from difftune.backbones.sd_family import TextParts
+from difftune.errors import UserError
 
 PIPELINE = "FluxPipeline"
 # diffusers' Flux LoRA training (train_dreambooth_lora_flux.py, its default --lora_layers): both streams'
@@ -88,6 +89,11 @@ class FluxFamily(StableDiffusion3Family):
 
     # loading
     def backbone(self, ctx: LoadContext, model: Any) -> FluxBackbone:
+        if ctx.controlnet is not None:
+            raise UserError(
+                f"{ctx.pretrained} holds a FluxTransformer2DModel; difftune trains a ControlNet over SD 1.x / 2.x "
+                "only (the Flux ControlNet is not supported yet): remove model.controlnet"
+            )
         guidance = self.backbone_guidance(ctx)
         return FluxBackbone(model, _latent_size(ctx), FLUX_GUIDANCE if guidance is None else guidance)
 
@@ -104,6 +110,12 @@ class FluxFamily(StableDiffusion3Family):
         if not ctx.config.get("guidance_embeds"):
             return None
         return float(ctx.guidance if ctx.guidance is not None else ctx.record.get("guidance", FLUX_GUIDANCE))
+
+    def tuning_base(self, parts: Any) -> dict[str, Any]:
+        base = super().tuning_base(parts)
+        if parts is not None and parts.guidance is not None:  # an adapter samples with it on its base
+            base["guidance"] = parts.guidance
+        return base
 
     def source_record(self, parts: Any) -> dict[str, Any]:
         record = super().source_record(parts)
