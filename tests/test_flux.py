@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +355,45 @@ def test_sample_takes_prompts_on_a_lora_runs_final(
     args = ["sample", "--model", str(final), "--prompt", "a red circle", "--per-label", "1"]
     assert main([*args, "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "00000_prompt0_seed0.png").is_file()
+
+
+@pytest.fixture
+def fresh_accelerate() -> Iterator[None]:
+    """accelerate keeps one state per process and refuses another mixed precision: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_checkpointed_lora_run_on_a_bf16_base_trains_as_the_recipe_sets_it(
+    flux_dir: Path, captions: Path, tmp_path: Path, fresh_accelerate: None
+) -> None:
+    raw = _raw(flux_dir, captions, tmp_path, tuning=LORA, objective={"bank_share": 0.0})
+    raw["train"].update(
+        gradient_checkpointing=True, frozen_dtype="bfloat16", mixed_precision="bf16", max_steps=2
+    )
+    seen: list[tuple[bool, torch.dtype]] = []
+    forward = FluxBackbone.forward
+
+    def recording(self, x_t, t, cond):  # type: ignore[no-untyped-def]
+        seen.append(
+            (
+                self.inner.gradient_checkpointing,
+                self.inner.transformer_blocks[0].attn.to_q.base_layer.weight.dtype,
+            )
+        )
+        return forward(self, x_t, t, cond)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FluxBackbone, "forward", recording)
+        assert main(["train", "--config", str(_write(raw, tmp_path / "c.yaml"))]) == 0
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["frozen_dtypes"] == ["bfloat16"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(row["loss/total"]) for row in rows)
 
 
 def test_the_dry_run_checks_a_flux_run_and_states_its_memory(
