@@ -34,6 +34,7 @@ import yaml
 
 from difftune.backbones.loading import peek_backbone
 from difftune.config.experiment import load_config
+from difftune.testing.flux import FLUX_SCHEDULER as FLUX1_DEV_SCHEDULER
 from difftune.training.memory_estimate import MemoryEstimate, estimate_training_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,20 @@ SD35_MEDIUM_TRANSFORMER = {
     "sample_size": 128,
 }
 SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+FLUX1_DEV_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+# FLUX.1-dev's scheduler: the shift grows with the image's token count
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX1_DEV_SCHEDULER}
 
 # name -> (pipeline class, denoiser folder, denoiser config, scheduler config, published parameter count)
 MODELS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], int]] = {
@@ -102,10 +117,17 @@ MODELS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], int]] = {
         SD3_SCHEDULER,
         2_243_171_520,
     ),
+    "black-forest-labs/FLUX.1-dev": (
+        "FluxPipeline",
+        "transformer",
+        FLUX1_DEV_TRANSFORMER,
+        FLUX_SCHEDULER,
+        11_901_408_320,
+    ),
 }
 RECIPES = {
     f"{name}{twin}": f"configs/recipes/{name}{twin}.yaml"
-    for name in ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full")
+    for name in ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full", "flux1_dev_lora")
     for twin in ("", "_plain")
 }
 

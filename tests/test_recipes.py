@@ -1,4 +1,4 @@
-"""The SDXL and SD3.5 recipes (configs/recipes/): each Diff-Tuning recipe has a ``_plain`` twin that differs
+"""The SDXL, SD3.5 and Flux.1 recipes (configs/recipes/): each Diff-Tuning recipe has a ``_plain`` twin that differs
 only in the objective and the bank, the memory each quotes is what its dry run estimates for the published
 model (``benchmarks/recipe_memory.py``, on the meta device: nothing downloaded), and each passes
 ``--dry-run`` (bank and train) on a tiny pipeline of its family.
@@ -17,6 +17,7 @@ from PIL import Image
 from difftune.cli import main
 from difftune.config.experiment import load_config
 from difftune.config.sections import flatten
+from difftune.testing.flux import save_flux_pipeline
 from difftune.testing.models import save_sdxl_pipeline
 from difftune.testing.sd3 import save_sd3_pipeline
 
@@ -24,8 +25,8 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import recipe_memory  # noqa: E402
 
-NAMES = ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full")
-BUILDERS = {"sdxl": save_sdxl_pipeline, "sd35": save_sd3_pipeline}
+NAMES = ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full", "flux1_dev_lora")
+BUILDERS = {"sdxl": save_sdxl_pipeline, "sd35": save_sd3_pipeline, "flux1": save_flux_pipeline}
 
 
 def _recipe(name: str) -> Path:
