@@ -32,8 +32,8 @@ from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.family import HOOKS, BankInputs, ModelFamily, PreflightFacts, missing_hooks, narrows
 from difftune.backbones.loading import LoadedModel
 from difftune.errors import UserError
-from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline
 from difftune.testing.flux import save_flux_pipeline
+from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline
 from difftune.testing.sd3 import save_sd3_pipeline
 
 # family name -> writers of a model directory under the given root, one per layout worth checking

@@ -98,6 +98,17 @@ class Backbone(nn.Module):
         """What the bank's manifest records about :meth:`bank_condition` (JSON-serialisable)."""
         return {}
 
+    def sized_condition(self, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
+        """``cond`` for samples that decode to ``size`` = (height, width) pixels instead of the model's own
+        size (a bank's bucket, ``data.buckets``): the same, unless the model reads its samples' size
+        (SDXL's ``time_ids``)."""
+        return cond
+
+    def bucket_problem(self, shape: tuple[int, int, int]) -> str | None:
+        """Why the model cannot take samples of ``shape`` = (C, H, W), a bucket's (``data.buckets``), in a
+        few words; ``None``: it can."""
+        return None
+
 
 class ClassConditionalBackbone(Backbone):
     """A backbone conditioned on class labels: ``cond = {"labels": (N,) int64}``.

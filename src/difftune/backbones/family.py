@@ -137,10 +137,13 @@ class TargetSource(Protocol):
     Attributes:
         labels: (N,) class labels.
         has_controls: the data brings its own control images.
+        has_crops: the images are a bucket's (``data.buckets``): each was resized to cover the bucket's
+            size and centre-cropped, and :meth:`crops` says how.
     """
 
     labels: torch.Tensor
     has_controls: bool
+    has_crops: bool
 
     def captions(self) -> list[str]:
         """The images' captions (their own, or the caption template filled with their class names)."""
@@ -152,6 +155,11 @@ class TargetSource(Protocol):
 
     def controls(self, indices: torch.Tensor, flipped: bool) -> torch.Tensor:
         """The data's own control images of ``indices`` in [0, 1] (mirrored if ``flipped``)."""
+        ...
+
+    def crops(self, indices: torch.Tensor, flipped: bool) -> torch.Tensor:
+        """(n, 4) int64 with ``has_crops``: each image's original (height, width) and its crop's (top, left)
+        in the resized image's pixels (of the mirror if ``flipped``)."""
         ...
 
 

@@ -70,6 +70,7 @@ class FluxBackbone(SD3Backbone):
 
     pipeline_class = "FluxPipeline"
     label = "Flux"
+    size_buckets = False  # data.buckets is not wired for Flux yet (dev's shift depends on the resolution)
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ class SD3Backbone(Backbone):
     pipeline_class = "StableDiffusion3Pipeline"
     pipeline_processes = ("flow",)
     condition_names = (PROMPTS, POOLED)
+    size_buckets = True  # a latent of any size within pos_embed_max_size (bucket_problem); a static shift
 
     label = "SD3"  # the model's name in messages
 
@@ -68,6 +69,21 @@ class SD3Backbone(Backbone):
     def pooled_width(self) -> int:
         """Width P of the pooled embedding (``pooled_projection_dim``)."""
         return int(self.inner.config.pooled_projection_dim)
+
+    def bucket_problem(self, shape: tuple[int, int, int]) -> str | None:
+        """A latent whose sides are not a multiple of the patch size, or that has more patches a side than
+        the transformer has positions for (``pos_embed_max_size``)."""
+        cfg = self.source_model.config
+        patch, most = int(cfg.get("patch_size", 1)), cfg.get("pos_embed_max_size")
+        height, width = shape[1], shape[2]
+        if height % patch or width % patch:
+            return f"its latent {width}x{height} is not a multiple of the patch size {patch}"
+        if most is not None and max(height, width) > patch * int(most):
+            return (
+                f"its latent {width}x{height} has more than the transformer's pos_embed_max_size={most} patches "
+                f"of {patch} a side"
+            )
+        return None
 
     def set_null(self, embedding: torch.Tensor, pooled: torch.Tensor) -> None:
         """Use ``embedding`` (1, L, D) and ``pooled`` (1, P), the empty prompt's, as the unconditional form."""

@@ -46,7 +46,7 @@ class SDXLBackbone(TextConditionalBackbone):
     pipeline_class = "StableDiffusionXLPipeline"
     condition_names = (PROMPTS, POOLED, TIME_IDS)
     addition_embed_type = "text_time"
-    size_buckets = False  # its size ids (time_ids) would have to follow each bucket: not done yet
+    size_buckets = True  # a target's time_ids follow its bucket and crop; a bank's, its bucket
 
     def __init__(self, model: UNet2DConditionModel, image_size: int | None = None) -> None:
         super().__init__(model)
@@ -124,6 +124,12 @@ class SDXLBackbone(TextConditionalBackbone):
                 f"{what} of shape {tuple(pooled.shape)} but the UNet takes pooled embeddings of width "
                 f"{self.pooled_width}; load the text encoders of the same pipeline"
             )
+
+    def sized_condition(self, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
+        """``cond`` with the ``time_ids`` of an uncropped image of ``size`` = (height, width): a bank's
+        samples at a bucket's size, as :meth:`bank_condition` gives those at :attr:`image_size`."""
+        ids = size_time_ids(size, (0, 0), size).expand(cond.batch_size, -1).clone()
+        return Conditioning({**cond, TIME_IDS: ids.to(cond[TIME_IDS].device)})
 
     def bank_condition(self, indices: torch.Tensor) -> Conditioning:
         """Prompt ``i mod P`` of the bank's prompts, at the model's own image size."""

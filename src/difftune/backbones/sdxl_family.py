@@ -5,8 +5,10 @@ one is Stable Diffusion 1.x / 2.x's). Its parts (:class:`XLParts`) are the two t
 (:class:`~difftune.backbones.text.DualPromptEncoder`), the pipeline they come from and its
 ``force_zeros_for_empty_prompt``, which decides the unconditional form as the stock pipeline does.
 Conditions are prompt embeddings and pooled embeddings (float16 when cached with the target latents)
-and the size ids ``time_ids``: a target image's are its training resolution, uncropped; a bank's and
-a sample's the model's own image size.
+and the size ids ``time_ids``: a target image's are its training resolution, uncropped (with
+``data.buckets``: its original size, the offsets of its centre crop in the resized image's pixels and
+its bucket's size, as diffusers' ``train_text_to_image_sdxl.py`` computes them); a bank's and a sample's
+the model's own image size, uncropped (a bank's bucket's size with ``data.buckets``).
 """
 
 from __future__ import annotations
@@ -57,9 +59,14 @@ class _XLPrompts:
         self.prompts = prompts
         self.captions = source.captions()
         self._checked_lengths = False
-        # time_ids: the image as trained (original = target size, no crop); the resolution keys the cache
+        # a bucket's images (data.buckets) carry their original sizes and crops; a source that says
+        # nothing of crops has square images at the training resolution
+        self.source = source if getattr(source, "has_crops", False) else None
+        # time_ids: the image as trained (original = target size, no crop; the resolution keys the
+        # cache), or a bucket's: original size, crop, bucket size
+        ids = "trained" if self.source is None else "original_crop_bucket"
         self.identity: str | None = (
-            f"prompts:{prompts.identity()}:{prompts_digest(self.captions)};time_ids:trained"
+            f"prompts:{prompts.identity()}:{prompts_digest(self.captions)};time_ids:{ids}"
         )
 
     def __call__(self, indices: torch.Tensor, images: torch.Tensor, flipped: bool) -> dict[str, torch.Tensor]:
@@ -69,6 +76,8 @@ class _XLPrompts:
         embeds, pooled = self.prompts.encode([self.captions[i] for i in indices.tolist()])
         side = (int(images.shape[-2]), int(images.shape[-1]))
         ids = size_time_ids(side, (0, 0), side).expand(len(indices), -1).clone()
+        if self.source is not None:  # diffusers' train_text_to_image_sdxl.py: original size, crop, target
+            ids[:, :4] = self.source.crops(indices, flipped).float()
         return {PROMPTS: embeds.half(), POOLED: pooled.half(), TIME_IDS: ids}
 
 

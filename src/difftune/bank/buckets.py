@@ -23,7 +23,14 @@ from difftune.backbones.loading import LoadedModel
 from difftune.bank.conditions import RunBank, check_bank_conditions, manifest_sampling
 from difftune.bank.generate import generate_bank, load_bank
 from difftune.config.experiment import ExperimentConfig
-from difftune.data.buckets import Bucket, BucketPlan, BucketRows, bank_shares, check_bucket_model
+from difftune.data.buckets import (
+    Bucket,
+    BucketPlan,
+    BucketRows,
+    bank_shares,
+    check_bucket_fit,
+    check_bucket_model,
+)
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_write_json
 from difftune.io.store import LatentStore
@@ -40,7 +47,9 @@ def target_plan(cfg: ExperimentConfig, loaded: LoadedModel) -> BucketPlan:
     from difftune.data.targets import planned_buckets
 
     check_bucket_model(loaded.backbone, loaded.codec.downsample, cfg.data.buckets)
-    return planned_buckets(cfg.data)
+    plan = planned_buckets(cfg.data)
+    check_bucket_fit(loaded.backbone, plan.buckets, loaded.codec.downsample, loaded.scheduler_config)
+    return plan
 
 
 def _index(cfg: ExperimentConfig, plan: BucketPlan, shares: list[int]) -> dict[str, Any]:

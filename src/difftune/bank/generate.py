@@ -113,6 +113,9 @@ def generate_bank(
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in indices.split(cfg.batch_size):
             cond = generator.bank_condition(chunk)
+            if shape is not None:  # a bucket's samples: a model that reads its size is told it
+                size = (shape[1] * loaded.codec.downsample, shape[2] * loaded.codec.downsample)
+                cond = generator.sized_condition(cond, size)
             samples = generate_with_spec(
                 generator, loaded.scheduler_config, cfg.sampling, cond, int(chunk[0]), device, shape=shape
             )

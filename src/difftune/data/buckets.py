@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,6 +116,39 @@ def check_bucket_model(backbone: object, downsample: int, settings: BucketSettin
             f"data.buckets.step={settings.step} is not a multiple of the VAE's downsampling factor "
             f"{downsample}: use a multiple of {downsample} (64 for Stable Diffusion)"
         )
+
+
+def check_bucket_fit(
+    backbone: Any, buckets: Sequence[Bucket], downsample: int, scheduler_config: Mapping[str, Any] | None
+) -> None:
+    """Refuse buckets the model cannot take (:meth:`~difftune.backbones.base.Backbone.bucket_problem`: an
+    SD3 latent beyond its positions) and a noise schedule whose shift depends on the resolution
+    (``use_dynamic_shifting``, Flux's), which would make the forward process differ between buckets.
+
+    ``scheduler_config`` ``None``: the shift is not checked (the dry run, which reads no scheduler).
+
+    Raises:
+        UserError: the first such bucket, or a dynamic shift.
+    """
+    if scheduler_config is not None and scheduler_config.get("use_dynamic_shifting"):
+        raise UserError(
+            "data.buckets: this model's flow shift depends on the resolution (use_dynamic_shifting), so each "
+            "bucket would train on another forward process; set data.buckets.enabled=false"
+        )
+    channels = backbone.sample_shape[0]
+    for bucket in buckets:
+        problem = backbone.bucket_problem(bucket.sample_shape(channels, downsample))
+        if problem:
+            raise UserError(
+                f"data.buckets: the model cannot take the bucket {bucket.name}: {problem}; lower "
+                "data.buckets.max_side"
+            )
+
+
+def largest_bucket(buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket of most pixels, so of most latent elements (of equal ones the first in (width, height)
+    order): the size the dry run's memory estimate traces."""
+    return max(buckets, key=lambda b: b.width * b.height)
 
 
 def bucket_weights(counts: Sequence[int], need: int, buckets: Sequence[Bucket]) -> torch.Tensor:

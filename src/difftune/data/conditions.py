@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 
 
 class _Source:
-    """A target set as the family reads it: labels, captions, the annotator and the data's control images."""
+    """A target set as the family reads it: labels, captions, the annotator, the data's control images and
+    a bucket's crops."""
 
     def __init__(self, cfg: DataConfig, target: TargetImages, resolution: int) -> None:
         self.cfg, self.target, self.resolution = cfg, target, resolution
         self.labels = target.labels + cfg.label_offset  # the label rows the model sees
         self.has_controls = target.controls is not None
+        self.has_crops = target.cover is not None  # a bucket's images (data.buckets)
 
     def captions(self) -> list[str]:
         return self.target.caption_list(self.cfg.caption_template)
@@ -39,6 +41,9 @@ class _Source:
         from difftune.control import build_annotator
 
         return build_annotator(self.cfg.annotator)
+
+    def crops(self, indices: torch.Tensor, flipped: bool) -> torch.Tensor:
+        return self.target.crops(indices, flipped)
 
     def controls(self, indices: torch.Tensor, flipped: bool) -> torch.Tensor:
         assert self.target.controls is not None

@@ -29,7 +29,14 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import TargetConditioner
 from difftune.backbones.loading import LoadedModel
 from difftune.config.data import BUILT_IN_SOURCES, DataConfig
-from difftune.data.buckets import Bucket, BucketPlan, BucketRows, check_bucket_model, plan_buckets
+from difftune.data.buckets import (
+    Bucket,
+    BucketPlan,
+    BucketRows,
+    check_bucket_fit,
+    check_bucket_model,
+    plan_buckets,
+)
 from difftune.data.builtin import (
     PHOTOS,
     built_in_class_count,
@@ -432,7 +439,7 @@ def target_buckets(cfg: DataConfig, images: TargetImages, resolution: int) -> Bu
     """
     if images.sizes is None:
         raise UserError(f"data.buckets: data.source={cfg.source} has no image sizes of its own")
-    return plan_buckets(images.sizes(), resolution, cfg.buckets)
+    return plan_buckets(images.image_sizes(), resolution, cfg.buckets)
 
 
 def planned_buckets(cfg: DataConfig) -> BucketPlan:
@@ -456,6 +463,7 @@ def _bucketed_target(
     backbone, codec = loaded.backbone, loaded.codec
     check_bucket_model(backbone, codec.downsample, cfg.buckets)
     plan = target_buckets(cfg, images, resolution)
+    check_bucket_fit(backbone, plan.buckets, codec.downsample, loaded.scheduler_config)
     settings = dataclasses.asdict(cfg.buckets) | {"resolution": resolution}
     samples, stds, conds = [], [], []
     for bucket, members in zip(plan.buckets, plan.members, strict=True):

@@ -110,16 +110,21 @@ def load_cover_image(
     width, height = size
     mode = "RGB" if channels == 3 else "L"
     img = _convert(source, mode) if isinstance(source, Image.Image) else open_image(source, mode)
-    scale = max(width / img.width, height / img.height)
-    img = img.resize(
-        (max(width, round(img.width * scale)), max(height, round(img.height * scale))),
-        resample,
-    )
-    left, top = (img.width - width) // 2, (img.height - height) // 2
+    resized, (left, top) = cover_crop(img.size, size)
+    img = img.resize(resized, resample)
     img = img.crop((left, top, left + width, top + height))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def cover_crop(original: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where :func:`load_cover_image` crops an image of ``original`` = (width, height) to ``size``:
+    ``((resized width, height), (left, top))``, the crop's offsets in the resized image's pixels."""
+    (w, h), (width, height) = original, size
+    scale = max(width / w, height / h)
+    resized = (max(width, round(w * scale)), max(height, round(h * scale)))
+    return resized, ((resized[0] - width) // 2, (resized[1] - height) // 2)
 
 
 def image_size(source: str | os.PathLike[str] | Image.Image) -> tuple[int, int]:

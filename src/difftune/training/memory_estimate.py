@@ -63,6 +63,7 @@ class MemoryEstimate:
     buckets: int
     micro_batch: int
     casts: int = 0  # mixed precision: autocast's 16-bit copies of the trained weights, cached in a step
+    size: str = ""  # data.buckets: the bucket whose activations are traced (the largest)
     accumulates: bool = False  # gradient accumulation: gradients live through the next forward pass
 
     @property
@@ -101,7 +102,8 @@ class MemoryEstimate:
         if self.activations is None:
             parts.append("activations not estimated")
         else:
-            parts.append(f"activations {_size(self.activations)} (micro-batch {self.micro_batch})")
+            at = f", largest bucket {self.size}" if self.size else ""
+            parts.append(f"activations {_size(self.activations)} (micro-batch {self.micro_batch}{at})")
         return f"memory     about {_size(self.total)} per process: " + ", ".join(parts)
 
 
@@ -111,7 +113,11 @@ def _size(n: int) -> str:
 
 
 def estimate_training_memory(
-    cfg: ExperimentConfig, backbone: Backbone, model_root: Path | None = None, processes: int = 1
+    cfg: ExperimentConfig,
+    backbone: Backbone,
+    model_root: Path | None = None,
+    processes: int = 1,
+    bucket: tuple[str, tuple[int, int, int]] | None = None,
 ) -> MemoryEstimate:
     """The run's memory per process, from ``backbone`` built on the ``meta`` device (it is modified:
     the tuning method is applied to it).
@@ -120,6 +126,8 @@ def estimate_training_memory(
         model_root: the local pipeline folder, whose VAE and text encoders are counted; ``None``: not
             counted (a hub model: the dry run reads no weights' listing).
         processes: data-parallel processes (each holds all of the above).
+        bucket: with ``data.buckets``, the name and sample shape (C, H, W) of the largest bucket, whose
+            activations are traced instead of the model's own size's.
     """
     tc = cfg.train
     tuning = build_tuning(cfg.tuning.method, cfg.tuning)
@@ -134,7 +142,8 @@ def estimate_training_memory(
     )
     micro_batch = max(1, tc.batch_size // (processes * tc.gradient_accumulation))
     fused = tc.sdpa_backend != "math"
-    activations = _saved_activation_bytes(backbone, micro_batch, tc.gradient_checkpointing, fused)
+    shape = bucket[1] if bucket else backbone.sample_shape
+    activations = _saved_activation_bytes(backbone, micro_batch, tc.gradient_checkpointing, fused, shape)
     if activations is not None and tc.mixed_precision != "no":
         activations //= 2
     return MemoryEstimate(
@@ -149,6 +158,7 @@ def estimate_training_memory(
         micro_batch=micro_batch,
         accumulates=tc.gradient_accumulation > 1,
         casts=trained * 2 if tc.mixed_precision != "no" else 0,
+        size=bucket[0] if bucket else "",
     )
 
 
@@ -225,16 +235,18 @@ class SavedActivations:
         return sum(size for _, size in self.saved.values())
 
 
-def _saved_activation_bytes(backbone: Backbone, n: int, checkpointing: bool, fused: bool) -> int | None:
-    """Bytes autograd saves for the backward pass of one forward over ``n`` samples (meta device);
-    attention as a fused kernel runs it (``fused``) or as the math kernel does."""
+def _saved_activation_bytes(
+    backbone: Backbone, n: int, checkpointing: bool, fused: bool, shape: tuple[int, ...]
+) -> int | None:
+    """Bytes autograd saves for the backward pass of one forward over ``n`` samples of ``shape`` (meta
+    device); attention as a fused kernel runs it (``fused``) or as the math kernel does."""
     if checkpointing:
         enable_gradient_checkpointing(backbone.inner)
     counter = SavedActivations(backbone)
     try:
         with torch.device("meta"):
             cond = _meta_condition(backbone, n)
-            x_t = torch.zeros(n, *backbone.sample_shape)
+            x_t = torch.zeros(n, *shape)
             t = torch.zeros(n, dtype=torch.long)
         backbone.train()
         kernel = _fused_attention() if fused else contextlib.nullcontext()

@@ -8,6 +8,7 @@ minutes of loading and encoding.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -96,8 +97,10 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
     )  # the config's `difftune bank` would refuse it
     facts = PreflightFacts(classes, lambda: _target_line(cfg, classes), lambda: _control_line(cfg))
     lines = backbone.family.preflight_lines(backbone, facts)  # refuses a target the model cannot take
+    largest = None  # data.buckets: the largest bucket, whose activations the memory estimate traces
     if cfg.data.buckets.enabled:
-        lines.append(_bucket_line(cfg, backbone))
+        line, largest = _bucket_line(cfg, backbone, Path(pretrained) if local else None)
+        lines.append(line)
     if cfg.reads_bank and cfg.data.buckets.enabled:
         lines.append(_bucket_bank_line(cfg, backbone))
     elif cfg.reads_bank:
@@ -126,17 +129,40 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         lines.append(f"evaluate   {_evaluation_line(cfg)}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     root = Path(pretrained) if local else None
-    lines.append(estimate_training_memory(cfg, backbone, root, processes).line())  # last: it tunes backbone
+    memory = estimate_training_memory(cfg, backbone, root, processes, largest)
+    lines.append(memory.line())  # last: it tunes backbone
     return lines + _output_lines(cfg)
 
 
-def _bucket_line(cfg: ExperimentConfig, backbone: Any) -> str:
-    """The target's buckets and their image counts (``data.buckets``), from the images' headers."""
-    from difftune.data.buckets import check_bucket_model
+def _bucket_line(
+    cfg: ExperimentConfig, backbone: Any, root: Path | None
+) -> tuple[str, tuple[str, tuple[int, int, int]]]:
+    """The target's buckets and their image counts (``data.buckets``), from the images' headers, each
+    checked against the model; and the name and sample shape of the largest (the memory estimate's)."""
+    from difftune.data.buckets import check_bucket_fit, check_bucket_model, largest_bucket
     from difftune.data.targets import planned_buckets
 
-    check_bucket_model(backbone, 1, cfg.data.buckets)  # the VAE's factor is checked by the run
-    return f"buckets    {planned_buckets(cfg.data).line()}"
+    downsample = _vae_factor(cfg, root)
+    check_bucket_model(backbone, downsample, cfg.data.buckets)
+    plan = planned_buckets(cfg.data)
+    # a local pipeline's noise schedule (a dynamic shift is refused); a hub model's: the run checks it
+    schedule = root / "scheduler" / "scheduler_config.json" if root else None
+    scheduler = json.loads(schedule.read_text()) if schedule and schedule.is_file() else None
+    check_bucket_fit(backbone, plan.buckets, downsample, scheduler)
+    big = largest_bucket(plan.buckets)
+    shape = big.sample_shape(backbone.sample_shape[0], downsample)
+    return f"buckets    {plan.line()}; largest {big.name}", (big.name, shape)
+
+
+def _vae_factor(cfg: ExperimentConfig, root: Path | None) -> int:
+    """The downsampling factor of the model's VAE, from its config (``model.vae``, else the pipeline's
+    ``vae/``): 2^(blocks - 1); 8, every Stable Diffusion VAE's, when neither is a local folder."""
+    vae = Path(cfg.model.vae) if cfg.model.vae else (root / "vae" if root else None)
+    for folder in (vae / "vae", vae) if vae else ():
+        if (folder / "config.json").is_file():
+            blocks = json.loads((folder / "config.json").read_text()).get("block_out_channels", [0] * 4)
+            return 2 ** (len(blocks) - 1)
+    return 8
 
 
 def _bucket_bank_line(cfg: ExperimentConfig, backbone: Any) -> str:
