@@ -21,7 +21,8 @@ from difftune.backbones.adapters import adapter_directory, apply_tuning, continu
 from difftune.backbones.base import Backbone, enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
-from difftune.bank.conditions import RunBank, training_bank
+from difftune.bank.conditions import RunBank
+from difftune.bank.run_bank import training_bank
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.train import TrainConfig
 from difftune.control.validation import check_validation
