@@ -267,6 +267,8 @@ def test_a_full_run_resumes_exactly_and_loads_in_the_stock_pipeline(full_run: Pa
         0.1159
     )
     assert trained.backbone.guidance == BANK_GUIDANCE  # the value it trained with, recorded for sampling
+    card = (whole / "README.md").read_text()
+    assert '--prompt "a photo" --guidance-scale 1' in card and "guidance_scale=2.5" in card
 
 
 def test_sample_takes_prompts_on_a_full_runs_final(full_run: Path, tmp_path: Path) -> None:

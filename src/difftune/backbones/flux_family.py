@@ -144,6 +144,11 @@ class FluxFamily(StableDiffusion3Family):
         return [model_line(backbone, f"conditioned on {names}{guided}; {facts.target_line()}")]
 
     # saved models
+    def sample_flags(self, loaded: Any) -> str:
+        """A guidance-distilled model samples without true CFG, as ``FluxPipeline`` does by default."""
+        flags = super().sample_flags(loaded)
+        return f"{flags} --guidance-scale 1" if GUIDANCE in loaded.backbone.condition_names else flags
+
     def card_notes(self, loaded: Any, directory: Path) -> list[str]:
         notes = super().card_notes(loaded, directory)
         if GUIDANCE in loaded.backbone.condition_names:
