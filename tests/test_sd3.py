@@ -96,8 +96,8 @@ def test_the_registry_gives_sd3_transformers_to_their_family(sd3_dir: Path) -> N
     loaded = load_pretrained(str(sd3_dir))
     assert type(loaded.backbone) is SD3Backbone and loaded.family is FAMILIES["stable_diffusion_3"]
     assert loaded.backbone.sample_shape == (4, 4, 4) and not loaded.backbone.learns_variance
-    with pytest.raises(UserError, match="SD3 ControlNet is not supported"):
-        load_pretrained(str(sd3_dir), controlnet="from_unet")
+    controlnet = load_pretrained(str(sd3_dir), controlnet="from_unet")  # tests/test_controlnet_families.py
+    assert controlnet.family is FAMILIES["sd3_controlnet"]
 
 
 def test_a_pipeline_without_its_t5_encoder_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -334,10 +334,6 @@ def test_the_dry_run_checks_an_sd3_run(
     out = capsys.readouterr().out
     assert "SD3Transformer2DModel" in out and "pooled_prompt_embeds" in out
     assert not (tmp_path / "run").exists()
-    refused = {**raw, "model": {**raw["model"], "controlnet": "from_unet"}, "tuning": {"method": "full"}}
-    refused["data"] = {**raw["data"], "annotator": "canny"}
-    assert main(["train", "--config", str(_write(refused, tmp_path / "cn.yaml")), "--dry-run"]) == 2
-    assert "SD3 ControlNet is not supported" in capsys.readouterr().err
 
 
 ROOT = Path(__file__).parents[1]

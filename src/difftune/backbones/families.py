@@ -7,6 +7,8 @@ A diffusers class has at most one *default* family, which loads every config of 
 of *narrower* families, which claim only some of its configs (:meth:`ModelFamily.claims`): SDXL's
 ``UNet2DConditionModel`` (``addition_embed_type="text_time"``) is the ``stable_diffusion_xl``
 family's, every other one Stable Diffusion 1.x / 2.x's.
+Likewise SDXL's ``ControlNetModel`` (``text_time``) is the ``sdxl_controlnet`` family's, every other
+one the SD 1.x / 2.x ``controlnet`` family's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from difftune.backbones.class_family import DIT, UNET
+from difftune.backbones.controlnet_families import SD3_CONTROLNET, SDXL_CONTROLNET
 from difftune.backbones.controlnet_family import CONTROLNET
 from difftune.backbones.family import ModelFamily, missing_hooks, narrows
 from difftune.backbones.flux_family import FLUX
@@ -89,5 +92,15 @@ def family_for_class(class_name: str) -> ModelFamily:
     return family_for_config({"_class_name": class_name})
 
 
-for _family in (DIT, UNET, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX, CONTROLNET):
+for _family in (
+    DIT,
+    UNET,
+    STABLE_DIFFUSION,
+    STABLE_DIFFUSION_XL,
+    STABLE_DIFFUSION_3,
+    FLUX,
+    CONTROLNET,
+    SDXL_CONTROLNET,
+    SD3_CONTROLNET,
+):
     register_family(_family)

@@ -79,6 +79,8 @@ class LoadContext:
         local_only: read hub configs from the local cache only (:func:`peek_backbone`).
         guidance: ``model.guidance``, the guidance embedding's value of a guidance-distilled model
             (Flux.1-dev); ``None``: what the saved model records, else the family's default.
+        vae: the model's VAE (``None`` in pixel space and on the meta device): an SD3 ControlNet encodes
+            its control images with it.
     """
 
     pretrained: str
@@ -92,6 +94,7 @@ class LoadContext:
     load: Callable[..., Any] | None = None
     local_only: bool = False
     guidance: float | None = None
+    vae: Any = None
 
 
 @dataclass(frozen=True)

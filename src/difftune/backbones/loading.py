@@ -291,6 +291,7 @@ def load_pretrained(
         codec.downsample,
         load_safetensors_model,
         guidance=guidance,
+        vae=vae_model,
     )
     backbone, parts = family.load(ctx, model)
     if guidance is not None and "guidance" not in backbone.condition_names:

@@ -63,12 +63,12 @@ class SD3Backbone(Backbone):
     @property
     def joint_attention_dim(self) -> int:
         """Width D of the prompt embeddings the transformer reads (T5's width)."""
-        return int(self.inner.config.joint_attention_dim)
+        return int(self.source_model.config.joint_attention_dim)
 
     @property
     def pooled_width(self) -> int:
         """Width P of the pooled embedding (``pooled_projection_dim``)."""
-        return int(self.inner.config.pooled_projection_dim)
+        return int(self.source_model.config.pooled_projection_dim)
 
     def bucket_problem(self, shape: tuple[int, int, int]) -> str | None:
         """A latent whose sides are not a multiple of the patch size, or that has more patches a side than

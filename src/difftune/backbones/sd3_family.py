@@ -18,6 +18,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.controlnet_sd3 import sd3_controlnet_backbone
 from difftune.backbones.family import ConditionRequest, LoadContext, TargetSource, absolute_source, named
 from difftune.backbones.lora_layout import pipeline_lora_card, save_transformer_lora
 from difftune.backbones.sd3 import SD3Backbone
@@ -30,6 +31,8 @@ from difftune.backbones.text import prompts_digest
 from difftune.errors import UserError
 
 PIPELINE = "StableDiffusion3Pipeline"
+# what model.controlnet goes with: the transformer a ControlNet trains over, or a ControlNet pipeline
+CONTROLNET_BASES = ("SD3Transformer2DModel", "SD3ControlNetModel")
 # diffusers' SD3 LoRA training (train_dreambooth_lora_sd3.py): both streams' attention projections
 ATTENTION = [
     "attn.add_k_proj",
@@ -85,7 +88,9 @@ class StableDiffusion3Family(StableDiffusionFamily):
         return backbone, self.parts(ctx, prompts, ctx.record.get("pipeline") or text_root)
 
     def backbone(self, ctx: LoadContext, model: Any) -> SD3Backbone:
-        """The adapter around the denoiser ``model``."""
+        """The adapter around the denoiser ``model`` (with ``model.controlnet``: a ControlNet over it)."""
+        if ctx.controlnet is not None:
+            return sd3_controlnet_backbone(ctx, model)
         return SD3Backbone(model)
 
     def prompt_encoder(self, text_root: str, components: dict[str, Any], ctx: LoadContext) -> Any:
@@ -93,8 +98,9 @@ class StableDiffusion3Family(StableDiffusionFamily):
         return load_sd3_prompt_encoder(text_root, components, ctx.revision, ctx.load)
 
     def parts(self, ctx: LoadContext, prompts: Any, pipeline: str) -> TextParts:
-        """What the loaded model keeps beside the denoiser."""
-        return TextParts(prompts, pipeline)
+        """What the loaded model keeps beside the denoiser (and where a ControlNet's frozen transformer is)."""
+        frozen = (ctx.pretrained, ctx.subfolder) if ctx.controlnet is not None else None
+        return TextParts(prompts, pipeline, frozen, ctx.controlnet)
 
     def peek(self, ctx: LoadContext, model: Any) -> SD3Backbone:  # type: ignore[override]
         """Built on the meta device, with null embeddings of the pipeline's lengths (CLIP's and T5's)."""
@@ -107,10 +113,10 @@ class StableDiffusion3Family(StableDiffusionFamily):
         return backbone
 
     def _refuse_controlnet(self, ctx: LoadContext) -> None:
-        if ctx.controlnet is not None:
+        if ctx.controlnet is not None and ctx.config.get("_class_name") not in CONTROLNET_BASES:
             raise UserError(
-                f"{ctx.pretrained} holds a {self.model_classes[0]}; difftune trains a ControlNet over SD 1.x / 2.x "
-                f"only (the {self.label} ControlNet is not supported yet): remove model.controlnet"
+                f"{ctx.pretrained} holds a {self.model_classes[0]}; difftune trains a ControlNet over SD 1.x / 2.x, "
+                f"SDXL and SD3 only (the {self.label} ControlNet is not supported yet): remove model.controlnet"
             )
 
     # conditions

@@ -36,16 +36,17 @@ def sd_pipeline(pretrained: str, components: dict[str, Any], record: dict[str, A
 
 
 def frozen_unet_location(
-    pretrained: str, components: dict[str, Any], record: dict[str, Any]
+    pretrained: str, components: dict[str, Any], record: dict[str, Any], part: str = "unet"
 ) -> tuple[str, str | None]:
-    """Where a trained ControlNet's frozen UNet is: the directory's own ``unet/`` (a stock pipeline
-    layout), else the location its ``difftune_source.json`` records, else its pipeline's ``unet/``."""
-    if "unet" in components:
-        return pretrained, "unet"
+    """Where a trained ControlNet's frozen UNet (``part``: its pipeline folder; SD3's ``transformer``)
+    is: the directory's own ``<part>/`` (a stock pipeline layout), else the location its
+    ``difftune_source.json`` records (as ``unet``), else its pipeline's ``<part>/``."""
+    if part in components:
+        return pretrained, part
     if record.get("unet"):
         path, subfolder = record["unet"]
         return str(path), subfolder
-    return sd_pipeline(pretrained, components, record, "unet"), "unet"
+    return sd_pipeline(pretrained, components, record, part), part
 
 
 def load_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> PromptEncoder:
@@ -85,7 +86,15 @@ def load_dual_prompt_encoder(pipeline: str, revision: str | None, load: Any) -> 
 def controlnet_backbone(
     controlnet: str, unet: UNet2DConditionModel, revision: str | None, load: Any, downsample: int = 8
 ) -> ControlNetBackbone:
-    """A ControlNet over ``unet``: new from its weights (``controlnet="from_unet"``) or loaded.
+    """A ControlNet over the SD 1.x / 2.x ``unet``: :func:`controlnet_model`'s, in its adapter."""
+    return ControlNetBackbone(controlnet_model(controlnet, unet, revision, load, downsample), unet)
+
+
+def controlnet_model(
+    controlnet: str, unet: UNet2DConditionModel, revision: str | None, load: Any, downsample: int = 8
+) -> ControlNetModel:
+    """A ControlNet over ``unet`` (SD 1.x / 2.x or SDXL): new from its weights (``controlnet="from_unet"``)
+    or loaded.
 
     ``load`` is the safetensors-only ``from_pretrained``. A new ControlNet's condition embedding
     shrinks control images by ``downsample`` (the VAE's factor; 1 in pixel space), so control images
@@ -100,14 +109,16 @@ def controlnet_backbone(
         check_model_path(controlnet, "model.controlnet")
         net = load(ControlNetModel, controlnet, None, revision)
     _check_pair(net, unet)
-    return ControlNetBackbone(net, unet)
+    return net
 
 
 def _check_pair(controlnet: ControlNetModel, unet: UNet2DConditionModel) -> None:
     """Refuse a ControlNet whose blocks do not match the UNet's (its residuals would not fit)."""
     ours, theirs = controlnet.config, unet.config
-    if list(ours.block_out_channels) != list(theirs.block_out_channels) or (
-        ours.cross_attention_dim != theirs.cross_attention_dim
+    if (
+        list(ours.block_out_channels) != list(theirs.block_out_channels)
+        or ours.cross_attention_dim != theirs.cross_attention_dim
+        or ours.addition_embed_type != theirs.addition_embed_type  # an SDXL ControlNet over SD 1.5, ...
     ):
         raise UserError(
             f"the ControlNet (blocks {list(ours.block_out_channels)}, text width {ours.cross_attention_dim}) "

@@ -57,7 +57,7 @@ class SDXLBackbone(TextConditionalBackbone):
     @property
     def pooled_width(self) -> int:
         """Width P of the pooled embedding the UNet's added embedding takes."""
-        cfg = self.inner.config
+        cfg = self.source_model.config  # the UNet (a ControlNet steers a frozen one)
         return int(cfg.projection_class_embeddings_input_dim) - TIME_ID_COUNT * int(
             cfg.addition_time_embed_dim
         )

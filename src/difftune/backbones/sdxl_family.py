@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 
 from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.controlnet_sdxl import SDXLControlNetBackbone
 from difftune.backbones.family import ConditionRequest, LoadContext, TargetSource, absolute_source, named
 from difftune.backbones.lora_layout import pipeline_lora_card, save_pipeline_lora
 from difftune.backbones.sd_family import ATTENTION, StableDiffusionFamily, TextParts
-from difftune.backbones.sd_parts import load_dual_prompt_encoder, sd_pipeline
+from difftune.backbones.sd_parts import controlnet_model, load_dual_prompt_encoder, sd_pipeline
 from difftune.backbones.sdxl import POOLED, TIME_IDS, SDXLBackbone, size_time_ids
 from difftune.backbones.stable_diffusion import PROMPTS
 from difftune.backbones.text import DualPromptEncoder, prompts_digest
@@ -95,8 +96,17 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     # loading
     def load(self, ctx: LoadContext, model: Any) -> tuple[SDXLBackbone, XLParts]:
-        _refuse_controlnet(ctx)
-        backbone = SDXLBackbone(model, _image_size(model, ctx.downsample))
+        """The UNet, or with ``model.controlnet`` a ControlNet over it, and both text encoders."""
+        if ctx.controlnet is None:
+            return self.xl_parts(ctx, SDXLBackbone(model, image_size(model, ctx.downsample)), None)
+        net = controlnet_model(ctx.controlnet, model, ctx.revision, ctx.load, ctx.downsample)
+        backbone = SDXLControlNetBackbone(net, model, image_size(model, ctx.downsample))
+        return self.xl_parts(ctx, backbone, (ctx.pretrained, ctx.subfolder))
+
+    def xl_parts(
+        self, ctx: LoadContext, backbone: SDXLBackbone, frozen_unet: tuple[str, str | None] | None
+    ) -> tuple[SDXLBackbone, XLParts]:
+        """Load both text encoders of the model's pipeline and give ``backbone`` its unconditional form."""
         text_root = sd_pipeline(ctx.pretrained, ctx.components, ctx.record, "text_encoder")
         prompts = load_dual_prompt_encoder(text_root, ctx.revision, ctx.load)
         config = ctx.components if text_root == ctx.pretrained else _pipeline_config(text_root, ctx.revision)
@@ -105,12 +115,19 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if zeros:
             embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         backbone.set_null(embeds, pooled)
-        return backbone, XLParts(prompts, ctx.record.get("pipeline") or text_root, zeros_for_empty=zeros)
+        pipeline = ctx.record.get("pipeline") or text_root
+        return backbone, XLParts(prompts, pipeline, frozen_unet, ctx.controlnet, zeros_for_empty=zeros)
 
     def peek(self, ctx: LoadContext, model: Any) -> SDXLBackbone:
-        """Built on the meta device, with null embeddings of CLIP's length (what the memory estimate traces)."""
-        _refuse_controlnet(ctx)
-        backbone = SDXLBackbone(model, _image_size(model, ctx.downsample))
+        """Built on the meta device (a new ControlNet over it with ``model.controlnet``)."""
+        size = image_size(model, ctx.downsample)
+        if ctx.controlnet is None:
+            return self.meta_null(SDXLBackbone(model, size))
+        return self.meta_null(SDXLControlNetBackbone(ControlNetModel.from_unet(model), model, size))
+
+    @staticmethod
+    def meta_null(backbone: SDXLBackbone) -> SDXLBackbone:
+        """``backbone`` with null embeddings of CLIP's length (what the memory estimate traces)."""
         width = backbone.cross_attention_dim
         backbone.set_null(torch.zeros(1, META_TOKENS, width), torch.zeros(1, backbone.pooled_width))
         return backbone
@@ -159,15 +176,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         save_pipeline_lora(model, directory, PIPELINE)
 
 
-def _refuse_controlnet(ctx: LoadContext) -> None:
-    if ctx.controlnet is not None:
-        raise UserError(
-            f"{ctx.pretrained} is an SDXL UNet; difftune trains a ControlNet over SD 1.x / 2.x only: remove "
-            "model.controlnet"
-        )
-
-
-def _image_size(model: UNet2DConditionModel, downsample: int) -> int:
+def image_size(model: UNet2DConditionModel, downsample: int) -> int:
+    """The side of the images an SDXL UNet's samples decode to."""
     size = model.config.sample_size
     return int(size if isinstance(size, int) else size[0]) * downsample
 

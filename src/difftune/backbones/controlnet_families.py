@@ -1,0 +1,85 @@
+"""The SDXL and SD3 ControlNet families: a trainable ControlNet over a frozen SDXL UNet or SD3 transformer.
+
+Each is its base model's family (text encoders, prompts, size ids, noise process) with the control
+images every ControlNet family shares (:class:`~difftune.backbones.controlnet_family.ControlFamily`:
+targets, the bank's own samples annotated, ``--control-image`` files at sampling). A new ControlNet is
+made by the base family when ``model.controlnet`` is set (``from_unet``: from the UNet's or the
+transformer's weights; else an existing one); these families load the trained one, ``final/controlnet``,
+over the frozen model its ``difftune_source.json`` records, and write the stock
+``StableDiffusionXLControlNetPipeline`` / ``StableDiffusion3ControlNetPipeline``.
+
+SDXL's ``ControlNetModel`` has ``addition_embed_type="text_time"``: its family claims those configs of
+the class (every other one is SD 1.x / 2.x's), as the SDXL family narrows ``UNet2DConditionModel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import ControlNetModel, SD3ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel
+
+from difftune.backbones.controlnet_family import ControlFamily
+from difftune.backbones.controlnet_sd3 import SD3ControlNetBackbone, control_vae
+from difftune.backbones.controlnet_sdxl import SDXLControlNetBackbone
+from difftune.backbones.family import LoadContext
+from difftune.backbones.sd3_family import ATTENTION as SD3_ATTENTION
+from difftune.backbones.sd3_family import StableDiffusion3Family
+from difftune.backbones.sd_family import ATTENTION, TextParts
+from difftune.backbones.sd_parts import frozen_unet_location
+from difftune.backbones.sdxl_family import StableDiffusionXLFamily, XLParts, image_size
+
+
+def _frozen(ctx: LoadContext, cls: type, part: str) -> tuple[Any, tuple[str, str | None]]:
+    """The frozen model (``cls``) a trained ControlNet steers and where it is: loaded, or built from its
+    config on the meta device (``ctx.load`` unset)."""
+    location = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record, part)
+    if ctx.load is not None:
+        return ctx.load(cls, *location, ctx.revision), location
+    config = cls.load_config(location[0], subfolder=location[1], local_files_only=ctx.local_only)
+    return cls.from_config(config), location
+
+
+class SDXLControlNetFamily(ControlFamily, StableDiffusionXLFamily):
+    """A ControlNet (what trains) steering a frozen SDXL UNet; claims the ``text_time`` ControlNet configs."""
+
+    name = "sdxl_controlnet"
+    model_classes = ("ControlNetModel",)  # with the UNet of its pipeline
+    model_class = ControlNetModel
+    adapter = SDXLControlNetBackbone
+    adapter_targets = {"lora": ATTENTION, "svdiff": ATTENTION + ["conv1", "conv2"]}
+
+    def load(self, ctx: LoadContext, model: Any) -> tuple[SDXLControlNetBackbone, XLParts]:  # type: ignore[override]
+        """A trained ControlNet, beside the UNet it was trained with."""
+        unet, location = _frozen(ctx, UNet2DConditionModel, "unet")
+        backbone = SDXLControlNetBackbone(model, unet, image_size(unet, ctx.downsample))
+        return self.xl_parts(ctx, backbone, location)  # type: ignore[return-value]
+
+    def peek(self, ctx: LoadContext, model: Any) -> SDXLControlNetBackbone:
+        unet, _ = _frozen(ctx, UNet2DConditionModel, "unet")
+        return self.meta_null(SDXLControlNetBackbone(model, unet, image_size(unet, ctx.downsample)))  # type: ignore[return-value]
+
+
+class SD3ControlNetFamily(ControlFamily, StableDiffusion3Family):
+    """An ``SD3ControlNetModel`` (what trains) steering a frozen SD3 transformer."""
+
+    name = "sd3_controlnet"
+    model_classes = ("SD3ControlNetModel",)  # with the transformer of its pipeline
+    model_class = SD3ControlNetModel
+    adapter = SD3ControlNetBackbone  # type: ignore[assignment]
+    adapter_targets = {"lora": SD3_ATTENTION, "svdiff": SD3_ATTENTION}
+    pipeline = "StableDiffusion3ControlNetPipeline"
+
+    def backbone(self, ctx: LoadContext, model: Any) -> SD3ControlNetBackbone:
+        """A trained ControlNet, beside the transformer it was trained with and the model's VAE."""
+        transformer, _ = _frozen(ctx, SD3Transformer2DModel, "transformer")
+        return SD3ControlNetBackbone(model, transformer, control_vae(ctx))
+
+    def parts(self, ctx: LoadContext, prompts: Any, pipeline: str) -> TextParts:
+        location = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record, "transformer")
+        return TextParts(prompts, pipeline, location, ctx.controlnet)
+
+
+SDXL_CONTROLNET = SDXLControlNetFamily()
+SDXLControlNetBackbone.family = SDXL_CONTROLNET
+SD3_CONTROLNET = SD3ControlNetFamily()
+SD3ControlNetBackbone.family = SD3_CONTROLNET
