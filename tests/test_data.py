@@ -10,7 +10,8 @@ import torch
 
 from difftune.backbones import LatentCodec
 from difftune.config.experiment import DataConfig
-from difftune.data.targets import encode_and_cache, load_target_images
+from difftune.data.target_cache import encode_and_cache
+from difftune.data.targets import load_target_images
 from difftune.io.store import LatentStore
 
 
