@@ -259,3 +259,18 @@ def test_the_plain_twin_differs_only_in_the_objective_and_the_bank(name: str) ->
     }
     assert method["model.controlnet"] == "from_unet" and method["data.annotator"] == "canny"
     assert method["train.validation_every"] > 0 and method["train.ema_decay"] == 0.0
+
+
+def test_sd3_encodes_a_control_tensor_once_and_again_when_it_changes(tmp_path: Path) -> None:
+    base = save_sd3_controlnet_pipeline(tmp_path / "base", controlnet=True)
+    backbone = load_pretrained(str(base), controlnet=str(base / "controlnet")).backbone.eval()
+    calls = []
+    encode = backbone.vae.encode
+    backbone.vae.encode = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    cond = backbone.unconditional(2)  # black control images
+    x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        first, again = backbone(x, t, cond), backbone(x, t, cond)  # as sampling steps call it
+        assert calls == [2] and torch.equal(first, again)
+        cond[CONTROL].fill_(255)  # changed in place: encoded again
+        assert not torch.equal(backbone(x, t, cond), first) and calls == [2, 2]

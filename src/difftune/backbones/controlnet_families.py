@@ -18,7 +18,7 @@ from typing import Any
 
 from diffusers import ControlNetModel, SD3ControlNetModel, SD3Transformer2DModel, UNet2DConditionModel
 
-from difftune.backbones.controlnet_family import ControlFamily
+from difftune.backbones.controlnet_family import ControlFamily, frozen_model
 from difftune.backbones.controlnet_sd3 import SD3ControlNetBackbone, control_vae
 from difftune.backbones.controlnet_sdxl import SDXLControlNetBackbone
 from difftune.backbones.family import LoadContext
@@ -27,16 +27,6 @@ from difftune.backbones.sd3_family import StableDiffusion3Family
 from difftune.backbones.sd_family import ATTENTION, TextParts
 from difftune.backbones.sd_parts import frozen_unet_location
 from difftune.backbones.sdxl_family import StableDiffusionXLFamily, XLParts, image_size
-
-
-def _frozen(ctx: LoadContext, cls: type, part: str) -> tuple[Any, tuple[str, str | None]]:
-    """The frozen model (``cls``) a trained ControlNet steers and where it is: loaded, or built from its
-    config on the meta device (``ctx.load`` unset)."""
-    location = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record, part)
-    if ctx.load is not None:
-        return ctx.load(cls, *location, ctx.revision), location
-    config = cls.load_config(location[0], subfolder=location[1], local_files_only=ctx.local_only)
-    return cls.from_config(config), location
 
 
 class SDXLControlNetFamily(ControlFamily, StableDiffusionXLFamily):
@@ -50,12 +40,12 @@ class SDXLControlNetFamily(ControlFamily, StableDiffusionXLFamily):
 
     def load(self, ctx: LoadContext, model: Any) -> tuple[SDXLControlNetBackbone, XLParts]:  # type: ignore[override]
         """A trained ControlNet, beside the UNet it was trained with."""
-        unet, location = _frozen(ctx, UNet2DConditionModel, "unet")
+        unet, location = frozen_model(ctx, UNet2DConditionModel, "unet")
         backbone = SDXLControlNetBackbone(model, unet, image_size(unet, ctx.downsample))
         return self.xl_parts(ctx, backbone, location)  # type: ignore[return-value]
 
     def peek(self, ctx: LoadContext, model: Any) -> SDXLControlNetBackbone:
-        unet, _ = _frozen(ctx, UNet2DConditionModel, "unet")
+        unet, _ = frozen_model(ctx, UNet2DConditionModel, "unet")
         return self.meta_null(SDXLControlNetBackbone(model, unet, image_size(unet, ctx.downsample)))  # type: ignore[return-value]
 
 
@@ -71,7 +61,7 @@ class SD3ControlNetFamily(ControlFamily, StableDiffusion3Family):
 
     def backbone(self, ctx: LoadContext, model: Any) -> SD3ControlNetBackbone:
         """A trained ControlNet, beside the transformer it was trained with and the model's VAE."""
-        transformer, _ = _frozen(ctx, SD3Transformer2DModel, "transformer")
+        transformer, _ = frozen_model(ctx, SD3Transformer2DModel, "transformer")
         return SD3ControlNetBackbone(model, transformer, control_vae(ctx))
 
     def parts(self, ctx: LoadContext, prompts: Any, pipeline: str) -> TextParts:

@@ -37,6 +37,16 @@ from difftune.io.images import load_square_image
 NEEDS_CONTROLS = "a ControlNet needs control images: set data.annotator (e.g. canny) or data.control_column"
 
 
+def frozen_model(ctx: LoadContext, cls: type, part: str) -> tuple[Any, tuple[str, str | None]]:
+    """The frozen model (``cls``, a pipeline's ``part``) a trained ControlNet steers and where it is:
+    loaded, or built from its config on the meta device (``ctx.load`` unset)."""
+    location = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record, part)
+    if ctx.load is not None:
+        return ctx.load(cls, *location, ctx.revision), location
+    config = cls.load_config(location[0], subfolder=location[1], local_files_only=ctx.local_only)
+    return cls.from_config(config), location
+
+
 class _WithControls:
     """A base family's target conditioner with control images: the data's own, or the annotator's of
     each image (its record keys the target cache beside the base's identity)."""
@@ -158,18 +168,12 @@ class ControlNetFamily(ControlFamily, StableDiffusionFamily):
     # loading
     def load(self, ctx: LoadContext, model: Any) -> tuple[ControlNetBackbone, TextParts]:
         """A trained ControlNet, beside the UNet it was trained with."""
-        frozen_unet = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record)
-        assert ctx.load is not None
-        unet = ctx.load(UNet2DConditionModel, *frozen_unet, ctx.revision)
+        unet, location = frozen_model(ctx, UNet2DConditionModel, "unet")
         backbone = ControlNetBackbone(model, unet)
-        return backbone, self.text_parts(ctx, backbone, frozen_unet)
+        return backbone, self.text_parts(ctx, backbone, location)
 
     def peek(self, ctx: LoadContext, model: Any) -> ControlNetBackbone:
-        unet_root, unet_sub = frozen_unet_location(ctx.pretrained, ctx.components, ctx.record)
-        unet_config = UNet2DConditionModel.load_config(
-            unet_root, subfolder=unet_sub, local_files_only=ctx.local_only
-        )
-        return ControlNetBackbone(model, UNet2DConditionModel.from_config(unet_config))
+        return ControlNetBackbone(model, frozen_model(ctx, UNet2DConditionModel, "unet")[0])
 
 
 CONTROLNET = ControlNetFamily()

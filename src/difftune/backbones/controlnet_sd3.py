@@ -12,7 +12,9 @@ width (``joint_attention_dim`` null). Its block outputs enter the transformer as
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, SD3ControlNetModel, SD3Transformer2DModel
@@ -52,6 +54,8 @@ class SD3ControlNetBackbone(ControlAdapter, SD3Backbone):
         super().__init__(transformer)
         self.attach(controlnet, transformer)
         self.vae = vae.requires_grad_(False) if vae is not None else None
+        # the last control tensor encoded (a weak reference), what else keys it, and its latents
+        self._encoded: tuple[Any, ...] | None = None
 
     def base_adapter(self) -> Backbone:
         return SD3Backbone(self.transformer)
@@ -64,17 +68,22 @@ class SD3ControlNetBackbone(ControlAdapter, SD3Backbone):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def control_latents(self, control: torch.Tensor) -> torch.Tensor:
-        """Control images (N, 3, H, W) uint8 -> the latents the ControlNet reads, as the pipeline makes them."""
+        """Control images (N, 3, H, W) uint8 -> the latents the ControlNet reads, as the pipeline makes them;
+        encoded once per control tensor (sampling passes the same one at every step)."""
         if self.vae is None:
             raise UserError(
                 "an SD3 ControlNet encodes its control images with the pipeline's VAE: load it with one"
             )
+        key = (control._version, self.vae.dtype, control.device)
+        if self._encoded is not None and self._encoded[0]() is control and self._encoded[1] == key:
+            return self._encoded[2]
         cfg = self.vae.config
         shift = 0.0 if self.inner.config.force_zeros_for_pooled_projection else (cfg.shift_factor or 0.0)
         pixels = control.to(self.vae.dtype) / 127.5 - 1
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.mode()
-        return (latents - shift) * cfg.scaling_factor
+            latents = (self.vae.encode(pixels).latent_dist.mode() - shift) * cfg.scaling_factor
+        self._encoded = (weakref.ref(control), key, latents)
+        return latents
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         dtype, frozen = self.inner.dtype, self.transformer.dtype
