@@ -101,6 +101,39 @@ FLUX1_DEV_TRANSFORMER = {
 # FLUX.1-dev's scheduler: the shift grows with the image's token count
 FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX1_DEV_SCHEDULER}
 
+# the VAEs' published configurations (an SD3 ControlNet encodes its control image with it)
+VAE_BLOCKS = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "sample_size": 1024,
+}
+VAES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": {
+        **VAE_BLOCKS,
+        "latent_channels": 4,
+        "scaling_factor": 0.13025,
+    },
+    "stabilityai/stable-diffusion-3.5-medium": {
+        **VAE_BLOCKS,
+        "latent_channels": 16,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+    "black-forest-labs/FLUX.1-dev": {
+        **VAE_BLOCKS,
+        "latent_channels": 16,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+}
+
 # name -> (pipeline class, denoiser folder, denoiser config, scheduler config, published parameter count)
 MODELS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], int]] = {
     "stabilityai/stable-diffusion-xl-base-1.0": (
@@ -127,7 +160,15 @@ MODELS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], int]] = {
 }
 RECIPES = {
     f"{name}{twin}": f"configs/recipes/{name}{twin}.yaml"
-    for name in ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full", "flux1_dev_lora")
+    for name in (
+        "sdxl_lora",
+        "sdxl_full",
+        "sdxl_controlnet_canny",
+        "sd35_medium_lora",
+        "sd35_medium_full",
+        "sd35_medium_controlnet_canny",
+        "flux1_dev_lora",
+    )
     for twin in ("", "_plain")
 }
 
@@ -159,8 +200,11 @@ def write_config_folder(root: Path, pretrained: str) -> Path:
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / sub / "config.json").write_text(json.dumps(config))
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    (folder / "vae").mkdir(exist_ok=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(VAES[pretrained]))
     index = {"_class_name": pipeline, sub: ["diffusers", config["_class_name"]]}
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    index["vae"] = ["diffusers", "AutoencoderKL"]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
@@ -170,7 +214,8 @@ def estimate(recipe: Path, model: Path, overrides: list[str] | None = None) -> M
     folder ``model`` (:func:`~difftune.training.memory_estimate.estimate_training_memory` on the backbone
     built on the meta device, as the dry run builds it)."""
     cfg = load_config(recipe, [f"model.pretrained={model}", *(overrides or [])])
-    return estimate_training_memory(cfg, peek_backbone(str(model)))
+    backbone = peek_backbone(str(model), cfg.model.subfolder, controlnet=cfg.model.controlnet)
+    return estimate_training_memory(cfg, backbone)
 
 
 def quoted(recipe: Path) -> float | None:

@@ -47,6 +47,11 @@ class Backbone(nn.Module):
     sample_shape: tuple[int, int, int]
     subfolder: str
 
+    def backpropagated_models(self) -> list[nn.Module]:
+        """The diffusers models the training loss backpropagates through: :attr:`inner`, and a frozen
+        model that the trained one feeds (a ControlNet's UNet); gradient checkpointing covers them all."""
+        return [self.inner]
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Predict from ``x_t`` (N, C, H, W), integer timesteps ``t`` (N,) and a bundle of N conditions.
 
@@ -157,14 +162,19 @@ class ClassConditionalBackbone(Backbone):
         return {"num_classes": self.num_classes, "label_rule": "i mod num_classes"}
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on a diffusers model's gradient checkpointing (``train.gradient_checkpointing``).
+def enable_gradient_checkpointing(backbone: Backbone) -> None:
+    """Turn on gradient checkpointing (``train.gradient_checkpointing``) in every diffusers model the
+    loss backpropagates through (:meth:`Backbone.backpropagated_models`), as diffusers' ControlNet script
+    does for its frozen UNet too.
 
     Raises:
-        UserError: the model does not support it.
+        UserError: the trained model does not support it.
     """
-    if not getattr(model, "_supports_gradient_checkpointing", False):
+    trained, *frozen = backbone.backpropagated_models()
+    if not getattr(trained, "_supports_gradient_checkpointing", False):
         raise UserError(
-            f"{type(model).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false"
+            f"{type(trained).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false"
         )
-    model.enable_gradient_checkpointing()
+    for model in (trained, *frozen):
+        if getattr(model, "_supports_gradient_checkpointing", False):
+            model.enable_gradient_checkpointing()

@@ -55,6 +55,10 @@ class ControlAdapter:
         """The frozen base model: the pre-trained model whose knowledge the bank holds."""
         return getattr(self, self.base_subfolder)
 
+    def backpropagated_models(self) -> list[torch.nn.Module]:
+        """The ControlNet, and the frozen model its residuals pass through on the way to the loss."""
+        return [self.inner, self.source_model]
+
     def base_adapter(self) -> Backbone:
         """The base model's own adapter around the frozen model (no control)."""
         raise NotImplementedError

@@ -220,7 +220,7 @@ def build_run(
     check_frozen_dtype(tc.frozen_dtype, cfg.tuning.method, loaded.tuning.adapter)
     cast_frozen(loaded.backbone, trainable, tc.frozen_dtype)
     if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(loaded.backbone.inner)
+        enable_gradient_checkpointing(loaded.backbone)
     process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape)
     cfg = replace(
         cfg, objective=resolve_port(cfg.objective, process.name)

@@ -241,7 +241,7 @@ def _saved_activation_bytes(
     """Bytes autograd saves for the backward pass of one forward over ``n`` samples of ``shape`` (meta
     device); attention as a fused kernel runs it (``fused``) or as the math kernel does."""
     if checkpointing:
-        enable_gradient_checkpointing(backbone.inner)
+        enable_gradient_checkpointing(backbone)
     counter = SavedActivations(backbone)
     try:
         with torch.device("meta"):
