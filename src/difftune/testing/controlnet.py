@@ -48,7 +48,9 @@ def save_sd3_controlnet_pipeline(root: Path, seed: int = 0, controlnet: bool = F
     from difftune.backbones.controlnet_sd3 import new_sd3_controlnet
 
     save_sd3_pipeline(root, tiny_sd3_transformer(seed=seed), seed=seed)
-    sharpen_vae(AutoencoderKL.from_pretrained(root / "vae")).save_pretrained(root / "vae")
+    sharpen_vae(AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)).save_pretrained(
+        root / "vae"
+    )
     if controlnet:
         net = new_sd3_controlnet(tiny_sd3_transformer(seed=seed))
         torch.manual_seed(seed)
