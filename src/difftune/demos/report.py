@@ -106,16 +106,17 @@ STUDY_FINDINGS: dict[tuple[str, str], str] = {
         "docs/reproduction.md, section 14.4."
     ),
     ("photo_patches", "edm"): (
-        "One run is not a verdict: over 5 seeds of this transfer from the EDM photo source, at this guidance "
-        "scale (1.5), Diff-Tuning beats plain fine-tuning significantly (-6.3 FID, 95% CI [-12.3, -0.2]), the "
-        "only flow or EDM test bed where it does; but these models sample better unguided, and there the "
-        "comparison has 2 seeds so far, too few for a verdict; see docs/reproduction.md, section 14.6."
+        "One run is not a verdict: over 5 seeds of this transfer from the EDM photo source, every method is "
+        "best unguided, and there the offsets port (the EDM default) beats plain fine-tuning significantly "
+        "(-8.2 FID, 95% CI [-14.0, -2.3]) and the paper's index port (-6.2 [-10.3, -2.0]), which is itself "
+        "within noise of plain (-2.0 [-6.0, +2.0]); see docs/reproduction.md, section 14.6."
     ),
     ("digits", "edm"): (
         "One run is not a verdict: over 5 seeds of this transfer on the EDM source, every method is best "
-        "unguided, and there no variant beats plain fine-tuning (Diff-Tuning +1.2 FID, 95% CI [-1.3, +3.7]; "
-        "ψ/ξ ported by log-SNR significantly worse, +3.5 [+1.1, +5.8]), although handing the last 30% of the "
-        "steps to the source costs nothing here (-1% [-11%, +9%]); see docs/reproduction.md, section 14."
+        "unguided, and there no variant beats plain fine-tuning (the offsets port, the EDM default, -0.6 FID, "
+        "95% CI [-5.4, +4.2]; the paper's index port +1.2 [-1.3, +3.7]; ψ/ξ ported by log-SNR significantly "
+        "worse, +3.5 [+1.1, +5.8]), although handing the last 30% of the steps to the source costs nothing "
+        "here (-1% [-11%, +9%]); see docs/reproduction.md, sections 14 and 14.6."
     ),
 }
 

@@ -26,12 +26,12 @@ from difftune.config.objective import ObjectiveConfig
 from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
-# the port of each process (docs/reproduction.md §14; 5 seeds of the demo's transfer on each process, each
-# method at its own best guidance): the paper's index port unless another beats it significantly. None
-# did: on flow and EDM the log_snr port was significantly worse than index, and offsets and data-driven
-# schedules were within noise of it (offsets beat index on EDM at guidance 1.5, -4.6 FID [-8.4, -0.9], but
-# not unguided, where every EDM model was best: -1.8 [-7.1, +3.5])
-RECOMMENDED_AXIS = {"ddpm": "index", "flow": "index", "edm": "index"}
+# the port of each process (docs/reproduction.md §14; 5 seeds of each transfer, each method at its own best
+# sampling): the paper's index port unless another beats it significantly. On flow none does (log_snr is
+# significantly worse; offsets too, pooled over the four flow beds: +0.84 FID [+0.16, +1.51]). On EDM the
+# offsets port beats index on the photo source (-6.17 [-10.34, -2.00], 5/5 seeds, §14.6) and leads it on
+# every EDM bed (pooled over the four: -3.30 [-5.39, -1.22], 14/20 seeds), so it is EDM's default
+RECOMMENDED_AXIS = {"ddpm": "index", "flow": "index", "edm": "offsets"}
 # what the power schedules become on the offsets port
 OFFSET_SCHEDULES = {"power_up": "logit_normal_up", "power_down": "logit_normal_down"}
 
