@@ -29,6 +29,30 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's captioned folder: 4 drawings of circles and squares with their captions (a test module
+    may define its own)."""
+    from test_stable_diffusion import _caption_folder
+
+    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's per-process state, which refuses a second mixed precision in one process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerate() -> Iterator[None]:
+    """accelerate's state reset around a test that trains in another mixed precision (bf16)."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
 @pytest.fixture
 def benchmark_script() -> Iterator[Callable[[str], ModuleType]]:
     """Imports a script of ``benchmarks/`` as a module (``benchmark_script("peer_sd")``); the

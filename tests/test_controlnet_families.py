@@ -32,7 +32,6 @@ from difftune.errors import UserError
 from difftune.testing.controlnet import save_sd3_controlnet_pipeline, save_sdxl_controlnet_pipeline
 from test_sdxl import _files, _write
 from test_sdxl import _raw as _xl_raw
-from test_stable_diffusion import _caption_folder
 
 ROOT = Path(__file__).parents[1]
 
@@ -76,11 +75,6 @@ CASES = {
         "control_image",
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
 def _raw(base: Path, captions: Path, out: Path) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from difftune.errors import UserError
 from difftune.testing.flux import save_flux_pipeline
 from test_sd3 import _raw as sd3_raw
 from test_sd3 import _write
-from test_stable_diffusion import CAPTIONS, _caption_folder
+from test_stable_diffusion import CAPTIONS
 
 LORA = {"method": "lora", "lora": {"rank": 4, "alpha": 16.0}}
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}
@@ -45,11 +44,6 @@ ROOT = Path(__file__).parents[1]
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
 def _raw(root: Path, captions: Path, out: Path, **sections: dict) -> dict:
@@ -358,16 +352,6 @@ def test_sample_takes_prompts_on_a_lora_runs_final(
     args = ["sample", "--model", str(final), "--prompt", "a red circle", "--per-label", "1"]
     assert main([*args, "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "00000_prompt0_seed0.png").is_file()
-
-
-@pytest.fixture
-def fresh_accelerate() -> Iterator[None]:
-    """accelerate keeps one state per process and refuses another mixed precision: reset it around a bf16 run."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_a_checkpointed_lora_run_on_a_bf16_base_trains_as_the_recipe_sets_it(

@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import reset_accelerate
 from difftune.backbones import load_trained
 from difftune.backbones.loading import peek_backbone
 from difftune.cli import main
@@ -25,7 +26,6 @@ from difftune.testing.models import save_sd_pipeline
 from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
 from difftune.training.memory_estimate import estimate_training_memory
 from test_sd_lora_layout import TIGHT, _inputs, _stock_unet
-from test_stable_diffusion import _caption_folder
 
 LORA = {"method": "lora", "lora": {"rank": 4, "alpha": 4.0}}
 
@@ -33,11 +33,6 @@ LORA = {"method": "lora", "lora": {"rank": 4, "alpha": 4.0}}
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
 def _raw(sd_dir: Path, captions: Path, out: Path, frozen_dtype: str, **train: object) -> dict:
@@ -87,11 +82,15 @@ def runs(sd_dir: Path, captions: Path, tmp_path_factory: pytest.TempPathFactory)
     raw["bank"]["path"] = str(root / "bank")
     assert main(["bank", "--config", str(_write(raw, root / "bank.yaml"))]) == 0
     out = {}
-    for name, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
-        raw = _raw(sd_dir, captions, root / name, dtype)
-        raw["bank"]["path"] = str(root / "bank")
-        assert _run(raw, root / f"{name}.yaml") == 0
-        out[name] = root / name
+    try:  # bf16 runs in this process: accelerate's state is reset around them
+        reset_accelerate()
+        for name, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+            raw = _raw(sd_dir, captions, root / name, dtype)
+            raw["bank"]["path"] = str(root / "bank")
+            assert _run(raw, root / f"{name}.yaml") == 0
+            out[name] = root / name
+    finally:
+        reset_accelerate()
     return out
 
 
@@ -125,7 +124,7 @@ def test_a_bf16_base_trains_close_to_the_float32_one(runs: dict[str, Path]) -> N
 
 
 def test_a_bf16_base_resumes_exactly(
-    runs: dict[str, Path], sd_dir: Path, captions: Path, tmp_path: Path
+    runs: dict[str, Path], sd_dir: Path, captions: Path, tmp_path: Path, fresh_accelerate: None
 ) -> None:
     raw = _raw(sd_dir, captions, tmp_path / "resumed", "bfloat16", max_steps=2)
     raw["bank"]["path"] = str(runs["bf16"].parent / "bank")

@@ -30,7 +30,7 @@ from difftune.bank import load_bank
 from difftune.cli import main
 from difftune.errors import UserError
 from difftune.testing.sd3 import SD3_SHIFT, save_sd3_pipeline
-from test_stable_diffusion import CAPTIONS, _caption_folder
+from test_stable_diffusion import CAPTIONS
 
 LORA = {"method": "lora", "lora": {"rank": 4, "alpha": 16.0}}
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}
@@ -40,11 +40,6 @@ FLOW_SHIFT_3_MEAN_SIGMA = 0.677  # docs/method.md §8: mean σ of flow with shif
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
 def _raw(root: Path, captions: Path, out: Path, **sections: dict) -> dict:

@@ -18,7 +18,7 @@ from difftune.backbones.lora_layout import LORA_WEIGHTS
 from difftune.config.tuning import LoraSettings, TuningConfig
 from difftune.testing.models import save_pipeline_dir, save_sd_pipeline, tiny_dit
 from difftune.training.loop import train_model
-from test_stable_diffusion import _caption_folder, _config
+from test_stable_diffusion import _config
 
 LORA = {"method": "lora", "lora": {"rank": 4, "alpha": 16.0}}  # scale alpha / r = 4: the loader must keep it
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
@@ -27,11 +27,6 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
 def _train(pipe: Path, captions: Path, out: Path, **sections: dict) -> Path:

@@ -29,7 +29,7 @@ from difftune.bank.conditions import prepare_bank_conditions
 from difftune.cli import main
 from difftune.config.experiment import config_from_dict
 from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline, tiny_sdxl_unet
-from test_stable_diffusion import CAPTIONS, _caption_folder
+from test_stable_diffusion import CAPTIONS
 
 LORA = {"method": "lora", "lora": {"rank": 4, "alpha": 16.0}}
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}
@@ -38,11 +38,6 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-5}
 @pytest.fixture(scope="module")
 def xl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _caption_folder(tmp_path_factory.mktemp("data") / "shapes", n=4)
 
 
 def _raw(xl_dir: Path, captions: Path, out: Path, **sections: dict) -> dict:
