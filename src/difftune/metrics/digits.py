@@ -71,6 +71,7 @@ def train_digit_classifier(
     seed: int = 0,
     batch_size: int = 64,
     lr: float = 3e-3,
+    num_classes: int = 10,
 ) -> DigitClassifier:
     """Train a :class:`DigitClassifier` with Adam; deterministic given ``seed`` on a fixed machine.
 
@@ -80,11 +81,12 @@ def train_digit_classifier(
 
     Args:
         images: float tensor ``(N, 1, 8, 8)`` with values in ``[0, 1]``.
-        labels: int64 tensor ``(N,)`` with class indices in ``0..9``.
+        labels: int64 tensor ``(N,)`` with class indices in ``0..num_classes - 1``.
         steps: number of optimisation steps.
         seed: seed for initialisation and shuffling.
         batch_size: mini-batch size.
         lr: Adam learning rate (cosine-decayed to 0).
+        num_classes: classes of the classifier (10 digits; more when a variant of each is a class of its own).
 
     Returns:
         The trained classifier, in eval mode, on the CPU.
@@ -106,7 +108,6 @@ def train_digit_classifier(
         )
     if images.shape[0] < 2 or steps < 1:
         raise ValueError(f"need >= 2 images and >= 1 step, got {images.shape[0]} images and {steps} steps")
-    num_classes = 10
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must lie in 0..{num_classes - 1}")
 
