@@ -233,6 +233,8 @@ class ModelFamily:
         model_class: the diffusers class its denoiser is loaded as.
         adapter: the backbone adapter class it builds.
         adapter_targets: method (:data:`ADAPTER_TARGET_KEYS`) -> the module names it adapts by default.
+        pretraining_density: the density over the noise level a flow model of the family was pre-trained
+            with, what ``model.pretraining_density: auto`` resolves to (``uniform`` or ``logit_normal``).
     """
 
     name: str = ""
@@ -240,6 +242,7 @@ class ModelFamily:
     model_class: type
     adapter: type
     adapter_targets: Mapping[str, Sequence[str]] = {}
+    pretraining_density: str = "uniform"
 
     def claims(self, config: Mapping[str, Any]) -> bool:
         """Whether this family loads a model of one of :attr:`model_classes` with ``config`` (its

@@ -86,6 +86,7 @@ class FluxFamily(StableDiffusion3Family):
     pipeline = PIPELINE
     label = "Flux"
     null_length = FLUX_T5_LENGTH
+    pretraining_density = "uniform"  # not published; diffusers' Flux scripts sample σ uniformly by default
 
     # loading
     def backbone(self, ctx: LoadContext, model: Any) -> FluxBackbone:

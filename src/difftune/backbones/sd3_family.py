@@ -76,6 +76,9 @@ class StableDiffusion3Family(StableDiffusionFamily):
     pipeline = PIPELINE  # the stock pipeline (its LoRA loader, the model card)
     label = "SD3"  # the model's name in messages
     null_length = CLIP_LENGTH + T5_LENGTH  # tokens of a prompt embedding (the dry run's null embedding)
+    # SD3's published pre-training (Esser et al. 2024, "rf/lognorm(0.00, 1.00)"); diffusers' SD3 scripts
+    # offer it as --weighting_scheme logit_normal
+    pretraining_density = "logit_normal"
 
     # loading
     def load(self, ctx: LoadContext, model: Any) -> tuple[SD3Backbone, TextParts]:  # type: ignore[override]

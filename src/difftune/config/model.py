@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from difftune.config.checks import _check, _check_fields
 
@@ -32,6 +33,12 @@ class ModelConfig:
             ``guidance_embeds``): the bank is generated with it (each sample stores it, and trains
             with it) and the target trains with it; ``None``: what a saved model records, else
             ``FluxPipeline``'s default 3.5. Refused for a model without a guidance embedding.
+        pretraining_density: the density over the noise level a flow model was pre-trained with: what
+            plain fine-tuning as the model was trained draws (``objective.target_schedule:
+            pretraining``) and what the ``offsets`` port centres on. ``auto``: the family's (SD3/3.5:
+            ``logit_normal``, its published recipe; every other flow family: ``uniform`` over the
+            index); ``uniform``; ``logit_normal`` (σ before the shift ~ sigmoid(N(0, 1))). A run records
+            the concrete one. DDPM and EDM models state their own (only ``auto``).
     """
 
     pretrained: str = ""
@@ -40,6 +47,7 @@ class ModelConfig:
     revision: str | None = None
     controlnet: str | None = None
     guidance: float | None = None
+    pretraining_density: Literal["auto", "uniform", "logit_normal"] = "auto"
 
     def __post_init__(self) -> None:
         _check_fields(self, "model")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 SCHEDULE_NAMES = ("uniform", "power_up", "power_down")  # built from T alone
-SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr")  # built from the model's noise levels
+SNR_SCHEDULE_NAMES = ("min_snr", "inverse_snr", "pretraining")  # built from the model's noise levels
 # built from the model's pre-training density, shifted in log-SNR (objective.logit_normal_up.offset / _down.offset)
 NOISE_LEVEL_SCHEDULE_NAMES = ("logit_normal_up", "logit_normal_down")
 # objective.power.axis: how the power schedules travel to the model's process (schedules/ports.py)

@@ -55,6 +55,7 @@ __all__ = [
     "build_process",
     "check_end_to_end",
     "process_name",
+    "resolve_pretraining",
 ]
 
 
@@ -84,15 +85,19 @@ def process_name(scheduler_config: dict[str, Any]) -> str:
 
 
 def build_process(
-    scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None
+    scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None, pretraining: str = "auto"
 ) -> ForwardProcess:
     """The forward process of a model whose noise schedule is ``scheduler_config``; ``sample_shape``
-    (C, H, W) fixes a flow model's resolution-dependent shift (:func:`difftune.process.flow.fixed_shift`)."""
+    (C, H, W) fixes a flow model's resolution-dependent shift (:func:`difftune.process.flow.fixed_shift`);
+    ``pretraining`` is the density a flow model was pre-trained with (:func:`resolve_pretraining`;
+    ``auto``: uniform), the other processes state their own."""
     name = process_name(scheduler_config)
     if name == "flow":
         from difftune.process.flow import FlowProcess
 
-        return FlowProcess(scheduler_config, sample_shape)
+        return FlowProcess(
+            scheduler_config, sample_shape, "uniform" if pretraining == "auto" else pretraining
+        )
     if name == "edm":
         from difftune.process.edm import EDMProcess
 
@@ -100,6 +105,25 @@ def build_process(
     from difftune.process.ddpm import DDPMProcess
 
     return DDPMProcess(scheduler_config)
+
+
+def resolve_pretraining(choice: str, scheduler_config: dict[str, Any], family_density: str) -> str:
+    """The pre-training density ``model.pretraining_density`` (``choice``) names for a model whose noise
+    schedule is ``scheduler_config`` and whose family states ``family_density``: on a flow model ``auto``
+    is the family's (``uniform`` or ``logit_normal``); the other processes state their own (``auto``).
+
+    Raises:
+        UserError: a density chosen for a model that is not a flow model.
+    """
+    name = process_name(scheduler_config)
+    if name != "flow":
+        if choice != "auto":
+            raise UserError(
+                f"model.pretraining_density={choice} describes a flow model's pre-training, and this is a {name} "
+                "model (its process states its own): remove it"
+            )
+        return choice
+    return family_density if choice == "auto" else choice
 
 
 def sampler_for(name: str, scheduler_config: dict[str, Any]) -> str:

@@ -21,6 +21,8 @@ import torch
 from difftune.errors import UserError
 from difftune.process.base import ForwardProcess, per_sample
 
+FLOW_DENSITIES = ("uniform", "logit_normal")  # what a flow model may have been pre-trained with
+
 
 class FlowProcess(ForwardProcess):
     """Rectified flow with the model's shift.
@@ -29,17 +31,29 @@ class FlowProcess(ForwardProcess):
         scheduler_config: a ``FlowMatchEulerDiscreteScheduler`` config.
         sample_shape: (C, H, W) of the samples; needed only when the config's shift depends on the
             resolution (``use_dynamic_shifting``), and fixes it (:func:`fixed_shift`).
+        pretraining: the density the model was pre-trained with (:meth:`pretraining_density`):
+            ``uniform`` over the index, or ``logit_normal`` (SD3's logit-normal(0, 1) over unshifted time).
 
     Raises:
-        UserError: a dynamic shift without ``sample_shape``.
+        UserError: a dynamic shift without ``sample_shape``, or an unknown ``pretraining``.
     """
 
     name = "flow"
     prediction_type = "velocity"
 
-    def __init__(self, scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        scheduler_config: dict[str, Any],
+        sample_shape: tuple[int, ...] | None = None,
+        pretraining: str = "uniform",
+    ) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if pretraining not in FLOW_DENSITIES:
+            raise UserError(
+                f"a flow model's pre-training density {pretraining!r} is unknown: use one of {list(FLOW_DENSITIES)}"
+            )
+        self.pretraining = pretraining
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(fixed_shift(scheduler_config, sample_shape))
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.sigmas = scheduler.sigmas[: self.num_timesteps].flip(0).double()  # σ_t, increasing in t
@@ -68,8 +82,16 @@ class FlowProcess(ForwardProcess):
         # x̂0 = x_t − σ·v̂, so ‖v̂ − v‖² = ‖x̂0 − x0‖² / σ² = (1 + √SNR)²·‖x̂0 − x0‖²
         return self.sigmas**2
 
-    # pretraining_density: uniform over the index (σ = shift((t + 1) / T)). A scheduler config does not say
-    # how the model was trained; SD3's logit-normal, for one, would have to be stated (docs/method.md §12)
+    def pretraining_density(self) -> torch.Tensor:
+        """p(t) (T,) float64 the model was pre-trained with: ``uniform`` over the index, or
+        ``logit_normal``: unshifted time u ~ sigmoid(N(0, 1)) (SD3's recipe, drawn as diffusers' SD3
+        scripts draw it; the density is symmetric, so either end may be noise), so that index t, whose σ is shift((t + 1) / T), gets the
+        probability of u in [t / T, (t + 1) / T) (docs/method.md §12)."""
+        if self.pretraining == "uniform":
+            return super().pretraining_density()
+        edges = torch.linspace(0, 1, self.num_timesteps + 1, dtype=torch.float64)
+        cdf = torch.special.ndtr(torch.logit(edges))  # logit(0) = -inf, logit(1) = inf: cdf 0 and 1
+        return cdf.diff()
 
 
 def resolution_mu(scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None) -> float | None:

@@ -106,7 +106,7 @@ def _densities(run: RunRecord, schedule: dict[str, Any], folder: Path) -> Densit
         if not path.is_file():
             return f"ψ/ξ not shown: the data_driven schedules' fit ({DATA_SCHEDULE_FILE}) is not in the run folder"
         fit = DataSchedule.load(path)
-    process = build_process(schedule, _sample_shape(folder))
+    process = build_process(schedule, _sample_shape(folder), run.config.model.pretraining_density)
     # the streams' schedules are the same for every objective kind; diff_tuning builds them without a
     # model (a distillation objective would build its teacher), and the variance term is not drawn
     objective = build_objective(

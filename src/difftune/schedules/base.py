@@ -46,6 +46,7 @@ __all__ = [
     "on_log_snr",
     "power_down",
     "power_up",
+    "pretraining",
     "tabulated",
     "timestep_bins",
     "uniform",
@@ -166,6 +167,13 @@ def inverse_snr(noise: NoiseLevels, gamma: float = 0.0) -> TimestepSchedule:
     return TimestepSchedule.from_table(noise.x0_factor, name="inverse_snr")
 
 
+def pretraining(noise: NoiseLevels, gamma: float = 0.0) -> TimestepSchedule:
+    """The density the model was pre-trained with (``model.pretraining_density``): plain fine-tuning as
+    the model was trained (SD3's logit-normal; EDM's log-normal σ; uniform for DDPM). ``gamma`` is
+    accepted and ignored."""
+    return TimestepSchedule.from_table(noise.pretraining, name="pretraining")
+
+
 def logit_normal_up(noise: NoiseLevels, offset: float = 1.1) -> TimestepSchedule:
     """ψ over the noise level: the model's pre-training density moved toward noise by ``offset`` in
     logit(σ_flow) = −log-SNR / 2 (docs/method.md §12)."""
@@ -220,6 +228,7 @@ SCHEDULES: dict[str, Callable[[int, float], TimestepSchedule]] = {
 SNR_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {
     "min_snr": min_snr,
     "inverse_snr": inverse_snr,
+    "pretraining": pretraining,
 }
 # the model's pre-training density moved along log-SNR (by objective.logit_normal_up.offset / _down.offset)
 NOISE_LEVEL_SCHEDULES: dict[str, Callable[[NoiseLevels, float], TimestepSchedule]] = {

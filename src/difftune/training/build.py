@@ -31,7 +31,7 @@ from difftune.data.targets import TargetData, prepare_target
 from difftune.errors import UserError
 from difftune.io.mapped import MappedRows
 from difftune.objectives import Draw, Objective, build_objective
-from difftune.process import build_process
+from difftune.process import build_process, resolve_pretraining
 from difftune.process.base import ForwardProcess
 from difftune.schedules.data_driven import DataSchedule
 from difftune.schedules.ports import resolve_port
@@ -221,10 +221,15 @@ def build_run(
     cast_frozen(loaded.backbone, trainable, tc.frozen_dtype)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone)
-    process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape)
-    cfg = replace(
-        cfg, objective=resolve_port(cfg.objective, process.name)
-    )  # the run records its concrete port
+    density = resolve_pretraining(
+        cfg.model.pretraining_density, loaded.scheduler_config, loaded.family.pretraining_density
+    )
+    process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape, density)
+    cfg = replace(  # the run records its concrete port and pre-training density
+        cfg,
+        model=replace(cfg.model, pretraining_density=density),
+        objective=resolve_port(cfg.objective, process.name),
+    )
     check_validation(tc.validation_every, loaded.backbone, cfg.data.annotator)  # before anything is encoded
     spec = tc.evaluation
     bank, held_bank = split_bank(training_bank(cfg, loaded), spec.bank_holdout, spec.seed)
