@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from difftune.bank.prompts import bank_prompts
+from difftune.cli import main
 from difftune.data.builtin import PHOTOS
 from difftune.demos.caption_bed import CaptionBedSettings, method_config, run_caption_bed
 from difftune.demos.caption_data import (
@@ -107,3 +108,14 @@ def test_tiny_run_scores_every_method(tmp_path: Path) -> None:
     assert json.loads((s.out / "results.json").read_text()) == results
     info = json.loads((s.out / "run_info.json").read_text())
     assert "torch" in json.dumps(info["environment"])
+
+
+def test_the_cli_runs_it_as_a_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["demo", "captions", "--dry-run", "--cache-dir", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out
+    assert "sks digit 3" in plan and "demo_captions_out" in plan
+    assert f"caption-bed-source-{CaptionBedSettings().source_key()}" in plan
+    assert main(["demo", "captions", "--process", "edm"]) != 0
+    assert (
+        "the captions demo's model is fixed (a rectified-flow text-to-image UNet)" in capsys.readouterr().err
+    )

@@ -172,4 +172,4 @@ def test_demo_cli_takes_the_process(capsys: pytest.CaptureFixture[str], tmp_path
     plan = capsys.readouterr().out
     assert "rectified flow" in plan and "demo_photos_flow_out" in plan and "8000 steps" in plan
     assert main(["demo", "controlnet", "--process", "flow"]) != 0
-    assert "the controlnet demo is a DDPM model" in capsys.readouterr().err
+    assert "the controlnet demo's model is fixed (a DDPM UNet)" in capsys.readouterr().err
