@@ -32,7 +32,11 @@ from difftune.backbones.dit import DiTBackbone
 from difftune.backbones.family import HOOKS, BankInputs, ModelFamily, PreflightFacts, missing_hooks, narrows
 from difftune.backbones.loading import LoadedModel
 from difftune.errors import UserError
-from difftune.testing.controlnet import save_sd3_controlnet_pipeline, save_sdxl_controlnet_pipeline
+from difftune.testing.controlnet import (
+    save_flux_controlnet_pipeline,
+    save_sd3_controlnet_pipeline,
+    save_sdxl_controlnet_pipeline,
+)
 from difftune.testing.flux import save_flux_pipeline
 from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline
 from difftune.testing.sd3 import save_sd3_pipeline
@@ -54,6 +58,7 @@ BUILDERS: dict[str, list[Callable[[Path], Path]]] = {
     "controlnet": [lambda root: save_sd_pipeline(root, controlnet=True)],
     "sdxl_controlnet": [lambda root: save_sdxl_controlnet_pipeline(root, controlnet=True)],
     "sd3_controlnet": [lambda root: save_sd3_controlnet_pipeline(root, controlnet=True)],
+    "flux_controlnet": [lambda root: save_flux_controlnet_pipeline(root, controlnet=True)],
 }
 # family name -> what a user asks to sample from it (CONTROL_FILE: a control image written by the test)
 CONTROL_FILE = "control.png"
@@ -67,6 +72,7 @@ REQUESTS: dict[str, ConditionRequest] = {
     "controlnet": ConditionRequest(prompts=["a red circle", "three digits"], controls=[CONTROL_FILE]),
     "sdxl_controlnet": ConditionRequest(prompts=["a red circle", "three digits"], controls=[CONTROL_FILE]),
     "sd3_controlnet": ConditionRequest(prompts=["a red circle", "three digits"], controls=[CONTROL_FILE]),
+    "flux_controlnet": ConditionRequest(prompts=["a red circle", "three digits"], controls=[CONTROL_FILE]),
 }
 BANK_PROMPTS = ["a red circle", "a blue square", "", "three digits"]
 CASES = [(name, i) for name, builders in BUILDERS.items() for i in range(len(builders))]

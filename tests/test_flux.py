@@ -80,8 +80,12 @@ def test_the_registry_gives_flux_transformers_to_their_family(flux_dir: Path, tm
     assert loaded.backbone.condition_names == (PROMPTS, POOLED, GUIDANCE)
     assert loaded.backbone.guidance == 3.5  # FluxPipeline's default
     assert load_pretrained(str(flux_dir), guidance=2.0).backbone.guidance == 2.0
-    with pytest.raises(UserError, match="Flux ControlNet is not supported"):
-        load_pretrained(str(flux_dir), controlnet="from_unet")
+    # model.controlnet: a FluxControlNetModel over it (tests/test_controlnet_flux.py)
+    controlnet = load_pretrained(str(flux_dir), controlnet="from_unet")
+    assert (
+        controlnet.family is FAMILIES["flux_controlnet"]
+        and controlnet.backbone.condition_names[-1] == "control"
+    )
     # a model without a guidance embedding (schnell's kind) has no guidance condition and refuses one
     schnell = load_pretrained(str(save_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)))
     assert schnell.backbone.condition_names == (PROMPTS, POOLED)

@@ -8,6 +8,9 @@ shift where the ControlNet zeroes its pooled projection (``force_zeros_for_poole
 ``SD3ControlNetModel.from_transformer`` makes it), and the prompt embeddings unless it has no text
 width (``joint_attention_dim`` null). Its block outputs enter the transformer as
 ``block_controlnet_hidden_states``.
+
+:class:`VAEControlAdapter` (the VAE-encoded control image) is shared with the Flux ControlNet
+(:mod:`~difftune.backbones.controlnet_flux`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,50 @@ VAE_DOWNSAMPLE = 8  # SD3's VAE, when the adapter is built without one (on the m
 CONTROLNET_LAYERS = 12  # a new ControlNet's blocks: SD3ControlNetModel.from_transformer's default
 
 
-class SD3ControlNetBackbone(ControlAdapter, SD3Backbone):
+class VAEControlAdapter(ControlAdapter):
+    """A :class:`ControlAdapter` whose ControlNet reads its control images encoded by the pipeline's VAE
+    (SD3's and Flux's): the posterior's mean, shifted by :meth:`control_shift` and scaled, encoded once
+    per control tensor. Call :meth:`attach_vae` after :meth:`attach`."""
+
+    vae: AutoencoderKL | None
+    label: str
+
+    def attach_vae(self, vae: AutoencoderKL | None) -> None:
+        """Keep ``vae`` (frozen; ``None`` on the meta device without one) to encode the control images."""
+        self.vae = vae.requires_grad_(False) if vae is not None else None
+        # the last control tensor encoded (a weak reference), what else keys it, and its latents
+        self._encoded: tuple[Any, ...] | None = None
+
+    @property
+    def control_downsample(self) -> int:
+        """Side of a control image / side of a sample: the VAE's downsampling."""
+        if self.vae is None:
+            return VAE_DOWNSAMPLE
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def control_shift(self, vae_config: Any) -> float:
+        """What the control latents are shifted by before scaling: the VAE's ``shift_factor`` (of ``vae_config``)."""
+        return float(vae_config.shift_factor or 0.0)
+
+    def control_latents(self, control: torch.Tensor) -> torch.Tensor:
+        """Control images (N, 3, H, W) uint8 -> the latents the ControlNet reads, as the pipeline makes them;
+        encoded once per control tensor (sampling passes the same one at every step)."""
+        if self.vae is None:
+            raise UserError(
+                f"the {self.label} ControlNet encodes its control images with the pipeline's VAE: load it with one"
+            )
+        key = (control._version, self.vae.dtype, control.device)
+        if self._encoded is not None and self._encoded[0]() is control and self._encoded[1] == key:
+            return self._encoded[2]
+        pixels = control.to(self.vae.dtype) / 127.5 - 1
+        with torch.no_grad():
+            latent = self.vae.encode(pixels).latent_dist.mode()
+            latents = (latent - self.control_shift(self.vae.config)) * self.vae.config.scaling_factor
+        self._encoded = (weakref.ref(control), key, latents)
+        return latents
+
+
+class SD3ControlNetBackbone(VAEControlAdapter, SD3Backbone):
     """A trainable ``SD3ControlNetModel`` steering a frozen ``SD3Transformer2DModel``.
 
     Args:
@@ -53,37 +99,15 @@ class SD3ControlNetBackbone(ControlAdapter, SD3Backbone):
     ) -> None:
         super().__init__(transformer)
         self.attach(controlnet, transformer)
-        self.vae = vae.requires_grad_(False) if vae is not None else None
-        # the last control tensor encoded (a weak reference), what else keys it, and its latents
-        self._encoded: tuple[Any, ...] | None = None
+        self.attach_vae(vae)
 
     def base_adapter(self) -> Backbone:
         return SD3Backbone(self.transformer)
 
-    @property
-    def control_downsample(self) -> int:
-        """Side of a control image / side of a sample: the VAE's downsampling."""
-        if self.vae is None:
-            return VAE_DOWNSAMPLE
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def control_latents(self, control: torch.Tensor) -> torch.Tensor:
-        """Control images (N, 3, H, W) uint8 -> the latents the ControlNet reads, as the pipeline makes them;
-        encoded once per control tensor (sampling passes the same one at every step)."""
-        if self.vae is None:
-            raise UserError(
-                "an SD3 ControlNet encodes its control images with the pipeline's VAE: load it with one"
-            )
-        key = (control._version, self.vae.dtype, control.device)
-        if self._encoded is not None and self._encoded[0]() is control and self._encoded[1] == key:
-            return self._encoded[2]
-        cfg = self.vae.config
-        shift = 0.0 if self.inner.config.force_zeros_for_pooled_projection else (cfg.shift_factor or 0.0)
-        pixels = control.to(self.vae.dtype) / 127.5 - 1
-        with torch.no_grad():
-            latents = (self.vae.encode(pixels).latent_dist.mode() - shift) * cfg.scaling_factor
-        self._encoded = (weakref.ref(control), key, latents)
-        return latents
+    def control_shift(self, vae_config: Any) -> float:
+        """No shift where the ControlNet zeroes its pooled projection, as the SD3 ControlNet pipeline does."""
+        zeroed = self.inner.config.force_zeros_for_pooled_projection
+        return 0.0 if zeroed else super().control_shift(vae_config)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         dtype, frozen = self.inner.dtype, self.transformer.dtype

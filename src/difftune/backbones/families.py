@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from difftune.backbones.class_family import DIT, UNET
-from difftune.backbones.controlnet_families import SD3_CONTROLNET, SDXL_CONTROLNET
+from difftune.backbones.controlnet_families import FLUX_CONTROLNET, SD3_CONTROLNET, SDXL_CONTROLNET
 from difftune.backbones.controlnet_family import CONTROLNET
 from difftune.backbones.family import ModelFamily, missing_hooks, narrows
 from difftune.backbones.flux_family import FLUX
@@ -102,5 +102,6 @@ for _family in (
     CONTROLNET,
     SDXL_CONTROLNET,
     SD3_CONTROLNET,
+    FLUX_CONTROLNET,
 ):
     register_family(_family)

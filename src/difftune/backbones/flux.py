@@ -100,22 +100,27 @@ class FluxBackbone(SD3Backbone):
         if self.guided:
             self._bank_record["guidance"] = self.guidance
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        dtype, device = self.inner.dtype, x_t.device
+    def model_inputs(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor | None]:
+        """The keyword inputs ``FluxPipeline`` gives a Flux model (its transformer, a Flux ControlNet) in
+        ``dtype``: the packed latents, the prompt's embeddings, σ, the ids and (dev) the guidance value."""
+        device = x_t.device
         n, _, height, width = x_t.shape
         prompts = cond[PROMPTS].to(device, dtype)
-        timestep = torch.as_tensor(t, device=device).float().expand(n) / TIMESTEP_SCALE
-        guidance = cond[GUIDANCE].to(device, torch.float32) if self.guided else None
-        out = self.inner(
-            hidden_states=pack(x_t.to(dtype)),
-            encoder_hidden_states=prompts,
-            pooled_projections=cond[POOLED].to(device, dtype),
-            timestep=timestep,
-            img_ids=image_ids(height, width, device, dtype),
-            txt_ids=torch.zeros(prompts.shape[1], 3, device=device, dtype=dtype),
-            guidance=guidance,
-        ).sample
-        return unpack(out, height, width)
+        return {
+            "hidden_states": pack(x_t.to(dtype)),
+            "encoder_hidden_states": prompts,
+            "pooled_projections": cond[POOLED].to(device, dtype),
+            "timestep": torch.as_tensor(t, device=device).float().expand(n) / TIMESTEP_SCALE,
+            "img_ids": image_ids(height, width, device, dtype),
+            "txt_ids": torch.zeros(prompts.shape[1], 3, device=device, dtype=dtype),
+            "guidance": cond[GUIDANCE].to(device, torch.float32) if self.guided else None,
+        }
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        out = self.inner(**self.model_inputs(x_t, t, cond, self.inner.dtype)).sample
+        return unpack(out, x_t.shape[2], x_t.shape[3])
 
     def unconditional(self, n: int, device: torch.device | str = "cpu") -> Conditioning:
         return Conditioning({**super().unconditional(n, device), **self.guidance_column(n, device)})

@@ -13,7 +13,11 @@ Built on the SD3 family (:mod:`difftune.backbones.sd3_family`), which it shares 
 * the noise process: rectified flow with Flux's resolution-dependent shift, fixed for that size
   (:func:`difftune.process.flow.fixed_shift`; the sampler gets μ as ``FluxPipeline`` computes it);
 * LoRA: the modules diffusers' ``train_dreambooth_lora_flux.py`` adapts by default, saved for
-  ``FluxPipeline.load_lora_weights``.
+  ``FluxPipeline.load_lora_weights``;
+* ``model.controlnet``: a ``FluxControlNetModel`` over the frozen transformer
+  (:mod:`~difftune.backbones.controlnet_flux`; ``from_unet`` makes a new one as
+  ``FluxControlNetModel.from_transformer`` does), whose trained form the ``flux_controlnet`` family
+  (:mod:`~difftune.backbones.controlnet_families`) loads.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 from difftune.backbones.conditioning import Conditioning
+from difftune.backbones.controlnet_flux import flux_controlnet_backbone
 from difftune.backbones.family import LoadContext, PreflightFacts, TargetSource, model_line
 from difftune.backbones.flux import FLUX_GUIDANCE, FLUX_SAMPLE_SIZE, GUIDANCE, FluxBackbone
 from difftune.backbones.sd3_family import StableDiffusion3Family, _SD3Prompts
 from difftune.backbones.sd3_text import FLUX_T5_LENGTH, FluxPromptEncoder, load_flux_prompt_encoder
 from difftune.backbones.sd_family import TextParts
-from difftune.errors import UserError
 
 PIPELINE = "FluxPipeline"
 # diffusers' Flux LoRA training (train_dreambooth_lora_flux.py, its default --lora_layers): both streams'
@@ -86,17 +90,15 @@ class FluxFamily(StableDiffusion3Family):
     pipeline = PIPELINE
     label = "Flux"
     null_length = FLUX_T5_LENGTH
+    controlnet_bases = ("FluxTransformer2DModel", "FluxControlNetModel")  # model.controlnet goes with these
     pretraining_density = "uniform"  # not published; diffusers' Flux scripts sample σ uniformly by default
 
     # loading
     def backbone(self, ctx: LoadContext, model: Any) -> FluxBackbone:
+        """The adapter around the transformer ``model`` (with ``model.controlnet``: a ControlNet over it)."""
         if ctx.controlnet is not None:
-            raise UserError(
-                f"{ctx.pretrained} holds a FluxTransformer2DModel; difftune trains a ControlNet over SD 1.x / 2.x "
-                "only (the Flux ControlNet is not supported yet): remove model.controlnet"
-            )
-        guidance = self.backbone_guidance(ctx)
-        return FluxBackbone(model, _latent_size(ctx), FLUX_GUIDANCE if guidance is None else guidance)
+            return flux_controlnet_backbone(ctx, model, latent_size(ctx), self.adapter_guidance(ctx))
+        return FluxBackbone(model, latent_size(ctx), self.adapter_guidance(ctx))
 
     def prompt_encoder(
         self, text_root: str, components: dict[str, Any], ctx: LoadContext
@@ -104,7 +106,14 @@ class FluxFamily(StableDiffusion3Family):
         return load_flux_prompt_encoder(text_root, ctx.revision, ctx.load)
 
     def parts(self, ctx: LoadContext, prompts: Any, pipeline: str) -> FluxParts:
-        return FluxParts(prompts, pipeline, guidance=self.backbone_guidance(ctx))
+        text = super().parts(ctx, prompts, pipeline)  # with a ControlNet: its frozen transformer, its start
+        return FluxParts(prompts, pipeline, text.frozen_unet, text.controlnet, self.backbone_guidance(ctx))
+
+    def adapter_guidance(self, ctx: LoadContext) -> float:
+        """The guidance value of the conditions an adapter of ``ctx`` makes: :meth:`backbone_guidance`, else
+        ``FluxPipeline``'s 3.5 (which a model without a guidance embedding ignores)."""
+        guidance = self.backbone_guidance(ctx)
+        return FLUX_GUIDANCE if guidance is None else guidance
 
     def backbone_guidance(self, ctx: LoadContext) -> float | None:
         """The guidance value a model of ``ctx`` conditions on, or ``None`` without a guidance embedding."""
@@ -161,7 +170,7 @@ class FluxFamily(StableDiffusion3Family):
         return notes
 
 
-def _latent_size(ctx: LoadContext) -> int:
+def latent_size(ctx: LoadContext) -> int:
     """The model's latent height and width: its VAE's ``sample_size`` over the downsampling, or
     ``FluxPipeline``'s ``default_sample_size`` (128) when no VAE config can be read."""
     source: str | None = None

@@ -76,6 +76,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
     pipeline = PIPELINE  # the stock pipeline (its LoRA loader, the model card)
     label = "SD3"  # the model's name in messages
     null_length = CLIP_LENGTH + T5_LENGTH  # tokens of a prompt embedding (the dry run's null embedding)
+    controlnet_bases: tuple[str, ...] = CONTROLNET_BASES  # a family derived from this one states its own
     # SD3's published pre-training (Esser et al. 2024, "rf/lognorm(0.00, 1.00)"); diffusers' SD3 scripts
     # offer it as --weighting_scheme logit_normal
     pretraining_density = "logit_normal"
@@ -116,10 +117,10 @@ class StableDiffusion3Family(StableDiffusionFamily):
         return backbone
 
     def _refuse_controlnet(self, ctx: LoadContext) -> None:
-        if ctx.controlnet is not None and ctx.config.get("_class_name") not in CONTROLNET_BASES:
+        if ctx.controlnet is not None and ctx.config.get("_class_name") not in self.controlnet_bases:
             raise UserError(
                 f"{ctx.pretrained} holds a {self.model_classes[0]}; difftune trains a ControlNet over SD 1.x / 2.x, "
-                f"SDXL and SD3 only (the {self.label} ControlNet is not supported yet): remove model.controlnet"
+                f"SDXL, SD3 and Flux only (the {self.label} ControlNet is not supported yet): remove model.controlnet"
             )
 
     # conditions

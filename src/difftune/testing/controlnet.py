@@ -1,4 +1,4 @@
-"""Tiny random-init SDXL and SD3 pipelines for ControlNet tests, built from configs (nothing downloaded).
+"""Tiny random-init SDXL, SD3 and Flux pipelines for ControlNet tests, built from configs (nothing downloaded).
 
 * :func:`save_sdxl_controlnet_pipeline`: the tiny SDXL pipeline (:func:`~difftune.testing.models.save_sdxl_pipeline`),
   optionally as a ``StableDiffusionXLControlNetPipeline`` with a ControlNet that changes the UNet's output.
@@ -6,6 +6,9 @@
   with a VAE whose posterior has a negligible spread, as a trained VAE's has (the stock SD3 ControlNet
   pipeline draws its control latents from it; difftune takes the mean), optionally as a
   ``StableDiffusion3ControlNetPipeline`` with a ControlNet that changes the transformer's output.
+* :func:`save_flux_controlnet_pipeline`: the tiny Flux.1-dev pipeline (:func:`~difftune.testing.flux.save_flux_pipeline`)
+  with a sharp VAE likewise (``FluxControlNetPipeline`` draws its control latents from the posterior too),
+  optionally as a ``FluxControlNetPipeline`` with a ControlNet that changes the transformer's output.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, SD3ControlNetModel
+from diffusers import AutoencoderKL, ControlNetModel, FluxControlNetModel, SD3ControlNetModel
 
+from difftune.testing.flux import save_flux_pipeline, tiny_flux_transformer
 from difftune.testing.models import save_sdxl_pipeline, tiny_controlnet, tiny_sdxl_unet
 from difftune.testing.sd3 import save_sd3_pipeline, tiny_sd3_transformer
 
@@ -22,11 +26,13 @@ LOG_VARIANCE = -30.0  # the VAE's posterior log-variance (its clamp's floor): a 
 
 
 def sharpen_vae(vae: AutoencoderKL) -> AutoencoderKL:
-    """Make the posterior of ``vae`` (with ``quant_conv``) nearly a point: its log-variance :data:`LOG_VARIANCE`."""
+    """Make the posterior of ``vae`` nearly a point: its log-variance :data:`LOG_VARIANCE`, set by
+    ``quant_conv`` (the encoder's last convolution where the VAE has none, as Flux's)."""
     latent = vae.config.latent_channels
+    last = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
     with torch.no_grad():
-        vae.quant_conv.weight[latent:] = 0
-        vae.quant_conv.bias[latent:] = LOG_VARIANCE
+        last.weight[latent:] = 0
+        last.bias[latent:] = LOG_VARIANCE
     return vae
 
 
@@ -60,7 +66,28 @@ def save_sd3_controlnet_pipeline(root: Path, seed: int = 0, controlnet: bool = F
     return root
 
 
-def _with_controlnet(root: Path, net: ControlNetModel | SD3ControlNetModel, pipeline: str) -> None:
+def save_flux_controlnet_pipeline(root: Path, seed: int = 0, controlnet: bool = False) -> Path:
+    """The tiny Flux.1-dev pipeline with a sharp VAE (:func:`sharpen_vae`); with ``controlnet``, a
+    ``FluxControlNetPipeline`` with a one-block ``FluxControlNetModel`` of its transformer whose control
+    input and block outputs are random (a new one's are zero)."""
+    from difftune.backbones.controlnet_flux import new_flux_controlnet
+
+    save_flux_pipeline(root, tiny_flux_transformer(seed=seed), seed=seed)
+    sharpen_vae(AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)).save_pretrained(
+        root / "vae"
+    )
+    if controlnet:
+        net = new_flux_controlnet(tiny_flux_transformer(seed=seed))
+        torch.manual_seed(seed)
+        for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+            torch.nn.init.normal_(layer.weight, std=0.1)
+        _with_controlnet(root, net, "FluxControlNetPipeline")
+    return root
+
+
+def _with_controlnet(
+    root: Path, net: ControlNetModel | SD3ControlNetModel | FluxControlNetModel, pipeline: str
+) -> None:
     """Add ``net`` as ``controlnet/`` to the pipeline at ``root`` and make it a ``pipeline``."""
     import json
 
