@@ -1,7 +1,8 @@
-"""Aspect-ratio buckets (``data.buckets``) on Stable Diffusion XL and Stable Diffusion 3: SDXL's size ids
-(``time_ids``) follow each image's original size, crop and bucket, and each bank bucket's size; SD3 takes
-any latent within its transformer's positions, at one static flow shift; both bank -> train -> exact
-resume with one size per batch, on tiny pipelines."""
+"""Aspect-ratio buckets (``data.buckets``) on Stable Diffusion XL, Stable Diffusion 3 and Flux.1: SDXL's
+size ids (``time_ids``) follow each image's original size, crop and bucket, and each bank bucket's size;
+SD3 takes any latent within its transformer's positions, at one static flow shift; Flux any even latent,
+each bucket at its own size's shift; all bank -> train -> exact resume with one size per batch, on tiny
+pipelines."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from difftune.backbones.loading import peek_backbone
+from difftune.backbones.loading import load_pretrained, peek_backbone
 from difftune.backbones.sdxl import TIME_IDS
 from difftune.cli import main
 from difftune.config.experiment import load_config
@@ -22,6 +23,7 @@ from difftune.data.buckets import Bucket, check_bucket_fit, largest_bucket
 from difftune.data.images import TargetImages
 from difftune.errors import UserError
 from difftune.process import build_process
+from difftune.testing.flux import save_flux_pipeline
 from difftune.testing.models import save_sdxl_pipeline
 from difftune.testing.sd3 import save_sd3_pipeline
 from difftune.training.build import RunParts
@@ -32,7 +34,7 @@ from test_buckets import _metrics, _one_error_line, _shapes_folder, _write_confi
 # 24x80 to 16x48 (resized to 16x53, 2 px off the top)
 ODD = {"oddwide": (100, 30), "oddtall": (24, 80)}
 IDS = {"oddwide": [30, 100, 0, 2, 16, 48], "oddtall": [80, 24, 2, 0, 48, 16]}
-SMALL_WIDE = (("16x16", (4, 2, 2)), ("64x16", (4, 2, 8)))  # the memory estimate traces the size given
+SMALL_WIDE = (("16x16", (2, 2)), ("64x16", (2, 8)))  # the memory estimate traces the size given
 EXPECTED = "4 of 32² px: 16x48 (4), 32x32 (4), 48x16 (5), 64x16 (1); largest 32x32"
 
 
@@ -87,7 +89,11 @@ def _bank_and_train(
     assert f"buckets    {EXPECTED}" in dry
     assert "(micro-batch 4, largest bucket 32x32)" in dry  # its activations traced at the largest bucket
     cfg = load_config(_config(tmp_path, pipe, data, "a", 6))
-    small, wide = (estimate_training_memory(cfg, peek_backbone(str(pipe)), bucket=b) for b in SMALL_WIDE)
+    channels = peek_backbone(str(pipe)).sample_shape[0]
+    small, wide = (
+        estimate_training_memory(cfg, peek_backbone(str(pipe)), bucket=(name, (channels, *size)))
+        for name, size in SMALL_WIDE
+    )
     assert small.activations and wide.activations and small.activations < wide.activations
 
     batches: list[tuple[tuple[int, ...], torch.Tensor | None]] = []
@@ -102,7 +108,7 @@ def _bank_and_train(
     assert main(["train", "--config", str(_config(tmp_path, pipe, data, "a", 6))]) == 0
     assert "target rows per bucket: 16x48 (4), 32x32 (4), 48x16 (5), 64x16 (1)" in capsys.readouterr().out
     shapes = [shape for shape, _ in batches]
-    assert set(shapes) <= {(4, 4, 6, 2), (4, 4, 4, 4), (4, 4, 2, 6)} and len(set(shapes)) > 1, shapes
+    assert {s[2:] for s in shapes} <= {(6, 2), (4, 4), (2, 6)} and len(set(shapes)) > 1, shapes
     whole = list(batches)
 
     assert main(["train", "--config", str(_config(tmp_path, pipe, data, "b", 3))]) == 0
@@ -197,9 +203,38 @@ def test_an_sd3_bucket_beyond_the_transformers_positions_is_refused(
         assert message in _one_error_line(capsys)
 
 
-def test_a_flow_shift_that_depends_on_the_resolution_is_refused() -> None:
-    """Flux's dynamic shift would give each bucket its own forward process."""
-    backbone = type("Flow", (), {"sample_shape": (4, 4, 4), "bucket_problem": lambda self, shape: None})()
-    with pytest.raises(UserError, match=r"data.buckets: this model's flow shift depends on the resolution"):
-        check_bucket_fit(backbone, [Bucket(32, 32)], 8, {"use_dynamic_shifting": True})
-    check_bucket_fit(backbone, [Bucket(32, 32)], 8, {"shift": 3.0})  # SD3's static shift
+def test_flux_trains_each_bucket_on_its_own_sizes_shift(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux's shift grows with the token count (use_dynamic_shifting): a bucket's latents are noised on
+    the σ grid fixed for their size, as FluxPipeline samples an image of that size, and its bank
+    samples are generated at it."""
+    pipe = save_flux_pipeline(tmp_path / "pipe")
+    config = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
+    assert config["use_dynamic_shifting"]
+    process = build_process(config, (16, 4, 4))
+    for size in ((6, 2), (4, 4), (2, 6), (2, 8)):
+        torch.testing.assert_close(process.sigmas_for((16, *size)), build_process(config, (16, *size)).sigmas)
+    assert torch.equal(process.sigmas_for((16, 4, 4)), process.sigmas)
+    wide = process.sigmas_for((16, 2, 6))  # 3 tokens against the model's 4: another (slightly smaller) shift
+    assert (process.sigmas - wide).min() > -1e-6 and (process.sigmas - wide).max() > 1e-5  # float32 grids
+    big = process.sigmas_for((16, 64, 64))  # 1024 tokens: noisier all along (μ 0.5 -> 0.68)
+    assert big.mean() > process.sigmas.mean() + 0.02
+    x0, noise, t = torch.randn(2, 16, 2, 6), torch.randn(2, 16, 2, 6), torch.tensor([100, 700])
+    sigma = wide[t].float().view(2, 1, 1, 1)
+    torch.testing.assert_close(process.noised(x0, noise, t), (1 - sigma) * x0 + sigma * noise)
+    torch.testing.assert_close(process.model_input(x0, t)[1], wide[t].float() * 1000)
+    torch.testing.assert_close(process.x0(noise - x0, process.noised(x0, noise, t), t), x0)
+
+    _bank_and_train(tmp_path, pipe, capsys, monkeypatch)
+    for bucket, (w, h) in {"48x16": (48, 16), "16x48": (16, 48)}.items():
+        bank = load_file(tmp_path / "bank" / f"bucket-{bucket}" / "shard-00000.safetensors")
+        assert bank["samples"].shape[1:] == (16, h // 8, w // 8)
+        assert bank["guidance"].tolist() == [3.5] * len(bank["seeds"])
+
+
+def test_a_flux_bucket_with_an_odd_latent_side_is_refused(tmp_path: Path) -> None:
+    backbone = load_pretrained(str(save_flux_pipeline(tmp_path / "pipe"))).backbone
+    with pytest.raises(UserError, match=r"the bucket 40x24: its latent 5x3 has an odd side, and Flux packs"):
+        check_bucket_fit(backbone, [Bucket(32, 32), Bucket(40, 24)], 8)
+    check_bucket_fit(backbone, [Bucket(48, 16), Bucket(16, 48)], 8)

@@ -70,7 +70,8 @@ class FluxBackbone(SD3Backbone):
 
     pipeline_class = "FluxPipeline"
     label = "Flux"
-    size_buckets = False  # data.buckets is not wired for Flux yet (dev's shift depends on the resolution)
+    # any even latent; each bucket is noised on its own size's shifted σ grid (FlowProcess.sigmas_for)
+    size_buckets = True
 
     def __init__(
         self,
@@ -88,6 +89,16 @@ class FluxBackbone(SD3Backbone):
         self.guided = bool(cfg.guidance_embeds)
         self.condition_names = (PROMPTS, POOLED, GUIDANCE) if self.guided else (PROMPTS, POOLED)
         self.guidance = float(guidance)
+
+    def bucket_problem(self, shape: tuple[int, int, int]) -> str | None:
+        """A latent with an odd side, which Flux's 2x2 packing cannot take."""
+        height, width = shape[1], shape[2]
+        if height % 2 or width % 2:
+            return (
+                f"its latent {width}x{height} has an odd side, and Flux packs its latents in 2x2 patches (use a "
+                "data.buckets.step that is a multiple of twice the VAE's downsampling, 16 for Flux's VAE)"
+            )
+        return None
 
     def guidance_column(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """``{"guidance": (n,)}`` of :attr:`guidance` for a guidance-distilled model, else nothing."""

@@ -48,7 +48,7 @@ def target_plan(cfg: ExperimentConfig, loaded: LoadedModel) -> BucketPlan:
 
     check_bucket_model(loaded.backbone, loaded.codec.downsample, cfg.data.buckets)
     plan = planned_buckets(cfg.data)
-    check_bucket_fit(loaded.backbone, plan.buckets, loaded.codec.downsample, loaded.scheduler_config)
+    check_bucket_fit(loaded.backbone, plan.buckets, loaded.codec.downsample)
     return plan
 
 

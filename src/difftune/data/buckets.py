@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,23 +118,15 @@ def check_bucket_model(backbone: object, downsample: int, settings: BucketSettin
         )
 
 
-def check_bucket_fit(
-    backbone: Any, buckets: Sequence[Bucket], downsample: int, scheduler_config: Mapping[str, Any] | None
-) -> None:
+def check_bucket_fit(backbone: Any, buckets: Sequence[Bucket], downsample: int) -> None:
     """Refuse buckets the model cannot take (:meth:`~difftune.backbones.base.Backbone.bucket_problem`: an
-    SD3 latent beyond its positions) and a noise schedule whose shift depends on the resolution
-    (``use_dynamic_shifting``, Flux's), which would make the forward process differ between buckets.
-
-    ``scheduler_config`` ``None``: the shift is not checked (the dry run, which reads no scheduler).
+    SD3 latent beyond its positions, a Flux latent with an odd side). A flow shift that depends on the
+    resolution (Flux's) is no reason: each bucket is noised on its own size's σ grid
+    (:meth:`~difftune.process.flow.FlowProcess.sigmas_for`).
 
     Raises:
-        UserError: the first such bucket, or a dynamic shift.
+        UserError: the first such bucket.
     """
-    if scheduler_config is not None and scheduler_config.get("use_dynamic_shifting"):
-        raise UserError(
-            "data.buckets: this model's flow shift depends on the resolution (use_dynamic_shifting), so each "
-            "bucket would train on another forward process; set data.buckets.enabled=false"
-        )
     channels = backbone.sample_shape[0]
     for bucket in buckets:
         problem = backbone.bucket_problem(bucket.sample_shape(channels, downsample))

@@ -349,7 +349,7 @@ def _bucketed_target(
     backbone, codec = loaded.backbone, loaded.codec
     check_bucket_model(backbone, codec.downsample, cfg.buckets)
     plan = target_buckets(cfg, images, resolution)
-    check_bucket_fit(backbone, plan.buckets, codec.downsample, loaded.scheduler_config)
+    check_bucket_fit(backbone, plan.buckets, codec.downsample)
     settings = dataclasses.asdict(cfg.buckets) | {"resolution": resolution}
     samples, stds, conds = [], [], []
     for bucket, members in zip(plan.buckets, plan.members, strict=True):

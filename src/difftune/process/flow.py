@@ -30,7 +30,9 @@ class FlowProcess(ForwardProcess):
     Args:
         scheduler_config: a ``FlowMatchEulerDiscreteScheduler`` config.
         sample_shape: (C, H, W) of the samples; needed only when the config's shift depends on the
-            resolution (``use_dynamic_shifting``), and fixes it (:func:`fixed_shift`).
+            resolution (``use_dynamic_shifting``), and fixes it (:func:`fixed_shift`): the noise levels
+            the schedules are built on (:attr:`sigmas`) are that size's. Samples of another size (an
+            aspect-ratio bucket's) are noised on their own size's grid (:meth:`sigmas_for`).
         pretraining: the density the model was pre-trained with (:meth:`pretraining_density`):
             ``uniform`` over the index, or ``logit_normal`` (SD3's logit-normal(0, 1) over unshifted time).
 
@@ -47,30 +49,42 @@ class FlowProcess(ForwardProcess):
         sample_shape: tuple[int, ...] | None = None,
         pretraining: str = "uniform",
     ) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         if pretraining not in FLOW_DENSITIES:
             raise UserError(
                 f"a flow model's pre-training density {pretraining!r} is unknown: use one of {list(FLOW_DENSITIES)}"
             )
         self.pretraining = pretraining
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(fixed_shift(scheduler_config, sample_shape))
-        self.num_timesteps = int(scheduler.config.num_train_timesteps)
-        self.sigmas = scheduler.sigmas[: self.num_timesteps].flip(0).double()  # σ_t, increasing in t
-        self.shift = float(scheduler.config.shift)
+        self._config = scheduler_config
+        self.sigmas, config = training_sigmas(fixed_shift(scheduler_config, sample_shape))
+        self.num_timesteps = int(config.num_train_timesteps)
+        self.shift = float(config.shift)
+        self._grids: dict[tuple[int, ...], torch.Tensor] = {}
+        if sample_shape is not None:
+            self._grids[tuple(sample_shape[-2:])] = self.sigmas
+
+    def sigmas_for(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """σ_t (T,) float64 of samples of ``shape`` (``(..., H, W)``): :attr:`sigmas`, unless the shift
+        depends on the resolution (``use_dynamic_shifting``, Flux's); then the grid fixed for that size
+        (:func:`fixed_shift`), as ``FluxPipeline`` samples an image of that size."""
+        if not self._config.get("use_dynamic_shifting"):
+            return self.sigmas
+        size = tuple(shape[-2:])
+        if size not in self._grids:
+            self._grids[size] = training_sigmas(fixed_shift(self._config, (1, *size)))[0]
+        return self._grids[size]
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = per_sample(self.sigmas, t, x0)
+        sigma = per_sample(self.sigmas_for(x0.shape), t, x0)
         return (1 - sigma) * x0 + sigma * noise
 
     def model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x_t, self.sigmas.to(t.device)[t].float() * self.num_timesteps
+        return x_t, self.sigmas_for(x_t.shape).to(t.device)[t].float() * self.num_timesteps
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
     def x0(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x_t - per_sample(self.sigmas, t, x_t) * prediction
+        return x_t - per_sample(self.sigmas_for(x_t.shape), t, x_t) * prediction
 
     def log_snr(self) -> torch.Tensor:
         return 2 * ((1 - self.sigmas) / self.sigmas).log()
@@ -92,6 +106,16 @@ class FlowProcess(ForwardProcess):
         edges = torch.linspace(0, 1, self.num_timesteps + 1, dtype=torch.float64)
         cdf = torch.special.ndtr(torch.logit(edges))  # logit(0) = -inf, logit(1) = inf: cdf 0 and 1
         return cdf.diff()
+
+
+def training_sigmas(scheduler_config: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """σ_t (T,) float64 of a static-shift flow config, increasing in t (index 0 the least noisy), and the
+    scheduler's full config (defaults filled in)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    steps = int(scheduler.config.num_train_timesteps)
+    return scheduler.sigmas[:steps].flip(0).double(), scheduler.config
 
 
 def resolution_mu(scheduler_config: dict[str, Any], sample_shape: tuple[int, ...] | None) -> float | None:

@@ -145,10 +145,7 @@ def _bucket_line(
     downsample = _vae_factor(cfg, root)
     check_bucket_model(backbone, downsample, cfg.data.buckets)
     plan = planned_buckets(cfg.data)
-    # a local pipeline's noise schedule (a dynamic shift is refused); a hub model's: the run checks it
-    schedule = root / "scheduler" / "scheduler_config.json" if root else None
-    scheduler = json.loads(schedule.read_text()) if schedule and schedule.is_file() else None
-    check_bucket_fit(backbone, plan.buckets, downsample, scheduler)
+    check_bucket_fit(backbone, plan.buckets, downsample)
     big = largest_bucket(plan.buckets)
     shape = big.sample_shape(backbone.sample_shape[0], downsample)
     return f"buckets    {plan.line()}; largest {big.name}", (big.name, shape)
