@@ -62,7 +62,7 @@ def test_the_recipes_differ_only_in_the_objective_and_the_bank() -> None:
         k: v for k, v in vars(plain.train).items() if k != "output_dir"
     }
     oc = full.objective
-    assert (oc.target_schedule, oc.bank_schedule, oc.power.axis) == ("power_up", "power_down", "log_snr")
+    assert (oc.target_schedule, oc.bank_schedule, oc.power.axis) == ("power_up", "power_down", "auto")
     assert (oc.power_up.exponent, oc.power_down.exponent, oc.bank_weight, oc.bank_share) == (
         1.0,
         1.0,
@@ -70,8 +70,7 @@ def test_the_recipes_differ_only_in_the_objective_and_the_bank() -> None:
         0.2,
     )
     assert full.bank.condition == "own" and oc.cfg_dropout == 0.0  # an EDM model has no null label to train
-    assert plain.bank_count == 0 and plain.objective.target_schedule == "logit_normal_up"
-    assert plain.objective.logit_normal_up.offset == 0.0
+    assert plain.bank_count == 0 and plain.objective.target_schedule == "pretraining"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
