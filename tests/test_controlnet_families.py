@@ -268,3 +268,22 @@ def test_sd3_encodes_a_control_tensor_once_and_again_when_it_changes(tmp_path: P
         assert calls == [2] and torch.equal(first, again)
         cond[CONTROL].fill_(255)  # changed in place: encoded again
         assert not torch.equal(backbone(x, t, cond), first) and calls == [2, 2]
+
+
+def test_a_controlnet_over_a_folder_that_holds_its_own_is_refused(tmp_path: Path) -> None:
+    """A ControlNet pipeline's (or a ControlNet run's) controlnet/ is found first, so model.controlnet
+    would be ignored: refused in one line, and the base's sub-folder named explicitly works."""
+    from difftune.backbones.loading import peek_backbone
+    from difftune.testing.models import save_sd_pipeline
+
+    pipe = save_sd_pipeline(tmp_path / "cn", controlnet=True)
+    message = (
+        r"holds a ControlNet of its own \(controlnet/\), which would be trained instead of model.controlnet"
+    )
+    for load in (peek_backbone, load_pretrained):
+        with pytest.raises(UserError, match=message):
+            load(str(pipe), controlnet="from_unet")
+    assert (
+        type(peek_backbone(str(pipe), subfolder="unet", controlnet="from_unet")).__name__
+        == "ControlNetBackbone"
+    )

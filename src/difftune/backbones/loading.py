@@ -120,6 +120,22 @@ def _resolve_subfolder(pretrained: str, subfolder: str | None, components: dict[
     return None
 
 
+def _refuse_ignored_controlnet(
+    pretrained: str, subfolder: str | None, found: str | None, controlnet: str | None
+) -> None:
+    """Refuse ``model.controlnet`` over a folder whose own ControlNet would be loaded instead (a ControlNet
+    pipeline, or a ControlNet run's ``final/``: its ``controlnet/`` is found first), unless it is that one."""
+    if controlnet is None or subfolder is not None or found != "controlnet":
+        return
+    own = Path(pretrained) / "controlnet"
+    if not (own.is_dir() and Path(controlnet).resolve() == own.resolve()):
+        raise UserError(
+            f"{pretrained} holds a ControlNet of its own (controlnet/), which would be trained instead of "
+            f"model.controlnet={controlnet}: give the base model's folder (model.subfolder: unet or transformer) "
+            "or remove model.controlnet"
+        )
+
+
 def _source_record(pretrained: str) -> dict[str, Any]:
     path = Path(pretrained) / SOURCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -220,6 +236,7 @@ def peek_backbone(
         UserError: a local model has pickle weights only (loading it would be refused).
     """
     components, sub, config, family = _model_config(pretrained, subfolder, revision, local_only)
+    _refuse_ignored_controlnet(pretrained, subfolder, sub, controlnet)
     local = Path(pretrained) / (sub or "")
     if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
         # what loading would refuse, found from the listing
@@ -264,6 +281,7 @@ def load_pretrained(
         ValueError: the model class is not supported (the message lists supported classes).
     """
     components, sub, config, family = _model_config(pretrained, subfolder, revision)
+    _refuse_ignored_controlnet(pretrained, subfolder, sub, controlnet)
     record = _source_record(pretrained)
     if vae is not None:  # a typo costs one line, not the model's loading first
         check_model_path(vae, "vae")
