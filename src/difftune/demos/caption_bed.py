@@ -239,7 +239,10 @@ def run_caption_bed(s: CaptionBedSettings) -> dict[str, Any]:
     split = DigitSplit.load()
     source = pretrain_source(s, split)
     pool = write_target_pool(s.source_root(), split)
-    scorer = CaptionScorer.build(s, split, load_pretrained(str(source), "ema/unet"))
+    frozen = load_pretrained(str(source), "ema/unet")
+    scorer = CaptionScorer.build(
+        split, frozen, s.eval_per_class, s.sampling, s.classifier_steps, s.source_seed
+    )
     results: dict[str, Any] = {"pre-trained (no tuning)": scorer.anchor}
     for name in s.methods:
         cfg = method_config(s, name, source, pool, s.source_root())
