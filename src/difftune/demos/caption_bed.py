@@ -25,9 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from diffusers import UNet2DConditionModel
-
 from difftune.backbones import load_pretrained, load_trained
 from difftune.bank import generate_bank
 from difftune.bank.conditions import prepare_bank_conditions
@@ -53,7 +50,7 @@ from difftune.demos.caption_data import (
 from difftune.demos.caption_scores import CaptionScorer
 from difftune.demos.digits import pretraining_config
 from difftune.demos.report import environment
-from difftune.demos.text_encoder import tiny_text_encoder
+from difftune.demos.text_encoder import save_pixel_text_to_image
 from difftune.io.atomic import atomic_write_json
 from difftune.io.images import save_grid
 from difftune.io.store import user_cache_dir
@@ -135,32 +132,6 @@ class CaptionBedSettings:
         )
 
 
-def _init_pipeline(root: Path, seed: int) -> Path:
-    """The random-init pixel-space text-to-image pipeline on rectified flow (shift 1: 8x8 needs none)."""
-    init = root / "init"
-    if (init / "unet" / "config.json").is_file():
-        return init
-    text_encoder, tokenizer = tiny_text_encoder(width=32, max_length=32, seed=seed)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 4x4
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    unet.save_pretrained(init / "unet")
-    text_encoder.save_pretrained(init / "text_encoder")
-    tokenizer.save_pretrained(init / "tokenizer")
-    make_scheduler("flow", shift=1.0).save_pretrained(init / "scheduler")
-    return init
-
-
 def pretrain_source(s: CaptionBedSettings, split: DigitSplit) -> Path:
     """Train the source model on its captioned images (or reuse the cached one); returns its directory."""
     root = s.source_root()
@@ -170,7 +141,10 @@ def pretrain_source(s: CaptionBedSettings, split: DigitSplit) -> Path:
     data = DataConfig(
         source="captions", path=str(write_source_data(root, split, s.patches_per_photo, s.source_seed))
     )
-    init = _init_pipeline(root, s.source_seed)
+    # rectified flow at shift 1 (8x8 needs none); attention at 4x4
+    init = save_pixel_text_to_image(
+        root / "init", s.source_seed, 8, (32, 64), 32, make_scheduler("flow", shift=1.0)
+    )
     cfg = pretraining_config(
         init, data, root / "run", s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.source_seed
     )

@@ -21,9 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from diffusers import UNet2DConditionModel
-
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.bank.conditions import prepare_bank_conditions
@@ -40,7 +37,7 @@ from difftune.control import read_fidelity
 from difftune.control.report import fidelity_curve, format_table, plot_fidelity, summary_rows
 from difftune.demos.digits import pretraining_config
 from difftune.demos.report import environment
-from difftune.demos.text_encoder import tiny_text_encoder
+from difftune.demos.text_encoder import save_pixel_text_to_image
 from difftune.io.atomic import atomic_write_json, atomic_write_text
 from difftune.io.store import user_cache_dir
 from difftune.process.schedulers import make_scheduler
@@ -109,28 +106,9 @@ class ControlDemoSettings:
 
 def _source_pipeline(root: Path, s: ControlDemoSettings) -> Path:
     """A random-init pixel-space text-to-image pipeline (UNet, text encoder, tokenizer, schedule)."""
-    init = root / "init"
-    if (init / "unet" / "config.json").is_file():
-        return init
-    text_encoder, tokenizer = tiny_text_encoder(width=32, max_length=12, seed=s.source_seed)
-    torch.manual_seed(s.source_seed)
-    unet = UNet2DConditionModel(
-        sample_size=s.resolution,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 8x8 only: fast on a CPU
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
+    return save_pixel_text_to_image(
+        root / "init", s.source_seed, s.resolution, (16, 32), 12, make_scheduler()
     )
-    unet.save_pretrained(init / "unet")
-    text_encoder.save_pretrained(init / "text_encoder")
-    tokenizer.save_pretrained(init / "tokenizer")
-    make_scheduler().save_pretrained(init / "scheduler")
-    return init
 
 
 def _data(s: ControlDemoSettings, per_class: int | None) -> DataConfig:

@@ -1,5 +1,6 @@
-"""A tiny CLIP text encoder and tokenizer built in code, with nothing downloaded: the ControlNet demo's
-source pipeline uses it, and so do the tests' tiny Stable Diffusion pipelines."""
+"""A tiny CLIP text encoder and tokenizer built in code, with nothing downloaded, and the random-init
+pixel-space text-to-image pipeline of the ControlNet demo and the caption test bed; the tests' tiny
+Stable Diffusion pipelines use the encoder too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import SchedulerMixin, UNet2DConditionModel
 
 _TOKEN_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
@@ -48,3 +50,37 @@ def tiny_text_encoder(
     if projection_dim is not None:
         return CLIPTextModelWithProjection(config), tokenizer
     return CLIPTextModel(config), tokenizer
+
+
+def save_pixel_text_to_image(
+    init: Path,
+    seed: int,
+    sample_size: int,
+    channels: tuple[int, int],
+    max_length: int,
+    scheduler: SchedulerMixin,
+) -> Path:
+    """Write (once; an existing one is kept) a random-init pixel-space grey-scale text-to-image pipeline
+    to ``init``: a two-level ``UNet2DConditionModel`` of ``channels`` with cross-attention at the lower
+    level only (fast on a CPU), a :func:`tiny_text_encoder` of ``max_length`` tokens and ``scheduler``."""
+    if (init / "unet" / "config.json").is_file():
+        return init
+    text_encoder, tokenizer = tiny_text_encoder(width=32, max_length=max_length, seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    unet.save_pretrained(init / "unet")
+    text_encoder.save_pretrained(init / "text_encoder")
+    tokenizer.save_pretrained(init / "tokenizer")
+    scheduler.save_pretrained(init / "scheduler")
+    return init
