@@ -128,7 +128,6 @@ def test_the_stock_controlnet_pipeline_reproduces_difftunes_sample(
             width=32,
             num_inference_steps=2,
             guidance_scale=BANK_GUIDANCE,  # the guidance embedding's value
-            sigmas=np.linspace(1.0, 1 / 1000, 2).tolist(),
             latents=pack(noise),
             generator=torch.Generator().manual_seed(0),
             output_type="np",

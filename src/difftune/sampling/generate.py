@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import SchedulerMixin
 
@@ -101,9 +102,17 @@ def _instantiate(
     mu = resolution_mu(scheduler_config, sample_shape)
     if mu is None or "mu" not in inspect.signature(cls.set_timesteps).parameters:
         return cls.from_config(fixed_shift(scheduler_config, sample_shape), **overrides)
-    scheduler = cls.from_config(scheduler_config, **overrides)  # samples as diffusers' Flux pipelines do
-    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, mu=mu)
+    scheduler = cls.from_config(scheduler_config, **overrides)  # samples as diffusers' Flux pipelines do:
+    scheduler.set_timesteps = functools.partial(_flux_timesteps, scheduler.set_timesteps, mu=mu)
     return scheduler
+
+
+def _flux_timesteps(
+    set_timesteps: Any, num_inference_steps: int, device: torch.device | str | None = None, *, mu: float
+) -> None:
+    """``FluxPipeline``'s steps: σ = linspace(1, 1/n, n), shifted by the resolution's ``mu``."""
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
+    set_timesteps(device=device, sigmas=sigmas, mu=mu)
 
 
 def handover_step(num_steps: int, fraction: float) -> int:
