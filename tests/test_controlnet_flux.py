@@ -106,7 +106,7 @@ def test_the_stock_controlnet_pipeline_reproduces_difftunes_sample(
     run: dict, captions: Path, tmp_path: Path
 ) -> None:
     """Without true CFG (a guidance-distilled model's sampling) at the recorded guidance 2.5; the stock pipeline
-    gets the scheduler's own σ grid (as tests/test_flux.py) and difftune's initial noise of seed 0 (it draws
+    takes its default steps (difftune samples on them too) and difftune's initial noise of seed 0 (it draws
     its control latents from the generator before the noise)."""
     from diffusers import FluxControlNetPipeline
 
