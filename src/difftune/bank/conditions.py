@@ -15,6 +15,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.family import BankInputs
 from difftune.backbones.loading import LoadedModel
 from difftune.bank.prompts import check_prompt_mode, choose_prompts
+from difftune.bank.teacher_draws import StoredTeacher
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.sampling import SamplingSpec
 from difftune.data.buckets import Bucket, BucketRows
@@ -90,6 +91,8 @@ class RunBank:
         sampling: how they were generated (scheduler, steps, guidance; from the manifest), or ``None``.
         buckets: with ``data.buckets``, the bucket of each part of ``samples`` (a ``BucketRows``:
             :mod:`difftune.bank.buckets`); ``None`` without.
+        teacher: the pre-trained model's stored predictions (``objective.distillation.teacher: stored``,
+            :mod:`difftune.bank.teacher_draws`); ``None`` when the run does not train with them.
     """
 
     samples: torch.Tensor | MappedRows | BucketRows
@@ -97,13 +100,17 @@ class RunBank:
     seeds: torch.Tensor
     sampling: SamplingSpec | None
     buckets: list[Bucket] | None = None
+    teacher: StoredTeacher | None = None
 
     def __len__(self) -> int:
         return int(self.samples.shape[0])
 
     def split(self, keep: torch.Tensor) -> RunBank:
-        """The samples at indices ``keep`` (their conditions and seeds with them)."""
-        return RunBank(rows(self.samples, keep), self.cond.select(keep), self.seeds[keep], self.sampling)
+        """The samples at indices ``keep`` (their conditions, seeds and stored draws with them)."""
+        teacher = None if self.teacher is None else self.teacher.split(keep)
+        return RunBank(
+            rows(self.samples, keep), self.cond.select(keep), self.seeds[keep], self.sampling, teacher=teacher
+        )
 
 
 def manifest_sampling(manifest: dict[str, Any]) -> SamplingSpec:

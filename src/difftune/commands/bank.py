@@ -38,6 +38,11 @@ def cmd_bank(args: argparse.Namespace) -> int:
             print(f"prompts: {line}")
         if cfg.data.buckets.enabled:
             print(f"buckets: {_planned_buckets(cfg)}")
+        if cfg.stores_teacher:
+            k = cfg.objective.distillation.stored_draws
+            print(
+                f"teacher: {k} stored draws (t ~ {cfg.objective.bank_schedule}, noise) and predictions per sample"
+            )
         return 0
     start_torch()
     from difftune.backbones import load_pretrained
@@ -55,7 +60,9 @@ def cmd_bank(args: argparse.Namespace) -> int:
         plan = generate_bucket_bank(loaded, cfg)
         print(f"bank complete: {cfg.bank.path} ({cfg.bank.num_samples} samples in the buckets {plan.line()})")
         return 0
-    store = generate_bank(loaded, cfg.bank)
+    from difftune.bank.teacher_draws import teacher_draws
+
+    store = generate_bank(loaded, cfg.bank, teacher=teacher_draws(cfg, loaded))
     print(f"bank complete: {store.root} ({cfg.bank.num_samples} samples)")
     return 0
 

@@ -97,6 +97,11 @@ class ExperimentConfig:
             "data.buckets is not supported with train.eval_every or a data_driven schedule yet (their rows would "
             "mix bucket sizes): set train.eval_every=0 and another schedule, or data.buckets.enabled=false",
         )
+        _check(
+            not (self.data.buckets.enabled and self.stores_teacher),
+            "objective.distillation.teacher=stored is not supported with data.buckets yet: set "
+            "objective.distillation.teacher=copy or data.buckets.enabled=false",
+        )
 
         evaluation = self.train.evaluation
         _check(
@@ -109,6 +114,11 @@ class ExperimentConfig:
     def uses_bank(self) -> bool:
         """The retention stream reads the knowledge bank (not the target set)."""
         return self.bank_count > 0 and self.objective.retention_data == "bank"
+
+    @property
+    def stores_teacher(self) -> bool:
+        """The bank holds the teacher's predictions (``objective.distillation.teacher: stored``)."""
+        return self.objective.kind == "distillation" and self.objective.distillation.teacher == "stored"
 
     @property
     def reads_bank(self) -> bool:

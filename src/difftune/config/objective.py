@@ -20,15 +20,25 @@ class DistillationSettings:
     """``objective.distillation``: settings that only ``kind: distillation`` reads.
 
     Attributes:
+        teacher: where the pre-trained model's predictions come from: ``copy`` (computed each step:
+            a frozen copy under full fine-tuning, the adapters switched off otherwise) or ``stored``
+            (made with the bank by ``difftune bank``: ``stored_draws`` draws of (t, noise) per bank
+            sample and the prediction at each; no teacher in training, docs/method.md §7).
+        stored_draws: K, the draws stored per bank sample with ``teacher: stored``; must be >= 1.
         teacher_dtype: with full fine-tuning the teacher is a frozen copy of the pre-trained model,
             in ``float32`` or ``bfloat16`` (half the memory); parameter-efficient methods need no
             copy (their adapters are switched off instead).
     """
 
+    teacher: Literal["copy", "stored"] = "copy"
+    stored_draws: int = 4
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         _check_fields(self, "objective.distillation")
+        _check(
+            self.stored_draws >= 1, f"objective.distillation.stored_draws={self.stored_draws} must be >= 1"
+        )
 
 
 POWER_SCHEDULES = ("power_up", "power_down")  # they read objective.<name>.exponent and objective.power.axis
@@ -256,6 +266,18 @@ class ObjectiveConfig:
             f"{'target images, no bank needed' if self.retention_data == 'target' else 'bank samples'}), "
             "or use objective.kind=diff_tuning",
         )
+        if self.distillation.teacher == "stored":
+            _check(
+                self.kind == "distillation" and self.retention_data == "bank",
+                "objective.distillation.teacher=stored keeps the teacher's predictions in the bank: it needs "
+                f"objective.kind=distillation and objective.retention_data=bank (not kind={self.kind}, "
+                f"retention_data={self.retention_data}); or use teacher=copy",
+            )
+            _check(
+                self.bank_schedule not in FITTED_SCHEDULE_NAMES,
+                "objective.distillation.teacher=stored draws the bank's t from xi when the bank is made, "
+                "before a data_driven xi is fitted: choose another objective.bank_schedule or teacher=copy",
+            )
 
     @property
     def fitted_schedules(self) -> list[str]:

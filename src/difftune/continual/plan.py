@@ -185,6 +185,11 @@ def load_sequence(path: str | os.PathLike, overrides: list[str] | None = None) -
         f"continual.bank_policy={spec.bank_policy} makes banks, but this objective replays none "
         "(objective.bank_share=0): leave the policy at pretrained",
     )
+    _check(
+        not base.stores_teacher,
+        "objective.distillation.teacher=stored is not supported in a task sequence (each stage's teacher is "
+        "its own start model, which the banks do not store): use objective.distillation.teacher=copy",
+    )
     plan = SequencePlan(base, tasks, spec, own_bank)
     for k in range(1, len(tasks) + 1):
         plan.task_data(k)  # every task's data settings checked now, not stages later

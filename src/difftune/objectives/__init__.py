@@ -38,6 +38,18 @@ __getattr__ = lazy_exports(
 )
 
 
+def stream_schedule(cfg: ObjectiveConfig, process: ForwardProcess, name: str, fitted: Any = None) -> Any:
+    """The timestep schedule ``name`` with the settings of its sub-section of ``cfg`` (resolved for
+    ``process``: :func:`~difftune.schedules.ports.resolve_port`), as the objective builds it; ``fitted``
+    gives a ``data_driven`` schedule its weights. Also what a bank's stored teacher draws follow (ξ)."""
+    from difftune.schedules.base import build_schedule
+    from difftune.schedules.ports import resolve_port
+
+    cfg = resolve_port(cfg, process.name)
+    T, noise, gamma, axis = process.num_timesteps, process.noise_levels(), cfg.min_snr.gamma, cfg.power.axis
+    return build_schedule(name, T, cfg.exponent(name), noise, gamma, fitted, axis, cfg.offset(name))
+
+
 def _diff_tuning(
     cfg: ObjectiveConfig,
     process: ForwardProcess,
@@ -47,22 +59,14 @@ def _diff_tuning(
     **extra: Any,
 ) -> DiffTuningLoss:
     from difftune.objectives.diff_tuning import DiffTuningLoss
-    from difftune.schedules.base import build_schedule
     from difftune.schedules.ports import resolve_port
 
     cfg = resolve_port(cfg, process.name)  # a run's config is resolved already; a caller's may not be
-    T = process.num_timesteps
-    noise = process.noise_levels()
     psi, xi = (fit.psi, fit.xi) if fit is not None else (None, None)
-
-    def schedule(name: str, fitted: Any) -> Any:  # a schedule with the settings of its sub-section
-        gamma, axis = cfg.min_snr.gamma, cfg.power.axis
-        return build_schedule(name, T, cfg.exponent(name), noise, gamma, fitted, axis, cfg.offset(name))
-
     return (kind or DiffTuningLoss)(
         process,
-        schedule(cfg.target_schedule, psi),
-        schedule(cfg.bank_schedule, xi),
+        stream_schedule(cfg, process, cfg.target_schedule, psi),
+        stream_schedule(cfg, process, cfg.bank_schedule, xi),
         realisation=cfg.realisation,
         bank_weight=cfg.bank_weight,
         cfg_dropout=cfg.cfg_dropout,
@@ -81,11 +85,12 @@ def _distillation(
     from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
     from difftune.tuning import can_switch_off
 
-    teacher = (
-        switched_off_teacher(backbone)
-        if can_switch_off(backbone)
-        else frozen_copy_teacher(backbone, getattr(torch, cfg.distillation.teacher_dtype))
-    )
+    if cfg.distillation.teacher == "stored":  # the bank holds the predictions: no teacher, no copy
+        teacher = None
+    elif can_switch_off(backbone):
+        teacher = switched_off_teacher(backbone)
+    else:
+        teacher = frozen_copy_teacher(backbone, getattr(torch, cfg.distillation.teacher_dtype))
     return _diff_tuning(cfg, process, backbone, fit, DistillationLoss, teacher=teacher)
 
 
@@ -122,4 +127,5 @@ __all__ = [
     "LossTerms",
     "Objective",
     "build_objective",
+    "stream_schedule",
 ]

@@ -28,15 +28,20 @@ class Draw:
             (always False for bank samples); the backbone's ``drop`` applies it.
         bank: True for the bank (retention) rows (N,), on the host, so an objective can pick those
             rows without a device synchronisation.
+        reference: the pre-trained model's output at each bank row's (t, noise), stored in the bank
+            (``objective.distillation.teacher: stored``), (N, C_out, H, W) with zeros on the target
+            rows; ``None`` when the teacher is computed instead.
     """
 
     t: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
     bank: torch.Tensor
+    reference: torch.Tensor | None = None
 
     def __getitem__(self, index: torch.Tensor | slice) -> Draw:
-        return Draw(self.t[index], self.noise[index], self.drop[index], self.bank[index])
+        reference = None if self.reference is None else self.reference[index]
+        return Draw(self.t[index], self.noise[index], self.drop[index], self.bank[index], reference)
 
 
 @dataclass

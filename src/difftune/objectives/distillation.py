@@ -9,7 +9,9 @@ becomes a distance to the pre-trained model instead of to the true noise: on the
 over the model's whole output (the variance channels too, for a model that predicts them). The
 teacher f_pre is the same model with its adapters switched off (no copy: parameter-efficient
 methods), or a frozen copy taken before training (full fine-tuning), optionally in bfloat16.
-It runs on the retention rows only, picked on the host from :attr:`Draw.bank`.
+It runs on the retention rows only, picked on the host from :attr:`Draw.bank`. With
+``objective.distillation.teacher: stored`` there is no teacher: the bank holds its predictions at a
+few (t, noise) draws per sample (:mod:`difftune.bank.teacher_draws`), passed in :attr:`Draw.reference`.
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ class DistillationLoss(DiffTuningLoss):
 
     Args:
         *args, **kwargs: those of :class:`~difftune.objectives.DiffTuningLoss`.
-        teacher: the pre-trained model's prediction ``(x_t, t, cond) -> output``.
+        teacher: the pre-trained model's prediction ``(x_t, t, cond) -> output``, or ``None`` when
+            every draw brings it stored (:attr:`Draw.reference`).
     """
 
-    def __init__(self, *args: object, teacher: Teacher, **kwargs: object) -> None:
+    def __init__(self, *args: object, teacher: Teacher | None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = teacher
 
@@ -75,11 +78,19 @@ class DistillationLoss(DiffTuningLoss):
         x_t, t, noise = self.noised(x0, draw)
         out = self.predict(model, x_t, t, cond)
         terms = self.denoising_terms(out, x0, x_t, noise, t)
-        rows = draw.bank.nonzero().flatten().to(x0.device)  # chosen on the host: no synchronisation
+        host_rows = draw.bank.nonzero().flatten()  # chosen on the host: no synchronisation
+        rows = host_rows.to(x0.device)
         distill = torch.zeros(x0.shape[0], device=x0.device)
         if rows.numel():  # a micro-batch (or one process's share of it) may hold no retention row
-            with torch.no_grad():
-                reference = self.predict(self.teacher, x_t[rows], t[rows], cond.select(rows))
+            if draw.reference is not None:  # stored with the bank at this row's (t, noise)
+                reference = draw.reference[host_rows].to(x0.device)
+            elif self.teacher is None:
+                raise ValueError(
+                    "objective.distillation.teacher=stored, but the draw brings no stored prediction"
+                )
+            else:
+                with torch.no_grad():
+                    reference = self.predict(self.teacher, x_t[rows], t[rows], cond.select(rows))
             distance = (out[rows].float() - reference.float()).pow(2).flatten(1).mean(1)
             distill = distill.index_put((rows,), distance)
         zero = torch.zeros_like(distill)

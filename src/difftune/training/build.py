@@ -23,6 +23,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.loading import LoadedModel, load_pretrained
 from difftune.bank.conditions import RunBank
 from difftune.bank.run_bank import training_bank
+from difftune.bank.teacher_draws import StoredTeacher
 from difftune.config.experiment import ExperimentConfig
 from difftune.config.train import TrainConfig
 from difftune.control.validation import check_validation
@@ -63,6 +64,8 @@ class RunParts:
         prefetch: reads the next step's rows of memory-mapped sets while a step trains.
         bucket_weights: with ``data.buckets``, how often a step draws its rows from each bucket
             (:func:`~difftune.training.streams.step_bucket`); ``None`` without.
+        bank_teacher: the bank's stored teacher predictions (``objective.distillation.teacher: stored``):
+            each bank row trains at one of its stored draws; ``None`` otherwise.
     """
 
     cfg: ExperimentConfig
@@ -79,6 +82,7 @@ class RunParts:
     state: LoopState
     prefetch: RowPrefetcher = field(default_factory=RowPrefetcher)
     bucket_weights: torch.Tensor | None = None
+    bank_teacher: StoredTeacher | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -95,7 +99,9 @@ class RunParts:
         the target samples of the retention stream, with ``objective.retention_data: target``); those
         train the unconditional branch (docs/method.md §2): their condition is dropped
         (``bank.condition: null``: the null label, the empty prompt; a ControlNet keeps the control
-        image), or kept (``own``).
+        image), or kept (``own``). With stored teacher predictions, each bank row's t and noise are
+        those of one of its stored draws (picked with the step's generator), its prediction the draw's
+        :attr:`~difftune.objectives.base.Draw.reference`.
         """
         g, ahead = step_generator(self.cfg.train.seed, step), self.prefetch
         n_target, n_bank = self.counts(step)
@@ -117,6 +123,8 @@ class RunParts:
         cond = Conditioning.cat(conds)
         is_bank = torch.arange(x0.shape[0]) >= n_target
         draw = objective.draw(n_target, n_bank, tuple(x0.shape[1:]), g)
+        if n_bank and self.bank_teacher is not None:
+            draw = self.bank_teacher.apply(draw, retained, g, ahead.read)
         self._read_ahead(step + 1)
         return x0, self.backbone.drop(cond, draw.drop), is_bank, draw
 
@@ -130,6 +138,8 @@ class RunParts:
             retained = _take(self.state.bank, n_bank, bucket, ahead=True)
             if self.cfg.uses_bank:
                 ahead.ask("bank", self.bank, retained)
+                if self.bank_teacher is not None:
+                    ahead.ask("bank/teacher_out", self.bank_teacher.out, retained)
             else:
                 upcoming["retained"] = retained
         for stream, rows in upcoming.items():
@@ -267,6 +277,7 @@ def build_run(
         n_bank,
         state,
         bucket_weights=weights,
+        bank_teacher=bank.teacher if cfg.stores_teacher else None,
     )
 
 

@@ -11,6 +11,9 @@ The estimate is the peak of these:
 * the frozen parameters of the backbone (a LoRA's base, a ControlNet's UNet) in float32, or in
   ``train.frozen_dtype`` (an adapter's base);
 * the frozen parts loaded beside it (VAE, text encoders) at the size of their safetensors files;
+* distillation's teacher under full fine-tuning: a frozen copy of the backbone in
+  ``objective.distillation.teacher_dtype`` (none with ``teacher: stored``, whose predictions are in the
+  bank, nor for a method whose adapters are switched off);
 * the saved activations of one micro-batch, halved under bf16/fp16 autocast (an approximation:
   normalisations and softmax keep float32 inputs), with attention saving what a fused kernel saves
   (not the attention matrix) unless ``train.sdpa_backend: math``;
@@ -39,7 +42,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 from difftune.training.frozen_precision import check_frozen_dtype, frozen_bytes
-from difftune.tuning import build_tuning
+from difftune.tuning import build_tuning, can_switch_off
 
 GIB = 2**30
 MIB = 2**20
@@ -65,6 +68,7 @@ class MemoryEstimate:
     casts: int = 0  # mixed precision: autocast's 16-bit copies of the trained weights, cached in a step
     size: str = ""  # data.buckets: the bucket whose activations are traced (the largest)
     accumulates: bool = False  # gradient accumulation: gradients live through the next forward pass
+    teacher: int = 0  # distillation under full fine-tuning: the frozen copy of the model (teacher: copy)
 
     @property
     def total(self) -> int:
@@ -79,6 +83,7 @@ class MemoryEstimate:
             + self.components
             + self.buckets
             + self.casts
+            + self.teacher
         )
         activations = self.activations or 0
         if self.accumulates:
@@ -95,6 +100,8 @@ class MemoryEstimate:
         if self.ema:
             parts.append(f"EMA {_size(self.ema)}")
         parts.append(f"frozen weights {_size(self.frozen + self.components)}")
+        if self.teacher:
+            parts.append(f"teacher copy {_size(self.teacher)}")
         if self.buckets:
             parts.append(f"DDP buckets {_size(self.buckets)}")
         if self.casts:
@@ -105,6 +112,15 @@ class MemoryEstimate:
             at = f", largest bucket {self.size}" if self.size else ""
             parts.append(f"activations {_size(self.activations)} (micro-batch {self.micro_batch}{at})")
         return f"memory     about {_size(self.total)} per process: " + ", ".join(parts)
+
+
+def _teacher_bytes(cfg: ExperimentConfig, backbone: Backbone) -> int:
+    """The frozen copy distillation keeps of a fully fine-tuned model (``teacher: copy``); 0 otherwise."""
+    d = cfg.objective.distillation
+    if cfg.objective.kind != "distillation" or d.teacher != "copy" or can_switch_off(backbone):
+        return 0
+    per = 2 if d.teacher_dtype == "bfloat16" else FLOAT32
+    return sum(p.numel() for p in backbone.parameters()) * per
 
 
 def _size(n: int) -> str:
@@ -158,6 +174,7 @@ def estimate_training_memory(
         micro_batch=micro_batch,
         accumulates=tc.gradient_accumulation > 1,
         casts=trained * 2 if tc.mixed_precision != "no" else 0,
+        teacher=_teacher_bytes(cfg, backbone),
         size=bucket[0] if bucket else "",
     )
 

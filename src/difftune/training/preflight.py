@@ -19,6 +19,7 @@ from difftune.backbones.family import PreflightFacts
 from difftune.backbones.loading import peek_backbone
 from difftune.bank.conditions import check_bank_conditions
 from difftune.bank.prompts import check_prompt_mode
+from difftune.bank.teacher_draws import check_stored
 from difftune.config.data import BUILT_IN_SOURCES
 from difftune.config.experiment import ExperimentConfig
 from difftune.control.validation import check_validation
@@ -121,6 +122,12 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                     "regenerate the bank with this model"
                 )
         lines.append(f"bank       {manifest['num_samples']} samples from {manifest.get('source')}")
+        if (
+            cfg.stores_teacher
+        ):  # what the run's objective fixes without the model's process; the rest at start
+            d = cfg.objective.distillation
+            check_stored(manifest, {"draws": d.stored_draws, "condition": cfg.bank.condition}, cfg.bank.path)
+            lines.append(f"teacher    stored in the bank: {d.stored_draws} draws per sample, no teacher copy")
     if cfg.objective.fitted_schedules:
         from difftune.training.fitted_schedule import planned_fit
 
