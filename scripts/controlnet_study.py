@@ -16,12 +16,12 @@ their 95% t intervals and the number of seeds on which the method did better. Th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from difftune.demos.controlnet import ControlDemoSettings, run_control_demo
+from difftune.demos.seeds import run_seeds
 from difftune.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +92,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="source-model cache (default ~/.cache/difftune)")
     parser.add_argument("--summarise-only", action="store_true", help="only rebuild the tables")
     args = parser.parse_args()
-    for seed in args.seeds:
-        run_dir = args.out / f"seed{seed}"
-        if not args.summarise_only and not (run_dir / "results.json").is_file():
-            run_control_demo(ControlDemoSettings(out=run_dir, cache_dir=args.cache_dir, seed=seed))
-    runs = {
-        seed: json.loads((args.out / f"seed{seed}" / "results.json").read_text())
-        for seed in args.seeds
-        if (args.out / f"seed{seed}" / "results.json").is_file()
-    }
-    if not runs:
-        raise SystemExit(f"no finished seeds in {args.out}")
+    runs = run_seeds(
+        args.out,
+        args.seeds,
+        lambda out, seed: run_control_demo(ControlDemoSettings(out=out, cache_dir=args.cache_dir, seed=seed)),
+        args.summarise_only,
+    )
     text = summarise(runs, ControlDemoSettings().threshold)
     (args.out / "summary.md").write_text(text)
     print(text)

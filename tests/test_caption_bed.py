@@ -119,3 +119,22 @@ def test_the_cli_runs_it_as_a_demo(capsys: pytest.CaptureFixture[str], tmp_path:
     assert (
         "the captions demo's model is fixed (a rectified-flow text-to-image UNet)" in capsys.readouterr().err
     )
+
+
+def test_a_study_runs_each_seed_once_and_collects_the_finished(tmp_path: Path) -> None:
+    from difftune.demos.seeds import run_seeds
+    from difftune.errors import UserError
+
+    ran: list[int] = []
+
+    def run(out: Path, seed: int) -> None:
+        ran.append(seed)
+        if seed != 2:  # seed 2 stops before writing its results
+            out.mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps({"seed": seed}))
+
+    with pytest.raises(UserError, match="no finished seeds"):
+        run_seeds(tmp_path, [0, 1], run, collect_only=True)
+    assert run_seeds(tmp_path, [0, 1, 2], run) == {0: {"seed": 0}, 1: {"seed": 1}}
+    assert run_seeds(tmp_path, [0, 1, 3], run) == {0: {"seed": 0}, 1: {"seed": 1}, 3: {"seed": 3}}
+    assert ran == [0, 1, 2, 3]
