@@ -6,7 +6,8 @@
     python scripts/caption_study.py --summarise-only
 
 Each seed runs :func:`difftune.demos.caption_bed.run_caption_bed` (the source model is pre-trained once,
-with ``source_seed`` 0, and cached); a seed whose ``results.json`` exists is not run again. ``summary.md``
+with ``source_seed`` 0, and cached); a seed whose ``results.json`` has every method is not run again, and
+one that lacks a method (added to the settings later) runs that method only. ``summary.md``
 gives each method's mean ± std over seeds and, for the pairs below, the per-seed paired differences with
 their 95% t intervals and the number of seeds on which the first method did better (lower). The package
 versions are in each seed's ``run_info.json``.
@@ -35,6 +36,8 @@ PAIRS = (
     ("prior preservation", "plain"),
     ("diff-tuning class_swap", "diff-tuning"),
     ("diff-tuning class_swap", "prior preservation"),
+    ("psi + prior preservation", "prior preservation"),
+    ("psi + prior preservation", "plain"),
 )
 
 
@@ -88,6 +91,9 @@ def main() -> None:
         args.seeds,
         lambda out, seed: run_caption_bed(CaptionBedSettings(out=out, cache_dir=args.cache_dir, seed=seed)),
         args.summarise_only,
+        complete=lambda results: (
+            set(CaptionBedSettings().methods) <= set(results)
+        ),  # a method added later runs
     )
     text = summarise(runs)
     (args.out / "summary.md").write_text(text)

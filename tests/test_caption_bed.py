@@ -138,3 +138,28 @@ def test_a_study_runs_each_seed_once_and_collects_the_finished(tmp_path: Path) -
     assert run_seeds(tmp_path, [0, 1, 2], run) == {0: {"seed": 0}, 1: {"seed": 1}}
     assert run_seeds(tmp_path, [0, 1, 3], run) == {0: {"seed": 0}, 1: {"seed": 1}, 3: {"seed": 3}}
     assert ran == [0, 1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_method_added_later_runs_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The earlier methods' scores are kept when the frozen model scores the same; a changed setting runs all."""
+    from difftune.demos import caption_bed
+
+    s = _tiny(tmp_path)
+    s.methods = {"plain": s.methods["plain"]}
+    first = run_caption_bed(s)
+    trained: list[str] = []
+    original = caption_bed.method_config
+
+    def recording(settings, name, *args):  # noqa: ANN001, ANN202
+        trained.append(name)
+        return original(settings, name, *args)
+
+    monkeypatch.setattr(caption_bed, "method_config", recording)
+    s.methods = {**s.methods, "prior preservation": CaptionBedSettings().methods["prior preservation"]}
+    second = run_caption_bed(s)
+    assert trained == ["prior preservation"] and second["plain"] == first["plain"]
+    assert second["pre-trained (no tuning)"] == first["pre-trained (no tuning)"]
+    s.finetune_steps = 5  # another setting: nothing earlier is kept
+    run_caption_bed(s)
+    assert trained == ["prior preservation", "plain", "prior preservation"]

@@ -20,6 +20,7 @@ Writes ``results.json`` (its presence marks a finished seed), ``run_info.json`` 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ from difftune.io.store import user_cache_dir
 from difftune.process.schedulers import make_scheduler
 from difftune.training.loop import Trainer
 
+ANCHOR = "pre-trained (no tuning)"  # results.json's row of the frozen source model
+
 
 @dataclass
 class CaptionBedSettings:
@@ -90,6 +93,8 @@ class CaptionBedSettings:
                 "target_schedule": "uniform",
                 "bank_schedule": "uniform",
             },
+            # Diff-Tuning's ψ on the target, the class_swap bank replayed at every noise level
+            "psi + prior preservation": {"bank_prompts": "class_swap", "bank_schedule": "uniform"},
         }
     )
 
@@ -206,8 +211,33 @@ def make_bank(cfg: ExperimentConfig) -> None:
     generate_bank(loaded, cfg.bank)
 
 
+def _recorded(s: CaptionBedSettings) -> dict[str, Any]:
+    """The settings as ``run_info.json`` records them."""
+    return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}))
+
+
+def earlier_results(s: CaptionBedSettings, anchor: dict[str, float]) -> dict[str, Any]:
+    """The scores of the methods an earlier run in ``s.out`` made with the same settings and method
+    specs, kept only if it scored the frozen model exactly as now (``anchor``: the same references,
+    classifier and sampling seeds); ``{}`` otherwise. Adding a method then runs only that one."""
+    results, info = s.out / "results.json", s.out / "run_info.json"
+    if not (results.is_file() and info.is_file()):
+        return {}
+    old, old_settings = json.loads(results.read_text()), json.loads(info.read_text())["settings"]
+    now = _recorded(s)
+    if {k: v for k, v in old_settings.items() if k != "methods"} != {
+        k: v for k, v in now.items() if k != "methods"
+    }:
+        return {}
+    if old.get(ANCHOR) != anchor:
+        print("[caption bed] the earlier run scored the frozen model differently: every method runs again")
+        return {}
+    return {n: old[n] for n in s.methods if n in old and old_settings["methods"].get(n) == now["methods"][n]}
+
+
 def run_caption_bed(s: CaptionBedSettings) -> dict[str, Any]:
-    """Run the whole test bed for one seed; returns and writes ``results.json``."""
+    """Run the test bed for one seed; returns and writes ``results.json``. Methods an earlier run of the
+    same settings scored in ``s.out`` are kept (:func:`earlier_results`)."""
     start = time.time()
     s.out.mkdir(parents=True, exist_ok=True)
     split = DigitSplit.load()
@@ -217,8 +247,13 @@ def run_caption_bed(s: CaptionBedSettings) -> dict[str, Any]:
     scorer = CaptionScorer.build(
         split, frozen, s.eval_per_class, s.sampling, s.classifier_steps, s.source_seed
     )
-    results: dict[str, Any] = {"pre-trained (no tuning)": scorer.anchor}
+    results: dict[str, Any] = {ANCHOR: scorer.anchor}
+    earlier = earlier_results(s, scorer.anchor)
     for name in s.methods:
+        if name in earlier:
+            print(f"[caption bed] {name}: scored by an earlier run of these settings (results.json)")
+            results[name] = earlier[name]
+            continue
         cfg = method_config(s, name, source, pool, s.source_root())
         make_bank(cfg)
         print(f"[caption bed] fine-tuning with {name}")
@@ -226,9 +261,8 @@ def run_caption_bed(s: CaptionBedSettings) -> dict[str, Any]:
         results[name], grid = scorer.score(final)
         save_grid(grid, s.out / f"samples_{name.replace(' ', '_')}.png", nrow=10, upscale=4)
     seconds = time.time() - start
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
     atomic_write_json(
-        s.out / "run_info.json", {"settings": settings, "seconds": seconds, "environment": environment()}
+        s.out / "run_info.json", {"settings": _recorded(s), "seconds": seconds, "environment": environment()}
     )
     atomic_write_json(s.out / "results.json", results)
     print(f"\n{'method':<26}{'target FID':>12}{'forgetting':>12}{'prior FID':>11}")

@@ -13,17 +13,23 @@ RESULTS = "results.json"  # a demo writes it last: its presence marks a finished
 
 
 def run_seeds(
-    out: Path, seeds: Sequence[int], run: Callable[[Path, int], object], collect_only: bool = False
+    out: Path,
+    seeds: Sequence[int],
+    run: Callable[[Path, int], object],
+    collect_only: bool = False,
+    complete: Callable[[dict[str, Any]], bool] = lambda results: True,
 ) -> dict[int, dict[str, Any]]:
-    """Run ``run(out / f"seed{k}", k)`` for each seed whose folder has no :data:`RESULTS` yet (none with
-    ``collect_only``), then return the results of every finished seed, by seed.
+    """Run ``run(out / f"seed{k}", k)`` for each seed whose folder has no :data:`RESULTS` yet, or whose
+    results are not ``complete`` (none with ``collect_only``), then return the results of every
+    finished seed, by seed.
 
     Raises:
         UserError: no seed has finished.
     """
     for seed in seeds:
         folder = out / f"seed{seed}"
-        if not collect_only and not (folder / RESULTS).is_file():
+        done = (folder / RESULTS).is_file() and complete(json.loads((folder / RESULTS).read_text()))
+        if not collect_only and not done:
             run(folder, seed)
     runs = {
         seed: json.loads((out / f"seed{seed}" / RESULTS).read_text())
