@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -137,8 +138,9 @@ def test_bank_diff_tuning_resume_sample_and_stock_load(name: str, tmp_path: Path
 
 
 def test_a_dynamic_shift_is_fixed_for_the_sample_size_as_diffusers_does() -> None:
-    """Flux's resolution-dependent shift: μ from the token count, and the σ grid of the fixed shift e^μ is
-    the one diffusers' own dynamic scheduler samples with ``set_timesteps(mu=μ)``."""
+    """Flux's resolution-dependent shift: μ from the token count, the training σ grid of the fixed shift
+    e^μ, and a sampler that takes ``FluxPipeline``'s steps: σ = linspace(1, 1/n, n) through diffusers'
+    own dynamic scheduler with ``set_timesteps(sigmas=..., mu=μ)``."""
     import math
 
     from difftune.errors import UserError
@@ -150,7 +152,7 @@ def test_a_dynamic_shift_is_fixed_for_the_sample_size_as_diffusers_does() -> Non
     fixed = fixed_shift(dynamic, shape)
     assert not fixed["use_dynamic_shifting"] and fixed["shift"] == pytest.approx(math.exp(mu), rel=1e-12)
     reference = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    reference.set_timesteps(20, mu=mu)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20).tolist(), mu=mu)
     ours = build_scheduler("FlowMatchEulerDiscreteScheduler", dynamic, shape)
     ours.set_timesteps(20)
     torch.testing.assert_close(ours.sigmas, reference.sigmas, rtol=0, atol=0)
