@@ -26,10 +26,9 @@ from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
 from difftune.backbones.base import Backbone
 from difftune.backbones.conditioning import Conditioning
 from difftune.backbones.controlnet import CONTROL
-from difftune.backbones.controlnet_sd3 import VAEControlAdapter, control_vae
+from difftune.backbones.controlnet_sd3 import VAEControlAdapter, control_vae, existing_controlnet
 from difftune.backbones.family import LoadContext
 from difftune.backbones.flux import FLUX_GUIDANCE, FLUX_SAMPLE_SIZE, FluxBackbone, pack, unpack
-from difftune.config.checks import check_model_path
 from difftune.errors import UserError
 
 # a new ControlNet's double and single blocks: FluxControlNetModel.from_transformer's defaults
@@ -106,14 +105,7 @@ def flux_controlnet_backbone(
     if ctx.controlnet == "from_unet" or ctx.load is None:  # built from configs (a dry run): a new one's size
         net = new_flux_controlnet(transformer, copy_weights=ctx.load is not None)
     else:
-        check_model_path(str(ctx.controlnet), "model.controlnet")
-        held = FluxControlNetModel.load_config(ctx.controlnet, revision=ctx.revision).get("_class_name")
-        if held != "FluxControlNetModel":
-            raise UserError(
-                f"model.controlnet {ctx.controlnet} holds a {held}, not a FluxControlNetModel: give a ControlNet "
-                "made for Flux, or from_unet for a new one"
-            )
-        net = ctx.load(FluxControlNetModel, ctx.controlnet, None, ctx.revision)
+        net = existing_controlnet(ctx, FluxControlNetModel, "a FluxControlNetModel", "Flux")
     return FluxControlNetBackbone(net, transformer, control_vae(ctx), sample_size, guidance)
 
 

@@ -140,14 +140,7 @@ def sd3_controlnet_backbone(ctx: LoadContext, transformer: SD3Transformer2DModel
     if ctx.controlnet == "from_unet" or ctx.load is None:  # built from configs (a dry run): a new one's size
         net = new_sd3_controlnet(transformer)
     else:
-        check_model_path(str(ctx.controlnet), "model.controlnet")
-        held = SD3ControlNetModel.load_config(ctx.controlnet, revision=ctx.revision).get("_class_name")
-        if held != "SD3ControlNetModel":
-            raise UserError(
-                f"model.controlnet {ctx.controlnet} holds a {held}, not an SD3ControlNetModel: give a ControlNet "
-                "made for SD3, or from_unet for a new one"
-            )
-        net = ctx.load(SD3ControlNetModel, ctx.controlnet, None, ctx.revision)
+        net = existing_controlnet(ctx, SD3ControlNetModel, "an SD3ControlNetModel", "SD3")
         _check_pair(net, transformer)
     return SD3ControlNetBackbone(net, transformer, control_vae(ctx))
 
@@ -162,6 +155,22 @@ def new_sd3_controlnet(transformer: SD3Transformer2DModel) -> SD3ControlNetModel
         config=FrozenDict(transformer.config), **{name: getattr(transformer, name) for name in parts}
     )
     return SD3ControlNetModel.from_transformer(view, num_layers=layers, num_extra_conditioning_channels=0)
+
+
+def existing_controlnet(ctx: LoadContext, cls: type, article_name: str, family: str) -> Any:
+    """The ControlNet of class ``cls`` at ``model.controlnet`` (a path or hub id).
+
+    Raises:
+        UserError: the path is missing, or it holds another class (the message says what to give).
+    """
+    check_model_path(str(ctx.controlnet), "model.controlnet")
+    held = cls.load_config(ctx.controlnet, revision=ctx.revision).get("_class_name")
+    if held != cls.__name__:
+        raise UserError(
+            f"model.controlnet {ctx.controlnet} holds a {held}, not {article_name}: give a ControlNet made for "
+            f"{family}, or from_unet for a new one"
+        )
+    return ctx.load(cls, ctx.controlnet, None, ctx.revision)
 
 
 def control_vae(ctx: LoadContext) -> AutoencoderKL | None:

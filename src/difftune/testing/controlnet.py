@@ -54,14 +54,10 @@ def save_sd3_controlnet_pipeline(root: Path, seed: int = 0, controlnet: bool = F
     from difftune.backbones.controlnet_sd3 import new_sd3_controlnet
 
     save_sd3_pipeline(root, tiny_sd3_transformer(seed=seed), seed=seed)
-    sharpen_vae(AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)).save_pretrained(
-        root / "vae"
-    )
+    _sharpen_saved_vae(root)
     if controlnet:
         net = new_sd3_controlnet(tiny_sd3_transformer(seed=seed))
-        torch.manual_seed(seed)
-        for layer in [*net.controlnet_blocks, net.pos_embed_input.proj]:
-            torch.nn.init.normal_(layer.weight, std=0.1)
+        _randomise(seed, [*net.controlnet_blocks, net.pos_embed_input.proj])
         _with_controlnet(root, net, "StableDiffusion3ControlNetPipeline")
     return root
 
@@ -73,16 +69,26 @@ def save_flux_controlnet_pipeline(root: Path, seed: int = 0, controlnet: bool = 
     from difftune.backbones.controlnet_flux import new_flux_controlnet
 
     save_flux_pipeline(root, tiny_flux_transformer(seed=seed), seed=seed)
+    _sharpen_saved_vae(root)
+    if controlnet:
+        net = new_flux_controlnet(tiny_flux_transformer(seed=seed))
+        _randomise(seed, [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder])
+        _with_controlnet(root, net, "FluxControlNetPipeline")
+    return root
+
+
+def _sharpen_saved_vae(root: Path) -> None:
+    """Replace the pipeline's saved VAE at ``root/vae`` by its :func:`sharpen_vae` form."""
     sharpen_vae(AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)).save_pretrained(
         root / "vae"
     )
-    if controlnet:
-        net = new_flux_controlnet(tiny_flux_transformer(seed=seed))
-        torch.manual_seed(seed)
-        for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
-            torch.nn.init.normal_(layer.weight, std=0.1)
-        _with_controlnet(root, net, "FluxControlNetPipeline")
-    return root
+
+
+def _randomise(seed: int, layers: list[torch.nn.Module]) -> None:
+    """Give ``layers`` (a new ControlNet's zero-initialised ones) random weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=0.1)
 
 
 def _with_controlnet(
