@@ -480,22 +480,45 @@ def test_launch_whose_processes_do_not_join_is_refused(dit_dir: Path, tmp_path: 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
-def test_sharded_launch_is_refused_before_anything_is_written(dit_dir: Path, tmp_path: Path, kind: str):
+def _launch(kind: str, fsdp2: bool = True):  # noqa: ANN202
+    """What check_parallelism reads of an accelerator launched as ``kind``."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    sharded = SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind])
-    with pytest.raises(UserError, match=f"configured for {kind}, and difftune trains data-parallel") as err:
-        Trainer(make_cfg(dit_dir, tmp_path / "run", None), accelerator=sharded)
+    return SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind], is_fsdp2=fsdp2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fsdp2", "message"),
+    [
+        ("DEEPSPEED", True, "configured for DEEPSPEED, which difftune does not train under"),
+        ("MEGATRON_LM", True, "configured for MEGATRON_LM, which difftune does not train under"),
+        ("FSDP", False, "FSDP version 1; difftune shards with FSDP2"),
+    ],
+)
+def test_unsupported_sharding_is_refused_before_anything_is_written(
+    dit_dir: Path, tmp_path: Path, kind: str, fsdp2: bool, message: str
+):
+    with pytest.raises(UserError, match=message) as err:
+        Trainer(make_cfg(dit_dir, tmp_path / "run", None), accelerator=_launch(kind, fsdp2))
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
-def test_data_parallel_launches_pass_the_sharding_check():
-    from accelerate.utils import DistributedType
+@pytest.mark.parametrize(
+    "setting",
+    ["train.sample_every=2", "train.eval_every=2", "train.validation_every=2", "train.compile=full"],
+)
+def test_fsdp2_refuses_what_runs_the_model_on_one_process(dit_dir: Path, tmp_path: Path, setting: str):
+    key = setting.split("=")[0]
+    with pytest.raises(UserError, match=key) as err:
+        Trainer(make_cfg(dit_dir, tmp_path / "run", None, setting), accelerator=_launch("FSDP"))
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
-    from difftune.training.loop import check_data_parallel
 
-    for kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        check_data_parallel(str(DistributedType[kind]))
+def test_data_parallel_and_fsdp2_launches_pass_the_check(dit_dir: Path):
+    from difftune.training.sharding import check_parallelism
+
+    tc = make_cfg(dit_dir, dit_dir / "unused", None).train
+    for kind in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
+        check_parallelism(_launch(kind), tc)

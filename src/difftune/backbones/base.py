@@ -35,6 +35,8 @@ class Backbone(nn.Module):
             (:class:`~difftune.backbones.family.ModelFamily`; set by the family's module).
         size_buckets: it trains and samples at other sizes than ``sample_shape`` with the same
             conditions, so ``data.buckets`` may give its batches other aspect ratios.
+        shard_units: classes of :attr:`inner` that FSDP must shard as units of their own besides its
+            repeated blocks: modules the model calls from outside their block's forward.
     """
 
     inner: nn.Module
@@ -43,6 +45,7 @@ class Backbone(nn.Module):
     condition_names: tuple[str, ...] = ()
     family: Any = None
     size_buckets: bool = False
+    shard_units: tuple[str, ...] = ()
     learns_variance: bool
     sample_shape: tuple[int, int, int]
     subfolder: str

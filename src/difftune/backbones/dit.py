@@ -22,6 +22,7 @@ class DiTBackbone(ClassConditionalBackbone):
 
     subfolder = "transformer"
     pipeline_class = "DiTPipeline"
+    shard_units = ("CombinedTimestepLabelEmbeddings",)  # the model calls block 0's embedder itself
 
     def __init__(self, model: DiTTransformer2DModel) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from difftune.errors import UserError
 from difftune.objectives.base import LossTerms
@@ -93,6 +94,8 @@ class NonFiniteGuard:
         bad = self.step_bad.clone()
         if grad_norm is None and grads:
             grad_norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm of the shards, summed over processes
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None:
             bad |= ~torch.isfinite(grad_norm.to(device))
         if accelerator.num_processes > 1:

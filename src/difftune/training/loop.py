@@ -51,6 +51,14 @@ from difftune.training.run_dir import (
     rotate_checkpoints,
     write_run_summary,
 )
+from difftune.training.sharding import (
+    check_parallelism,
+    choose_wrap_units,
+    is_sharded,
+    live_trainable,
+    trainable_names,
+    whole_parameters,
+)
 from difftune.training.speed import apply_speed_settings, attention_kernel, autocast_dtype, to_device
 from difftune.training.state import (
     CHECKPOINTS,
@@ -82,7 +90,7 @@ class Trainer:
             mixed_precision=tc.mixed_precision, log_with=tracker(tc.report_to), project_dir=str(self.out)
         )
         check_world_size(self.accelerator.num_processes)
-        check_data_parallel(str(self.accelerator.distributed_type))
+        check_parallelism(self.accelerator, tc)
         chunks = self.accelerator.num_processes * tc.gradient_accumulation
         if tc.batch_size < chunks:
             raise UserError(
@@ -145,22 +153,25 @@ class Trainer:
         """
         lock = RunLock(self.out)
         try:
-            with compact_model_state(self.accelerator, self.backbone):  # checkpoints hold what trains
+            # checkpoints hold what trains (under FSDP accelerate writes each process's shards instead)
+            acc = self.accelerator
+            hooks = contextlib.nullcontext() if is_sharded(acc) else compact_model_state(acc, self.backbone)
+            with hooks:
                 return self._train(claim_run_folder(self.accelerator, lock, self.out, self.cfg.train))
         finally:
             lock.release()
 
     def _train(self, resume: Path | None) -> Path:
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
-        params = self.parts.trainable
-        optimizer = make_optimizer(params, tc)
-        self.ema = make_ema(params, tc.ema_decay)
+        names = trainable_names(self.backbone, self.parts.trainable)
+        optimizer = make_optimizer(self.parts.trainable, tc)
         apply_speed_settings(self.backbone, tc)
         self._compile_unchecked = tc.compile != "no"
+        choose_wrap_units(acc, self.backbone)
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer = model, optimizer
-        if self.ema is not None:  # its averages were copied on the CPU; prepare moved the parameters
-            self.ema.to(acc.device)
+        self.parts.trainable = live_trainable(self.backbone, names)  # under FSDP: the shards now in place
+        self.ema = make_ema(self.parts.trainable, tc.ema_decay)
         if resume is not None:
             check_resume_config(self.cfg, resume)
             restore_checkpoint(acc, resume, self.state, self.ema)
@@ -309,12 +320,13 @@ class Trainer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp / "state"))
-            if acc.is_main_process:
-                save_run_state(tmp / "state", self.state, self.ema)
-                if self.data_schedule is not None:
-                    self.data_schedule.save(tmp / "state" / DATA_SCHEDULE_FILE)
-                save_model(self.loaded, tmp / "model", self.ema)
-                self.cfg.save(tmp / "config.yaml")
+            with whole_parameters(acc, self.backbone, self.ema) as ema:  # FSDP: gathered from the shards
+                if acc.is_main_process:
+                    save_run_state(tmp / "state", self.state, ema)
+                    if self.data_schedule is not None:
+                        self.data_schedule.save(tmp / "state" / DATA_SCHEDULE_FILE)
+                    save_model(self.loaded, tmp / "model", ema)
+                    self.cfg.save(tmp / "config.yaml")
         except Exception as err:
             # a full disk comes as an OSError, a SafetensorError or torch.save's RuntimeError: judged by
             # the free space left, before the half-written checkpoint is removed
@@ -349,29 +361,6 @@ def check_world_size(processes: int) -> None:
             f"the launcher started {world} processes (WORLD_SIZE) but accelerate runs {processes}, so they "
             "would train apart; on a machine without a GPU set ACCELERATE_USE_CPU=1 (or use "
             "`accelerate launch --multi_gpu`/`--num_processes` on GPUs)"
-        )
-
-
-# accelerate's distributed types that shard parameters, gradients or optimiser states across processes
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA_FSDP")
-
-
-def check_data_parallel(distributed_type: str) -> None:
-    """Refuse a launch that shards the model (accelerate's FSDP, DeepSpeed, Megatron-LM).
-
-    difftune trains data-parallel: every process holds the whole model, and its checkpoints, EMA,
-    compact model state and exact resume read and write whole parameters.
-
-    Raises:
-        UserError: ``distributed_type`` (``accelerator.distributed_type``) is a sharded one.
-    """
-    name = distributed_type.rsplit(".", 1)[-1]
-    if name in SHARDED:
-        raise UserError(
-            f"accelerate is configured for {name}, and difftune trains data-parallel only (its checkpoints, EMA "
-            "and exact resume hold whole parameters); launch with a multi-GPU config without sharding, and fit a "
-            "large model with LoRA, bf16, gradient checkpointing or adamw_8bit (difftune train --dry-run "
-            "estimates the memory)"
         )
 
 

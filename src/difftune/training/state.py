@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
 from difftune.io.store import safetensors_problem
+from difftune.training.sharding import copy_into
 from difftune.training.streams import BucketStreams, IndexStream
 
 CHECKPOINTS = "checkpoints"
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 LOOP_FILE = "difftune_loop.json"
 EMA_FILE = "difftune_ema.safetensors"
 EMA_SETTINGS_FILE = "difftune_ema.json"
+SHARDED_MODEL, SHARDED_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # accelerate's names under FSDP
 
 
 @dataclass
@@ -139,7 +141,11 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def _required_files(state: Path) -> list[Path]:
     """The files of a checkpoint's ``state/`` that resuming cannot do without."""
-    required = [state / "model.safetensors", state / "optimizer.bin", state / "random_states_0.pkl"]
+    if (state / SHARDED_MODEL).is_dir():  # FSDP: accelerate's torch.distributed.checkpoint folders
+        required = [state / SHARDED_MODEL / ".metadata", state / SHARDED_OPTIMIZER / ".metadata"]
+    else:
+        required = [state / "model.safetensors", state / "optimizer.bin"]
+    required.append(state / "random_states_0.pkl")
     if not _legacy_files(state):
         required.append(state / LOOP_FILE)
     ema = [state / EMA_FILE, state / EMA_SETTINGS_FILE]
@@ -241,8 +247,9 @@ def load_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> No
 
 
 def load_ema_in_place(ema: EMAModel, path: Path) -> None:
-    """Copy the averages of ``path`` into ``ema``'s own tensors, one at a time: diffusers'
-    ``EMAModel.load_state_dict`` deep-copies its argument, which holds a model's size twice more.
+    """Copy the averages of ``path`` into ``ema``'s own tensors (or their shards, under FSDP), one at a
+    time: diffusers' ``EMAModel.load_state_dict`` deep-copies its argument, which holds a model's size
+    twice more.
 
     Raises:
         UserError: the file holds another number of averages, or one of another shape.
@@ -261,7 +268,7 @@ def load_ema_in_place(ema: EMAModel, path: Path) -> None:
                     raise UserError(
                         f"{path}: average {key} has shape {tuple(value.shape)}, the EMA's {tuple(average.shape)}"
                     )
-                average.copy_(value)
+                copy_into(average, value)
 
 
 def _legacy_files(state_dir: Path) -> list[Path]:

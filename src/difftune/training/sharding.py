@@ -1,0 +1,173 @@
+"""Sharded training (accelerate's FSDP2): what the loop does differently when each process holds a
+shard of every parameter instead of the whole model.
+
+Under FSDP2, ``accelerator.prepare`` replaces the backbone's parameters by ``DTensor`` shards, in
+place. The loop then rebinds its list of trainable parameters to the new ones
+(:func:`live_trainable`), builds the EMA over the shards (so the averages are sharded too), and
+writes the parts of a checkpoint that must stay stock (the diffusers model folder, the EMA's
+averages) from whole tensors gathered for the moment of writing (:func:`whole_parameters`).
+accelerate writes and reads the model and optimizer state itself (``torch.distributed.checkpoint``,
+one file per process), loaded in place on resume. docs/multi_gpu.md, "Sharded training".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from diffusers.training_utils import EMAModel
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from difftune.config.train import TrainConfig
+from difftune.errors import UserError
+
+# accelerate's distributed types that difftune does not train under (FSDP is checked for its version)
+UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM", "XLA_FSDP")
+
+
+def distributed_name(accelerator: Any) -> str:
+    """accelerate's distributed type without its enum prefix (``"FSDP"``, ``"MULTI_GPU"``, ``"NO"``...)."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1]
+
+
+def is_sharded(accelerator: Any) -> bool:
+    """Whether ``accelerator`` shards parameters across processes (FSDP)."""
+    return distributed_name(accelerator) == "FSDP"
+
+
+def check_parallelism(accelerator: Any, tc: TrainConfig) -> None:
+    """Refuse a launch difftune cannot train under: DeepSpeed, Megatron-LM, FSDP version 1, and, under
+    FSDP2, the settings that run the model on the main process alone (which would wait forever for the
+    others' shards) or that are untested with sharding.
+
+    Raises:
+        UserError: the launch or a setting is not supported with it.
+    """
+    name = distributed_name(accelerator)
+    if name in UNSUPPORTED:
+        raise UserError(
+            f"accelerate is configured for {name}, which difftune does not train under; use FSDP2 "
+            "(`accelerate launch --use_fsdp --fsdp_version 2`, or configs/accelerate/fsdp2.yaml) to shard a "
+            "model, or a multi-GPU config without sharding"
+        )
+    if name != "FSDP":
+        return
+    if not accelerator.is_fsdp2:
+        raise UserError(
+            "accelerate is configured for FSDP version 1; difftune shards with FSDP2: set fsdp_version: 2 in "
+            "the accelerate config (configs/accelerate/fsdp2.yaml)"
+        )
+    main_only = {
+        "train.sample_every": tc.sample_every,
+        "train.eval_every": tc.eval_every,
+        "train.validation_every": tc.validation_every,
+    }
+    for key, value in main_only.items():
+        if value:
+            raise UserError(
+                f"{key}={value} runs the model on the main process alone, which a sharded model cannot do; "
+                f"set {key}=0 and sample or evaluate the saved checkpoints (difftune sample / eval)"
+            )
+    if tc.compile != "no":
+        raise UserError(
+            f"train.compile={tc.compile} is not supported with FSDP sharding yet; set train.compile=no"
+        )
+
+
+def choose_wrap_units(accelerator: Any, model: torch.nn.Module) -> list[str]:
+    """Under FSDP2, make each block of the model's block lists a unit of its own (all-gathered and freed
+    one at a time), and each module of the backbone's ``shard_units``, unless the accelerate config names
+    the classes (``fsdp_transformer_layer_cls_to_wrap``) or asks for size-based wrapping; returns the
+    class names wrapped (empty when not sharded or left to the config)."""
+    if not is_sharded(accelerator):
+        return []
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.auto_wrap_policy
+    if policy not in (None, transformer_auto_wrap_policy) or plugin.transformer_cls_names_to_wrap:
+        return []
+    blocks = {type(block).__name__ for block in _outer_blocks(model)}
+    names = sorted(blocks | set(getattr(model, "shard_units", ())))
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
+def _outer_blocks(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The elements of ``module``'s outermost block lists (``nn.ModuleList``), not those nested in them."""
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList):
+            yield from child
+        else:
+            yield from _outer_blocks(child)
+
+
+def trainable_names(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> list[str]:
+    """The names in ``model`` of ``trainable``, in its order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for p in trainable]
+
+
+def live_trainable(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters of ``model`` named ``names``, in that order: the shards FSDP put in place of the
+    parameters it was given."""
+    params = dict(model.named_parameters())
+    return [params[name] for name in names]
+
+
+@contextlib.contextmanager
+def whole_parameters(
+    accelerator: Any, model: torch.nn.Module, ema: EMAModel | None
+) -> Iterator[EMAModel | None]:
+    """Within the block, the main process's ``model`` holds whole parameters on the CPU in place of its
+    shards, and the EMA yielded to it holds whole averages (the others get ``ema`` back; every process takes part in gathering them, one
+    tensor at a time, and only the main one keeps them); the shards are put back after. Without
+    sharding, the model is left as it is and ``ema`` itself is yielded.
+
+    Call it on every process, and do not run the model within it.
+    """
+    if not is_sharded(accelerator):
+        yield ema
+        return
+    keep = accelerator.is_main_process
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor):
+                whole = param.full_tensor().detach().cpu()
+                if keep:
+                    swapped.append((module, name, param))
+                    module._parameters[name] = torch.nn.Parameter(whole, requires_grad=param.requires_grad)
+    whole_ema = ema
+    if ema is not None:
+        averages = []
+        for average in ema.shadow_params:
+            whole = _whole(average)
+            if keep:
+                averages.append(whole)
+        if keep:
+            whole_ema = copy.copy(ema)
+            whole_ema.shadow_params = averages
+    try:
+        yield whole_ema
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole on the CPU (gathered when it is a shard)."""
+    value = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return value.detach().cpu()
+
+
+def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole tensor ``value`` into ``target``, or into this process's shard of it when ``target``
+    is sharded (every process must call it, with the same ``value``)."""
+    if isinstance(target, DTensor):
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+    target.copy_(value)
