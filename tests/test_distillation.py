@@ -19,7 +19,7 @@ from difftune.process import build_process
 from difftune.training.loop import Trainer
 from difftune.tuning import adapters_off
 from test_peft import _perturb
-from test_training import make_cfg, metrics
+from test_training import make_cfg, metrics, weights
 
 
 def _batch(loaded, n: int = 6, bank: int = 2):
@@ -139,6 +139,24 @@ def test_distillation_trains_micro_batches_without_retention_rows(dit_dir: Path,
         assert m1.keys() == m5.keys()
         for key in m1:  # micro-batches sum in another order: a bucket near 6e-5 moves by ~1e-9 on some CPUs
             assert m1[key] == pytest.approx(m5[key], rel=1e-5, abs=1e-8), key
+
+
+def test_full_tuning_distillation_resumes_from_the_pre_trained_teacher(dit_dir: Path, tmp_path: Path) -> None:
+    """The frozen copy is the pre-trained model in a resumed run too, not the restored checkpoint's."""
+    common = (
+        "objective.kind=distillation",
+        "objective.retention_data=target",
+        "objective.bank_share=0.2",
+        "train.learning_rate=1e-2",
+        "train.checkpoint_every=2",
+    )
+    whole = Trainer(make_cfg(dit_dir, tmp_path / "whole", None, *common)).train()
+    Trainer(make_cfg(dit_dir, tmp_path / "cut", None, *common, "train.max_steps=2")).train()
+    resumed = Trainer(make_cfg(dit_dir, tmp_path / "cut", None, *common, "train.resume=latest")).train()
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_retention_settings_are_checked() -> None:

@@ -134,6 +134,7 @@ def test_a_stored_run_trains_without_a_copy_and_resumes_exactly(
     def no_copy(*args: object, **kwargs: object) -> None:
         raise AssertionError("teacher: stored must not copy the model")
 
+    monkeypatch.setattr("difftune.objectives.distillation.frozen_copy", no_copy)
     monkeypatch.setattr("difftune.objectives.distillation.frozen_copy_teacher", no_copy)
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     common = (*STORED, "train.checkpoint_every=2", "train.learning_rate=1e-2")

@@ -55,6 +55,7 @@ def _diff_tuning(
     process: ForwardProcess,
     backbone: Backbone,
     fit: DataSchedule | None = None,
+    frozen: Backbone | None = None,
     kind: type[DiffTuningLoss] | None = None,
     **extra: Any,
 ) -> DiffTuningLoss:
@@ -78,10 +79,12 @@ def _diff_tuning(
 
 
 def _distillation(
-    cfg: ObjectiveConfig, process: ForwardProcess, backbone: Backbone, fit: DataSchedule | None = None
+    cfg: ObjectiveConfig,
+    process: ForwardProcess,
+    backbone: Backbone,
+    fit: DataSchedule | None = None,
+    frozen: Backbone | None = None,
 ) -> DistillationLoss:
-    import torch
-
     from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
     from difftune.tuning import can_switch_off
 
@@ -90,12 +93,28 @@ def _distillation(
     elif can_switch_off(backbone):
         teacher = switched_off_teacher(backbone)
     else:
-        teacher = frozen_copy_teacher(backbone, getattr(torch, cfg.distillation.teacher_dtype))
-    return _diff_tuning(cfg, process, backbone, fit, DistillationLoss, teacher=teacher)
+        teacher = frozen_copy_teacher(frozen or teacher_copy(cfg, backbone))
+    return _diff_tuning(cfg, process, backbone, fit, kind=DistillationLoss, teacher=teacher)
+
+
+def teacher_copy(cfg: ObjectiveConfig, backbone: Backbone) -> Backbone | None:
+    """The frozen copy of the pre-trained model that ``cfg``'s objective distils from (in
+    ``objective.distillation.teacher_dtype``), or ``None`` when it needs none: another kind, stored
+    predictions, or adapters it switches off. Take it before training, restoring a checkpoint or
+    sharding change ``backbone``'s weights."""
+    import torch
+
+    from difftune.objectives.distillation import frozen_copy
+    from difftune.tuning import can_switch_off
+
+    if cfg.kind != "distillation" or cfg.distillation.teacher == "stored" or can_switch_off(backbone):
+        return None
+    return frozen_copy(backbone, getattr(torch, cfg.distillation.teacher_dtype))
 
 
 OBJECTIVES: dict[
-    str, Callable[[ObjectiveConfig, ForwardProcess, Backbone, DataSchedule | None], Objective]
+    str,
+    Callable[[ObjectiveConfig, ForwardProcess, Backbone, DataSchedule | None, Backbone | None], Objective],
 ] = {
     "diff_tuning": _diff_tuning,
     "distillation": _distillation,
@@ -103,12 +122,18 @@ OBJECTIVES: dict[
 
 
 def build_objective(
-    cfg: ObjectiveConfig, process: ForwardProcess, backbone: Backbone, fit: DataSchedule | None = None
+    cfg: ObjectiveConfig,
+    process: ForwardProcess,
+    backbone: Backbone,
+    fit: DataSchedule | None = None,
+    frozen: Backbone | None = None,
 ) -> Objective:
     """The objective ``cfg.kind`` for ``backbone`` under its forward ``process`` (:func:`difftune.process.build_process`).
 
     ``fit`` gives the ``data_driven`` schedules their weights (ψ for the target, ξ for the bank;
-    docs/method.md §10); it is needed when either schedule is ``data_driven``.
+    docs/method.md §10); it is needed when either schedule is ``data_driven``. ``frozen`` is the
+    pre-trained copy a distillation objective distils from (:func:`teacher_copy`); without it, the
+    copy is taken from ``backbone`` as it is now.
 
     Raises:
         ValueError: unknown kind (the message lists the valid ones), or a ``data_driven`` schedule
@@ -116,7 +141,7 @@ def build_objective(
     """
     if cfg.kind not in OBJECTIVES:
         raise UserError(f"objective.kind={cfg.kind!r} is unknown; valid: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[cfg.kind](cfg, process, backbone, fit)
+    return OBJECTIVES[cfg.kind](cfg, process, backbone, fit, frozen)
 
 
 __all__ = [
@@ -127,5 +152,6 @@ __all__ = [
     "LossTerms",
     "Objective",
     "build_objective",
+    "teacher_copy",
     "stream_schedule",
 ]

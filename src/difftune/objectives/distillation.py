@@ -44,10 +44,16 @@ def switched_off_teacher(backbone: Backbone) -> Teacher:
     return teacher
 
 
-def frozen_copy_teacher(backbone: Backbone, dtype: torch.dtype = torch.float32) -> Teacher:
-    """A frozen copy of ``backbone`` as it is now (before training), in ``dtype``."""
-    frozen = copy.deepcopy(backbone).to(dtype).eval().requires_grad_(False)
+def frozen_copy(backbone: Backbone, dtype: torch.dtype = torch.float32) -> Backbone:
+    """A frozen copy of ``backbone`` as it is now, in ``dtype``: taken from the pre-trained model before
+    training, restoring a checkpoint or sharding change its weights."""
+    return copy.deepcopy(backbone).to(dtype).eval().requires_grad_(False)
+
+
+def frozen_copy_teacher(frozen: Backbone) -> Teacher:
+    """The prediction of ``frozen`` (:func:`frozen_copy`), in its dtype, on the student's device."""
     first = next(frozen.parameters())
+    dtype = first.dtype
 
     def teacher(x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if first.device != x_t.device:  # once: the copy follows the student to its device

@@ -31,7 +31,7 @@ from difftune.data.buckets import bucket_weights
 from difftune.data.targets import TargetData, prepare_target
 from difftune.errors import UserError
 from difftune.io.mapped import MappedRows
-from difftune.objectives import Draw, Objective, build_objective
+from difftune.objectives import Draw, Objective, build_objective, teacher_copy
 from difftune.process import build_process, resolve_pretraining
 from difftune.process.base import ForwardProcess
 from difftune.schedules.data_driven import DataSchedule
@@ -66,6 +66,9 @@ class RunParts:
             (:func:`~difftune.training.streams.step_bucket`); ``None`` without.
         bank_teacher: the bank's stored teacher predictions (``objective.distillation.teacher: stored``):
             each bank row trains at one of its stored draws; ``None`` otherwise.
+        frozen_teacher: the frozen copy of the pre-trained model a distillation objective distils from
+            (:func:`~difftune.objectives.teacher_copy`), taken before the model is sharded or a checkpoint
+            restored; ``None`` when the objective needs none.
     """
 
     cfg: ExperimentConfig
@@ -83,6 +86,7 @@ class RunParts:
     prefetch: RowPrefetcher = field(default_factory=RowPrefetcher)
     bucket_weights: torch.Tensor | None = None
     bank_teacher: StoredTeacher | None = None
+    frozen_teacher: Backbone | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -229,6 +233,7 @@ def build_run(
     check_adapter_size(cfg.tuning.method, cfg.tuning, loaded.backbone)  # before anything is written
     check_frozen_dtype(tc.frozen_dtype, cfg.tuning.method, loaded.tuning.adapter)
     cast_frozen(loaded.backbone, trainable, tc.frozen_dtype)
+    frozen_teacher = teacher_copy(cfg.objective, loaded.backbone)  # the pre-trained model, whole
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone)
     density = resolve_pretraining(
@@ -278,6 +283,7 @@ def build_run(
         state,
         bucket_weights=weights,
         bank_teacher=bank.teacher if cfg.stores_teacher else None,
+        frozen_teacher=frozen_teacher,
     )
 
 
@@ -327,7 +333,8 @@ def run_objective(
         )
 
     schedule, record = run_data_schedule(cfg, accelerator, fit, out, resume)
-    return build_objective(cfg.objective, parts.process, parts.backbone, schedule), schedule, record
+    objective = build_objective(cfg.objective, parts.process, parts.backbone, schedule, parts.frozen_teacher)
+    return objective, schedule, record
 
 
 def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
