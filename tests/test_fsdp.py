@@ -14,8 +14,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from safetensors.torch import load_file
 
 from conftest import run_torchrun
 from difftune.backbones import load_pretrained
@@ -78,3 +80,34 @@ def test_fsdp2_shards_matches_one_process_and_resumes_exactly(dit_dir: Path, tmp
         assert uninterrupted.keys() == again.keys()
         for key in uninterrupted:
             assert torch.equal(uninterrupted[key], again[key]), (sub, key)
+
+
+@pytest.mark.parametrize(
+    ("tuning", "saved"),
+    [("full", "transformer"), ("lora", "adapter")],
+    ids=["full-frozen-copy-teacher", "lora-adapters-off-teacher"],
+)
+def test_fsdp2_distillation_matches_one_process(
+    tuning: str, saved: str, dit_dir: Path, tmp_path: Path
+) -> None:
+    """Distillation under sharding: full fine-tuning distils from a whole frozen copy on every process,
+    LoRA from the sharded model with its adapters switched off."""
+    extra = (
+        f"tuning.method={tuning}",
+        "objective.kind=distillation",
+        "objective.retention_data=target",
+        "objective.bank_share=0.2",
+        "train.checkpoint_every=0",
+    )
+    ranks = _launch(tmp_path / "ranks", overrides(dit_dir, tmp_path / "fsdp", None, *extra))
+    assert all(rank["sharded_parameters"] == rank["parameters"] for rank in ranks)
+    single = Trainer(make_cfg(dit_dir, tmp_path / "single", None, *extra)).train()
+    sharded = tmp_path / "fsdp" / "final"
+    if saved == "adapter":
+        name = "adapter/difftune_adapter.safetensors"
+        a, b = load_file(str(single / name)), load_file(str(sharded / name))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    else:
+        assert_same_training(weights(single), weights(sharded), atol=1e-5, steps=4)
