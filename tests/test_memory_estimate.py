@@ -131,6 +131,35 @@ def test_dry_run_prints_the_estimate(dit_dir: Path, tmp_path: Path, capsys: pyte
     assert len(memory) == 1 and "per process" in memory[0] and "activations" in memory[0]
 
 
+def test_fsdp_divides_the_backbone_state_among_the_processes(dit_dir: Path, tmp_path: Path):
+    model = load_pretrained(str(dit_dir)).backbone
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.inner.transformer_blocks]
+    unit = max([sum(p.numel() for p in model.parameters()) - sum(blocks), *blocks])
+    extra = ("train.mixed_precision=bf16", "train.batch_size=16")
+    whole = estimate(dit_dir, tmp_path, *extra, processes=4)
+    cfg = config(dit_dir, tmp_path, *extra)
+    sharded = estimate_training_memory(cfg, peek_backbone(str(dit_dir)), dit_dir, processes=4, sharded=True)
+    for part in ("trained", "gradients", "optimizer", "ema", "frozen"):
+        assert getattr(sharded, part) == -(-getattr(whole, part) // 4), part
+    assert sharded.buckets == sharded.casts == 0 and whole.buckets > 0 and whole.casts > 0
+    assert (sharded.components, sharded.activations) == (whole.components, whole.activations)
+    assert sharded.gathered == 2 * unit * 2 + unit * FLOAT32  # two bf16 units and one unit's fp32 gradients
+    assert sharded.total < whole.total
+    assert "sharded over 4" in sharded.line() and "gathered FSDP units" in sharded.line()
+
+
+def test_dry_run_under_an_fsdp_launch_estimates_shards(
+    dit_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets from an FSDP config
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    args = [f"--set=model.pretrained={dit_dir}", "--set=data.source=digits", "--set=data.classes=[5,6,7,8,9]"]
+    args.append("--set=objective.bank_share=0")
+    assert main(["train", *args, f"--set=train.output_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    memory = [line for line in capsys.readouterr().out.splitlines() if "memory" in line]
+    assert len(memory) == 1 and "sharded over 8" in memory[0]
+
+
 def test_saved_weights_are_not_counted_as_activations():
     layer = torch.nn.Linear(16, 32)
     counter = SavedActivations(layer)

@@ -20,6 +20,12 @@ The estimate is the peak of these:
 * under data parallelism (more than one process), DDP's gradient buckets: one more gradient copy;
 * under mixed precision, autocast's 16-bit copies of the trained weights (cached for the step).
 
+Under FSDP2 sharding (``accelerate launch`` with an FSDP config), the backbone's weights, gradients,
+optimizer states and EMA are divided among the processes, and what FSDP gathers whole at once takes
+the place of DDP's buckets and autocast's copies: two of the largest units' weights in the compute
+dtype (the one running and the next, prefetched) and one unit's float32 gradients before they are
+reduce-scattered. The VAE, text encoders and a distillation teacher stay whole on every process.
+
 Everything is held at once except the gradients and the activations: the backward pass makes the
 former as it frees the latter, so the peak holds the larger of the two (both under gradient
 accumulation, whose gradients live through the next micro-batch's forward pass).
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,7 @@ from difftune.backbones.conditioning import Conditioning
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 from difftune.training.frozen_precision import check_frozen_dtype, frozen_bytes
+from difftune.training.sharding import largest_unit
 from difftune.tuning import build_tuning, can_switch_off
 
 GIB = 2**30
@@ -69,6 +76,8 @@ class MemoryEstimate:
     size: str = ""  # data.buckets: the bucket whose activations are traced (the largest)
     accumulates: bool = False  # gradient accumulation: gradients live through the next forward pass
     teacher: int = 0  # distillation under full fine-tuning: the frozen copy of the model (teacher: copy)
+    gathered: int = 0  # FSDP: the units' whole weights and gradients gathered at once
+    sharded_over: int = 0  # FSDP: the processes the backbone's state is divided among (0: not sharded)
 
     @property
     def total(self) -> int:
@@ -84,6 +93,7 @@ class MemoryEstimate:
             + self.buckets
             + self.casts
             + self.teacher
+            + self.gathered
         )
         activations = self.activations or 0
         if self.accumulates:
@@ -106,12 +116,15 @@ class MemoryEstimate:
             parts.append(f"DDP buckets {_size(self.buckets)}")
         if self.casts:
             parts.append(f"16-bit weight copies {_size(self.casts)}")
+        if self.sharded_over:
+            parts.append(f"gathered FSDP units {_size(self.gathered)}")
         if self.activations is None:
             parts.append("activations not estimated")
         else:
             at = f", largest bucket {self.size}" if self.size else ""
             parts.append(f"activations {_size(self.activations)} (micro-batch {self.micro_batch}{at})")
-        return f"memory     about {_size(self.total)} per process: " + ", ".join(parts)
+        sharded = f" (weights and states sharded over {self.sharded_over})" if self.sharded_over else ""
+        return f"memory     about {_size(self.total)} per process{sharded}: " + ", ".join(parts)
 
 
 def _teacher_bytes(cfg: ExperimentConfig, backbone: Backbone) -> int:
@@ -134,6 +147,7 @@ def estimate_training_memory(
     model_root: Path | None = None,
     processes: int = 1,
     bucket: tuple[str, tuple[int, int, int]] | None = None,
+    sharded: bool = False,
 ) -> MemoryEstimate:
     """The run's memory per process, from ``backbone`` built on the ``meta`` device (it is modified:
     the tuning method is applied to it).
@@ -141,9 +155,10 @@ def estimate_training_memory(
     Args:
         model_root: the local pipeline folder, whose VAE and text encoders are counted; ``None``: not
             counted (a hub model: the dry run reads no weights' listing).
-        processes: data-parallel processes (each holds all of the above).
+        processes: data-parallel processes (each holds all of the above, unless ``sharded``).
         bucket: with ``data.buckets``, the name and sample shape (C, H, W) of the largest bucket, whose
             activations are traced instead of the model's own size's.
+        sharded: FSDP2 divides the backbone's weights and states among the ``processes``.
     """
     tc = cfg.train
     tuning = build_tuning(cfg.tuning.method, cfg.tuning)
@@ -162,7 +177,8 @@ def estimate_training_memory(
     activations = _saved_activation_bytes(backbone, micro_batch, tc.gradient_checkpointing, fused, shape)
     if activations is not None and tc.mixed_precision != "no":
         activations //= 2
-    return MemoryEstimate(
+    mixed = tc.mixed_precision != "no"
+    estimate = MemoryEstimate(
         trained=trained * FLOAT32,
         gradients=trained * FLOAT32,
         optimizer=trained * OPTIMIZER_BYTES[tc.optimizer],
@@ -173,9 +189,24 @@ def estimate_training_memory(
         buckets=trained * FLOAT32 if processes > 1 else 0,
         micro_batch=micro_batch,
         accumulates=tc.gradient_accumulation > 1,
-        casts=trained * 2 if tc.mixed_precision != "no" else 0,
+        casts=trained * 2 if mixed else 0,
         teacher=_teacher_bytes(cfg, backbone),
         size=bucket[0] if bucket else "",
+    )
+    if not sharded:
+        return estimate
+    unit = largest_unit(backbone)
+    return replace(
+        estimate,
+        trained=-(-estimate.trained // processes),
+        gradients=-(-estimate.gradients // processes),
+        optimizer=-(-estimate.optimizer // processes),
+        ema=-(-estimate.ema // processes),
+        frozen=-(-estimate.frozen // processes),
+        buckets=0,
+        casts=0,
+        gathered=2 * unit * (2 if mixed else FLOAT32) + unit * FLOAT32,
+        sharded_over=processes,
     )
 
 

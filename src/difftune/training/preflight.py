@@ -136,7 +136,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         lines.append(f"evaluate   {_evaluation_line(cfg)}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     root = Path(pretrained) if local else None
-    memory = estimate_training_memory(cfg, backbone, root, processes, largest)
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # an FSDP accelerate config
+    memory = estimate_training_memory(cfg, backbone, root, processes, largest, sharded)
     lines.append(memory.line())  # last: it tunes backbone
     return lines + _output_lines(cfg)
 

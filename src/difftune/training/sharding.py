@@ -106,6 +106,14 @@ def _outer_blocks(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield from _outer_blocks(child)
 
 
+def largest_unit(model: torch.nn.Module) -> int:
+    """Parameters (elements) of the largest unit :func:`choose_wrap_units` makes of ``model``: one of its
+    outer blocks, or what the root holds outside them (what FSDP all-gathers at once)."""
+    blocks = [sum(p.numel() for p in block.parameters()) for block in _outer_blocks(model)]
+    total = sum(p.numel() for p in model.parameters())
+    return max([total - sum(blocks), *blocks])
+
+
 def trainable_names(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> list[str]:
     """The names in ``model`` of ``trainable``, in its order."""
     names = {id(p): name for name, p in model.named_parameters()}
