@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from conftest import run_torchrun
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
+from difftune.config.experiment import load_config
 from difftune.training.loop import Trainer
 from test_training import TESTS, assert_same_training, make_cfg, overrides, weights
 
@@ -111,3 +112,54 @@ def test_fsdp2_distillation_matches_one_process(
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     else:
         assert_same_training(weights(single), weights(sharded), atol=1e-5, steps=4)
+
+
+def _caption_pipeline(tmp_path: Path, family: str) -> tuple[Path, list[str]]:
+    """A tiny pipeline of ``family`` and the overrides that train it on captioned shapes."""
+    from difftune.testing.flux import save_flux_pipeline
+    from difftune.testing.models import save_sd_pipeline, save_sdxl_pipeline
+    from difftune.testing.sd3 import save_sd3_pipeline
+    from test_stable_diffusion import _caption_folder
+
+    save = {
+        "sd15": save_sd_pipeline,
+        "sd15_controlnet": save_sd_pipeline,
+        "sdxl": save_sdxl_pipeline,
+        "sd3": save_sd3_pipeline,
+        "flux": save_flux_pipeline,
+    }[family]
+    pipe = save(tmp_path / "pipe")
+    extra = ["model.controlnet=from_unet", "data.annotator=canny"] if family.endswith("controlnet") else []
+    data = _caption_folder(tmp_path / "shapes")
+    return pipe, ["data.source=captions", f"data.path={data}", "train.batch_size=4", *extra]
+
+
+# SDXL, SD3 and Flux take the SD 1.5 path with other block lists: slow-marked to keep CI short
+@pytest.mark.parametrize(
+    "family",
+    [
+        "unet",
+        "sd15",
+        "sd15_controlnet",
+        pytest.param("sdxl", marks=pytest.mark.slow),
+        pytest.param("sd3", marks=pytest.mark.slow),
+        pytest.param("flux", marks=pytest.mark.slow),
+    ],
+)
+def test_fsdp2_trains_each_family_as_one_process_does(family: str, tmp_path: Path) -> None:
+    from difftune.testing.models import save_pipeline_dir, tiny_unet
+
+    if family == "unet":
+        pipe, extra = save_pipeline_dir(tmp_path / "pipe", tiny_unet(), "unet"), []
+        common = overrides(pipe, tmp_path / "unused", None)
+    else:
+        pipe, extra = _caption_pipeline(tmp_path, family)
+        common = [f"model.pretrained={pipe}", "objective.bank_share=0", "train.log_every=1"]
+    common += [*extra, "train.max_steps=2", "train.checkpoint_every=0", "train.sampling.steps=2"]
+    ranks = _launch(tmp_path / "ranks", [*common, f"train.output_dir={tmp_path / 'fsdp'}"])
+    assert all(rank["sharded_parameters"] == rank["parameters"] for rank in ranks)
+    single = Trainer(load_config(None, [*common, f"train.output_dir={tmp_path / 'single'}"])).train()
+    sharded = tmp_path / "fsdp" / "final"
+    trained = next(p.name for p in single.iterdir() if p.name in ("transformer", "unet", "controlnet"))
+    a, b = weights(single, trained), weights(sharded, trained)
+    assert_same_training(a, b, atol=1e-5, steps=2)

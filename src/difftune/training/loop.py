@@ -233,8 +233,9 @@ class Trainer:
             self.parts.prefetch.close()
             bar.close()  # also on an error, so its message starts on a line of its own
         final = self.out / "final"
-        if acc.is_main_process:
-            write_final(final, list_checkpoints(self.out)[-1], self.loaded, self.target.class_names, cfg)
+        with whole_parameters(acc, self.backbone, None):  # FSDP: the frozen parts it writes, gathered
+            if acc.is_main_process:
+                write_final(final, list_checkpoints(self.out)[-1], self.loaded, self.target.class_names, cfg)
         acc.wait_for_everyone()
         acc.end_training()  # last: it destroys the process group that wait_for_everyone needs
         return final
