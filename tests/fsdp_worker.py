@@ -6,10 +6,11 @@ Usage::
         tests/fsdp_worker.py RESULT_DIR section.key=value ...
 
 accelerate refuses FSDP on a CPU (it keeps a multi-CPU launch data-parallel), while torch's FSDP2
-shards over gloo. This worker builds the accelerator difftune would get from
-``accelerate launch --use_fsdp --fsdp_version 2`` on GPUs and sets its distributed type to FSDP, so
-that ``accelerator.prepare``, ``save_state`` and ``load_state`` take their FSDP2 paths on the CPU.
-The bank must exist (the test generates it). Writes ``RESULT_DIR/rank-<process_index>.json``.
+shards over gloo. This worker builds the accelerator difftune would get from ``accelerate launch``
+with an FSDP2 config on GPUs (its plugin reads the ``FSDP_*`` variables the launcher exports; the
+test exports those of configs/accelerate/fsdp2.yaml) and sets its distributed type to FSDP, so that
+``accelerator.prepare``, ``save_state`` and ``load_state`` take their FSDP2 paths on the CPU. The
+bank must exist (the test generates it). Writes ``RESULT_DIR/rank-<process_index>.json``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from difftune.training.outputs import tracker
 
 
 def fsdp2_accelerator(mixed_precision: str, report_to: str, project_dir: str) -> Accelerator:
-    """An accelerator on 2 CPU processes that shards as FSDP2 would on GPUs (the plugin's defaults)."""
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    """An accelerator on 2 CPU processes that shards as FSDP2 would on GPUs (the plugin from ``FSDP_*``)."""
+    plugin = FullyShardedDataParallelPlugin()
     acc = Accelerator(
         mixed_precision=mixed_precision,
         log_with=tracker(report_to),

@@ -1,9 +1,10 @@
 """Sharded training (FSDP2 through accelerate) on 2 CPU processes over gloo (tests/fsdp_worker.py).
 
-What it shows: every parameter and EMA average is a shard (each process holds half the elements);
-the weights equal a one-process run's up to float summation order; the saved model stays stock; the
-checkpoint holds accelerate's per-process shards; and resuming from it gives the uninterrupted run's
-weights exactly.
+The processes run with the FSDP settings of the shipped configs/accelerate/fsdp2.yaml. What it shows:
+every parameter and EMA average is a shard (each process holds half the elements); the weights equal
+a one-process run's up to float summation order, for each family, with distillation too; the saved
+model stays stock; the checkpoint holds accelerate's per-process shards; and resuming from it gives
+the uninterrupted run's weights exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,38 @@ from difftune.config.experiment import load_config
 from difftune.training.loop import Trainer
 from test_training import TESTS, assert_same_training, make_cfg, overrides, weights
 
+SHIPPED = TESTS.parent / "configs" / "accelerate" / "fsdp2.yaml"
+
+
+def shipped_fsdp_env() -> dict[str, str]:
+    """The FSDP settings ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` exports."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(SHIPPED), "-m", "difftune", "train"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {key: value for key, value in env.items() if key.startswith("FSDP_")}
+
+
+def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from difftune.training.sharding import check_parallelism, choose_wrap_units
+
+    for key, value in shipped_fsdp_env().items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap is None
+    launch = SimpleNamespace(
+        distributed_type=DistributedType.FSDP, is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=plugin)
+    )
+    check_parallelism(launch, make_cfg(dit_dir, dit_dir / "unused", None).train)
+    units = choose_wrap_units(launch, load_pretrained(str(dit_dir)).backbone)
+    assert units == ["BasicTransformerBlock", "CombinedTimestepLabelEmbeddings"]
+    assert plugin.transformer_cls_names_to_wrap == units
+
 
 def _launch(result_dir: Path, args: list[str]) -> list[dict]:
     cmd = [
@@ -39,7 +72,7 @@ def _launch(result_dir: Path, args: list[str]) -> list[dict]:
         str(result_dir),
         *args,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **shipped_fsdp_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     run_torchrun(cmd, env, cwd=TESTS.parent)
     return [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
 
