@@ -54,7 +54,7 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
     launch = SimpleNamespace(
         distributed_type=DistributedType.FSDP, is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=plugin)
     )
-    check_parallelism(launch, make_cfg(dit_dir, dit_dir / "unused", None).train)
+    check_parallelism(launch, make_cfg(dit_dir, dit_dir / "unused", None))
     units = choose_wrap_units(launch, load_pretrained(str(dit_dir)).backbone)
     assert units == ["BasicTransformerBlock", "CombinedTimestepLabelEmbeddings"]
     assert plugin.transformer_cls_names_to_wrap == units

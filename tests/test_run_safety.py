@@ -519,6 +519,6 @@ def test_fsdp2_refuses_what_runs_the_model_on_one_process(dit_dir: Path, tmp_pat
 def test_data_parallel_and_fsdp2_launches_pass_the_check(dit_dir: Path):
     from difftune.training.sharding import check_parallelism
 
-    tc = make_cfg(dit_dir, dit_dir / "unused", None).train
+    cfg = make_cfg(dit_dir, dit_dir / "unused", None)
     for kind in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
-        check_parallelism(_launch(kind), tc)
+        check_parallelism(_launch(kind), cfg)

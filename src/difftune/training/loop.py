@@ -90,7 +90,7 @@ class Trainer:
             mixed_precision=tc.mixed_precision, log_with=tracker(tc.report_to), project_dir=str(self.out)
         )
         check_world_size(self.accelerator.num_processes)
-        check_parallelism(self.accelerator, tc)
+        check_parallelism(self.accelerator, cfg)
         chunks = self.accelerator.num_processes * tc.gradient_accumulation
         if tc.batch_size < chunks:
             raise UserError(

@@ -21,7 +21,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from difftune.config.train import TrainConfig
+from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 
 # accelerate's distributed types that difftune does not train under (FSDP is checked for its version)
@@ -38,15 +38,16 @@ def is_sharded(accelerator: Any) -> bool:
     return distributed_name(accelerator) == "FSDP"
 
 
-def check_parallelism(accelerator: Any, tc: TrainConfig) -> None:
+def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
     """Refuse a launch difftune cannot train under: DeepSpeed, Megatron-LM, FSDP version 1, and, under
     FSDP2, the settings that run the model on the main process alone (which would wait forever for the
-    others' shards) or that are untested with sharding.
+    others' shards: samples, evaluation, validation, a data-driven fit) or that are untested with
+    sharding (compile).
 
     Raises:
         UserError: the launch or a setting is not supported with it.
     """
-    name = distributed_name(accelerator)
+    name, tc = distributed_name(accelerator), cfg.train
     if name in UNSUPPORTED:
         raise UserError(
             f"accelerate is configured for {name}, which difftune does not train under; use FSDP2 "
@@ -71,6 +72,11 @@ def check_parallelism(accelerator: Any, tc: TrainConfig) -> None:
                 f"{key}={value} runs the model on the main process alone, which a sharded model cannot do; "
                 f"set {key}=0 and sample or evaluate the saved checkpoints (difftune sample / eval)"
             )
+    if cfg.objective.fitted_schedules:
+        raise UserError(
+            f"objective.{cfg.objective.fitted_schedules[0]}=data_driven is fitted on the main process alone, which a "
+            "sharded model cannot do; fit it in a data-parallel run, or choose another schedule"
+        )
     if tc.compile != "no":
         raise UserError(
             f"train.compile={tc.compile} is not supported with FSDP sharding yet; set train.compile=no"

@@ -1,8 +1,9 @@
 """What a run directory holds for resuming, written and read without unpickling anything.
 
 A checkpoint's ``state/`` folder holds accelerate's part (model weights as safetensors, the
-optimizer and the RNG states, which accelerate reads with ``torch.load(weights_only=True)``) and
-difftune's part, written here:
+optimizer and the RNG states, which accelerate reads with ``torch.load(weights_only=True)``; under
+FSDP the model and optimizer as one shard per process in ``pytorch_model_fsdp_0/`` and
+``optimizer_0/``) and difftune's part, written here:
 
 * ``difftune_loop.json``: the step and the positions of the data streams (:class:`LoopState`);
 * ``difftune_ema.safetensors`` + ``difftune_ema.json``: the EMA's averages and its settings.
