@@ -29,6 +29,23 @@ from difftune.objectives import DiffTuningLoss
 from difftune.training.loop import Trainer
 
 
+def nan_on_rank_1() -> None:
+    """Make the loss of the objective calls ``DIFFTUNE_TEST_NAN_ON_RANK_1`` lists NaN on rank 1 only."""
+    bad_calls = {int(c) for c in os.environ.get("DIFFTUNE_TEST_NAN_ON_RANK_1", "").split(",") if c}
+    if not bad_calls or os.environ.get("RANK") != "1":
+        return
+    original, calls = DiffTuningLoss.__call__, []
+
+    def sometimes_nan(self: DiffTuningLoss, *args):  # noqa: ANN202
+        terms = original(self, *args)
+        calls.append(1)
+        if len(calls) in bad_calls:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    DiffTuningLoss.__call__ = sometimes_nan  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     result_dir, overrides = Path(argv[0]), argv[1:]
     cfg = load_config(None, overrides)
@@ -44,19 +61,7 @@ def main(argv: list[str]) -> None:
     generate_bank(load_pretrained(cfg.model.pretrained), cfg.bank, progress=False)
     LatentStore.write_shard = original_write  # type: ignore[method-assign]
 
-    bad_calls = {int(c) for c in os.environ.get("DIFFTUNE_TEST_NAN_ON_RANK_1", "").split(",") if c}
-    if bad_calls and os.environ.get("RANK") == "1":
-        original, calls = DiffTuningLoss.__call__, []
-
-        def sometimes_nan(self: DiffTuningLoss, *args):  # noqa: ANN202
-            terms = original(self, *args)
-            calls.append(1)
-            if len(calls) in bad_calls:
-                terms.loss = terms.loss * float("nan")
-            return terms
-
-        DiffTuningLoss.__call__ = sometimes_nan  # type: ignore[method-assign]
-
+    nan_on_rank_1()
     trainer = Trainer(cfg)
     final = trainer.train()
     acc = trainer.accelerator

@@ -10,7 +10,7 @@ shards over gloo. This worker builds the accelerator difftune would get from ``a
 with an FSDP2 config on GPUs (its plugin reads the ``FSDP_*`` variables the launcher exports; the
 test exports those of configs/accelerate/fsdp2.yaml) and sets its distributed type to FSDP, so that
 ``accelerator.prepare``, ``save_state`` and ``load_state`` take their FSDP2 paths on the CPU. The
-bank must exist (the test generates it). Writes ``RESULT_DIR/rank-<process_index>.json``.
+bank must exist (the test generates it). ``DIFFTUNE_TEST_NAN_ON_RANK_1`` as in tests/ddp_worker.py. Writes ``RESULT_DIR/rank-<process_index>.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
 
+from ddp_worker import nan_on_rank_1
 from difftune.config.experiment import load_config
 from difftune.training.loop import Trainer
 from difftune.training.outputs import tracker
@@ -49,6 +50,7 @@ def main(argv: list[str]) -> None:
     result_dir, overrides = Path(argv[0]), argv[1:]
     cfg = load_config(None, overrides)
     tc = cfg.train
+    nan_on_rank_1()  # DIFFTUNE_TEST_NAN_ON_RANK_1, as in the DDP test
     trainer = Trainer(cfg, accelerator=fsdp2_accelerator(tc.mixed_precision, tc.report_to, tc.output_dir))
     final = trainer.train()
     acc, backbone = trainer.accelerator, trainer.backbone

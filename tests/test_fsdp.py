@@ -60,7 +60,7 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
     assert plugin.transformer_cls_names_to_wrap == units
 
 
-def _launch(result_dir: Path, args: list[str]) -> list[dict]:
+def _launch(result_dir: Path, args: list[str], **env_vars: str) -> list[dict]:
     cmd = [
         sys.executable,
         "-m",
@@ -72,7 +72,7 @@ def _launch(result_dir: Path, args: list[str]) -> list[dict]:
         str(result_dir),
         *args,
     ]
-    env = {**os.environ, **shipped_fsdp_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **shipped_fsdp_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_vars}
     run_torchrun(cmd, env, cwd=TESTS.parent)
     return [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
 
@@ -114,6 +114,19 @@ def test_fsdp2_shards_matches_one_process_and_resumes_exactly(dit_dir: Path, tmp
         assert uninterrupted.keys() == again.keys()
         for key in uninterrupted:
             assert torch.equal(uninterrupted[key], again[key]), (sub, key)
+
+
+def test_fsdp2_skips_a_non_finite_step_on_every_process(dit_dir: Path, tmp_path: Path) -> None:
+    """A NaN loss on one process's shard of step 2: both processes skip the step (fused AdamW's skip flag
+    on sharded parameters), as under DDP."""
+    run = tmp_path / "run"
+    extra = ("train.checkpoint_every=1", "train.keep_checkpoints=5", "train.on_non_finite=skip")
+    _launch(tmp_path / "ranks", overrides(dit_dir, run, None, *extra), DIFFTUNE_TEST_NAN_ON_RANK_1="2")
+    at = {s: weights(run / "checkpoints" / f"checkpoint-{s:07d}" / "model") for s in (1, 2, 3)}
+    for key in at[1]:
+        assert torch.equal(at[1][key], at[2][key]), key
+    assert any(not torch.equal(at[3][key], at[2][key]) for key in at[3])
+    assert all(torch.isfinite(t).all() for t in weights(run / "final").values())
 
 
 @pytest.mark.parametrize(

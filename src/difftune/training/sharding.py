@@ -42,7 +42,7 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
     """Refuse a launch difftune cannot train under: DeepSpeed, Megatron-LM, FSDP version 1, and, under
     FSDP2, the settings that run the model on the main process alone (which would wait forever for the
     others' shards: samples, evaluation, validation, a data-driven fit) or that are untested with
-    sharding (compile).
+    sharding (compile), or that fail on shards (bitsandbytes' 8-bit AdamW).
 
     Raises:
         UserError: the launch or a setting is not supported with it.
@@ -76,6 +76,11 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
         raise UserError(
             f"objective.{cfg.objective.fitted_schedules[0]}=data_driven is fitted on the main process alone, which a "
             "sharded model cannot do; fit it in a data-parallel run, or choose another schedule"
+        )
+    if tc.optimizer == "adamw_8bit":
+        raise UserError(
+            "train.optimizer=adamw_8bit cannot step FSDP's sharded parameters (bitsandbytes has no DTensor "
+            "support); use train.optimizer=adamw or adamw_fused: sharding already divides AdamW's states"
         )
     if tc.compile != "no":
         raise UserError(
