@@ -168,6 +168,7 @@ RECIPES = {
         "sd35_medium_full",
         "sd35_medium_controlnet_canny",
         "flux1_dev_lora",
+        "flux1_dev_full",
     )
     for twin in ("", "_plain")
 }
@@ -212,16 +213,24 @@ def write_config_folder(root: Path, pretrained: str) -> Path:
 def estimate(recipe: Path, model: Path, overrides: list[str] | None = None) -> MemoryEstimate:
     """What ``difftune train --config recipe --dry-run`` estimates, with the model read from the config
     folder ``model`` (:func:`~difftune.training.memory_estimate.estimate_training_memory` on the backbone
-    built on the meta device, as the dry run builds it)."""
+    built on the meta device, as the dry run builds it), under the FSDP launch the recipe names
+    (:func:`sharded_over`)."""
     cfg = load_config(recipe, [f"model.pretrained={model}", *(overrides or [])])
     backbone = peek_backbone(str(model), cfg.model.subfolder, controlnet=cfg.model.controlnet)
-    return estimate_training_memory(cfg, backbone)
+    processes = sharded_over(recipe)
+    return estimate_training_memory(cfg, backbone, processes=processes or 1, sharded=bool(processes))
 
 
 def quoted(recipe: Path) -> float | None:
     """The estimate (GiB) a recipe's comment quotes (``the dry run estimates 12.34 GiB``), or ``None``."""
     match = re.search(r"the dry run estimates ([0-9.]+) GiB", recipe.read_text())
     return float(match.group(1)) if match else None
+
+
+def sharded_over(recipe: Path) -> int | None:
+    """The processes a recipe is sharded over (``GiB per process sharded over 8``), or ``None``."""
+    match = re.search(r"GiB per process sharded over (\d+)", recipe.read_text())
+    return int(match.group(1)) if match else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import recipe_memory  # noqa: E402
 
-NAMES = ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full", "flux1_dev_lora")
+NAMES = ("sdxl_lora", "sdxl_full", "sd35_medium_lora", "sd35_medium_full", "flux1_dev_lora", "flux1_dev_full")
 BUILDERS = {"sdxl": save_sdxl_pipeline, "sd35": save_sd3_pipeline, "flux1": save_flux_pipeline}
 
 
