@@ -115,6 +115,20 @@ def latent_dit_dir(tmp_path: Path) -> Path:
     )
 
 
+def two_process_command(script: Path | str, *args: str) -> list[str]:
+    """The command that starts ``script`` with ``args`` as 2 local processes (torchrun, standalone)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *args,
+    ]
+
+
 def run_torchrun(
     cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 300, succeed: bool = True
 ) -> str:

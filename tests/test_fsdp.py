@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file
 
-from conftest import run_torchrun
+from conftest import run_torchrun, two_process_command
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.config.experiment import load_config
@@ -61,17 +60,7 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
 
 
 def _launch(result_dir: Path, args: list[str], **env_vars: str) -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(TESTS / "fsdp_worker.py"),
-        str(result_dir),
-        *args,
-    ]
+    cmd = two_process_command(TESTS / "fsdp_worker.py", str(result_dir), *args)
     env = {**os.environ, **shipped_fsdp_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_vars}
     run_torchrun(cmd, env, cwd=TESTS.parent)
     return [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
