@@ -23,20 +23,9 @@ from conftest import run_torchrun, two_process_command
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.config.experiment import load_config
+from difftune.testing.sharding import fsdp_launch_env
 from difftune.training.loop import Trainer
 from test_training import TESTS, assert_same_training, make_cfg, overrides, weights
-
-SHIPPED = TESTS.parent / "configs" / "accelerate" / "fsdp2.yaml"
-
-
-def shipped_fsdp_env() -> dict[str, str]:
-    """The FSDP settings ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` exports."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(SHIPPED), "-m", "difftune", "train"])
-    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
-    return {key: value for key, value in env.items() if key.startswith("FSDP_")}
 
 
 def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir: Path, monkeypatch) -> None:
@@ -46,7 +35,7 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
 
     from difftune.training.sharding import check_parallelism, choose_wrap_units
 
-    for key, value in shipped_fsdp_env().items():
+    for key, value in fsdp_launch_env().items():
         monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap is None
@@ -61,7 +50,7 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
 
 def _launch(result_dir: Path, args: list[str], **env_vars: str) -> list[dict]:
     cmd = two_process_command(TESTS / "fsdp_worker.py", str(result_dir), *args)
-    env = {**os.environ, **shipped_fsdp_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_vars}
+    env = {**os.environ, **fsdp_launch_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_vars}
     run_torchrun(cmd, env, cwd=TESTS.parent)
     return [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
 
