@@ -62,7 +62,9 @@ processes reach it only with two free cores and enough samples to bury the start
 diffusers imports and the model's loading, 8-20 s on a busy machine), which every process pays and
 which is not divided: on a 2-core machine where other work keeps one core busy, and at the demo's
 500 samples, the ratio stays near 1. ``--skip-throughput --scaling-samples 2048`` times the scaling
-alone on a larger bank.
+alone on a larger bank. Each run's generation alone (``difftune bank``'s ``generated in`` time: from the
+loaded model to the last shard, the slowest process's) is printed beside it, with its 2/1 ratio: what
+the processes divide, without the start-up they each pay.
 
 Clock: on the CPU with one torch thread (``--threads 1``, the default) the throughput figures are
 process CPU time (``--clock auto``; user + system, so the PNG and shard writes' system calls count),
@@ -112,6 +114,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -516,7 +519,15 @@ def write_bank_config(path: Path, source: Source, bank: Path, samples: int) -> N
     path.write_text("\n".join(lines) + "\n")
 
 
-def time_command(cmd: list[str], cwd: Path, timeout: int = 1800) -> float:
+def generation_seconds(output: str) -> float:
+    """The longest ``generated in <s> s`` of the ``bank complete`` lines (one per process) in ``output``."""
+    found = [float(m) for m in re.findall(r"generated in ([0-9.]+) s\)", output)]
+    if not found:
+        raise RuntimeError(f"no 'generated in' line in the command's output:\n{output[-2000:]}")
+    return max(found)
+
+
+def time_command(cmd: list[str], cwd: Path, timeout: int = 1800) -> tuple[float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "TQDM_DISABLE": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     start = time.perf_counter()
@@ -526,7 +537,7 @@ def time_command(cmd: list[str], cwd: Path, timeout: int = 1800) -> float:
         raise RuntimeError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
         )
-    return seconds
+    return seconds, generation_seconds(proc.stdout)
 
 
 def scaling(source: Source, samples: int, work: Path) -> dict[str, Any]:
@@ -556,12 +567,12 @@ def scaling(source: Source, samples: int, work: Path) -> dict[str, Any]:
             "bank",
         ],
     }
-    seconds = {}
+    seconds, generating = {}, {}
     for i, (name, launcher) in enumerate(launchers.items()):
         config = work / f"scaling-{i}.yaml"
         bank = work / f"scaling-bank-{i}"
         write_bank_config(config, source, bank, samples)
-        seconds[name] = time_command([*launcher, "--config", str(config)], cwd=work)
+        seconds[name], generating[name] = time_command([*launcher, "--config", str(config)], cwd=work)
         manifest = json.loads((bank / "manifest.json").read_text())
         assert manifest["num_samples"] == samples
     one, two = seconds["1 process (difftune bank)"], seconds["2 processes (torchrun)"]
@@ -569,8 +580,10 @@ def scaling(source: Source, samples: int, work: Path) -> dict[str, Any]:
         "samples": samples,
         "shards": -(-samples // 256),
         "seconds": seconds,
+        "generation_seconds": generating,
         "ratio": two / one,
         "ratio_vs_torchrun_1": two / seconds["1 process (torchrun)"],
+        "generation_ratio": generating["2 processes (torchrun)"] / generating["1 process (difftune bank)"],
     }
 
 
@@ -778,8 +791,9 @@ def report(result: dict[str, Any]) -> None:
             "1 torch thread per process"
         )
         for name, seconds in sc["seconds"].items():
-            print(f"  {name:<28}{seconds:>8.1f} s")
+            print(f"  {name:<28}{seconds:>8.1f} s   (generating {sc['generation_seconds'][name]:.1f} s)")
         print(f"  2 processes / torchrun 1 process: {sc['ratio_vs_torchrun_1']:.3f}")
+        print(f"  generation alone, 2 processes / 1 process: {sc['generation_ratio']:.3f}")
     h = result.get("headline")
     print()
     if h:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
     from difftune.bank.conditions import prepare_bank_conditions
 
     m = cfg.model
+    started = time.perf_counter()
     loaded = load_pretrained(m.pretrained, m.subfolder, m.vae, m.revision, m.controlnet, guidance=m.guidance)
     line = prepare_bank_conditions(loaded, cfg)
     if line:
@@ -62,8 +64,13 @@ def cmd_bank(args: argparse.Namespace) -> int:
         return 0
     from difftune.bank.teacher_draws import teacher_draws
 
+    loading = time.perf_counter() - started
     store = generate_bank(loaded, cfg.bank, teacher=teacher_draws(cfg, loaded))
-    print(f"bank complete: {store.root} ({cfg.bank.num_samples} samples)")
+    seconds = time.perf_counter() - started - loading
+    print(
+        f"bank complete: {store.root} ({cfg.bank.num_samples} samples; model loaded in {loading:.1f} s, "
+        f"generated in {seconds:.1f} s)"
+    )
     return 0
 
 
