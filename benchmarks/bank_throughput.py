@@ -64,7 +64,9 @@ which is not divided: on a 2-core machine where other work keeps one core busy, 
 500 samples, the ratio stays near 1. ``--skip-throughput --scaling-samples 2048`` times the scaling
 alone on a larger bank. Each run's generation alone (``difftune bank``'s ``generated in`` time: from the
 loaded model to the last shard, the slowest process's) is printed beside it, with its 2/1 ratio: what
-the processes divide, without the start-up they each pay.
+the processes divide, without the start-up they each pay. Last, the machine's own ceiling: two
+single-thread matmul loops run at once against one after the other (0.5 on two independent cores; a
+virtual machine whose cores share a physical one, or its memory bandwidth, gives more).
 
 Clock: on the CPU with one torch thread (``--threads 1``, the default) the throughput figures are
 process CPU time (``--clock auto``; user + system, so the PNG and shard writes' system calls count),
@@ -540,6 +542,35 @@ def time_command(cmd: list[str], cwd: Path, timeout: int = 1800) -> tuple[float,
     return seconds, generation_seconds(proc.stdout)
 
 
+MATMUL_LOOP = (
+    "import time, torch\n"
+    "torch.set_num_threads(1)\n"
+    "a, b = torch.randn(512, 512), torch.randn(512, 512)\n"
+    "start = time.perf_counter()\n"
+    "for _ in range(1500):\n"
+    "    a @ b\n"
+    "print(time.perf_counter() - start)\n"
+)
+
+
+def machine_ceiling(repeats: int = 3) -> float:
+    """What this machine allows two processes: the wall time of two single-thread matmul loops run at once
+    over that of the two run one after the other (0.5: two independent cores), the median of ``repeats``."""
+    cmd = [sys.executable, "-c", MATMUL_LOOP]
+    ratios = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(2):
+            subprocess.run(cmd, check=True, capture_output=True)
+        serial = time.perf_counter() - start
+        start = time.perf_counter()
+        running = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL) for _ in range(2)]
+        for proc in running:
+            proc.wait()
+        ratios.append((time.perf_counter() - start) / serial)
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def scaling(source: Source, samples: int, work: Path) -> dict[str, Any]:
     """Wall seconds of ``difftune bank`` as one plain process, through torchrun with 1 and with 2 processes."""
     launchers = {
@@ -584,6 +615,7 @@ def scaling(source: Source, samples: int, work: Path) -> dict[str, Any]:
         "ratio": two / one,
         "ratio_vs_torchrun_1": two / seconds["1 process (torchrun)"],
         "generation_ratio": generating["2 processes (torchrun)"] / generating["1 process (difftune bank)"],
+        "machine_ceiling": machine_ceiling(),
     }
 
 
@@ -794,6 +826,9 @@ def report(result: dict[str, Any]) -> None:
             print(f"  {name:<28}{seconds:>8.1f} s   (generating {sc['generation_seconds'][name]:.1f} s)")
         print(f"  2 processes / torchrun 1 process: {sc['ratio_vs_torchrun_1']:.3f}")
         print(f"  generation alone, 2 processes / 1 process: {sc['generation_ratio']:.3f}")
+        print(
+            f"  the machine's own 2-process ratio (two matmul loops at once / one after the other): {sc['machine_ceiling']:.3f}"
+        )
     h = result.get("headline")
     print()
     if h:

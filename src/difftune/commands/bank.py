@@ -46,6 +46,9 @@ def cmd_bank(args: argparse.Namespace) -> int:
             )
         return 0
     start_torch()
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from difftune.backbones import load_pretrained
     from difftune.bank import generate_bank
     from difftune.bank.conditions import prepare_bank_conditions
@@ -65,8 +68,12 @@ def cmd_bank(args: argparse.Namespace) -> int:
     from difftune.bank.teacher_draws import teacher_draws
 
     loading = time.perf_counter() - started
+    # processes reach this point apart (each imports and loads at its own pace): the generation is
+    # timed from a common start, so that it is what the processes divide
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).wait_for_everyone()
+    generating = time.perf_counter()
     store = generate_bank(loaded, cfg.bank, teacher=teacher_draws(cfg, loaded))
-    seconds = time.perf_counter() - started - loading
+    seconds = time.perf_counter() - generating
     print(
         f"bank complete: {store.root} ({cfg.bank.num_samples} samples; model loaded in {loading:.1f} s, "
         f"generated in {seconds:.1f} s)"
