@@ -825,7 +825,11 @@ def report(result: dict[str, Any]) -> None:
         for name, seconds in sc["seconds"].items():
             print(f"  {name:<28}{seconds:>8.1f} s   (generating {sc['generation_seconds'][name]:.1f} s)")
         print(f"  2 processes / torchrun 1 process: {sc['ratio_vs_torchrun_1']:.3f}")
-        print(f"  generation alone, 2 processes / 1 process: {sc['generation_ratio']:.3f}")
+        g = sc["generation_seconds"]
+        print(
+            f"  generation alone, 2 processes / 1 process: {sc['generation_ratio']:.3f} "
+            f"(/ torchrun's 1 process: {g['2 processes (torchrun)'] / g['1 process (torchrun)']:.3f})"
+        )
         print(
             f"  the machine's own 2-process ratio (two matmul loops at once / one after the other): {sc['machine_ceiling']:.3f}"
         )
