@@ -48,6 +48,26 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
     assert plugin.transformer_cls_names_to_wrap == units
 
 
+@pytest.mark.parametrize("written_sharded", [True, False])
+def test_a_checkpoint_resumes_only_under_the_launch_kind_that_wrote_it(
+    tmp_path: Path, written_sharded: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from difftune.errors import UserError
+    from difftune.training.state import SHARDED_MODEL, LoopState, restore_checkpoint
+
+    state = tmp_path / "checkpoint-0000002" / "state"
+    (state / SHARDED_MODEL if written_sharded else state).mkdir(parents=True)
+    kind = DistributedType.NO if written_sharded else DistributedType.FSDP
+    with pytest.raises(UserError, match="was written by a (sharded|launch without)") as err:
+        restore_checkpoint(SimpleNamespace(distributed_type=kind), state.parent, LoopState(), None)
+    assert "\n" not in str(err.value)
+    assert ("fsdp2.yaml" in str(err.value)) == written_sharded
+
+
 def _launch(result_dir: Path, args: list[str], **env_vars: str) -> list[dict]:
     cmd = two_process_command(TESTS / "fsdp_worker.py", str(result_dir), *args)
     env = {**os.environ, **fsdp_launch_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_vars}
@@ -116,15 +136,18 @@ def test_fsdp2_distillation_matches_one_process(
     tuning: str, saved: str, dit_dir: Path, tmp_path: Path
 ) -> None:
     """Distillation under sharding: full fine-tuning distils from a whole frozen copy on every process,
-    LoRA from the sharded model with its adapters switched off."""
+    LoRA from the sharded model with its adapters switched off. With gradient accumulation; the full
+    run also with fsdp_cpu_ram_efficient_loading (weights broadcast from the main process)."""
     extra = (
         f"tuning.method={tuning}",
         "objective.kind=distillation",
         "objective.retention_data=target",
         "objective.bank_share=0.2",
         "train.checkpoint_every=0",
+        "train.gradient_accumulation=2",  # under FSDP every micro-batch reduce-scatters its gradients
     )
-    ranks = _launch(tmp_path / "ranks", overrides(dit_dir, tmp_path / "fsdp", None, *extra))
+    loading = {"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"} if tuning == "full" else {}
+    ranks = _launch(tmp_path / "ranks", overrides(dit_dir, tmp_path / "fsdp", None, *extra), **loading)
     assert all(rank["sharded_parameters"] == rank["parameters"] for rank in ranks)
     single = Trainer(make_cfg(dit_dir, tmp_path / "single", None, *extra)).train()
     sharded = tmp_path / "fsdp" / "final"
@@ -182,6 +205,9 @@ def test_fsdp2_trains_each_family_as_one_process_does(family: str, tmp_path: Pat
     common += [*extra, "train.max_steps=2", "train.checkpoint_every=0", "train.sampling.steps=2"]
     ranks = _launch(tmp_path / "ranks", [*common, f"train.output_dir={tmp_path / 'fsdp'}"])
     assert all(rank["sharded_parameters"] == rank["parameters"] for rank in ranks)
+    # the units are the models' own blocks, not every layer of a class that also occurs in them
+    inner = {"FSDPResnetBlock2D", "FSDPTransformer2DModel", "FSDPAttention", "FSDPConv2d", "FSDPLinear"}
+    assert not inner & set(ranks[0]["wrapped"]), ranks[0]["wrapped"]
     single = Trainer(load_config(None, [*common, f"train.output_dir={tmp_path / 'single'}"])).train()
     sharded = tmp_path / "fsdp" / "final"
     trained = next(p.name for p in single.iterdir() if p.name in ("transformer", "unet", "controlnet"))

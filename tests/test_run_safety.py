@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.fsdp import CPUOffloadPolicy
 
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
@@ -486,7 +487,13 @@ def _launch(kind: str, fsdp2: bool = True):  # noqa: ANN202
 
     from accelerate.utils import DistributedType
 
-    return SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind], is_fsdp2=fsdp2)
+    plugin = SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT", cpu_offload=None)
+    return SimpleNamespace(
+        num_processes=1,
+        distributed_type=DistributedType[kind],
+        is_fsdp2=fsdp2,
+        state=SimpleNamespace(fsdp_plugin=plugin),
+    )
 
 
 @pytest.mark.parametrize(
@@ -506,8 +513,32 @@ def test_unsupported_sharding_is_refused_before_anything_is_written(
 
 
 @pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ({"state_dict_type": "StateDictType.FULL_STATE_DICT"}, "fsdp_state_dict_type is FULL_STATE_DICT"),
+        ({"cpu_offload": CPUOffloadPolicy()}, "fsdp_offload_params: true is not supported"),
+    ],
+)
+def test_fsdp2_refuses_a_checkpoint_format_or_offload_it_does_not_handle(
+    dit_dir: Path, tmp_path: Path, plugin: dict, message: str
+):
+    launch = _launch("FSDP")
+    launch.state.fsdp_plugin.__dict__.update(plugin)
+    with pytest.raises(UserError, match=message) as err:
+        Trainer(make_cfg(dit_dir, tmp_path / "run", None), accelerator=launch)
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
     "setting",
-    ["train.sample_every=2", "train.eval_every=2", "train.validation_every=2", "train.compile=full"],
+    [
+        "train.sample_every=2",
+        "train.eval_every=2",
+        "train.validation_every=2",
+        "train.compile=full",
+        "train.optimizer=adamw_8bit",
+        "objective.target_schedule=data_driven",
+    ],
 )
 def test_fsdp2_refuses_what_runs_the_model_on_one_process(dit_dir: Path, tmp_path: Path, setting: str):
     key = setting.split("=")[0]

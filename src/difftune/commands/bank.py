@@ -75,8 +75,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
     store = generate_bank(loaded, cfg.bank, teacher=teacher_draws(cfg, loaded))
     seconds = time.perf_counter() - generating
     print(
-        f"bank complete: {store.root} ({cfg.bank.num_samples} samples; model loaded in {loading:.1f} s, "
-        f"generated in {seconds:.1f} s)"
+        f"bank complete: {store.root} ({cfg.bank.num_samples} samples; model and conditions ready in "
+        f"{loading:.1f} s, generated in {seconds:.1f} s)"
     )
     return 0
 

@@ -55,7 +55,7 @@ def _diff_tuning(
     process: ForwardProcess,
     backbone: Backbone,
     fit: DataSchedule | None = None,
-    frozen: Backbone | None = None,
+    frozen: Backbone | None = None,  # a distillation teacher: Diff-Tuning's own loss has none
     kind: type[DiffTuningLoss] | None = None,
     **extra: Any,
 ) -> DiffTuningLoss:
@@ -93,7 +93,7 @@ def _distillation(
     elif can_switch_off(backbone):
         teacher = switched_off_teacher(backbone)
     else:
-        teacher = frozen_copy_teacher(frozen or teacher_copy(cfg, backbone))
+        teacher = frozen_copy_teacher(frozen if frozen is not None else teacher_copy(cfg, backbone))
     return _diff_tuning(cfg, process, backbone, fit, kind=DistillationLoss, teacher=teacher)
 
 

@@ -166,10 +166,12 @@ class Trainer:
         names = trainable_names(self.backbone, self.parts.trainable)
         optimizer = make_optimizer(self.parts.trainable, tc)
         apply_speed_settings(self.backbone, tc)
+        if self.parts.frozen_teacher is not None:  # distillation's frozen copy runs as the student does
+            apply_speed_settings(self.parts.frozen_teacher, tc)
         self._compile_unchecked = tc.compile != "no"
         choose_wrap_units(acc, self.backbone)
         model, optimizer = acc.prepare(self.backbone, optimizer)
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self._sharded = model, optimizer, is_sharded(acc)
         self.parts.trainable = live_trainable(self.backbone, names)  # under FSDP: the shards now in place
         self.ema = make_ema(self.parts.trainable, tc.ema_decay)
         if resume is not None:
@@ -262,7 +264,8 @@ class Trainer:
             if self._compile_unchecked:
                 self._compile_unchecked = False
                 self._check_compile(objective, inputs, counts)
-            with contextlib.nullcontext() if last else acc.no_sync(model):
+            # FSDP reduce-scatters every micro-batch: skipping it would keep whole gradients on every process
+            with contextlib.nullcontext() if last or self._sharded else acc.no_sync(model):
                 terms = objective(model, *inputs)
                 # global-count normalisation x processes: DDP's gradient mean becomes the global mean
                 loss = objective.reduce(terms, *counts) * acc.num_processes

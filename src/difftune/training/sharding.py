@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from diffusers.training_utils import EMAModel
+from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from difftune.config.experiment import ExperimentConfig
@@ -26,6 +27,7 @@ from difftune.errors import UserError
 
 # accelerate's distributed types that difftune does not train under (FSDP is checked for its version)
 UNSUPPORTED = ("DEEPSPEED", "MEGATRON_LM", "XLA_FSDP")
+CHOSEN = "difftune_chose_units"  # marks a plugin whose wrapped classes choose_wrap_units set
 
 
 def distributed_name(accelerator: Any) -> str:
@@ -60,6 +62,17 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
         raise UserError(
             "accelerate is configured for FSDP version 1; difftune shards with FSDP2: set fsdp_version: 2 in "
             "the accelerate config (configs/accelerate/fsdp2.yaml)"
+        )
+    plugin = accelerator.state.fsdp_plugin
+    if not str(plugin.state_dict_type).endswith(".SHARDED_STATE_DICT"):
+        raise UserError(
+            f"fsdp_state_dict_type is {str(plugin.state_dict_type).rsplit('.', 1)[-1]}; difftune's checkpoints "
+            "and exact resume use SHARDED_STATE_DICT: set it in the accelerate config (configs/accelerate/fsdp2.yaml)"
+        )
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise UserError(
+            "fsdp_offload_params: true is not supported by difftune yet (untested with its EMA and resume); set it "
+            "to false and fit the model with more processes, bf16 or gradient checkpointing"
         )
     main_only = {
         "train.sample_every": tc.sample_every,
@@ -98,31 +111,35 @@ def choose_wrap_units(accelerator: Any, model: torch.nn.Module) -> list[str]:
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     plugin = accelerator.state.fsdp_plugin
+    chosen = getattr(plugin, CHOSEN, False)  # by an earlier run in this process (a task sequence)
     policy = plugin.auto_wrap_policy
-    if policy not in (None, transformer_auto_wrap_policy) or plugin.transformer_cls_names_to_wrap:
+    if not chosen and (
+        policy not in (None, transformer_auto_wrap_policy) or plugin.transformer_cls_names_to_wrap
+    ):
         return []
     blocks = {type(block).__name__ for block in _outer_blocks(model)}
     names = sorted(blocks | set(getattr(model, "shard_units", ())))
     plugin.auto_wrap_policy = transformer_auto_wrap_policy
     plugin.transformer_cls_names_to_wrap = names
+    setattr(plugin, CHOSEN, True)
     return names
 
 
-def _outer_blocks(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The elements of ``module``'s outermost block lists (``nn.ModuleList``), not those nested in them."""
-    for child in module.children():
-        if isinstance(child, torch.nn.ModuleList):
-            yield from child
-        else:
-            yield from _outer_blocks(child)
+def _outer_blocks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The blocks of each diffusers model ``model`` holds: the elements of those models' own block lists
+    (``nn.ModuleList`` attributes: DiT's and Flux's transformer blocks, a UNet's down and up blocks),
+    leaving out torch's own layers (a ControlNet's list of zero convolutions)."""
+    from diffusers import ModelMixin
 
-
-def largest_unit(model: torch.nn.Module) -> int:
-    """Parameters (elements) of the largest unit :func:`choose_wrap_units` makes of ``model``: one of its
-    outer blocks, or what the root holds outside them (what FSDP all-gathers at once)."""
-    blocks = [sum(p.numel() for p in block.parameters()) for block in _outer_blocks(model)]
-    total = sum(p.numel() for p in model.parameters())
-    return max([total - sum(blocks), *blocks])
+    roots = (
+        [model]
+        if isinstance(model, ModelMixin)
+        else [m for m in model.children() if isinstance(m, ModelMixin)]
+    )
+    for root in roots:
+        for child in root.children():
+            if isinstance(child, torch.nn.ModuleList):
+                yield from (block for block in child if not type(block).__module__.startswith("torch.nn"))
 
 
 def trainable_names(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> list[str]:
@@ -157,17 +174,19 @@ def whole_parameters(
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if isinstance(param, DTensor):
-                whole = param.full_tensor().detach().cpu()
+                whole = param.full_tensor().detach()  # every process takes part; the main one keeps it
                 if keep:
                     swapped.append((module, name, param))
-                    module._parameters[name] = torch.nn.Parameter(whole, requires_grad=param.requires_grad)
+                    module._parameters[name] = torch.nn.Parameter(
+                        whole.cpu(), requires_grad=param.requires_grad
+                    )
     whole_ema = ema
     if ema is not None:
         averages = []
         for average in ema.shadow_params:
-            whole = _whole(average)
+            whole = average.full_tensor() if isinstance(average, DTensor) else average
             if keep:
-                averages.append(whole)
+                averages.append(whole.detach().cpu())
         if keep:
             whole_ema = copy.copy(ema)
             whole_ema.shadow_params = averages
@@ -176,12 +195,6 @@ def whole_parameters(
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole on the CPU (gathered when it is a shard)."""
-    value = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    return value.detach().cpu()
 
 
 def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:

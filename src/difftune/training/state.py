@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
 from difftune.io.store import safetensors_problem
-from difftune.training.sharding import copy_into
+from difftune.training.sharding import copy_into, is_sharded
 from difftune.training.streams import BucketStreams, IndexStream
 
 CHECKPOINTS = "checkpoints"
@@ -193,6 +193,16 @@ def restore_checkpoint(accelerator: Any, checkpoint: Path, loop: LoopState, ema:
         UserError: a state file holds more than tensors and numbers (it could run code), or is damaged.
     """
     state_dir = checkpoint / "state"
+    written_sharded = (state_dir / SHARDED_MODEL).is_dir()
+    if written_sharded != is_sharded(accelerator):
+        kind = "a sharded (FSDP) launch" if written_sharded else "a launch without sharding"
+        fix = (
+            "configs/accelerate/fsdp2.yaml" if written_sharded else "a data-parallel launch (no FSDP config)"
+        )
+        raise UserError(
+            f"{checkpoint} was written by {kind}, and this launch {'does not shard' if written_sharded else 'shards'}: "
+            f"its model and optimizer state cannot be read here; resume it with {fix}"
+        )
     legacy = _legacy_files(state_dir)
     with tempfile.TemporaryDirectory(prefix="difftune-state-") as view:
         source = state_dir
