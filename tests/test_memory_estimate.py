@@ -158,6 +158,20 @@ def test_dry_run_under_an_fsdp_launch_estimates_shards(
     assert main(["train", *args, f"--set=train.output_dir={tmp_path / 'run'}", "--dry-run"]) == 0
     memory = [line for line in capsys.readouterr().out.splitlines() if "memory" in line]
     assert len(memory) == 1 and "sharded over 8" in memory[0]
+    # what the sharded run would refuse, the dry run refuses too
+    assert (
+        main(
+            [
+                "train",
+                *args,
+                f"--set=train.output_dir={tmp_path / 'run'}",
+                "--set=train.sample_every=5",
+                "--dry-run",
+            ]
+        )
+        != 0
+    )
+    assert "train.sample_every=5 runs the model on the main process alone" in capsys.readouterr().err
 
 
 def test_saved_weights_are_not_counted_as_activations():

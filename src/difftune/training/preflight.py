@@ -27,6 +27,7 @@ from difftune.data.builtin import built_in_class_count
 from difftune.errors import UserError
 from difftune.io.store import LatentStore
 from difftune.training.memory_estimate import estimate_training_memory
+from difftune.training.sharding import check_sharded_settings
 
 
 def check_writable(folder: Path) -> None:
@@ -137,6 +138,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     root = Path(pretrained) if local else None
     sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # an FSDP accelerate config
+    if sharded:
+        check_sharded_settings(cfg)
     memory = estimate_training_memory(cfg, backbone, root, processes, largest, sharded)
     lines.append(memory.line())  # last: it tunes backbone
     return lines + _output_lines(cfg)

@@ -49,7 +49,7 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
     Raises:
         UserError: the launch or a setting is not supported with it.
     """
-    name, tc = distributed_name(accelerator), cfg.train
+    name = distributed_name(accelerator)
     if name in UNSUPPORTED:
         raise UserError(
             f"accelerate is configured for {name}, which difftune does not train under; use FSDP2 "
@@ -74,6 +74,17 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
             "fsdp_offload_params: true is not supported by difftune yet (untested with its EMA and resume); set it "
             "to false and fit the model with more processes, bf16 or gradient checkpointing"
         )
+    check_sharded_settings(cfg)
+
+
+def check_sharded_settings(cfg: ExperimentConfig) -> None:
+    """Refuse the settings a sharded (FSDP2) run cannot take; also what ``train --dry-run`` checks under an
+    FSDP launch.
+
+    Raises:
+        UserError: a setting runs the model on the main process alone, fails on shards or is untested.
+    """
+    tc = cfg.train
     main_only = {
         "train.sample_every": tc.sample_every,
         "train.eval_every": tc.eval_every,
@@ -140,6 +151,14 @@ def _outer_blocks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         for child in root.children():
             if isinstance(child, torch.nn.ModuleList):
                 yield from (block for block in child if not type(block).__module__.startswith("torch.nn"))
+
+
+def largest_unit(model: torch.nn.Module) -> int:
+    """Parameters (elements) of the largest unit :func:`choose_wrap_units` makes of ``model``: one of its
+    models' blocks, or what lies outside them (what FSDP all-gathers at once)."""
+    blocks = [sum(p.numel() for p in block.parameters()) for block in _outer_blocks(model)]
+    total = sum(p.numel() for p in model.parameters())
+    return max([total - sum(blocks), *blocks])
 
 
 def trainable_names(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> list[str]:
