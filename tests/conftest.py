@@ -115,15 +115,15 @@ def latent_dit_dir(tmp_path: Path) -> Path:
     )
 
 
-def two_process_command(script: Path | str, *args: str) -> list[str]:
-    """The command that starts ``script`` with ``args`` as 2 local processes (torchrun, standalone)."""
+def torchrun_command(script: Path | str, *args: str, processes: int = 2) -> list[str]:
+    """The command that starts ``script`` with ``args`` as ``processes`` local processes (torchrun, standalone)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(processes),
         str(script),
         *args,
     ]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import run_torchrun, two_process_command
+from conftest import run_torchrun, torchrun_command
 from difftune.cli import USER_ERRORS
 from difftune.commands.eval_fid import add_parser as add_eval_parser
 from difftune.data.builtin import load_sklearn_digits
@@ -721,7 +721,7 @@ def test_two_processes_match_one(dit_dir, folders, classifier_path, tmp_path) ->
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
-        *two_process_command(worker),
+        *torchrun_command(worker),
         *common,
         "--out-json",
         str(tmp_path / "ddp.json"),

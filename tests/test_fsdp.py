@@ -4,7 +4,7 @@ The processes run with the FSDP settings of the shipped configs/accelerate/fsdp2
 every parameter and EMA average is a shard (each process holds half the elements); the weights equal
 a one-process run's up to float summation order, for each family, with distillation too; the saved
 model stays stock; the checkpoint holds accelerate's per-process shards; and resuming from it gives
-the uninterrupted run's weights exactly.
+the uninterrupted run's weights exactly (on one process: up to float summation order).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file
 
-from conftest import run_torchrun, two_process_command
+from conftest import run_torchrun, torchrun_command
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.config.experiment import load_config
@@ -68,11 +68,11 @@ def test_a_checkpoint_resumes_only_under_the_launch_kind_that_wrote_it(
     assert ("fsdp2.yaml" in str(err.value)) == written_sharded
 
 
-def _launch(result_dir: Path, args: list[str], **env_vars: str) -> list[dict]:
-    cmd = two_process_command(TESTS / "fsdp_worker.py", str(result_dir), *args)
+def _launch(result_dir: Path, args: list[str], processes: int = 2, **env_vars: str) -> list[dict]:
+    cmd = torchrun_command(TESTS / "fsdp_worker.py", str(result_dir), *args, processes=processes)
     env = {**os.environ, **fsdp_launch_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env_vars}
     run_torchrun(cmd, env, cwd=TESTS.parent)
-    return [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    return [json.loads((result_dir / f"rank-{i}.json").read_text()) for i in range(processes)]
 
 
 def test_fsdp2_shards_matches_one_process_and_resumes_exactly(dit_dir: Path, tmp_path: Path) -> None:
@@ -112,6 +112,23 @@ def test_fsdp2_shards_matches_one_process_and_resumes_exactly(dit_dir: Path, tmp
         assert uninterrupted.keys() == again.keys()
         for key in uninterrupted:
             assert torch.equal(uninterrupted[key], again[key]), (sub, key)
+
+    # on another number of processes the checkpoint reshards as it loads: the same run up to float
+    # summation order
+    elsewhere = tmp_path / "one_process"
+    shutil.copytree(resumed, elsewhere)
+    shutil.rmtree(elsewhere / "checkpoints" / "checkpoint-0000004")
+    shutil.rmtree(elsewhere / "final")
+    _launch(
+        tmp_path / "ranks_one", [*overrides(dit_dir, elsewhere, bank), "train.resume=latest"], processes=1
+    )
+    assert_same_training(weights(sharded), weights(elsewhere / "final"), atol=1e-5, steps=2)
+    torch.testing.assert_close(
+        weights(sharded, "ema/transformer"),
+        weights(elsewhere / "final", "ema/transformer"),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def test_fsdp2_skips_a_non_finite_step_on_every_process(dit_dir: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_torchrun, two_process_command
+from conftest import run_torchrun, torchrun_command
 from difftune.backbones import LatentCodec, load_pretrained
 from difftune.bank import generate_bank, load_bank
 from difftune.config.experiment import ExperimentConfig, load_config
@@ -371,7 +371,7 @@ def test_corrupt_image_named_in_error(corruption: str, dit_dir: Path, tmp_path: 
 
 
 def _torchrun(result_dir: Path, args: list[str]) -> list[str]:
-    return two_process_command(TESTS / "ddp_worker.py", str(result_dir), *args)
+    return torchrun_command(TESTS / "ddp_worker.py", str(result_dir), *args)
 
 
 def test_ddp_two_cpu_processes_match_one(dit_dir: Path, tmp_path: Path) -> None:
