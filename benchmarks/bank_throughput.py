@@ -573,30 +573,12 @@ def machine_ceiling(repeats: int = 3) -> float:
 
 def scaling(source: Source, samples: int, work: Path) -> dict[str, Any]:
     """Wall seconds of ``difftune bank`` as one plain process, through torchrun with 1 and with 2 processes."""
+    from difftune.testing.processes import torchrun_command
+
     launchers = {
         "1 process (difftune bank)": [sys.executable, "-m", "difftune", "bank"],
-        "1 process (torchrun)": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "1",
-            "-m",
-            "difftune",
-            "bank",
-        ],
-        "2 processes (torchrun)": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "difftune",
-            "bank",
-        ],
+        "1 process (torchrun)": torchrun_command("-m", "difftune", "bank", processes=1),
+        "2 processes (torchrun)": torchrun_command("-m", "difftune", "bank", processes=2),
     }
     seconds, generating = {}, {}
     for i, (name, launcher) in enumerate(launchers.items()):

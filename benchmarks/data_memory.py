@@ -327,15 +327,9 @@ def measure(work: Path, name: str, spec: dict, processes: int, timeout: int) -> 
     }
     me = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     if processes > 1:
-        argv = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(processes),
-        ]
-        argv += me
+        from difftune.testing.processes import torchrun_command
+
+        argv = torchrun_command(*me, processes=processes)
     else:
         argv = [sys.executable, *me]
     started = time.perf_counter()

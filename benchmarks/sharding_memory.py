@@ -94,8 +94,11 @@ def launch(mode: str, model: Path, work: Path, steps: int, batch: int) -> list[d
     if mode == "fsdp":
         env.update(fsdp_launch_env())
     result = work / f"{mode}-result"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
-    cmd += ["--worker", mode, str(result), *overrides(model, work / f"{mode}-run", steps, batch)]
+    from difftune.testing.processes import torchrun_command
+
+    cmd = torchrun_command(
+        __file__, "--worker", mode, str(result), *overrides(model, work / f"{mode}-run", steps, batch)
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{mode} run failed:\n{proc.stderr[-4000:]}")

@@ -115,20 +115,6 @@ def latent_dit_dir(tmp_path: Path) -> Path:
     )
 
 
-def torchrun_command(script: Path | str, *args: str, processes: int = 2) -> list[str]:
-    """The command that starts ``script`` with ``args`` as ``processes`` local processes (torchrun, standalone)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(processes),
-        str(script),
-        *args,
-    ]
-
-
 def run_torchrun(
     cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 300, succeed: bool = True
 ) -> str:

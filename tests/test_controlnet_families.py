@@ -137,44 +137,59 @@ def test_the_run_resumes_exactly_and_reloads_over_its_frozen_base(run: dict) -> 
     assert [row["step"] for row in fidelity] == [0, 4]
 
 
+def sample_with_control(final: Path, control: Path, out: Path, *sampling: str) -> np.ndarray:
+    """``difftune sample`` of "a red circle" from ``final``'s trained weights with ``control``: the image, int16."""
+    args = ["sample", "--model", str(final), "--no-ema", "--prompt", "a red circle", "--control-image"]
+    assert main([*args, str(control), "--per-label", "1", "--steps", "2", *sampling, "--out", str(out)]) == 0
+    return np.asarray(Image.open(out / "00000_prompt0_seed0.png"), dtype=np.int16)
+
+
+def assert_stock_pipeline_agrees(
+    ours: np.ndarray, pipe: Any, image_arg: str, captions: Path, **call: Any
+) -> None:
+    """The stock ControlNet ``pipe`` (2 steps at 32 px, seed 0, ``call``) gives ``ours`` within 1/255 from the
+    same control image (captions/0.png), and another sample from another one (the control steers it)."""
+
+    def stock(control: Path) -> np.ndarray:
+        image = Image.open(control).convert("RGB")
+        out = pipe(
+            "a red circle",
+            **{image_arg: image},
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **call,
+        ).images[0]
+        return (out * 255).round().astype(np.int16)
+
+    theirs = stock(captions / "0.png")
+    assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
+    assert np.abs(ours - stock(captions / "3.png")).max() > 1  # the control image steers the sample
+
+
+def assert_sampling_needs_a_control_image(final: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["sample", "--model", str(final), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    assert "needs --control-image" in capsys.readouterr().err
+
+
 def test_the_stock_controlnet_pipeline_reproduces_difftunes_sample(
     run: dict, captions: Path, tmp_path: Path
 ) -> None:
     import diffusers
 
     case, final = run["case"], run["out"] / "run" / "final"
-    control = captions / "0.png"
-    args = ["sample", "--model", str(final), "--no-ema", "--prompt", "a red circle", "--control-image"]
-    sampling = ["--per-label", "1", "--steps", "2", "--guidance-scale", "3", "--scheduler", case.scheduler]
-    assert main([*args, str(control), *sampling, "--out", str(tmp_path / "s")]) == 0
-    ours = np.asarray(Image.open(tmp_path / "s" / "00000_prompt0_seed0.png"), dtype=np.int16)
+    sampling = ("--guidance-scale", "3", "--scheduler", case.scheduler)
+    ours = sample_with_control(final, captions / "0.png", tmp_path / "s", *sampling)
     pipe = getattr(diffusers, case.pipeline).from_pretrained(str(final))
     assert type(pipe.scheduler).__name__ == case.scheduler
-
-    def stock(image: Image.Image) -> np.ndarray:
-        out = pipe(
-            "a red circle",
-            **{case.image_arg: image},
-            height=32,
-            width=32,
-            num_inference_steps=2,
-            guidance_scale=3.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images[0]
-        return (out * 255).round().astype(np.int16)
-
-    theirs = stock(Image.open(control).convert("RGB"))
-    assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
-    other = stock(Image.open(captions / "3.png").convert("RGB"))
-    assert np.abs(ours - other).max() > 1  # the control image steers the sample
+    assert_stock_pipeline_agrees(ours, pipe, case.image_arg, captions, guidance_scale=3.0)
 
 
 def test_sampling_a_controlnet_needs_a_control_image(run: dict, tmp_path: Path, capsys) -> None:
-    final = run["out"] / "run" / "final"
-    args = ["sample", "--model", str(final), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "s")]
-    assert main(args) == 2
-    assert "needs --control-image" in capsys.readouterr().err
+    assert_sampling_needs_a_control_image(run["out"] / "run" / "final", tmp_path, capsys)
 
 
 def test_a_new_controlnet_trains_in_full_and_an_existing_one_may_take_lora(

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difftune.backbones import FAMILIES, load_pretrained, load_trained
 from difftune.backbones.controlnet import CONTROL
@@ -30,6 +28,11 @@ from difftune.control import build_annotator
 from difftune.errors import UserError
 from difftune.testing.controlnet import save_flux_controlnet_pipeline, save_sd3_controlnet_pipeline
 from difftune.testing.flux import tiny_flux_transformer
+from test_controlnet_families import (
+    assert_sampling_needs_a_control_image,
+    assert_stock_pipeline_agrees,
+    sample_with_control,
+)
 from test_flux import BANK_GUIDANCE, _files, _write
 from test_flux import _raw as _flux_raw
 
@@ -111,40 +114,18 @@ def test_the_stock_controlnet_pipeline_reproduces_difftunes_sample(
     from diffusers import FluxControlNetPipeline
 
     final = run["out"] / "run" / "final"
-    control = captions / "0.png"
-    args = ["sample", "--model", str(final), "--no-ema", "--prompt", "a red circle", "--control-image"]
-    sampling = ["--per-label", "1", "--steps", "2", "--guidance-scale", "1"]
-    assert main([*args, str(control), *sampling, "--out", str(tmp_path / "s")]) == 0
-    ours = np.asarray(Image.open(tmp_path / "s" / "00000_prompt0_seed0.png"), dtype=np.int16)
+    ours = sample_with_control(final, captions / "0.png", tmp_path / "s", "--guidance-scale", "1")
     pipe = FluxControlNetPipeline.from_pretrained(str(final))
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
-
-    def stock(image: Image.Image) -> np.ndarray:
-        out = pipe(
-            "a red circle",
-            control_image=image,
-            height=32,
-            width=32,
-            num_inference_steps=2,
-            guidance_scale=BANK_GUIDANCE,  # the guidance embedding's value
-            latents=pack(noise),
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images[0]
-        return (out * 255).round().astype(np.int16)
-
-    theirs = stock(Image.open(control).convert("RGB"))
-    assert np.abs(ours - theirs).max() <= 1, np.abs(ours - theirs).max()
-    other = stock(Image.open(captions / "3.png").convert("RGB"))
-    assert np.abs(ours - other).max() > 1  # the control image steers the sample
+    # the guidance embedding's value; difftune's initial noise of seed 0
+    assert_stock_pipeline_agrees(
+        ours, pipe, "control_image", captions, guidance_scale=BANK_GUIDANCE, latents=pack(noise)
+    )
 
 
 def test_sampling_a_controlnet_needs_a_control_image(run: dict, tmp_path: Path, capsys) -> None:
-    final = run["out"] / "run" / "final"
-    args = ["sample", "--model", str(final), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "s")]
-    assert main(args) == 2
-    assert "needs --control-image" in capsys.readouterr().err
+    assert_sampling_needs_a_control_image(run["out"] / "run" / "final", tmp_path, capsys)
 
 
 def test_a_new_controlnet_trains_in_full_and_an_existing_one_may_take_lora(

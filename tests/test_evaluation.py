@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import run_torchrun, torchrun_command
+from conftest import run_torchrun
 from difftune.cli import USER_ERRORS
 from difftune.commands.eval_fid import add_parser as add_eval_parser
 from difftune.data.builtin import load_sklearn_digits
@@ -37,6 +37,7 @@ from difftune.metrics import (
 from difftune.metrics.inception import InceptionFeatureExtractor, inception_extractor
 from difftune.metrics.kid import kernel_inception_distance, precision_recall, stats_from_features
 from difftune.metrics.reference_cache import reference_stats_key
+from difftune.testing.processes import torchrun_command
 
 TESTS = Path(__file__).parent
 

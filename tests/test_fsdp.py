@@ -19,10 +19,11 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file
 
-from conftest import run_torchrun, torchrun_command
+from conftest import run_torchrun
 from difftune.backbones import load_pretrained
 from difftune.bank import generate_bank
 from difftune.config.experiment import load_config
+from difftune.testing.processes import torchrun_command
 from difftune.testing.sharding import fsdp_launch_env
 from difftune.training.loop import Trainer
 from test_training import TESTS, assert_same_training, make_cfg, overrides, weights

@@ -14,12 +14,13 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_torchrun, torchrun_command
+from conftest import run_torchrun
 from difftune.backbones import LatentCodec, load_pretrained
 from difftune.bank import generate_bank, load_bank
 from difftune.config.experiment import ExperimentConfig, load_config
 from difftune.data.targets import load_target_images
 from difftune.io.store import LatentStore
+from difftune.testing.processes import torchrun_command
 from difftune.training.build import RunParts
 from difftune.training.loop import Trainer
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
@@ -27,6 +27,9 @@ from difftune.config.checks import check_model_path
 from difftune.errors import UserError
 from difftune.io.log_filters import dropping_messages
 from difftune.tuning.record import TuningRecord
+
+if TYPE_CHECKING:
+    from difftune.process.base import ForwardProcess
 
 SOURCE_FILE = "difftune_source.json"
 
@@ -74,6 +77,16 @@ class LoadedModel:
         if source is self.backbone.inner and self.tuning is not None and self.tuning.adapter:
             return self.tuning.base_fingerprint
         return model_fingerprint(source)
+
+    def forward_process(self, pretraining_density: str = "auto") -> tuple[ForwardProcess, str]:
+        """The model's forward process (from its scheduler) and ``model.pretraining_density`` made
+        concrete (``auto``: the family's), which the process samples plain fine-tuning's t with."""
+        from difftune.process import build_process, resolve_pretraining
+
+        density = resolve_pretraining(
+            pretraining_density, self.scheduler_config, self.family.pretraining_density
+        )
+        return build_process(self.scheduler_config, self.backbone.sample_shape, density), density
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LoadedModel:
         """Move the modules that sample, the backbone (with a ControlNet's frozen UNet) and the VAE, to

@@ -119,13 +119,9 @@ def teacher_draws(cfg: ExperimentConfig, loaded: LoadedModel) -> TeacherDraws | 
     if not cfg.stores_teacher:
         return None
     from difftune.objectives import stream_schedule
-    from difftune.process import build_process, resolve_pretraining
     from difftune.schedules.ports import resolve_port
 
-    density = resolve_pretraining(
-        cfg.model.pretraining_density, loaded.scheduler_config, loaded.family.pretraining_density
-    )
-    process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape, density)
+    process, density = loaded.forward_process(cfg.model.pretraining_density)
     objective = resolve_port(cfg.objective, process.name)
     name, K = objective.bank_schedule, objective.distillation.stored_draws
     record = {

@@ -86,28 +86,34 @@ def _distillation(
     frozen: Backbone | None = None,
 ) -> DistillationLoss:
     from difftune.objectives.distillation import DistillationLoss, frozen_copy_teacher, switched_off_teacher
+
+    if needs_teacher_copy(cfg, backbone):
+        teacher = frozen_copy_teacher(frozen if frozen is not None else teacher_copy(cfg, backbone))
+    elif cfg.distillation.teacher == "stored":  # the bank holds the predictions: no teacher, no copy
+        teacher = None
+    else:
+        teacher = switched_off_teacher(backbone)
+    return _diff_tuning(cfg, process, backbone, fit, kind=DistillationLoss, teacher=teacher)
+
+
+def needs_teacher_copy(cfg: ObjectiveConfig, backbone: Backbone) -> bool:
+    """Whether ``cfg``'s objective distils from a frozen copy of the model: distillation with
+    ``teacher: copy`` by a method whose adapters cannot be switched off (full fine-tuning); stored
+    predictions and switchable adapters need none."""
     from difftune.tuning import can_switch_off
 
-    if cfg.distillation.teacher == "stored":  # the bank holds the predictions: no teacher, no copy
-        teacher = None
-    elif can_switch_off(backbone):
-        teacher = switched_off_teacher(backbone)
-    else:
-        teacher = frozen_copy_teacher(frozen if frozen is not None else teacher_copy(cfg, backbone))
-    return _diff_tuning(cfg, process, backbone, fit, kind=DistillationLoss, teacher=teacher)
+    return cfg.kind == "distillation" and cfg.distillation.teacher == "copy" and not can_switch_off(backbone)
 
 
 def teacher_copy(cfg: ObjectiveConfig, backbone: Backbone) -> Backbone | None:
     """The frozen copy of the pre-trained model that ``cfg``'s objective distils from (in
-    ``objective.distillation.teacher_dtype``), or ``None`` when it needs none: another kind, stored
-    predictions, or adapters it switches off. Take it before training, restoring a checkpoint or
-    sharding change ``backbone``'s weights."""
+    ``objective.distillation.teacher_dtype``), or ``None`` when it needs none (:func:`needs_teacher_copy`).
+    Take it before training, restoring a checkpoint or sharding change ``backbone``'s weights."""
     import torch
 
     from difftune.objectives.distillation import frozen_copy
-    from difftune.tuning import can_switch_off
 
-    if cfg.kind != "distillation" or cfg.distillation.teacher == "stored" or can_switch_off(backbone):
+    if not needs_teacher_copy(cfg, backbone):
         return None
     return frozen_copy(backbone, getattr(torch, cfg.distillation.teacher_dtype))
 
@@ -152,6 +158,7 @@ __all__ = [
     "LossTerms",
     "Objective",
     "build_objective",
+    "needs_teacher_copy",
     "teacher_copy",
     "stream_schedule",
 ]

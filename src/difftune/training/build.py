@@ -32,7 +32,6 @@ from difftune.data.targets import TargetData, prepare_target
 from difftune.errors import UserError
 from difftune.io.mapped import MappedRows
 from difftune.objectives import Draw, Objective, build_objective, teacher_copy
-from difftune.process import build_process, resolve_pretraining
 from difftune.process.base import ForwardProcess
 from difftune.schedules.data_driven import DataSchedule
 from difftune.schedules.ports import resolve_port
@@ -236,10 +235,7 @@ def build_run(
     frozen_teacher = teacher_copy(cfg.objective, loaded.backbone)  # the pre-trained model, whole
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.backbone)
-    density = resolve_pretraining(
-        cfg.model.pretraining_density, loaded.scheduler_config, loaded.family.pretraining_density
-    )
-    process = build_process(loaded.scheduler_config, loaded.backbone.sample_shape, density)
+    process, density = loaded.forward_process(cfg.model.pretraining_density)
     cfg = replace(  # the run records its concrete port and pre-training density
         cfg,
         model=replace(cfg.model, pretraining_density=density),

@@ -153,10 +153,7 @@ class Trainer:
         """
         lock = RunLock(self.out)
         try:
-            # checkpoints hold what trains (under FSDP accelerate writes each process's shards instead)
-            acc = self.accelerator
-            hooks = contextlib.nullcontext() if is_sharded(acc) else compact_model_state(acc, self.backbone)
-            with hooks:
+            with compact_model_state(self.accelerator, self.backbone):  # checkpoints hold what trains
                 return self._train(claim_run_folder(self.accelerator, lock, self.out, self.cfg.train))
         finally:
             lock.release()

@@ -47,9 +47,10 @@ from difftune.backbones.base import Backbone, enable_gradient_checkpointing
 from difftune.backbones.conditioning import Conditioning
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
+from difftune.objectives import needs_teacher_copy
 from difftune.training.frozen_precision import check_frozen_dtype, frozen_bytes
 from difftune.training.sharding import largest_unit
-from difftune.tuning import build_tuning, can_switch_off
+from difftune.tuning import build_tuning
 
 GIB = 2**30
 MIB = 2**20
@@ -129,10 +130,9 @@ class MemoryEstimate:
 
 def _teacher_bytes(cfg: ExperimentConfig, backbone: Backbone) -> int:
     """The frozen copy distillation keeps of a fully fine-tuned model (``teacher: copy``); 0 otherwise."""
-    d = cfg.objective.distillation
-    if cfg.objective.kind != "distillation" or d.teacher != "copy" or can_switch_off(backbone):
+    if not needs_teacher_copy(cfg.objective, backbone):
         return 0
-    per = 2 if d.teacher_dtype == "bfloat16" else FLOAT32
+    per = 2 if cfg.objective.distillation.teacher_dtype == "bfloat16" else FLOAT32
     return sum(p.numel() for p in backbone.parameters()) * per
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from difftune.errors import UserError
+from difftune.training.sharding import is_sharded
 
 
 def _file(input_dir: str, index: int) -> Path:
@@ -72,7 +73,11 @@ def compact_model_state(accelerator: Any, model: torch.nn.Module) -> Iterator[No
     trains part of itself, and ``load_state`` loads the model's tensors in place (:func:`load_in_place`).
 
     ``model`` is the unwrapped module given to ``accelerator.prepare``; its trainable flags are read
-    when the block starts."""
+    when the block starts. Under FSDP nothing is hooked: accelerate writes each process's shards and
+    reads them back in place itself."""
+    if is_sharded(accelerator):
+        yield
+        return
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     partial = len(trainable) < len(list(model.parameters()))
 
