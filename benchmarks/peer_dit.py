@@ -398,20 +398,15 @@ def timed_authors(
 
     cuda = bench.setup.device == "cuda"
     loop = authors_peer(peer).loop(bench, args)
-    if cuda:
-        torch.cuda.synchronize()
     laps = sd_cache_bench.Laps(cuda)
-    wall, cpu = time.perf_counter(), time.process_time()
-    loop.train(steps, laps)
-    if cuda:
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with step_time.clocks(cuda) as spent:
+        loop.train(steps, laps)
     losses = loop.losses
     del loop
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return {"total": [wall, cpu], "phases": laps.seconds, "losses": losses}
+    return {"total": spent, "phases": laps.seconds, "losses": losses}
 
 
 def authors_seconds(bench: Any, args: argparse.Namespace, peer: Peer | None = None) -> dict[str, Any]:
@@ -593,6 +588,12 @@ def print_tail(
     if args.json is not None:
         print(f"json     {args.json}")
     print(f"wall time {result['wall_s']:.0f} s")
+    unmeasured = [path for path in ("difftune", peer.name) if result["paths"][path]["median_ms"] <= 0]
+    if unmeasured:
+        print(
+            f"timing   inconclusive: {' and '.join(unmeasured)} came out at or below 0 ms/step, the steps are "
+            "shorter than the run-to-run noise of a whole train() call; raise --steps or --repeats (exit 1)"
+        )
     print(f"ratio {result['ratio']:.3f}")
 
 

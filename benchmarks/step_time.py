@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -332,7 +333,6 @@ def timed_train(
     setup: Setup, run: Run, args: argparse.Namespace, out: Path, max_steps: int, probe: Probe | None = None
 ) -> tuple[float, float]:
     """(wall, process CPU) seconds of one ``Trainer.train()`` call; construction and clean-up excluded."""
-    import torch
 
     from difftune.training.loop import Trainer
 
@@ -341,17 +341,38 @@ def timed_train(
     # silence them; their output goes to a buffer instead (formatting it costs both methods alike)
     with contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO()):
         trainer = Trainer(make_config(setup, run, args, out, max_steps))
-        with contextlib.nullcontext() if probe is None else probe(trainer):
-            if cuda:
-                torch.cuda.synchronize()
-            wall, cpu = time.perf_counter(), time.process_time()
+        with contextlib.nullcontext() if probe is None else probe(trainer), clocks(cuda) as spent:
             trainer.train()
-            if cuda:
-                torch.cuda.synchronize()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     del trainer
     shutil.rmtree(out, ignore_errors=True)
-    return wall, cpu
+    return spent[0], spent[1]
+
+
+@contextlib.contextmanager
+def clocks(cuda: bool) -> Iterator[list[float]]:
+    """Time the block on both clocks: yields a list that holds ``[wall, process CPU]`` seconds after it.
+
+    The garbage collector is run before and kept off during the block (as :mod:`timeit` does): a
+    full collection of a large heap, such as a test process's, costs tens of milliseconds of CPU and
+    would land in whichever run it happened to fall in. CUDA is synchronised at both ends.
+    """
+    import torch
+
+    spent: list[float] = []
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield spent
+        if cuda:
+            torch.cuda.synchronize()
+        spent.extend((time.perf_counter() - wall, time.process_time() - cpu))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def step_seconds(
