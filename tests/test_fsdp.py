@@ -132,6 +132,52 @@ def test_fsdp2_shards_matches_one_process_and_resumes_exactly(dit_dir: Path, tmp
     )
 
 
+def test_fsdp2_samples_evaluates_and_keeps_the_best_as_one_process_does(
+    dit_dir: Path, tmp_path: Path
+) -> None:
+    """Sample grids, evaluation (losses and FID) and keep_best during sharded training: every process runs
+    the sharded model in step, the main one writes; the grids, scores and best/ are a one-process run's."""
+    import numpy as np
+    from PIL import Image
+
+    from test_training import metrics
+
+    extra = (
+        "train.sample_every=2",
+        "train.sampling.steps=2",
+        "train.eval_every=2",
+        "train.evaluation.bins=3",
+        "train.evaluation.holdout=5",
+        "train.evaluation.samples=4",
+        "train.evaluation.features=test_training_evaluation:mean_pixels",
+        "train.keep_best=loss",
+        "train.checkpoint_every=0",
+    )
+    _launch(tmp_path / "ranks", overrides(dit_dir, tmp_path / "fsdp", None, *extra))
+    Trainer(make_cfg(dit_dir, tmp_path / "single", None, *extra)).train()
+    runs = {name: tmp_path / name for name in ("single", "fsdp")}
+
+    grids = {name: sorted(p.name for p in (run / "samples").iterdir()) for name, run in runs.items()}
+    assert grids["fsdp"] == grids["single"] == ["step-0000002.png", "step-0000004.png"]
+    for grid in grids["fsdp"]:
+        a, b = (np.asarray(Image.open(run / "samples" / grid), dtype=np.int16) for run in runs.values())
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, grid  # up to 8-bit rounding
+
+    scores = {name: [row for row in metrics(run) if "eval/loss/target" in row] for name, run in runs.items()}
+    assert [row["step"] for row in scores["fsdp"]] == [row["step"] for row in scores["single"]] == [0, 2, 4]
+    for a, b in zip(scores["single"], scores["fsdp"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+    best = {name: json.loads((run / "best" / "best.json").read_text()) for name, run in runs.items()}
+    assert best["fsdp"]["step"] == best["single"]["step"]
+    torch.testing.assert_close(
+        weights(runs["single"] / "best"), weights(runs["fsdp"] / "best"), rtol=0, atol=1e-5
+    )
+    DiTTransformer2DModel.from_pretrained(runs["fsdp"] / "best" / "transformer")  # stock, gathered whole
+
+
 def test_fsdp2_skips_a_non_finite_step_on_every_process(dit_dir: Path, tmp_path: Path) -> None:
     """A NaN loss on one process's shard of step 2: both processes skip the step (fused AdamW's skip flag
     on sharded parameters), as under DDP."""
@@ -194,7 +240,12 @@ def _caption_pipeline(tmp_path: Path, family: str) -> tuple[Path, list[str]]:
         "flux": save_flux_pipeline,
     }[family]
     pipe = save(tmp_path / "pipe")
-    extra = ["model.controlnet=from_unet", "data.annotator=canny"] if family.endswith("controlnet") else []
+    extra = (
+        # with the condition-fidelity check every step: every process runs it with the sharded ControlNet
+        ["model.controlnet=from_unet", "data.annotator=canny", "train.validation_every=1"]
+        if family.endswith("controlnet")
+        else []
+    )
     data = _caption_folder(tmp_path / "shapes")
     return pipe, ["data.source=captions", f"data.path={data}", "train.batch_size=4", *extra]
 
@@ -231,3 +282,9 @@ def test_fsdp2_trains_each_family_as_one_process_does(family: str, tmp_path: Pat
     trained = next(p.name for p in single.iterdir() if p.name in ("transformer", "unet", "controlnet"))
     a, b = weights(single, trained), weights(sharded, trained)
     assert_same_training(a, b, atol=1e-5, steps=2)
+    if family.endswith("controlnet"):  # the fidelity scores the main process wrote: one process's
+        rows = [(run / "fidelity.jsonl").read_text().splitlines() for run in (single.parent, sharded.parent)]
+        a_rows, b_rows = ([json.loads(line) for line in lines] for lines in rows)
+        assert [r["step"] for r in b_rows] == [r["step"] for r in a_rows] == [0, 1, 2]
+        for a_row, b_row in zip(a_rows, b_rows, strict=True):
+            assert b_row == pytest.approx(a_row, rel=1e-4, abs=1e-6)

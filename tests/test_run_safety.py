@@ -532,9 +532,6 @@ def test_fsdp2_refuses_a_checkpoint_format_or_offload_it_does_not_handle(
 @pytest.mark.parametrize(
     "setting",
     [
-        "train.sample_every=2",
-        "train.eval_every=2",
-        "train.validation_every=2",
         "train.compile=full",
         "train.optimizer=adamw_8bit",
         "objective.target_schedule=data_driven",

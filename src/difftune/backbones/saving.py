@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers.training_utils import EMAModel
 
 from difftune.backbones.adapters import ADAPTER, adapter_directory, load_adapter, save_adapter
@@ -94,9 +95,28 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
 
 @contextlib.contextmanager
 def ema_weights(ema: EMAModel | None, params: list[Any]) -> Iterator[None]:
-    """Within the block, ``params`` hold the EMA's averages (as they are without an EMA); restored after."""
+    """Within the block, ``params`` hold the EMA's averages (as they are without an EMA); restored after.
+
+    Sharded parameters (FSDP2's ``DTensor``) swap their local shards, one tensor at a time: the EMA's
+    foreach copy has no sharding rule.
+    """
     if ema is None:
         yield
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        with torch.no_grad():
+            shards = [p.to_local() for p in params]
+            kept = [shard.detach().cpu().clone() for shard in shards]
+            for shard, average in zip(shards, ema.shadow_params, strict=True):
+                shard.copy_(average.to_local())
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for shard, value in zip(shards, kept, strict=True):
+                    shard.copy_(value)
         return
     ema.store(params)
     ema.copy_to(params)

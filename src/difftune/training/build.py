@@ -41,6 +41,7 @@ from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
 from difftune.training.outputs import fidelity_validation
 from difftune.training.prefetch import RowPrefetcher
+from difftune.training.sharding import runs_main_work
 from difftune.training.state import LoopState
 from difftune.training.streams import BucketStreams, IndexStream, step_bucket, step_generator
 from difftune.tuning.size import check_adapter_size
@@ -250,7 +251,7 @@ def build_run(
     target, held_target = split_target(target, spec.holdout, spec.seed)
     validation = fidelity_validation(cfg, loaded, target.cond, out)
     evaluation = None
-    if tc.eval_every and accelerator.is_main_process:
+    if tc.eval_every and runs_main_work(accelerator):
         evaluation = training_evaluation(
             spec, loaded, tc.sampling, target, held_target, bank, held_bank, cfg.bank.condition
         )

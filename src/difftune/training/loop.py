@@ -56,6 +56,9 @@ from difftune.training.sharding import (
     choose_wrap_units,
     is_sharded,
     live_trainable,
+    main_decides,
+    resharded_after,
+    runs_main_work,
     trainable_names,
     whole_parameters,
 )
@@ -115,31 +118,40 @@ class Trainer:
     n_bank = property(lambda self: self.parts.n_bank)
 
     def _validate(self, step: int) -> None:
-        """Log condition fidelity at ``step`` when it is a validation step (main process only)."""
-        every, validation = self.cfg.train.validation_every, self.parts.validation
-        if validation is None or step % every or not self.accelerator.is_main_process:
+        """Log condition fidelity at ``step`` when it is a validation step (on the main process; under
+        sharding every process scores in step with it, :func:`runs_main_work`)."""
+        every, validation, acc = self.cfg.train.validation_every, self.parts.validation, self.accelerator
+        if validation is None or step % every or not runs_main_work(acc):
             return
-        scores = validation.log(self.accelerator.unwrap_model(self.model), step, self.accelerator.device)
-        self.accelerator.log({f"fidelity/{key}": value for key, value in scores.items()}, step=step)
+        backbone = acc.unwrap_model(self.model)
+        with resharded_after(backbone):
+            if not acc.is_main_process:
+                validation.scores(backbone, acc.device)
+                return
+            scores = validation.log(backbone, step, acc.device)
+        acc.log({f"fidelity/{key}": value for key, value in scores.items()}, step=step)
 
     def _evaluate(self, step: int) -> None:
-        """Score the model at ``step`` when it is an evaluation step (main process only; with its EMA
-        weights when it has an EMA), log the scores, and keep it in ``best/`` when it is the best so far."""
+        """Score the model at ``step`` when it is an evaluation step (with its EMA weights when it has an
+        EMA), log the scores, and keep it in ``best/`` when it is the best so far. The main process
+        evaluates; under sharding every process does, in step with it, and only the main one writes."""
         tc, evaluation, acc = self.cfg.train, self.parts.evaluation, self.accelerator
         if evaluation is None or (step % tc.eval_every and step != tc.max_steps):
             return
         with ema_weights(self.ema, self.parts.trainable):
-            scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device)
-            if self.best is not None and self.best.improves(scores):
-                write_best(
-                    self.out / BEST_DIR,
-                    self.loaded,
-                    self.target.class_names,
-                    self.cfg,
-                    self.best.record(step, scores),
-                )
-        acc.log(scores, step=step)
-        append_history(self.out, step, scores)
+            with resharded_after(self.backbone):
+                scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device)
+            improves = main_decides(acc, self.best is not None and self.best.improves(scores))
+            if improves:
+                with whole_parameters(acc, self.backbone, None):  # FSDP: gathered from the shards
+                    if self.best is not None:
+                        record = self.best.record(step, scores)
+                        write_best(
+                            self.out / BEST_DIR, self.loaded, self.target.class_names, self.cfg, record
+                        )
+        if acc.is_main_process:
+            acc.log(scores, step=step)
+            append_history(self.out, step, scores)
 
     def train(self) -> Path:
         """Run the loop to ``train.max_steps``; returns the directory of the final model.
@@ -219,12 +231,17 @@ class Trainer:
                             append_history(self.out, step, scalars)
                         bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
                     self._validate(step)
-                    if tc.sample_every and step % tc.sample_every == 0 and acc.is_main_process:
+                    if tc.sample_every and step % tc.sample_every == 0 and runs_main_work(acc):
                         grid = self.out / "samples" / f"step-{step:07d}.png"
-                        backbone = acc.unwrap_model(model)
-                        save_sample_grid(
-                            backbone, self.loaded, self.target.cond, tc.sampling, grid, acc.device
-                        )
+                        with resharded_after(self.backbone):
+                            save_sample_grid(
+                                acc.unwrap_model(model),
+                                self.loaded,
+                                self.target.cond,
+                                tc.sampling,
+                                grid if acc.is_main_process else None,
+                                acc.device,
+                            )
                     self._evaluate(step)
                     if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
                         self.save_checkpoint()

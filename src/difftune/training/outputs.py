@@ -65,19 +65,22 @@ def save_sample_grid(
     loaded: LoadedModel,
     target_cond: Conditioning,
     spec: SamplingSpec,
-    path: Path,
+    path: Path | None,
     device: torch.device | str,
     per_class: int = 8,
 ) -> None:
     """A grid of samples of ``backbone``, fixed seeds: one row per condition its family picks from the
-    target's (one per class label; for text conditions, every image its own, 8 spread over the set)."""
+    target's (one per class label; for text conditions, every image its own, 8 spread over the set).
+    With ``path`` None nothing is written: the other processes of a sharded run sample in step with
+    the main one, since a sharded model's forward pass needs all of them."""
     was_training = backbone.training
     backbone.eval()
     rows = loaded.family.grid_conditions(target_cond)
     cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
     x = generate_with_spec(backbone, loaded.scheduler_config, spec, cond, device=device)
-    images = to_unit_range(loaded.codec.decode(x))
-    save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
+    if path is not None:
+        images = to_unit_range(loaded.codec.decode(x))
+        save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
     backbone.train(was_training)
 
 

@@ -40,11 +40,48 @@ def is_sharded(accelerator: Any) -> bool:
     return distributed_name(accelerator) == "FSDP"
 
 
+def runs_main_work(accelerator: Any) -> bool:
+    """Whether this process runs the model for the work the main process does for the run (sample
+    grids, validation, evaluation): the main process does; under sharding every process does, in step
+    with it, because a sharded model's forward pass gathers each unit from all of them. Only the main
+    process writes or logs what comes of it."""
+    return accelerator.is_main_process or is_sharded(accelerator)
+
+
+@contextlib.contextmanager
+def resharded_after(model: torch.nn.Module) -> Iterator[None]:
+    """Put every FSDP unit of ``model`` back into shards when the block ends (a no-op without sharding).
+
+    A forward pass without a backward one (samples, evaluation) leaves the root unit gathered, its
+    whole parameters registered in place of the shards: the next gather would be skipped and use
+    them, stale if the shards have changed since (the EMA's averages swapped in, an optimiser step),
+    and :func:`whole_parameters` would find no shards to gather.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
+def main_decides(accelerator: Any, decision: bool) -> bool:
+    """The main process's ``decision``, on every process when the run is sharded (what they then do
+    together, such as gathering the model to write it, must be the same on all); else ``decision``."""
+    if not is_sharded(accelerator):
+        return decision
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([decision], from_process=0)[0])
+
+
 def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
     """Refuse a launch difftune cannot train under: DeepSpeed, Megatron-LM, FSDP version 1, and, under
-    FSDP2, the settings that run the model on the main process alone (which would wait forever for the
-    others' shards: samples, evaluation, validation, a data-driven fit) or that are untested with
-    sharding (compile), or that fail on shards (bitsandbytes' 8-bit AdamW).
+    FSDP2, the settings that run the model on the main process alone (a data-driven fit: it would wait
+    forever for the others' shards) or that are untested with sharding (compile), or that fail on
+    shards (bitsandbytes' 8-bit AdamW).
 
     Raises:
         UserError: the launch or a setting is not supported with it.
@@ -79,23 +116,13 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
 
 def check_sharded_settings(cfg: ExperimentConfig) -> None:
     """Refuse the settings a sharded (FSDP2) run cannot take; also what ``train --dry-run`` checks under an
-    FSDP launch.
+    FSDP launch. (Samples, validation and evaluation during training run on every process, in step:
+    :func:`runs_main_work`.)
 
     Raises:
         UserError: a setting runs the model on the main process alone, fails on shards or is untested.
     """
     tc = cfg.train
-    main_only = {
-        "train.sample_every": tc.sample_every,
-        "train.eval_every": tc.eval_every,
-        "train.validation_every": tc.validation_every,
-    }
-    for key, value in main_only.items():
-        if value:
-            raise UserError(
-                f"{key}={value} runs the model on the main process alone, which a sharded model cannot do; "
-                f"set {key}=0 and sample or evaluate the saved checkpoints (difftune sample / eval)"
-            )
     if cfg.objective.fitted_schedules:
         raise UserError(
             f"objective.{cfg.objective.fitted_schedules[0]}=data_driven is fitted on the main process alone, which a "
