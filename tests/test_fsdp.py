@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import run_torchrun
 from difftune.backbones import load_pretrained
+from difftune.backbones.adapters import ADAPTER, ADAPTER_WEIGHTS
 from difftune.bank import generate_bank
 from difftune.config.experiment import load_config
 from difftune.testing.processes import torchrun_command
@@ -176,6 +177,40 @@ def test_fsdp2_samples_evaluates_and_keeps_the_best_as_one_process_does(
         weights(runs["single"] / "best"), weights(runs["fsdp"] / "best"), rtol=0, atol=1e-5
     )
     DiTTransformer2DModel.from_pretrained(runs["fsdp"] / "best" / "transformer")  # stock, gathered whole
+
+
+def test_fsdp2_adapter_checkpoints_hold_the_adapters_only_and_resume_exactly(
+    dit_dir: Path, tmp_path: Path
+) -> None:
+    """A sharded LoRA run's checkpoint holds the adapters' shards, not the frozen base's; resuming from it
+    reads them in place (the base keeps the weights the run loaded) and gives the uninterrupted run's
+    adapters bit for bit."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run = tmp_path / "fsdp"
+    _launch(tmp_path / "ranks", overrides(dit_dir, run, None, "tuning.method=lora"))
+    state = run / "checkpoints" / "checkpoint-0000002" / "state"
+    held = FileSystemReader(str(state / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+    assert held and all(key.startswith("model.") and ".lora_" in key for key in held), sorted(held)[:5]
+    # as many elements as the adapters the run saves, none of the base's
+    adapters = load_file(
+        str(run / "checkpoints" / "checkpoint-0000002" / "model" / ADAPTER / ADAPTER_WEIGHTS)
+    )
+    assert sum(meta.size.numel() for meta in held.values()) == sum(t.numel() for t in adapters.values())
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-0000004")
+    shutil.rmtree(resumed / "final")
+    _launch(
+        tmp_path / "ranks_resumed",
+        [*overrides(dit_dir, resumed, None, "tuning.method=lora"), "train.resume=latest"],
+    )
+    name = f"{ADAPTER}/{ADAPTER_WEIGHTS}"
+    uninterrupted, again = load_file(str(run / "final" / name)), load_file(str(resumed / "final" / name))
+    assert uninterrupted.keys() == again.keys() and uninterrupted
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], again[key]), key
 
 
 def test_fsdp2_skips_a_non_finite_step_on_every_process(dit_dir: Path, tmp_path: Path) -> None:

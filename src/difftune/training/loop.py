@@ -32,7 +32,7 @@ from difftune.training.curriculum import bank_weight_at
 from difftune.training.divergence import NonFiniteGuard
 from difftune.training.evaluation import BestModel
 from difftune.training.lr_schedule import LearningRateSchedule
-from difftune.training.model_state import compact_model_state
+from difftune.training.model_state import compact_model_state, sharded_trainable_only
 from difftune.training.outputs import (
     append_history,
     flat_config,
@@ -185,7 +185,7 @@ class Trainer:
         self.ema = make_ema(self.parts.trainable, tc.ema_decay)
         if resume is not None:
             check_resume_config(self.cfg, resume)
-            restore_checkpoint(acc, resume, self.state, self.ema)
+            restore_checkpoint(acc, resume, self.state, self.ema, self.backbone)
             for group in optimizer.param_groups:  # this run's optimiser settings, not the checkpoint's
                 group.update(optimizer_settings(tc))
             logger.info("resumed from %s at step %d", resume, self.state.step)
@@ -337,7 +337,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         try:
-            acc.save_state(str(tmp / "state"))
+            with sharded_trainable_only(acc, self.backbone):
+                acc.save_state(str(tmp / "state"))
             with whole_parameters(acc, self.backbone, self.ema) as ema:  # FSDP: gathered from the shards
                 if acc.is_main_process:
                     save_run_state(tmp / "state", self.state, ema)

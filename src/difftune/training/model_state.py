@@ -7,6 +7,10 @@ for Stable Diffusion's UNet, against megabytes of adapter); the second needs the
 at resume. :func:`compact_model_state` hooks both: a checkpoint holds the trainable tensors (all of
 them under full fine-tuning), and resuming copies them one at a time into the parameters the run
 already holds. A checkpoint written before, with the whole model, loads the same way.
+
+Under FSDP, accelerate writes and reads each process's shards itself (in place); around those calls
+:func:`sharded_trainable_only` narrows the model's state dict to what trains, so that a sharded
+adapter run's checkpoint does not hold the frozen base either.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def compact_model_state(accelerator: Any, model: torch.nn.Module) -> Iterator[No
 
     ``model`` is the unwrapped module given to ``accelerator.prepare``; its trainable flags are read
     when the block starts. Under FSDP nothing is hooked: accelerate writes each process's shards and
-    reads them back in place itself."""
+    reads them back in place itself (:func:`sharded_trainable_only` keeps those shards to what trains)."""
     if is_sharded(accelerator):
         yield
         return
@@ -91,6 +95,38 @@ def compact_model_state(accelerator: Any, model: torch.nn.Module) -> Iterator[No
             load_in_place(accelerator.unwrap_model(models.pop(index)), _file(input_dir, index))
 
     handles = [accelerator.register_save_state_pre_hook(save), accelerator.register_load_state_pre_hook(load)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def sharded_trainable_only(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, under FSDP, ``model.state_dict()`` holds only its trainable parameters, and
+    ``model.load_state_dict`` does not miss the rest: wrap accelerate's ``save_state`` and
+    ``load_state`` in it, so that a sharded checkpoint of a run that trains part of its model (LoRA and
+    the other parameter-efficient methods) holds the trained shards only, and loads them in place; the
+    frozen weights keep the values the run loaded. A no-op without sharding (:func:`compact_model_state`
+    does it there) and under full fine-tuning. A checkpoint that holds the whole model loads too.
+    """
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if not is_sharded(accelerator) or len(trainable) == len(list(model.parameters())):
+        yield
+        return
+
+    def drop_frozen(module: torch.nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        for key in [key for key in state if key[len(prefix) :] not in trainable]:
+            del state[key]
+
+    def forgive_frozen(module: torch.nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key in trainable]
+
+    handles = [
+        model.register_state_dict_post_hook(drop_frozen),
+        model.register_load_state_dict_post_hook(forgive_frozen),
+    ]
     try:
         yield
     finally:

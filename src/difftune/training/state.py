@@ -16,6 +16,7 @@ written before this module existed hold ``custom_checkpoint_<i>.pkl`` files; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_path, atomic_write_json
 from difftune.io.store import safetensors_problem
+from difftune.training.model_state import sharded_trainable_only
 from difftune.training.sharding import copy_into, is_sharded
 from difftune.training.streams import BucketStreams, IndexStream
 
@@ -186,8 +188,16 @@ def save_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> No
         atomic_write_json(state_dir / EMA_SETTINGS_FILE, settings)
 
 
-def restore_checkpoint(accelerator: Any, checkpoint: Path, loop: LoopState, ema: EMAModel | None) -> None:
+def restore_checkpoint(
+    accelerator: Any,
+    checkpoint: Path,
+    loop: LoopState,
+    ema: EMAModel | None,
+    model: torch.nn.Module | None = None,
+) -> None:
     """Restore a whole run from ``checkpoint``: accelerate's state, then the loop's and the EMA's.
+    ``model`` (the module given to ``accelerator.prepare``): under FSDP, only its trainable shards are
+    read (:func:`~difftune.training.model_state.sharded_trainable_only`).
 
     Raises:
         UserError: a state file holds more than tensors and numbers (it could run code), or is damaged.
@@ -212,7 +222,8 @@ def restore_checkpoint(accelerator: Any, checkpoint: Path, loop: LoopState, ema:
                 if entry not in legacy:
                     (source / entry.name).symlink_to(entry.resolve())
         try:
-            accelerator.load_state(str(source))
+            with contextlib.nullcontext() if model is None else sharded_trainable_only(accelerator, model):
+                accelerator.load_state(str(source))
         except pickle.UnpicklingError:
             raise UserError(
                 f"{state_dir} holds a file with objects other than tensors and numbers; it was not loaded, as "
