@@ -18,11 +18,13 @@ libraries, so below the resident peaks). The last lines:
     ratio fsdp/ddp peak_rss_rank1 <r>      the process that only trains (ideal: about 1/2 of the state)
     ratio fsdp/ddp peak_rss_rank0 <r>      the main process, which also gathers the checkpoint
     ratio fsdp/ddp step_time <r>
+    ratio fsdp/ddp checkpoint_state <r>    bytes of the final checkpoint's resume state (state/)
 
 Usage::
 
     python benchmarks/sharding_memory.py                     # about 3 min on 2 free cores
     python benchmarks/sharding_memory.py --layers 4 --steps 2 --json sharding.json
+    python benchmarks/sharding_memory.py --tuning lora       # an adapter run: the checkpoints hold the adapters
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def overrides(model: Path, out: Path, steps: int, batch: int) -> list[str]:
-    """The run: full fine-tuning, AdamW, EMA, digits 8x8, no bank, a checkpoint at the end only."""
+def overrides(model: Path, out: Path, steps: int, batch: int, tuning: str) -> list[str]:
+    """The run: ``tuning`` (full fine-tuning or LoRA), AdamW, EMA, digits 8x8, no bank, a checkpoint at
+    the end only."""
     return [
+        f"tuning.method={tuning}",
         f"model.pretrained={model}",
         "data.source=digits",
         "data.classes=[0,1,2,3,4]",
@@ -86,8 +90,13 @@ def worker(mode: str, result: Path, args: list[str]) -> None:
     Path(f"{result}-{rank}.json").write_text(json.dumps(record))
 
 
-def launch(mode: str, model: Path, work: Path, steps: int, batch: int) -> list[dict[str, Any]]:
-    """Train as 2 processes in ``mode`` (``ddp`` or ``fsdp``); each rank's record."""
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def launch(mode: str, model: Path, work: Path, steps: int, batch: int, tuning: str) -> dict[str, Any]:
+    """Train as 2 processes in ``mode`` (``ddp`` or ``fsdp``): each rank's record, and the bytes of the
+    final checkpoint's resume state (``state/``: model or adapters, optimizer, EMA, loop)."""
     from difftune.testing.sharding import fsdp_launch_env
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -97,12 +106,16 @@ def launch(mode: str, model: Path, work: Path, steps: int, batch: int) -> list[d
     from difftune.testing.processes import torchrun_command
 
     cmd = torchrun_command(
-        __file__, "--worker", mode, str(result), *overrides(model, work / f"{mode}-run", steps, batch)
+        __file__, "--worker", mode, str(result), *overrides(model, work / f"{mode}-run", steps, batch, tuning)
     )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
-    return [json.loads(Path(f"{result}-{rank}.json").read_text()) for rank in (0, 1)]
+    (checkpoint,) = (work / f"{mode}-run" / "checkpoints").iterdir()
+    return {
+        "ranks": [json.loads(Path(f"{result}-{rank}.json").read_text()) for rank in (0, 1)],
+        "state_bytes": folder_bytes(checkpoint / "state"),
+    }
 
 
 def build_model(root: Path, hidden: int, layers: int) -> tuple[Path, int]:
@@ -126,13 +139,13 @@ def build_model(root: Path, hidden: int, layers: int) -> tuple[Path, int]:
     return save_pipeline_dir(root / "dit", model, "transformer"), sum(p.numel() for p in model.parameters())
 
 
-def estimates(model: Path, work: Path, steps: int, batch: int) -> dict[str, float]:
+def estimates(model: Path, work: Path, steps: int, batch: int, tuning: str) -> dict[str, float]:
     """The dry run's per-process estimate (GiB) of the DDP and the FSDP launch on 2 processes."""
     from difftune.backbones.loading import peek_backbone
     from difftune.config.experiment import load_config
     from difftune.training.memory_estimate import estimate_training_memory
 
-    cfg = load_config(None, overrides(model, work / "unused", steps, batch))
+    cfg = load_config(None, overrides(model, work / "unused", steps, batch, tuning))
     found = {}
     for mode in ("ddp", "fsdp"):
         memory = estimate_training_memory(cfg, peek_backbone(str(model)), model, 2, sharded=mode == "fsdp")
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--tuning", choices=("full", "lora"), default="full", help="tuning.method of both runs"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     import torch
@@ -162,11 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print(
-            f"run      2 CPU processes, batch {args.batch_size}, {args.steps} steps, AdamW + EMA, fp32",
+            f"run      2 CPU processes, {args.tuning} tuning, batch {args.batch_size}, {args.steps} steps, "
+            "AdamW + EMA, fp32",
             flush=True,
         )
-        runs = {mode: launch(mode, model, work, args.steps, args.batch_size) for mode in ("ddp", "fsdp")}
-        estimate = estimates(model, work, args.steps, args.batch_size)
+        launched = {
+            mode: launch(mode, model, work, args.steps, args.batch_size, args.tuning)
+            for mode in ("ddp", "fsdp")
+        }
+        estimate = estimates(model, work, args.steps, args.batch_size, args.tuning)
+    runs = {mode: found["ranks"] for mode, found in launched.items()}
+    state = {mode: found["state_bytes"] for mode, found in launched.items()}
     print(f"{'mode':<6} {'rank':>4} {'base GiB':>9} {'peak GiB':>9} {'s/step':>7} {'estimate GiB':>13}")
     for mode, ranks in runs.items():
         for r in ranks:
@@ -174,17 +196,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mode:<6} {r['rank']:>4} {r['base'] / GIB:>9.2f} {r['peak'] / GIB:>9.2f} "
                 f"{r['seconds_per_step']:>7.2f} {estimate[mode]:>13.2f}"
             )
+    for mode, size in state.items():
+        print(f"state    {mode}: the final checkpoint's state/ holds {size / 2**20:.1f} MiB")
+    print(f"weights  {4 * params / 2**20:.1f} MiB of fp32 weights in the whole model")
     ddp, fsdp = runs["ddp"], runs["fsdp"]
     ratios = {
         "peak_rss_rank1": fsdp[1]["peak"] / ddp[1]["peak"],
         "peak_rss_rank0": fsdp[0]["peak"] / ddp[0]["peak"],
         "step_time": fsdp[0]["seconds_per_step"] / ddp[0]["seconds_per_step"],
+        "checkpoint_state": state["fsdp"] / state["ddp"],
     }
     if args.json:
         versions = {"torch": torch.__version__}
         payload = {
             "params": params,
             "runs": runs,
+            "state_bytes": state,
             "estimate_gib": estimate,
             "ratios": ratios,
             "versions": versions,
