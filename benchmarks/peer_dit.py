@@ -510,15 +510,20 @@ def summarise(times: dict[str, list[dict[str, Any]]], clock: str, peer: Peer | N
         phase: statistics.median(1000 * rep["phases"][phase][clock] for rep in times[peer.name])
         for phase in peer.phases
     }
-    per_repeat = [
-        d / a for d, a in zip(paths["difftune"]["per_repeat_ms"], theirs["per_repeat_ms"], strict=True)
-    ]
+    ours = paths["difftune"]
+    ratio = step_time.ratio
+    per_repeat = [ratio(d, a) for d, a in zip(ours["per_repeat_ms"], theirs["per_repeat_ms"], strict=True)]
     return {
         "paths": paths,
-        "ratio": paths["difftune"]["median_ms"] / theirs["median_ms"],
+        "ratio": ratio(ours["median_ms"], theirs["median_ms"]),
         "per_repeat_ratios": per_repeat,
-        "other_clock_ratio": paths["difftune"]["other_clock_median_ms"] / theirs["other_clock_median_ms"],
+        "other_clock_ratio": ratio(ours["other_clock_median_ms"], theirs["other_clock_median_ms"]),
     }
+
+
+def unmeasured(result: dict[str, Any]) -> list[str]:
+    """The paths whose per-step time came out at or below 0 (the measurement is inconclusive)."""
+    return [path for path, figures in result["paths"].items() if figures["median_ms"] <= 0]
 
 
 def device_line(result: dict[str, Any], more: str = "") -> str:
@@ -588,12 +593,9 @@ def print_tail(
     if args.json is not None:
         print(f"json     {args.json}")
     print(f"wall time {result['wall_s']:.0f} s")
-    unmeasured = [path for path in ("difftune", peer.name) if result["paths"][path]["median_ms"] <= 0]
-    if unmeasured:
-        print(
-            f"timing   inconclusive: {' and '.join(unmeasured)} came out at or below 0 ms/step, the steps are "
-            "shorter than the run-to-run noise of a whole train() call; raise --steps or --repeats (exit 1)"
-        )
+    inconclusive = unmeasured(result)
+    if inconclusive:
+        print(step_time.INCONCLUSIVE.format(" and ".join(inconclusive)))
     print(f"ratio {result['ratio']:.3f}")
 
 
@@ -664,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     report(args, bench, result)
     finite = all(math.isfinite(x) for losses in bench.losses.values() for x in losses)
-    return 0 if finite and math.isfinite(result["ratio"]) and result["ratio"] > 0 else 1
+    return 0 if finite and not unmeasured(result) else 1
 
 
 if __name__ == "__main__":

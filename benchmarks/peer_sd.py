@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     report(args, bench, result)
     finite = all(math.isfinite(x) for losses in bench.losses.values() for x in losses)
     trained = all(changes and min(changes) > 0 for changes in bench.changes.values())
-    return 0 if finite and trained and math.isfinite(result["ratio"]) and result["ratio"] > 0 else 1
+    return 0 if finite and trained and not peer_dit.unmeasured(result) else 1
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import contextlib
 import gc
 import io
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -420,6 +421,18 @@ def resolve_clock(args: argparse.Namespace, device: str) -> str:
     return "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
+def ratio(ours: float, theirs: float) -> float:
+    """``ours / theirs``, or NaN unless both times came out positive (a difference of two runs can fall
+    at or below 0 when the steps are shorter than the runs' noise)."""
+    return ours / theirs if ours > 0 and theirs > 0 else math.nan
+
+
+INCONCLUSIVE = (
+    "timing   inconclusive: {} came out at or below 0 ms/step, the steps are shorter than the run-to-run "
+    "noise of a whole train() call; raise --steps or --repeats (exit 1)"
+)
+
+
 def iqr(values: list[float]) -> float:
     if len(values) < 2:
         return 0.0
@@ -462,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<13}{medians[clock][name]:>16.2f}{iqr(ms):>10.2f}   " + " ".join(f"{v:.1f}" for v in ms)
         )
-    per_repeat = [d[clock] / p[clock] for d, p in zip(times["diff-tuning"], times["plain"], strict=True)]
+    per_repeat = [
+        ratio(d[clock], p[clock]) for d, p in zip(times["diff-tuning"], times["plain"], strict=True)
+    ]
     print()
     print("per-repeat ratios  " + " ".join(f"{x:.3f}" for x in per_repeat))
     print(
@@ -471,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     m = medians[other]
     print(
         f"{CLOCK_NAMES[other]} (cross-check): plain {m['plain']:.2f}, diff-tuning {m['diff-tuning']:.2f} ms/step, "
-        f"ratio {m['diff-tuning'] / m['plain']:.3f}"
+        f"ratio {ratio(m['diff-tuning'], m['plain']):.3f}"
     )
     print(f"wall time {time.perf_counter() - wall:.0f} s")
-    print(f"ratio {medians[clock]['diff-tuning'] / medians[clock]['plain']:.3f}")
-    return 0
+    inconclusive = [name for name in names if medians[clock][name] <= 0]
+    if inconclusive:
+        print(INCONCLUSIVE.format(" and ".join(inconclusive)))
+    print(f"ratio {ratio(medians[clock]['diff-tuning'], medians[clock]['plain']):.3f}")
+    return 1 if inconclusive else 0
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ Usage::
 The trainer gets the accelerator ``accelerate launch`` with an FSDP2 config gives on GPUs
 (:func:`difftune.testing.sharding.cpu_fsdp2_accelerator`; the test exports the ``FSDP_*`` variables of
 configs/accelerate/fsdp2.yaml). The bank must exist (the test generates it).
-``DIFFTUNE_TEST_NAN_ON_RANK_1`` as in tests/ddp_worker.py. Writes ``RESULT_DIR/rank-<process_index>.json``.
+``DIFFTUNE_TEST_NAN_ON_RANK_1`` as in tests/ddp_worker.py; ``DIFFTUNE_TEST_WHOLE_MODEL_CHECKPOINTS=1``
+writes checkpoints as difftune did before a sharded adapter run's held only what trains (the whole
+sharded model). Writes ``RESULT_DIR/rank-<process_index>.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +35,10 @@ def main(argv: list[str]) -> None:
     cfg = load_config(None, overrides)
     tc = cfg.train
     nan_on_rank_1()  # DIFFTUNE_TEST_NAN_ON_RANK_1, as in the DDP test
+    if os.environ.get("DIFFTUNE_TEST_WHOLE_MODEL_CHECKPOINTS") == "1":
+        import difftune.training.loop
+
+        difftune.training.loop.sharded_trainable_only = lambda accelerator, model: contextlib.nullcontext()
     trainer = Trainer(cfg, accelerator=cpu_fsdp2_accelerator(tc.mixed_precision, tc.report_to, tc.output_dir))
     final = trainer.train()
     acc, backbone = trainer.accelerator, trainer.backbone

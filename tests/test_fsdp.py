@@ -50,6 +50,27 @@ def test_the_shipped_config_is_fsdp2_and_lets_difftune_choose_the_units(dit_dir:
     assert plugin.transformer_cls_names_to_wrap == units
 
 
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+def test_sampling_work_is_shared_evenly_and_gathers_back_in_order(processes: int) -> None:
+    from types import SimpleNamespace
+
+    from difftune.sampling.shares import gather_rows, share_of_rows
+
+    for n in range(1, 10):
+        shares = [
+            share_of_rows(SimpleNamespace(num_processes=processes, process_index=r), n)
+            for r in range(processes)
+        ]
+        # every process runs the model on as many rows; a share starts at its first row's index
+        assert len({len(rows) for rows, _ in shares}) == 1
+        assert all(rows[0] == first for rows, first in shares if first < n)
+        # what the processes gathered (in process order), cut to n: the rows in order
+        gathered = torch.tensor([row for rows, _ in shares for row in rows])
+        launch = SimpleNamespace(gather=lambda rows, g=gathered: g)
+        assert gather_rows(launch, gathered[: len(shares[0][0])], n).tolist() == list(range(n))
+    assert share_of_rows(None, 3) == ([0, 1, 2], 0)  # not shared: all rows here
+
+
 @pytest.mark.parametrize("written_sharded", [True, False])
 def test_a_checkpoint_resumes_only_under_the_launch_kind_that_wrote_it(
     tmp_path: Path, written_sharded: bool
@@ -136,8 +157,9 @@ def test_fsdp2_shards_matches_one_process_and_resumes_exactly(dit_dir: Path, tmp
 def test_fsdp2_samples_evaluates_and_keeps_the_best_as_one_process_does(
     dit_dir: Path, tmp_path: Path
 ) -> None:
-    """Sample grids, evaluation (losses and FID) and keep_best during sharded training: every process runs
-    the sharded model in step, the main one writes; the grids, scores and best/ are a one-process run's."""
+    """Sample grids, evaluation (losses, FID and the forgetting score) and keep_best during sharded
+    training: the processes share the sampling, the main one scores and writes; the grids, scores,
+    best/ and final weights are a one-process run's."""
     import numpy as np
     from PIL import Image
 
@@ -149,13 +171,18 @@ def test_fsdp2_samples_evaluates_and_keeps_the_best_as_one_process_does(
         "train.eval_every=2",
         "train.evaluation.bins=3",
         "train.evaluation.holdout=5",
-        "train.evaluation.samples=4",
+        "train.evaluation.samples=5",  # odd: the second process's share is padded
+        "train.evaluation.bank_holdout=4",
         "train.evaluation.features=test_training_evaluation:mean_pixels",
         "train.keep_best=loss",
         "train.checkpoint_every=0",
     )
-    _launch(tmp_path / "ranks", overrides(dit_dir, tmp_path / "fsdp", None, *extra))
-    Trainer(make_cfg(dit_dir, tmp_path / "single", None, *extra)).train()
+    bank = tmp_path / "bank"
+    generate_bank(
+        load_pretrained(str(dit_dir)), make_cfg(dit_dir, tmp_path / "unused", bank).bank, progress=False
+    )
+    _launch(tmp_path / "ranks", overrides(dit_dir, tmp_path / "fsdp", bank, *extra))
+    Trainer(make_cfg(dit_dir, tmp_path / "single", bank, *extra)).train()
     runs = {name: tmp_path / name for name in ("single", "fsdp")}
 
     grids = {name: sorted(p.name for p in (run / "samples").iterdir()) for name, run in runs.items()}
@@ -167,7 +194,7 @@ def test_fsdp2_samples_evaluates_and_keeps_the_best_as_one_process_does(
     scores = {name: [row for row in metrics(run) if "eval/loss/target" in row] for name, run in runs.items()}
     assert [row["step"] for row in scores["fsdp"]] == [row["step"] for row in scores["single"]] == [0, 2, 4]
     for a, b in zip(scores["single"], scores["fsdp"], strict=True):
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys() and {"eval/fid", "eval/forgetting", "eval/forgetting_fid"} <= a.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
@@ -177,6 +204,10 @@ def test_fsdp2_samples_evaluates_and_keeps_the_best_as_one_process_does(
         weights(runs["single"] / "best"), weights(runs["fsdp"] / "best"), rtol=0, atol=1e-5
     )
     DiTTransformer2DModel.from_pretrained(runs["fsdp"] / "best" / "transformer")  # stock, gathered whole
+    # the evaluations left the training as it was (no stale units after their forward passes)
+    assert_same_training(
+        weights(runs["single"] / "final"), weights(runs["fsdp"] / "final"), atol=1e-5, steps=4
+    )
 
 
 def test_fsdp2_adapter_checkpoints_hold_the_adapters_only_and_resume_exactly(
@@ -184,7 +215,7 @@ def test_fsdp2_adapter_checkpoints_hold_the_adapters_only_and_resume_exactly(
 ) -> None:
     """A sharded LoRA run's checkpoint holds the adapters' shards, not the frozen base's; resuming from it
     reads them in place (the base keeps the weights the run loaded) and gives the uninterrupted run's
-    adapters bit for bit."""
+    adapters bit for bit, as does one written before, with the whole sharded model."""
     from torch.distributed.checkpoint import FileSystemReader
 
     run = tmp_path / "fsdp"
@@ -211,6 +242,26 @@ def test_fsdp2_adapter_checkpoints_hold_the_adapters_only_and_resume_exactly(
     assert uninterrupted.keys() == again.keys() and uninterrupted
     for key in uninterrupted:
         assert torch.equal(uninterrupted[key], again[key]), key
+
+    # a checkpoint written before, with the whole sharded model, resumes to the same adapters
+    older = tmp_path / "older"
+    _launch(tmp_path / "ranks_older", overrides(dit_dir, older, None, "tuning.method=lora"), **WHOLE)
+    state = older / "checkpoints" / "checkpoint-0000002" / "state" / "pytorch_model_fsdp_0"
+    assert any(
+        ".lora_" not in key for key in FileSystemReader(str(state)).read_metadata().state_dict_metadata
+    )
+    shutil.rmtree(older / "checkpoints" / "checkpoint-0000004")
+    shutil.rmtree(older / "final")
+    _launch(
+        tmp_path / "ranks_older2",
+        [*overrides(dit_dir, older, None, "tuning.method=lora"), "train.resume=latest"],
+    )
+    again = load_file(str(older / "final" / name))
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], again[key]), key
+
+
+WHOLE = {"DIFFTUNE_TEST_WHOLE_MODEL_CHECKPOINTS": "1"}  # fsdp_worker.py: checkpoints as written before
 
 
 def test_fsdp2_skips_a_non_finite_step_on_every_process(dit_dir: Path, tmp_path: Path) -> None:

@@ -487,7 +487,9 @@ def _launch(kind: str, fsdp2: bool = True):  # noqa: ANN202
 
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT", cpu_offload=None)
+    plugin = SimpleNamespace(
+        state_dict_type="StateDictType.SHARDED_STATE_DICT", cpu_offload=None, activation_checkpointing=False
+    )
     return SimpleNamespace(
         num_processes=1,
         distributed_type=DistributedType[kind],
@@ -517,6 +519,7 @@ def test_unsupported_sharding_is_refused_before_anything_is_written(
     [
         ({"state_dict_type": "StateDictType.FULL_STATE_DICT"}, "fsdp_state_dict_type is FULL_STATE_DICT"),
         ({"cpu_offload": CPUOffloadPolicy()}, "fsdp_offload_params: true is not supported"),
+        ({"activation_checkpointing": True}, "fsdp_activation_checkpointing: true is not supported"),
     ],
 )
 def test_fsdp2_refuses_a_checkpoint_format_or_offload_it_does_not_handle(

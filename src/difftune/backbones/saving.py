@@ -106,12 +106,14 @@ def ema_weights(ema: EMAModel | None, params: list[Any]) -> Iterator[None]:
     from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in params):
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in (*params, *ema.shadow_params)]
+        shards, averages = local[: len(params)], local[len(params) :]
         with torch.no_grad():
-            shards = [p.to_local() for p in params]
-            kept = [shard.detach().cpu().clone() for shard in shards]
-            for shard, average in zip(shards, ema.shadow_params, strict=True):
-                shard.copy_(average.to_local())
+            kept = [shard.detach().to("cpu", copy=True) for shard in shards]
         try:
+            with torch.no_grad():
+                for shard, average in zip(shards, averages, strict=True):
+                    shard.copy_(average)
             yield
         finally:
             with torch.no_grad():

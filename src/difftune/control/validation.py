@@ -22,6 +22,7 @@ from difftune.control.fidelity import condition_fidelity
 from difftune.control.log import append_fidelity
 from difftune.errors import UserError
 from difftune.sampling.generate import generate_with_spec
+from difftune.sampling.shares import gather_rows, share_of_rows
 
 
 def check_validation(validation_every: int, backbone: Backbone, annotator: str | None) -> None:
@@ -71,23 +72,44 @@ class FidelityValidation:
         self.run_dir = run_dir
 
     @torch.no_grad()
-    def scores(self, backbone: Backbone, device: torch.device | str) -> dict[str, float]:
-        """Fidelity of ``backbone``'s images to their controls (mse, ssim, dssim, edge_f1)."""
+    def scores(
+        self, backbone: Backbone, device: torch.device | str, shared: Any | None = None
+    ) -> dict[str, float] | None:
+        """Fidelity of ``backbone``'s images to their controls (mse, ssim, dssim, edge_f1).
+
+        ``shared``: the accelerator of a sharded run, whose processes share the work; call it on every
+        process then (a sharded model's forward pass needs all of them): each generates and decodes its
+        share of the pairs (pair ``i`` keeps seed ``i``), and the main process gathers and scores them
+        all; the others get ``None``.
+        """
+        n = self.pairs.batch_size
+        mine, first = share_of_rows(shared, n)
         was_training = backbone.training
         backbone.eval()
         try:
             samples = generate_with_spec(
-                backbone, self.scheduler_config, self.spec, self.pairs, device=device
+                backbone,
+                self.scheduler_config,
+                self.spec,
+                self.pairs.select(torch.tensor(mine)),
+                first,
+                device=device,
             )
-            images = self.codec.to(device).decode(samples)
+            images = gather_rows(shared, self.codec.to(device).decode(samples), n)
         finally:
             backbone.train(was_training)
+        if shared is not None and not shared.is_main_process:
+            return None
         generated = self.annotator(images.float().cpu())
         controls = backbone.family.control_images(self.pairs)
         return condition_fidelity(generated, controls, self.edge_tolerance)
 
-    def log(self, backbone: Backbone, step: int, device: torch.device | str) -> dict[str, float]:
-        """Score ``backbone`` and append the scores for ``step`` to the run's ``fidelity.jsonl``."""
-        scores = self.scores(backbone, device)
-        append_fidelity(self.run_dir, step, scores)
+    def log(
+        self, backbone: Backbone, step: int, device: torch.device | str, shared: Any | None = None
+    ) -> dict[str, float] | None:
+        """Score ``backbone`` and append the scores for ``step`` to the run's ``fidelity.jsonl`` (as
+        :meth:`scores`: under sharding on every process, the main one scoring and writing)."""
+        scores = self.scores(backbone, device, shared)
+        if scores is not None:
+            append_fidelity(self.run_dir, step, scores)
         return scores

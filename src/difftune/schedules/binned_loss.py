@@ -70,6 +70,7 @@ def binned_denoising_loss(
     desc: str = "denoising loss",
     edges: torch.Tensor | None = None,
     x0_space: bool = False,
+    progress: bool = True,
 ) -> BinnedLoss:
     """Mean denoising MSE (in the model's own parameterisation) of each evaluation per bin of t.
 
@@ -92,6 +93,7 @@ def binned_denoising_loss(
             equal ranges. Bins of equal log-SNR width are ranges of t too, since log-SNR falls with t.
         x0_space: score the squared error of the implied x0 estimate instead of the raw output's (the raw
             error times the process's ``x0_factor``), which compares across processes at equal log-SNR.
+        progress: show a progress bar over the bins.
     """
     start = time.perf_counter()
     process = build_process(scheduler_config, tuple(evaluations[0].x0.shape[1:]))
@@ -104,7 +106,7 @@ def binned_denoising_loss(
     losses = torch.zeros(num_bins, len(evaluations), dtype=torch.float64)
     per_draw = torch.zeros(num_bins, draws_per_bin, len(evaluations), dtype=torch.float64)
     calls = draw = 0
-    for b in tqdm(range(num_bins), desc=desc):
+    for b in tqdm(range(num_bins), desc=desc, disable=not progress):
         lo, hi = int(edges[b]), int(edges[b + 1])
         for d in range(draws_per_bin):
             t_all = torch.randint(lo, hi, (n,), generator=g)

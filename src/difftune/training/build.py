@@ -9,6 +9,7 @@ The loop (:mod:`difftune.training.loop`) only steps, logs and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from difftune.training.fitted_schedule import fit_for_run, run_data_schedule
 from difftune.training.frozen_precision import cast_frozen, check_frozen_dtype
 from difftune.training.outputs import fidelity_validation
 from difftune.training.prefetch import RowPrefetcher
-from difftune.training.sharding import runs_main_work
+from difftune.training.sharding import is_sharded, runs_main_work
 from difftune.training.state import LoopState
 from difftune.training.streams import BucketStreams, IndexStream, step_bucket, step_generator
 from difftune.tuning.size import check_adapter_size
@@ -252,9 +253,11 @@ def build_run(
     validation = fidelity_validation(cfg, loaded, target.cond, out)
     evaluation = None
     if tc.eval_every and runs_main_work(accelerator):
-        evaluation = training_evaluation(
-            spec, loaded, tc.sampling, target, held_target, bank, held_bank, cfg.bank.condition
-        )
+        # sharded: every process builds it, the main one first (a feature extractor's weights download once)
+        with accelerator.main_process_first() if is_sharded(accelerator) else contextlib.nullcontext():
+            evaluation = training_evaluation(
+                spec, loaded, tc.sampling, target, held_target, bank, held_bank, cfg.bank.condition
+            )
     n_bank = cfg.bank_count  # retention samples per batch, from the bank or the target set
     if target.buckets is not None:
         state, weights = bucket_streams(cfg, target, bank)

@@ -39,6 +39,7 @@ from difftune.data.targets import TargetData
 from difftune.errors import UserError
 from difftune.io.images import to_uint8_rgb
 from difftune.sampling.generate import build_scheduler, generate, to_unit_range
+from difftune.sampling.shares import gather_rows, share_of_rows
 from difftune.schedules.binned_loss import Evaluation, binned_denoising_loss
 from difftune.training.outputs import BEST_FILE
 from difftune.training.run_dir import BEST_DIR
@@ -129,6 +130,7 @@ class TrainingEvaluation:
         self.reference_stats: Any = None
         self.probe_images: torch.Tensor | None = None  # the probe's bank images, decoded once
         self.probe_stats: Any = None  # and their feature statistics
+        self._shared: Any = None  # the accelerator sharing the evaluation under way (sharded runs)
         if spec.features is not None:
             from difftune.metrics.extractors import build_extractor
 
@@ -146,10 +148,21 @@ class TrainingEvaluation:
                 )
 
     @torch.no_grad()
-    def evaluate(self, backbone: Backbone, device: torch.device | str) -> dict[str, float]:
-        """Score ``backbone`` (in eval mode for the measurement, its mode restored after)."""
+    def evaluate(
+        self, backbone: Backbone, device: torch.device | str, shared: Any | None = None
+    ) -> dict[str, float]:
+        """Score ``backbone`` (in eval mode for the measurement, its mode restored after).
+
+        ``shared``: the accelerator of a sharded run, whose processes share the work; call it on every
+        process then (a sharded model's forward pass needs all of them): each samples, decodes and
+        featurises its share of the FID and forgetting images
+        (:func:`~difftune.sampling.shares.share_of_rows`; image ``i`` keeps its seed), every process
+        measures the losses (quietly but for the main one), and the main process gathers the shares and
+        returns the scores; the others return none.
+        """
         was_training = backbone.training
         backbone.eval()
+        self._shared = shared
         try:
             scores: dict[str, float] = {}
             for name, part in self.losses.items():
@@ -160,7 +173,20 @@ class TrainingEvaluation:
                 scores.update(self._forgetting(backbone, device))
         finally:
             backbone.train(was_training)
-        return scores
+        return scores if self._scores_here else {}
+
+    @property
+    def _scores_here(self) -> bool:
+        """Whether this process computes the scores (the main one of a launch, or a process on its own)."""
+        return self._shared is None or self._shared.is_main_process
+
+    def _share(self, n: int) -> list[int]:
+        """The rows of ``n`` this process samples (all of them unless the run is sharded)."""
+        return share_of_rows(self._shared, n)[0]
+
+    def _gather(self, rows: torch.Tensor, n: int, device: torch.device | str) -> torch.Tensor:
+        """The ``n`` rows of every process's share, on the CPU (collectives run on the device)."""
+        return gather_rows(self._shared, rows.to(device), n).cpu()
 
     def _loss(
         self, name: str, part: LossSet, backbone: Backbone, device: torch.device | str
@@ -173,6 +199,7 @@ class TrainingEvaluation:
             batch_size=self.spec.batch_size,
             device=device,
             desc=f"eval loss ({name})",
+            progress=self._scores_here,
         )
         per_bin = measured.losses[:, 0].tolist()
         edges = measured.edges.tolist()
@@ -226,13 +253,17 @@ class TrainingEvaluation:
         from difftune.metrics.kid import kernel_inception_distance, stats_from_features
 
         assert self.reference is not None
+        n = self.spec.samples
+        mine = self._share(n)
+        cond = self.reference.cond.select(torch.tensor(mine) % self.reference.cond.batch_size)
+        seeds = self.sampling.seeds(0, n)
+        x = self._sample(backbone, self.sampling, cond, [seeds[i] for i in mine], device)
+        features = self._gather(self._features(self._images(x, device), device), n, device)
+        if not self._scores_here:
+            return {}
         if self.reference_stats is None:  # the reference's features once, then reused at every step
             self.reference_features = self._features(self._images(self.reference.x0, device), device)
             self.reference_stats = stats_from_features(self.reference_features)
-        n = self.spec.samples
-        cond = self.reference.cond.select(torch.arange(n) % self.reference.cond.batch_size)
-        x = self._sample(backbone, self.sampling, cond, self.sampling.seeds(0, n), device)
-        features = self._features(self._images(x, device), device)
         scores = {"eval/fid": fid_from_stats(stats_from_features(features), self.reference_stats)}
         if self.reference_features is not None:
             kid, _, _ = kernel_inception_distance(
@@ -248,19 +279,26 @@ class TrainingEvaluation:
         probe = self.probe
         assert probe is not None and probe.sampling is not None
         n = min(self.spec.samples, len(probe))
+        rows = torch.tensor(self._share(n))
+        featurise = self.extractor is not None and n >= 2
         if self.probe_images is None:  # the bank's side never changes: decoded (and featurised) once
-            self.probe_images = self._images(probe.samples[:n], device)
-            if self.extractor is not None and n >= 2:
-                self.probe_stats = stats_from_features(self._features(self.probe_images, device))
-        rows = torch.arange(n)
+            self.probe_images = self._images(probe.samples[rows], device)
+            if featurise:
+                features = self._gather(self._features(self.probe_images, device), n, device)
+                self.probe_stats = stats_from_features(features) if self._scores_here else None
         again = self._sample(
-            backbone, probe.sampling, probe.cond.select(rows), probe.seeds[:n].tolist(), device
+            backbone, probe.sampling, probe.cond.select(rows), probe.seeds[rows].tolist(), device
         )
         new = self._images(again, device)
-        scores = {"eval/forgetting": float((new - self.probe_images).pow(2).mean())}
-        if self.probe_stats is not None:
+        # each image's mean squared difference (all the same size: their mean is the whole set's)
+        errors = self._gather((new - self.probe_images).pow(2).flatten(1).mean(1).double(), n, device)
+        new_features = self._gather(self._features(new, device), n, device) if featurise else None
+        if not self._scores_here:
+            return {}
+        scores = {"eval/forgetting": float(errors.mean())}
+        if new_features is not None:
             scores["eval/forgetting_fid"] = fid_from_stats(
-                stats_from_features(self._features(new, device)), self.probe_stats
+                stats_from_features(new_features), self.probe_stats
             )
         return scores
 

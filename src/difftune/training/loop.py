@@ -125,11 +125,9 @@ class Trainer:
             return
         backbone = acc.unwrap_model(self.model)
         with resharded_after(backbone):
-            if not acc.is_main_process:
-                validation.scores(backbone, acc.device)
-                return
-            scores = validation.log(backbone, step, acc.device)
-        acc.log({f"fidelity/{key}": value for key, value in scores.items()}, step=step)
+            scores = validation.log(backbone, step, acc.device, self._shared)
+        if scores is not None:
+            acc.log({f"fidelity/{key}": value for key, value in scores.items()}, step=step)
 
     def _evaluate(self, step: int) -> None:
         """Score the model at ``step`` when it is an evaluation step (with its EMA weights when it has an
@@ -140,7 +138,7 @@ class Trainer:
             return
         with ema_weights(self.ema, self.parts.trainable):
             with resharded_after(self.backbone):
-                scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device)
+                scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device, self._shared)
             improves = main_decides(acc, self.best is not None and self.best.improves(scores))
             if improves:
                 with whole_parameters(acc, self.backbone, None):  # FSDP: gathered from the shards
@@ -181,6 +179,7 @@ class Trainer:
         choose_wrap_units(acc, self.backbone)
         model, optimizer = acc.prepare(self.backbone, optimizer)
         self.model, self.optimizer, self._sharded = model, optimizer, is_sharded(acc)
+        self._shared = acc if self._sharded else None  # whose processes share samples and evaluation
         self.parts.trainable = live_trainable(self.backbone, names)  # under FSDP: the shards now in place
         self.ema = make_ema(self.parts.trainable, tc.ema_decay)
         if resume is not None:
@@ -239,8 +238,9 @@ class Trainer:
                                 self.loaded,
                                 self.target.cond,
                                 tc.sampling,
-                                grid if acc.is_main_process else None,
+                                grid,
                                 acc.device,
+                                shared=self._shared,
                             )
                     self._evaluate(step)
                     if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:

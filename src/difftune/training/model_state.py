@@ -111,13 +111,16 @@ def sharded_trainable_only(accelerator: Any, model: torch.nn.Module) -> Iterator
     frozen weights keep the values the run loaded. A no-op without sharding (:func:`compact_model_state`
     does it there) and under full fine-tuning. A checkpoint that holds the whole model loads too.
     """
+    if not is_sharded(accelerator):
+        yield
+        return
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if not is_sharded(accelerator) or len(trainable) == len(list(model.parameters())):
+    if len(trainable) == len(list(model.parameters())):
         yield
         return
 
     def drop_frozen(module: torch.nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
-        for key in [key for key in state if key[len(prefix) :] not in trainable]:
+        for key in [key for key in state if key.startswith(prefix) and key[len(prefix) :] not in trainable]:
             del state[key]
 
     def forgive_frozen(module: torch.nn.Module, incompatible: Any) -> None:

@@ -106,6 +106,11 @@ def check_parallelism(accelerator: Any, cfg: ExperimentConfig) -> None:
             f"fsdp_state_dict_type is {str(plugin.state_dict_type).rsplit('.', 1)[-1]}; difftune's checkpoints "
             "and exact resume use SHARDED_STATE_DICT: set it in the accelerate config (configs/accelerate/fsdp2.yaml)"
         )
+    if plugin.activation_checkpointing:
+        raise UserError(
+            "fsdp_activation_checkpointing: true is not supported by difftune (it renames the parameters its "
+            "checkpoints and EMA are keyed by); set it to false and use train.gradient_checkpointing: true"
+        )
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
         raise UserError(
             "fsdp_offload_params: true is not supported by difftune yet (untested with its EMA and resume); set it "

@@ -1,0 +1,37 @@
+"""Sampling work shared among the processes of a sharded run.
+
+A sharded model's forward pass gathers each unit's weights from every process, so all of them must
+run it together, as often. Rather than each computing the same images, each takes a share of the rows
+(:func:`share_of_rows`) and the results are put back together in row order (:func:`gather_rows`).
+Image ``i`` keeps its seed, so the result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def share_of_rows(accelerator: Any | None, n: int) -> tuple[list[int], int]:
+    """This process's share of ``n`` rows of work (images to sample) and the index of its first row.
+
+    Each of ``accelerator``'s N processes takes ``ceil(n / N)`` consecutive rows, the last shares
+    padded by repeating row ``n - 1``, so that every process runs the model on as many rows, as often;
+    :func:`gather_rows` puts the results back together. Without an accelerator (the work is not
+    shared): all rows.
+    """
+    if accelerator is None:
+        return list(range(n)), 0
+    per_process = -(-n // accelerator.num_processes)
+    start = min(n, accelerator.process_index * per_process)
+    stop = min(n, start + per_process)
+    return list(range(start, stop)) + [n - 1] * (per_process - (stop - start)), start
+
+
+def gather_rows(accelerator: Any | None, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` rows of results whose work :func:`share_of_rows` shared out, from this process's share
+    ``rows`` and every other's (call it on every process), padding dropped; ``rows`` when not shared."""
+    if accelerator is None:
+        return rows
+    return accelerator.gather(rows.contiguous())[:n]
