@@ -119,7 +119,7 @@ class Trainer:
 
     def _validate(self, step: int) -> None:
         """Log condition fidelity at ``step`` when it is a validation step (on the main process; under
-        sharding every process scores in step with it, :func:`runs_main_work`)."""
+        sharding every process generates its share of the images, :func:`runs_main_work`)."""
         every, validation, acc = self.cfg.train.validation_every, self.parts.validation, self.accelerator
         if validation is None or step % every or not runs_main_work(acc):
             return
@@ -132,7 +132,7 @@ class Trainer:
     def _evaluate(self, step: int) -> None:
         """Score the model at ``step`` when it is an evaluation step (with its EMA weights when it has an
         EMA), log the scores, and keep it in ``best/`` when it is the best so far. The main process
-        evaluates; under sharding every process does, in step with it, and only the main one writes."""
+        evaluates; under sharding every process takes its share, and only the main one writes."""
         tc, evaluation, acc = self.cfg.train, self.parts.evaluation, self.accelerator
         if evaluation is None or (step % tc.eval_every and step != tc.max_steps):
             return
