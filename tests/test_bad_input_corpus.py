@@ -98,9 +98,9 @@ def test_odd_but_valid_images_train(case: corpus.Case, assets: corpus.Assets, tm
 
 
 def _full_disk_at_the_second_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    import difftune.training.loop
+    import difftune.training.checkpoint_files
 
-    original, calls = difftune.training.loop.save_model, []
+    original, calls = difftune.training.checkpoint_files.save_model, []
 
     def full_disk(*args: object, **kwargs: object) -> None:
         calls.append(1)
@@ -108,7 +108,7 @@ def _full_disk_at_the_second_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None
             raise OSError(errno.ENOSPC, "No space left on device")
         original(*args, **kwargs)
 
-    monkeypatch.setattr(difftune.training.loop, "save_model", full_disk)
+    monkeypatch.setattr(difftune.training.checkpoint_files, "save_model", full_disk)
 
 
 DISK_FULL = corpus.Case(

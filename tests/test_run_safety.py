@@ -432,9 +432,10 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(
 
     from safetensors import SafetensorError
 
+    import difftune.training.checkpoint_files
     import difftune.training.loop
 
-    original, calls = difftune.training.loop.save_model, []
+    original, calls = difftune.training.checkpoint_files.save_model, []
 
     def full_disk(*args, **kwargs):
         calls.append(1)
@@ -453,7 +454,7 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(
     args = ("train.max_steps=3", "train.checkpoint_every=1")
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(difftune.training.loop, "save_model", full_disk)
+        m.setattr(difftune.training.checkpoint_files, "save_model", full_disk)
         if error != "os":  # the disk is seen full when the write fails
             m.setattr(difftune.training.loop, "FULL_DISK_BYTES", 2**62)
         with pytest.raises(

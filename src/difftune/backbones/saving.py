@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,8 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
         ValueError: ``ema`` does not hold one average per trainable parameter.
     """
     backbone = loaded.backbone
-    write: Callable[[Path], None] = (
-        (lambda root: save_adapter(loaded, root / ADAPTER))
-        if loaded.tuning is not None and loaded.tuning.adapter
-        else (lambda root: backbone.inner.save_pretrained(root / backbone.subfolder))
-    )
     with atomic_directory(directory) as tmp:
-        write(tmp)
+        save_weights(loaded, tmp)
         if ema is not None:
             params = trainable_parameters(backbone)  # the optimizer's and the EMA's list
             if len(params) != len(ema.shadow_params):
@@ -86,11 +81,22 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, ema: EMAModel 
                     "parameters; build the EMA from difftune.tuning.trainable_parameters(backbone)"
                 )
             with ema_weights(ema, params):
-                write(tmp / "ema")
+                save_weights(loaded, tmp / "ema")
         write_noise_schedule(loaded.scheduler_config, tmp / "scheduler")
         record = {"source": loaded.source, "vae": loaded.vae_source, "vae_subfolder": loaded.vae_subfolder}
         record.update(loaded.family.source_record(loaded.parts))  # where the family's parts are read from
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+
+
+def save_weights(loaded: LoadedModel, root: Path) -> None:
+    """Write the backbone's weights as they are now into ``root``: ``<transformer|unet>/``, or
+    ``adapter/`` for a parameter-efficient method (the part of :func:`save_model` that its ``ema/``
+    repeats with the averages in place)."""
+    backbone = loaded.backbone
+    if loaded.tuning is not None and loaded.tuning.adapter:
+        save_adapter(loaded, root / ADAPTER)
+    else:
+        backbone.inner.save_pretrained(root / backbone.subfolder)
 
 
 @contextlib.contextmanager

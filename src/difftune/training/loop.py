@@ -20,13 +20,14 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from difftune.backbones.loading import LoadedModel
-from difftune.backbones.saving import ema_weights, save_model
+from difftune.backbones.saving import ema_weights
 from difftune.config.experiment import ExperimentConfig
 from difftune.errors import UserError
 from difftune.objectives import Objective
 from difftune.objectives.term_log import TermLog
 from difftune.schedules.data_driven import DataSchedule
 from difftune.training.build import build_run, make_ema, make_optimizer, optimizer_settings, run_objective
+from difftune.training.checkpoint_files import write_checkpoint_files
 from difftune.training.compile_check import check_compiled_gradients
 from difftune.training.curriculum import bank_weight_at
 from difftune.training.divergence import NonFiniteGuard
@@ -43,7 +44,6 @@ from difftune.training.outputs import (
 )
 from difftune.training.run_dir import (
     BEST_DIR,
-    DATA_SCHEDULE_FILE,
     RunLock,
     check_resume_config,
     claim_run_folder,
@@ -67,7 +67,6 @@ from difftune.training.state import (
     CHECKPOINTS,
     list_checkpoints,
     restore_checkpoint,
-    save_run_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ class Trainer:
                 scores = evaluation.evaluate(acc.unwrap_model(self.model), acc.device, self._shared)
             improves = main_decides(acc, self.best is not None and self.best.improves(scores))
             if improves:
-                with whole_parameters(acc, self.backbone, None):  # FSDP: gathered from the shards
+                with whole_parameters(acc, self.backbone):  # FSDP: gathered from the shards
                     if self.best is not None:
                         record = self.best.record(step, scores)
                         write_best(
@@ -249,7 +248,7 @@ class Trainer:
             self.parts.prefetch.close()
             bar.close()  # also on an error, so its message starts on a line of its own
         final = self.out / "final"
-        with whole_parameters(acc, self.backbone, None):  # FSDP: the frozen parts it writes, gathered
+        with whole_parameters(acc, self.backbone):  # FSDP: the frozen parts it writes, gathered
             if acc.is_main_process:
                 write_final(final, list_checkpoints(self.out)[-1], self.loaded, self.target.class_names, cfg)
         acc.wait_for_everyone()
@@ -339,13 +338,16 @@ class Trainer:
         try:
             with sharded_trainable_only(acc, self.backbone):
                 acc.save_state(str(tmp / "state"))
-            with whole_parameters(acc, self.backbone, self.ema) as ema:  # FSDP: gathered from the shards
-                if acc.is_main_process:
-                    save_run_state(tmp / "state", self.state, ema)
-                    if self.data_schedule is not None:
-                        self.data_schedule.save(tmp / "state" / DATA_SCHEDULE_FILE)
-                    save_model(self.loaded, tmp / "model", ema)
-                    self.cfg.save(tmp / "config.yaml")
+            write_checkpoint_files(
+                acc,
+                tmp,
+                self.loaded,
+                self.ema,
+                self.parts.trainable,
+                self.state,
+                self.data_schedule,
+                self.cfg,
+            )
         except Exception as err:
             # a full disk comes as an OSError, a SafetensorError or torch.save's RuntimeError: judged by
             # the free space left, before the half-written checkpoint is removed

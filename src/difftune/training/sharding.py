@@ -13,12 +13,10 @@ one file per process), loaded in place on resume. docs/multi_gpu.md, "Sharded tr
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from diffusers.training_utils import EMAModel
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -207,18 +205,15 @@ def live_trainable(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Pa
 
 
 @contextlib.contextmanager
-def whole_parameters(
-    accelerator: Any, model: torch.nn.Module, ema: EMAModel | None
-) -> Iterator[EMAModel | None]:
+def whole_parameters(accelerator: Any, model: torch.nn.Module) -> Iterator[None]:
     """Within the block, the main process's ``model`` holds whole parameters on the CPU in place of its
-    shards, and the EMA yielded to it holds whole averages (the others get ``ema`` back; every process takes part in gathering them, one
-    tensor at a time, and only the main one keeps them); the shards are put back after. Without
-    sharding, the model is left as it is and ``ema`` itself is yielded.
+    shards (every process takes part in gathering them, one tensor at a time, and only the main one
+    keeps them); the shards are put back after. Without sharding, the model is left as it is.
 
     Call it on every process, and do not run the model within it.
     """
     if not is_sharded(accelerator):
-        yield ema
+        yield
         return
     keep = accelerator.is_main_process
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
@@ -231,18 +226,8 @@ def whole_parameters(
                     module._parameters[name] = torch.nn.Parameter(
                         whole.cpu(), requires_grad=param.requires_grad
                     )
-    whole_ema = ema
-    if ema is not None:
-        averages = []
-        for average in ema.shadow_params:
-            whole = average.full_tensor() if isinstance(average, DTensor) else average
-            if keep:
-                averages.append(whole.detach().cpu())
-        if keep:
-            whole_ema = copy.copy(ema)
-            whole_ema.shadow_params = averages
     try:
-        yield whole_ema
+        yield
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param

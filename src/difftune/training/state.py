@@ -181,11 +181,17 @@ def save_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> No
     """Write difftune's part of a checkpoint's ``state/`` folder (JSON and safetensors)."""
     atomic_write_json(state_dir / LOOP_FILE, loop.state_dict())
     if ema is not None:
-        settings = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        tensors = {f"{i:06d}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
-        with atomic_path(state_dir / EMA_FILE) as tmp:
-            save_file(tensors, str(tmp))
-        atomic_write_json(state_dir / EMA_SETTINGS_FILE, settings)
+        save_ema_state(state_dir, ema, ema.shadow_params)
+
+
+def save_ema_state(state_dir: Path, ema: EMAModel, averages: list[torch.Tensor]) -> None:
+    """Write the EMA's part of a checkpoint's ``state/`` folder: its settings (step, decay...) and
+    ``averages``, its averages as whole tensors (its own, or gathered from a sharded run's shards)."""
+    settings = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    tensors = {f"{i:06d}": p.detach().cpu().contiguous() for i, p in enumerate(averages)}
+    with atomic_path(state_dir / EMA_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(state_dir / EMA_SETTINGS_FILE, settings)
 
 
 def restore_checkpoint(
