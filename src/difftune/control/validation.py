@@ -21,8 +21,7 @@ from difftune.control.annotators import Annotator
 from difftune.control.fidelity import condition_fidelity
 from difftune.control.log import append_fidelity
 from difftune.errors import UserError
-from difftune.sampling.generate import generate_with_spec
-from difftune.sampling.shares import gather_rows, share_of_rows
+from difftune.sampling.shares import generate_shared
 
 
 def check_validation(validation_every: int, backbone: Backbone, annotator: str | None) -> None:
@@ -82,20 +81,13 @@ class FidelityValidation:
         share of the pairs (pair ``i`` keeps seed ``i``), and the main process gathers and scores them
         all; the others get ``None``.
         """
-        n = self.pairs.batch_size
-        mine, first = share_of_rows(shared, n)
         was_training = backbone.training
         backbone.eval()
         try:
-            samples = generate_with_spec(
-                backbone,
-                self.scheduler_config,
-                self.spec,
-                self.pairs.select(torch.tensor(mine)),
-                first,
-                device=device,
+            decode = self.codec.to(device).decode
+            images = generate_shared(
+                backbone, self.scheduler_config, self.spec, self.pairs, decode, device, shared
             )
-            images = gather_rows(shared, self.codec.to(device).decode(samples), n)
         finally:
             backbone.train(was_training)
         if shared is not None and not shared.is_main_process:

@@ -8,9 +8,15 @@ Image ``i`` keeps its seed, so the result does not depend on the number of proce
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from difftune.backbones.base import Backbone
+from difftune.backbones.conditioning import Conditioning
+from difftune.config.sampling import SamplingSpec
+from difftune.sampling.generate import generate_with_spec
 
 
 def share_of_rows(accelerator: Any | None, n: int) -> tuple[list[int], int]:
@@ -35,3 +41,22 @@ def gather_rows(accelerator: Any | None, rows: torch.Tensor, n: int) -> torch.Te
     if accelerator is None:
         return rows
     return accelerator.gather(rows.contiguous())[:n]
+
+
+def generate_shared(
+    backbone: Backbone,
+    scheduler_config: dict[str, Any],
+    spec: SamplingSpec,
+    cond: Conditioning,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | str,
+    shared: Any | None,
+) -> torch.Tensor:
+    """``decode`` of the samples of ``cond`` (sample ``i`` with seed ``spec.seed + i``), each process of
+    ``shared`` making and decoding its share; all of them, in order, on every process. Without
+    ``shared``: all of them here."""
+    mine, first = share_of_rows(shared, cond.batch_size)
+    x = generate_with_spec(
+        backbone, scheduler_config, spec, cond.select(torch.tensor(mine)), first, device=device
+    )
+    return gather_rows(shared, decode(x), cond.batch_size)

@@ -1,11 +1,11 @@
 """The files of a checkpoint that difftune writes itself, beside accelerate's state: the loop's and the
 EMA's state, a data-driven schedule, the model folder (with its ``ema/``) and the run's config.
 
-Without sharding the main process writes them from the live model. Under FSDP the whole tensors are
-gathered into the main process from the shards (:func:`~difftune.training.sharding.whole_parameters`),
-one copy of the model at a time: first the model itself, then, with an EMA, the averages, swapped into
-the shards and gathered the same way. The main process thus holds one whole model at a time, not the
-model and its EMA at once.
+The main process writes them from the live model: first the model itself, then, with an EMA, the
+model with the averages swapped in (its ``ema/`` folder and the EMA's state). Under FSDP the whole
+tensors are gathered into the main process from the shards for each of the two
+(:func:`~difftune.training.sharding.whole_parameters`), so it holds one whole copy of the model at a
+time, not the model and its EMA at once.
 """
 
 from __future__ import annotations
@@ -42,28 +42,18 @@ def write_checkpoint_files(
     ``trainable``: the run's trainable parameters (the EMA's order; the shards under FSDP).
     """
     main = accelerator.is_main_process
-    if not is_sharded(accelerator):
-        if main:
-            save_run_state(folder / "state", loop, ema)
-            _write_schedule_and_config(folder, data_schedule, cfg)
-            save_model(loaded, folder / "model", ema)
+    if not (main or is_sharded(accelerator)):  # only a sharded run's processes all take part
         return
     with whole_parameters(accelerator, loaded.backbone):
         if main:
-            save_run_state(folder / "state", loop, None)
-            _write_schedule_and_config(folder, data_schedule, cfg)
+            save_run_state(folder / "state", loop)
+            if data_schedule is not None:
+                data_schedule.save(folder / "state" / DATA_SCHEDULE_FILE)
+            cfg.save(folder / "config.yaml")
             save_model(loaded, folder / "model")
     if ema is None:
         return
     with ema_weights(ema, trainable), whole_parameters(accelerator, loaded.backbone):
-        if main:  # the model holds the whole averages now
+        if main:  # the model holds the (whole) averages now
             save_weights(loaded, folder / "model" / "ema")
             save_ema_state(folder / "state", ema, trainable_parameters(loaded.backbone))
-
-
-def _write_schedule_and_config(
-    folder: Path, data_schedule: DataSchedule | None, cfg: ExperimentConfig
-) -> None:
-    if data_schedule is not None:
-        data_schedule.save(folder / "state" / DATA_SCHEDULE_FILE)
-    cfg.save(folder / "config.yaml")

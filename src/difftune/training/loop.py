@@ -177,8 +177,9 @@ class Trainer:
         self._compile_unchecked = tc.compile != "no"
         choose_wrap_units(acc, self.backbone)
         model, optimizer = acc.prepare(self.backbone, optimizer)
-        self.model, self.optimizer, self._sharded = model, optimizer, is_sharded(acc)
-        self._shared = acc if self._sharded else None  # whose processes share samples and evaluation
+        self.model, self.optimizer = model, optimizer
+        # a sharded run's processes share its samples and evaluation (None: not sharded)
+        self._shared = acc if is_sharded(acc) else None
         self.parts.trainable = live_trainable(self.backbone, names)  # under FSDP: the shards now in place
         self.ema = make_ema(self.parts.trainable, tc.ema_decay)
         if resume is not None:
@@ -278,7 +279,7 @@ class Trainer:
                 self._compile_unchecked = False
                 self._check_compile(objective, inputs, counts)
             # FSDP reduce-scatters every micro-batch: skipping it would keep whole gradients on every process
-            with contextlib.nullcontext() if last or self._sharded else acc.no_sync(model):
+            with contextlib.nullcontext() if last or self._shared else acc.no_sync(model):
                 terms = objective(model, *inputs)
                 # global-count normalisation x processes: DDP's gradient mean becomes the global mean
                 loss = objective.reduce(terms, *counts) * acc.num_processes

@@ -22,8 +22,8 @@ from difftune.control.validation import FidelityValidation, check_validation, va
 from difftune.errors import UserError
 from difftune.io.atomic import atomic_directory, atomic_write_json
 from difftune.io.images import save_grid
-from difftune.sampling.generate import generate_with_spec, to_unit_range
-from difftune.sampling.shares import gather_rows, share_of_rows
+from difftune.sampling.generate import to_unit_range
+from difftune.sampling.shares import generate_shared
 from difftune.training.run_dir import HISTORY
 
 BEST_FILE = "best.json"  # in best/: the metric, its score and the step
@@ -76,18 +76,18 @@ def save_sample_grid(
 
     ``shared``: the accelerator of a sharded run, whose processes share the work; call it on every
     process then (a sharded model's forward pass needs all of them): each generates its share of the
-    images (:func:`share_of_rows`; image ``i`` keeps seed ``spec.seed + i``, so the grid is a
+    images (:func:`~difftune.sampling.shares.generate_shared`; image ``i`` keeps seed ``spec.seed + i``, so the grid is a
     one-process run's), and the main process gathers and writes them.
     """
     was_training = backbone.training
     backbone.eval()
     rows = loaded.family.grid_conditions(target_cond)
     cond = rows.select(torch.arange(rows.batch_size).repeat_interleave(per_class))
-    mine, first = share_of_rows(shared, cond.batch_size)
-    x = generate_with_spec(
-        backbone, loaded.scheduler_config, spec, cond.select(torch.tensor(mine)), first, device=device
-    )
-    images = gather_rows(shared, to_unit_range(loaded.codec.decode(x)), cond.batch_size)
+
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        return to_unit_range(loaded.codec.decode(x))
+
+    images = generate_shared(backbone, loaded.scheduler_config, spec, cond, decode, device, shared)
     if shared is None or shared.is_main_process:
         save_grid(images.cpu(), path, nrow=per_class, upscale=max(1, 64 // images.shape[-1]))
     backbone.train(was_training)

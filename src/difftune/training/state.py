@@ -177,11 +177,9 @@ def _check_file(path: Path) -> None:
         raise ValueError("not a mapping of settings")
 
 
-def save_run_state(state_dir: Path, loop: LoopState, ema: EMAModel | None) -> None:
-    """Write difftune's part of a checkpoint's ``state/`` folder (JSON and safetensors)."""
+def save_run_state(state_dir: Path, loop: LoopState) -> None:
+    """Write the loop's part of a checkpoint's ``state/`` folder (the EMA's: :func:`save_ema_state`)."""
     atomic_write_json(state_dir / LOOP_FILE, loop.state_dict())
-    if ema is not None:
-        save_ema_state(state_dir, ema, ema.shadow_params)
 
 
 def save_ema_state(state_dir: Path, ema: EMAModel, averages: list[torch.Tensor]) -> None:
